@@ -1,0 +1,48 @@
+# Tessera: `make demo` runs the whole loop on generated data; `make test` runs every test.
+# Both set up everything they need on a fresh machine (Python 3.11, pip, gcc; root for apt-get).
+PYTHON ?= python3.11
+VENV ?= .venv
+LS_VENV ?= .venv-ls
+PIP_FLAGS ?= --disable-pip-version-check -q
+
+.PHONY: demo test test-fast venv venv-ls redis bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
+	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install $(PIP_FLAGS) label-studio==1.23.2
+	touch $@
+
+venv: $(VENV)/.installed
+venv-ls: $(LS_VENV)/.installed
+
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package) for the Redis/RQ tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+demo: venv venv-ls
+	$(VENV)/bin/tessera demo
+
+test: venv venv-ls redis
+	$(VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# unit and HTTP tests only: no Label Studio, no Redis
+test-fast: venv
+	TESSERA_SKIP_LS=1 TESSERA_SKIP_REDIS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
+
+bench: venv
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[bench]'
+	$(VENV)/bin/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) $(LS_VENV) .cache

@@ -1,0 +1,226 @@
+"""Tessera's HTTP app: the routes Label Studio 1.23.2 calls, written where label-studio-ml 1.0.9 is wrong.
+
+JSON bodies only, a request-size cap, optional basic auth, a JSON error with a fixing hint for every 4xx.
+Nothing heavy runs in a request but /predict: /setup and /webhook answer in milliseconds.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException, LengthRequired, RequestEntityTooLarge
+
+import backend
+from backend.label_config import LabelConfigError, parse_label_config
+from backend.ls_model import TRAIN_EVENTS, TesseraModel
+from backend.service import DEFAULT_KEY, ModelCache, project_key, version_string
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """A request the client must fix: answered 400 (or `status`) with the message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ProjectState:
+    """What /setup told this process about each project (LS host, token, schema). Memory only."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._data: dict[str, dict] = {}
+
+    def remember(self, key: str, **values: Any) -> None:
+        with self._lock:
+            self._data.setdefault(key, {}).update({k: v for k, v in values.items() if v})
+
+    def get(self, key: str) -> dict:
+        with self._lock:
+            return dict(self._data.get(key, {}))
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._data)
+
+
+def _json_body(required: tuple[str, ...] = ()) -> dict:
+    data = request.get_json(silent=True)
+    if data is None:
+        raise BadRequest("the body must be JSON (Content-Type: application/json)")
+    if not isinstance(data, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in required if data.get(k) in (None, "")]
+    if missing:
+        raise BadRequest(f"missing required field(s): {', '.join(missing)}")
+    return data
+
+
+def create_app(settings: Settings | None = None, runner=None, cache: ModelCache | None = None) -> Flask:
+    """App factory: `gunicorn 'backend.wsgi:app'` in production, `create_app(...).test_client()` in tests."""
+    settings = settings or Settings.from_env()
+    cache = cache or ModelCache(settings)
+    if runner is None:
+        from backend.jobs import make_runner
+        runner = make_runner(settings)
+    app = Flask("tessera")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["tessera"] = {"settings": settings, "cache": cache, "runner": runner}
+    projects = ProjectState()
+
+    def model_for(data: dict, key: str, schema: str | None) -> TesseraModel:
+        state = projects.get(key)
+        schema = schema or state.get("schema")
+        if not schema:
+            raise BadRequest("no label config for this project: send label_config (or call /setup first)")
+        try:
+            return TesseraModel(schema, settings=settings, cache=cache, runner=runner, project=key,
+                                hostname=data.get("hostname") or state.get("hostname", ""),
+                                access_token=data.get("access_token") or state.get("access_token", ""))
+        except LabelConfigError as e:
+            raise BadRequest(f"unsupported label config: {e}", status=422) from None
+
+    def key_of(value: Any) -> str:
+        try:
+            return project_key(value)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
+    @app.before_request
+    def _size_cap():
+        # Flask 1.1 enforces MAX_CONTENT_LENGTH only for form parsing; JSON bodies are checked here
+        length = request.content_length
+        if length is not None and length > settings.max_request_bytes:
+            raise RequestEntityTooLarge()
+        if length is None and request.method == "POST":
+            raise LengthRequired()
+        return None
+
+    @app.before_request
+    def _auth():
+        if not settings.basic_auth or request.path in ("/health", "/"):
+            return None
+        auth = request.authorization
+        ok = auth is not None and hmac.compare_digest(auth.username or "", settings.basic_auth_user) and \
+            hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        if not ok:
+            resp = jsonify({"error": "authentication required: set the basic-auth user and password of this "
+                                     "backend in Label Studio (Model > Authentication)"})
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Basic realm="tessera"'
+            return resp
+        return None
+
+    @app.errorhandler(BadRequest)
+    def _bad(e: BadRequest):
+        logger.info("%s %s -> %d: %s", request.method, request.path, e.status, e)
+        return jsonify({"error": str(e)}), e.status
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException):
+        hint = {413: f"request body is over the {settings.max_request_bytes} byte cap (TESSERA_MAX_REQUEST_BYTES)",
+                405: f"{request.method} is not allowed on {request.path}",
+                411: "send a Content-Length header (chunked request bodies are not accepted)",
+                404: f"no route {request.path}; routes: /health /setup /predict /webhook /versions /status "
+                     "/generate"}.get(e.code, e.description)
+        return jsonify({"error": hint}), e.code
+
+    @app.errorhandler(Exception)
+    def _crash(e: Exception):
+        logger.exception("%s %s failed", request.method, request.path)
+        return jsonify({"error": f"internal error ({type(e).__name__}); see the Tessera log"}), 500
+
+    @app.route("/", methods=["GET"])
+    @app.route("/health", methods=["GET"])
+    def health():
+        return jsonify({"status": "UP", "model_class": "TesseraModel", "tessera": backend.__version__,
+                        "training": "redis" if settings.redis_url else "in-process"})
+
+    @app.route("/setup", methods=["POST"])
+    def setup():
+        data = _json_body(("project", "schema"))
+        key = key_of(data["project"])
+        try:
+            config = parse_label_config(data["schema"])
+        except LabelConfigError as e:
+            raise BadRequest(f"unsupported label config: {e}", status=422) from None
+        projects.remember(key, schema=data["schema"], hostname=data.get("hostname") or "",
+                          access_token=data.get("access_token") or "")
+        return jsonify({"model_version": cache.version(key, config)})
+
+    @app.route("/predict", methods=["POST"])
+    def predict():
+        data = _json_body(("tasks",))
+        tasks = data["tasks"]
+        if not isinstance(tasks, list) or not tasks:
+            raise BadRequest("tasks must be a non-empty list of Label Studio tasks")
+        key = key_of(data.get("project") or _task_project(tasks))
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("params must be a JSON object")
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest("params.context must be a JSON object")
+        t0 = time.perf_counter()
+        model = model_for(data, key, data.get("label_config"))
+        results = model.predict(tasks, context=context)
+        logger.info("predict project %s: %d tasks in %.2fs (%s)", key, len(tasks), time.perf_counter() - t0,
+                    results[0]["model_version"] if results else "-")
+        return jsonify({"results": results, "model_version": results[0]["model_version"]})
+
+    @app.route("/webhook", methods=["POST"])
+    def webhook():
+        data = _json_body()
+        action = data.get("action")
+        if not isinstance(action, str) or not action:
+            raise BadRequest("webhook body needs an 'action' (e.g. ANNOTATION_CREATED, START_TRAINING)")
+        if action not in TRAIN_EVENTS:
+            return jsonify({"status": "ignored", "message": f"Tessera does not act on {action}"}), 200
+        project = data.get("project")
+        if not isinstance(project, dict) or project.get("id") is None:
+            raise BadRequest(f"{action} webhook needs the project object (send_payload=true in LS)")
+        key = key_of(project["id"])
+        if action.startswith("ANNOTATION") and not isinstance(data.get("annotation"), dict):
+            raise BadRequest(f"{action} webhook needs the annotation object")
+        if project.get("label_config"):
+            projects.remember(key, schema=project["label_config"])
+        job = runner.submit(key, action)
+        return jsonify({"status": "scheduled", "project": key, "action": action, "job": job}), 201
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions():
+        body = request.get_json(silent=True) if request.method == "POST" else None
+        project = request.args.get("project") or (body or {}).get("project")
+        keys = [key_of(project)] if project else projects.keys()
+        out: dict[str, list] = {}
+        for key in keys + [DEFAULT_KEY]:
+            reg = cache.registry(key)
+            listed = [{"version": version_string(key, v.version), "status": v.status, "kind": v.kind,
+                       "created": v.created, "metrics": v.metrics, "reason": v.reason} for v in reg.versions()]
+            if listed:
+                out[key] = listed
+        flat = [v["version"] for vs in out.values() for v in vs if v["kind"] == "label"]
+        return jsonify({"versions": flat, "projects": out})
+
+    @app.route("/status", methods=["GET"])
+    def status():
+        project = request.args.get("project")
+        if not project:
+            raise BadRequest("give ?project=<id>")
+        key = key_of(project)
+        return jsonify({"project": key, "model_version": cache.version(key), "job": runner.status(key)})
+
+    return app
+
+
+def _task_project(tasks: list) -> Any:
+    first = tasks[0] if isinstance(tasks[0], dict) else {}
+    return first.get("project")

@@ -1,0 +1,51 @@
+"""`tessera predict --project N`: predictions for a whole project, computed outside LS's 100 s timeout
+and written through the REST API, skipping tasks that already have one of the served version."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from backend.label_config import parse_label_config
+from backend.lsclient import LSClient
+from backend.media import MediaResolver
+from backend.service import ModelCache, predict_tasks
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bool = False,
+                    out=sys.stderr) -> dict:
+    client = LSClient(settings)
+    config = parse_label_config(client.project(key).get("label_config") or "")
+    served = ModelCache(settings).served(key, config)
+    if served.predictor is None:
+        return {"status": "skipped", "reason": "no trained model serves this project yet", "written": 0}
+    media = MediaResolver(settings)
+    tasks = list(client.tasks(key))
+    todo = [t for t in tasks if overwrite or not any(
+        (p.get("model_version") if isinstance(p, dict) else None) == served.version
+        for p in t.get("predictions") or [])]
+    written = failed = empty = 0
+    t0 = time.time()
+    for start in range(0, len(todo), batch):
+        chunk = todo[start:start + batch]
+        for task, item in zip(chunk, predict_tasks(chunk, config, served, media, settings)):
+            if not item["result"]:
+                empty += 1
+            try:
+                client.create_prediction(task["id"], item["result"], item["score"], item["model_version"],
+                                         item.get("mislabeling"))
+                written += 1
+            except Exception as e:           # one task's write failing must not stop the project
+                failed += 1
+                logger.warning("task %s: prediction not written: %s", task["id"], e)
+        done = start + len(chunk)
+        rate = done / max(time.time() - t0, 1e-6)
+        print(f"\rpredict project {key}: {done}/{len(todo)} tasks, {rate:.1f}/s, "
+              f"eta {(len(todo) - done) / max(rate, 1e-6):.0f}s", end="", file=out, flush=True)
+    print(file=out)
+    return {"status": "done", "model_version": served.version, "tasks": len(tasks),
+            "skipped_existing": len(tasks) - len(todo), "written": written, "empty": empty, "failed": failed,
+            "seconds": round(time.time() - t0, 1)}

@@ -1,0 +1,127 @@
+"""Parse a Label Studio labeling config into what Tessera can serve: image objects and region controls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from xml.etree.ElementTree import Element
+
+from defusedxml import ElementTree as SafeET
+from defusedxml.common import DefusedXmlException
+
+# control tag (lower case) -> result type Tessera writes
+SUPPORTED_CONTROLS = {
+    "brushlabels": "brushlabels",
+    "polygonlabels": "polygonlabels",
+    "rectanglelabels": "rectanglelabels",
+}
+OBJECT_TAGS = {"image", "text", "hypertext", "audio", "audioplus", "video", "timeseries", "paragraphs",
+               "table", "pdf", "markdown", "html"}
+
+
+class LabelConfigError(ValueError):
+    """A labeling config Tessera cannot serve; the message says which tag and what to change."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """One region control: `<BrushLabels name=from_name toName=to_name>` with its label values."""
+    type: str                 # "brushlabels" | "polygonlabels" | "rectanglelabels"
+    from_name: str
+    to_name: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImageObject:
+    """An `<Image name=... value="$key">` tag; `data_key` is the task-data field that holds the URL."""
+    name: str
+    data_key: str
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    images: tuple[ImageObject, ...]
+    controls: tuple[Control, ...]
+
+    def image(self, name: str) -> ImageObject:
+        return next(i for i in self.images if i.name == name)
+
+    @property
+    def label_names(self) -> list[str]:
+        """All label values over all controls, in config order, without duplicates."""
+        seen: dict[str, None] = {}
+        for c in self.controls:
+            for label in c.labels:
+                seen.setdefault(label, None)
+        return list(seen)
+
+
+def _labels(tag: Element) -> tuple[str, ...]:
+    out = []
+    for child in tag.iter():
+        if child is tag or child.tag.lower() != "label":
+            continue
+        value = child.attrib.get("alias") or child.attrib.get("value")
+        if value:
+            out.append(value)
+    return tuple(out)
+
+
+def parse_label_config(xml: str) -> LabelConfig:
+    """Parse `xml` and check that Tessera can serve it; raises LabelConfigError naming the tag otherwise."""
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("the label config is empty: send the project's labeling config XML")
+    try:
+        root = SafeET.fromstring(xml)
+    except DefusedXmlException as e:
+        raise LabelConfigError(f"the label config uses forbidden XML features ({type(e).__name__})") from e
+    except SafeET.ParseError as e:
+        raise LabelConfigError(f"the label config is not valid XML: {e}") from e
+
+    objects: dict[str, str] = {}      # name -> tag (lower)
+    images: list[ImageObject] = []
+    raw_controls: list[Element] = []
+    unsupported: list[str] = []
+    for tag in root.iter():
+        kind = tag.tag.lower()
+        name = tag.attrib.get("name", "")
+        if kind in OBJECT_TAGS and name:
+            objects[name] = kind
+            if kind == "image":
+                value = tag.attrib.get("value", "")
+                if not value.startswith("$") or len(value) < 2:
+                    raise LabelConfigError(f'<Image name="{name}"> needs value="$<task data key>", got "{value}"')
+                images.append(ImageObject(name=name, data_key=value[1:]))
+        elif kind in SUPPORTED_CONTROLS:
+            raw_controls.append(tag)
+        elif "toName" in tag.attrib:
+            unsupported.append(tag.tag)
+
+    if not images:
+        kinds = sorted({f"<{t.capitalize()}>" for t in objects.values()}) or ["no object tag"]
+        raise LabelConfigError(
+            f"Tessera serves image projects: the config has no <Image> tag (found {', '.join(kinds)}). "
+            "Use an <Image name=... value=\"$image\"/> with BrushLabels, PolygonLabels or RectangleLabels.")
+    controls: list[Control] = []
+    for tag in raw_controls:
+        from_name = tag.attrib.get("name", "")
+        to_names = [t.strip() for t in tag.attrib.get("toName", "").split(",") if t.strip()]
+        if not from_name or not to_names:
+            raise LabelConfigError(f"<{tag.tag}> needs both name= and toName= attributes")
+        labels = _labels(tag)
+        if not labels:
+            raise LabelConfigError(f'<{tag.tag} name="{from_name}"> has no <Label value="..."/> children')
+        for to_name in to_names:
+            if to_name not in objects:
+                raise LabelConfigError(f'<{tag.tag} name="{from_name}"> points toName="{to_name}", '
+                                       "which is not an object tag of this config")
+            if objects[to_name] != "image":
+                raise LabelConfigError(f'<{tag.tag} name="{from_name}"> labels <{objects[to_name]}> '
+                                       f'"{to_name}"; Tessera only labels <Image> tags')
+            controls.append(Control(SUPPORTED_CONTROLS[tag.tag.lower()], from_name, to_name, labels))
+    if not controls:
+        found = ", ".join(f"<{t}>" for t in unsupported) or "no labeling control"
+        raise LabelConfigError(
+            f"Tessera predicts BrushLabels, PolygonLabels and RectangleLabels; this config has {found}. "
+            "Add one of those controls pointing at the <Image>.")
+    used = {c.to_name for c in controls}
+    return LabelConfig(images=tuple(i for i in images if i.name in used), controls=tuple(controls))

@@ -1,0 +1,227 @@
+"""Label Studio region JSON <-> label maps: the only code that knows percentages, RLE and from/to names.
+
+Coordinates: LS puts regions in percent of the original image, with (0, 0) the top-left corner of the
+top-left pixel. A pixel (row i, col j) is inside a polygon or box when its centre (j + 0.5, i + 0.5) is.
+Brush masks use LS's RLE (label_studio_sdk.converter.brush), RGBA, alpha = painted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import cv2
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+from backend.label_config import Control
+
+
+
+# ----------------------------------------------------------------------------------------- brush masks
+
+def mask_to_rle(mask: np.ndarray) -> list[int]:
+    """(H, W) bool -> LS brush RLE."""
+    return mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+
+
+def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
+    """LS brush RLE -> (H, W) bool; raises ValueError when the RLE does not fit the image size."""
+    flat = decode_rle(rle)
+    if flat.size != height * width * 4:
+        raise ValueError(f"brush RLE holds {flat.size // 4} pixels, the image has {width}x{height}={height * width}")
+    return flat.reshape(height, width, 4)[:, :, 3] > 0   # (H*W*4,) -> (H, W, RGBA) -> alpha
+
+
+# -------------------------------------------------------------------------------------------- polygons
+
+def mask_to_polygons(mask: np.ndarray, epsilon: float = 0.7, min_area: float = 0.0) -> list[np.ndarray]:
+    """(H, W) bool -> outer contours as float arrays (N, 2) of pixel-edge (x, y) coordinates, largest first.
+
+    Contours come from OpenCV (pixel centres), simplified with Douglas-Peucker at `epsilon` px
+    (0 = exact), and shifted by half a pixel to LS's continuous coordinates. Objects too thin to
+    make a polygon (a pixel, a straight line) get their bounding rectangle inset by 0.1 px, which has
+    an area in LS and rasterizes back to exactly those pixels.
+    """
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for c in contours:
+        area = cv2.contourArea(c)
+        if epsilon > 0 and len(c) > 8:
+            c = cv2.approxPolyDP(c, epsilon, True)
+        pts = c.reshape(-1, 2).astype(np.float64)          # (N, 1, 2) -> (N, 2) pixel centres
+        if len(pts) < 3:
+            x0, y0 = pts.min(axis=0) + 0.1
+            x1, y1 = pts.max(axis=0) + 0.9
+            pts = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+        else:
+            pts = pts + 0.5
+        if area >= min_area:
+            polygons.append(((area, len(c)), pts))
+    polygons.sort(key=lambda p: p[0], reverse=True)
+    return [p for _, p in polygons]
+
+
+def polygon_to_mask(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, 2) pixel-edge (x, y) vertices -> (H, W) bool mask.
+
+    Vertices are moved to the nearest pixel centre and filled boundary-inclusive (OpenCV), so the
+    polygons `mask_to_polygons` makes come back exactly; a hand-drawn polygon comes back within a pixel.
+    """
+    out = np.zeros((height, width), dtype=np.uint8)
+    if len(points) < 3:
+        return out.astype(bool)
+    centres = np.rint(np.asarray(points, dtype=np.float64) - 0.5)
+    centres = np.clip(centres, -1, max(height, width) + 1).astype(np.int32).reshape(-1, 1, 2)  # (N, 2) -> (N, 1, 2)
+    cv2.fillPoly(out, [centres], 1, lineType=cv2.LINE_8)
+    return out.astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------- boxes
+
+def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(H, W) bool -> (x, y, w, h) in pixel-edge coordinates, or None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1 - cols[0]), float(rows[-1] + 1 - rows[0])
+
+
+def box_to_mask(x: float, y: float, w: float, h: float, height: int, width: int,
+                rotation: float = 0.0) -> np.ndarray:
+    """A box in pixel-edge coordinates (rotated by `rotation` degrees about its top-left corner, as LS
+    does) -> (H, W) bool of the pixels whose centres are inside."""
+    if rotation % 360 == 0:
+        out = np.zeros((height, width), dtype=bool)
+        c0, c1 = max(0, math.ceil(x - 0.5)), min(width, math.ceil(x + w - 0.5))
+        r0, r1 = max(0, math.ceil(y - 0.5)), min(height, math.ceil(y + h - 0.5))
+        out[r0:r1, c0:c1] = True
+        return out
+    a = math.radians(rotation)
+    ca, sa = math.cos(a), math.sin(a)
+    corners = [(0, 0), (w, 0), (w, h), (0, h)]
+    return polygon_to_mask(np.array([[x + cx * ca - cy * sa, y + cx * sa + cy * ca] for cx, cy in corners]),
+                           height, width)
+
+
+# ------------------------------------------------------------------------------------ LS result JSON
+
+def _pct(value: float, size: int) -> float:
+    return round(value / size * 100.0, 4)
+
+
+def _region(control: Control, kind_value: dict, width: int, height: int, score: float, rid: str) -> dict:
+    return {
+        "id": rid,
+        "from_name": control.from_name,
+        "to_name": control.to_name,
+        "type": control.type,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "score": round(float(score), 4),
+        "value": kind_value,
+    }
+
+
+def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: dict[int, float],
+                         control: Control, id_prefix: str = "", polygon_epsilon: float = 0.7) -> list[dict]:
+    """An instance map -> one LS region per instance for one control.
+
+    `labels` maps instance id -> the control's label value (instances not in it are skipped, e.g. a
+    class this control does not have); `scores` maps instance id -> confidence.
+    """
+    height, width = instances.shape
+    results = []
+    ids = [int(i) for i in np.unique(instances) if i != 0 and int(i) in labels]
+    if not ids:
+        return results
+    # one pass for all bounding boxes: (H, W) -> per-id slices
+    slices = _object_slices(instances, ids)
+    for k in ids:
+        sl = slices[k]
+        crop = instances[sl] == k
+        label = labels[k]
+        rid = f"{id_prefix}{control.from_name}-{k}"
+        oy, ox = sl[0].start, sl[1].start
+        if control.type == "brushlabels":
+            mask = np.zeros((height, width), dtype=bool)
+            mask[sl] = crop
+            value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
+        elif control.type == "polygonlabels":
+            polygons = mask_to_polygons(crop, epsilon=polygon_epsilon)
+            if not polygons:
+                continue
+            pts = polygons[0] + (ox, oy)
+            value = {"points": [[_pct(px, width), _pct(py, height)] for px, py in pts], "closed": True,
+                     "polygonlabels": [label]}
+        elif control.type == "rectanglelabels":
+            bx, by, bw, bh = mask_to_box(crop)
+            value = {"x": _pct(bx + ox, width), "y": _pct(by + oy, height), "width": _pct(bw, width),
+                     "height": _pct(bh, height), "rotation": 0, "rectanglelabels": [label]}
+        else:
+            raise ValueError(f"unsupported control type {control.type}")
+        results.append(_region(control, value, width, height, scores.get(k, 0.0), rid))
+    return results
+
+
+def _object_slices(instances: np.ndarray, ids: list[int]) -> dict[int, tuple[slice, slice]]:
+    from scipy import ndimage
+
+    max_id = max(ids)
+    found = ndimage.find_objects(np.where(instances > max_id, 0, instances).astype(np.int64), max_label=max_id)
+    return {k: found[k - 1] for k in ids if found[k - 1] is not None}
+
+
+def region_to_mask(result: dict, height: int, width: int) -> np.ndarray:
+    """One LS result item (brush, polygon or rectangle) -> (H, W) bool at the given image size."""
+    kind = result.get("type", "")
+    value = result.get("value") or {}
+    if kind in ("brushlabels", "brush"):
+        if value.get("format", "rle") != "rle" or "rle" not in value:
+            raise ValueError("brush result without value.rle")
+        return rle_to_mask(value["rle"], height, width)
+    if kind in ("polygonlabels", "polygon"):
+        pts = np.array([[p[0] * width / 100.0, p[1] * height / 100.0] for p in value.get("points", [])],
+                       dtype=np.float64).reshape(-1, 2)
+        return polygon_to_mask(pts, height, width)
+    if kind in ("rectanglelabels", "rectangle"):
+        return box_to_mask(value["x"] * width / 100.0, value["y"] * height / 100.0,
+                           value["width"] * width / 100.0, value["height"] * height / 100.0,
+                           height, width, float(value.get("rotation", 0) or 0))
+    raise ValueError(f"unsupported result type {kind!r}")
+
+
+def result_label(result: dict) -> str | None:
+    value = result.get("value") or {}
+    for key in ("brushlabels", "polygonlabels", "rectanglelabels", "labels"):
+        labels = value.get(key)
+        if labels:
+            return labels[0]
+    return None
+
+
+def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: int,
+                    label_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """LS annotation results -> (classes, instances) (H, W) int32 maps for the image `to_name`.
+
+    Every region becomes one instance (later regions are drawn over earlier ones); its class is
+    `label_index[label]` (regions whose label is not in `label_index` are skipped).
+    """
+    classes = np.zeros((height, width), dtype=np.int32)
+    instances = np.zeros((height, width), dtype=np.int32)
+    k = 0
+    for r in results:
+        if r.get("to_name") != to_name or r.get("type") not in (
+                "brushlabels", "polygonlabels", "rectanglelabels"):
+            continue
+        label = result_label(r)
+        if label not in label_index:
+            continue
+        mask = region_to_mask(r, height, width)
+        if not mask.any():
+            continue
+        k += 1
+        classes[mask] = label_index[label]
+        instances[mask] = k
+    return classes, instances

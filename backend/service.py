@@ -1,0 +1,282 @@
+"""Predictions for Label Studio tasks: model cache per process, concurrent media, batched inference.
+
+LS JSON goes in, LS JSON comes out; `model/` sees only numpy images and returns `Prediction`s.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from backend.label_config import Control, LabelConfig
+from backend.media import MediaError, MediaResolver
+from backend.regions import instances_to_results, region_to_mask, result_label, results_to_maps
+from backend.settings import Settings
+from model.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+UNTRAINED = "tessera-untrained"
+DEFAULT_KEY = "default"
+
+
+class PredictorLike(Protocol):
+    """What the backend needs of model.inference.Predictor (tests use a small stand-in)."""
+    label_names: list[str]
+
+    def predict(self, images: list[np.ndarray]) -> list[Any]: ...
+    def refine(self, image: np.ndarray, hint: np.ndarray | None, positive: list, negative: list,
+               label: int) -> tuple[np.ndarray, float]: ...
+    def check(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Any, float]: ...
+
+
+def project_key(project: Any) -> str:
+    """LS's project uid "<id>.<created ts>" (or an int id, or a project dict) -> "<id>"."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if isinstance(project, bool) or project is None:
+        raise ValueError("request has no project id")
+    key = str(project).split(".", 1)[0].strip()
+    if not key.isdigit():
+        raise ValueError(f"project must look like '<id>' or '<id>.<timestamp>', got {str(project)[:40]!r}")
+    return key
+
+
+@dataclass
+class Served:
+    """The model that serves a project right now."""
+    version: str                       # model_version string predictions carry
+    predictor: PredictorLike | None
+
+
+class ModelCache:
+    """Per-process cache of loaded predictors, keyed by registry and version; reloads on promotion."""
+
+    def __init__(self, settings: Settings, loader=None):
+        self.settings = settings
+        self._loader = loader or _load_predictor
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[str, PredictorLike]] = {}    # registry key -> (version, predictor)
+        self._registries: dict[str, Registry] = {}
+
+    def registry(self, key: str) -> Registry:
+        key = DEFAULT_KEY if key == DEFAULT_KEY else project_key(key)
+        if key not in self._registries:
+            sub = DEFAULT_KEY if key == DEFAULT_KEY else f"project-{key}"
+            self._registries[key] = Registry(self.settings.model_dir / sub)
+        return self._registries[key]
+
+    def _source(self, key: str, config: LabelConfig | None) -> tuple[str, Registry, Any] | None:
+        """The registry whose current label model serves project `key`: its own, else the default model
+        when its label names fit the project's config."""
+        own = self.registry(key)
+        cur = own.current("label")
+        if cur is not None:
+            return key, own, cur
+        default = self.registry(DEFAULT_KEY)
+        cur = default.current("label")
+        if cur is not None and (config is None or _labels_fit(cur.metrics.get("label_names"), config)):
+            return DEFAULT_KEY, default, cur
+        return None
+
+    def version(self, key: str, config: LabelConfig | None = None) -> str:
+        """The model_version string for /setup: cheap (reads one small JSON file)."""
+        src = self._source(key, config)
+        return UNTRAINED if src is None else version_string(src[0], src[2].version)
+
+    def served(self, key: str, config: LabelConfig | None = None) -> Served:
+        src = self._source(key, config)
+        if src is None:
+            return Served(UNTRAINED, None)
+        reg_key, reg, info = src
+        version = version_string(reg_key, info.version)
+        with self._lock:
+            hit = self._loaded.get(reg_key)
+            if hit is None or hit[0] != version:
+                logger.info("loading %s from %s", version, reg.path(info.version))
+                predictor = self._loader(reg.path(info.version), self.settings.device)
+                self._loaded[reg_key] = (version, predictor)
+                hit = self._loaded[reg_key]
+        return Served(version, hit[1])
+
+
+def version_string(reg_key: str, version: str) -> str:
+    """Registry key + stored version -> the model_version LS sees, e.g. "tessera-p3-v0002"."""
+    return f"tessera-{'default' if reg_key == DEFAULT_KEY else 'p' + reg_key}-{version}"
+
+
+def _labels_fit(model_labels: list[str] | None, config: LabelConfig) -> bool:
+    if not model_labels:
+        return False
+    return any(label_mapping(c, model_labels) for c in config.controls)
+
+
+def _load_predictor(path: Path, device: str) -> PredictorLike:
+    from model.inference import Predictor     # imported late: torch start-up stays off the /health path
+
+    return Predictor.from_checkpoint(path, device=device)
+
+
+def label_mapping(control: Control, model_labels: list[str]) -> dict[int, str]:
+    """Model class index (1..C) -> the control's label value, matched by name (case-insensitive);
+    a one-class model and a one-label control are matched whatever their names."""
+    by_name = {label.lower(): label for label in control.labels}
+    out = {c + 1: by_name[n.lower()] for c, n in enumerate(model_labels) if n.lower() in by_name}
+    if not out and len(model_labels) == 1 and len(control.labels) == 1:
+        out = {1: control.labels[0]}
+    return out
+
+
+# -------------------------------------------------------------------------------------------- predict
+
+def _empty(version: str, reason: str = "") -> dict:
+    item = {"result": [], "score": 0.0, "model_version": version}
+    if reason:
+        logger.info("empty prediction: %s", reason)
+    return item
+
+
+def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model_labels: list[str],
+                          id_prefix: str = "") -> list[dict]:
+    """A model Prediction for one image -> LS results for every control on that image."""
+    out = []
+    for control in config.controls:
+        if control.to_name != image_name:
+            continue
+        mapping = label_mapping(control, model_labels)
+        labels = {k: mapping[c] for k, c in pred.instance_label.items() if c in mapping}
+        out += instances_to_results(pred.instances, labels, pred.instance_score, control, id_prefix)
+    return out
+
+
+def latest_annotation(task: dict) -> dict | None:
+    anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
+            and a.get("result")]
+    return max(anns, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0)) if anns else None
+
+
+def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media: MediaResolver,
+                  settings: Settings, context: dict | None = None) -> list[dict]:
+    """One LS prediction item per task, in order. A bad task gets an empty item; it never fails the batch."""
+    if served.predictor is None:
+        return [_empty(served.version) for _ in tasks]
+    if context and context.get("result"):
+        return [interactive(tasks[0], config, served, media, context)] + \
+            [_empty(served.version) for _ in tasks[1:]]
+
+    # fetch every (task, image) concurrently
+    jobs = [(i, img) for i, _ in enumerate(tasks) for img in config.images]
+
+    def load(job):
+        i, img = job
+        try:
+            data = tasks[i].get("data") if isinstance(tasks[i], dict) else None
+            if not isinstance(data, dict) or img.data_key not in data:
+                raise MediaError(f"task data has no {img.data_key!r} field (the <Image value=\"${img.data_key}\">)")
+            return media.load_image(data[img.data_key])
+        except MediaError as e:
+            logger.warning("task %s: %s", _task_id(tasks[i]), e)
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(jobs)))) as pool:
+        images = list(pool.map(load, jobs))
+
+    ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
+    preds: dict[int, Any] = {}
+    bs = max(1, settings.predict_batch)
+    for start in range(0, len(ok), bs):
+        chunk = ok[start:start + bs]
+        try:
+            for j, p in zip(chunk, served.predictor.predict([images[j] for j in chunk])):
+                preds[j] = p
+        except Exception:               # a model failure on one chunk must not fail the whole batch
+            logger.exception("inference failed for %d images", len(chunk))
+
+    labels = served.predictor.label_names
+    results = []
+    for i, task in enumerate(tasks):
+        idx = [j for j, (ti, _) in enumerate(jobs) if ti == i]
+        if any(j not in preds for j in idx):
+            reason = next((str(images[j]) for j in idx if isinstance(images[j], MediaError)), "inference failed")
+            results.append(_empty(served.version, f"task {_task_id(task)}: {reason}"))
+            continue
+        regions, scores, mislabel = [], [], []
+        ann = latest_annotation(task) if isinstance(task, dict) else None
+        for j in idx:
+            img = jobs[j][1]
+            pred = preds[j]
+            if ann is not None:
+                pred, m = _check(served.predictor, images[j], ann, config, img.name)
+                mislabel.append(m)
+            regions += prediction_to_results(pred, config, img.name, labels)
+            scores.append(float(pred.score))
+        item = {"result": regions, "score": round(min(scores), 4) if scores else 0.0,
+                "model_version": served.version}
+        if mislabel:
+            item["mislabeling"] = round(max(mislabel), 4)
+        results.append(item)
+    return results
+
+
+def _task_id(task: Any) -> Any:
+    return task.get("id") if isinstance(task, dict) else None
+
+
+def _check(predictor: PredictorLike, image: np.ndarray, ann: dict, config: LabelConfig, image_name: str):
+    h, w = image.shape[:2]
+    index = {n: c + 1 for c, n in enumerate(predictor.label_names)}
+    for control in config.controls:      # labels of this config that the model knows under another name
+        for c, label in label_mapping(control, predictor.label_names).items():
+            index.setdefault(label, c)
+    classes, instances = results_to_maps(ann["result"], image_name, h, w, index)
+    return predictor.check(image, classes, instances)
+
+
+def interactive(task: dict, config: LabelConfig, served: Served, media: MediaResolver, context: dict) -> dict:
+    """Interactive refinement: a rough stroke, box or keypoints in `context.result` -> one clean region
+    per control of the hinted image, with the hint's label."""
+    hints = [r for r in context.get("result") or [] if isinstance(r, dict)]
+    to_name = next((r.get("to_name") for r in hints if r.get("to_name")), config.images[0].name)
+    img = next((i for i in config.images if i.name == to_name), None)
+    if img is None:
+        return _empty(served.version, f"interactive hint points at unknown image {to_name!r}")
+    try:
+        image = media.load_image((task.get("data") or {}).get(img.data_key, ""))
+    except MediaError as e:
+        return _empty(served.version, f"task {_task_id(task)}: {e}")
+    h, w = image.shape[:2]
+    hint = np.zeros((h, w), dtype=bool)
+    positive, negative = [], []
+    label = None
+    for r in hints:
+        label = label or result_label(r)
+        value = r.get("value") or {}
+        if r.get("type") in ("keypointlabels", "keypoint"):
+            pt = (float(value.get("x", 0)) * w / 100.0, float(value.get("y", 0)) * h / 100.0)
+            (positive if r.get("is_positive", True) else negative).append(pt)
+            continue
+        try:
+            hint |= region_to_mask(r, h, w)
+        except (ValueError, KeyError, TypeError) as e:
+            logger.info("interactive: skipping a hint region: %s", e)
+    labels = served.predictor.label_names
+    controls = [c for c in config.controls if c.to_name == img.name]
+    if not controls:
+        return _empty(served.version, "no control for the hinted image")
+    label = label if label and any(label in c.labels for c in controls) else controls[0].labels[0]
+    cls = next((c for c, l in label_mapping(next(c for c in controls if label in c.labels), labels).items()
+                if l == label), 1)
+    mask, score = served.predictor.refine(image, hint if hint.any() else None, positive, negative, cls)
+    if not mask.any():
+        return _empty(served.version, "refinement found no object at the hint")
+    instances = mask.astype(np.int32)
+    results = []
+    for control in controls:
+        if label in control.labels:
+            results += instances_to_results(instances, {1: label}, {1: score}, control)
+    return {"result": results, "score": round(float(score), 4), "model_version": served.version}

@@ -1,0 +1,247 @@
+"""Train the mask-conditional GAN on labelled samples (or procedural demo nuclei).
+
+Flat loop in the manner of nanoGPT's train.py with pytorch/examples dcgan's order (D step on fake.detach(),
+then the G step) and SPADE's loss dicts. Run: python -m model.train_maskgan --data=DIR --max_iters=2
+"""
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .layouts import crop_box, fit_short_side
+from .maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
+                      feature_matching_loss, g_hinge_loss, label_maps_to_mask)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GANTrainConfig:
+    # data
+    data: str = ""                 # folder dataset for main(); "" = procedural demo nuclei
+    n_demo: int = 64               # demo images when data == ""
+    out_dir: str = "runs/maskgan"
+    # model (the rest of MaskGANConfig keeps its defaults; n_labels comes from label_names)
+    resolution: int = 128
+    z_dim: int = 64
+    g_channels: int = 8
+    g_hidden: int = 16
+    d_channels: int = 32
+    d_layers: int = 3
+    boundary: bool = True
+    # optimisation: TTUR (D learns faster) with Adam betas (0, 0.9) as in SPADE
+    batch_size: int = 8
+    max_iters: int = 200
+    time_budget_s: float = 0.0     # > 0: also stop after this many seconds (the demo's knob)
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    lambda_fm: float = 10.0        # feature matching (pix2pixHD / SPADE)
+    lambda_l1: float = 10.0        # L1 to the real image's structure (see structure_l1): the layout comes
+    l1_pool: int = 4               # fast; texture and colour style are left to the adversary and z
+    diffaug: str = "color,translation,cutout"
+    ema_decay: float = 0.999       # generator weights average used for generation
+    # bookkeeping
+    eval_interval: int = 0         # 0 = save only at the end
+    log_interval: int = 20
+    seed: int = 1337
+    device: str = "auto"
+    threads: int = 0               # torch CPU threads; 0 leaves torch's default
+
+    @classmethod
+    def from_args(cls, argv: list[str]) -> "GANTrainConfig":
+        """--key=value for existing fields only (minGPT's check, without exec)."""
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for arg in argv:
+            if not arg.startswith("--") or "=" not in arg:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            key, value = arg[2:].split("=", 1)
+            if key not in types:
+                raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(types))}")
+            t = types[key]
+            if t is bool:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"--{key} takes true or false, got {value!r}")
+                kwargs[key] = value.lower() in ("1", "true", "yes")
+            else:
+                kwargs[key] = t(value)
+        return cls(**kwargs)
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _prepare(samples, resolution: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Images and label maps with the short side at R (the crop to R x R happens per batch)."""
+    out = []
+    for s in samples:
+        if s.image.shape[:2] != s.classes.shape or s.classes.shape != s.instances.shape:
+            raise ValueError(f"sample {s.id!r}: image {s.image.shape[:2]} and label maps "
+                             f"{s.classes.shape}/{s.instances.shape} differ in size")
+        out.append((fit_short_side(s.image, resolution, nearest=False),
+                    fit_short_side(s.classes.astype(np.int32), resolution, nearest=True),
+                    fit_short_side(s.instances.astype(np.int32), resolution, nearest=True)))
+    return out
+
+
+def get_batch(data, batch_size: int, resolution: int, rng: np.random.Generator, n_labels: int,
+              boundary: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops with flips and rot90 -> (real (B, 3, R, R) in [-1, 1], mask (B, label_nc, R, R))."""
+    images, classes, instances = [], [], []
+    for i in rng.integers(0, len(data), batch_size):
+        image, cl, ins = data[i]
+        y, x = crop_box(cl.shape, resolution, rng)
+        k, flip = int(rng.integers(4)), rng.random() < 0.5
+        for a, dst in ((image, images), (cl, classes), (ins, instances)):
+            a = np.rot90(a[y:y + resolution, x:x + resolution], k)
+            dst.append(a[:, ::-1] if flip else a)
+    real = torch.from_numpy(np.stack(images).astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1  # (B, H, W, 3) -> (B, 3, H, W)
+    mask = label_maps_to_mask(torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(instances)),
+                              n_labels, boundary)
+    return real.to(device), mask.to(device)
+
+
+def structure_l1(fake: torch.Tensor, real: torch.Tensor, pool: int) -> torch.Tensor:
+    """L1 between the pooled grey images, each standardized to zero mean and unit std: where it is
+    brighter or darker, not which colours or exposure (those don't follow from the layout)."""
+    def grey(x):
+        g = F.avg_pool2d(x.mean(1, keepdim=True), pool)
+        return (g - g.mean((2, 3), keepdim=True)) / (g.std((2, 3), keepdim=True) + 0.05)
+    return F.l1_loss(grey(fake), grey(real))
+
+
+def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_from: Path | None = None,
+          progress: Callable[[dict], None] | None = None) -> Path:
+    """Train G and D; write a "gan" checkpoint (to `out` if it ends in .pt, else into the directory `out`
+    as ckpt_<iter>.pt) and return its path. Stops at max_iters or after time_budget_s seconds."""
+    if not samples:
+        raise ValueError("train_maskgan needs at least one labelled sample")
+    if not label_names:
+        raise ValueError("label_names is empty: pass the project's label names (class c = label_names[c - 1])")
+    n_max = max(int(s.classes.max()) for s in samples)
+    if n_max > len(label_names):
+        raise ValueError(f"samples use class index {n_max} but only {len(label_names)} label names are given")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = _device(cfg.device)
+    out = Path(out)
+    model_config = MaskGANConfig(resolution=cfg.resolution, n_labels=len(label_names) + 1, boundary=cfg.boundary,
+                                 z_dim=cfg.z_dim, g_channels=cfg.g_channels, g_hidden=cfg.g_hidden,
+                                 d_channels=cfg.d_channels, d_layers=cfg.d_layers)
+    generator, discriminator = Generator(model_config).to(device), Discriminator(model_config).to(device)
+    generator_ema = Generator(model_config).to(device).eval().requires_grad_(False)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    iter0 = 0
+    if init_from is not None:
+        ckpt = load_checkpoint(Path(init_from), "gan")
+        if ckpt["model_config"] != asdict(model_config):
+            raise ValueError(f"{init_from}: its model config {ckpt['model_config']} differs from this run's "
+                             f"{asdict(model_config)} (labels or sizes changed); train from scratch instead")
+        generator.load_state_dict(ckpt["generator"])
+        discriminator.load_state_dict(ckpt["discriminator"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        generator_ema.load_state_dict(ckpt.get("generator_ema", ckpt["generator"]))
+        iter0 = int(ckpt["iter_num"])
+    else:
+        generator_ema.load_state_dict(generator.state_dict())
+    data = _prepare(samples, cfg.resolution)
+
+    def save(i: int) -> Path:
+        return save_checkpoint({
+            "kind": "gan", "generator": generator.state_dict(), "generator_ema": generator_ema.state_dict(),
+            "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "model_config": asdict(model_config), "train_config": asdict(cfg), "label_names": list(label_names),
+            "labels": list(label_names), "iter_num": iter0 + i},
+            out if out.suffix == ".pt" else out / f"ckpt_{iter0 + i:07d}.pt")
+
+    t0 = t_last = time.time()
+    iter_num = 0
+    while iter_num < cfg.max_iters and not (cfg.time_budget_s > 0 and time.time() - t0 >= cfg.time_budget_s):
+        i = iter_num
+        real, mask = get_batch(data, cfg.batch_size, cfg.resolution, rng, model_config.n_labels, cfg.boundary, device)
+        fake = generator(mask, torch.randn(real.size(0), cfg.z_dim, device=device))
+        # one augmentation draw per iteration, shared by real and fake, so D features stay comparable
+        aug_seed = int(torch.randint(2 ** 31, ()))
+
+        def augment(x):
+            if not cfg.diffaug:
+                return x, mask
+            return diff_augment(x, mask, cfg.diffaug, torch.Generator(device).manual_seed(aug_seed))
+
+        # D step on fake.detach()
+        logits_real, feats_real = discriminator(*augment(real))
+        logits_fake, _ = discriminator(*augment(fake.detach()))
+        d_real, d_fake = d_hinge_loss(logits_real, logits_fake)
+        losses_d = {"d_real": d_real, "d_fake": d_fake}
+        opt_d.zero_grad(set_to_none=True)
+        sum(losses_d.values()).backward()
+        opt_d.step()
+        # G step (feature matching against the real features of the D step, held fixed)
+        logits_fake, feats_fake = discriminator(*augment(fake))
+        losses_g = {"g_adv": g_hinge_loss(logits_fake),
+                    "g_fm": cfg.lambda_fm * feature_matching_loss(feats_real, feats_fake)}
+        if cfg.lambda_l1 > 0:
+            losses_g["g_l1"] = cfg.lambda_l1 * structure_l1(fake, real, cfg.l1_pool)
+        opt_g.zero_grad(set_to_none=True)
+        sum(losses_g.values()).backward()
+        opt_g.step()
+        with torch.no_grad():  # warm-up ramp so short runs are not dominated by the random init
+            decay = min(cfg.ema_decay, (1 + iter0 + i) / (10 + iter0 + i))
+            for p_ema, p in zip(generator_ema.parameters(), generator.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+
+        iter_num = i + 1
+        if cfg.eval_interval and iter_num % cfg.eval_interval == 0 and iter_num < cfg.max_iters:
+            save(iter_num)
+        losses = {k: v.item() for k, v in {**losses_d, **losses_g}.items()}
+        elapsed = time.time() - t0
+        frac = max(iter_num / cfg.max_iters, elapsed / cfg.time_budget_s if cfg.time_budget_s > 0 else 0.0)
+        eta = elapsed * (1 - frac) / frac
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            dt = (time.time() - t_last) * 1000 / cfg.log_interval
+            t_last = time.time()
+            logger.info("iter %d: %s time %.0fms", iter_num, " ".join(f"{k} {v:.3f}" for k, v in losses.items()), dt)
+        if progress is not None:
+            progress({"phase": "train", "iter": iter_num, "max_iters": cfg.max_iters,
+                      "loss": sum(losses.values()), "eta_s": eta})
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise RuntimeError(f"GAN training diverged at iter {iter_num}: {losses}; lower lr_g / lr_d")
+    logger.info("trained the mask GAN %d iters in %.0fs", iter_num, time.time() - t0)
+    path = save(iter_num)
+    if progress is not None:
+        progress({"phase": "done", "iter": iter_num, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = GANTrainConfig.from_args(sys.argv[1:] if argv is None else argv)
+    from .data import load_folder, make_nuclei
+    if cfg.data:
+        samples, label_names = load_folder(cfg.data)
+    else:
+        samples, label_names = make_nuclei(cfg.n_demo, 256, seed=cfg.seed), ["nucleus"]
+    print(f"training the mask GAN on {len(samples)} samples, labels {label_names}")
+    path = train(cfg, samples, label_names, Path(cfg.out_dir))
+    print(f"saved {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Train the label VQ-VAE and its code predictor: one entry point for the CLI, training jobs and benchmarks.
+
+A flat loop in the style of nanoGPT's train.py (get_batch / estimate / get_lr / loop). Every batch is
+split: some samples are decoded from the VQ codes of their true label map (the VQ-VAE reconstruction, with
+the image dropped at random so layouts decode alone), the others from the codes the predictor reads off
+the image (the inference path). One decoder pass trains both, and the code predictor also gets
+cross-entropy against the true codes. Run: python -m model.train_vqvae --data=DIR --max_iters=300
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import metrics
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data import Sample
+from model.inference import (Predictor, fit_size, normalize_image, pad_target, pad_to, resize, resolve_device,
+                             soft_target)
+from model.vqvae import VQVAE, VQVAEConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # optimisation
+    lr: float = 3e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    max_iters: int = 400
+    warmup_iters: int = 20
+    eval_interval: int = 100
+    log_interval: int = 20
+    time_budget_s: float = 0.0       # > 0: stop after this many seconds (the lr schedule follows the clock)
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0                 # torch CPU threads; 0 leaves torch's default
+    # data and augmentation
+    resolution: int = 128
+    crop: int = 96                   # training crops (crop x crop) of the letterboxed image; <= resolution
+    flips: bool = True
+    rot90: bool = True
+    scale_min: float = 0.8           # random zoom around the letterbox scale
+    scale_max: float = 1.25
+    jitter: float = 0.2              # brightness / contrast / gamma jitter strength (0 = off)
+    # model and losses
+    widths: tuple = (16, 32, 64, 96)
+    codebook_size: int = 512
+    embed_dim: int = 64
+    image_dropout: float = 0.3       # share of the reconstruction samples decoded without the image
+    recon_fraction: float = 0.5      # share of each batch decoded from the true codes
+    boundary_width: int = 1
+    contact_weight: float = 3.0      # cross-entropy weight of the contact class
+    code_weight: float = 0.5
+
+    @classmethod
+    def from_args(cls, argv: list[str]) -> "TrainConfig":
+        """--key=value overrides of existing fields (minGPT-style, without exec)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kw = {}
+        for arg in argv:
+            if not arg.startswith("--") or "=" not in arg:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            key, value = arg[2:].split("=", 1)
+            if key not in fields:
+                raise ValueError(f"unknown TrainConfig field {key!r}; valid: {', '.join(fields)}")
+            kw[key] = _parse(value, getattr(cls, key), key)
+        return cls(**kw)
+
+
+def _parse(value: str, default, key: str):
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            return tuple(type(default[0])(v) for v in value.split(","))
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"--{key}={value!r}: expected a value like {default!r}") from None
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+class Batcher:
+    """Random augmented crops of letterboxed samples -> (images (B, 3, S, S), targets (B, S, S))."""
+
+    def __init__(self, samples: list[Sample], cfg: TrainConfig, n_classes: int, seed: int):
+        if not samples:
+            raise ValueError("training needs at least one labelled sample")
+        self.samples, self.cfg, self.n_classes = samples, cfg, n_classes
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
+        cfg, rng, R, S = self.cfg, self.rng, self.cfg.resolution, self.cfg.crop
+        img, cls, inst = s.image, s.classes, s.instances
+        if cfg.rot90 and (k := int(rng.integers(4))):
+            img, cls, inst = np.rot90(img, k), np.rot90(cls, k), np.rot90(inst, k)
+        if cfg.flips and rng.random() < 0.5:
+            img, cls, inst = img[:, ::-1], cls[:, ::-1], inst[:, ::-1]
+        img, cls, inst = (np.ascontiguousarray(a) for a in (img, cls, inst))
+        H, W = img.shape[:2]
+        zoom = math.exp(rng.uniform(math.log(cfg.scale_min), math.log(cfg.scale_max)))
+        nh, nw = (max(1, round(n * zoom)) for n in fit_size(H, W, R))
+        y0, x0 = int(rng.integers(0, max(nh - S, 0) + 1)), int(rng.integers(0, max(nw - S, 0) + 1))
+        # crop in original pixels first so that resizing stays cheap for large zooms
+        sy, sx = H / nh, W / nw
+        oy0, oy1 = int(y0 * sy), min(H, math.ceil((y0 + S) * sy))
+        ox0, ox1 = int(x0 * sx), min(W, math.ceil((x0 + S) * sx))
+        ch, cw = min(S, round((oy1 - oy0) / sy)), min(S, round((ox1 - ox0) / sx))
+        ch, cw = max(ch, 1), max(cw, 1)
+        x = normalize_image(resize(img[oy0:oy1, ox0:ox1], ch, cw))
+        if cfg.jitter > 0:
+            j = cfg.jitter
+            x = x ** math.exp(rng.uniform(-j, j)) * rng.uniform(1 - j, 1 + j) + rng.uniform(-j / 2, j / 2)
+            x = x.clip(0, 1).astype(np.float32)
+        target = soft_target(cls[oy0:oy1, ox0:ox1], inst[oy0:oy1, ox0:ox1], self.n_classes, ch, cw,
+                             cfg.boundary_width)
+        return pad_to(x, S), pad_target(target, S)
+
+    def get_batch(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.rng.integers(0, len(self.samples), batch_size)
+        xs, ts = zip(*(self.sample(self.samples[i]) for i in idx))
+        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S)
+        t = torch.from_numpy(np.stack(ts)).permute(0, 3, 1, 2)  # (B, S, S, L) -> (B, L, S, S)
+        return x.to(device), t.to(device)
+
+
+def letterbox_set(samples: list[Sample], R: int, n_classes: int, width: int):
+    """Samples letterboxed to R without augmentation, for validation: (images, targets) tensors."""
+    xs, ts = [], []
+    for s in samples:
+        nh, nw = fit_size(*s.image.shape[:2], R)
+        xs.append(pad_to(normalize_image(resize(s.image, nh, nw)), R))
+        ts.append(pad_target(soft_target(s.classes, s.instances, n_classes, nh, nw, width), R))
+    # (N, R, R, C) -> (N, C, R, R)
+    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(ts)).permute(0, 3, 1, 2)
+
+
+# -----------------------------------------------------------------------------
+# losses, evaluation, schedule
+
+
+def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight) -> dict:
+    """One decoder pass over a batch split into reconstruction and prediction samples."""
+    B = x.shape[0]
+    feats = model.features(x)
+    z_q, commit_loss, indices = model.encode(target)
+    code_logits = model.code_predictor(feats)
+    z_pred = model.embed_codes(code_logits)
+    recon = (torch.arange(B, device=x.device) < round(B * cfg.recon_fraction))[:, None, None, None]
+    z = torch.where(recon, z_q, z_pred)
+    drop = recon & (torch.rand(B, 1, 1, 1, device=x.device) < cfg.image_dropout)
+    logits = model.decoder(z, [f * (~drop).to(f.dtype) for f in feats])
+    pix = F.cross_entropy(logits, target, weight=class_weight, reduction="none").mean((1, 2))  # (B,)
+    r = recon.view(B)
+    out = {"pix": pix.mean(), "code": F.cross_entropy(code_logits, indices), "commit": commit_loss}
+    out["loss"] = out["pix"] + cfg.code_weight * out["code"] + out["commit"]
+    out["rec"] = pix[r].mean() if r.any() else pix.new_zeros(())
+    out["seg"] = pix[~r].mean() if (~r).any() else pix.new_zeros(())
+    return out
+
+
+@torch.no_grad()
+def estimate(model: VQVAE, val, batch_size: int, device, n_classes: int) -> dict:
+    """Validation at R on the inference path: cross-entropy, foreground IoU and code accuracy."""
+    model.eval()
+    x_all, t_all = val
+    inter = union = 0
+    ce, acc, n = 0.0, 0.0, 0
+    for i in range(0, len(x_all), batch_size):
+        x, t = x_all[i:i + batch_size].to(device), t_all[i:i + batch_size].to(device)
+        logits, code_logits = model.segment(x)
+        ce += F.cross_entropy(logits, t, reduction="sum").item() / t[0, 0].numel()
+        _, _, indices = model.encode(t)
+        acc += (code_logits.argmax(1) == indices).float().mean((1, 2)).sum().item()
+        pred_fg, true_fg = logits.softmax(1)[:, 0] < 0.5, t[:, 0] < 0.5
+        inter += (pred_fg & true_fg).sum().item()
+        union += (pred_fg | true_fg).sum().item()
+        n += len(x)
+    model.train()
+    return {"val_loss": ce / n, "val_iou_r": inter / max(union, 1), "val_code_acc": acc / n}
+
+
+def evaluate(predictor_or_ckpt, samples: list[Sample], batch_size: int = 8) -> dict:
+    """Metrics at each image's own size: fg IoU (mean per image and pooled), mIoU, instance recall /
+    precision / F1 at IoU 0.5, DSB-style instance AP, and how the task score tracks the real IoU."""
+    predictor = predictor_or_ckpt if isinstance(predictor_or_ckpt, Predictor) else \
+        Predictor.from_checkpoint(predictor_or_ckpt)
+    C = predictor.n_classes
+    ious, mious, aps, scores = [], [], [], []
+    inter = union = matched = n_true = n_pred = 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        for s, p in zip(chunk, predictor.predict([s.image for s in chunk])):
+            pf, tf = p.classes > 0, s.classes > 0
+            ious.append(metrics.iou(pf, tf))
+            inter += int((pf & tf).sum())
+            union += int((pf | tf).sum())
+            mious.append(metrics.mean_iou(p.classes, s.classes, C))
+            m = metrics.instance_match(p.instances, s.instances)
+            matched, n_true, n_pred = matched + m["matched"], n_true + m["n_true"], n_pred + m["n_pred"]
+            aps.append(metrics.instance_ap(p.instances, s.instances))
+            scores.append(p.score)
+    if not ious:
+        raise ValueError("evaluate needs at least one sample")
+    recall, precision = matched / max(n_true, 1), matched / max(n_pred, 1)
+    return {"fg_iou": float(np.mean(ious)), "fg_iou_pooled": inter / max(union, 1),
+            "miou": float(np.mean(mious)), "instance_recall": recall, "instance_precision": precision,
+            "instance_f1": 2 * recall * precision / max(recall + precision, 1e-9),
+            "instance_ap": float(np.mean(aps)), "score_iou_spearman": metrics.spearman(scores, ious),
+            "mean_score": float(np.mean(scores)), "n_images": len(ious)}
+
+
+def get_lr(it: int, frac: float, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr over the run's fraction done (iterations or clock)."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+# -----------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None) -> tuple[VQVAE, int]:
+    """A fresh model from cfg, or the init_from checkpoint's when its label names match (warm start)."""
+    if init_from is not None:
+        ckpt = load_checkpoint(Path(init_from), kind="vqvae")
+        if list(ckpt["label_names"]) == list(label_names):
+            mc = dict(ckpt["model_config"])
+            mc["widths"] = tuple(mc["widths"])
+            model = VQVAE(VQVAEConfig(**mc))
+            model.load_state_dict(ckpt["model"], strict=True)
+            logger.info("warm start from %s (iter %s)", init_from, ckpt.get("iter_num"))
+            return model, int(ckpt.get("iter_num", 0))
+        logger.warning("init_from %s has labels %s, not %s: training from scratch",
+                       init_from, ckpt["label_names"], label_names)
+    config = VQVAEConfig(resolution=cfg.resolution, n_labels=len(label_names) + 2, widths=tuple(cfg.widths),
+                         codebook_size=cfg.codebook_size, embed_dim=cfg.embed_dim,
+                         image_dropout=cfg.image_dropout, boundary_width=cfg.boundary_width)
+    return VQVAE(config), 0
+
+
+def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names: list[str], out: Path,
+          init_from: Path | None = None, progress: Callable[[dict], None] | None = None) -> Path:
+    """Train on `train`, pick the best state on `val`, write a checkpoint to `out` (a .pt file or a
+    directory, which gets ckpt_<iter>.pt) and return its path."""
+    if not label_names:
+        raise ValueError("label_names is empty: pass the class names for indices 1..C")
+    if cfg.crop > cfg.resolution or cfg.crop % 8:
+        raise ValueError(f"crop={cfg.crop} must be a multiple of 8 and <= resolution={cfg.resolution}")
+    n_classes = len(label_names)
+    for s in train + val:
+        if s.classes.max() > n_classes:
+            raise ValueError(f"sample {s.id!r} uses class {s.classes.max()} but only {n_classes} labels given")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model, iter0 = build_model(cfg, label_names, init_from)
+    model.to(device).train()
+    mc = model.config
+    batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
+                      n_classes, cfg.seed)
+    val_set = letterbox_set(val, mc.resolution, n_classes, mc.boundary_width) if val else None
+    class_weight = torch.ones(mc.n_labels, device=device)
+    class_weight[-1] = cfg.contact_weight
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+
+    best, best_state, history = -1.0, None, []
+    t_start = time.time()
+    t0 = t_start
+    it = 0
+    while True:
+        elapsed = time.time() - t_start
+        frac = it / cfg.max_iters
+        if cfg.time_budget_s > 0:
+            frac = max(frac, elapsed / cfg.time_budget_s)
+        last = it >= cfg.max_iters or frac >= 1.0
+        if val_set is not None and (it % cfg.eval_interval == 0 and it > 0 or last):
+            est = estimate(model, val_set, cfg.batch_size, device, n_classes)
+            history.append({"iter": it, **est})
+            logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f", it, est["val_loss"],
+                        est["val_iou_r"], est["val_code_acc"])
+            if est["val_iou_r"] >= best:
+                best, best_state = est["val_iou_r"], copy.deepcopy(model.state_dict())
+            if progress:
+                progress({"phase": "eval", "iter": it, "max_iters": cfg.max_iters, "loss": est["val_loss"],
+                          "eta_s": 0.0 if last else _eta(elapsed, frac)})
+        if last:
+            break
+        lr = get_lr(it, frac, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, t = batcher.get_batch(cfg.batch_size, device)
+        losses = compute_losses(model, x, t, cfg, class_weight)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        it += 1
+        if it % cfg.log_interval == 0 or it == 1:
+            t1 = time.time()
+            dt = (t1 - t0) / (cfg.log_interval if it > 1 else 1)
+            t0 = t1
+            eta = _eta(time.time() - t_start, max(it / cfg.max_iters, frac))
+            logger.info("iter %d: loss %.4f (seg %.4f rec %.4f code %.3f) lr %.2e time %.0fms eta %.0fs", it,
+                        losses["loss"].item(), losses["seg"].item(), losses["rec"].item(), losses["code"].item(),
+                        lr, dt * 1000, eta)
+            if progress:
+                progress({"phase": "train", "iter": it, "max_iters": cfg.max_iters,
+                          "loss": losses["loss"].item(), "eta_s": eta})
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    train_s = time.time() - t_start
+    result = {"iter_num": iter0 + it, "train_s": train_s, "label_names": list(label_names)}
+    if val:
+        result.update(evaluate(Predictor(model, label_names, device=str(device)), val))
+        result.update({"best_val_iou_r": best})
+    logger.info("trained %d iters in %.0fs; %s", it, train_s,
+                {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
+    out = Path(out)
+    path = out if out.suffix == ".pt" else out / f"ckpt_{iter0 + it:07d}.pt"
+    payload = {"kind": "vqvae", "model": {k: v.cpu() for k, v in model.state_dict().items()},
+               "model_config": asdict(mc), "train_config": asdict(cfg), "iter_num": iter0 + it,
+               "best_val_loss": min((h["val_loss"] for h in history), default=None),
+               "label_names": list(label_names), "labels": list(label_names), "metrics": result,
+               "history": history}
+    save_checkpoint(payload, path)
+    if progress:
+        progress({"phase": "done", "iter": it, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
+    return path
+
+
+def _eta(elapsed: float, frac: float) -> float:
+    return elapsed * (1 - frac) / frac if frac > 0 else 0.0
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """python -m model.train_vqvae --data=DIR [--out=DIR] [--n_train=N] [--val_fraction=0.2] [--init_from=CKPT]
+    [--<TrainConfig field>=value ...]; without --data it trains on procedural nuclei."""
+    from model.data import load_folder, make_nuclei, split_ids
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    own = {"data": "", "out": "out/vqvae", "n_train": "0", "val_fraction": "0.2", "init_from": ""}
+    rest = []
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key in own and "=" in arg:
+            own[key] = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    cfg = TrainConfig.from_args(rest)
+    if own["data"]:
+        samples, label_names = load_folder(own["data"])
+        train_ids, val_ids = split_ids([s.id for s in samples], float(own["val_fraction"]))
+        by_id = {s.id: s for s in samples}
+        train_set, val_set = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+    else:
+        train_set, val_set, label_names = make_nuclei(30, seed=0), make_nuclei(8, seed=1), ["nucleus"]
+    if int(own["n_train"]) > 0:
+        train_set = train_set[:int(own["n_train"])]
+    print(f"training on {len(train_set)} images, validating on {len(val_set)}; labels {label_names}")
+    path = train(cfg, train_set, val_set, label_names, Path(own["out"]),
+                 init_from=Path(own["init_from"]) if own["init_from"] else None)
+    metrics_ = load_checkpoint(path, "vqvae")["metrics"]
+    print(json.dumps({k: v for k, v in metrics_.items() if k != "label_names"}, indent=1))
+    print(f"checkpoint: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Label VQ-VAE with an image-conditioned decoder, and the code predictor that drives it from the image.
+
+A one-hot label map is encoded (x8 down) and quantized with an EMA codebook (VQ-VAE, van den Oord et al.
+2017, https://arxiv.org/abs/1711.00937; EMA updates as in rosinality/vq-vae-2-pytorch; dead-code restart as
+in lucidrains/vector-quantize-pytorch). The decoder also sees U-Net skip features of the image (dropped at
+random in training so it can decode a layout alone). The code predictor is a small CNN head over the same
+image features that predicts, per latent cell, a distribution over the codebook; the decoder then turns
+the predicted codes plus the image features into label logits at the working resolution R.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+
+
+def _norm(channels: int, kind: str) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(min(8, channels // 4), channels)
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 conv + norm + SiLU with a residual connection."""
+
+    def __init__(self, in_channels, out_channels, norm="batch"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = _norm(out_channels, norm)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = _norm(out_channels, norm)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        return F.silu(h + self.skip(x))
+
+
+class Down(nn.Module):
+    """Stride-2 conv then a ConvBlock: halves the resolution."""
+
+    def __init__(self, in_channels, out_channels, norm="batch"):
+        super().__init__()
+        self.down = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.block = ConvBlock(out_channels, out_channels, norm)
+
+    def forward(self, x):
+        return self.block(self.down(x))
+
+
+class ImageEncoder(nn.Module):
+    """U-Net style encoder: returns features at R, R/2, R/4, R/8 (the skips the decoder sees)."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.stem = ConvBlock(3, widths[0])
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(len(widths) - 1))
+
+    def forward(self, image):
+        feats = [self.stem(image)]
+        for down in self.downs:
+            feats.append(down(feats[-1]))
+        return feats
+
+
+class LabelEncoder(nn.Module):
+    """One-hot label map (B, n_labels, R, R) -> continuous latents (B, embed_dim, R/f, R/f).
+
+    Label maps are simple, so each f x f patch is flattened (pixel unshuffle) and mixed at R/f: cheap."""
+
+    def __init__(self, n_labels, widths, embed_dim, factor):
+        super().__init__()
+        self.factor = factor
+        self.inp = nn.Conv2d(n_labels * factor * factor, widths[-1], 1)
+        self.block = ConvBlock(widths[-1], widths[-1], "group")
+        self.out = nn.Conv2d(widths[-1], embed_dim, 1)
+
+    def forward(self, x):
+        x = F.pixel_unshuffle(x, self.factor)  # (B, L, R, R) -> (B, L*f*f, R/f, R/f)
+        return self.out(self.block(F.silu(self.inp(x))))
+
+
+class SkipAdd(nn.Module):
+    """Cheap fine-level decoder step: project the upsampled path, add the image skip, one 3x3 conv."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm = _norm(out_channels, "group")
+
+    def forward(self, h, f):
+        return F.silu(self.norm(self.conv(F.silu(self.proj(h) + f))))
+
+
+class SkipCat(nn.Module):
+    """Coarse-level decoder step: concatenate the image skip, then a ConvBlock."""
+
+    def __init__(self, in_channels, skip_channels, out_channels):
+        super().__init__()
+        self.block = ConvBlock(in_channels + skip_channels, out_channels, "group")
+
+    def forward(self, h, f):
+        return self.block(torch.cat([h, f], dim=1))
+
+
+class Decoder(nn.Module):
+    """Latents (+ image skip features, or zeros when absent) -> label logits at R.
+
+    The two coarsest levels concatenate the skips (capacity is cheap there); the fine levels add them."""
+
+    def __init__(self, n_labels, widths, embed_dim):
+        super().__init__()
+        n = len(widths)
+        self.inp = nn.Conv2d(embed_dim, widths[-1], 3, padding=1)
+        self.steps = nn.ModuleList()
+        for i in reversed(range(n)):  # coarse to fine
+            in_ch = widths[min(i + 1, n - 1)]
+            self.steps.append(SkipCat(in_ch, widths[i], widths[i]) if i >= n - 2 else SkipAdd(in_ch, widths[i]))
+        self.out = nn.Conv2d(widths[0], n_labels, 1)
+
+    def forward(self, z, feats):
+        h = F.silu(self.inp(z))
+        for step, f in zip(self.steps, reversed(feats)):
+            if h.shape[-1] != f.shape[-1]:
+                h = F.interpolate(h, size=f.shape[-2:], mode="nearest")
+            h = step(h, f)
+        return self.out(h)
+
+
+class Quantizer(nn.Module):
+    """EMA vector quantizer with dead-code restart; all running state lives in buffers."""
+
+    def __init__(self, codebook_size, embed_dim, decay=0.99, eps=1e-5, dead_threshold=0.1):
+        super().__init__()
+        self.codebook_size, self.embed_dim = codebook_size, embed_dim
+        self.decay, self.eps, self.dead_threshold = decay, eps, dead_threshold
+        embed = torch.randn(codebook_size, embed_dim) * 0.1
+        self.register_buffer("embed", embed)                        # (K, D)
+        self.register_buffer("embed_avg", embed.clone())            # (K, D)
+        self.register_buffer("cluster_size", torch.zeros(codebook_size))  # (K,)
+        self.register_buffer("initted", torch.tensor(False))
+
+    def forward(self, z):
+        B, D, h, w = z.shape
+        assert D == self.embed_dim, f"latent has {D} channels, codebook has {self.embed_dim}"
+        flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, h, w) -> (B*h*w, D)
+        if self.training and not bool(self.initted):  # data-dependent init: codes start on encoder outputs
+            self.embed.copy_(self._sample(flat.detach(), self.codebook_size))
+            self.embed_avg.copy_(self.embed * self.dead_threshold)
+            self.cluster_size.fill_(self.dead_threshold)
+            self.initted.fill_(True)
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)[None]
+        indices = dist.argmin(dim=1)  # (B*h*w,)
+        if self.training:
+            self._update(flat.detach(), indices)
+        z_q = self.lookup(indices.view(B, h, w))
+        commit_loss = F.mse_loss(z, z_q.detach())
+        z_q = z + (z_q - z).detach()  # straight-through estimator
+        return z_q, commit_loss, indices.view(B, h, w)
+
+    def lookup(self, indices):
+        """Codes (B, h, w) -> embeddings (B, D, h, w)."""
+        return F.embedding(indices, self.embed).permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+
+    @torch.no_grad()
+    def _update(self, flat, indices):
+        onehot = F.one_hot(indices, self.codebook_size).type(flat.dtype)  # (N, K)
+        counts = onehot.sum(0)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n  # Laplace
+        self.embed.copy_(self.embed_avg / smoothed[:, None])
+        self.restart_dead(flat, used=counts > 0)
+
+    @torch.no_grad()
+    def restart_dead(self, flat, used=None):
+        """Move codes whose EMA usage fell below dead_threshold onto current encoder outputs, picked with
+        probability ~ their distance to the codebook (k-means++ style), so restarts go where codes are missing."""
+        dead = self.cluster_size < self.dead_threshold
+        if used is not None:
+            dead &= ~used  # codes picked in this batch keep their place
+        n_dead = int(dead.sum())
+        if n_dead:
+            err = torch.cdist(flat, self.embed[~dead]).min(dim=1).values if bool((~dead).any()) else None
+            self.embed[dead] = self._sample(flat, n_dead, err)
+            self.embed_avg[dead] = self.embed[dead] * self.dead_threshold
+            self.cluster_size[dead] = self.dead_threshold
+        return n_dead
+
+    @staticmethod
+    def _sample(flat, n, weight=None):
+        if weight is None or float(weight.sum()) <= 0:
+            idx = torch.randint(0, flat.shape[0], (n,), device=flat.device)
+        else:
+            idx = torch.multinomial(weight.pow(2), n, replacement=True)
+        return flat[idx] + 1e-3 * torch.randn(n, flat.shape[1], device=flat.device)
+
+
+class CodePredictor(nn.Module):
+    """Image features at R/8 (with R/4 pooled in) -> logits over the codebook per latent cell."""
+
+    def __init__(self, widths, codebook_size, n_layers=2):
+        super().__init__()
+        ch = widths[-1]
+        self.inp = nn.Conv2d(widths[-1] + widths[-2], ch, 1)
+        self.blocks = nn.Sequential(*[ConvBlock(ch, ch) for _ in range(n_layers)])
+        self.out = nn.Conv2d(ch, codebook_size, 1)
+
+    def forward(self, feats):
+        x = torch.cat([feats[-1], F.avg_pool2d(feats[-2], 2)], dim=1)
+        return self.out(self.blocks(self.inp(x)))  # (B, K, R/8, R/8)
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    resolution: int = 128                   # working resolution R (square, letterboxed)
+    n_labels: int = 3                       # background + C classes + 1 boundary (contact) class
+    codebook_size: int = 512
+    embed_dim: int = 64
+    widths: tuple = (16, 32, 64, 96)        # per level R, R/2, R/4, R/8: x8 downsampling
+    commitment: float = 0.25
+    ema_decay: float = 0.99
+    dead_threshold: float = 0.1             # EMA usage below which a code is restarted
+    image_dropout: float = 0.3              # share of training samples decoded without the image
+    n_predictor_layers: int = 2
+    boundary_width: int = 1                 # contact band half-width in pixels at R
+
+    def __post_init__(self):
+        if self.resolution % 2 ** (len(self.widths) - 1):
+            raise ValueError(f"resolution {self.resolution} must be a multiple of {2 ** (len(self.widths) - 1)}")
+        if self.n_labels < 2:
+            raise ValueError(f"n_labels must be >= 2 (background + at least one class), got {self.n_labels}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+
+class VQVAE(nn.Module):
+    """Label VQ-VAE whose decoder also sees the image, plus the image -> code predictor."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        w = tuple(config.widths)
+        self.image_encoder = ImageEncoder(w)
+        self.label_encoder = LabelEncoder(config.n_labels, w, config.embed_dim, config.downsample)
+        self.quantizer = Quantizer(config.codebook_size, config.embed_dim, config.ema_decay,
+                                   dead_threshold=config.dead_threshold)
+        self.decoder = Decoder(config.n_labels, w, config.embed_dim)
+        self.code_predictor = CodePredictor(w, config.codebook_size, config.n_predictor_layers)
+
+    def features(self, image):
+        """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8."""
+        return self.image_encoder(image * 2 - 1)
+
+    def _zero_features(self, z):
+        B, _, h, w = z.shape
+        return [z.new_zeros(B, c, h * 2 ** i, w * 2 ** i) for i, c in enumerate(reversed(self.config.widths))][::-1]
+
+    def encode(self, x):
+        """One-hot (B, n_labels, R, R) -> (z_q (B, D, R/8, R/8), commit_loss, indices (B, R/8, R/8))."""
+        z = self.label_encoder(x)
+        z_q, commit_loss, indices = self.quantizer(z)
+        return z_q, self.config.commitment * commit_loss, indices
+
+    def decode(self, z_q, image=None, feats=None):
+        """Latents (+ image or its precomputed features) -> label logits (B, n_labels, R, R)."""
+        if feats is None:
+            feats = self.features(image) if image is not None else self._zero_features(z_q)
+        return self.decoder(z_q, feats)
+
+    def decode_code(self, indices, image=None, feats=None):
+        return self.decode(self.quantizer.lookup(indices), image, feats)
+
+    def predict_codes(self, image=None, feats=None):
+        """Code logits (B, K, R/8, R/8) from the image alone."""
+        return self.code_predictor(self.features(image) if feats is None else feats)
+
+    def embed_codes(self, code_logits, temperature=1.0):
+        """Expected code embedding under softmax(code_logits / T): (B, K, h, w) -> (B, D, h, w)."""
+        probs = F.softmax(code_logits / temperature, dim=1)
+        return torch.einsum("bkhw,kd->bdhw", probs, self.quantizer.embed)
+
+    def drop_features(self, feats, p):
+        """Zero the image features of a random share p of the samples (training only)."""
+        keep = (torch.rand(feats[0].shape[0], 1, 1, 1, device=feats[0].device) >= p).to(feats[0].dtype)
+        return [f * keep for f in feats]
+
+    def forward(self, x, image=None):
+        """Reconstruct a one-hot label map, optionally with its image: -> (logits, commit_loss, indices)."""
+        z_q, commit_loss, indices = self.encode(x)
+        feats = self.features(image) if image is not None else self._zero_features(z_q)
+        if self.training and image is not None and self.config.image_dropout > 0:
+            feats = self.drop_features(feats, self.config.image_dropout)
+        return self.decode(z_q, feats=feats), commit_loss, indices
+
+    @torch.no_grad()
+    def segment(self, image, temperature=1.0):
+        """Inference path: image -> predicted codes -> decoder with image features -> (logits, code_logits)."""
+        feats = self.features(image)
+        code_logits = self.code_predictor(feats)
+        return self.decoder(self.embed_codes(code_logits, temperature), feats), code_logits

@@ -1,0 +1,60 @@
+"""Pytest fixtures for a REAL Label Studio server (see tests/lsserver.py).
+
+Load from tests/conftest.py with ``pytest_plugins = ["tests.conftest_ls"]``.
+
+- ``ls_server`` (session): one Label Studio for the whole run, started from a copy of the cached data-dir
+  template (built once, ~30-70 s; each start ~7-10 s) in a temporary data dir; stopped at the end.
+- ``ls_api`` (function): an :class:`tests.lsserver.LSApi` for it (legacy token auth).
+
+Environment: ``TESSERA_LS_VENV`` (default ``<repo>/.venv-ls``), ``TESSERA_LS_TEMPLATE`` (template cache,
+default ``<repo>/.cache/ls-template``), ``TESSERA_SKIP_LS=1`` skips every test that needs the server.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+
+from tests.lsserver import (
+    LabelStudioError,
+    LabelStudioServer,
+    LSApi,
+    build_template,
+    default_ls_venv,
+    default_template_dir,
+)
+
+
+@pytest.fixture(scope="session")
+def ls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    if os.environ.get("TESSERA_SKIP_LS") == "1":
+        pytest.skip("TESSERA_SKIP_LS=1: tests against a real Label Studio are skipped")
+    venv = default_ls_venv()
+    if not (venv / "bin" / "label-studio").exists():
+        pytest.fail(
+            f"Label Studio venv not found at {venv} (needed by tests against a real Label Studio).\n"
+            f"Create it with:\n    python3.11 -m venv {venv} && {venv}/bin/pip install label-studio==1.23.2\n"
+            "or set TESSERA_LS_VENV to an existing one, or set TESSERA_SKIP_LS=1 to skip these tests.",
+            pytrace=False,
+        )
+    try:
+        template = build_template(venv, default_template_dir())
+        server = LabelStudioServer(venv, tmp_path_factory.mktemp("ls-data"), template=template)
+        server.start(timeout=float(os.environ.get("TESSERA_LS_START_TIMEOUT", "180")))
+    except LabelStudioError as e:
+        pytest.fail(f"could not start Label Studio: {e}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ls_api(ls_server: LabelStudioServer) -> Iterator[LSApi]:
+    api = ls_server.client()
+    try:
+        yield api
+    finally:
+        api.close()

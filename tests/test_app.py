@@ -1,0 +1,219 @@
+"""Every route through Flask's test client, with the request shapes Label Studio 1.23.2 sends."""
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.app import create_app
+from backend.regions import region_to_mask
+from backend.service import ModelCache
+from backend.settings import Settings
+from tests.conftest import CONFIG_ALL, RecordingRunner, register_stub
+
+
+def blobs_png(h=48, w=64, boxes=((5, 5, 15, 20), (25, 30, 40, 50))):
+    arr = np.zeros((h, w, 3), np.uint8)
+    for r0, c0, r1, c1 in boxes:
+        arr[r0:r1, c0:c1] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_uri(png):
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def setup_body(project="7.1700000000", schema=CONFIG_ALL):
+    return {"project": project, "schema": schema, "hostname": "http://localhost:8080",
+            "access_token": "0123456789abcdef0123456789abcdef01234567", "extra_params": None}
+
+
+def predict_body(tasks, project="7.1700000000", context=None):
+    return {"tasks": tasks, "project": project, "label_config": CONFIG_ALL,
+            "params": {"login": None, "password": None, "context": context}}
+
+
+def test_health_answers_fast_with_version(client):
+    for path in ("/", "/health"):
+        r = client.get(path)
+        assert r.status_code == 200 and r.json["status"] == "UP" and r.json["tessera"]
+
+
+def test_setup_returns_a_string_version_that_predictions_carry(client):
+    r = client.post("/setup", json=setup_body())
+    assert r.status_code == 200
+    version = r.json["model_version"]
+    assert isinstance(version, str) and version.startswith("tessera-default-v")
+    task = {"id": 1, "data": {"image": data_uri(blobs_png())}}
+    p = client.post("/predict", json=predict_body([task]))
+    assert p.status_code == 200
+    assert [item["model_version"] for item in p.json["results"]] == [version]
+
+
+def test_setup_rejects_what_it_cannot_serve(client):
+    r = client.post("/setup", json=setup_body(schema='<View><Text name="t" value="$t"/>'
+                                                     '<Labels name="l" toName="t"><Label value="A"/></Labels></View>'))
+    assert r.status_code == 422 and "<Image>" in r.json["error"] and "<Text>" in r.json["error"]
+    assert client.post("/setup", json={"project": "1.2"}).status_code == 400
+    r = client.post("/setup", data="not json", content_type="text/plain")
+    assert r.status_code == 400 and "JSON" in r.json["error"]
+    r = client.post("/setup", json={**setup_body(), "project": "../etc"})
+    assert r.status_code == 400 and "project" in r.json["error"]
+
+
+def test_predict_one_valid_item_per_task_in_order(client, stub_predictor):
+    client.post("/setup", json=setup_body())
+    pngs = [blobs_png(), blobs_png(boxes=((1, 1, 4, 4),)), blobs_png(boxes=())]
+    tasks = [{"id": 10 + i, "data": {"image": data_uri(p)}} for i, p in enumerate(pngs)]
+    r = client.post("/predict", json=predict_body(tasks))
+    assert r.status_code == 200
+    results = r.json["results"]
+    assert len(results) == 3
+    # the first image has 2 blobs -> 2 regions for each of brush, polygon, rectangle
+    kinds = sorted(x["type"] for x in results[0]["result"])
+    assert kinds == ["brushlabels"] * 2 + ["polygonlabels"] * 2 + ["rectanglelabels"] * 2
+    assert len(results[1]["result"]) == 3 and results[2]["result"] == []
+    for item in results[0]["result"]:
+        assert item["to_name"] == "image" and item["from_name"] in ("mask", "poly", "bbox")
+        assert item["original_width"] == 64 and item["original_height"] == 48
+        assert 0 <= item["score"] <= 1
+        assert region_to_mask(item, 48, 64).sum() == 150 or region_to_mask(item, 48, 64).sum() == 300
+    assert all(0 <= x["score"] <= 1 for x in results)
+
+
+def test_a_bad_task_does_not_fail_the_batch(client):
+    good = {"id": 1, "data": {"image": data_uri(blobs_png())}}
+    tasks = [good, {"id": 2, "data": {"image": "http://evil.example.com/x.png"}}, {"id": 3, "data": {}},
+             {"id": 4, "data": {"image": data_uri(b"garbage")}}, {"id": 5, "data": {"image": "../../etc/passwd"}},
+             good]
+    r = client.post("/predict", json=predict_body(tasks))
+    assert r.status_code == 200
+    res = r.json["results"]
+    assert len(res) == 6
+    assert res[0]["result"] and res[5]["result"]
+    assert all(x["result"] == [] and x["score"] == 0 for x in res[1:5])
+
+
+def test_large_batches_are_batched(settings, stub_predictor):
+    register_stub(settings)
+    s = Settings(model_dir=settings.model_dir, predict_batch=8)
+    app = create_app(s, runner=RecordingRunner(), cache=ModelCache(s, loader=lambda p, d: stub_predictor))
+    c = app.test_client()
+    tasks = [{"id": i, "data": {"image": data_uri(blobs_png())}} for i in range(20)]
+    res = c.post("/predict", json=predict_body(tasks)).json["results"]
+    assert len(res) == 20 and all(len(x["result"]) == 6 for x in res)
+    assert sorted(stub_predictor.calls) == [4, 8, 8]
+
+
+def test_untrained_project_predicts_nothing_with_score_zero(settings):
+    app = create_app(settings, runner=RecordingRunner())
+    c = app.test_client()
+    assert c.post("/setup", json=setup_body()).json["model_version"] == "tessera-untrained"
+    res = c.post("/predict", json=predict_body([{"id": 1, "data": {"image": data_uri(blobs_png())}}])).json
+    assert res["results"] == [{"result": [], "score": 0.0, "model_version": "tessera-untrained"}]
+
+
+def test_project_model_wins_over_default_and_labels_must_fit(settings, stub_predictor):
+    register_stub(settings, labels=("Cat", "Dog"))     # a default model for other labels does not serve
+    app = create_app(settings, runner=RecordingRunner(), cache=ModelCache(settings, loader=lambda p, d: stub_predictor))
+    c = app.test_client()
+    assert c.post("/setup", json=setup_body()).json["model_version"] == "tessera-untrained"
+    register_stub(settings, key="7")
+    assert c.post("/setup", json=setup_body()).json["model_version"] == "tessera-p7-v0001"
+
+
+def test_predict_input_errors(client):
+    assert client.post("/predict", json={"tasks": []}).status_code == 400
+    assert client.post("/predict", json={"project": "1.1"}).status_code == 400
+    r = client.post("/predict", json={"tasks": [{"id": 1, "data": {}}], "project": "1.1"})
+    assert r.status_code == 400 and "label config" in r.json["error"]
+    r = client.post("/predict", json={**predict_body([{"id": 1}]), "label_config": "<View><Text name='t' value='$t'/></View>"})
+    assert r.status_code == 422
+
+
+def test_interactive_keypoint_gives_one_region(client):
+    png = blobs_png()
+    task = {"id": 1, "data": {"image": data_uri(png)}}
+    context = {"result": [{"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True,
+                           "original_width": 64, "original_height": 48,
+                           "value": {"x": 10 / 64 * 100, "y": 10 / 48 * 100, "keypointlabels": ["Nucleus"]}}]}
+    res = client.post("/predict", json=predict_body([task], context=context)).json["results"]
+    assert len(res) == 1
+    brush = [r for r in res[0]["result"] if r["type"] == "brushlabels"]
+    assert len(brush) == 1
+    m = region_to_mask(brush[0], 48, 64)
+    assert m.sum() == 150 and m[10, 10]
+
+
+def test_annotated_task_gets_mislabeling(client):
+    png = blobs_png()
+    wrong = [{"from_name": "bbox", "to_name": "image", "type": "rectanglelabels", "original_width": 64,
+              "original_height": 48, "value": {"x": 80, "y": 80, "width": 10, "height": 10,
+                                               "rectanglelabels": ["Nucleus"]}}]
+    task = {"id": 1, "data": {"image": data_uri(png)}, "annotations": [{"id": 3, "result": wrong}]}
+    item = client.post("/predict", json=predict_body([task])).json["results"][0]
+    assert 0 < item["mislabeling"] <= 1 and item["result"]
+
+
+@pytest.mark.parametrize("action", ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"])
+def test_annotation_webhooks_schedule_training(client, action):
+    body = {"action": action, "annotation": {"id": 1, "task": 2, "result": []}, "task": {"id": 2},
+            "project": {"id": 7, "label_config": CONFIG_ALL}}
+    r = client.post("/webhook", json=body)
+    assert r.status_code == 201 and r.json["status"] == "scheduled"
+    assert client.runner.submitted == [("7", action)]
+
+
+def test_start_training_reaches_the_runner(client):
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    assert r.status_code == 201 and client.runner.submitted == [("7", "START_TRAINING")]
+
+
+def test_webhook_errors_and_unknown_actions(client):
+    r = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 7}})
+    assert r.status_code == 200 and "TASKS_CREATED" in r.json["message"]
+    assert client.post("/webhook", json={"project": {"id": 7}}).status_code == 400
+    assert client.post("/webhook", json={"action": "START_TRAINING"}).status_code == 400
+    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 7}}).status_code == 400
+    assert client.post("/webhook", data=b"\xff\xfe", content_type="application/json").status_code == 400
+    assert client.runner.submitted == []
+
+
+def test_versions_get_and_post(client):
+    client.post("/setup", json=setup_body())
+    r = client.get("/versions")
+    assert r.status_code == 200 and r.json["versions"] == ["tessera-default-v0001"]
+    r = client.post("/versions", json={"project": "7.1700000000"})
+    assert r.status_code == 200 and "default" in r.json["projects"]
+
+
+def test_status_route(client):
+    r = client.get("/status?project=7")
+    assert r.status_code == 200 and r.json["job"]["state"] == "idle"
+    assert client.get("/status").status_code == 400
+
+
+def test_request_size_cap(settings):
+    small = Settings(model_dir=settings.model_dir, max_request_bytes=1000)
+    c = create_app(small, runner=RecordingRunner()).test_client()
+    r = c.post("/predict", json=predict_body([{"id": 1, "data": {"image": "x" * 5000}}]))
+    assert r.status_code == 413 and "TESSERA_MAX_REQUEST_BYTES" in r.json["error"]
+
+
+def test_basic_auth(settings):
+    s = Settings(model_dir=settings.model_dir, basic_auth_user="ls", basic_auth_pass="pw")
+    c = create_app(s, runner=RecordingRunner()).test_client()
+    assert c.get("/health").status_code == 200          # health stays open for container probes
+    assert c.post("/setup", json=setup_body()).status_code == 401
+    hdr = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    assert c.post("/setup", json=setup_body(), headers=hdr).status_code == 200
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
+    assert c.post("/setup", json=setup_body(), headers=bad).status_code == 401
+
+
+def test_unknown_route_and_method(client):
+    assert client.get("/nope").status_code == 404
+    assert client.get("/predict").status_code == 405

@@ -1,0 +1,282 @@
+"""Tests for backend/jobs.py: debounce, one run per project, follow-up runs, failures; the RQ path against
+a real redis-server and real worker processes (set TESSERA_SKIP_REDIS=1 to skip that part)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from backend.jobs import RQJobRunner, ThreadJobRunner, make_runner, resolve_run_fn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recorder:
+    """A run function that records its calls, can block, fail, and report progress."""
+
+    def __init__(self, duration: float = 0.0, fail_first: int = 0):
+        self.calls: list[dict] = []
+        self.duration, self.fail_left = duration, fail_first
+        self.lock = threading.Lock()
+        self.active = self.max_active = 0
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, project_key, reason, progress):
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.calls.append({"project": project_key, "reason": reason, "start": time.monotonic()})
+        try:
+            progress({"phase": "train", "iter": 5, "max_iters": 10, "loss": 0.25, "eta_s": 3.0})
+            self.release.wait(10)
+            time.sleep(self.duration)
+            if self.fail_left:
+                self.fail_left -= 1
+                raise RuntimeError("out of patience")
+            return {"version": f"v{len(self.calls):04d}"}
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def _wait_for(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_burst_coalesces_into_one_run():
+    rec = Recorder()
+    runner = ThreadJobRunner(rec, debounce_s=0.3)
+    assert runner.status("p")["state"] == "idle"
+    t = time.perf_counter()
+    for _ in range(4):
+        st = runner.submit("p", "ANNOTATION_CREATED")
+    st = runner.submit("p", "START_TRAINING")
+    assert (time.perf_counter() - t) / 5 < 0.02, "submit must return at once (~0.05 ms here)"
+    assert st["state"] == "scheduled" and st["pending"] and not rec.calls
+    final = runner.wait_idle("p", 10)
+    assert len(rec.calls) == 1 and rec.calls[0]["reason"] == "ANNOTATION_CREATED (4), START_TRAINING"
+    assert final["state"] == "done" and final["last_result"] == {"version": "v0001"} and final["runs"] == 1
+    assert final["fraction"] == 1.0 and final["events"] == 5 and final["finished"] >= final["started"]
+    runner.close()
+
+
+def test_debounce_waits_for_events_to_settle():
+    rec = Recorder()
+    runner = ThreadJobRunner(rec, debounce_s=0.3)
+    t0 = time.monotonic()
+    for _ in range(4):                       # events 0.15 s apart keep pushing the run back
+        runner.submit("p", "ANNOTATION_UPDATED")
+        time.sleep(0.15)
+    runner.wait_idle("p", 10)
+    assert len(rec.calls) == 1 and rec.calls[0]["start"] - t0 >= 0.45 + 0.3 - 0.05
+    runner.close()
+
+
+def test_one_run_at_a_time_and_one_follow_up():
+    rec = Recorder()
+    rec.release.clear()
+    runner = ThreadJobRunner(rec, debounce_s=0.05)
+    runner.submit("p", "A")
+    _wait_for(lambda: runner.status("p")["phase"] == "train")
+    st = runner.status("p")
+    assert st["phase"] == "train" and st["fraction"] == 0.5 and st["loss"] == 0.25 and st["eta_s"] == 3.0
+    for _ in range(3):
+        runner.submit("p", "B")
+    time.sleep(0.2)                          # well past the debounce: still only the first run
+    assert len(rec.calls) == 1 and runner.status("p")["state"] == "running" and runner.status("p")["pending"]
+    rec.release.set()
+    final = runner.wait_idle("p", 10)
+    assert [c["reason"] for c in rec.calls] == ["A", "B (3)"] and rec.max_active == 1
+    assert final["runs"] == 2 and final["state"] == "done"
+    runner.close()
+
+
+def test_failure_is_recorded_and_next_event_runs():
+    rec = Recorder(fail_first=1)
+    runner = ThreadJobRunner(rec, debounce_s=0.01)
+    runner.submit("p", "A")
+    st = runner.wait_idle("p", 10)
+    assert st["state"] == "failed" and "out of patience" in st["last_error"] and st["last_result"] is None
+    runner.submit("p", "B")
+    st = runner.wait_idle("p", 10)
+    assert st["state"] == "done" and st["last_error"] is None and st["runs"] == 2
+    # a bad run function path fails the run, not the submit
+    bad = ThreadJobRunner("no_such_module_xyz:run", debounce_s=0.01)
+    bad.submit("p", "A")
+    assert "no_such_module_xyz" in bad.wait_idle("p", 10)["last_error"]
+    runner.close()
+    bad.close()
+
+
+def test_projects_are_independent_and_serialised():
+    rec = Recorder(duration=0.1)
+    runner = ThreadJobRunner(rec, debounce_s=0.01)
+    runner.submit("a", "A")
+    runner.submit("b", "B")
+    runner.wait_idle("a", 10)
+    runner.wait_idle("b", 10)
+    assert sorted(c["project"] for c in rec.calls) == ["a", "b"] and rec.max_active == 1   # max_parallel=1
+    with pytest.raises(TimeoutError):
+        rec.release.clear()
+        runner.submit("a", "A")
+        runner.wait_idle("a", 0.2)
+    rec.release.set()
+    runner.close()
+
+
+def test_lock_dir_keeps_two_processes_off_one_project(tmp_path):
+    rec = Recorder(duration=0.3)             # two runners stand in for two gunicorn workers
+    r1 = ThreadJobRunner(rec, debounce_s=0.01, lock_dir=tmp_path)
+    r2 = ThreadJobRunner(rec, debounce_s=0.01, lock_dir=tmp_path)
+    r1.submit("p", "A")
+    r2.submit("p", "B")
+    r1.wait_idle("p", 10)
+    r2.wait_idle("p", 10)
+    assert len(rec.calls) == 2 and rec.max_active == 1
+
+
+def test_make_runner_and_resolve():
+    runner = make_runner(SimpleNamespace(redis_url="", debounce_s=0.5, model_dir=None), run_fn=Recorder())
+    assert isinstance(runner, ThreadJobRunner) and runner.debounce_s == 0.5
+    assert resolve_run_fn("json:dumps") is json.dumps and resolve_run_fn("json.dumps") is json.dumps
+    with pytest.raises(ValueError):
+        resolve_run_fn("json:nope")
+    with pytest.raises(ValueError):
+        RQJobRunner("redis://localhost:1", run_fn=Recorder())
+
+
+# ---- RQ + real Redis ---------------------------------------------------------------------------------
+
+RUNS_ENV = "TESSERA_TEST_RUNS_FILE"
+
+
+def rq_recording_run(project_key, reason, progress):
+    """Run function for the RQ workers: appends a line per run to $TESSERA_TEST_RUNS_FILE."""
+    start = time.time()
+    progress({"phase": "train", "iter": 1, "max_iters": 4, "loss": 0.5, "eta_s": 1.0})
+    time.sleep(float(os.environ.get("TESSERA_TEST_RUN_S", "1.0")))
+    with open(os.environ[RUNS_ENV], "a") as f:
+        f.write(json.dumps({"project": project_key, "reason": reason, "start": start, "end": time.time(),
+                            "pid": os.getpid()}) + "\n")
+    if "FAIL" in reason:
+        raise RuntimeError("asked to fail")
+    return {"version": "v0001", "reason": reason}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A throw-away redis-server on a free port."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("TESSERA_SKIP_REDIS") == "1":
+            pytest.skip("redis-server not installed and TESSERA_SKIP_REDIS=1")
+        pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server) "
+                    "or set TESSERA_SKIP_REDIS=1 to skip the RQ tests", pytrace=False)
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    from redis import Redis
+    conn = Redis.from_url(url)
+    end = time.monotonic() + 10
+    while True:
+        try:
+            conn.ping()
+            break
+        except Exception:  # redis.ConnectionError until the server listens
+            assert time.monotonic() < end and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def rq_workers(redis_url, tmp_path_factory):
+    """Two real `python -m backend.jobs worker` processes; yields the runs file they append to."""
+    runs = tmp_path_factory.mktemp("rq") / "runs.jsonl"
+    runs.touch()
+    env = {**os.environ, RUNS_ENV: str(runs), "PYTHONPATH": str(REPO), "TESSERA_TEST_RUN_S": "0.6"}
+    procs = [subprocess.Popen([sys.executable, "-m", "backend.jobs", "worker", "--redis-url", redis_url],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]
+    yield runs
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _runs(path: Path, project: str) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["project"] == project]
+
+
+RUN_FN = "tests.test_jobs:rq_recording_run"
+
+
+@pytest.mark.redis
+def test_rq_burst_runs_once_and_status_is_shared(redis_url, rq_workers):
+    runner = RQJobRunner(redis_url, run_fn=RUN_FN, debounce_s=0.5)
+    t = time.perf_counter()
+    for _ in range(5):
+        st = runner.submit("p1", "ANNOTATION_CREATED")
+    assert (time.perf_counter() - t) / 5 < 0.1          # a few Redis round trips, no training
+    assert st["state"] == "scheduled" and st["backend"] == "rq"
+    other = RQJobRunner(redis_url, run_fn=RUN_FN, debounce_s=0.5)        # e.g. another gunicorn worker
+    _wait_for(lambda: other.status("p1")["phase"] == "train", timeout=30)
+    st = other.status("p1")
+    assert st["state"] == "running" and st["fraction"] == 0.25 and st["loss"] == 0.5
+    final = runner.wait_idle("p1", 30)
+    runs = _runs(rq_workers, "p1")
+    assert len(runs) == 1 and runs[0]["reason"] == "ANNOTATION_CREATED (5)"
+    assert final["state"] == "done" and final["runs"] == 1 and final["events"] == 5
+    assert final["last_result"] == {"version": "v0001", "reason": "ANNOTATION_CREATED (5)"}
+    assert other.status("p1") == final
+
+
+@pytest.mark.redis
+def test_rq_event_during_run_gives_one_follow_up(redis_url, rq_workers):
+    runner = RQJobRunner(redis_url, run_fn=RUN_FN, debounce_s=0.3)
+    runner.submit("p2", "A")
+    # phase "train" = the run has taken its events (an event before that would join this run)
+    _wait_for(lambda: runner.status("p2")["phase"] == "train", timeout=30)
+    for _ in range(3):
+        runner.submit("p2", "B")
+    st = runner.status("p2")
+    assert st["state"] == "running" and st["pending"]
+    final = runner.wait_idle("p2", 40)
+    runs = sorted(_runs(rq_workers, "p2"), key=lambda r: r["start"])
+    assert [r["reason"] for r in runs] == ["A", "B (3)"], runs
+    assert runs[0]["end"] <= runs[1]["start"], "two runs of one project overlapped"
+    assert final["state"] == "done" and final["runs"] == 2
+
+
+@pytest.mark.redis
+def test_rq_failure_recorded_then_next_succeeds(redis_url, rq_workers):
+    runner = RQJobRunner(redis_url, run_fn=RUN_FN, debounce_s=0.2)
+    runner.submit("p3", "FAIL")
+    st = runner.wait_idle("p3", 30)
+    assert st["state"] == "failed" and "asked to fail" in st["last_error"]
+    runner.submit("p3", "ANNOTATION_CREATED")
+    st = runner.wait_idle("p3", 30)
+    assert st["state"] == "done" and st["last_error"] is None and st["runs"] == 2

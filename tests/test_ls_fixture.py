@@ -1,0 +1,97 @@
+"""The real Label Studio fixture works: server up, legacy token accepted, a Tessera-style project made,
+a PNG uploaded as a task and served back through /data/upload with the token."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.lsserver import LSApiError
+
+pytestmark = pytest.mark.e2e  # fixtures ls_server / ls_api come from tests/conftest_ls.py
+
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="mask" toName="image">
+    <Label value="Cat" background="red"/>
+    <Label value="Dog" background="blue"/>
+  </BrushLabels>
+  <RectangleLabels name="bbox" toName="image">
+    <Label value="Cat" background="red"/>
+    <Label value="Dog" background="blue"/>
+  </RectangleLabels>
+  <PolygonLabels name="poly" toName="image">
+    <Label value="Cat" background="red"/>
+    <Label value="Dog" background="blue"/>
+  </PolygonLabels>
+</View>"""
+
+
+def write_png(path: Path, width: int = 24, height: int = 16) -> bytes:
+    """A small RGB PNG (stdlib only); returns its bytes."""
+    raw = bytearray()
+    for y in range(height):
+        raw.append(0)  # filter: none
+        for x in range(width):
+            raw += bytes(((x * 10) % 256, (y * 15) % 256, 128))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+    return png
+
+
+def test_health_and_legacy_token(ls_server, ls_api):
+    assert requests.get(f"{ls_server.url}/health", timeout=5).json() == {"status": "UP"}
+    assert len(ls_server.token) == 40 and int(ls_server.token, 16) >= 0
+    assert ls_api.whoami()["email"] == ls_server.username
+    r = requests.get(f"{ls_server.url}/api/projects/", headers={"Authorization": "Token " + "0" * 40}, timeout=10)
+    assert r.status_code == 401
+
+
+def test_project_upload_and_media(ls_server, ls_api, tmp_path):
+    project = ls_api.create_project("fixture check", LABEL_CONFIG)
+    assert project["id"] > 0
+    assert {"mask", "bbox", "poly"} <= set(project["parsed_label_config"])
+
+    png = write_png(tmp_path / "tile.png")
+    second = write_png(tmp_path / "tile2.png", 8, 8)
+    reply = ls_api.upload_images(project["id"], [tmp_path / "tile.png", tmp_path / "tile2.png"])
+    assert len(reply["task_ids"]) == 2  # distinct multipart field names: both files kept
+
+    tasks = ls_api.tasks(project["id"], page_size=1)  # also exercises pagination
+    assert sorted(t["id"] for t in tasks) == sorted(reply["task_ids"])
+    by_id = {t["id"]: t for t in tasks}
+    url = by_id[reply["task_ids"][0]]["data"]["image"]
+    assert url.startswith("/data/upload/"), url
+    assert ls_api.download(url) == png
+    assert ls_api.download(by_id[reply["task_ids"][1]]["data"]["image"]) == second
+    anonymous = requests.get(ls_server.url + url, timeout=10, allow_redirects=False)
+    assert anonymous.status_code == 401, anonymous.status_code
+
+    # JSON import with a prediction attached, read back per task
+    result = [{"from_name": "bbox", "to_name": "image", "type": "rectanglelabels", "original_width": 24,
+               "original_height": 16, "image_rotation": 0,
+               "value": {"x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0,
+                         "rectanglelabels": ["Cat"]}}]
+    imported = ls_api.import_tasks(project["id"], [{"data": {"image": url},
+                                                    "predictions": [{"result": result, "score": 0.5,
+                                                                     "model_version": "t"}]}])
+    (task_id,) = imported["task_ids"]
+    (pred,) = ls_api.predictions(task_id)
+    assert pred["score"] == 0.5 and pred["model_version"] == "t"
+    assert ls_api.webhooks(project["id"]) == []
+
+    with pytest.raises(LSApiError) as err:
+        ls_api.create_project("bad", "<View><Image name=")  # not XML
+    assert err.value.status == 400
+    with pytest.raises(LSApiError) as err:
+        ls_api.ml_train(10**6)
+    assert err.value.status == 404 and len(str(err.value)) < 500  # LS answers a huge HTML page

@@ -1,0 +1,141 @@
+"""Label map <-> LS regions: exact round trips on the shapes that break converters."""
+import cv2
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from backend.label_config import Control
+from backend.regions import (box_to_mask, instances_to_results, mask_to_box, mask_to_polygons, mask_to_rle,
+                             polygon_to_mask, region_to_mask, results_to_maps, rle_to_mask)
+
+BRUSH = Control("brushlabels", "mask", "image", ("A", "B"))
+POLY = Control("polygonlabels", "poly", "image", ("A", "B"))
+RECT = Control("rectanglelabels", "bbox", "image", ("A", "B"))
+
+
+def random_instances(h, w, n, seed=0, max_r=12):
+    rng = np.random.default_rng(seed)
+    inst = np.zeros((h, w), np.int32)
+    for k in range(1, n + 1):
+        m = np.zeros((h, w), np.uint8)
+        cv2.ellipse(m, (int(rng.integers(0, w)), int(rng.integers(0, h))),
+                    (int(rng.integers(1, max_r)), int(rng.integers(1, max_r))), float(rng.integers(0, 180)),
+                    0, 360, 1, -1)
+        inst[m > 0] = k
+    return inst
+
+
+def filled_largest(mask):
+    """What one outer polygon can represent: the largest 8-connected part, holes filled."""
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return mask
+    sizes = ndimage.sum(mask, lab, range(1, n + 1))
+    return ndimage.binary_fill_holes(lab == (np.argmax(sizes) + 1))
+
+
+CASES = {
+    "non-square": (random_instances(97, 153, 30, seed=1), 30),
+    "tiny": (np.pad(np.eye(3, dtype=np.int32) * 0 + np.array([[1, 0, 2], [0, 0, 0], [3, 3, 0]]), 5), 3),
+    "hundreds": (random_instances(256, 320, 400, seed=2, max_r=5), 400),
+    "touching": (np.repeat(np.repeat(np.array([[1, 2], [3, 4]], np.int32), 20, 0), 30, 1), 4),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_brush_round_trip_is_exact(name):
+    inst, _ = CASES[name]
+    h, w = inst.shape
+    ids = [int(i) for i in np.unique(inst) if i]
+    results = instances_to_results(inst, {i: "A" for i in ids}, {i: 0.5 for i in ids}, BRUSH)
+    assert len(results) == len(ids)
+    for r in results:
+        k = int(r["id"].rsplit("-", 1)[1])
+        assert r["original_width"] == w and r["original_height"] == h
+        assert np.array_equal(region_to_mask(r, h, w), inst == k), f"{name}: instance {k} changed"
+    classes, back = results_to_maps(results, "image", h, w, {"A": 1})
+    assert np.array_equal(classes > 0, inst > 0)
+    assert len(np.unique(back[back > 0])) == len(ids)   # touching instances stay separate
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_polygon_round_trip_is_exact_without_simplification(name):
+    inst, _ = CASES[name]
+    h, w = inst.shape
+    ids = [int(i) for i in np.unique(inst) if i]
+    results = instances_to_results(inst, {i: "B" for i in ids}, {}, POLY, polygon_epsilon=0)
+    assert len(results) == len(ids)
+    for r in results:
+        k = int(r["id"].rsplit("-", 1)[1])
+        assert len(r["value"]["points"]) >= 3
+        assert r["value"]["polygonlabels"] == ["B"]
+        assert np.array_equal(region_to_mask(r, h, w), filled_largest(inst == k)), f"{name}: polygon {k}"
+
+
+def test_simplified_polygons_stay_close():
+    inst = random_instances(200, 260, 20, seed=3, max_r=30)
+    for k in np.unique(inst)[1:]:
+        truth = filled_largest(inst == k)
+        if truth.sum() < 50:
+            continue
+        poly = mask_to_polygons(inst == k)[0]
+        back = polygon_to_mask(poly, *inst.shape)
+        iou = (back & truth).sum() / (back | truth).sum()
+        assert iou > 0.85, f"instance {k}: IoU {iou:.3f}"
+        assert len(poly) < truth.sum()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_box_round_trip_is_exact(name):
+    inst, _ = CASES[name]
+    h, w = inst.shape
+    ids = [int(i) for i in np.unique(inst) if i]
+    results = instances_to_results(inst, {i: "A" for i in ids}, {}, RECT)
+    for r in results:
+        k = int(r["id"].rsplit("-", 1)[1])
+        rows, cols = np.nonzero(inst == k)
+        truth = np.zeros_like(inst, bool)
+        truth[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert np.array_equal(region_to_mask(r, h, w), truth)
+        v = r["value"]
+        assert 0 <= v["x"] and v["x"] + v["width"] <= 100.0001 and v["rotation"] == 0
+
+
+def test_empty_mask_gives_no_regions_and_empty_maps():
+    empty = np.zeros((40, 60), np.int32)
+    for control in (BRUSH, POLY, RECT):
+        assert instances_to_results(empty, {}, {}, control) == []
+    assert mask_to_box(empty > 0) is None
+    assert mask_to_polygons(empty > 0) == []
+    classes, inst = results_to_maps([], "image", 40, 60, {"A": 1})
+    assert classes.shape == (40, 60) and not classes.any() and not inst.any()
+    assert not rle_to_mask(mask_to_rle(empty > 0), 40, 60).any()
+
+
+def test_labels_map_to_classes_and_unknown_labels_are_skipped():
+    inst = np.zeros((30, 30), np.int32)
+    inst[2:8, 2:8], inst[10:20, 10:20], inst[22:28, 22:28] = 1, 2, 3
+    results = instances_to_results(inst, {1: "A", 2: "B"}, {}, BRUSH)   # 3 has no label for this control
+    assert len(results) == 2
+    results[1]["value"]["brushlabels"] = ["C"]
+    classes, back = results_to_maps(results, "image", 30, 30, {"A": 1, "B": 2})
+    assert set(np.unique(classes)) == {0, 1}
+    assert results_to_maps(results, "other-image", 30, 30, {"A": 1})[0].sum() == 0
+
+
+def test_rle_of_wrong_size_is_an_error():
+    rle = mask_to_rle(np.ones((10, 10), bool))
+    with pytest.raises(ValueError, match="pixels"):
+        rle_to_mask(rle, 10, 11)
+
+
+def test_hand_drawn_shapes_rasterize_at_pixel_centres():
+    # a box from 10% to 30% of a 50 px wide image covers columns 5..14
+    m = box_to_mask(5.0, 2.0, 10.0, 4.0, 20, 50)
+    assert m.sum() == 40 and m[2:6, 5:15].all()
+    # rotated 90 degrees about the top-left corner: extends to the left
+    r = box_to_mask(20.0, 2.0, 10.0, 4.0, 30, 50, rotation=90)
+    rows, cols = np.nonzero(r)
+    assert set(cols) <= set(range(15, 21)) and set(rows) <= set(range(1, 13)) and r[4:10, 17:19].all()
+    tri = polygon_to_mask(np.array([[0, 0], [20, 0], [0, 20]], float), 20, 20)
+    assert tri[1, 1] and not tri[18, 18]
