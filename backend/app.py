@@ -210,6 +210,32 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         flat = [v["version"] for vs in out.values() for v in vs if v["kind"] == "label"]
         return jsonify({"versions": flat, "projects": out})
 
+    @app.route("/generate", methods=["POST"])
+    def generate():
+        """Synthetic, pre-annotated tasks into a project (see backend/synthetic.py)."""
+        data = _json_body(("project",))
+        key = key_of(data["project"])
+        try:
+            count = int(data.get("count", 8))
+            seed = int(data.get("seed", 0))
+            share = float(data.get("share", 0.3))
+        except (TypeError, ValueError):
+            raise BadRequest("count and seed must be integers, share a number") from None
+        if not 1 <= count <= 200:
+            raise BadRequest("count must be between 1 and 200 per request")
+        if not 0.0 <= share <= 1.0:
+            raise BadRequest("share must be between 0 and 1")
+        label = data.get("label")
+        if label is not None and not isinstance(label, str):
+            raise BadRequest("label must be a label name of the project's config")
+        from backend.synthetic import generate_into_project
+
+        try:
+            result = generate_into_project(settings, key, count=count, label=label, share=share, seed=seed)
+        except ValueError as e:
+            raise BadRequest(str(e), status=422) from None
+        return jsonify(result), (200 if not result.get("failed") else 207)
+
     @app.route("/status", methods=["GET"])
     def status():
         project = request.args.get("project")

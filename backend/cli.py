@@ -117,6 +117,13 @@ def cmd_generate(args, settings: Settings) -> int:
     return 0 if not result.get("failed") else 1
 
 
+def cmd_demo(args, settings: Settings) -> int:
+    """Start Label Studio and Tessera on localhost with a demo project (see backend/demo.py)."""
+    from backend.demo import run_demo
+
+    return run_demo(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -156,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", help="run the whole loop on generated data with a real Label Studio "
+                                    "(what `make demo` runs)")
+    p.add_argument("--quick", action="store_true", help="fewer images and iterations (what CI runs)")
+    p.add_argument("--data-dir", default=".demo", help="where Label Studio's data, models and images live")
+    p.add_argument("--no-wait", action="store_true", help="exit when ready instead of serving until Ctrl-C")
+    p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("versions", help=cmd_versions.__doc__)
     p.add_argument("--project", default=None)

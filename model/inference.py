@@ -237,7 +237,7 @@ class Predictor:
     def _run(self, images: list[np.ndarray]):
         x, sizes = self._prepare(images)
         feats = self.model.features(x)
-        code_logits = self.model.code_predictor(feats)
+        code_logits = self.model.predict_codes(feats=feats)
         logits = self.model.decoder(self.model.embed_codes(code_logits), feats)
         return x, feats, code_logits, logits, sizes
 

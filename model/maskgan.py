@@ -123,6 +123,9 @@ class MaskNorm(nn.Module):
         self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, n_hidden, 3, padding=1), nn.ReLU())
         self.mlp_gamma_beta = nn.Conv2d(n_hidden, 2 * norm_nc, 3, padding=1)  # gamma and beta in one conv
         self.z_gamma_beta = nn.Linear(z_dim, 2 * norm_nc) if z_dim else None
+        if self.z_gamma_beta is not None:  # start as plain SPADE; z's global style is learned from there
+            nn.init.zeros_(self.z_gamma_beta.weight)
+            nn.init.zeros_(self.z_gamma_beta.bias)
 
     def forward(self, x, mask, z=None):
         # Part 1. generate parameter-free normalized activations
@@ -235,7 +238,7 @@ class Discriminator(nn.Module):
     def __init__(self, config: MaskGANConfig):
         super().__init__()
         self.config = config
-        in_ch, ch = 3 + config.label_nc, config.d_channels
+        in_ch = 3 + config.label_nc
         layers = []
         for i in range(config.d_layers + 1):  # d_layers stride-2 convs, then one stride-1 conv
             out_ch = min(config.d_channels * 2 ** i, config.d_max_channels)

@@ -49,6 +49,7 @@ class GANTrainConfig:
     lambda_fm: float = 10.0        # feature matching (pix2pixHD / SPADE)
     lambda_l1: float = 10.0        # L1 to the real image's structure (see structure_l1): the layout comes
     l1_pool: int = 4               # fast; texture and colour style are left to the adversary and z
+    l1_structure: bool = True      # False: plain L1 of the pooled RGB images (also fits colour and exposure)
     diffaug: str = "color,translation,cutout"
     ema_decay: float = 0.999       # generator weights average used for generation
     # bookkeeping
@@ -197,7 +198,8 @@ def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_
         losses_g = {"g_adv": g_hinge_loss(logits_fake),
                     "g_fm": cfg.lambda_fm * feature_matching_loss(feats_real, feats_fake)}
         if cfg.lambda_l1 > 0:
-            losses_g["g_l1"] = cfg.lambda_l1 * structure_l1(fake, real, cfg.l1_pool)
+            losses_g["g_l1"] = cfg.lambda_l1 * (structure_l1(fake, real, cfg.l1_pool) if cfg.l1_structure else
+                                                F.l1_loss(F.avg_pool2d(fake, cfg.l1_pool), F.avg_pool2d(real, cfg.l1_pool)))
         opt_g.zero_grad(set_to_none=True)
         sum(losses_g.values()).backward()
         opt_g.step()

@@ -66,6 +66,8 @@ class TrainConfig:
     boundary_width: int = 1
     contact_weight: float = 3.0      # cross-entropy weight of the contact class
     code_weight: float = 0.5
+    vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
+                                     # so the code predictor learns against fixed codes
 
     @classmethod
     def from_args(cls, argv: list[str]) -> "TrainConfig":
@@ -163,7 +165,7 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight) -> d
     B = x.shape[0]
     feats = model.features(x)
     z_q, commit_loss, indices = model.encode(target)
-    code_logits = model.code_predictor(feats)
+    code_logits = model.predict_codes(feats=feats)
     z_pred = model.embed_codes(code_logits)
     recon = (torch.arange(B, device=x.device) < round(B * cfg.recon_fraction))[:, None, None, None]
     z = torch.where(recon, z_q, z_pred)
@@ -240,6 +242,14 @@ def get_lr(it: int, frac: float, cfg: TrainConfig) -> float:
 # -----------------------------------------------------------------------------
 
 
+def freeze_codes(model: VQVAE, frozen: bool) -> None:
+    """Phase 2: stop EMA updates / restarts and label-encoder gradients (call after every model.train())."""
+    model.label_encoder.requires_grad_(not frozen)
+    if frozen:
+        model.quantizer.eval()
+        model.label_encoder.eval()
+
+
 def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None) -> tuple[VQVAE, int]:
     """A fresh model from cfg, or the init_from checkpoint's when its label names match (warm start)."""
     if init_from is not None:
@@ -307,6 +317,7 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
                           "eta_s": 0.0 if last else _eta(elapsed, frac)})
         if last:
             break
+        freeze_codes(model, frac >= cfg.vq_phase)
         lr = get_lr(it, frac, cfg)
         for group in opt.param_groups:
             group["lr"] = lr

@@ -70,18 +70,18 @@ class ImageEncoder(nn.Module):
 class LabelEncoder(nn.Module):
     """One-hot label map (B, n_labels, R, R) -> continuous latents (B, embed_dim, R/f, R/f).
 
-    Label maps are simple, so each f x f patch is flattened (pixel unshuffle) and mixed at R/f: cheap."""
+    Each f x f patch is flattened (pixel unshuffle) and mapped by a per-patch MLP (1x1 convs, no norm),
+    so a code depends on its patch alone: an all-background patch always gets the same code."""
 
     def __init__(self, n_labels, widths, embed_dim, factor):
         super().__init__()
         self.factor = factor
-        self.inp = nn.Conv2d(n_labels * factor * factor, widths[-1], 1)
-        self.block = ConvBlock(widths[-1], widths[-1], "group")
-        self.out = nn.Conv2d(widths[-1], embed_dim, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(n_labels * factor * factor, widths[-1], 1), nn.SiLU(),
+                                 nn.Conv2d(widths[-1], widths[-1], 1), nn.SiLU(),
+                                 nn.Conv2d(widths[-1], embed_dim, 1))
 
     def forward(self, x):
-        x = F.pixel_unshuffle(x, self.factor)  # (B, L, R, R) -> (B, L*f*f, R/f, R/f)
-        return self.out(self.block(F.silu(self.inp(x))))
+        return self.mlp(F.pixel_unshuffle(x, self.factor))  # (B, L, R, R) -> (B, L*f*f, R/f, R/f) -> ...
 
 
 class SkipAdd(nn.Module):
@@ -203,18 +203,25 @@ class Quantizer(nn.Module):
 
 
 class CodePredictor(nn.Module):
-    """Image features at R/8 (with R/4 pooled in) -> logits over the codebook per latent cell."""
+    """Image features at R/8 (with R/4 pooled in) -> logits over the codebook per latent cell.
 
-    def __init__(self, widths, codebook_size, n_layers=2):
+    The head predicts a query vector per cell and scores every code by its (scaled) negative squared
+    distance, so the distribution follows codes as the EMA codebook moves or restarts them."""
+
+    def __init__(self, widths, embed_dim, n_layers=2):
         super().__init__()
         ch = widths[-1]
         self.inp = nn.Conv2d(widths[-1] + widths[-2], ch, 1)
         self.blocks = nn.Sequential(*[ConvBlock(ch, ch) for _ in range(n_layers)])
-        self.out = nn.Conv2d(ch, codebook_size, 1)
+        self.out = nn.Conv2d(ch, embed_dim, 1)
+        self.log_scale = nn.Parameter(torch.tensor(0.0))
 
-    def forward(self, feats):
+    def forward(self, feats, codebook):
         x = torch.cat([feats[-1], F.avg_pool2d(feats[-2], 2)], dim=1)
-        return self.out(self.blocks(self.inp(x)))  # (B, K, R/8, R/8)
+        query = self.out(self.blocks(self.inp(x)))  # (B, D, h, w)
+        dist = (query.pow(2).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", query, codebook)
+                + codebook.pow(2).sum(1)[None, :, None, None])  # (B, K, h, w)
+        return -dist * self.log_scale.exp()
 
 
 @dataclass(frozen=True)
@@ -225,7 +232,7 @@ class VQVAEConfig:
     embed_dim: int = 64
     widths: tuple = (16, 32, 64, 96)        # per level R, R/2, R/4, R/8: x8 downsampling
     commitment: float = 0.25
-    ema_decay: float = 0.99
+    ema_decay: float = 0.95                 # fast enough to track the encoder in short CPU runs
     dead_threshold: float = 0.1             # EMA usage below which a code is restarted
     image_dropout: float = 0.3              # share of training samples decoded without the image
     n_predictor_layers: int = 2
@@ -254,7 +261,7 @@ class VQVAE(nn.Module):
         self.quantizer = Quantizer(config.codebook_size, config.embed_dim, config.ema_decay,
                                    dead_threshold=config.dead_threshold)
         self.decoder = Decoder(config.n_labels, w, config.embed_dim)
-        self.code_predictor = CodePredictor(w, config.codebook_size, config.n_predictor_layers)
+        self.code_predictor = CodePredictor(w, config.embed_dim, config.n_predictor_layers)
 
     def features(self, image):
         """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8."""
@@ -281,7 +288,8 @@ class VQVAE(nn.Module):
 
     def predict_codes(self, image=None, feats=None):
         """Code logits (B, K, R/8, R/8) from the image alone."""
-        return self.code_predictor(self.features(image) if feats is None else feats)
+        feats = self.features(image) if feats is None else feats
+        return self.code_predictor(feats, self.quantizer.embed)
 
     def embed_codes(self, code_logits, temperature=1.0):
         """Expected code embedding under softmax(code_logits / T): (B, K, h, w) -> (B, D, h, w)."""
@@ -305,5 +313,5 @@ class VQVAE(nn.Module):
     def segment(self, image, temperature=1.0):
         """Inference path: image -> predicted codes -> decoder with image features -> (logits, code_logits)."""
         feats = self.features(image)
-        code_logits = self.code_predictor(feats)
+        code_logits = self.predict_codes(feats=feats)
         return self.decoder(self.embed_codes(code_logits, temperature), feats), code_logits

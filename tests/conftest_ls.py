@@ -1,10 +1,10 @@
-"""Pytest fixtures for a REAL Label Studio server (see tests/lsserver.py).
+"""Pytest fixtures for a REAL Label Studio server (see backend/lsserver.py).
 
 Load from tests/conftest.py with ``pytest_plugins = ["tests.conftest_ls"]``.
 
 - ``ls_server`` (session): one Label Studio for the whole run, started from a copy of the cached data-dir
   template (built once, ~30-70 s; each start ~7-10 s) in a temporary data dir; stopped at the end.
-- ``ls_api`` (function): an :class:`tests.lsserver.LSApi` for it (legacy token auth).
+- ``ls_api`` (function): an :class:`backend.lsserver.LSApi` for it (legacy token auth).
 
 Environment: ``TESSERA_LS_VENV`` (default ``<repo>/.venv-ls``), ``TESSERA_LS_TEMPLATE`` (template cache,
 default ``<repo>/.cache/ls-template``), ``TESSERA_SKIP_LS=1`` skips every test that needs the server.
@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.lsserver import (
+from backend.lsserver import (
     LabelStudioError,
     LabelStudioServer,
     LSApi,

@@ -101,6 +101,45 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
     versions = ls_api.ml_versions(ml["id"])
     assert version in versions["versions"], versions
 
+    # interactive pre-annotation: a positive keypoint on an object -> one clean region, nothing stored
+    pred = ls_api.predictions(task_ids[1])[0]
+    box = next(r for r in pred["result"] if r["type"] == "rectanglelabels")["value"]
+    point = {"x": box["x"] + box["width"] / 2, "y": box["y"] + box["height"] / 2, "width": 0.5,
+             "keypointlabels": ["Nucleus"]}
+    context = {"result": [{"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True,
+                           "original_width": 128, "original_height": 96, "value": point}]}
+    reply = ls_api.interactive(ml["id"], task_ids[1], context)
+    regions = reply["data"]["result"]
+    assert {r["type"] for r in regions} == {"brushlabels", "polygonlabels", "rectanglelabels"}, reply
+    assert sum(r["type"] == "brushlabels" for r in regions) == 1
+    assert len(ls_api.predictions(task_ids[1])) == 1
+
+
+def test_bulk_predict_writes_through_the_api_and_skips_done_tasks(ls_server, ls_api, tessera, trained_model_dir,
+                                                                 tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    project = ls_api.create_project("tessera bulk", CONFIG_ALL)
+    task_ids = upload_nuclei(ls_api, project["id"], tmp_path, n=4)
+    env = {"MODEL_DIR": str(trained_model_dir), "LABEL_STUDIO_URL": ls_server.url,
+           "LABEL_STUDIO_API_KEY": ls_server.token, "PATH": "/usr/bin:/bin"}
+    exe = str(Path(sys.executable).with_name("tessera"))
+    run = subprocess.run([exe, "predict", "--project", str(project["id"])], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    first = json.loads(run.stdout)
+    assert first["written"] == 4 and first["failed"] == 0, first
+    assert "4/4 tasks" in run.stderr               # progress is shown
+    for tid in task_ids:
+        preds = ls_api.predictions(tid)
+        assert len(preds) == 1 and preds[0]["model_version"] == first["model_version"] and preds[0]["result"]
+    again = json.loads(subprocess.run([exe, "predict", "--project", str(project["id"])], env=env,
+                                      capture_output=True, text=True, timeout=300).stdout)
+    assert again["written"] == 0 and again["skipped_existing"] == 4, again
+
 
 def _job(tessera, pid):
     return requests.get(f"{tessera.url}/status", params={"project": pid}, timeout=5).json()["job"]

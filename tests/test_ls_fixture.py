@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.lsserver import LSApiError
+from backend.lsserver import LSApiError
 
 pytestmark = pytest.mark.e2e  # fixtures ls_server / ls_api come from tests/conftest_ls.py
 

@@ -6,7 +6,7 @@ A fresh Label Studio data dir costs ~70 s of migrations, so a data-dir TEMPLATE 
 ``label-studio init`` (user, password, 40-hex user token, legacy API tokens enabled) and cached per
 label-studio version; every server then starts from a copy of it in a few seconds::
 
-    from tests.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
+    from backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
 
     with LabelStudioServer(default_ls_venv(), "/tmp/ls-data") as ls:      # builds the template if needed
         api = ls.client()
@@ -614,7 +614,7 @@ __all__ = [
     "default_ls_venv", "default_template_dir", "free_port", "ls_environment", "ls_version",
 ]
 
-if __name__ == "__main__":  # python -m tests.lsserver [DATA_DIR]: build the template, run LS until Ctrl-C
+if __name__ == "__main__":  # python -m backend.lsserver [DATA_DIR]: build the template, run LS until Ctrl-C
     import argparse
     import tempfile
 
