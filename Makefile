@@ -5,7 +5,7 @@ VENV ?= .venv
 LS_VENV ?= .venv-ls
 PIP_FLAGS ?= --disable-pip-version-check -q
 
-.PHONY: demo test test-fast venv venv-ls redis bench clean
+.PHONY: demo demo-quick test test-fast venv venv-ls redis bench bench-table screenshot clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -33,6 +33,9 @@ redis:
 demo: venv venv-ls
 	$(VENV)/bin/tessera demo
 
+demo-quick: venv venv-ls
+	$(VENV)/bin/tessera demo --quick
+
 test: venv venv-ls redis
 	$(VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -40,9 +43,24 @@ test: venv venv-ls redis
 test-fast: venv
 	TESSERA_SKIP_LS=1 TESSERA_SKIP_REDIS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
 
-bench: venv
+# benchmarks need ../shared/data beside the repository; each writes bench/results/<name>.json
+bench: venv venv-ls
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[bench]'
-	$(VENV)/bin/python -m bench.run_all
+	$(VENV)/bin/python -m bench.speed
+	$(VENV)/bin/python -m bench.label_model
+	$(VENV)/bin/python -m bench.gan
+	$(VENV)/bin/python -m bench.active_learning
+	$(VENV)/bin/python -m bench.learning_latency
+	$(MAKE) bench-table
+
+bench-table: venv
+	$(VENV)/bin/python -m bench.make_table --readme README.md
+
+# README screenshot: Debian chromium driven by playwright against the demo
+screenshot: venv venv-ls
+	test -x /usr/bin/chromium || apt-get install -y -qq chromium
+	$(VENV)/bin/pip install $(PIP_FLAGS) playwright
+	$(VENV)/bin/python -m bench.screenshot --start --data-dir .demo --out docs/screenshot.png
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .cache

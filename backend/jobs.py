@@ -2,9 +2,12 @@
 
 `ThreadJobRunner` (default) runs jobs on a background thread of the serving process. `RQJobRunner`
 (REDIS_URL set) enqueues them on the RQ queue "tessera"; `tessera worker` / `python -m backend.jobs worker`
-processes run them, with the debounce re-checked inside the job, a Redis lock (TTL + heartbeat) per project
-and status in a Redis hash that any process can read. The training itself is a function
-`run(project_key, reason, progress) -> dict` given as a callable or a "module:function" path.
+processes run them, with the debounce waited out inside the job (no rq scheduler: its lock outlives a
+killed worker by a minute and a restarted worker takes it over only after 10), a Redis lock (TTL +
+heartbeat) per project and status in a Redis hash that any process can read. A lock or a waiting job whose
+process died on this host (kill -9, OOM) is taken over at once; on other hosts when its TTL runs out.
+The training itself is a function `run(project_key, reason, progress) -> dict` given as a callable or a
+"module:function" path. Every progress step is logged as one line.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import fcntl
 import importlib
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -27,7 +31,9 @@ logger = logging.getLogger(__name__)
 RunFn = Callable[[str, str, Callable[[dict], None]], dict]
 DEFAULT_RUN_FN = "backend.training:train_project"
 QUEUE = "tessera"
-LOCK_TTL_S = 60                 # a dead worker's project lock frees itself after this
+LOCK_TTL_S = 60                 # a dead worker's project lock frees itself after this (other hosts)
+WAIT_TTL_S = 15                 # a job waiting out the debounce refreshes its marker within this
+LOCK_RETRY_S = 2.0              # a job finding the project locked re-queues itself after this
 JOB_TIMEOUT_S = 24 * 3600       # rq's default (180 s) is far too short for training
 _KEY = "tessera:{}:{}"          # tessera:<what>:<project key>
 
@@ -84,6 +90,18 @@ def _progress_fields(info: dict) -> dict:
         if info.get(k) is not None:
             out[k] = float(info[k])
     return out
+
+
+def _log_progress(project_key: str, info: dict) -> None:
+    """One log line per progress step: `project 3: train 40/600 loss 0.4121 eta 52s`."""
+    parts = [f"project {project_key}: {info.get('phase', '?')}"]
+    if info.get("max_iters"):
+        parts.append(f"{info.get('iter', 0)}/{info['max_iters']}")
+    if info.get("loss") is not None:
+        parts.append(f"loss {float(info['loss']):.4f}")
+    if info.get("eta_s") is not None:
+        parts.append(f"eta {float(info['eta_s']):.0f}s")
+    logger.info(" ".join(parts))
 
 
 def _idle_status(project_key: str, backend: str) -> dict:
@@ -208,6 +226,7 @@ class ThreadJobRunner:
 
         def progress(info: dict) -> None:
             fields = _progress_fields(info)
+            _log_progress(key, info)
             with self._cond:
                 p.status.update(fields)
 
@@ -245,17 +264,58 @@ def _queue(conn):
     return Queue(QUEUE, connection=conn)
 
 
-def _enqueue(conn, project_key: str, delay_s: float, debounce_s: float, run_fn: str) -> str:
-    """Schedule _rq_job after delay_s; returns the rq job id (recorded as the project's pending job)."""
-    job = _queue(conn).enqueue_in(timedelta(seconds=max(delay_s, 0.0)), _rq_job, project_key, debounce_s,
-                                  run_fn, job_timeout=JOB_TIMEOUT_S, result_ttl=600, failure_ttl=7 * 86400,
-                                  description=f"tessera training run for project {project_key}")
+def _enqueue(conn, project_key: str, debounce_s: float, run_fn: str) -> str:
+    """Queue _rq_job for the project; returns the rq job id (recorded as the project's pending job)."""
+    job = _queue(conn).enqueue(_rq_job, project_key, debounce_s, run_fn, job_timeout=JOB_TIMEOUT_S,
+                               result_ttl=600, failure_ttl=7 * 86400,
+                               description=f"tessera training run for project {project_key}")
     conn.set(_KEY.format("pending", project_key), job.id)
     return job.id
 
 
-def _job_alive(conn, job_id: bytes | None) -> bool:
-    """Whether an rq job still exists and has not ended (so it will run, or is running)."""
+def _process_space() -> str:
+    """Where a pid means something: host name + pid namespace (two containers can share a host name)."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}/{ns}"
+
+
+def _token() -> str:
+    """A lock value naming its holder: '<process space>|<pid>|<random>'."""
+    return f"{_process_space()}|{os.getpid()}|{uuid.uuid4().hex}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` (of this pid namespace) still runs; a zombie (killed, not yet reaped by
+    its parent) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _holder_dead(token: bytes | str | None) -> bool:
+    """Whether a lock value names a process of this process space that no longer exists."""
+    if not token:
+        return False
+    text = token.decode(errors="replace") if isinstance(token, bytes) else token
+    space, _, rest = text.partition("|")
+    pid = rest.split("|", 1)[0]
+    return space == _process_space() and pid.isdigit() and not pid_alive(int(pid))
+
+
+def _job_alive(conn, project_key: str, job_id: bytes | None) -> bool:
+    """Whether the project's pending rq job will still run: queued, or started and waiting out the
+    debounce in a process that is alive (it refreshes tessera:waiting:<key> with its token)."""
     if not job_id:
         return False
     if job_id == b"enqueueing":                # another process is enqueueing it right now
@@ -263,10 +323,19 @@ def _job_alive(conn, job_id: bytes | None) -> bool:
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
     try:
-        status = Job.fetch(job_id.decode(), connection=conn).get_status()
+        job = Job.fetch(job_id.decode(), connection=conn)
+        status = job.get_status()
     except NoSuchJobError:
         return False
-    return status not in ("finished", "failed", "stopped", "canceled")
+    if status in ("finished", "failed", "stopped", "canceled"):
+        return False
+    if status == "started":
+        waiting = conn.get(_KEY.format("waiting", project_key))
+        if waiting and waiting.split(b"#", 1)[0] == job_id:
+            return not _holder_dead(waiting.split(b"#", 1)[1])
+        started = job.started_at.timestamp() if job.started_at else 0.0   # before its first marker
+        return time.time() - started < WAIT_TTL_S
+    return True
 
 
 class RQJobRunner:
@@ -293,20 +362,22 @@ class RQJobRunner:
         pipe.ltrim(k("events"), -200, -1)
         pipe.get(k("pending"))
         pending = pipe.execute()[-1]
-        if not _job_alive(self.conn, pending):
+        if not _job_alive(self.conn, project_key, pending):
             # SET NX: of several processes submitting at once, one enqueues
             if self.conn.set(k("pending"), "enqueueing", nx=True, ex=60) or pending:
-                _enqueue(self.conn, project_key, self.debounce_s, self.debounce_s, self.run_fn)
+                _enqueue(self.conn, project_key, self.debounce_s, self.run_fn)
         return self.status(project_key)
 
     def status(self, project_key: str) -> dict:
-        """Status from the Redis hash; a "running" run whose lock expired is reported as failed."""
+        """Status from the Redis hash; a "running" run whose lock expired, or whose process died on this
+        host, is reported as failed."""
         k = lambda what: _KEY.format(what, project_key)  # noqa: E731
         pipe = self.conn.pipeline()
         pipe.hgetall(k("status"))
         pipe.exists(k("pending"))
-        pipe.exists(k("lock"))
-        raw, pending, locked = pipe.execute()
+        pipe.get(k("lock"))
+        raw, pending, lock = pipe.execute()
+        locked = bool(lock) and not _holder_dead(lock)
         st = _idle_status(project_key, "rq")
         h = {a.decode(): b.decode() for a, b in raw.items()}
         for f in ("fraction", "loss", "eta_s", "submitted", "started", "finished"):
@@ -322,6 +393,8 @@ class RQJobRunner:
             state = "running"
         elif state == "running":
             state, st["last_error"] = "failed", "the worker running this project stopped (lock expired)"
+            if lock:
+                st["last_error"] = "the worker running this project died (its process is gone)"
         st["pending"] = bool(pending)
         if pending and state != "running":
             state = "scheduled"
@@ -346,21 +419,36 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 _EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 
 
+def _take_lock(conn, key: str, token: str) -> bool:
+    """SET NX the project lock; a lock whose holder died on this host is released first."""
+    if conn.set(key, token, nx=True, ex=LOCK_TTL_S):
+        return True
+    holder = conn.get(key)
+    if _holder_dead(holder) and conn.eval(_RELEASE, 1, key, holder):
+        logger.warning("%s: the process holding it died; taking it over", key)
+        return bool(conn.set(key, token, nx=True, ex=LOCK_TTL_S))
+    return False
+
+
 def _rq_job(project_key: str, debounce_s: float, run_fn: str) -> None:
     """The RQ job: wait out the debounce, take the project lock, run, record the outcome in Redis."""
     from rq import get_current_job
 
-    conn = get_current_job().connection
+    job = get_current_job()
+    conn = job.connection
     k = lambda what: _KEY.format(what, project_key)  # noqa: E731
-    last = float(conn.hget(k("status"), "submitted") or 0)
-    settle = last + debounce_s - time.time()
-    if settle > 0.05:                              # newer events arrived: run after they settle
-        _enqueue(conn, project_key, settle, debounce_s, run_fn)
-        return
-    token = uuid.uuid4().hex
-    if not conn.set(k("lock"), token, nx=True, ex=LOCK_TTL_S):
-        # another worker is training this project: try again later (this job stays the one follow-up)
-        _enqueue(conn, project_key, min(max(debounce_s, 1.0), 5.0), debounce_s, run_fn)
+    token = _token()
+    while True:                                    # newer events push the run back until they settle
+        settle = float(conn.hget(k("status"), "submitted") or 0) + debounce_s - time.time()
+        if settle <= 0.05:
+            break
+        conn.set(k("waiting"), f"{job.id}#{token}", ex=WAIT_TTL_S)
+        time.sleep(min(settle, WAIT_TTL_S / 3))
+    if not _take_lock(conn, k("lock"), token):
+        # another worker is training this project: queue again (this job stays the one follow-up)
+        conn.set(k("waiting"), f"{job.id}#{token}", ex=WAIT_TTL_S)
+        time.sleep(LOCK_RETRY_S)
+        _enqueue(conn, project_key, debounce_s, run_fn)
         return
     stop = threading.Event()
 
@@ -372,11 +460,12 @@ def _rq_job(project_key: str, debounce_s: float, run_fn: str) -> None:
     try:
         pipe = conn.pipeline()                     # atomically: the pending job is now this run
         pipe.delete(k("pending"))
+        pipe.delete(k("waiting"))
         pipe.lrange(k("events"), 0, -1)
         pipe.delete(k("events"))
         pipe.hset(k("status"), mapping={"state": "running", "phase": "starting", "fraction": 0.0, "loss": "",
                                         "eta_s": "", "started": time.time(), "finished": ""})
-        reason = _summary([r.decode() for r in pipe.execute()[1]]) or "retry"
+        reason = _summary([r.decode() for r in pipe.execute()[2]]) or "retry"
         conn.hset(k("status"), "reason", reason)
         _execute(conn, project_key, reason, run_fn)
     finally:
@@ -391,6 +480,7 @@ def _execute(conn, project_key: str, reason: str, run_fn: str) -> None:
 
     def progress(info: dict) -> None:
         fields = _progress_fields(info)
+        _log_progress(project_key, info)
         now = time.monotonic()
         if "phase" in info or now - last_write[0] > 0.5:      # throttle Redis writes
             last_write[0] = now
@@ -410,12 +500,17 @@ def _execute(conn, project_key: str, reason: str, run_fn: str) -> None:
 
 
 def worker_main(redis_url: str, burst: bool = False) -> None:
-    """Run an RQ worker (with the scheduler that releases delayed jobs) on queue "tessera"."""
+    """Run an RQ worker on queue "tessera". The default run function (and torch) is imported here, once:
+    rq forks a work horse per job, which then starts with it loaded."""
     from rq import Worker
 
+    try:
+        resolve_run_fn(DEFAULT_RUN_FN)
+    except Exception as e:  # a worker for other run functions still works; the job will report it
+        logger.warning("could not preload %s: %s", DEFAULT_RUN_FN, e)
     conn = _redis(redis_url)
     logger.info("tessera worker on queue %r", QUEUE)
-    Worker([_queue(conn)], connection=conn).work(with_scheduler=True, burst=burst)
+    Worker([_queue(conn)], connection=conn).work(burst=burst)
 
 
 def make_runner(settings: Any, run_fn: str | RunFn | None = None) -> JobRunner:

@@ -201,27 +201,36 @@ def result_label(result: dict) -> str | None:
     return None
 
 
+_PRECISION = {"brushlabels": 0, "polygonlabels": 1, "rectanglelabels": 2}
+
+
 def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: int,
-                    label_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+                    label_index: dict[str, int], overlap: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """LS annotation results -> (classes, instances) (H, W) int32 maps for the image `to_name`.
 
-    Every region becomes one instance (later regions are drawn over earlier ones); its class is
-    `label_index[label]` (regions whose label is not in `label_index` are skipped).
+    Every region becomes one instance with class `label_index[label]` (regions whose label is not in it
+    are skipped). An object is often drawn several ways (a prediction accepted as is has a brush mask,
+    a polygon and a box per object), so finer regions are drawn first (brush, polygon, box) and a coarser
+    region that lies `overlap` or more on objects already drawn is the same object again: skipped.
+    A coarser region never paints over a finer one.
     """
     classes = np.zeros((height, width), dtype=np.int32)
     instances = np.zeros((height, width), dtype=np.int32)
+    regions = [r for r in results if r.get("to_name") == to_name and r.get("type") in _PRECISION
+               and result_label(r) in label_index]
+    regions.sort(key=lambda r: _PRECISION[r["type"]])          # stable: drawing order kept within a type
     k = 0
-    for r in results:
-        if r.get("to_name") != to_name or r.get("type") not in (
-                "brushlabels", "polygonlabels", "rectanglelabels"):
-            continue
-        label = result_label(r)
-        if label not in label_index:
-            continue
+    for r in regions:
         mask = region_to_mask(r, height, width)
-        if not mask.any():
+        area = int(mask.sum())
+        if area == 0:
             continue
+        taken = instances[mask] > 0
+        if r["type"] != "brushlabels" and taken.sum() >= overlap * area:
+            continue
+        if r["type"] != "brushlabels":
+            mask &= instances == 0
         k += 1
-        classes[mask] = label_index[label]
+        classes[mask] = label_index[result_label(r)]
         instances[mask] = k
     return classes, instances

@@ -2,10 +2,10 @@
 
 Images are letterboxed to the working resolution R (aspect kept, zero padding at the bottom / right),
 the code predictor and the image-conditioned decoder give label logits at R, and the logits are cropped
-and resized back to each image's own size. Touching objects come apart through the contact class
-(the last label channel): instances are connected components of the object cores, grown back over the
-contact pixels to the nearest core (as in the U-Net / DSB 2018 "touching borders" recipes,
-https://arxiv.org/abs/1505.04597).
+and resized back to each image's own size. Touching objects come apart through the boundary class
+(the last label channel, the inner outline of every object): instances are connected components of the
+object cores, grown back over the boundary pixels to the nearest core (the mask + contour recipe of
+DSB 2018 entries; U-Net's separation borders, https://arxiv.org/abs/1505.04597).
 """
 
 from __future__ import annotations
@@ -46,15 +46,26 @@ def fit_size(h: int, w: int, resolution: int) -> tuple[int, int]:
     return max(1, min(resolution, round(h * s))), max(1, min(resolution, round(w * s)))
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 in [0, 1] with a per-image percentile stretch (dark fluorescence too)."""
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
+def image_stats(image: np.ndarray, invert_bright: bool = True) -> tuple[float, float, bool]:
+    """(lo, hi, invert) of an image's percentile stretch; invert when its median is bright."""
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    x = image[..., :3].astype(np.float32)
-    lo, hi = np.percentile(x[::2, ::2], (0.5, 99.8))
-    return ((x - np.float32(lo)) / np.float32(max(hi - lo, 1.0))).clip(0, 1)
+    lo, med, hi = np.percentile(image[::2, ::2, :3], (0.5, 50, 99.8))
+    hi = max(hi, lo + 1.0)
+    return float(lo), float(hi), bool(invert_bright and med - lo > 0.5 * (hi - lo))
+
+
+def normalize_image(image: np.ndarray, stats: tuple[float, float, bool] | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 in [0, 1] with a per-image percentile stretch (dark fluorescence too).
+
+    An image whose median is bright (brightfield, H&E: dark objects on a light background) is inverted,
+    so every modality shows objects bright on dark (a common DSB 2018 step). `stats` from image_stats on
+    the whole image keeps crops consistent with it."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    lo, hi, invert = image_stats(image) if stats is None else stats
+    x = ((image[..., :3].astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)).clip(0, 1)
+    return 1 - x if invert else x
 
 
 def resize(arr: np.ndarray, h: int, w: int, nearest: bool = False) -> np.ndarray:
@@ -75,23 +86,24 @@ def pad_to(arr: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def contact_map(instances: np.ndarray, width: int = 1) -> np.ndarray:
-    """Pixels of an object with another object within `width` px (the band between touching objects)."""
+def boundary_map(instances: np.ndarray, width: int = 1) -> np.ndarray:
+    """Inner outline of every object, `width` px wide: where two objects touch, the two outlines meet.
+
+    Outlines of all objects (not only contacts) are a local edge pattern a small net learns fast, and
+    cores (object minus outline) of touching objects come out as separate components."""
     inst = instances.astype(np.float32)  # exact for ids < 2**24
     kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
-    hi = cv2.dilate(inst, kernel)
-    lo = cv2.erode(np.where(inst > 0, inst, np.float32(2 ** 24)), kernel)
-    return (inst > 0) & ((hi != inst) | (lo != inst))
+    return (inst > 0) & ((cv2.dilate(inst, kernel) != inst) | (cv2.erode(inst, kernel) != inst))
 
 
 def label_map(classes: np.ndarray, instances: np.ndarray, n_classes: int, width: int = 1) -> np.ndarray:
-    """Classes + instances -> hard label map (H, W) int64: 0 bg, 1..C classes, C + 1 contact."""
+    """Classes + instances -> hard label map (H, W) int64: 0 bg, 1..C classes, C + 1 boundary."""
     if classes.size and classes.max() > n_classes:
         raise ValueError(f"class map uses index {classes.max()} but the model has {n_classes} labels")
     if instances.max() == 0 and classes.any():  # semantic-only labels: objects = connected components
         instances = ndimage.label(classes > 0)[0]
     target = classes.astype(np.int64)
-    target[contact_map(np.where(classes > 0, instances, 0), width)] = n_classes + 1
+    target[boundary_map(np.where(classes > 0, instances, 0), width)] = n_classes + 1
     return target
 
 
@@ -100,8 +112,8 @@ def soft_target(classes: np.ndarray, instances: np.ndarray, n_classes: int, h: i
     """Label map at the original size -> per-label area fractions (h, w, L) float32 at the model's size.
 
     Area-averaging the one-hot map keeps sub-pixel boundaries (nearest-neighbour label maps cap the IoU
-    of upsampled predictions near 0.87 on DSB 2018, area fractions near 0.98). The contact band is drawn
-    at the original size, `width` model pixels wide on each side.
+    of upsampled predictions near 0.87 on DSB 2018, area fractions near 0.98). The outlines are drawn
+    at the original size, `width` model pixels wide.
     """
     H, W = classes.shape
     width_px = max(1, round(width * max(H / h, W / w)))
@@ -122,13 +134,13 @@ def pad_target(target: np.ndarray, size: int) -> np.ndarray:
 def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4):
     """Label probabilities (L, H, W) -> (classes, instances, instance_label, instance_score).
 
-    fg = p(bg) < 0.5; cores = fg pixels where the class mass beats the contact class; each 4-connected
-    core is an object; contact pixels join the nearest core of their own fg blob, or form an object of
-    their own when their blob has no core (small objects can be all contact).
+    fg = p(bg) < 0.5; cores = fg pixels where the class mass beats the boundary class; each 4-connected
+    core is an object; boundary pixels join the nearest core of their own fg blob, or form an object of
+    their own when their blob has no core (tiny objects can be all outline).
     """
-    p_bg, p_cls, p_contact = probs[0], probs[1:n_classes + 1], probs[n_classes + 1]
+    p_bg, p_cls, p_edge = probs[0], probs[1:n_classes + 1], probs[n_classes + 1]
     fg = p_bg < 0.5
-    core = fg & (p_cls.sum(0) >= p_contact)
+    core = fg & (p_cls.sum(0) >= p_edge)
     n_core, inst = cv2.connectedComponents(core.astype(np.uint8), connectivity=4)
     inst = inst.astype(np.int32)
     rest = fg & ~core
@@ -196,7 +208,7 @@ class Predictor:
         self.label_names = list(label_names)
         self.n_classes = len(self.label_names)
         assert self.config.n_labels == self.n_classes + 2, \
-            f"model has {self.config.n_labels} labels, expected {self.n_classes} classes + bg + contact"
+            f"model has {self.config.n_labels} labels, expected {self.n_classes} classes + bg + boundary"
         self.version = version
         self.min_area = min_area
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
@@ -218,9 +230,12 @@ class Predictor:
         R = self.config.resolution
         batch, sizes = [], []
         for image in images:
+            if image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=2)
             h, w = image.shape[:2]
             nh, nw = fit_size(h, w, R)
-            batch.append(pad_to(normalize_image(resize(image, nh, nw)), R))
+            small = resize(image, nh, nw)
+            batch.append(pad_to(normalize_image(small, image_stats(small, self.config.invert_bright)), R))
             sizes.append((nh, nw))
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, R, R, 3) -> (B, 3, R, R)
         return x.to(self.device), sizes
@@ -254,7 +269,7 @@ class Predictor:
         return [self._prediction(self._unletterbox(lg, s, im.shape[:2])) for lg, s, im in zip(logits, sizes, images)]
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Label probabilities (L, H, W) for one image: bg, classes 1..C, contact."""
+        """Label probabilities (L, H, W) for one image: bg, classes 1..C, boundary."""
         _, _, _, logits, sizes = self._run([image])
         return self._unletterbox(logits[0], sizes[0], image.shape[:2])
 
@@ -388,7 +403,7 @@ class Predictor:
 
     @torch.inference_mode()
     def decode_codes(self, code_map: torch.Tensor) -> torch.Tensor:
-        """Code maps (B, h, w) -> label logits (B, L, R, R) without an image; the last channel is contact."""
+        """Code maps (B, h, w) -> label logits (B, L, R, R) without an image; the last channel is the boundary class."""
         return self.model.decode_code(code_map.to(self.device))
 
 

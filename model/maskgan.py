@@ -175,7 +175,7 @@ class MaskGANConfig:
     init_res: int = 8           # the generator starts from a (init_res, init_res) map
     g_channels: int = 8         # generator width at full resolution; doubles per halving, up to g_max
     g_max_channels: int = 128
-    g_hidden: int = 16          # MaskNorm hidden width (SPADE uses 128; lean here, capped at the norm width x2)
+    g_hidden: int = 16          # MaskNorm hidden width (SPADE: 128), capped at the block width: lean at high res
     d_channels: int = 32
     d_max_channels: int = 128
     d_layers: int = 3           # stride-2 layers: receptive field ~ 70 px at 3
@@ -198,7 +198,7 @@ class Generator(nn.Module):
         self.fc = nn.Linear(config.z_dim, chans[0] * config.init_res ** 2)
         self.blocks = nn.ModuleList(
             MaskResBlock(chans[i], chans[i + 1] if i < n_up else chans[i], config.label_nc,
-                         min(config.g_hidden, 2 * chans[i]), config.z_dim) for i in range(n_up + 1))
+                         min(config.g_hidden, chans[i]), config.z_dim) for i in range(n_up + 1))
         self.conv_img = nn.Conv2d(chans[-1], 3, 3, padding=1, padding_mode="reflect")
         self.chans = chans
 
@@ -233,7 +233,9 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """PatchGAN on concat(image, label map) with spectral norm; returns patch logits and features."""
+    """PatchGAN on concat(image, label map) with spectral norm (+ instance norm after the first layer, as
+    SPADE's NLayerDiscriminator, so the signal does not fade through the Lipschitz-bounded layers);
+    returns patch logits and the features for feature matching."""
 
     def __init__(self, config: MaskGANConfig):
         super().__init__()
@@ -243,7 +245,8 @@ class Discriminator(nn.Module):
         for i in range(config.d_layers + 1):  # d_layers stride-2 convs, then one stride-1 conv
             out_ch = min(config.d_channels * 2 ** i, config.d_max_channels)
             stride = 2 if i < config.d_layers else 1
-            layers.append(nn.Sequential(spectral_norm(nn.Conv2d(in_ch, out_ch, 4, stride, padding=1)),
+            norm = nn.InstanceNorm2d(out_ch) if i > 0 else nn.Identity()
+            layers.append(nn.Sequential(spectral_norm(nn.Conv2d(in_ch, out_ch, 4, stride, padding=1)), norm,
                                         nn.LeakyReLU(0.2)))
             in_ch = out_ch
         self.layers = nn.ModuleList(layers)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from model import metrics
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import Sample
-from model.inference import (Predictor, fit_size, normalize_image, pad_target, pad_to, resize, resolve_device,
-                             soft_target)
+from model.inference import (Predictor, fit_size, image_stats, normalize_image, pad_target, pad_to, resize,
+                             resolve_device, soft_target)
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 1e-4
     weight_decay: float = 1e-4
+    grad_clip: float = 1.0           # clip gradients at this norm (0 = off)
     batch_size: int = 8
     max_iters: int = 400
     warmup_iters: int = 20
@@ -49,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0                 # torch CPU threads; 0 leaves torch's default
+    bf16: bool = True                # bfloat16 autocast where the hardware has it (AMX / AVX512-BF16, CUDA)
     # data and augmentation
     resolution: int = 128
     crop: int = 96                   # training crops (crop x crop) of the letterboxed image; <= resolution
@@ -62,10 +64,11 @@ class TrainConfig:
     codebook_size: int = 512
     embed_dim: int = 64
     image_dropout: float = 0.3       # share of the reconstruction samples decoded without the image
-    recon_fraction: float = 0.5      # share of each batch decoded from the true codes
+    recon_fraction: float = 0.3      # share of each batch decoded from the true codes
     boundary_width: int = 1
-    contact_weight: float = 3.0      # cross-entropy weight of the contact class
-    code_weight: float = 0.5
+    boundary_weight: float = 1.0     # cross-entropy weight of the boundary class (> 1 biases masks larger)
+    dice_weight: float = 0.5         # foreground soft-Dice loss weight
+    code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
                                      # so the code predictor learns against fixed codes
 
@@ -104,14 +107,17 @@ def _parse(value: str, default, key: str):
 class Batcher:
     """Random augmented crops of letterboxed samples -> (images (B, 3, S, S), targets (B, S, S))."""
 
-    def __init__(self, samples: list[Sample], cfg: TrainConfig, n_classes: int, seed: int):
+    def __init__(self, samples: list[Sample], cfg: TrainConfig, n_classes: int, seed: int,
+                 invert_bright: bool = True):
         if not samples:
             raise ValueError("training needs at least one labelled sample")
         self.samples, self.cfg, self.n_classes = samples, cfg, n_classes
         self.rng = np.random.default_rng(seed)
+        self.stats = [image_stats(s.image, invert_bright) for s in samples]  # whole-image stretch per sample
 
-    def sample(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         cfg, rng, R, S = self.cfg, self.rng, self.cfg.resolution, self.cfg.crop
+        s = self.samples[i]
         img, cls, inst = s.image, s.classes, s.instances
         if cfg.rot90 and (k := int(rng.integers(4))):
             img, cls, inst = np.rot90(img, k), np.rot90(cls, k), np.rot90(inst, k)
@@ -128,7 +134,7 @@ class Batcher:
         ox0, ox1 = int(x0 * sx), min(W, math.ceil((x0 + S) * sx))
         ch, cw = min(S, round((oy1 - oy0) / sy)), min(S, round((ox1 - ox0) / sx))
         ch, cw = max(ch, 1), max(cw, 1)
-        x = normalize_image(resize(img[oy0:oy1, ox0:ox1], ch, cw))
+        x = normalize_image(resize(img[oy0:oy1, ox0:ox1], ch, cw), self.stats[i])
         if cfg.jitter > 0:
             j = cfg.jitter
             x = x ** math.exp(rng.uniform(-j, j)) * rng.uniform(1 - j, 1 + j) + rng.uniform(-j / 2, j / 2)
@@ -139,18 +145,20 @@ class Batcher:
 
     def get_batch(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.rng.integers(0, len(self.samples), batch_size)
-        xs, ts = zip(*(self.sample(self.samples[i]) for i in idx))
+        xs, ts = zip(*(self.sample(int(i)) for i in idx))
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S)
         t = torch.from_numpy(np.stack(ts)).permute(0, 3, 1, 2)  # (B, S, S, L) -> (B, L, S, S)
         return x.to(device), t.to(device)
 
 
-def letterbox_set(samples: list[Sample], R: int, n_classes: int, width: int):
-    """Samples letterboxed to R without augmentation, for validation: (images, targets) tensors."""
+def letterbox_set(samples: list[Sample], config: VQVAEConfig, n_classes: int):
+    """Samples letterboxed to R as the Predictor does, for validation: (images, targets) tensors."""
+    R, width = config.resolution, config.boundary_width
     xs, ts = [], []
     for s in samples:
         nh, nw = fit_size(*s.image.shape[:2], R)
-        xs.append(pad_to(normalize_image(resize(s.image, nh, nw)), R))
+        small = resize(s.image, nh, nw)
+        xs.append(pad_to(normalize_image(small, image_stats(small, config.invert_bright)), R))
         ts.append(pad_target(soft_target(s.classes, s.instances, n_classes, nh, nw, width), R))
     # (N, R, R, C) -> (N, C, R, R)
     return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(ts)).permute(0, 3, 1, 2)
@@ -160,7 +168,7 @@ def letterbox_set(samples: list[Sample], R: int, n_classes: int, width: int):
 # losses, evaluation, schedule
 
 
-def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight) -> dict:
+def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code_weight: float) -> dict:
     """One decoder pass over a batch split into reconstruction and prediction samples."""
     B = x.shape[0]
     feats = model.features(x)
@@ -172,9 +180,13 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight) -> d
     drop = recon & (torch.rand(B, 1, 1, 1, device=x.device) < cfg.image_dropout)
     logits = model.decoder(z, [f * (~drop).to(f.dtype) for f in feats])
     pix = F.cross_entropy(logits, target, weight=class_weight, reduction="none").mean((1, 2))  # (B,)
+    # soft Dice on the foreground: IoU-like, so images with a few small objects count as much as crowded ones
+    p_fg, t_fg = 1 - logits.softmax(1)[:, 0], 1 - target[:, 0]
+    dice = 1 - (2 * (p_fg * t_fg).sum((1, 2)) + 1) / (p_fg.sum((1, 2)) + t_fg.sum((1, 2)) + 1)  # (B,)
+    pix = pix + cfg.dice_weight * dice
     r = recon.view(B)
     out = {"pix": pix.mean(), "code": F.cross_entropy(code_logits, indices), "commit": commit_loss}
-    out["loss"] = out["pix"] + cfg.code_weight * out["code"] + out["commit"]
+    out["loss"] = out["pix"] + code_weight * out["code"] + out["commit"]
     out["rec"] = pix[r].mean() if r.any() else pix.new_zeros(())
     out["seg"] = pix[~r].mean() if (~r).any() else pix.new_zeros(())
     return out
@@ -289,10 +301,11 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
     model.to(device).train()
     mc = model.config
     batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
-                      n_classes, cfg.seed)
-    val_set = letterbox_set(val, mc.resolution, n_classes, mc.boundary_width) if val else None
+                      n_classes, cfg.seed, mc.invert_bright)
+    val_set = letterbox_set(val, mc, n_classes) if val else None
     class_weight = torch.ones(mc.n_labels, device=device)
-    class_weight[-1] = cfg.contact_weight
+    class_weight[-1] = cfg.boundary_weight
+    amp = cfg.bf16 and _bf16_ok(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
 
     best, best_state, history = -1.0, None, []
@@ -317,14 +330,18 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
                           "eta_s": 0.0 if last else _eta(elapsed, frac)})
         if last:
             break
-        freeze_codes(model, frac >= cfg.vq_phase)
+        frozen = frac >= cfg.vq_phase
+        freeze_codes(model, frozen)
         lr = get_lr(it, frac, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         x, t = batcher.get_batch(cfg.batch_size, device)
-        losses = compute_losses(model, x, t, cfg, class_weight)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = compute_losses(model, x, t, cfg, class_weight, cfg.code_weight if frozen else 0.0)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         it += 1
         if it % cfg.log_interval == 0 or it == 1:
@@ -360,6 +377,13 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
     if progress:
         progress({"phase": "done", "iter": it, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
     return path
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _eta(elapsed: float, frac: float) -> float:

@@ -146,6 +146,10 @@ class Quantizer(nn.Module):
         self.register_buffer("initted", torch.tensor(False))
 
     def forward(self, z):
+        with torch.autocast(z.device.type, enabled=False):  # code assignment needs full precision
+            return self._quantize(z.float())
+
+    def _quantize(self, z):
         B, D, h, w = z.shape
         assert D == self.embed_dim, f"latent has {D} channels, codebook has {self.embed_dim}"
         flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, h, w) -> (B*h*w, D)
@@ -219,15 +223,17 @@ class CodePredictor(nn.Module):
     def forward(self, feats, codebook):
         x = torch.cat([feats[-1], F.avg_pool2d(feats[-2], 2)], dim=1)
         query = self.out(self.blocks(self.inp(x)))  # (B, D, h, w)
-        dist = (query.pow(2).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", query, codebook)
-                + codebook.pow(2).sum(1)[None, :, None, None])  # (B, K, h, w)
-        return -dist * self.log_scale.exp()
+        with torch.autocast(query.device.type, enabled=False):  # distances need full precision
+            query = query.float()
+            dist = (query.pow(2).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", query, codebook)
+                    + codebook.pow(2).sum(1)[None, :, None, None])  # (B, K, h, w)
+            return -dist * self.log_scale.exp()
 
 
 @dataclass(frozen=True)
 class VQVAEConfig:
     resolution: int = 128                   # working resolution R (square, letterboxed)
-    n_labels: int = 3                       # background + C classes + 1 boundary (contact) class
+    n_labels: int = 3                       # background + C classes + 1 boundary (object outline) class
     codebook_size: int = 512
     embed_dim: int = 64
     widths: tuple = (16, 32, 64, 96)        # per level R, R/2, R/4, R/8: x8 downsampling
@@ -236,7 +242,8 @@ class VQVAEConfig:
     dead_threshold: float = 0.1             # EMA usage below which a code is restarted
     image_dropout: float = 0.3              # share of training samples decoded without the image
     n_predictor_layers: int = 2
-    boundary_width: int = 1                 # contact band half-width in pixels at R
+    invert_bright: bool = True              # invert images with a bright median (objects bright on dark)
+    boundary_width: int = 1                 # object outline width in pixels at R
 
     def __post_init__(self):
         if self.resolution % 2 ** (len(self.widths) - 1):

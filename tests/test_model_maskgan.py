@@ -99,7 +99,7 @@ def test_the_mask_conditions_the_output_locally():
     a, b = G.generate(mask, seed=3), G.generate(changed, seed=3)
     diff = (a - b).abs().mean(1)[0]
     inside, far = diff[40:56, 40:56].mean(), diff[:20, :20].mean()
-    assert inside > 5 * far, f"change inside {inside:.4f} vs far away {far:.4f}"
+    assert inside > 3 * far, f"change inside {inside:.4f} vs far away {far:.4f}"
 
 
 def test_generate_is_deterministic_per_seed(gan_config):

@@ -139,3 +139,26 @@ def test_hand_drawn_shapes_rasterize_at_pixel_centres():
     assert set(cols) <= set(range(15, 21)) and set(rows) <= set(range(1, 13)) and r[4:10, 17:19].all()
     tri = polygon_to_mask(np.array([[0, 0], [20, 0], [0, 20]], float), 20, 20)
     assert tri[1, 1] and not tri[18, 18]
+
+
+def test_a_prediction_accepted_as_is_trains_on_the_masks_not_the_boxes():
+    inst = np.zeros((120, 160), np.int32)
+    for k, (cx, cy) in enumerate([(20, 20), (34, 22), (80, 60), (120, 90), (131, 95), (60, 100)], start=1):
+        m = np.zeros_like(inst, np.uint8)
+        cv2.ellipse(m, (cx, cy), (8, 6), 30.0 * k, 0, 360, 1, -1)
+        inst[(m > 0) & (inst == 0)] = k                          # touching pairs, none hidden
+    ids = [int(i) for i in np.unique(inst) if i]
+    labels = {i: "A" for i in ids}
+    results = (instances_to_results(inst, labels, {}, RECT) + instances_to_results(inst, labels, {}, POLY)
+               + instances_to_results(inst, labels, {}, BRUSH))    # boxes first, as LS may order them
+    classes, back = results_to_maps(results, "image", 120, 160, {"A": 1})
+    assert np.array_equal(classes > 0, inst > 0)
+    assert len(np.unique(back[back > 0])) == len(ids)
+
+
+def test_box_only_annotations_still_count():
+    inst = np.zeros((40, 40), np.int32)
+    inst[5:15, 5:15], inst[20:30, 22:35] = 1, 2
+    results = instances_to_results(inst, {1: "A", 2: "B"}, {}, RECT)
+    classes, back = results_to_maps(results, "image", 40, 40, {"A": 1, "B": 2})
+    assert (classes == 1).sum() == 100 and (classes == 2).sum() == 130 and back.max() == 2

@@ -1,0 +1,676 @@
+"""`tessera demo` (what `make demo` runs): a real Label Studio and `tessera serve` on localhost with a
+demo project whose first model version is trained here, on procedural nuclei (model.data.make_nuclei).
+
+Steps: Label Studio starts from the cached data-dir template in a background thread (the template build,
+~30-70 s on a fresh machine, overlaps with training); demo images are written and the label model is
+trained on their exact labels (into a staging store, moved into the project's store once Label Studio has
+given the project an id); the project "Tessera demo: nuclei" gets the images as tasks and a few tasks
+get ground-truth annotations (one with half its nuclei left out on purpose, for "find suspect labels");
+`tessera serve` starts and is connected as the project's interactive ML backend; a few synthetic tasks
+are generated when backend.synthetic is there; predictions are retrieved for every task.
+
+Everything lives under --data-dir (default .demo): ls/ (Label Studio's data), models/ (MODEL_DIR),
+images/, tessera.log and demo.json (URLs, login, token, project id; what this run did). A second run
+reuses all of it: the project is found by title, training is skipped when the project's store has a
+current version, nothing is uploaded twice. Ctrl-C (or SIGTERM) stops both servers' process groups and
+keeps the data. Nothing here needs the network.
+
+Environment overrides: TESSERA_DEMO_ITERS (label-model iterations), TESSERA_DEMO_GAN_S (GAN training
+seconds; 0 = no GAN), TESSERA_LS_VENV, TESSERA_LS_TEMPLATE (see backend/lsserver.py).
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from backend.settings import Settings
+
+TITLE = "Tessera demo: nuclei"
+LABEL = "Nucleus"
+# smart tools: with Auto-Annotation on, a brush stroke, a box or a click (the keypoint tool) is sent to
+# Tessera as a hint and comes back as a clean region (the keypoint tool exists only for that)
+LABEL_CONFIG = f"""<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="mask" toName="image" smart="true"><Label value="{LABEL}" background="#e8453c"/></BrushLabels>
+  <PolygonLabels name="poly" toName="image" strokeWidth="2"><Label value="{LABEL}" background="#2f7de1"/></PolygonLabels>
+  <RectangleLabels name="bbox" toName="image" smart="true"><Label value="{LABEL}" background="#f5a623"/></RectangleLabels>
+  <KeyPointLabels name="hint" toName="image" smart="true" smartOnly="true"><Label value="{LABEL}" background="#22aa55"/></KeyPointLabels>
+</View>"""
+DESCRIPTION = ("Procedural fluorescence-like nuclei made by Tessera's demo. Predictions come from the "
+               "Tessera ML backend (Settings > Model).")
+STAGING_KEY = "0"        # registry key the first version is trained under before the project id is known
+DATA_SEED = 2024
+LS_PORT, TESSERA_PORT = 8080, 9090
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big the demo is."""
+    n_images: int
+    size: int
+    iters: int            # label-model iterations of the first version
+    gan_seconds: float    # GAN training budget (only when backend.synthetic exists)
+    n_synthetic: int
+    n_annotated: int      # tasks that get ground-truth annotations (the first of them with nuclei left out)
+    retrain_iters: int    # TESSERA_TRAIN_ITERS of `tessera serve` (runs started from Label Studio)
+
+
+FULL = Plan(n_images=40, size=256, iters=300, gan_seconds=60, n_synthetic=6, n_annotated=6, retrain_iters=200)
+QUICK = Plan(n_images=12, size=128, iters=60, gan_seconds=15, n_synthetic=3, n_annotated=3, retrain_iters=60)
+
+
+def plan_for(quick: bool) -> Plan:
+    plan = QUICK if quick else FULL
+    if os.environ.get("TESSERA_DEMO_ITERS"):
+        plan = dataclasses.replace(plan, iters=int(os.environ["TESSERA_DEMO_ITERS"]))
+    if os.environ.get("TESSERA_DEMO_GAN_S"):
+        plan = dataclasses.replace(plan, gan_seconds=float(os.environ["TESSERA_DEMO_GAN_S"]))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+class Console:
+    """Step lines with the time since start; a progress line that redraws on a terminal."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self.tty = sys.stdout.isatty()
+        self._last_print = 0.0
+        self._lock = threading.Lock()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def step(self, msg: str) -> None:
+        with self._lock:
+            print(f"[{self.elapsed():5.0f}s] {msg}", flush=True)
+
+    def progress(self, what: str) -> Callable[[dict], None]:
+        """A progress callback for model training ({"phase", "iter", "max_iters", "loss", "eta_s"})."""
+        def show(info: dict) -> None:
+            phase, it, total = info.get("phase", ""), int(info.get("iter") or 0), int(info.get("max_iters") or 0)
+            done = phase == "done"
+            now = time.monotonic()
+            if not done and not self.tty and now - self._last_print < 15:
+                return
+            self._last_print = now
+            bar = ""
+            if total:
+                frac = min(it / total, 1.0)
+                bar = f"[{'#' * int(frac * 24):24s}] {it}/{total}"
+            loss = f" loss {info['loss']:.3f}" if info.get("loss") else ""
+            eta = f" ~{info['eta_s']:.0f}s left" if info.get("eta_s") and not done else ""
+            line = f"[{self.elapsed():5.0f}s]   {what}: {phase} {bar}{loss}{eta}"
+            with self._lock:
+                if self.tty:
+                    print(f"\r{line:100s}", end="\n" if done else "", flush=True)
+                else:
+                    print(line, flush=True)
+        return show
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _port_busy(port: int) -> bool:
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                if s.connect_ex((host, port)) == 0:
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def _pick_port(preferred: int) -> int:
+    from backend.lsserver import free_port
+
+    # LS moves to port+1 when its port is busy, so the next one must be free too
+    return preferred if not (_port_busy(preferred) or _port_busy(preferred + 1)) else free_port()
+
+
+class Background:
+    """Run fn() in a daemon thread; result() re-raises its exception in the caller."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self._error = e
+
+    def result(self) -> Any:
+        while self._thread.is_alive():
+            self._thread.join(0.2)       # short joins keep Ctrl-C working
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class TesseraServer:
+    """`tessera serve` as a subprocess in its own process group, log kept in the data dir."""
+
+    def __init__(self, port: int, env: dict[str, str], log_path: Path):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        exe = Path(sys.executable).with_name("tessera")
+        cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)] if exe.exists() else \
+              [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        with open(log_path, "ab") as log:
+            log.write(f"\n==== tessera demo: {' '.join(cmd)} ====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_up(self, timeout: float = 120.0) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tessera serve exited with code {self.proc.returncode}; log {self.log_path}:\n"
+                                   f"{_tail(self.log_path)}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"tessera serve did not answer on {self.url} in {timeout:.0f} s; log {self.log_path}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError as e:
+        return f"<no log: {e}>"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.chmod(tmp, 0o600)            # holds the demo's password and token
+    os.replace(tmp, path)
+
+
+def synthetic_available() -> bool:
+    try:
+        return importlib.util.find_spec("backend.synthetic") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------- data + model
+
+def write_images(images_dir: Path, plan: Plan) -> list:
+    """The demo's samples (seeded, so every run makes the same ones); PNGs written where missing."""
+    from PIL import Image
+
+    from model.data import make_nuclei
+
+    samples = make_nuclei(plan.n_images, size=plan.size, seed=DATA_SEED)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(samples):
+        path = images_dir / f"nuclei_{i:03d}.png"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            Image.fromarray(s.image).save(tmp, format="PNG")
+            os.replace(tmp, path)
+    return samples
+
+
+def image_paths(images_dir: Path, plan: Plan) -> list[Path]:
+    return [images_dir / f"nuclei_{i:03d}.png" for i in range(plan.n_images)]
+
+
+def train_label_model(settings: Settings, key: str, samples: list, plan: Plan, console: Console) -> dict:
+    """The first version, trained on the demo images' exact labels (20% held back for validation)."""
+    from backend.training import _train_and_register
+    from model.data import split_ids
+
+    train_ids, val_ids = split_ids([s.id for s in samples], 0.2)
+    by_id = {s.id: s for s in samples}
+    return _train_and_register(settings, key, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids],
+                               [LABEL], "demo: procedural nuclei", plan.iters, console.progress("label model"))
+
+
+def train_gan(settings: Settings, key: str, samples: list, plan: Plan, console: Console) -> str:
+    """The mask GAN for synthetic tasks, trained for plan.gan_seconds and registered as the current "gan"."""
+    from backend.service import ModelCache
+    from model.train_maskgan import GANTrainConfig, train
+
+    registry = ModelCache(settings).registry(key)
+    work = registry.root / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = GANTrainConfig(max_iters=100_000, time_budget_s=plan.gan_seconds, device=settings.device,
+                         log_interval=50)
+    t0 = time.monotonic()
+    ckpt = train(cfg, samples, [LABEL], work / "gan.pt", progress=_gan_progress(console, plan.gan_seconds, t0))
+    info = registry.add(ckpt, {"label_names": [LABEL], "n_train": len(samples),
+                               "train_wall_s": round(time.monotonic() - t0, 1)},
+                        promote=True, reason=f"demo: procedural nuclei, {plan.gan_seconds:.0f} s budget", kind="gan")
+    shutil.rmtree(work, ignore_errors=True)
+    return info.version
+
+
+def _gan_progress(console: Console, budget: float, t0: float) -> Callable[[dict], None]:
+    show = console.progress("mask GAN")
+
+    def progress(info: dict) -> None:  # the GAN stops on time: show seconds, not iterations
+        spent = time.monotonic() - t0
+        show({**info, "iter": int(min(spent, budget)), "max_iters": int(budget),
+              "eta_s": max(budget - spent, 0.0), "phase": info.get("phase", "") + (" (s)" if info.get("phase")
+                                                                                   != "done" else "")})
+    return progress
+
+
+def move_store(settings: Settings, src_model_dir: Path, dst_key: str) -> None:
+    """Move the staging store (trained before the project existed) to the project's store."""
+    from backend.service import ModelCache
+
+    src = ModelCache(dataclasses.replace(settings, model_dir=src_model_dir)).registry(STAGING_KEY).root
+    dst = ModelCache(settings).registry(dst_key).root
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(src / ".work", ignore_errors=True)
+    os.replace(src, dst)
+
+
+def ground_truth_annotation(sample, drop_half: bool) -> list[dict]:
+    """A brush annotation of every nucleus (or of every other one, to be found as a suspect label)."""
+    from backend.label_config import parse_label_config
+    from backend.regions import instances_to_results
+
+    control = next(c for c in parse_label_config(LABEL_CONFIG).controls if c.type == "brushlabels")
+    ids = [int(k) for k in np.unique(sample.instances) if k != 0]
+    if drop_half:
+        ids = ids[::2]
+    results = instances_to_results(sample.instances, {k: LABEL for k in ids}, {}, control, id_prefix="gt-")
+    for r in results:
+        r.pop("score", None)
+    return results
+
+
+# -------------------------------------------------------------------------------------- Label Studio side
+
+def find_project(api, title: str) -> dict | None:
+    reply = api.get("/api/projects/", page_size=1000, title=title)
+    rows = reply.get("results", []) if isinstance(reply, dict) else reply
+    rows = [p for p in rows if p.get("title") == title]
+    return min(rows, key=lambda p: p["id"]) if rows else None
+
+
+def task_stats(api, project: int) -> dict:
+    """Counts over the project's tasks (all fields)."""
+    tasks = api.tasks(project)
+    preds = [t for t in tasks if t.get("predictions")]
+    return {"tasks": len(tasks), "annotated": sum(1 for t in tasks if t.get("annotations")),
+            "synthetic": [t["id"] for t in tasks if (t.get("meta") or {}).get("synthetic")],
+            "with_prediction": len(preds),
+            "model_versions": sorted({p.get("model_version") or "" for t in tasks for p in t.get("predictions") or []}),
+            "ids": [t["id"] for t in tasks]}
+
+
+def connect_backend(api, project: int, url: str) -> dict:
+    """The project's ML backend at `url` (interactive); a stale one (other port) is replaced."""
+    for ml in api.ml_backends(project):
+        if ml.get("url", "").rstrip("/") == url:
+            return ml
+        api.delete(f"/api/ml/{ml['id']}")
+        for hook in api.webhooks(project):
+            if hook.get("url", "").startswith(ml.get("url", "").rstrip("/") + "/"):
+                api.delete(f"/api/webhooks/{hook['id']}/")
+    return api.connect_ml(project, url, "Tessera", is_interactive=True)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def run_demo(args) -> int:
+    """`tessera demo`: see the module docstring. Returns the process exit code."""
+    from backend.lsserver import LabelStudioError, LabelStudioServer, build_template, default_ls_venv
+
+    console = Console()
+    if logging.getLogger().level >= logging.INFO:   # the demo shows its own progress lines
+        for name in ("model", "backend.training"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    plan = plan_for(bool(getattr(args, "quick", False)))
+    data_dir = Path(getattr(args, "data_dir", None) or ".demo").expanduser().absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ls_dir, model_dir, images_dir = data_dir / "ls", data_dir / "models", data_dir / "images"
+    staging_dir, state_file, log_path = data_dir / "models-staging", data_dir / "demo.json", data_dir / "tessera.log"
+    lock = open(data_dir / ".demo.lock", "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"tessera demo: another demo is running on {data_dir}; stop it first (Ctrl-C in its terminal)",
+              file=sys.stderr)
+        return 1
+    try:
+        previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    except ValueError:
+        previous = {}
+    settings = dataclasses.replace(Settings.from_env(), model_dir=model_dir)
+    summary: dict[str, Any] = {"ready": False, "running": True, "pid": os.getpid(), "quick": bool(args.quick),
+                               "no_wait": bool(getattr(args, "no_wait", False)),
+                               "data_dir": str(data_dir), "plan": dataclasses.asdict(plan), "timings": {}}
+    timings = summary["timings"]
+    ls_server: LabelStudioServer | None = None
+    tessera: TesseraServer | None = None
+    starting: list[LabelStudioServer] = []
+
+    def on_term(signum, frame):  # SIGTERM ends the demo like Ctrl-C
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    # one torch thread per process: Label Studio, its init and the browser share the cores
+    # (two torch threads on a busy 2-core machine run ~5x slower than one)
+    threads = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) // 2)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        # 1. Label Studio in the background (template build ~30-70 s once, then ~10 s from a copy)
+        ls_port = _pick_port(LS_PORT)
+        fresh_ls = not (ls_dir / "label_studio.sqlite3").exists()
+        console.step(f"starting Label Studio on port {ls_port} ({'new data dir ' if fresh_ls else 'reusing '}{ls_dir})")
+
+        def start_ls() -> LabelStudioServer:
+            t0 = time.monotonic()
+            template = build_template(default_ls_venv())
+            timings["ls_template_s"] = round(time.monotonic() - t0, 1)
+            server = LabelStudioServer(default_ls_venv(), ls_dir, port=ls_port, template=template)
+            starting.append(server)      # so that Ctrl-C during training still stops it
+            server.start(timeout=300)
+            timings["ls_ready_s"] = round(console.elapsed(), 1)
+            console.step(f"Label Studio is up at {server.url} (template ready in {timings['ls_template_s']} s, "
+                         f"started in {server.start_seconds:.0f} s)")
+            return server
+
+        ls_job = Background(start_ls)
+
+        # 2. demo images (seeded) and, unless the last run's project already has a model, the first version
+        samples = write_images(images_dir, plan)
+        console.step(f"{len(samples)} demo images ({plan.size}x{plan.size}, procedural nuclei) in {images_dir}")
+        from backend.service import ModelCache
+
+        prev_pid = str((previous.get("project") or {}).get("id") or "")
+        have_model = bool(prev_pid) and ModelCache(settings).registry(prev_pid).current("label") is not None
+        want_gan = synthetic_available() and plan.gan_seconds > 0
+        staged: dict[str, Any] = {}
+        if have_model:
+            console.step(f"project {prev_pid} of the last run has a model: no training while Label Studio starts")
+        else:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            staging = dataclasses.replace(settings, model_dir=staging_dir)
+            staged = _train_models(staging, STAGING_KEY, samples, plan, want_gan, console, timings)
+
+        # 3. Label Studio: the project, its tasks, ground-truth annotations on a few
+        ls_server = ls_job.result()
+        api = ls_server.client(timeout=120)
+        settings = dataclasses.replace(settings, label_studio_url=ls_server.url,
+                                       label_studio_api_key=ls_server.token)
+        project = find_project(api, TITLE)
+        created = project is None
+        if created:
+            project = api.create_project(TITLE, LABEL_CONFIG, description=DESCRIPTION,
+                                         show_collab_predictions=True)
+        pid = int(project["id"])
+        console.step(f"project {pid} {TITLE!r} {'created' if created else 'found (reused)'}")
+        # remember the project now: a run interrupted from here on is resumed without training again
+        summary.update({"project": {"id": pid, "title": TITLE, "created": created},
+                        "suspect_task": previous.get("suspect_task")})
+        _write_json(state_file, summary)
+        registry = ModelCache(settings).registry(str(pid))
+        trained = False
+        if registry.current("label") is None:
+            if staged:
+                move_store(settings, staging_dir, str(pid))
+            else:  # e.g. the project was deleted or demo.json lost: train now
+                _train_models(settings, str(pid), samples, plan, want_gan, console, timings)
+            trained = True
+        else:
+            console.step(f"model: project {pid} already serves {registry.current('label').version} (training "
+                         "skipped)")
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        if want_gan and registry.current("gan") is None:
+            _train_models(settings, str(pid), samples, plan, True, console, timings, label=False)
+
+        stats = task_stats(api, pid)
+        if stats["tasks"] == 0:
+            t0 = time.monotonic()
+            reply = api.upload_images(pid, image_paths(images_dir, plan))
+            task_ids = reply.get("task_ids") or []
+            timings["upload_s"] = round(time.monotonic() - t0, 1)
+            console.step(f"uploaded {len(task_ids)} images as tasks")
+            if plan.n_annotated and task_ids:
+                # the LAST tasks get ground truth (the first task stays unannotated: it shows predictions)
+                chosen = list(range(len(task_ids)))[-plan.n_annotated:]
+                for n, i in enumerate(chosen):
+                    api.create_annotation(task_ids[i], ground_truth_annotation(samples[i], drop_half=(n == 0)))
+                summary["suspect_task"] = task_ids[chosen[0]]
+                _write_json(state_file, summary)
+                console.step(f"{len(chosen)} tasks annotated with their exact labels; task {task_ids[chosen[0]]} "
+                             "has half its nuclei left out on purpose (a suspect label to find)")
+        else:
+            console.step(f"project has {stats['tasks']} tasks ({stats['annotated']} annotated): nothing uploaded")
+
+        # 4. tessera serve, connected as the project's interactive ML backend
+        tessera_port = _pick_port(TESSERA_PORT)
+        env = {**os.environ, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls_server.url,
+               "LABEL_STUDIO_API_KEY": ls_server.token, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("TESSERA_TRAIN_ITERS", str(plan.retrain_iters))
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        t0 = time.monotonic()
+        tessera = TesseraServer(tessera_port, env, log_path)
+        atexit.register(tessera.stop)
+        tessera.wait_up()
+        ml = connect_backend(api, pid, tessera.url)
+        timings["tessera_up_s"] = round(time.monotonic() - t0, 1)
+        console.step(f"tessera serve is up at {tessera.url} and connected (ML backend {ml['id']}, "
+                     f"state {ml.get('state')}); log {log_path}")
+
+        # 5. synthetic tasks (GAN images with their layout as prediction)
+        summary["synthetic"] = _synthetic(settings, pid, plan, stats, console, timings)
+
+        # 6. predictions for every task (one batched /predict, as the Data Manager action does)
+        t0 = time.monotonic()
+        console.step("retrieving predictions for all tasks (Data Manager > Retrieve predictions)...")
+        api.retrieve_predictions(pid, timeout=300)
+        timings["predict_s"] = round(time.monotonic() - t0, 1)
+        stats = task_stats(api, pid)
+        current = registry.current("label")
+        version = f"tessera-p{pid}-{current.version}" if current else ""
+        console.step(f"{stats['with_prediction']}/{stats['tasks']} tasks have predictions "
+                     f"(model version {version}) in {timings['predict_s']} s")
+
+        timings["total_s"] = round(console.elapsed(), 1)
+        ls_url = f"http://localhost:{ls_server.port}"
+        summary.update({
+            "ready": True,
+            "label_studio": {"url": ls_url, "api_url": ls_server.url, "port": ls_server.port,
+                             "username": ls_server.username, "password": ls_server.password,
+                             "token": ls_server.token, "data_dir": str(ls_dir), "log": str(ls_server.log_path)},
+            "tessera": {"url": tessera.url, "port": tessera.port, "model_dir": str(model_dir), "log": str(log_path)},
+            "project": {"id": pid, "title": TITLE, "created": created, "ml_backend": ml["id"],
+                        "url": f"{ls_url}/projects/{pid}/data", "tasks": stats["tasks"],
+                        "annotated": stats["annotated"], "synthetic": len(stats["synthetic"]),
+                        "with_prediction": stats["with_prediction"], "model_versions": stats["model_versions"],
+                        "first_task": min(stats["ids"]) if stats["ids"] else None},
+            "model": {"version": version, "trained": trained, "versions": len(registry.versions("label")),
+                      "val_iou": (current.metrics.get("val_iou") if current else None),
+                      "gan": (registry.current("gan").version if registry.current("gan") else None)},
+        })
+        _write_json(state_file, summary)
+        _print_ready(summary, settings)
+        if args.no_wait:
+            return 0
+        while ls_server.running and tessera.running:
+            time.sleep(1)
+        which = "Label Studio" if not ls_server.running else "tessera serve"
+        log = ls_server.log_path if not ls_server.running else log_path
+        print(f"\n{which} stopped unexpectedly; see {log}:\n{_tail(Path(log))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nstopping Label Studio and Tessera (data kept in {data_dir})...", flush=True)
+        return 130
+    except LabelStudioError as e:
+        print(f"tessera demo: Label Studio failed: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:             # tessera serve did not start, an LS API call failed, ...
+        print(f"tessera demo: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if threading.current_thread() is threading.main_thread():   # a second Ctrl-C must not cut this short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for server in (tessera, ls_server, *starting):
+            if server is not None:
+                server.stop()
+        if summary.get("project"):          # demo.json was written by this run: it is over now
+            summary["running"] = False
+            _write_json(state_file, summary)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _train_models(settings: Settings, key: str, samples: list, plan: Plan, gan: bool, console: Console,
+                  timings: dict, label: bool = True) -> dict:
+    out: dict[str, Any] = {}
+    if label:
+        console.step(f"training the label model: {plan.iters} iterations on {len(samples)} images "
+                     f"(dominates the demo's start; TESSERA_DEMO_ITERS changes it)")
+        t0 = time.monotonic()
+        result = train_label_model(settings, key, samples, plan, console)
+        timings["train_s"] = round(time.monotonic() - t0, 1)
+        iou = (result.get("metrics") or {}).get("val_iou")
+        console.step(f"label model {result['status']} in {timings['train_s']} s"
+                     + (f" (held-back IoU {iou:.3f})" if iou is not None else ""))
+        if result["status"] != "promoted":
+            raise RuntimeError(f"the demo's first model version was not promoted: {result}")
+        out["label"] = result
+    if gan:
+        console.step(f"training the mask GAN for {plan.gan_seconds:.0f} s (for synthetic tasks; "
+                     "TESSERA_DEMO_GAN_S changes it, 0 skips)")
+        t0 = time.monotonic()
+        out["gan"] = train_gan(settings, key, samples, plan, console)
+        timings["gan_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def _synthetic(settings: Settings, pid: int, plan: Plan, stats: dict, console: Console, timings: dict) -> dict:
+    if stats["synthetic"]:
+        console.step(f"synthetic tasks: {len(stats['synthetic'])} already in the project (none added)")
+        return {"status": "kept", "task_ids": stats["synthetic"]}
+    if not synthetic_available():
+        msg = "skipped: backend.synthetic is not part of this build"
+        console.step(f"synthetic tasks: {msg}")
+        return {"status": "skipped", "reason": msg}
+    if plan.gan_seconds <= 0:
+        msg = "skipped: TESSERA_DEMO_GAN_S=0 (no GAN trained)"
+        console.step(f"synthetic tasks: {msg}")
+        return {"status": "skipped", "reason": msg}
+    from backend.synthetic import generate_into_project
+
+    t0 = time.monotonic()
+    try:
+        result = generate_into_project(settings, str(pid), count=plan.n_synthetic, seed=DATA_SEED)
+    except Exception as e:  # noqa: BLE001 - the demo goes on without synthetic tasks, and says why
+        msg = f"skipped: generating failed: {type(e).__name__}: {e}"
+        console.step(f"synthetic tasks: {msg}")
+        return {"status": "skipped", "reason": msg}
+    timings["synthetic_s"] = round(time.monotonic() - t0, 1)
+    ids = result.get("task_ids") or result.get("created") or []
+    ids = ids if isinstance(ids, list) else []
+    if not ids:
+        msg = f"skipped: the generator made no task the label model agrees with ({json.dumps(result)[:300]})"
+        console.step(f"synthetic tasks: {msg}")
+        return {"status": "skipped", "reason": msg, "result": result}
+    console.step(f"synthetic tasks: {len(ids)} generated images uploaded with their layout as prediction "
+                 f"(meta.synthetic = true) in {timings['synthetic_s']} s")
+    return {"status": "created", "task_ids": ids, "result": result}
+
+
+def _print_ready(summary: dict, settings: Settings) -> None:
+    ls, tess, project = summary["label_studio"], summary["tessera"], summary["project"]
+    pid, first = project["id"], project.get("first_task")
+    synth = summary.get("synthetic") or {}
+    suspect = summary.get("suspect_task")
+    lines = [
+        "",
+        f"Tessera demo is ready ({summary['timings']['total_s']:.0f} s).",
+        "",
+        f"  Label Studio   {project['url']}",
+        f"  login          {ls['username']}  /  {ls['password']}",
+        f"  legacy token   {ls['token']}",
+        f"  Tessera        {tess['url']}   (training status: {tess['url']}/status?project={pid})",
+        f"  data           {summary['data_dir']}  (kept when you stop; the next run reuses it)",
+        "",
+        "Try:",
+        f"  1. Open a task (e.g. {ls['url']}/projects/{pid}/data?task={first}): Tessera's predictions are",
+        "     shown, one brush mask, polygon and box per nucleus, each with a score.",
+        "  2. Fix a prediction or draw your own regions and press Submit. Every annotation sends a webhook;",
+        "     Tessera schedules a (debounced) training run once the project has enough annotated tasks.",
+        f"  3. Settings > Model > Start training, then watch  curl '{tess['url']}/status?project={pid}'",
+        "     (phase, progress, ETA). A new version is served only if it beats the current one on held-back",
+        "     tasks; `tessera versions --project N` lists them (with MODEL_DIR set to the data dir's models/).",
+        "  4. Data Manager: sort by 'Prediction score' ascending: the most uncertain tasks come first.",
+        "  5. Interactive refinement: in the labelling view turn on 'Auto-Annotation', pick the smart brush",
+        "     and draw a rough stroke over one nucleus (or drag a smart box, or click one with the keypoint",
+        "     tool): it comes back as a clean region.",
+        "  6. Suspect labels: after a training run, add the 'tessera_mislabeling' column in the Data Manager",
+        "     and sort descending" + (f"; task {suspect} (half its nuclei left unlabelled on purpose)"
+                                      " should come first." if suspect else "."),
+    ]
+    if synth.get("status") in ("created", "kept"):
+        lines.append(f"  7. Synthetic tasks {synth.get('task_ids')}: generated images with their layout as "
+                     "prediction (task meta.synthetic = true); accept or fix them like any task.")
+    else:
+        lines.append(f"  (synthetic tasks {synth.get('reason', 'skipped')})")
+    lines += ["", "--no-wait: stopping both servers now (data kept)." if summary.get("no_wait") else
+              "Ctrl-C stops both servers (data kept)."]
+    print("\n".join(lines), flush=True)

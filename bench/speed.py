@@ -1,0 +1,162 @@
+"""Speed of the label model on this CPU: predict latency in-process and over HTTP, batch throughput,
+interactive refinement, one 1,000-task "Retrieve predictions" request, and achieved FLOP/s.
+
+    .venv/bin/python -m bench.speed [--threads 2] [--quick]
+
+Writes bench/results/speed.json. The model is the default architecture trained for a few iterations on
+procedural data: speed does not depend on what the weights learned.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import write_result
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="mask" toName="image"><Label value="Nucleus"/></BrushLabels>
+<PolygonLabels name="poly" toName="image"><Label value="Nucleus"/></PolygonLabels>
+<RectangleLabels name="bbox" toName="image"><Label value="Nucleus"/></RectangleLabels></View>"""
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs) * 1000.0, q))
+
+
+def timed(fn, n: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_flops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def serve_dir(root: Path):
+    """A real HTTP server for the images, standing in for Label Studio's /data/upload."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from backend.service import DEFAULT_KEY
+    from backend.settings import Settings
+    from backend.training import _train_and_register
+    from model.data import make_nuclei
+    from model.inference import Predictor
+    from tests.conftest import TesseraProcess
+
+    n = 5 if args.quick else 30
+    work = Path(tempfile.mkdtemp(prefix="tessera-speed-"))
+    try:
+        samples = make_nuclei(12, size=256, seed=3)
+        settings = Settings(model_dir=work / "models")
+        _train_and_register(settings, DEFAULT_KEY, samples[:10], samples[10:], ["Nucleus"], "speed bench",
+                            iters=20, progress=lambda i: None)
+        reg_path = next((work / "models" / "default" / "versions").glob("v*/model.pt"))
+        pred = Predictor.from_checkpoint(reg_path, device="cpu")
+        R = pred.model.config.resolution
+        img256 = samples[0].image
+        img1024 = np.array(Image.fromarray(img256).resize((1024, 1024)))
+        res: dict = {"resolution": R, "threads": args.threads}
+
+        for name, img in (("256", img256), ("1024", img1024)):
+            t = timed(lambda: pred.predict([img]), n)
+            res[f"inprocess_{name}_p50_ms"], res[f"inprocess_{name}_p95_ms"] = pct(t, 50), pct(t, 95)
+        batch = [s.image for s in make_nuclei(64, size=256, seed=4)]
+        t = timed(lambda: pred.predict(batch), 2 if args.quick else 3, warmup=1)
+        res["inprocess_batch64_images_per_s"] = 64 / statistics.median(t)
+        hint = samples[0].instances == samples[0].instances.max()
+        t = timed(lambda: pred.refine(img256, hint, [], [], 1), n)
+        res["refine_256_p50_ms"], res["refine_256_p95_ms"] = pct(t, 50), pct(t, 95)
+
+        x = torch.zeros(1, 3, R, R)
+        with FlopCounterMode(display=False) as fc:
+            pred.predict([img256])
+        flops = fc.get_total_flops()
+        fwd = statistics.median(timed(lambda: pred.predict([img256]), n))
+        res["forward_gflop"] = flops / 1e9
+        res["achieved_gflops"] = flops / fwd / 1e9
+        res["matmul_gflops"] = matmul_flops() / 1e9
+        res["achieved_share_of_matmul"] = res["achieved_gflops"] / res["matmul_gflops"]
+        del x
+
+        media = work / "media"
+        media.mkdir()
+        Image.fromarray(img256).save(media / "256.png")
+        Image.fromarray(img1024).save(media / "1024.png")
+        for i, im in enumerate(batch):
+            Image.fromarray(im).save(media / f"b{i}.png")
+        srv, base = serve_dir(media)
+        proc = TesseraProcess({"MODEL_DIR": str(work / "models"), "TESSERA_LOG_LEVEL": "WARNING",
+                               "TESSERA_ALLOWED_HOSTS": "127.0.0.1", "OMP_NUM_THREADS": str(args.threads)},
+                              work / "serve.log").wait_up()
+        try:
+            s = requests.Session()
+            s.post(proc.url + "/setup", json={"project": "1.0", "schema": CONFIG}, timeout=10)
+            for name in ("256", "1024"):
+                body = {"project": "1.0", "label_config": CONFIG,
+                        "tasks": [{"id": 1, "data": {"image": f"{base}/{name}.png"}}]}
+                t = timed(lambda: s.post(proc.url + "/predict", json=body, timeout=100).raise_for_status(), n)
+                res[f"http_{name}_p50_ms"], res[f"http_{name}_p95_ms"] = pct(t, 50), pct(t, 95)
+            tasks = [{"id": i, "data": {"image": f"{base}/b{i}.png"}} for i in range(64)]
+            body = {"project": "1.0", "label_config": CONFIG, "tasks": tasks}
+            t = timed(lambda: s.post(proc.url + "/predict", json=body, timeout=100).raise_for_status(), 2, warmup=1)
+            res["http_batch64_tasks_per_s"] = 64 / statistics.median(t)
+            big = 200 if args.quick else 1000
+            tasks = [{"id": i, "data": {"image": f"{base}/b{i % 64}.png?t={i}"}} for i in range(big)]
+            body = {"project": "1.0", "label_config": CONFIG, "tasks": tasks}
+            t0 = time.perf_counter()
+            r = s.post(proc.url + "/predict", json=body, timeout=300)
+            r.raise_for_status()
+            res[f"http_{big}_tasks_one_request_s"] = time.perf_counter() - t0
+            res[f"http_{big}_tasks_all_answered"] = len(r.json()["results"]) == big
+        finally:
+            proc.stop()
+            srv.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for k, v in res.items():
+        print(f"{k:40s} {v:.2f}" if isinstance(v, float) else f"{k:40s} {v}")
+    write_result("speed", {"summary": res, "targets": {"inprocess_256_p50_ms": "<= 30 at R=128",
+                                                       "http_1000_tasks_one_request_s": "well under 100"}})
+
+
+if __name__ == "__main__":
+    main()

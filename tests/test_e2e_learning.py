@@ -1,0 +1,427 @@
+"""Learning inside Label Studio, end to end: a real Label Studio 1.23.2, `tessera serve` (gunicorn) and
+`tessera worker` as separate processes, a real redis-server for the RQ path.
+
+One project is annotated from procedural ground truth and walks through the loop in order (the tests of
+a section share it): annotations -> webhook -> run -> promoted version served and predicted; Start
+training; a burst of annotations -> one run (+ the GAN); a run on corrupted annotations is rejected; LS
+unreachable -> a failed run; a failing save -> the old version intact. A second project goes through RQ:
+a worker trains, the HTTP process serves; the worker is killed with -9 mid-training and the next event
+retries. Runs are tiny (TRAIN_ITERS 24, 96x128 images, one torch thread).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from backend.label_config import parse_label_config
+from backend.regions import instances_to_results, mask_to_rle
+from backend.training import split_tasks
+from model.data import make_nuclei
+from tests.conftest import CONFIG_ALL, TesseraProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+ITERS = 24
+SIZE = (96, 128)
+N_TASKS = 14
+GAN_MIN = 11            # the burst test brings the project to 11 annotated tasks: the GAN joins there
+CONTROLS = {c.type: c for c in parse_label_config(CONFIG_ALL).controls}
+
+
+def _env(ls_server, model_dir: Path, **extra: str) -> dict:
+    return {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls_server.url, "LABEL_STUDIO_API_KEY": ls_server.token,
+            "TESSERA_DEBOUNCE_S": "2", "TESSERA_MIN_ANNOTATIONS": "4", "TESSERA_TRAIN_ITERS": str(ITERS),
+            "TESSERA_GAN_MIN_ANNOTATIONS": str(GAN_MIN), "TESSERA_DEVICE": "cpu", "TESSERA_LOG_LEVEL": "INFO",
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TESSERA_FETCH_THREADS": "4", **extra}
+
+
+def gt_results(sample, kinds: tuple[str, ...] = ("brushlabels",)) -> list[dict]:
+    """Ground truth of a procedural sample as LS annotation results (one region per nucleus and kind)."""
+    ids = [int(i) for i in np.unique(sample.instances) if i]
+    out = []
+    for kind in kinds:
+        out += instances_to_results(sample.instances, {k: "Nucleus" for k in ids}, {}, CONTROLS[kind])
+    for r in out:
+        r.pop("score", None)
+    return out
+
+
+def inverted_results(sample) -> list[dict]:
+    """A deliberately wrong annotation: one brush region over everything that is NOT a nucleus."""
+    h, w = sample.instances.shape
+    c = CONTROLS["brushlabels"]
+    return [{"id": "bad", "from_name": c.from_name, "to_name": c.to_name, "type": "brushlabels",
+             "original_width": w, "original_height": h, "image_rotation": 0,
+             "value": {"format": "rle", "rle": mask_to_rle(sample.instances == 0), "brushlabels": ["Nucleus"]}}]
+
+
+def upload(ls_api, pid: int, tmp: Path, samples) -> list[int]:
+    paths = []
+    for i, s in enumerate(samples):
+        p = tmp / f"p{pid}_{i}.png"
+        Image.fromarray(s.image).save(p)
+        paths.append(p)
+    return ls_api.upload_images(pid, paths)["task_ids"]
+
+
+def job(url: str, pid: int) -> dict:
+    return requests.get(f"{url}/status", params={"project": pid}, timeout=10).json()["job"]
+
+
+def setup_version(url: str, pid: int) -> str:
+    return requests.post(f"{url}/setup", json={"project": f"{pid}.0", "schema": CONFIG_ALL},
+                         timeout=10).json()["model_version"]
+
+
+def wait_for(fn, timeout: float, what: str):
+    deadline = time.time() + timeout
+    value = None
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {value!r}")
+
+
+def wait_result(url: str, pid: int, statuses: tuple[str, ...], timeout: float = 240.0) -> dict:
+    """Wait until the project's last finished run ended with one of `statuses` (a failed run fails)."""
+    def ready():
+        st = job(url, pid)
+        assert st["state"] != "failed", st
+        done = st["state"] == "done" and not st["pending"] and st["last_result"]
+        return st if done and st["last_result"].get("status") in statuses else None
+    return wait_for(ready, timeout, f"a run of project {pid} ending {statuses}")
+
+
+def wait_runs(url: str, pid: int, runs: int, timeout: float = 150.0) -> dict:
+    """Wait until the project has finished `runs` runs and nothing is scheduled or running."""
+    def ready():
+        st = job(url, pid)
+        return st if st["runs"] >= runs and st["state"] in ("done", "failed", "idle") and not st["pending"] else None
+    return wait_for(ready, timeout, f"project {pid} to finish run {runs}")
+
+
+# ---------------------------------------------------------------------------------- in-process runner
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("learning-models")
+
+
+@pytest.fixture(scope="module")
+def tessera(ls_server, models, tmp_path_factory):
+    """`tessera serve` with the in-process job runner, an empty model store, tiny runs."""
+    proc = TesseraProcess(_env(ls_server, models), tmp_path_factory.mktemp("serve") / "tessera.log")
+    try:
+        yield proc.wait_up()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def project(ls_server, tessera, tmp_path_factory):
+    """A project connected to `tessera`, with procedural images uploaded (none annotated yet)."""
+    api = ls_server.client()
+    pid = api.create_project("tessera learning", CONFIG_ALL)["id"]
+    samples = make_nuclei(N_TASKS, size=SIZE, seed=21)
+    tasks = upload(api, pid, tmp_path_factory.mktemp("images"), samples)
+    ml = api.connect_ml(pid, tessera.url, "Tessera", is_interactive=True)
+    assert ml["state"] == "CO", ml
+    yield {"id": pid, "tasks": tasks, "samples": samples, "ml": ml["id"], "api": api}
+    api.close()
+
+
+def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
+    api, pid, tasks, samples = project["api"], project["id"], project["tasks"], project["samples"]
+    assert setup_version(tessera.url, pid) == "tessera-untrained"
+    t0 = time.time()
+    for i in range(6):        # two of them with the same nuclei also as polygons and boxes (an accepted prediction)
+        api.create_annotation(tasks[i], gt_results(samples[i], ("brushlabels", "polygonlabels", "rectanglelabels")
+                                                   if i < 2 else ("brushlabels",)))
+    api.create_annotation(tasks[6], gt_results(samples[6]), was_cancelled=True)     # skipped by training
+    st = wait_result(tessera.url, pid, ("promoted",))
+    print(f"6 annotations -> promoted version in {time.time() - t0:.1f} s: {st['last_result']['metrics']}")
+    result = st["last_result"]
+    assert result["version"] == f"tessera-p{pid}-v0001" and result["reason"] == "first version"
+    assert result["n_annotated_tasks"] == 6, result
+    assert "ANNOTATION_CREATED" in st["reason"]
+    assert setup_version(tessera.url, pid) == result["version"]
+
+    # Retrieve predictions: every task gets exactly one prediction, of the new version; again: no duplicates
+    api.retrieve_predictions(pid)
+    for tid in tasks:
+        preds = api.predictions(tid)
+        assert [p["model_version"] for p in preds] == [result["version"]], (tid, preds)
+    api.retrieve_predictions(pid)
+    assert all(len(api.predictions(tid)) == 1 for tid in tasks)
+
+    # progress reached the status route and the log: one line per progress step
+    steps = [ln.split(f"project {pid}: ", 1)[1] for ln in tessera.log_text().splitlines() if f"project {pid}: " in ln]
+    phases = {step.split()[0] for step in steps}
+    assert {"fetch", "train", "eval", "register", "done"} <= phases, phases
+    assert any(step.startswith(f"train 1/{ITERS} loss") for step in steps), steps[:12]
+
+
+def test_start_training_in_ls_runs(project, tessera):
+    pid = project["id"]
+    before = job(tessera.url, pid)
+    project["api"].ml_train(project["ml"])            # LS -> START_TRAINING webhook
+    st = wait_runs(tessera.url, pid, before["runs"] + 1)
+    assert st["state"] == "done" and "START_TRAINING" in st["reason"], st
+    assert st["last_result"]["status"] in ("promoted", "rejected"), st
+    assert "vs served" in st["last_result"]["reason"]       # compared with the version it warm-started from
+
+
+def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, models):
+    from backend.training import _gan_available
+
+    api, pid, tasks, samples = project["api"], project["id"], project["tasks"], project["samples"]
+    before = job(tessera.url, pid)
+    assert before["state"] == "done" and not before["pending"], before
+    for i in range(7, 12):
+        api.create_annotation(tasks[i], gt_results(samples[i]))
+    st = wait_runs(tessera.url, pid, before["runs"] + 1, timeout=240)
+    assert st["runs"] == before["runs"] + 1 and st["events"] == before["events"] + 5, st
+    assert st["reason"] == "ANNOTATION_CREATED (5)", st
+    result = st["last_result"]
+    assert result["n_annotated_tasks"] == 11, result
+    gan, why_not = result["gan"], _gan_available()
+    if why_not:                                # model/train_maskgan.py is optional: then runs say why
+        assert gan == {"status": "skipped", "reason": why_not}, gan
+    else:
+        assert gan["status"] == "promoted", gan
+        from model.registry import Registry
+        assert Registry(models / f"project-{pid}").current("gan") is not None
+
+
+def test_a_worse_run_is_rejected(project, tessera):
+    api, pid, samples = project["api"], project["id"], project["samples"]
+    served = setup_version(tessera.url, pid)
+    before = job(tessera.url, pid)
+    annotated = {t["id"]: t for t in api.tasks(pid) if any(not a["was_cancelled"] for a in t["annotations"])}
+    train_ids, val_ids = split_tasks(sorted(str(t) for t in annotated))
+    assert val_ids and train_ids
+    for tid in train_ids:                 # corrupt what the next run trains on; the held-back tasks stay true
+        ann = next(a for a in annotated[int(tid)]["annotations"] if not a["was_cancelled"])
+        api.patch(f"/api/annotations/{ann['id']}/", {"result": inverted_results(samples[project["tasks"].index(int(tid))])})
+    st = wait_runs(tessera.url, pid, before["runs"] + 1, timeout=240)
+    result = st["last_result"]
+    assert st["state"] == "done" and result["status"] == "rejected", st
+    assert result["metrics"]["val_iou"] < result["metrics"]["current_val_iou"] - 0.01, result
+    assert setup_version(tessera.url, pid) == served
+    versions = requests.get(f"{tessera.url}/versions", params={"project": pid}, timeout=10).json()
+    listed = {v["version"]: v for v in versions["projects"][str(pid)]}
+    assert listed[result["version"]]["status"] == "rejected" and "vs served" in listed[result["version"]]["reason"]
+    assert listed[served]["status"] == "current"
+
+
+def test_ls_unreachable_fails_clearly(ls_server, project, tessera, models, tmp_path):
+    pid = project["id"]
+    served = setup_version(tessera.url, pid)
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = TesseraProcess(_env(ls_server, models, LABEL_STUDIO_URL=dead, TESSERA_DEBOUNCE_S="0.2"),
+                          tmp_path / "tessera-dead-ls.log").wait_up()
+    try:
+        r = requests.post(f"{proc.url}/webhook", json={"action": "START_TRAINING", "project": {"id": pid}}, timeout=10)
+        assert r.status_code == 201, r.text
+        st = wait_runs(proc.url, pid, 1, timeout=60)
+        assert st["state"] == "failed", st
+        assert "LabelStudioUnavailable" in st["last_error"] and dead in st["last_error"], st["last_error"]
+        assert "LABEL_STUDIO_URL" in st["last_error"], st["last_error"]
+        assert setup_version(proc.url, pid) == served == setup_version(tessera.url, pid)
+    finally:
+        proc.stop()
+
+
+def test_a_failing_save_keeps_the_served_version(ls_server, project, tessera, models, tmp_path, monkeypatch):
+    """Through a whole run (in this process): the disk fills up while the new version is switched in."""
+    import torch
+
+    from backend import training
+    from backend.settings import Settings
+    from model import registry as registry_mod
+    from model.inference import Predictor
+
+    pid = project["id"]
+    store = tmp_path / "models"
+    shutil.copytree(models / f"project-{pid}", store / f"project-{pid}", ignore=shutil.ignore_patterns(".work"))
+    reg = registry_mod.Registry(store / f"project-{pid}")
+    current, versions = reg.current(), [v.version for v in reg.versions()]
+    real_write = registry_mod._write_json
+
+    def disk_full(path, data):
+        if Path(path).name == "current.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(registry_mod, "_write_json", disk_full)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = Settings(label_studio_url=ls_server.url, label_studio_api_key=ls_server.token, model_dir=store,
+                        device="cpu", min_annotations=4, train_iters=ITERS, gan_min_annotations=10_000,
+                        promote_tolerance=1.0)           # the new version would be promoted ...
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            training.train_project(str(pid), "test", settings=settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert reg.current().version == current.version      # ... but the switch failed: nothing changed
+    assert [v.version for v in reg.versions()] == versions
+    assert Predictor.from_checkpoint(reg.path(current.version), device="cpu").label_names == ["Nucleus"]
+
+
+# ------------------------------------------------------------------------------------------ RQ / Redis
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A throw-away redis-server on a free port (no persistence); fails clearly if it is not installed."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("TESSERA_SKIP_REDIS") == "1":
+            pytest.skip("redis-server not installed and TESSERA_SKIP_REDIS=1")
+        pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server) "
+                    "or set TESSERA_SKIP_REDIS=1 to skip the RQ tests", pytrace=False)
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _redis_up(port) or proc.poll() is not None, 15, "redis-server")
+        assert proc.poll() is None, "redis-server exited at start"
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _redis_up(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:                 # field 4 of /proc/<pid>/stat: the parent pid
+            out.append(int(stat.parent.name))
+    return out
+
+
+class WorkerProcess:
+    """`tessera worker` in its own process group (so that kill -9 takes its work horse too)."""
+
+    def __init__(self, env: dict, log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "a")
+        self.proc = subprocess.Popen([str(Path(sys.executable).with_name("tessera")), "worker"],
+                                     env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def kill9(self) -> None:
+        """SIGKILL the worker and its work horses (rq puts each horse in a process group of its own)."""
+        horses = _children(self.proc.pid)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in horses:
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def rq_stack(ls_server, redis_url, tmp_path_factory):
+    """`tessera serve` and one `tessera worker` on the same Redis and model store."""
+    d = tmp_path_factory.mktemp("rq")
+    env = _env(ls_server, d / "models", REDIS_URL=redis_url)
+    serve = TesseraProcess(env, d / "tessera.log")
+    workers = [WorkerProcess(env, d / "worker.log")]
+    try:
+        serve.wait_up()
+        yield {"serve": serve, "workers": workers, "env": env, "dir": d, "models": d / "models"}
+    finally:
+        for w in workers:
+            w.stop()
+        serve.stop()
+
+
+@pytest.fixture(scope="module")
+def rq_project(ls_server, rq_stack, tmp_path_factory):
+    api = ls_server.client()
+    pid = api.create_project("tessera learning rq", CONFIG_ALL)["id"]
+    samples = make_nuclei(6, size=SIZE, seed=33)
+    tasks = upload(api, pid, tmp_path_factory.mktemp("rq-images"), samples)
+    ml = api.connect_ml(pid, rq_stack["serve"].url, "Tessera RQ", is_interactive=False)
+    yield {"id": pid, "tasks": tasks, "samples": samples, "ml": ml["id"], "api": api}
+    api.close()
+
+
+def test_rq_worker_trains_and_the_http_process_serves(rq_stack, rq_project):
+    api, pid, tasks, samples = rq_project["api"], rq_project["id"], rq_project["tasks"], rq_project["samples"]
+    url = rq_stack["serve"].url
+    assert requests.get(f"{url}/health", timeout=5).json()["training"] == "redis"
+    t0 = time.time()
+    for i in range(5):
+        api.create_annotation(tasks[i], gt_results(samples[i]))
+    st = wait_result(url, pid, ("promoted",))
+    print(f"RQ: 5 annotations -> {st['last_result'].get('status')} in {time.time() - t0:.1f} s")
+    assert st["backend"] == "rq" and st["last_result"]["status"] == "promoted", st
+    assert setup_version(url, pid) == st["last_result"]["version"] == f"tessera-p{pid}-v0001"
+    assert "training run for project" in (rq_stack["dir"] / "worker.log").read_text()
+
+
+def test_rq_worker_killed_mid_training_then_the_next_event_retries(rq_stack, rq_project):
+    from model.inference import Predictor
+    from model.registry import Registry
+
+    api, pid = rq_project["api"], rq_project["id"]
+    url, d = rq_stack["serve"].url, rq_stack["dir"]
+    served = setup_version(url, pid)
+    assert served.endswith("-v0001"), served
+    before = job(url, pid)
+    api.ml_train(rq_project["ml"])
+    wait_for(lambda: (s := job(url, pid))["state"] == "running" and s["phase"] == "train", 120, "training to start")
+    rq_stack["workers"][0].kill9()
+    st = wait_for(lambda: (s := job(url, pid))["state"] != "running" and s, 10, "the status to notice")
+    assert st["state"] == "failed" and "died" in st["last_error"], st      # this host sees the pid is gone
+    assert setup_version(url, pid) == served
+    reg = Registry(rq_stack["models"] / f"project-{pid}")
+    assert reg.current().version == "v0001" and len(reg.versions()) == 1
+    assert Predictor.from_checkpoint(reg.path("v0001"), device="cpu").label_names == ["Nucleus"]
+    assert any((reg.root / ".work").iterdir()), "the killed run should have left its scratch dir"
+
+    rq_stack["workers"].append(WorkerProcess(rq_stack["env"], d / "worker2.log"))
+    api.ml_train(rq_project["ml"])                     # the next event
+    st = wait_runs(url, pid, before["runs"] + 1, timeout=240)     # the killed run never finished
+    assert st["state"] == "done" and st["last_error"] is None, st
+    assert st["last_result"]["status"] in ("promoted", "rejected"), st
+    assert not any((reg.root / ".work").iterdir()), "the dead run's scratch dir was not cleaned"
+    assert setup_version(url, pid) == (st["last_result"]["version"] if st["last_result"]["status"] == "promoted"
+                                       else served)

@@ -1,0 +1,135 @@
+"""Unit tests for backend/training.py and the runner pieces it relies on (no Label Studio, no training)."""
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from backend import training
+from backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
+from backend.label_config import parse_label_config
+from backend.regions import instances_to_results
+from backend.service import DEFAULT_KEY, ModelCache
+from tests.conftest import CONFIG_ALL, register_stub
+
+CONTROLS = {c.type: c for c in parse_label_config(CONFIG_ALL).controls}
+
+
+def _two_objects() -> np.ndarray:
+    inst = np.zeros((40, 60), np.int32)
+    yy, xx = np.mgrid[:40, :60]
+    inst[(yy - 12) ** 2 + (xx - 14) ** 2 < 64] = 1
+    inst[(yy - 26) ** 2 + (xx - 40) ** 2 < 81] = 2
+    return inst
+
+
+def _results(inst: np.ndarray, kinds) -> list[dict]:
+    out = []
+    for kind in kinds:
+        out += instances_to_results(inst, {1: "Nucleus", 2: "Nucleus"}, {}, CONTROLS[kind])
+    return out
+
+
+def test_an_accepted_prediction_trains_as_masks_not_boxes():
+    inst = _two_objects()
+    results = _results(inst, ("rectanglelabels", "polygonlabels", "brushlabels"))   # boxes first: would win
+    kept = training.drop_duplicate_regions(results, "image", *inst.shape)
+    assert [r["type"] for r in kept] == ["brushlabels", "brushlabels"]
+    classes, instances = training.annotation_maps(results, "image", *inst.shape, {"Nucleus": 1})
+    assert np.array_equal(classes > 0, inst > 0) and len(np.unique(instances)) == 3
+
+
+def test_regions_of_different_objects_are_all_kept():
+    inst = _two_objects()
+    only_first = np.where(inst == 1, 1, 0)
+    only_second = np.where(inst == 2, 2, 0)
+    results = _results(only_first, ("brushlabels",)) + _results(only_second, ("rectanglelabels",))
+    kept = training.drop_duplicate_regions(results, "image", *inst.shape)
+    assert sorted(r["type"] for r in kept) == ["brushlabels", "rectanglelabels"]
+    other_image = [{**r, "to_name": "other"} for r in results]
+    assert training.drop_duplicate_regions(other_image, "image", *inst.shape) == []
+
+
+def test_training_annotation_skips_cancelled_and_keeps_empty():
+    task = {"annotations": [
+        {"id": 1, "result": [{"x": 1}], "was_cancelled": False, "updated_at": "2024-01-01T00:00:00"},
+        {"id": 2, "result": [{"x": 2}], "was_cancelled": True, "updated_at": "2024-01-03T00:00:00"},
+        {"id": 3, "result": [], "was_cancelled": False, "updated_at": "2024-01-02T00:00:00"}]}
+    assert training.training_annotation(task)["id"] == 3          # "no object here" is an answer too
+    assert training.training_annotation({"annotations": [task["annotations"][1]]}) is None
+    assert training.training_annotation({}) is None
+
+
+def test_split_is_by_task_id_and_stable_as_the_project_grows():
+    small = [str(i) for i in range(1, 41)]
+    big = [str(i) for i in range(1, 201)]
+    train_s, val_s = training.split_tasks(small)
+    train_b, val_b = training.split_tasks(big)
+    assert set(val_s) <= set(val_b) and set(train_s) <= set(train_b)
+    assert training.split_tasks(list(reversed(small)))[1] == list(reversed(val_s))
+    assert 0.1 < len(val_b) / len(big) < 0.3
+    assert training.split_tasks(["7", "8"])[1], "two tasks: one is held back"
+
+
+def test_served_baseline_falls_back_to_a_fitting_default_model(settings):
+    cache = ModelCache(settings)
+    assert training.served_baseline(cache, "3", ["Nucleus"]) is None
+    register_stub(settings, DEFAULT_KEY, labels=("nucleus",))
+    key, _, info = training.served_baseline(cache, "3", ["Nucleus"])
+    assert key == DEFAULT_KEY and info.version == "v0001"
+    assert training.served_baseline(cache, "3", ["Cat", "Dog"]) is None       # other labels: nothing to beat
+    register_stub(settings, "3")
+    assert training.served_baseline(cache, "3", ["Nucleus"])[0] == "3"        # its own version wins
+
+
+def test_work_dirs_of_dead_runs_are_removed(settings):
+    reg = ModelCache(settings).registry("5")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    assert not pid_alive(pid) and pid_alive(os.getpid())
+    work = reg.root / ".work"
+    stale = work / f"{training._process_space()}-pid{pid}-abc"
+    mine = work / f"{training._process_space()}-pid{os.getpid()}-def"
+    elsewhere = work / f"otherhost.1-pid{pid}-ghi"
+    for d in (stale, mine, elsewhere):
+        d.mkdir(parents=True)
+    fresh = training._work_dir(reg)
+    assert fresh.is_dir() and not stale.exists() and mine.exists() and elsewhere.exists()
+
+
+def test_lock_tokens_name_their_process():
+    assert not _holder_dead(_token())
+    gone = subprocess.run([sys.executable, "-c", "from backend.jobs import _token; print(_token())"],
+                          capture_output=True, text=True, check=True, cwd=os.getcwd()).stdout.strip()
+    assert _holder_dead(gone) and _holder_dead(gone.encode())
+    assert not _holder_dead(gone.replace(gone.split("|")[0], "otherhost/pid:[1]"))   # can't judge: wait TTL
+    assert not _holder_dead(None) and not _holder_dead("garbage")
+
+
+def test_every_progress_step_is_one_log_line(caplog):
+    def run(key, reason, progress):
+        progress({"phase": "fetch", "iter": 3, "max_iters": 6, "loss": None, "eta_s": None})
+        progress({"phase": "train", "iter": 20, "max_iters": 600, "loss": 0.41234, "eta_s": 52.4})
+        progress({"phase": "register", "iter": 0, "max_iters": 0, "loss": None, "eta_s": None})
+        return {"status": "promoted"}
+
+    runner = ThreadJobRunner(run, debounce_s=0.01)
+    with caplog.at_level(logging.INFO, logger="backend.jobs"):
+        runner.submit("9", "START_TRAINING")
+        st = runner.wait_idle("9", 10)
+    runner.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("project 9: ")]
+    assert lines == ["project 9: fetch 3/6", "project 9: train 20/600 loss 0.4123 eta 52s", "project 9: register"]
+    assert st["state"] == "done" and st["phase"] == "register" and st["fraction"] == 1.0
+
+
+@pytest.mark.parametrize("why_not", ["", "model.train_maskgan has no train() / GANTrainConfig"])
+def test_gan_availability_is_reported(monkeypatch, why_not):
+    import model.train_maskgan as tm
+
+    if why_not:
+        monkeypatch.delattr(tm, "train")
+    assert training._gan_available() == why_not
