@@ -30,6 +30,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "TESSERA_GAN_MIN_ANNOTATIONS": ("20", "Annotated tasks a project needs before runs also train the GAN."),
     "TESSERA_TRAIN_ITERS": ("600", "Training iterations of a run started from Label Studio."),
     "TESSERA_EXCLUDE_SYNTHETIC": ("false", "Leave annotations of synthetic (generated) tasks out of training."),
+    "TESSERA_SYNTH_MIN_IOU": ("0.5", "A generated image is kept only if the label model's prediction on it agrees "
+                                     "with its layout at least this much (IoU)."),
     "TESSERA_PROMOTE_TOLERANCE": ("0.01", "A new version is promoted if its validation IoU >= current - this."),
     "TESSERA_LOG_LEVEL": ("INFO", "Logging level."),
 }
@@ -72,6 +74,7 @@ class Settings:
     train_iters: int = 600
     exclude_synthetic: bool = False
     promote_tolerance: float = 0.01
+    synth_min_iou: float = 0.5
     log_level: str = "INFO"
 
     @classmethod
@@ -99,6 +102,7 @@ class Settings:
                 train_iters=int(_env("TESSERA_TRAIN_ITERS")),
                 exclude_synthetic=_bool(_env("TESSERA_EXCLUDE_SYNTHETIC")),
                 promote_tolerance=float(_env("TESSERA_PROMOTE_TOLERANCE")),
+                synth_min_iou=float(_env("TESSERA_SYNTH_MIN_IOU")),
                 log_level=_env("TESSERA_LOG_LEVEL").upper(),
             )
         except ValueError as e:

@@ -42,6 +42,8 @@ _PRECISION = {"brushlabels": 0, "polygonlabels": 1, "rectanglelabels": 2}   # fi
 DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 TRAIN_BUDGET_S = 90.0        # wall-clock cap of a run's label training (LS runs); see train_config
 GAN_TIME_BUDGET_S = 120.0    # the GAN part of one run; it warm-starts, so it keeps improving over runs
+GAN_RETRAIN_GROWTH = 0.2     # the GAN retrains when a project's annotated images grew by this share
+GAN_PROGRESS_EVERY = 20      # iterations between the GAN's progress steps (status + one log line each)
 
 
 def _noop(info: dict) -> None:
@@ -219,7 +221,12 @@ def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: 
     tmp = _work_dir(registry)
 
     def gan_progress(info: dict) -> None:
-        progress({**info, "phase": "gan" if info.get("phase") == "train" else f"gan-{info.get('phase')}"})
+        if info.get("phase") == "train":           # train_maskgan reports every iteration: pass on every 20th
+            if info.get("iter", 0) % GAN_PROGRESS_EVERY and info.get("iter") != 1:
+                return
+            progress({**info, "phase": "gan"})
+        else:
+            progress({**info, "phase": f"gan-{info.get('phase')}"})
 
     try:
         t0 = time.time()
@@ -239,6 +246,19 @@ def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"status": "promoted", "version": version_string(key, info.version), "metrics": metrics}
+
+
+def _gan_up_to_date(settings: Settings, key: str, samples: list[Sample]) -> str:
+    """'' if the GAN should train in this run, else why not: it retrains once the real annotated images
+    grew by GAN_RETRAIN_GROWTH (at least 5) since its current version, so that a run for a new annotation
+    is not held up by the GAN every time."""
+    cur = ModelCache(settings).registry(key).current("gan")
+    n_real = sum(not s.synthetic for s in samples)
+    n_prev = int((cur.metrics if cur else {}).get("n_train") or 0)
+    if cur is None or n_real >= n_prev + max(5, round(n_prev * GAN_RETRAIN_GROWTH)):
+        return ""
+    return f"the current GAN {cur.version} was trained on {n_prev} images, now {n_real}: it retrains at " \
+           f"{n_prev + max(5, round(n_prev * GAN_RETRAIN_GROWTH))}"
 
 
 def _gan_available() -> str:
@@ -422,7 +442,7 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
         except Exception as e:        # the new version is served either way; report, don't fail the run
             logger.warning("project %s: could not write mislabeling scores: %s", project_key, e)
     if n_tasks >= settings.gan_min_annotations:
-        why_not = _gan_available()
+        why_not = _gan_available() or _gan_up_to_date(settings, project_key, samples)
         if why_not:
             result["gan"] = {"status": "skipped", "reason": why_not}
         else:

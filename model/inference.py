@@ -11,6 +11,7 @@ DSB 2018 entries; U-Net's separation borders, https://arxiv.org/abs/1505.04597).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,45 +132,51 @@ def pad_target(target: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4):
+def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_weight: float = 1.0,
+                    edge_share: float = 0.5, grow_steps: int = 8):
     """Label probabilities (L, H, W) -> (classes, instances, instance_label, instance_score).
 
-    fg = p(bg) < 0.5; cores = fg pixels where the class mass beats the boundary class; each 4-connected
-    core is an object; boundary pixels join the nearest core of their own fg blob, or form an object of
-    their own when their blob has no core (tiny objects can be all outline).
+    fg = p(bg) < 0.5; cores = fg pixels where the boundary class holds less than `edge_share` of the
+    object mass, measured with the boundary odds of training (x edge_weight, the class weight the
+    probabilities were corrected for), so thin outlines still cut; each 4-connected core is an object;
+    boundary pixels join the adjacent core (grown up to `grow_steps` px), or form an object of their own
+    when no core reaches them (tiny objects can be all outline).
     """
     p_bg, p_cls, p_edge = probs[0], probs[1:n_classes + 1], probs[n_classes + 1]
     fg = p_bg < 0.5
-    core = fg & (p_cls.sum(0) >= p_edge)
+    core = fg & (p_edge * edge_weight * (1 - edge_share) < edge_share * p_cls.sum(0))
     n_core, inst = cv2.connectedComponents(core.astype(np.uint8), connectivity=4)
-    inst = inst.astype(np.int32)
     rest = fg & ~core
     if rest.any():
-        _, blob = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
-        if n_core > 1:
-            _, (iy, ix) = ndimage.distance_transform_edt(inst == 0, return_indices=True)
-            ok = rest & (blob == blob[iy, ix]) & (inst[iy, ix] > 0)
-            inst[ok] = inst[iy[ok], ix[ok]]
-            rest &= ~ok
-        n_rest, extra = cv2.connectedComponents(rest.astype(np.uint8), connectivity=8)
+        # grow the cores over the boundary pixels (bands are a few pixels wide), never across background
+        grow, kernel = inst.astype(np.float32), np.ones((3, 3), np.uint8)
+        for _ in range(grow_steps if n_core > 1 else 0):
+            near = cv2.dilate(grow, kernel)
+            take = rest & (grow == 0) & (near > 0)
+            if not take.any():
+                break
+            grow[take] = near[take]
+        inst = grow.astype(np.int32)
+        n_rest, extra = cv2.connectedComponents((rest & (inst == 0)).astype(np.uint8), connectivity=8)
         inst[extra > 0] = extra[extra > 0] + n_core - 1
+    flat = inst.ravel().astype(np.intp)
+    counts = np.bincount(flat)
+    n = len(counts)
+    mass = np.stack([np.bincount(flat, p.ravel(), minlength=n) for p in p_cls])  # (C, n)
+    fg_mass = np.bincount(flat, (1 - p_bg).ravel(), minlength=n)
     # drop specks, renumber 1..K
-    counts = np.bincount(inst.ravel())
-    keep = (counts >= min_area) & (np.arange(len(counts)) > 0)
-    remap = np.zeros(len(counts), np.int32)
-    remap[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    inst = remap[inst]
+    keep = counts >= min_area
+    keep[0] = False
     k = int(keep.sum())
-    flat = inst.ravel()
-    area = np.bincount(flat, minlength=k + 1).astype(np.float64)
-    mass = np.stack([np.bincount(flat, p.ravel(), minlength=k + 1) for p in p_cls])  # (C, K + 1)
-    label_of = mass.argmax(0).astype(np.int32) + 1
-    label_of[0] = 0
-    fg_mass = np.bincount(flat, (1 - p_bg).ravel(), minlength=k + 1)
-    score_of = fg_mass / np.maximum(area, 1)
-    classes = label_of[inst]
-    ids = range(1, k + 1)
-    return classes, inst, {i: int(label_of[i]) for i in ids}, {i: float(score_of[i]) for i in ids}
+    remap = np.zeros(n, np.int32)
+    remap[keep] = np.arange(1, k + 1, dtype=np.int32)
+    label_of = np.where(keep, mass.argmax(0) + 1, 0).astype(np.int32)
+    score_of = (fg_mass / np.maximum(counts, 1))[keep]
+    labels = label_of[keep]
+    instances = remap[flat].reshape(inst.shape)
+    classes = label_of[flat].reshape(inst.shape)
+    return (classes, instances, {i + 1: int(c) for i, c in enumerate(labels)},
+            {i + 1: float(v) for i, v in enumerate(score_of)})
 
 
 def task_score(p_fg: np.ndarray, pred_fg: np.ndarray, eps: float = 0.05) -> float:
@@ -201,7 +208,7 @@ class Predictor:
     """Loaded label VQ-VAE + code predictor; every call reuses the same weights."""
 
     def __init__(self, model: VQVAE, label_names: list[str], version: str = "", device: str = "auto",
-                 min_area: int = 4):
+                 min_area: int = 4, edge_weight: float = 1.0):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config: VQVAEConfig = model.config
@@ -211,6 +218,7 @@ class Predictor:
             f"model has {self.config.n_labels} labels, expected {self.n_classes} classes + bg + boundary"
         self.version = version
         self.min_area = min_area
+        self.edge_weight = edge_weight  # training weight of the boundary class, undone on the probabilities
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
 
@@ -222,7 +230,8 @@ class Predictor:
         model = VQVAE(VQVAEConfig(**cfg))
         model.load_state_dict(ckpt["model"], strict=True)
         version = ckpt.get("version") or f"vqvae-{ckpt.get('iter_num', 0)}"
-        return cls(model, ckpt["label_names"], version, device)
+        edge_weight = float((ckpt.get("train_config") or {}).get("boundary_weight", 1.0))
+        return cls(model, ckpt["label_names"], version, device, edge_weight=edge_weight)
 
     # --- batched network pass --------------------------------------------------------------------
 
@@ -241,9 +250,13 @@ class Predictor:
         return x.to(self.device), sizes
 
     def _unletterbox(self, logits: torch.Tensor, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-        """Logits (L, R, R) -> probabilities (L, H, W) at the original image size."""
+        """Logits (L, R, R) -> probabilities (L, H, W) at the original image size.
+
+        The boundary class was trained with weight w, which multiplies its odds by w; dividing them
+        back (logit - log w) keeps masks from growing by the outline's width."""
         nh, nw = size
-        crop = logits[None, :, :nh, :nw].float()
+        crop = logits[None, :, :nh, :nw].float().clone()
+        crop[:, -1] -= math.log(self.edge_weight)
         if (nh, nw) != tuple(shape):
             crop = F.interpolate(crop, size=tuple(shape), mode="bilinear", align_corners=False)
         return F.softmax(crop[0], dim=0).cpu().numpy()
@@ -257,7 +270,7 @@ class Predictor:
         return x, feats, code_logits, logits, sizes
 
     def _prediction(self, probs: np.ndarray) -> Prediction:
-        classes, inst, labels, scores = split_instances(probs, self.n_classes, self.min_area)
+        classes, inst, labels, scores = split_instances(probs, self.n_classes, self.min_area, self.edge_weight)
         score = task_score(1 - probs[0], inst > 0)
         return Prediction(classes, inst, labels, scores, score)
 
@@ -317,7 +330,7 @@ class Predictor:
             return np.zeros((H, W), bool), 0.0
         x, feats, code_logits, logits, sizes = self._run([image])
         probs = self._unletterbox(logits[0], sizes[0], (H, W))
-        _, inst, _, _ = split_instances(probs, self.n_classes, self.min_area)
+        _, inst, _, _ = split_instances(probs, self.n_classes, self.min_area, self.edge_weight)
         mask = self._pick(inst, hint, pos, neg)
         if not mask.any():  # the model saw nothing there: let the hint steer the codes, then decode
             seed = hint.copy()
@@ -326,7 +339,7 @@ class Predictor:
             classes = np.where(seed, label, 0).astype(np.int32)
             lg, _ = self._combined(self._onehot(classes, seed.astype(np.int32), sizes[0]), feats, code_logits)
             p2 = self._unletterbox(lg[0], sizes[0], (H, W))
-            _, inst2, _, _ = split_instances(p2, self.n_classes, self.min_area)
+            _, inst2, _, _ = split_instances(p2, self.n_classes, self.min_area, self.edge_weight)
             mask = self._pick(inst2, hint, pos, neg)
             probs = p2 if mask.any() else probs
         if not mask.any():  # last resort: the hint itself, cleaned
@@ -374,7 +387,7 @@ class Predictor:
         post_cls = np.where(post[0] >= 0.5, 0, post[1:self.n_classes + 1].argmax(0) + 1)
         refined = np.where(sure_post, post_cls, classes).astype(np.int32)
         # keep the annotation's objects; pixels the model adds get the model's own instances
-        _, model_inst, model_label, _ = split_instances(post, self.n_classes, self.min_area)
+        _, model_inst, model_label, _ = split_instances(post, self.n_classes, self.min_area, self.edge_weight)
         inst = np.where(refined > 0, instances, 0)
         new = (refined > 0) & (inst == 0)
         offset = int(instances.max())

@@ -44,12 +44,23 @@ def crop_box(shape: tuple[int, int], size: int, rng: np.random.Generator) -> tup
 
 
 def relabel(instances: np.ndarray, min_area: int = 1) -> np.ndarray:
-    """Renumber instances 1..K in order of appearance, dropping fragments below min_area pixels."""
+    """Renumber instances 1..K (in order of id), dropping fragments below min_area pixels."""
     ids, inverse, counts = np.unique(instances, return_inverse=True, return_counts=True)
     keep = (ids > 0) & (counts >= min_area)
     new = np.zeros(len(ids), np.int32)
     new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return new[inverse].reshape(instances.shape)
+
+
+def ensure_instances(classes: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """Instances as given, or (semantic-only labels) the connected components of each class."""
+    if instances.any() or not classes.any():
+        return instances.astype(np.int32)
+    out = np.zeros(classes.shape, np.int32)
+    for c in np.unique(classes[classes > 0]):
+        comp, n = ndimage.label(classes == c)
+        out[comp > 0] = comp[comp > 0] + out.max()
+    return out
 
 
 def _affine(maps: list[np.ndarray], rng: np.random.Generator, scale: tuple[float, float], shift: float,
@@ -73,7 +84,7 @@ def _affine(maps: list[np.ndarray], rng: np.random.Generator, scale: tuple[float
 
 
 def augment_layout(classes: np.ndarray, instances: np.ndarray, rng: np.random.Generator,
-                   scale: tuple[float, float] = (0.9, 1.3), shift: float = 0.1, elastic: float = 0.0,
+                   scale: tuple[float, float] = (0.85, 1.2), shift: float = 0.1, elastic: float = 0.0,
                    min_area: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Flips, rot90, affine scale/shift and optional elastic warp of an (R, R) layout."""
     k = int(rng.integers(4))
@@ -147,7 +158,9 @@ def raise_share(classes: np.ndarray, instances: np.ndarray, label: int, share: f
     classes, instances = classes.copy(), instances.copy()
     ids = np.unique(instances[instances > 0])
     # instance id -> class, kept up to date instead of re-scanning the map
-    label_of = dict(zip(ids.tolist(), ndimage.maximum(classes, instances, ids).astype(int).tolist())) if len(ids) else {}
+    label_of = {}
+    if len(ids):
+        label_of = dict(zip(ids.tolist(), ndimage.maximum(classes, instances, ids).astype(int).tolist()))
     max_objects = max(int(crowding * len(label_of)), len(label_of) + 2)
     n_pasted = n_removed = 0
 
@@ -198,7 +211,7 @@ class LayoutSampler:
     """
 
     def __init__(self, samples, resolution: int = 128, codes=None, p_vq: float = 0.0,
-                 scale: tuple[float, float] = (0.9, 1.3), shift: float = 0.1, elastic: float = 0.0,
+                 scale: tuple[float, float] = (0.85, 1.2), shift: float = 0.1, elastic: float = 0.0,
                  min_area: int = 4):
         if not samples:
             raise ValueError("LayoutSampler needs at least one labelled sample")
@@ -208,7 +221,8 @@ class LayoutSampler:
         self.scale, self.shift, self.elastic, self.min_area = tuple(scale), shift, elastic, min_area
         # label maps with the short side at R: crops of them keep the objects' scale of the training images
         self.maps = [(fit_short_side(s.classes.astype(np.int32), resolution, nearest=True),
-                      fit_short_side(s.instances.astype(np.int32), resolution, nearest=True)) for s in samples]
+                      fit_short_side(ensure_instances(s.classes, s.instances), resolution, nearest=True))
+                     for s in samples]
         self.ids = [getattr(s, "id", "") or str(i) for i, s in enumerate(samples)]
         self.bank = _instance_bank(self.maps, min_area)
         self.has_label = {c: np.array([(cl == c).any() for cl, _ in self.maps]) for c in self.bank}

@@ -21,7 +21,7 @@ class Synthesizer:
     """Turns layouts (anything with .classes and .instances, e.g. Layout or Sample) into RGB images."""
 
     def __init__(self, generator: Generator, label_names: list[str], version: str = "maskgan-0"):
-        self.generator = generator.eval()
+        self.generator = generator.eval().to(memory_format=torch.channels_last)  # see Generator.generate
         self.config: MaskGANConfig = generator.config
         self.label_names = list(label_names)
         self.version = version
@@ -64,7 +64,7 @@ class Synthesizer:
         for i in range(0, len(layouts), batch_size):
             fake = self.generator.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size])
             fake = ((fake.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            images.extend(fake.permute(0, 2, 3, 1).numpy())  # (B, 3, R, R) -> (B, R, R, 3)
+            images.extend(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
         return images
 
     def self_consistency(self, images: list[np.ndarray], layouts, predictor,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .layouts import crop_box, fit_short_side
+from .layouts import crop_box, ensure_instances, fit_short_side
 from .maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
                       feature_matching_loss, g_hinge_loss, label_maps_to_mask)
 
@@ -96,7 +96,7 @@ def _prepare(samples, resolution: int) -> list[tuple[np.ndarray, np.ndarray, np.
                              f"{s.classes.shape}/{s.instances.shape} differ in size")
         out.append((fit_short_side(s.image, resolution, nearest=False),
                     fit_short_side(s.classes.astype(np.int32), resolution, nearest=True),
-                    fit_short_side(s.instances.astype(np.int32), resolution, nearest=True)))
+                    fit_short_side(ensure_instances(s.classes, s.instances), resolution, nearest=True)))
     return out
 
 
@@ -111,7 +111,8 @@ def get_batch(data, batch_size: int, resolution: int, rng: np.random.Generator, 
         for a, dst in ((image, images), (cl, classes), (ins, instances)):
             a = np.rot90(a[y:y + resolution, x:x + resolution], k)
             dst.append(a[:, ::-1] if flip else a)
-    real = torch.from_numpy(np.stack(images).astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1  # (B, H, W, 3) -> (B, 3, H, W)
+    real = torch.from_numpy(np.stack(images).astype(np.float32)) / 127.5 - 1
+    real = real.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
     mask = label_maps_to_mask(torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(instances)),
                               n_labels, boundary)
     return real.to(device), mask.to(device)

@@ -66,7 +66,7 @@ class TrainConfig:
     image_dropout: float = 0.3       # share of the reconstruction samples decoded without the image
     recon_fraction: float = 0.3      # share of each batch decoded from the true codes
     boundary_width: int = 1
-    boundary_weight: float = 1.0     # cross-entropy weight of the boundary class (> 1 biases masks larger)
+    boundary_weight: float = 3.0     # cross-entropy weight of the boundary class (undone at inference)
     dice_weight: float = 0.5         # foreground soft-Dice loss weight
     code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
@@ -175,6 +175,9 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
     z_q, commit_loss, indices = model.encode(target)
     code_logits = model.predict_codes(feats=feats)
     z_pred = model.embed_codes(code_logits)
+    # the code cross-entropy trains the predictor head only: its early, large values must not disturb
+    # the image features that pixel accuracy rests on
+    ce_logits = model.predict_codes(feats=[f.detach() for f in feats]) if code_weight > 0 else code_logits.detach()
     recon = (torch.arange(B, device=x.device) < round(B * cfg.recon_fraction))[:, None, None, None]
     z = torch.where(recon, z_q, z_pred)
     drop = recon & (torch.rand(B, 1, 1, 1, device=x.device) < cfg.image_dropout)
@@ -185,7 +188,7 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
     dice = 1 - (2 * (p_fg * t_fg).sum((1, 2)) + 1) / (p_fg.sum((1, 2)) + t_fg.sum((1, 2)) + 1)  # (B,)
     pix = pix + cfg.dice_weight * dice
     r = recon.view(B)
-    out = {"pix": pix.mean(), "code": F.cross_entropy(code_logits, indices), "commit": commit_loss}
+    out = {"pix": pix.mean(), "code": F.cross_entropy(ce_logits, indices), "commit": commit_loss}
     out["loss"] = out["pix"] + code_weight * out["code"] + out["commit"]
     out["rec"] = pix[r].mean() if r.any() else pix.new_zeros(())
     out["seg"] = pix[~r].mean() if (~r).any() else pix.new_zeros(())
@@ -193,7 +196,7 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
 
 
 @torch.no_grad()
-def estimate(model: VQVAE, val, batch_size: int, device, n_classes: int) -> dict:
+def estimate(model: VQVAE, val, batch_size: int, device, edge_weight: float = 1.0) -> dict:
     """Validation at R on the inference path: cross-entropy, foreground IoU and code accuracy."""
     model.eval()
     x_all, t_all = val
@@ -205,6 +208,7 @@ def estimate(model: VQVAE, val, batch_size: int, device, n_classes: int) -> dict
         ce += F.cross_entropy(logits, t, reduction="sum").item() / t[0, 0].numel()
         _, _, indices = model.encode(t)
         acc += (code_logits.argmax(1) == indices).float().mean((1, 2)).sum().item()
+        logits[:, -1] -= math.log(edge_weight)  # undo the boundary class weight, as the Predictor does
         pred_fg, true_fg = logits.softmax(1)[:, 0] < 0.5, t[:, 0] < 0.5
         inter += (pred_fg & true_fg).sum().item()
         union += (pred_fg | true_fg).sum().item()
@@ -293,8 +297,17 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
     for s in train + val:
         if s.classes.max() > n_classes:
             raise ValueError(f"sample {s.id!r} uses class {s.classes.max()} but only {n_classes} labels given")
+    threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, train, val, label_names, Path(out), init_from, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
+    n_classes = len(label_names)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, iter0 = build_model(cfg, label_names, init_from)
@@ -319,11 +332,11 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
             frac = max(frac, elapsed / cfg.time_budget_s)
         last = it >= cfg.max_iters or frac >= 1.0
         if val_set is not None and (it % cfg.eval_interval == 0 and it > 0 or last):
-            est = estimate(model, val_set, cfg.batch_size, device, n_classes)
+            est = estimate(model, val_set, cfg.batch_size, device, cfg.boundary_weight)
             history.append({"iter": it, **est})
             logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f", it, est["val_loss"],
                         est["val_iou_r"], est["val_code_acc"])
-            if est["val_iou_r"] >= best:
+            if (frac >= cfg.vq_phase or last) and est["val_iou_r"] >= best:  # only states with a trained predictor
                 best, best_state = est["val_iou_r"], copy.deepcopy(model.state_dict())
             if progress:
                 progress({"phase": "eval", "iter": it, "max_iters": cfg.max_iters, "loss": est["val_loss"],
@@ -362,7 +375,7 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
     train_s = time.time() - t_start
     result = {"iter_num": iter0 + it, "train_s": train_s, "label_names": list(label_names)}
     if val:
-        result.update(evaluate(Predictor(model, label_names, device=str(device)), val))
+        result.update(evaluate(Predictor(model, label_names, device=str(device), edge_weight=cfg.boundary_weight), val))
         result.update({"best_val_iou_r": best})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})

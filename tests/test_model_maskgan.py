@@ -8,7 +8,7 @@ import torch
 
 from model.data import Sample, make_nuclei
 from model.inference import Predictor
-from model.layouts import Layout, LayoutSampler, augment_layout, logits_to_layout, share_of
+from model.layouts import LayoutSampler, augment_layout, ensure_instances, logits_to_layout, share_of
 from model.maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
                            feature_matching_loss, g_hinge_loss, label_maps_to_mask)
 from model.synth import Synthesizer
@@ -132,6 +132,15 @@ def test_augment_layout_keeps_classes_and_instances_consistent():
     assert np.array_equal(classes > 0, instances > 0)
     for k in np.unique(instances[instances > 0]):
         assert len(np.unique(classes[instances == k])) == 1, "one class per object"
+
+
+def test_semantic_only_labels_get_instances():
+    classes = np.zeros((16, 16), np.int32)
+    classes[2:5, 2:5], classes[8:12, 8:12] = 1, 2
+    instances = ensure_instances(classes, np.zeros_like(classes))
+    assert instances.max() == 2 and np.array_equal(instances > 0, classes > 0)
+    bank = LayoutSampler([Sample(np.zeros((16, 16, 3), np.uint8), classes, np.zeros_like(classes))], 16).bank
+    assert sorted(bank) == [1, 2]
 
 
 def test_logits_to_layout_separates_touching_objects():

@@ -19,9 +19,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def tiny_train_config():
     """A small, fast TrainConfig for CPU tests."""
-    return TrainConfig(max_iters=120, eval_interval=60, log_interval=40, batch_size=8, lr=5e-3, device="cpu",
-                       threads=1, resolution=64, crop=64, widths=(8, 16, 32, 32), codebook_size=64, embed_dim=16,
-                       time_budget_s=40)
+    return TrainConfig(max_iters=300, eval_interval=100, log_interval=50, batch_size=8, lr=5e-3, device="cpu",
+                       threads=1, resolution=128, crop=64, widths=(8, 16, 32, 32), codebook_size=64, embed_dim=16,
+                       time_budget_s=30)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,19 @@ def test_train_smoke(data, tmp_path):
     assert path == tmp_path / "model.pt" and path.is_file()
 
 
+def test_warm_start_only_when_labels_match(trained, data, tmp_path):
+    path, _, _ = trained
+    old = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = TrainConfig(max_iters=2, eval_interval=2, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
+                      codebook_size=16, embed_dim=8, batch_size=2)
+    warm = torch.load(train(cfg, data[0][:2], data[1][:1], ["nucleus"], tmp_path / "warm.pt", init_from=path),
+                      map_location="cpu", weights_only=True)
+    assert warm["model_config"] == old["model_config"] and warm["iter_num"] == old["iter_num"] + 2
+    cold = torch.load(train(cfg, data[0][:2], data[1][:1], ["cell"], tmp_path / "cold.pt", init_from=path),
+                      map_location="cpu", weights_only=True)
+    assert cold["model_config"]["resolution"] == 32 and cold["iter_num"] == 2
+
+
 def test_tiny_training_reaches_iou(trained, data):
     path, predictor, events = trained
     m = evaluate(predictor, data[1])
@@ -67,10 +80,10 @@ def test_tiny_training_reaches_iou(trained, data):
 
 
 def test_checkpoint_round_trip(trained, data):
-    path, predictor, _ in trained
+    path, predictor, _ = trained
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "vqvae" and ckpt["label_names"] == ["nucleus"] and ckpt["iter_num"] > 0
-    assert "fg_iou" in ckpt["metrics"] and ckpt["train_config"]["resolution"] == 64
+    assert "fg_iou" in ckpt["metrics"] and ckpt["train_config"]["resolution"] == 128
     # metrics written by the in-memory model at the end of training are reproduced by the reloaded one
     m = evaluate(Predictor.from_checkpoint(path, device="cpu"), data[1])
     assert m["fg_iou"] == pytest.approx(ckpt["metrics"]["fg_iou"], abs=1e-9)

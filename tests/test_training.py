@@ -133,3 +133,20 @@ def test_gan_availability_is_reported(monkeypatch, why_not):
     if why_not:
         monkeypatch.delattr(tm, "train")
     assert training._gan_available() == why_not
+
+
+def test_the_gan_retrains_only_when_the_data_grew(settings):
+    from model.data import Sample
+
+    def samples(n, synthetic=0):
+        img, lab = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32)
+        return [Sample(img, lab, lab, id=str(i), synthetic=i < synthetic) for i in range(n)]
+
+    assert training._gan_up_to_date(settings, "4", samples(3)) == ""                 # no GAN yet
+    reg = ModelCache(settings).registry("4")
+    f = settings.model_dir / "gan.pt"
+    f.write_bytes(b"stub")
+    reg.add(f, {"n_train": 40}, promote=True, kind="gan")
+    assert "retrains at 48" in training._gan_up_to_date(settings, "4", samples(47))
+    assert "retrains at 48" in training._gan_up_to_date(settings, "4", samples(50, synthetic=3))
+    assert training._gan_up_to_date(settings, "4", samples(48)) == ""

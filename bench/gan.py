@@ -1,0 +1,360 @@
+"""Mask GAN benchmarks (issue #4): are generated images useful, are their labels right, is it fast.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.gan [--quick] [--iters 300] [--gan-budget 120]
+
+1. Usefulness on dsb2018 (fixed split by id hash, 20 % val, the first --max-val val images): for
+   N real training images, the label model is trained with EQUAL iterations on
+     real_only    N real, augmentation OFF (no flips / rot90 / zoom / intensity jitter)
+     classic      N real, augmentation ON (TrainConfig's defaults: flips, rot90, zoom 0.8-1.25, jitter 0.2)
+     gan          N real + M generated, augmentation OFF
+     gan_classic  N real + M generated, augmentation ON
+   (every arm keeps the random 96 px training crop). The GAN is trained on the same N real images only;
+   its layouts come from LayoutSampler over the N real layouts; 3M are rendered and the M with the
+   highest self-consistency IoU (>= --min-iou) under the `classic` model (the best model the N real images
+   give) are kept. Real samples are repeated so that about half of each batch is real.
+2. Label fidelity: IoU between layouts and a judge label model's prediction on generated images
+   (unfiltered), against the same judge's IoU on real validation images. The judge is trained on ALL
+   training images (augmentation ON, same iterations).
+3. Speed: generated images/s at R=128 (batch 32) at 1 and 2 torch threads, and synthetic tasks/s into a
+   real Label Studio (backend.synthetic.generate_into_project, end to end).
+Writes bench/results/gan.json and bench/results/gan_grid.png (layout | generated | re-segmentation).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS, dataset, write_result
+from model.data import Sample, load_folder, split_ids
+from model.inference import Predictor
+from model.layouts import LayoutSampler, fit_short_side
+from model.metrics import mean_iou
+from model.synth import Synthesizer
+from model.train_maskgan import GANTrainConfig, train as train_gan
+from model.train_vqvae import TrainConfig, evaluate, train as train_label
+
+AUG_OFF = dict(flips=False, rot90=False, scale_min=1.0, scale_max=1.0, jitter=0.0)
+AUG_ON = {}  # TrainConfig defaults: flips, rot90, scale 0.8-1.25, jitter 0.2
+LS_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="Nucleus"/></BrushLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="Nucleus"/></PolygonLabels>
+  <RectangleLabels name="bbox" toName="image"><Label value="Nucleus"/></RectangleLabels>
+</View>"""
+
+
+def log(msg: str, t0: list[float] = [time.time()]) -> None:  # noqa: B006 (start time of the run)
+    print(f"[{time.time() - t0[0]:6.0f}s] {msg}", flush=True)
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+# ----------------------------------------------------------------------------------------------- label model
+
+def fit_label(train: list[Sample], names: list[str], iters: int, aug: dict, out: Path, threads: int,
+              seed: int = 0) -> tuple[Path, float]:
+    cfg = TrainConfig(max_iters=iters, eval_interval=10 * iters, log_interval=10 * iters, seed=seed,
+                      device="cpu", threads=threads, **aug)
+    t0 = time.time()
+    ckpt = train_label(cfg, train, [], names, out)  # no selection on val: val is only for the final score
+    return ckpt, time.time() - t0
+
+
+def score(ckpt: Path, val: list[Sample]) -> dict:
+    m = evaluate(Predictor.from_checkpoint(ckpt, device="cpu"), val)
+    return {k: m[k] for k in ("fg_iou", "fg_iou_pooled", "instance_f1", "instance_ap")}
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+def fit_gan(train: list[Sample], names: list[str], budget_s: float, out: Path, threads: int) -> tuple[Path, dict]:
+    cfg = GANTrainConfig(max_iters=1_000_000, time_budget_s=budget_s, device="cpu", threads=threads,
+                         log_interval=10 ** 9)
+    t0 = time.time()
+    ckpt = train_gan(cfg, train, names, out)
+    iters = int(torch.load(ckpt, map_location="cpu", weights_only=True)["iter_num"])
+    return ckpt, {"iters": iters, "train_s": round(time.time() - t0, 1), "budget_s": budget_s,
+                  "batch_size": cfg.batch_size}
+
+
+def generated_set(synth: Synthesizer, sampler: LayoutSampler, judge: Predictor, m: int, oversample: int,
+                  min_iou: float, seed: int) -> tuple[list[Sample], dict]:
+    """Render oversample*m layouts, keep the (up to) m best that pass the self-consistency filter."""
+    layouts = sampler.sample(oversample * m, seed=seed)
+    t0 = time.time()
+    images = synth.render(layouts, seed=seed)
+    checks = synth.self_consistency(images, layouts, judge, threshold=min_iou)
+    order = sorted(range(len(layouts)), key=lambda i: -checks[i][1])
+    keep = [i for i in order if checks[i][0]][:m]
+    samples = [Sample(images[i], layouts[i].classes, layouts[i].instances, id=f"gen{seed}_{i}", synthetic=True)
+               for i in keep]
+    ious = [c[1] for c in checks]
+    return samples, {"rendered": len(layouts), "passed": int(sum(c[0] for c in checks)), "kept": len(keep),
+                     "mean_iou_all": float(np.mean(ious)), "mean_iou_kept": float(np.mean([ious[i] for i in keep]))
+                     if keep else 0.0, "min_iou": min_iou, "seconds": round(time.time() - t0, 1)}
+
+
+def fidelity(synth: Synthesizer, sampler: LayoutSampler, judge: Predictor, n: int, seed: int):
+    """Self-consistency IoU of unfiltered generated images under the judge: (mean, per image, layouts, images)."""
+    layouts = sampler.sample(n, seed=seed)
+    images = synth.render(layouts, seed=seed)
+    checks = synth.self_consistency(images, layouts, judge, threshold=0.0)
+    ious = [c[1] for c in checks]
+    return float(np.mean(ious)), ious, layouts, images
+
+
+def real_crops_iou(judge: Predictor, val: list[Sample], R: int, rng: np.random.Generator) -> float:
+    """The judge's IoU on real val images cut the way generated images are framed: short side resized to R,
+    a random R x R crop (so pixel scale and size match the generated images)."""
+    images, truths = [], []
+    for s in val:
+        img = fit_short_side(s.image, R, nearest=False)
+        cl = fit_short_side(s.classes.astype(np.int32), R, nearest=True)
+        y, x = int(rng.integers(0, cl.shape[0] - R + 1)), int(rng.integers(0, cl.shape[1] - R + 1))
+        images.append(np.ascontiguousarray(img[y:y + R, x:x + R]))
+        truths.append(cl[y:y + R, x:x + R])
+    preds = []
+    for i in range(0, len(images), 16):
+        preds += judge.predict(images[i:i + 16])
+    return float(np.mean([mean_iou(p.classes, t, judge.n_classes) for p, t in zip(preds, truths)]))
+
+
+def render_speed(synth: Synthesizer, sampler: LayoutSampler, threads: int, n_batches: int) -> dict:
+    torch.set_num_threads(threads)
+    layouts = sampler.sample(32 * (n_batches + 1), seed=99)
+    synth.render(layouts[:32], seed=0)  # warm-up (oneDNN primitive cache)
+    load = load1()
+    t0 = time.time()
+    synth.render(layouts[32:], seed=1, batch_size=32)
+    dt = time.time() - t0
+    return {"threads": threads, "images": 32 * n_batches, "seconds": round(dt, 2),
+            "images_per_s": 32 * n_batches / dt, "load1_before": round(load, 2)}
+
+
+# ------------------------------------------------------------------------------------------------ grid PNG
+
+def _colour(instances: np.ndarray) -> np.ndarray:
+    palette = np.random.default_rng(3).integers(60, 256, (int(instances.max()) + 1, 3)).astype(np.uint8)
+    palette[0] = 0
+    return palette[instances]
+
+
+def save_grid(rows, path: Path) -> None:
+    """rows: (layout, image, prediction, iou); columns layout | generated | re-segmentation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(4.2, 1.45 * len(rows)), dpi=100)
+    for r, (lay, img, pred, iou) in enumerate(rows):
+        for c, (pic, title) in enumerate(((_colour(lay.instances), "layout"), (img, "generated"),
+                                          (_colour(pred.instances), f"label model, IoU {iou:.2f}"))):
+            ax = axes[r, c]
+            ax.imshow(pic, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0 or c == 2:
+                ax.set_title(title, fontsize=6.5, pad=2)
+    fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------- Label Studio
+
+def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: list[str], count: int,
+                  min_iou: float, work: Path) -> dict:
+    """Real LS server: project with brush+polygon+box, 2 annotated real tasks, then generate `count`."""
+    from PIL import Image
+
+    from backend.label_config import Control
+    from backend.lsserver import LabelStudioServer, build_template
+    from backend.regions import instances_to_results
+    from backend.service import ModelCache
+    from backend.settings import Settings
+    from backend.synthetic import generate_into_project
+
+    t0 = time.time()
+    template = build_template()
+    with LabelStudioServer(data_dir=work / "ls-data", template=template) as ls:
+        api = ls.client()
+        start_s = time.time() - t0
+        pid = api.create_project("tessera gan bench", LS_CONFIG)["id"]
+        paths = []
+        for s in real:
+            paths.append(work / f"{s.id}.png")
+            Image.fromarray(s.image).save(paths[-1])
+        ids = api.upload_images(pid, paths)["task_ids"]
+        brush = Control("brushlabels", "mask", "image", ("Nucleus",))
+        for tid, s in zip(ids, real):
+            k = [int(i) for i in np.unique(s.instances) if i]
+            api.create_annotation(tid, instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
+        settings = Settings(label_studio_url=ls.url, label_studio_api_key=ls.token, model_dir=work / "models",
+                            device="cpu", synth_min_iou=min_iou)
+        reg = ModelCache(settings).registry(str(pid))
+        for ckpt, kind in ((label_ckpt, "label"), (gan_ckpt, "gan")):
+            copy = work / f"{kind}.pt"
+            shutil.copy(ckpt, copy)  # add() moves the file into the store
+            reg.add(copy, {"label_names": list(names)}, promote=True, kind=kind)
+        t1 = time.time()
+        out = generate_into_project(settings, str(pid), count=count, seed=7)
+        dt = time.time() - t1
+        tasks = api.tasks(pid)
+        synthetic = [t for t in tasks if (t.get("meta") or {}).get("synthetic")]
+        n_pred = sum(len(t.get("predictions") or []) for t in synthetic)
+        api.close()
+    return {"requested": count, "created": len(out["created"]), "failed": out["failed"], "seconds": round(dt, 2),
+            "tasks_per_s": len(out["created"]) / dt, "synthetic_tasks_in_ls": len(synthetic),
+            "predictions_in_ls": n_pred, "threshold": settings.synth_min_iou, "ls_start_s": round(start_s, 1),
+            "torch_threads": torch.get_num_threads(),
+            "region_types": sorted({r["type"] for t in synthetic for p in (t.get("predictions") or [])
+                                    for r in p["result"]})}
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 30])
+    ap.add_argument("--iters", type=int, default=300, help="label-model iterations, every arm")
+    ap.add_argument("--gan-budget", type=float, default=120.0, help="GAN training seconds per N")
+    ap.add_argument("--m-factor", type=int, default=3, help="M = m_factor * N generated images kept")
+    ap.add_argument("--oversample", type=int, default=3, help="layouts rendered per kept image")
+    ap.add_argument("--min-iou", type=float, default=0.5, help="self-consistency filter threshold")
+    ap.add_argument("--max-val", type=int, default=60)
+    ap.add_argument("--n-fidelity", type=int, default=64)
+    ap.add_argument("--ls-count", type=int, default=20)
+    ap.add_argument("--ls-min-iou", type=float, default=0.5, help="TESSERA_SYNTH_MIN_IOU for the LS run")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for training; 0 = 2 if quiet else 1")
+    ap.add_argument("--quick", action="store_true", help="smoke run: N=10, 30 iters, 15 s GAN, 10 val images")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.iters, args.gan_budget, args.max_val = [10], 30, 15.0, 10
+        args.n_fidelity, args.ls_count, args.ls_min_iou = 16, 4, 0.0  # the quick GAN passes no filter
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        print("note: export OMP_WAIT_POLICY=PASSIVE before python starts (busy-waiting threads on shared cores)")
+    threads = args.threads or (2 if load1() < 1.0 else 1)
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="tessera-bench-gan-"))
+
+    samples, names = load_folder(dataset("dsb2018"))
+    train_ids, val_ids = split_ids([s.id for s in samples], 0.2)
+    by_id = {s.id: s for s in samples}
+    train_all, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids][:args.max_val]
+    log(f"dsb2018: {len(train_all)} train, {len(val)} val (capped), labels {names}; torch threads {threads}, "
+        f"load {load1():.1f}")
+
+    rows, gans = [], {}
+    for n in args.sizes:
+        real = train_all[:n]
+        row = {"n_real": n}
+        ckpt_classic, row_t = fit_label(real, names, args.iters, AUG_ON, work / f"classic_{n}.pt", threads)
+        row["classic"] = {**score(ckpt_classic, val), "train_s": round(row_t, 1)}
+        log(f"N={n} classic      fg IoU {row['classic']['fg_iou']:.4f} ({row_t:.0f}s)")
+        ckpt, row_t = fit_label(real, names, args.iters, AUG_OFF, work / f"real_{n}.pt", threads)
+        row["real_only"] = {**score(ckpt, val), "train_s": round(row_t, 1)}
+        log(f"N={n} real_only    fg IoU {row['real_only']['fg_iou']:.4f} ({row_t:.0f}s)")
+
+        gan_ckpt, row["gan_training"] = fit_gan(real, names, args.gan_budget, work / f"maskgan_{n}.pt", threads)
+        gans[n] = gan_ckpt
+        log(f"N={n} GAN trained {row['gan_training']['iters']} iters")
+        synth = Synthesizer.from_checkpoint(gan_ckpt, device="cpu")
+        sampler = LayoutSampler(real, resolution=synth.config.resolution)
+        gen, row["generated"] = generated_set(synth, sampler, Predictor.from_checkpoint(ckpt_classic, device="cpu"),
+                                              args.m_factor * n, args.oversample, args.min_iou, seed=1000 + n)
+        log(f"N={n} generated: {row['generated']}")
+        reps = max(1, round(len(gen) / n))  # real samples repeated: about half of each batch is real
+        mixed = real * reps + gen
+        row["mix"] = {"real_repeats": reps, "n_generated": len(gen), "real_share": n * reps / len(mixed)}
+        for arm, aug in (("gan", AUG_OFF), ("gan_classic", AUG_ON)):
+            ckpt, row_t = fit_label(mixed, names, args.iters, aug, work / f"label_{arm}_{n}.pt", threads)
+            row[arm] = {**score(ckpt, val), "train_s": round(row_t, 1)}
+            log(f"N={n} {arm:12s} fg IoU {row[arm]['fg_iou']:.4f} ({row_t:.0f}s)")
+        rows.append(row)
+
+    # 2. fidelity, judged by a label model trained on all training images
+    judge_ckpt, judge_t = fit_label(train_all, names, args.iters, AUG_ON, work / "judge.pt", threads)
+    judge = Predictor.from_checkpoint(judge_ckpt, device="cpu")
+    judge_real = score(judge_ckpt, val)
+    real_crop_iou = real_crops_iou(judge, val, 128, np.random.default_rng(5))
+    log(f"judge (all {len(train_all)} train images): val fg IoU {judge_real['fg_iou']:.4f}, "
+        f"on 128 px crops {real_crop_iou:.4f}")
+    fid = {"judge": {"n_train": len(train_all), "iters": args.iters, "train_s": round(judge_t, 1), **judge_real,
+                     "fg_iou_128_crops": real_crop_iou}}
+    grid_rows = None
+    for n, gan_ckpt in gans.items():
+        synth = Synthesizer.from_checkpoint(gan_ckpt, device="cpu")
+        real = train_all[:n]
+        own, own_ious, layouts, images = fidelity(synth, LayoutSampler(real, resolution=128), judge,
+                                                  args.n_fidelity, seed=2000 + n)
+        unseen, _, _, _ = fidelity(synth, LayoutSampler(val, resolution=128), judge, args.n_fidelity, seed=3000 + n)
+        fid[f"n{n}"] = {"synth_iou_train_layouts": own, "synth_iou_val_layouts": unseen,
+                        "ratio_vs_real_val": own / judge_real["fg_iou"], "ratio_vs_real_crops": own / real_crop_iou,
+                        "n_images": args.n_fidelity}
+        log(f"fidelity N={n}: synthetic {own:.4f} (unseen layouts {unseen:.4f}) vs real {judge_real['fg_iou']:.4f}")
+        preds = judge.predict(images[:6])
+        grid_rows = [(layouts[i], images[i], preds[i], own_ious[i]) for i in range(6)]
+        grid_n = n
+    grid_path = RESULTS / "gan_grid.png"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    save_grid(grid_rows, grid_path)
+    log(f"wrote {grid_path} ({grid_path.stat().st_size // 1024} KB, GAN of N={grid_n})")
+
+    # 3. speed
+    n_big = max(gans)
+    synth = Synthesizer.from_checkpoint(gans[n_big], device="cpu")
+    sampler = LayoutSampler(train_all[:n_big], resolution=128)
+    speed = [render_speed(synth, sampler, t, 2 if args.quick else 4) for t in (1, 2)]
+    torch.set_num_threads(threads)
+    log("render: " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads" for s in speed))
+    ls = ls_throughput(judge_ckpt, gans[n_big], train_all[:2], names, args.ls_count, args.ls_min_iou, work)
+    log(f"Label Studio: {ls['created']}/{ls['requested']} synthetic tasks in {ls['seconds']}s")
+
+    summary = {}
+    for r in rows:
+        k = f"n{r['n_real']}"
+        for arm in ("real_only", "classic", "gan", "gan_classic"):
+            summary[f"{k}_{arm}_fg_iou"] = r[arm]["fg_iou"]
+        summary[f"{k}_gan_gain_vs_real_only_points"] = 100 * (r["gan"]["fg_iou"] - r["real_only"]["fg_iou"])
+        summary[f"{k}_gan_classic_gain_vs_classic_points"] = 100 * (r["gan_classic"]["fg_iou"] - r["classic"]["fg_iou"])
+        summary[f"{k}_gan_vs_classic_points"] = 100 * (r["gan"]["fg_iou"] - r["classic"]["fg_iou"])
+        summary[f"{k}_generated_kept"] = r["generated"]["kept"]
+    summary["judge_real_val_fg_iou"] = judge_real["fg_iou"]
+    summary["judge_real_crops_fg_iou"] = real_crop_iou
+    for n in gans:
+        summary[f"n{n}_fidelity_synth_iou"] = fid[f"n{n}"]["synth_iou_train_layouts"]
+        summary[f"n{n}_fidelity_ratio"] = fid[f"n{n}"]["ratio_vs_real_val"]
+        summary[f"n{n}_fidelity_ratio_crops"] = fid[f"n{n}"]["ratio_vs_real_crops"]
+    for s in speed:
+        summary[f"gen_images_per_s_{s['threads']}threads"] = s["images_per_s"]
+    summary["ls_synthetic_tasks_per_s"] = ls["tasks_per_s"]
+    summary["ls_synthetic_tasks_created"] = ls["created"]
+    summary["wall_s"] = time.time() - t_start
+    write_result("gan", {
+        "quick": args.quick, "summary": summary, "usefulness": rows, "fidelity": fid, "render_speed": speed,
+        "label_studio": ls,
+        "setup": {"dataset": "dsb2018", "split": "split_ids(ids, 0.2)", "n_val": len(val),
+                  "label_iters": args.iters, "label_batch": TrainConfig.batch_size, "label_crop": TrainConfig.crop,
+                  "aug_off": AUG_OFF, "aug_on": "TrainConfig defaults (flips, rot90, scale 0.8-1.25, jitter 0.2)",
+                  "gan_budget_s": args.gan_budget, "m_factor": args.m_factor, "oversample": args.oversample,
+                  "min_iou": args.min_iou, "filter_model": "classic arm of the same N",
+                  "torch_threads_training": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+                  "seeds": "label 0, GAN 1337, layouts 1000+N, one seed per arm"},
+        "targets": {"gain_vs_real_only_n10": "+5 IoU points", "gain_vs_classic_n10": "+2 IoU points",
+                    "fidelity_ratio": ">= 0.8", "gen_images_per_s": ">= 100 at R=128 on 2 CPU cores"}})
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"done in {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
