@@ -193,6 +193,7 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         if project.get("label_config"):
             projects.remember(key, schema=project["label_config"])
         job = runner.submit(key, action)
+        logger.info("webhook %s for project %s: run %s", action, key, job.get("state"))
         return jsonify({"status": "scheduled", "project": key, "action": action, "job": job}), 201
 
     @app.route("/versions", methods=["GET", "POST"])

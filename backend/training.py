@@ -42,6 +42,7 @@ _PRECISION = {"brushlabels": 0, "polygonlabels": 1, "rectanglelabels": 2}   # fi
 DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 TRAIN_BUDGET_S = 90.0        # wall-clock cap of a run's label training (LS runs); see train_config
 GAN_TIME_BUDGET_S = 120.0    # the GAN part of one run; it warm-starts, so it keeps improving over runs
+MISLABELING_BUDGET_S = 20.0  # seconds a run spends scoring annotations for mislabeling after a promotion
 GAN_RETRAIN_GROWTH = 0.2     # the GAN retrains when a project's annotated images grew by this share
 GAN_PROGRESS_EVERY = 20      # iterations between the GAN's progress steps (status + one log line each)
 
@@ -457,28 +458,36 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
 
 
 def write_mislabeling(settings: Settings, client: LSClient, key: str, config: LabelConfig, tasks: list[dict],
-                      samples: list[Sample]) -> int:
-    """Score every annotated task's latest annotation under the new model and store it on the task as
+                      samples: list[Sample], budget_s: float = MISLABELING_BUDGET_S) -> int:
+    """Score annotated tasks' latest annotations under the served model and store the score on the task as
     `meta.tessera_mislabeling` and as the data column `tessera_mislabeling` (sortable and filterable in
-    the Data Manager of LS Community); returns how many tasks were written (unchanged ones are skipped)."""
+    the Data Manager of LS Community); returns how many tasks were written.
+
+    Tasks with no score yet go first, then those scored by the oldest version; work stops after
+    `budget_s` seconds (100 tasks took ~90 s on 2 busy cores, holding up the next run), so later runs
+    finish the rest."""
     served = ModelCache(settings).served(key, config)
     if served.predictor is None:
         return 0
-    by_task: dict[str, float] = {}
+    by_task: dict[str, list[Sample]] = {}
     for s in samples:
-        _, m = served.predictor.check(s.image, s.classes, s.instances)
-        tid = s.id.split(":", 1)[0]
-        by_task[tid] = max(by_task.get(tid, 0.0), float(m))
+        by_task.setdefault(s.id.split(":", 1)[0], []).append(s)
+    todo = [t for t in {str(t["id"]): t for t in tasks}.values() if str(t["id"]) in by_task and
+            (t.get("meta") or {}).get("tessera_model_version") != served.version]
+    todo.sort(key=lambda t: ("tessera_mislabeling" in (t.get("meta") or {}),
+                             str((t.get("meta") or {}).get("tessera_model_version") or "")))
+    end = time.monotonic() + budget_s
     written = 0
-    for task in {str(t["id"]): t for t in tasks}.values():
+    for task in todo:
+        if time.monotonic() > end:
+            logger.info("project %s: mislabeling scores written for %d tasks; %d left for later runs",
+                        key, written, len(todo) - written)
+            break
         tid = str(task["id"])
-        if tid not in by_task:
-            continue
-        value = round(by_task[tid], 4)
+        value = round(max(float(served.predictor.check(s.image, s.classes, s.instances)[1])
+                          for s in by_task[tid]), 4)
         data = dict(task.get("data") or {})
         meta = dict(task.get("meta") or {})
-        if data.get("tessera_mislabeling") == value and meta.get("tessera_model_version") == served.version:
-            continue
         data["tessera_mislabeling"] = value
         meta.update({"tessera_mislabeling": value, "tessera_model_version": served.version})
         client.request("PATCH", f"/api/tasks/{int(tid)}/", json={"data": data, "meta": meta})

@@ -344,6 +344,8 @@ class Predictor:
             probs = p2 if mask.any() else probs
         if not mask.any():  # last resort: the hint itself, cleaned
             mask = _clean(hint)
+        elif hint.any():
+            mask = _clip_to_hint(mask, hint, pos)
         p_fg = 1 - probs[0]
         conf = float(p_fg[mask].mean()) if mask.any() else 0.0
         return mask, conf
@@ -425,6 +427,25 @@ def _relabel(inst: np.ndarray) -> np.ndarray:
     ids, inverse = np.unique(inst, return_inverse=True)
     new = np.arange(len(ids), dtype=np.int32) + (0 if ids[0] == 0 else 1)
     return new[inverse].reshape(inst.shape)
+
+
+def _clip_to_hint(mask: np.ndarray, hint: np.ndarray, pos) -> np.ndarray:
+    """Keep the part of a predicted object near the hint: objects the model merged with a neighbour
+    are cut back to the hinted one (a box exactly, a rough stroke with a margin of half its radius)."""
+    ys, xs = np.nonzero(hint)
+    area = int(hint.sum())
+    boxy = area == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+    margin = 1 if boxy else max(2, round(0.5 * np.sqrt(area / np.pi)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+    region = cv2.dilate(hint.astype(np.uint8), disk).astype(bool)
+    for y, x in pos:
+        region[max(0, y - margin):y + margin + 1, max(0, x - margin):x + margin + 1] = True
+    clipped = mask & region
+    if not clipped.any():
+        return mask
+    n, comp = cv2.connectedComponents(clipped.astype(np.uint8), connectivity=8)
+    touching = np.unique(comp[hint & clipped])
+    return np.isin(comp, touching[touching > 0]) if len(touching) else clipped
 
 
 def _clean(mask: np.ndarray) -> np.ndarray:

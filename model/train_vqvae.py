@@ -3,8 +3,11 @@
 A flat loop in the style of nanoGPT's train.py (get_batch / estimate / get_lr / loop). Every batch is
 split: some samples are decoded from the VQ codes of their true label map (the VQ-VAE reconstruction, with
 the image dropped at random so layouts decode alone), the others from the codes the predictor reads off
-the image (the inference path). One decoder pass trains both, and the code predictor also gets
-cross-entropy against the true codes. Run: python -m model.train_vqvae --data=DIR --max_iters=300
+the image (the inference path). One decoder pass trains both. Two phases in one run: until vq_phase the
+codebook moves (EMA, dead-code restarts); then it and the label encoder freeze and the code predictor head
+also learns cross-entropy against the (now fixed) true codes. Losses: class-weighted cross-entropy on
+area-averaged (soft) label maps + foreground soft Dice + commitment.
+Run: python -m model.train_vqvae --data=DIR --time_budget_s=60
 """
 
 from __future__ import annotations

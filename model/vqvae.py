@@ -241,7 +241,7 @@ class VQVAEConfig:
     ema_decay: float = 0.95                 # fast enough to track the encoder in short CPU runs
     dead_threshold: float = 0.1             # EMA usage below which a code is restarted
     image_dropout: float = 0.3              # share of training samples decoded without the image
-    n_predictor_layers: int = 2
+    n_predictor_layers: int = 1
     invert_bright: bool = True              # invert images with a bright median (objects bright on dark)
     boundary_width: int = 1                 # object outline width in pixels at R
 

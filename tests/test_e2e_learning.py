@@ -156,7 +156,7 @@ def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
     print(f"6 annotations -> promoted version in {time.time() - t0:.1f} s: {st['last_result']['metrics']}")
     result = st["last_result"]
     assert result["version"] == f"tessera-p{pid}-v0001" and result["reason"] == "first version"
-    assert result["n_annotated_tasks"] == 6, result
+    assert result["n_annotated_tasks"] == 6 and result["mislabeling_written"] == 6, result
     assert "ANNOTATION_CREATED" in st["reason"]
     assert setup_version(tessera.url, pid) == result["version"]
 

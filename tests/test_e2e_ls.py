@@ -84,14 +84,15 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
     result = [{k: brush[k] for k in ("from_name", "to_name", "type", "value", "original_width",
                                      "original_height")}]
     ls_api.create_annotation(task_ids[0], result)
-    status = wait_for(lambda: _job(tessera, pid).get("state") not in (None, "idle") and _job(tessera, pid),
+    status = wait_for(lambda: _job(tessera, pid).get("events", 0) >= 1 and _job(tessera, pid),
                       what="the webhook to schedule a run")
-    assert "ANNOTATION_CREATED" in str(status), status
+    assert status["state"] in ("scheduled", "running", "done"), status
     # the run itself sees 1 annotated task, below TESSERA_MIN_ANNOTATIONS: it finishes as skipped
     done = wait_for(lambda: _job(tessera, pid).get("last_result") and _job(tessera, pid), timeout=60,
                     what="the run to finish")
     assert done["last_result"]["status"] == "skipped", done
-    assert "ANNOTATION_CREATED" in tessera.log_text()
+    assert "ANNOTATION_CREATED" in done["reason"], done
+    assert "webhook ANNOTATION_CREATED" in tessera.log_text()
 
     # Start training in LS -> START_TRAINING webhook -> runner
     ls_api.ml_train(ml["id"])

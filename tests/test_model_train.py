@@ -194,3 +194,17 @@ def test_check_flags_bad_annotations(trained, data):
     assert 0.0 <= good < empty <= 1.0 and good < bad, (good, empty, bad)
     assert good_pred.classes.shape == s.classes.shape
     assert metrics.iou(good_pred.classes > 0, s.classes > 0) > 0.7
+
+
+def test_layout_codes_round_trip(trained, data):
+    """Predictor.encode / decode_codes, the interface model/layouts.py recombines code maps with."""
+    _, predictor, _ = trained
+    s = data[1][0]  # 128 px == R of the tiny config
+    classes = torch.from_numpy(s.classes[None])
+    instances = torch.from_numpy(s.instances[None])
+    codes = predictor.encode(classes, instances)
+    assert codes.shape == (1, 16, 16) and codes.dtype == torch.long
+    logits = predictor.decode_codes(codes)
+    assert logits.shape == (1, 3, 128, 128)
+    decoded_fg = logits[0].argmax(0).numpy() > 0
+    assert metrics.iou(decoded_fg, s.classes > 0) > 0.5  # the codes alone carry the layout

@@ -24,7 +24,8 @@ def _batch(config, B=2, seed=0):
     labels = torch.zeros(B, R, R, dtype=torch.long)
     for b in range(B):
         for _ in range(3):
-            cy, cx, r = torch.randint(4, R - 4, (2,), generator=g).tolist() + [int(torch.randint(3, 7, (1,), generator=g))]
+            cy, cx = torch.randint(4, R - 4, (2,), generator=g).tolist()
+            r = int(torch.randint(3, 7, (1,), generator=g))
             labels[b][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
     onehot = F.one_hot(labels, config.n_labels).permute(0, 3, 1, 2).float()
     image = labels[:, None].float().repeat(1, 3, 1, 1) * 0.8 + 0.1 * torch.rand(B, 3, R, R, generator=g)
