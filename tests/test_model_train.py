@@ -21,7 +21,7 @@ def tiny_train_config():
     """A small, fast TrainConfig for CPU tests."""
     return TrainConfig(max_iters=300, eval_interval=100, log_interval=50, batch_size=8, lr=5e-3, device="cpu",
                        threads=1, resolution=128, crop=64, widths=(8, 16, 32, 32), codebook_size=64, embed_dim=16,
-                       time_budget_s=30)
+                       bf16=False)  # no time budget, fp32: the same model on every machine
 
 
 @pytest.fixture(scope="module")
