@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -242,6 +243,9 @@ def main() -> None:
         args.n_fidelity, args.ls_count, args.ls_min_iou = 16, 4, 0.0  # the quick GAN passes no filter
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print("note: export OMP_WAIT_POLICY=PASSIVE before python starts (busy-waiting threads on shared cores)")
+    # the code that runs is the working tree at start: name the model/ files that differ from the commit
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "model"], cwd=RESULTS.parents[1],
+                           capture_output=True, text=True).stdout.split()[1::2]
     threads = args.threads or (2 if load1() < 1.0 else 1)
     torch.set_num_threads(threads)
     t_start = time.time()
@@ -348,7 +352,7 @@ def main() -> None:
                   "aug_off": AUG_OFF, "aug_on": "TrainConfig defaults (flips, rot90, scale 0.8-1.25, jitter 0.2)",
                   "gan_budget_s": args.gan_budget, "m_factor": args.m_factor, "oversample": args.oversample,
                   "min_iou": args.min_iou, "filter_model": "classic arm of the same N",
-                  "torch_threads_training": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+                  "torch_threads_training": threads, "uncommitted_model_files_at_start": dirty, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                   "seeds": "label 0, GAN 1337, layouts 1000+N, one seed per arm"},
         "targets": {"gain_vs_real_only_n10": "+5 IoU points", "gain_vs_classic_n10": "+2 IoU points",
                     "fidelity_ratio": ">= 0.8", "gen_images_per_s": ">= 100 at R=128 on 2 CPU cores"}})

@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-val", type=int, default=0, help="cap the validation images (0 = all)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 15 s budgets, 20 validation images")
+    ap.add_argument("--name", default="label_model", help="results file bench/results/<name>.json")
     args = ap.parse_args()
     if args.quick:
         args.budget, args.max_val = 15.0, 20
@@ -272,7 +273,7 @@ def main() -> None:
     for name, e in edits.items():
         summary[f"{name}_edit_gain_points"] = e["mean"]["gain_points"]
         summary[f"{name}_edit_share_worse"] = e["mean"]["share_worse"]
-    write_result("label_model", {"summary": summary, "rows": rows, "edit_suggestions": edits,
+    write_result(args.name, {"summary": summary, "rows": rows, "edit_suggestions": edits,
                                  "targets": {"dsb_all_fg_iou": ">= 0.85", "dsb_n10_fg_iou": ">= 0.78",
                                              "vs_unet": ">= MONAI UNet at equal budget",
                                              "edits": "+8 IoU points on average, < 5% made worse"}})

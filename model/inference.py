@@ -75,6 +75,10 @@ def resize(arr: np.ndarray, h: int, w: int, nearest: bool = False) -> np.ndarray
     if nearest:
         return cv2.resize(arr, (w, h), interpolation=cv2.INTER_NEAREST)
     interp = cv2.INTER_AREA if h < arr.shape[0] else cv2.INTER_LINEAR
+    if arr.ndim == 3 and arr.shape[2] > 4:
+        # OpenCV's area resize takes at most 4 channels: label maps with 3+ classes go 4 at a time
+        return np.concatenate([resize(arr[:, :, i:i + 4], h, w).reshape(h, w, -1)
+                               for i in range(0, arr.shape[2], 4)], axis=2)
     return cv2.resize(arr, (w, h), interpolation=interp)
 
 

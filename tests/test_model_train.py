@@ -208,3 +208,25 @@ def test_layout_codes_round_trip(trained, data):
     assert logits.shape == (1, 3, 128, 128)
     decoded_fg = logits[0].argmax(0).numpy() > 0
     assert metrics.iou(decoded_fg, s.classes > 0) > 0.5  # the codes alone carry the layout
+
+
+def test_three_class_model_predicts_refines_and_checks():
+    """Label maps with more than 4 channels (3 classes + background + outline) go through every path."""
+    from model.inference import Predictor
+    from model.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    names = ["cat", "dog", "bird"]
+    pred = Predictor(VQVAE(VQVAEConfig(resolution=64, n_labels=len(names) + 2, widths=(8, 16, 16, 16),
+                                       codebook_size=16, embed_dim=8)), names, device="cpu")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (90, 70, 3), dtype=np.uint8)
+    classes = np.zeros((90, 70), np.int32)
+    classes[10:40, 10:30], classes[50:80, 30:60] = 1, 3
+    instances = (classes > 0).astype(np.int32) + (classes == 3)
+    p = pred.predict([image])[0]
+    assert p.classes.shape == (90, 70) and p.classes.max() <= 3
+    refined, mislabeling = pred.check(image, classes, instances)
+    assert refined.classes.shape == (90, 70) and 0.0 <= mislabeling <= 1.0
+    mask, score = pred.refine(image, classes == 1, [], [], 1)
+    assert mask.shape == (90, 70) and 0.0 <= score <= 1.0
