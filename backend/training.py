@@ -308,33 +308,44 @@ def drop_duplicate_regions(results: list[dict], to_name: str, height: int, width
     (its bounding box, for a box) is >= DUPLICATE_IOU is dropped."""
     regions = [r for r in results if isinstance(r, dict) and r.get("to_name") == to_name
                and r.get("type") in REGION_TYPES]
+    if len({r["type"] for r in regions}) <= 1:
+        return regions
     regions.sort(key=lambda r: _PRECISION[r["type"]])          # stable: drawing order kept within a type
-    kept: list[tuple[dict, np.ndarray, tuple[int, int, int, int]]] = []
+    kept: list[tuple[dict, np.ndarray, tuple[int, int, int, int]]] = []   # (region, mask crop, box)
     for r in regions:
         mask = region_to_mask(r, height, width)
         if not mask.any():
             continue
         box = _bbox(mask)
+        crop = mask[box[0]:box[2], box[1]:box[3]]
         duplicate = False
-        for k, kmask, kbox in kept:
-            if _PRECISION[k["type"]] >= _PRECISION[r["type"]]:
+        for k, kcrop, kbox in kept:
+            if _PRECISION[k["type"]] >= _PRECISION[r["type"]] or _box_iou(box, kbox) == 0.0:
                 continue
             if r["type"] == "rectanglelabels":
                 overlap = _box_iou(box, kbox)
             else:
-                inter = np.count_nonzero(mask & kmask)
-                overlap = inter / max(np.count_nonzero(mask | kmask), 1) if inter else 0.0
+                overlap = _crop_iou(crop, box, kcrop, kbox)
             if overlap >= DUPLICATE_IOU:
                 duplicate = True
                 break
         if not duplicate:
-            kept.append((r, mask, box))
+            kept.append((r, crop, box))
     return [r for r, _, _ in kept]
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of a non-empty mask, end-exclusive."""
     ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     return int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1
+
+
+def _crop_iou(a: np.ndarray, abox: tuple, b: np.ndarray, bbox: tuple) -> float:
+    """IoU of two masks given as crops at their boxes (only the boxes' overlap can intersect)."""
+    y0, x0, y1, x1 = max(abox[0], bbox[0]), max(abox[1], bbox[1]), min(abox[2], bbox[2]), min(abox[3], bbox[3])
+    inter = np.count_nonzero(a[y0 - abox[0]:y1 - abox[0], x0 - abox[1]:x1 - abox[1]] &
+                             b[y0 - bbox[0]:y1 - bbox[0], x0 - bbox[1]:x1 - bbox[1]])
+    return inter / max(np.count_nonzero(a) + np.count_nonzero(b) - inter, 1)
 
 
 def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:

@@ -28,7 +28,8 @@ import torch
 
 from bench.common import RESULTS, SHARED_DATA, write_result
 
-STRATEGIES = ("uncertainty", "random")
+STRATEGIES = ("uncertainty", "random", "mixed")   # mixed: half lowest score, half random (not run by default)
+LABELS = {"uncertainty": "lowest Tessera score first", "random": "random", "mixed": "half lowest score, half random"}
 
 
 def labels_to_reach(curve: list[dict], goal: float) -> int | None:
@@ -45,8 +46,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100, help="training iterations per round (warm-started)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategies", default="uncertainty,random", help=f"comma-separated, of {STRATEGIES}")
+    ap.add_argument("--tag", default="", help="write active_learning_<tag>.json/.png instead")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, a few iterations, small sets")
     args = ap.parse_args()
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    if not strategies or any(x not in STRATEGIES for x in strategies):
+        ap.error(f"--strategies takes a comma-separated subset of {STRATEGIES}")
     if args.quick:
         args.max_labels, args.iters = args.start + args.step, 4
 
@@ -76,42 +82,44 @@ def main() -> None:
         t1 = time.time()
         m = evaluate(ckpt, test)
         return ckpt, {"labels": len(ids), "iou": m["fg_iou"], "iou_pooled": m["fg_iou_pooled"],
-                      "instance_f1": m["instance_f1"], "train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
+                      "instance_f1": m["instance_f1"], "train_s": round(t1 - t0, 1),
+                      "eval_s": round(time.time() - t1, 1)}
 
     ckpt0, point0 = fit(start, None, "start")
     print(f"start: {point0}")
     curves: dict[str, list[dict]] = {}
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         labelled, ckpt, curve = list(start), ckpt0, [dict(point0)]
         srng = random.Random(args.seed + 1)
         while len(labelled) + args.step <= args.max_labels:
             taken = set(labelled)
             pool = [i for i in train_ids if i not in taken]
             t0 = time.time()
-            if strategy == "uncertainty":
+            n_low = {"uncertainty": args.step, "random": 0, "mixed": (args.step + 1) // 2}[strategy]
+            picked = []
+            if n_low:
                 predictor = Predictor.from_checkpoint(ckpt, device="cpu")
                 scores = []
                 for b in range(0, len(pool), 32):
                     scores += [p.score for p in predictor.predict([by_id[i].image for i in pool[b:b + 32]])]
-                picked = [pool[j] for j in np.argsort(scores, kind="stable")[:args.step]]
-            else:
-                picked = srng.sample(pool, args.step)
+                picked = [pool[j] for j in np.argsort(scores, kind="stable")[:n_low]]
+            picked += srng.sample([i for i in pool if i not in picked], args.step - n_low)
             select_s = time.time() - t0
             labelled += picked
             ckpt, point = fit(labelled, ckpt, f"{strategy}-{len(labelled)}")
-            point["select_s"] = round(select_s, 1)
+            point.update({"select_s": round(select_s, 1), "picked": picked})
             curve.append(point)
             print(f"{strategy:11s} {point}")
         curves[strategy] = curve
 
-    rounds = len(curves[STRATEGIES[0]])
+    rounds = len(curves[strategies[0]])
     _, full = fit(train_ids, None, "full", iters=rounds * args.iters)
     full.update({"iters": rounds * args.iters})
     print(f"full data: {full}")
     goal = 0.95 * full["iou"]
     needed = {s: labels_to_reach(c, goal) for s, c in curves.items()}
     saving = None
-    if needed["uncertainty"] is not None and needed["random"] is not None:
+    if needed.get("uncertainty") is not None and needed.get("random") is not None:
         saving = 1.0 - needed["uncertainty"] / needed["random"]
     summary = {"full_data_iou": full["iou"], "goal_iou_95pct": goal, "labels_to_95pct": needed,
                "label_saving_vs_random": saving,
@@ -126,8 +134,14 @@ def main() -> None:
                                              "seed": args.seed, "quick": args.quick,
                                              "wall_s": round(time.time() - t_all, 1)},
                "curves": curves, "full_data": full}
-    name = "active_learning_quick" if args.quick else "active_learning"
-    write_result(name, payload)
+    name = "active_learning" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    reference = RESULTS / "active_learning.json"          # the untagged files hold the reference run
+    kept = reference.read_bytes() if name != "active_learning" and reference.exists() else None
+    path = write_result("active_learning", payload)
+    if name != "active_learning":
+        path.rename(path.with_name(f"{name}.json"))
+        if kept is not None:
+            reference.write_bytes(kept)
     plot(curves, full, goal, RESULTS / f"{name}.png", args)
 
 
@@ -138,8 +152,7 @@ def plot(curves: dict[str, list[dict]], full: dict, goal: float, path: Path, arg
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for strategy, curve in curves.items():
-        ax.plot([p["labels"] for p in curve], [p["iou"] for p in curve], marker="o",
-                label={"uncertainty": "lowest Tessera score first", "random": "random"}[strategy])
+        ax.plot([p["labels"] for p in curve], [p["iou"] for p in curve], marker="o", label=LABELS[strategy])
     ax.axhline(full["iou"], color="grey", linestyle="--", label=f"all {full['labels']} training images")
     ax.axhline(goal, color="grey", linestyle=":", label="95% of that")
     ax.set_xlabel("labelled images")

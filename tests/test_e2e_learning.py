@@ -179,8 +179,17 @@ def test_start_training_in_ls_runs(project, tessera):
     pid = project["id"]
     before = job(tessera.url, pid)
     project["api"].ml_train(project["ml"])            # LS -> START_TRAINING webhook
-    st = wait_runs(tessera.url, pid, before["runs"] + 1)
+    seen = []                                          # what /status showed while the run ran
+
+    def finished():
+        st = job(tessera.url, pid)
+        seen.append(st)
+        return st if st["runs"] > before["runs"] and st["state"] in ("done", "failed") else None
+    st = wait_for(finished, 150, "the START_TRAINING run")
     assert st["state"] == "done" and "START_TRAINING" in st["reason"], st
+    training = [s for s in seen if s["state"] == "running" and s["phase"] in ("train", "eval")]
+    assert any(0 < s["fraction"] <= 1 and s["loss"] is not None and s["eta_s"] is not None for s in training), \
+        [(s["state"], s["phase"], s["fraction"]) for s in seen]
     assert st["last_result"]["status"] in ("promoted", "rejected"), st
     assert "vs served" in st["last_result"]["reason"]       # compared with the version it warm-started from
 
@@ -216,9 +225,12 @@ def test_a_worse_run_is_rejected(project, tessera):
     assert val_ids and train_ids
     for tid in train_ids:                 # corrupt what the next run trains on; the held-back tasks stay true
         ann = next(a for a in annotated[int(tid)]["annotations"] if not a["was_cancelled"])
-        api.patch(f"/api/annotations/{ann['id']}/", {"result": inverted_results(samples[project["tasks"].index(int(tid))])})
+        bad = inverted_results(samples[project["tasks"].index(int(tid))])
+        api.patch(f"/api/annotations/{ann['id']}/", {"result": bad})
     st = wait_runs(tessera.url, pid, before["runs"] + 1, timeout=240)
     result = st["last_result"]
+    print(f"corrupted run: val IoU {result['metrics'].get('val_iou')} vs served "
+          f"{result['metrics'].get('current_val_iou')} -> {result['status']}")
     assert st["state"] == "done" and result["status"] == "rejected", st
     assert result["metrics"]["val_iou"] < result["metrics"]["current_val_iou"] - 0.01, result
     assert setup_version(tessera.url, pid) == served
