@@ -29,6 +29,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "TESSERA_MIN_ANNOTATIONS": ("5", "Annotated tasks a project needs before a training run trains."),
     "TESSERA_GAN_MIN_ANNOTATIONS": ("20", "Annotated tasks a project needs before runs also train the GAN."),
     "TESSERA_TRAIN_ITERS": ("600", "Training iterations of a run started from Label Studio."),
+    "TESSERA_TRAIN_BUDGET_S": ("90", "Wall-clock cap, in seconds, of the label-model training in a run started from "
+                                     "Label Studio (runs warm-start, so training adds up over runs; 0 = no cap)."),
+    "TESSERA_TRAIN_THREADS": ("0", "torch threads for training; 0 = half the CPU cores (the rest keep answering "
+                                   "/predict)."),
     "TESSERA_EXCLUDE_SYNTHETIC": ("false", "Leave annotations of synthetic (generated) tasks out of training."),
     "TESSERA_SYNTH_MIN_IOU": ("0.5", "A generated image is kept only if the label model's prediction on it agrees "
                                      "with its layout at least this much (IoU)."),
@@ -72,6 +76,8 @@ class Settings:
     min_annotations: int = 5
     gan_min_annotations: int = 20
     train_iters: int = 600
+    train_budget_s: float = 90.0
+    train_threads: int = 0
     exclude_synthetic: bool = False
     promote_tolerance: float = 0.01
     synth_min_iou: float = 0.5
@@ -100,6 +106,8 @@ class Settings:
                 min_annotations=int(_env("TESSERA_MIN_ANNOTATIONS")),
                 gan_min_annotations=int(_env("TESSERA_GAN_MIN_ANNOTATIONS")),
                 train_iters=int(_env("TESSERA_TRAIN_ITERS")),
+                train_budget_s=float(_env("TESSERA_TRAIN_BUDGET_S")),
+                train_threads=int(_env("TESSERA_TRAIN_THREADS")),
                 exclude_synthetic=_bool(_env("TESSERA_EXCLUDE_SYNTHETIC")),
                 promote_tolerance=float(_env("TESSERA_PROMOTE_TOLERANCE")),
                 synth_min_iou=float(_env("TESSERA_SYNTH_MIN_IOU")),

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import logging
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,6 @@ def main() -> None:
         args.max_labels, args.iters = args.start + args.step, 4
 
     from model.data import load_folder, split_ids
-    from model.inference import Predictor
     from model.train_vqvae import TrainConfig, evaluate, train
 
     logging.basicConfig(level=logging.WARNING)
@@ -84,6 +84,44 @@ def main() -> None:
         return ckpt, {"labels": len(ids), "iou": m["fg_iou"], "iou_pooled": m["fg_iou_pooled"],
                       "instance_f1": m["instance_f1"], "train_s": round(t1 - t0, 1),
                       "eval_s": round(time.time() - t1, 1)}
+
+    try:
+        curves, full = _simulate(args, strategies, fit, start, train_ids, by_id)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    goal = 0.95 * full["iou"]
+    needed = {s: labels_to_reach(c, goal) for s, c in curves.items()}
+    saving = None
+    if needed.get("uncertainty") is not None and needed.get("random") is not None:
+        saving = 1.0 - needed["uncertainty"] / needed["random"]
+    summary = {"full_data_iou": full["iou"], "goal_iou_95pct": goal, "labels_to_95pct": needed,
+               "label_saving_vs_random": saving,
+               "target": "uncertainty reaches the 95% mark with >= 30% fewer labels than random",
+               "meets_target": saving is not None and saving >= 0.30,
+               "note": None if all(v is not None for v in needed.values()) else
+               f"a strategy did not reach the 95% mark within {args.max_labels} labels"}
+    print(summary)
+    payload = {"summary": summary, "setup": {"data": args.data, "n_pool": len(train_ids), "n_test": len(test),
+                                             "start": args.start, "step": args.step, "max_labels": args.max_labels,
+                                             "iters_per_round": args.iters, "threads": args.threads,
+                                             "seed": args.seed, "quick": args.quick,
+                                             "wall_s": round(time.time() - t_all, 1)},
+               "curves": curves, "full_data": full}
+    name = "active_learning" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    reference = RESULTS / "active_learning.json"          # the untagged files hold the reference run
+    kept = reference.read_bytes() if name != "active_learning" and reference.exists() else None
+    path = write_result("active_learning", payload)
+    if name != "active_learning":
+        path.rename(path.with_name(f"{name}.json"))
+        if kept is not None:
+            reference.write_bytes(kept)
+    plot(curves, full, goal, RESULTS / f"{name}.png", args)
+
+
+def _simulate(args, strategies: list[str], fit, start: list[str], train_ids: list[str], by_id: dict
+              ) -> tuple[dict[str, list[dict]], dict]:
+    """The rounds of every strategy from the shared start model, then the full-data reference."""
+    from model.inference import Predictor
 
     ckpt0, point0 = fit(start, None, "start")
     print(f"start: {point0}")
@@ -116,33 +154,7 @@ def main() -> None:
     _, full = fit(train_ids, None, "full", iters=rounds * args.iters)
     full.update({"iters": rounds * args.iters})
     print(f"full data: {full}")
-    goal = 0.95 * full["iou"]
-    needed = {s: labels_to_reach(c, goal) for s, c in curves.items()}
-    saving = None
-    if needed.get("uncertainty") is not None and needed.get("random") is not None:
-        saving = 1.0 - needed["uncertainty"] / needed["random"]
-    summary = {"full_data_iou": full["iou"], "goal_iou_95pct": goal, "labels_to_95pct": needed,
-               "label_saving_vs_random": saving,
-               "target": "uncertainty reaches the 95% mark with >= 30% fewer labels than random",
-               "meets_target": saving is not None and saving >= 0.30,
-               "note": None if all(v is not None for v in needed.values()) else
-               f"a strategy did not reach the 95% mark within {args.max_labels} labels"}
-    print(summary)
-    payload = {"summary": summary, "setup": {"data": args.data, "n_pool": len(train_ids), "n_test": len(test),
-                                             "start": args.start, "step": args.step, "max_labels": args.max_labels,
-                                             "iters_per_round": args.iters, "threads": args.threads,
-                                             "seed": args.seed, "quick": args.quick,
-                                             "wall_s": round(time.time() - t_all, 1)},
-               "curves": curves, "full_data": full}
-    name = "active_learning" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    reference = RESULTS / "active_learning.json"          # the untagged files hold the reference run
-    kept = reference.read_bytes() if name != "active_learning" and reference.exists() else None
-    path = write_result("active_learning", payload)
-    if name != "active_learning":
-        path.rename(path.with_name(f"{name}.json"))
-        if kept is not None:
-            reference.write_bytes(kept)
-    plot(curves, full, goal, RESULTS / f"{name}.png", args)
+    return curves, full
 
 
 def plot(curves: dict[str, list[dict]], full: dict, goal: float, path: Path, args) -> None:
