@@ -101,7 +101,7 @@ def main() -> None:
                "note": None if all(v is not None for v in needed.values()) else
                f"a strategy did not reach the 95% mark within {args.max_labels} labels"}
     print(summary)
-    payload = {"summary": summary, "setup": {"data": args.data, "n_pool": len(train_ids), "n_test": len(test),
+    payload = {"summary": summary, "setup": {"data": Path(args.data).name, "n_pool": len(train_ids), "n_test": len(test),
                                              "start": args.start, "step": args.step, "max_labels": args.max_labels,
                                              "iters_per_round": args.iters, "threads": args.threads,
                                              "seed": args.seed, "quick": args.quick,
