@@ -214,12 +214,12 @@ def build_template(ls_venv: Path | None = None, template_dir: Path | None = None
         tmp = template_dir / f".tmp-ls-{version}-{os.getpid()}"
         data = tmp / "data"
         data.mkdir(parents=True)
-        password = secrets.token_urlsafe(12)
+        password = "pw" + secrets.token_urlsafe(12)   # never starts with "-" (argparse would take it for a flag)
         token = secrets.token_hex(20)  # 40 hex chars
         log = tmp / "init.log"
         env = ls_environment(data, tmp / "xdg", ls_venv)
-        cmd = [str(exe), "init", "--data-dir", str(data), "--username", username, "--password", password,
-               "--user-token", token, "--enable-legacy-api-token", "--quiet", "--no-browser"]
+        cmd = [str(exe), "init", "--data-dir", str(data), f"--username={username}", f"--password={password}",
+               f"--user-token={token}", "--enable-legacy-api-token", "--quiet", "--no-browser"]
         t0 = time.monotonic()
         try:
             with open(log, "wb") as out:
