@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -132,23 +131,11 @@ class Console:
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def _port_busy(port: int) -> bool:
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.settimeout(0.5)
-                if s.connect_ex((host, port)) == 0:
-                    return True
-        except OSError:
-            pass
-    return False
-
-
 def _pick_port(preferred: int) -> int:
-    from backend.lsserver import free_port
+    from backend.lsserver import free_port, port_in_use
 
     # LS moves to port+1 when its port is busy, so the next one must be free too
-    return preferred if not (_port_busy(preferred) or _port_busy(preferred + 1)) else free_port()
+    return preferred if not (port_in_use(preferred) or port_in_use(preferred + 1)) else free_port()
 
 
 class Background:

@@ -248,7 +248,7 @@ def build_template(ls_venv: Path | None = None, template_dir: Path | None = None
 # server
 
 
-def _port_in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
     # LS's own check connects to ("localhost", port); test 127.0.0.1 and ::1 alike
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
@@ -267,7 +267,7 @@ def free_port() -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if not _port_in_use(port) and not _port_in_use(port + 1):
+        if not port_in_use(port) and not port_in_use(port + 1):
             return port
     raise LabelStudioError("no free TCP port found")
 
@@ -345,7 +345,7 @@ class LabelStudioServer:
         last: Exception | None = None
         for _ in range(attempts):
             port = self.requested_port or free_port()
-            if _port_in_use(port):
+            if port_in_use(port):
                 raise LabelStudioError(f"port {port} is busy (LS would silently move to {port + 1})")
             try:
                 self._start_once(exe, port, timeout)

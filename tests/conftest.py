@@ -202,3 +202,40 @@ def trained_model_dir(tmp_path_factory):
                                  progress=lambda info: None)
     assert result["status"] == "promoted", result
     return d
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A throw-away redis-server on a free port, one per test module; fails clearly if not installed."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("TESSERA_SKIP_REDIS") == "1":
+            pytest.skip("redis-server not installed and TESSERA_SKIP_REDIS=1")
+        pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server) "
+                    "or set TESSERA_SKIP_REDIS=1 to skip the RQ tests", pytrace=False)
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        deadline = time.time() + 15
+        while not up():
+            assert proc.poll() is None and time.time() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -14,7 +14,6 @@ import errno
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -296,36 +295,6 @@ def test_a_failing_save_keeps_the_served_version(ls_server, project, tessera, mo
 
 
 # ------------------------------------------------------------------------------------------ RQ / Redis
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """A throw-away redis-server on a free port (no persistence); fails clearly if it is not installed."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("TESSERA_SKIP_REDIS") == "1":
-            pytest.skip("redis-server not installed and TESSERA_SKIP_REDIS=1")
-        pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server) "
-                    "or set TESSERA_SKIP_REDIS=1 to skip the RQ tests", pytrace=False)
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _redis_up(port) or proc.poll() is not None, 15, "redis-server")
-        assert proc.poll() is None, "redis-server exited at start"
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _redis_up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
 
 def _children(pid: int) -> list[int]:
     out = []

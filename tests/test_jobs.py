@@ -2,8 +2,6 @@
 a real redis-server and real worker processes (set TESSERA_SKIP_REDIS=1 to skip that part)."""
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -172,40 +170,6 @@ def rq_recording_run(project_key, reason, progress):
     if "FAIL" in reason:
         raise RuntimeError("asked to fail")
     return {"version": "v0001", "reason": reason}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """A throw-away redis-server on a free port."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("TESSERA_SKIP_REDIS") == "1":
-            pytest.skip("redis-server not installed and TESSERA_SKIP_REDIS=1")
-        pytest.fail("redis-server is not on PATH: install it (apt-get install -y redis-server) "
-                    "or set TESSERA_SKIP_REDIS=1 to skip the RQ tests", pytrace=False)
-    port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    from redis import Redis
-    conn = Redis.from_url(url)
-    end = time.monotonic() + 10
-    while True:
-        try:
-            conn.ping()
-            break
-        except Exception:  # redis.ConnectionError until the server listens
-            assert time.monotonic() < end and proc.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(scope="module")
