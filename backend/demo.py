@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import fcntl
-import importlib.util
 import json
 import logging
 import os
@@ -65,7 +64,7 @@ class Plan:
     n_images: int
     size: int
     iters: int            # label-model iterations of the first version
-    gan_seconds: float    # GAN training budget (only when backend.synthetic exists)
+    gan_seconds: float    # GAN training budget (0: no GAN, no synthetic tasks)
     n_synthetic: int
     n_annotated: int      # tasks that get ground-truth annotations (the first of them with nuclei left out)
     retrain_iters: int    # TESSERA_TRAIN_ITERS of `tessera serve` (runs started from Label Studio)
@@ -224,13 +223,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data, indent=1))
     os.chmod(tmp, 0o600)            # holds the demo's password and token
     os.replace(tmp, path)
-
-
-def synthetic_available() -> bool:
-    try:
-        return importlib.util.find_spec("backend.synthetic") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------- data + model
@@ -429,7 +421,7 @@ def run_demo(args) -> int:
 
         prev_pid = str((previous.get("project") or {}).get("id") or "")
         have_model = bool(prev_pid) and ModelCache(settings).registry(prev_pid).current("label") is not None
-        want_gan = synthetic_available() and plan.gan_seconds > 0
+        want_gan = plan.gan_seconds > 0
         staged: dict[str, Any] = {}
         if have_model:
             console.step(f"project {prev_pid} of the last run has a model: no training while Label Studio starts")
@@ -596,10 +588,6 @@ def _synthetic(settings: Settings, pid: int, plan: Plan, stats: dict, console: C
     if stats["synthetic"]:
         console.step(f"synthetic tasks: {len(stats['synthetic'])} already in the project (none added)")
         return {"status": "kept", "task_ids": stats["synthetic"]}
-    if not synthetic_available():
-        msg = "skipped: backend.synthetic is not part of this build"
-        console.step(f"synthetic tasks: {msg}")
-        return {"status": "skipped", "reason": msg}
     if plan.gan_seconds <= 0:
         msg = "skipped: TESSERA_DEMO_GAN_S=0 (no GAN trained)"
         console.step(f"synthetic tasks: {msg}")

@@ -201,36 +201,77 @@ def result_label(result: dict) -> str | None:
     return None
 
 
-_PRECISION = {"brushlabels": 0, "polygonlabels": 1, "rectanglelabels": 2}
+_PRECISION = {"brushlabels": 0, "polygonlabels": 1, "rectanglelabels": 2}   # finest first
+DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 
 
 def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: int,
-                    label_index: dict[str, int], overlap: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                    label_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """LS annotation results -> (classes, instances) (H, W) int32 maps for the image `to_name`.
 
     Every region becomes one instance with class `label_index[label]` (regions whose label is not in it
     are skipped). An object is often drawn several ways (a prediction accepted as is has a brush mask,
-    a polygon and a box per object), so finer regions are drawn first (brush, polygon, box) and a coarser
-    region that lies `overlap` or more on objects already drawn is the same object again: skipped.
-    A coarser region never paints over a finer one.
+    a polygon and a box per object), so finer regions are drawn first (brush, polygon, box), and a
+    polygon or box whose IoU with a finer region already drawn (its bounding box, for a box) is
+    >= DUPLICATE_IOU is the same object again: skipped. Drawn one over the other, the box would win and
+    the map would hold rectangles. A coarser region never paints over a finer one.
     """
     classes = np.zeros((height, width), dtype=np.int32)
     instances = np.zeros((height, width), dtype=np.int32)
-    regions = [r for r in results if r.get("to_name") == to_name and r.get("type") in _PRECISION
-               and result_label(r) in label_index]
+    regions = [r for r in results if isinstance(r, dict) and r.get("to_name") == to_name
+               and r.get("type") in _PRECISION and result_label(r) in label_index]
     regions.sort(key=lambda r: _PRECISION[r["type"]])          # stable: drawing order kept within a type
+    several_types = len({r["type"] for r in regions}) > 1
+    kept: list[tuple[int, np.ndarray, tuple[int, int, int, int]]] = []   # (precision, mask crop, box)
     k = 0
     for r in regions:
         mask = region_to_mask(r, height, width)
-        area = int(mask.sum())
-        if area == 0:
+        if not mask.any():
             continue
-        taken = instances[mask] > 0
-        if r["type"] != "brushlabels" and taken.sum() >= overlap * area:
-            continue
+        if several_types:
+            box = _bbox(mask)
+            crop = mask[box[0]:box[2], box[1]:box[3]]
+            if _is_duplicate(r["type"], crop, box, kept):
+                continue
+            kept.append((_PRECISION[r["type"]], crop, box))
         if r["type"] != "brushlabels":
             mask &= instances == 0
         k += 1
         classes[mask] = label_index[result_label(r)]
         instances[mask] = k
     return classes, instances
+
+
+def _is_duplicate(kind: str, crop: np.ndarray, box: tuple[int, int, int, int],
+                  kept: list[tuple[int, np.ndarray, tuple[int, int, int, int]]]) -> bool:
+    """Whether a region (its mask crop at `box`) is a coarser copy of one of the finer regions `kept`."""
+    for precision, kcrop, kbox in kept:
+        if precision >= _PRECISION[kind] or _box_iou(box, kbox) == 0.0:
+            continue
+        overlap = _box_iou(box, kbox) if kind == "rectanglelabels" else _crop_iou(crop, box, kcrop, kbox)
+        if overlap >= DUPLICATE_IOU:
+            return True
+    return False
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of a non-empty mask, end-exclusive."""
+    ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    return int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1
+
+
+def _crop_iou(a: np.ndarray, abox: tuple, b: np.ndarray, bbox: tuple) -> float:
+    """IoU of two masks given as crops at their boxes (only the boxes' overlap can intersect)."""
+    y0, x0, y1, x1 = max(abox[0], bbox[0]), max(abox[1], bbox[1]), min(abox[2], bbox[2]), min(abox[3], bbox[3])
+    inter = np.count_nonzero(a[y0 - abox[0]:y1 - abox[0], x0 - abox[1]:x1 - abox[1]] &
+                             b[y0 - bbox[0]:y1 - bbox[0], x0 - bbox[1]:x1 - bbox[1]])
+    return inter / max(np.count_nonzero(a) + np.count_nonzero(b) - inter, 1)
+
+
+def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ih, iw = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if ih <= 0 or iw <= 0:
+        return 0.0
+    inter = ih * iw
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)

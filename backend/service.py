@@ -17,7 +17,7 @@ from backend.label_config import Control, LabelConfig
 from backend.media import MediaError, MediaResolver
 from backend.regions import instances_to_results, region_to_mask, result_label, results_to_maps
 from backend.settings import Settings
-from model.registry import Registry
+from model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ class ModelCache:
             self._registries[key] = Registry(self.settings.model_dir / sub)
         return self._registries[key]
 
-    def _source(self, key: str, config: LabelConfig | None) -> tuple[str, Registry, Any] | None:
-        """The registry whose current label model serves project `key`: its own, else the default model
-        when its label names fit the project's config."""
+    def source(self, key: str, config: LabelConfig | None) -> tuple[str, Registry, VersionInfo] | None:
+        """(registry key, registry, version) of the label model that serves project `key`: its own current
+        version, else the default model's when its label names fit the project's config (None: any).
+        Serving and training (the version a new one must beat) both ask this."""
         own = self.registry(key)
         cur = own.current("label")
         if cur is not None:
@@ -86,11 +87,11 @@ class ModelCache:
 
     def version(self, key: str, config: LabelConfig | None = None) -> str:
         """The model_version string for /setup: cheap (reads one small JSON file)."""
-        src = self._source(key, config)
+        src = self.source(key, config)
         return UNTRAINED if src is None else version_string(src[0], src[2].version)
 
     def served(self, key: str, config: LabelConfig | None = None) -> Served:
-        src = self._source(key, config)
+        src = self.source(key, config)
         if src is None:
             return Served(UNTRAINED, None)
         reg_key, reg, info = src
@@ -155,8 +156,11 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
 
 
 def latest_annotation(task: dict) -> dict | None:
+    """The annotation that counts for a task, in training and in /predict's mislabeling score: its latest
+    submitted, non-cancelled one. An empty result counts: someone looked and found no object, which is
+    an all-background sample to train on and an answer a confident model can disagree with."""
     anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
-            and a.get("result")]
+            and isinstance(a.get("result"), list)]
     return max(anns, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0)) if anns else None
 
 

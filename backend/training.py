@@ -10,6 +10,7 @@ is trained in the same run and registered as kind "gan". Nothing is promoted whe
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,11 +25,11 @@ from typing import Callable
 import numpy as np
 
 from backend.jobs import pid_alive
-from backend.label_config import LabelConfig, parse_label_config
+from backend.label_config import Control, LabelConfig, parse_label_config
 from backend.lsclient import LabelStudioUnavailable, LSClient
 from backend.media import MediaError, MediaResolver
-from backend.regions import region_to_mask, results_to_maps
-from backend.service import DEFAULT_KEY, ModelCache, version_string
+from backend.regions import results_to_maps
+from backend.service import DEFAULT_KEY, ModelCache, label_mapping, latest_annotation, version_string
 from backend.settings import Settings
 from model.data import Sample, load_folder, split_ids
 from model.registry import Registry, VersionInfo
@@ -37,9 +38,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 VAL_FRACTION = 0.2
-REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
-_PRECISION = {"brushlabels": 0, "polygonlabels": 1, "rectanglelabels": 2}   # finest first
-DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 TRAIN_BUDGET_S = 90.0        # wall-clock cap of a run's label training (LS runs); see train_config
 GAN_TIME_BUDGET_S = 120.0    # the GAN part of one run; it warm-starts, so it keeps improving over runs
 MISLABELING_BUDGET_S = 20.0  # seconds a run spends scoring annotations for mislabeling after a promotion
@@ -121,24 +119,40 @@ def _process_space() -> str:
     return f"{socket.gethostname()}.{ns}"
 
 
-def served_baseline(cache: ModelCache, key: str, label_names: list[str]
-                    ) -> tuple[str, Registry, VersionInfo] | None:
-    """(registry key, registry, version) of the label version that serves `key` now and that a new version
-    must beat: the project's own current version, else the default model when it predicts the same labels
-    (the one ModelCache falls back to)."""
-    own = cache.registry(key)
-    cur = own.current("label")
-    if cur is not None:
-        return key, own, cur
-    if key == DEFAULT_KEY:
-        return None
-    default = cache.registry(DEFAULT_KEY)
-    cur = default.current("label")
-    if cur is None:
-        return None
-    theirs = [str(n).lower() for n in cur.metrics.get("label_names") or []]
-    ours = [n.lower() for n in label_names]
-    return (DEFAULT_KEY, default, cur) if theirs == ours or len(theirs) == len(ours) == 1 else None
+def folder_config(label_names: list[str]) -> LabelConfig:
+    """The label config a folder dataset stands for: one control with its class names (which model serves
+    it, and how that model's classes map onto them, is then decided as for a Label Studio project)."""
+    return LabelConfig(images=(), controls=(Control("brushlabels", "", "", tuple(label_names)),))
+
+
+class _AsServed:
+    """A served predictor whose classes are renumbered into a project's labels the way Label Studio
+    shows its predictions (service.label_mapping): the default model may know fewer or other names."""
+
+    def __init__(self, predictor, config: LabelConfig, label_names: list[str]):
+        self.predictor, self.n_classes = predictor, len(label_names)
+        index = {n: i + 1 for i, n in enumerate(label_names)}
+        self.lut = np.zeros(len(predictor.label_names) + 1, np.int32)     # model class -> project class
+        for control in reversed(config.controls):                          # the first control decides
+            for c, label in label_mapping(control, predictor.label_names).items():
+                self.lut[c] = index.get(label, 0)
+
+    def predict(self, images: list[np.ndarray]) -> list:
+        out = []
+        for p in self.predictor.predict(images):
+            classes = self.lut[p.classes]
+            out.append(dataclasses.replace(p, classes=classes, instances=np.where(classes > 0, p.instances, 0)))
+        return out
+
+
+def _served_score(path: Path, val: list[Sample], config: LabelConfig, label_names: list[str],
+                  device: str) -> float:
+    """The served version's val score on the held-back tasks, counting what Label Studio shows of it."""
+    from model.inference import Predictor
+    from model.train_vqvae import evaluate
+
+    served = _AsServed(Predictor.from_checkpoint(path, device=device), config, label_names)
+    return val_score(evaluate(served, val), len(label_names))
 
 
 def _metrics_of(ckpt: Path, val: list[Sample]) -> dict:
@@ -155,13 +169,15 @@ def _metrics_of(ckpt: Path, val: list[Sample]) -> dict:
 
 def _train_and_register(settings: Settings, key: str, train: list[Sample], val: list[Sample],
                         label_names: list[str], reason: str, iters: int | None, progress: Progress,
-                        budget_s: float = 0.0) -> dict:
-    """Train a label version on `train`, compare it with the served one on `val`, register it."""
-    from model.train_vqvae import evaluate, train as train_vqvae
+                        budget_s: float = 0.0, config: LabelConfig | None = None) -> dict:
+    """Train a label version on `train`, compare it with the served one on `val`, register it.
+    `config` is the project's label config (None: a folder dataset labelled `label_names`)."""
+    from model.train_vqvae import train as train_vqvae
 
     cache = ModelCache(settings)
     registry = cache.registry(key)
-    base = served_baseline(cache, key, label_names)
+    config = config or folder_config(label_names)
+    base = cache.source(key, config)         # what serves `key` now: the version a new one must beat
     base_name = version_string(base[0], base[2].version) if base else None
     init_from = base[1].path(base[2].version) if base else None
     tmp = _work_dir(registry)
@@ -182,7 +198,7 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
             if base is not None:
                 _phase(progress, "compare")
                 try:
-                    old = val_score(evaluate(init_from, val), len(label_names))
+                    old = _served_score(init_from, val, config, label_names, settings.device)
                 except Exception as e:   # an unreadable served version can't be served either: replace it
                     logger.exception("project %s: could not evaluate the served %s", key, base_name)
                     why = f"served {base_name} could not be evaluated ({type(e).__name__}: {e})"[:300]
@@ -262,17 +278,6 @@ def _gan_up_to_date(settings: Settings, key: str, samples: list[Sample]) -> str:
            f"{n_prev + max(5, round(n_prev * GAN_RETRAIN_GROWTH))}"
 
 
-def _gan_available() -> str:
-    """'' if model.train_maskgan.train can be called, else why not."""
-    try:
-        from model import train_maskgan
-    except Exception as e:  # the GAN is optional: any import problem only disables it
-        return f"model.train_maskgan does not import ({type(e).__name__}: {e})"[:200]
-    if not callable(getattr(train_maskgan, "train", None)) or not hasattr(train_maskgan, "GANTrainConfig"):
-        return "model.train_maskgan has no train() / GANTrainConfig"
-    return ""
-
-
 # ----------------------------------------------------------------------------------- folder datasets
 
 def train_from_folder(settings: Settings, data: Path, project: str | None = None, iters: int | None = None,
@@ -291,79 +296,6 @@ def train_from_folder(settings: Settings, data: Path, project: str | None = None
 
 # ----------------------------------------------------------------------------- Label Studio projects
 
-def training_annotation(task: dict) -> dict | None:
-    """The annotation a task trains with: its latest submitted, non-cancelled one. An empty result counts
-    (someone looked and found no object: an all-background sample)."""
-    anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
-            and isinstance(a.get("result"), list)]
-    return max(anns, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0)) if anns else None
-
-
-def drop_duplicate_regions(results: list[dict], to_name: str, height: int, width: int) -> list[dict]:
-    """Regions of `to_name`, finest type first, without coarser copies of the same object.
-
-    A config with BrushLabels + PolygonLabels + RectangleLabels gets the same object as a mask, a polygon
-    and a box when someone accepts a prediction; drawn one over the other, the box would win and the
-    label map would hold rectangles. A polygon or box whose IoU with an already kept, finer region
-    (its bounding box, for a box) is >= DUPLICATE_IOU is dropped."""
-    regions = [r for r in results if isinstance(r, dict) and r.get("to_name") == to_name
-               and r.get("type") in REGION_TYPES]
-    if len({r["type"] for r in regions}) <= 1:
-        return regions
-    regions.sort(key=lambda r: _PRECISION[r["type"]])          # stable: drawing order kept within a type
-    kept: list[tuple[dict, np.ndarray, tuple[int, int, int, int]]] = []   # (region, mask crop, box)
-    for r in regions:
-        mask = region_to_mask(r, height, width)
-        if not mask.any():
-            continue
-        box = _bbox(mask)
-        crop = mask[box[0]:box[2], box[1]:box[3]]
-        duplicate = False
-        for k, kcrop, kbox in kept:
-            if _PRECISION[k["type"]] >= _PRECISION[r["type"]] or _box_iou(box, kbox) == 0.0:
-                continue
-            if r["type"] == "rectanglelabels":
-                overlap = _box_iou(box, kbox)
-            else:
-                overlap = _crop_iou(crop, box, kcrop, kbox)
-            if overlap >= DUPLICATE_IOU:
-                duplicate = True
-                break
-        if not duplicate:
-            kept.append((r, crop, box))
-    return [r for r, _, _ in kept]
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """(y0, x0, y1, x1) of a non-empty mask, end-exclusive."""
-    ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-    return int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1
-
-
-def _crop_iou(a: np.ndarray, abox: tuple, b: np.ndarray, bbox: tuple) -> float:
-    """IoU of two masks given as crops at their boxes (only the boxes' overlap can intersect)."""
-    y0, x0, y1, x1 = max(abox[0], bbox[0]), max(abox[1], bbox[1]), min(abox[2], bbox[2]), min(abox[3], bbox[3])
-    inter = np.count_nonzero(a[y0 - abox[0]:y1 - abox[0], x0 - abox[1]:x1 - abox[1]] &
-                             b[y0 - bbox[0]:y1 - bbox[0], x0 - bbox[1]:x1 - bbox[1]])
-    return inter / max(np.count_nonzero(a) + np.count_nonzero(b) - inter, 1)
-
-
-def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    ih, iw = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
-    if ih <= 0 or iw <= 0:
-        return 0.0
-    inter = ih * iw
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
-def annotation_maps(results: list[dict], to_name: str, height: int, width: int,
-                    label_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """One annotation's regions on image `to_name` -> (classes, instances) (H, W) int32 maps."""
-    return results_to_maps(drop_duplicate_regions(results, to_name, height, width), to_name, height, width,
-                           label_index)
-
-
 def project_samples(settings: Settings, client: LSClient, key: str, progress: Progress = _noop
                     ) -> tuple[list[Sample], list[str], LabelConfig, list[dict]]:
     """The project's annotated tasks -> Samples (one per task and image tag), its label names, its config
@@ -375,7 +307,7 @@ def project_samples(settings: Settings, client: LSClient, key: str, progress: Pr
     index = {n: i + 1 for i, n in enumerate(names)}
     tasks = []
     for task in client.tasks(key, only_annotated=True):
-        if training_annotation(task) is None:
+        if latest_annotation(task) is None:
             continue
         if settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
             continue
@@ -409,7 +341,7 @@ def project_samples(settings: Settings, client: LSClient, key: str, progress: Pr
             continue
         h, w = image.shape[:2]
         try:
-            classes, instances = annotation_maps(training_annotation(task)["result"], img.name, h, w, index)
+            classes, instances = results_to_maps(latest_annotation(task)["result"], img.name, h, w, index)
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("task %s: annotation not usable: %s", task.get("id"), e)
             continue
@@ -444,7 +376,7 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
     train = [s for s in samples if task_of[s.id] not in held]
     val = [s for s in samples if task_of[s.id] in held]
     result = _train_and_register(settings, project_key, train, val, names, reason, iters, progress,
-                                 budget_s=run_budget_s(settings))
+                                 budget_s=run_budget_s(settings), config=config)
     result["n_annotated_tasks"] = n_tasks
     result["metrics"]["fetch_s"] = round(fetch_s, 2)
     if result["status"] == "promoted":
@@ -454,7 +386,7 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
         except Exception as e:        # the new version is served either way; report, don't fail the run
             logger.warning("project %s: could not write mislabeling scores: %s", project_key, e)
     if n_tasks >= settings.gan_min_annotations:
-        why_not = _gan_available() or _gan_up_to_date(settings, project_key, samples)
+        why_not = _gan_up_to_date(settings, project_key, samples)
         if why_not:
             result["gan"] = {"status": "skipped", "reason": why_not}
         else:

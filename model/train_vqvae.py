@@ -223,8 +223,8 @@ def estimate(model: VQVAE, val, batch_size: int, device, edge_weight: float = 1.
 def evaluate(predictor_or_ckpt, samples: list[Sample], batch_size: int = 8) -> dict:
     """Metrics at each image's own size: fg IoU (mean per image and pooled), mIoU, instance recall /
     precision / F1 at IoU 0.5, DSB-style instance AP, and how the task score tracks the real IoU."""
-    predictor = predictor_or_ckpt if isinstance(predictor_or_ckpt, Predictor) else \
-        Predictor.from_checkpoint(predictor_or_ckpt)
+    predictor = Predictor.from_checkpoint(predictor_or_ckpt) if isinstance(predictor_or_ckpt, (str, Path)) \
+        else predictor_or_ckpt            # a Predictor, or anything with its n_classes and predict()
     C = predictor.n_classes
     ious, mious, aps, scores = [], [], [], []
     inter = union = matched = n_true = n_pred = 0

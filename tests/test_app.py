@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from backend.app import create_app
-from backend.regions import region_to_mask
-from backend.service import ModelCache
+from backend.regions import region_to_mask, results_to_maps
+from backend.service import ModelCache, latest_annotation
 from backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, register_stub
 
@@ -156,6 +156,24 @@ def test_annotated_task_gets_mislabeling(client):
     task = {"id": 1, "data": {"image": data_uri(png)}, "annotations": [{"id": 3, "result": wrong}]}
     item = client.post("/predict", json=predict_body([task])).json["results"][0]
     assert 0 < item["mislabeling"] <= 1 and item["result"]
+
+
+def test_predict_scores_the_annotation_that_training_uses(client, stub_predictor):
+    """The latest annotation counts even when empty ("no object here"), in /predict as in training."""
+    png = blobs_png()
+    exact = [{"from_name": "bbox", "to_name": "image", "type": "rectanglelabels", "original_width": 64,
+              "original_height": 48, "value": {"x": c0 / 64 * 100, "y": r0 / 48 * 100, "width": (c1 - c0) / 64 * 100,
+                                               "height": (r1 - r0) / 48 * 100, "rectanglelabels": ["Nucleus"]}}
+             for r0, c0, r1, c1 in ((5, 5, 15, 20), (25, 30, 40, 50))]
+    task = {"id": 1, "data": {"image": data_uri(png)}, "annotations": [
+        {"id": 1, "result": exact, "updated_at": "2024-01-01T00:00:00"},
+        {"id": 3, "result": [], "updated_at": "2024-01-02T00:00:00"}]}
+    item = client.post("/predict", json=predict_body([task])).json["results"][0]
+    ann = latest_annotation(task)                     # the one training trains with
+    assert ann["id"] == 3
+    classes, instances = results_to_maps(ann["result"], "image", 48, 64, {"Nucleus": 1})
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert item["mislabeling"] == round(stub_predictor.check(image, classes, instances)[1], 4) > 0.1
 
 
 @pytest.mark.parametrize("action", ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"])

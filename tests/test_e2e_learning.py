@@ -194,8 +194,6 @@ def test_start_training_in_ls_runs(project, tessera):
 
 
 def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, models):
-    from backend.training import _gan_available
-
     api, pid, tasks, samples = project["api"], project["id"], project["tasks"], project["samples"]
     before = job(tessera.url, pid)
     assert before["state"] == "done" and not before["pending"], before
@@ -206,13 +204,10 @@ def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, mod
     assert st["reason"] == "ANNOTATION_CREATED (5)", st
     result = st["last_result"]
     assert result["n_annotated_tasks"] == 11, result
-    gan, why_not = result["gan"], _gan_available()
-    if why_not:                                # model/train_maskgan.py is optional: then runs say why
-        assert gan == {"status": "skipped", "reason": why_not}, gan
-    else:
-        assert gan["status"] == "promoted", gan
-        from model.registry import Registry
-        assert Registry(models / f"project-{pid}").current("gan") is not None
+    gan = result["gan"]
+    assert gan["status"] == "promoted", gan
+    from model.registry import Registry
+    assert Registry(models / f"project-{pid}").current("gan") is not None
 
 
 def test_a_worse_run_is_rejected(project, tessera):

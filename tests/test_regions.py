@@ -162,3 +162,19 @@ def test_box_only_annotations_still_count():
     results = instances_to_results(inst, {1: "A", 2: "B"}, {}, RECT)
     classes, back = results_to_maps(results, "image", 40, 40, {"A": 1, "B": 2})
     assert (classes == 1).sum() == 100 and (classes == 2).sum() == 130 and back.max() == 2
+
+
+def test_one_duplicate_rule_a_thin_objects_box_is_the_same_object():
+    """/predict's mislabeling and training read annotations through the same rule: a box around a
+    finer region is a copy when its IoU with that region's box is >= DUPLICATE_IOU, however little of
+    the box the object covers (a thin diagonal object covers ~1/20 of its box)."""
+    thin = np.zeros((40, 40), bool)
+    for i in range(20):
+        thin[10 + i, 10 + i] = thin[10 + i, 11 + i] = True
+    brush, box = (Control(t, n, "image", ("A",)) for t, n in (("brushlabels", "mask"), ("rectanglelabels", "bbox")))
+    inst = thin.astype(np.int32)
+    results = instances_to_results(inst, {1: "A"}, {1: 1.0}, box) + instances_to_results(inst, {1: "A"}, {1: 1.0}, brush)
+    classes, instances = results_to_maps(results, "image", 40, 40, {"A": 1})
+    assert np.array_equal(classes > 0, thin) and instances.max() == 1
+    far = instances_to_results(np.pad(inst[:20, :20], ((20, 0), (20, 0))), {1: "A"}, {1: 1.0}, box)
+    assert results_to_maps(results + far, "image", 40, 40, {"A": 1})[1].max() == 2    # another object: kept

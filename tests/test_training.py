@@ -10,8 +10,8 @@ import pytest
 from backend import training
 from backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
 from backend.label_config import parse_label_config
-from backend.regions import instances_to_results
-from backend.service import DEFAULT_KEY, ModelCache
+from backend.regions import instances_to_results, results_to_maps
+from backend.service import DEFAULT_KEY, ModelCache, latest_annotation
 from tests.conftest import CONFIG_ALL, register_stub
 
 CONTROLS = {c.type: c for c in parse_label_config(CONFIG_ALL).controls}
@@ -35,10 +35,9 @@ def _results(inst: np.ndarray, kinds) -> list[dict]:
 def test_an_accepted_prediction_trains_as_masks_not_boxes():
     inst = _two_objects()
     results = _results(inst, ("rectanglelabels", "polygonlabels", "brushlabels"))   # boxes first: would win
-    kept = training.drop_duplicate_regions(results, "image", *inst.shape)
-    assert [r["type"] for r in kept] == ["brushlabels", "brushlabels"]
-    classes, instances = training.annotation_maps(results, "image", *inst.shape, {"Nucleus": 1})
+    classes, instances = results_to_maps(results, "image", *inst.shape, {"Nucleus": 1})
     assert np.array_equal(classes > 0, inst > 0) and len(np.unique(instances)) == 3
+    assert np.array_equal(instances, inst)                  # brush ids in drawing order: 1, 2
 
 
 def test_regions_of_different_objects_are_all_kept():
@@ -46,20 +45,20 @@ def test_regions_of_different_objects_are_all_kept():
     only_first = np.where(inst == 1, 1, 0)
     only_second = np.where(inst == 2, 2, 0)
     results = _results(only_first, ("brushlabels",)) + _results(only_second, ("rectanglelabels",))
-    kept = training.drop_duplicate_regions(results, "image", *inst.shape)
-    assert sorted(r["type"] for r in kept) == ["brushlabels", "rectanglelabels"]
+    classes, instances = results_to_maps(results, "image", *inst.shape, {"Nucleus": 1})
+    assert len(np.unique(instances)) == 3 and (instances == 2).sum() > (inst == 2).sum()   # the box, whole
     other_image = [{**r, "to_name": "other"} for r in results]
-    assert training.drop_duplicate_regions(other_image, "image", *inst.shape) == []
+    assert not results_to_maps(other_image, "image", *inst.shape, {"Nucleus": 1})[1].any()
 
 
-def test_training_annotation_skips_cancelled_and_keeps_empty():
+def test_the_annotation_that_counts_skips_cancelled_and_keeps_empty():
     task = {"annotations": [
         {"id": 1, "result": [{"x": 1}], "was_cancelled": False, "updated_at": "2024-01-01T00:00:00"},
         {"id": 2, "result": [{"x": 2}], "was_cancelled": True, "updated_at": "2024-01-03T00:00:00"},
         {"id": 3, "result": [], "was_cancelled": False, "updated_at": "2024-01-02T00:00:00"}]}
-    assert training.training_annotation(task)["id"] == 3          # "no object here" is an answer too
-    assert training.training_annotation({"annotations": [task["annotations"][1]]}) is None
-    assert training.training_annotation({}) is None
+    assert latest_annotation(task)["id"] == 3          # "no object here" is an answer too
+    assert latest_annotation({"annotations": [task["annotations"][1]]}) is None
+    assert latest_annotation({}) is None
 
 
 def test_split_is_by_task_id_and_stable_as_the_project_grows():
@@ -75,13 +74,14 @@ def test_split_is_by_task_id_and_stable_as_the_project_grows():
 
 def test_served_baseline_falls_back_to_a_fitting_default_model(settings):
     cache = ModelCache(settings)
-    assert training.served_baseline(cache, "3", ["Nucleus"]) is None
+    folder = training.folder_config
+    assert cache.source("3", folder(["Nucleus"])) is None
     register_stub(settings, DEFAULT_KEY, labels=("nucleus",))
-    key, _, info = training.served_baseline(cache, "3", ["Nucleus"])
+    key, _, info = cache.source("3", folder(["Nucleus"]))
     assert key == DEFAULT_KEY and info.version == "v0001"
-    assert training.served_baseline(cache, "3", ["Cat", "Dog"]) is None       # other labels: nothing to beat
+    assert cache.source("3", folder(["Cat", "Dog"])) is None       # other labels: nothing to beat
     register_stub(settings, "3")
-    assert training.served_baseline(cache, "3", ["Nucleus"])[0] == "3"        # its own version wins
+    assert cache.source("3", folder(["Nucleus"]))[0] == "3"        # its own version wins
 
 
 def test_work_dirs_of_dead_runs_are_removed(settings):
@@ -126,15 +126,6 @@ def test_every_progress_step_is_one_log_line(caplog):
     assert st["state"] == "done" and st["phase"] == "register" and st["fraction"] == 1.0
 
 
-@pytest.mark.parametrize("why_not", ["", "model.train_maskgan has no train() / GANTrainConfig"])
-def test_gan_availability_is_reported(monkeypatch, why_not):
-    import model.train_maskgan as tm
-
-    if why_not:
-        monkeypatch.delattr(tm, "train")
-    assert training._gan_available() == why_not
-
-
 def test_the_gan_retrains_only_when_the_data_grew(settings):
     from model.data import Sample
 
@@ -150,3 +141,25 @@ def test_the_gan_retrains_only_when_the_data_grew(settings):
     assert "retrains at 48" in training._gan_up_to_date(settings, "4", samples(47))
     assert "retrains at 48" in training._gan_up_to_date(settings, "4", samples(50, synthetic=3))
     assert training._gan_up_to_date(settings, "4", samples(48)) == ""
+
+
+CONFIG_TWO = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="Nucleus"/><Label value="Cell"/></BrushLabels>
+</View>"""
+
+
+def test_a_first_version_must_beat_the_default_model_that_serves_the_project(settings):
+    """Serving and training agree on which model serves a project: a default model for ["Nucleus"] serves
+    a ["Nucleus", "Cell"] project, so the project's first version is compared with it."""
+    from model.data import make_nuclei
+
+    samples = make_nuclei(6, size=64, seed=3)
+    quiet = lambda info: None  # noqa: E731
+    training._train_and_register(settings, DEFAULT_KEY, samples[:4], samples[4:], ["Nucleus"], "default", 2, quiet)
+    config = parse_label_config(CONFIG_TWO)
+    assert ModelCache(settings).version("3", config) == "tessera-default-v0001"      # what LS is shown
+    result = training._train_and_register(settings, "3", samples[:4], samples[4:], ["Nucleus", "Cell"], "run",
+                                          2, quiet, config=config)
+    assert "vs served tessera-default-v0001" in result["reason"], result
+    assert 0 <= result["metrics"]["current_val_iou"] <= 1
