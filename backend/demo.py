@@ -21,8 +21,8 @@ seconds; 0 = no GAN), TESSERA_LS_VENV, TESSERA_LS_TEMPLATE (see backend/lsserver
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from backend.settings import Settings
+from model.lockfile import file_lock
 
 TITLE = "Tessera demo: nuclei"
 LABEL = "Nucleus"
@@ -364,9 +365,9 @@ def run_demo(args) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     ls_dir, model_dir, images_dir = data_dir / "ls", data_dir / "models", data_dir / "images"
     staging_dir, state_file, log_path = data_dir / "models-staging", data_dir / "demo.json", data_dir / "tessera.log"
-    lock = open(data_dir / ".demo.lock", "a+")
+    lock = contextlib.ExitStack()               # held until this function returns
     try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.enter_context(file_lock(data_dir / ".demo.lock", blocking=False))
     except OSError:
         print(f"tessera demo: another demo is running on {data_dir}; stop it first (Ctrl-C in its terminal)",
               file=sys.stderr)
@@ -558,6 +559,7 @@ def run_demo(args) -> int:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        lock.close()
 
 
 def _train_models(settings: Settings, key: str, samples: list, plan: Plan, gan: bool, console: Console,

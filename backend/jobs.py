@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import importlib
 import json
 import logging
@@ -24,7 +23,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
+
+from model.lockfile import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +110,6 @@ def _idle_status(project_key: str, backend: str) -> dict:
             "loss": None, "eta_s": None, "pending": False, "run_at": None, "events": 0, "runs": 0,
             "reason": None, "last_error": None, "last_result": None, "submitted": None, "started": None,
             "finished": None}
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path | None) -> Iterator[None]:
-    """Exclusive flock on `path` (blocks); no-op for None. Keeps two processes off one project."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,7 +219,7 @@ class ThreadJobRunner:
         result, error = None, None
         try:
             lock = self.lock_dir / f"{key}.lock" if self.lock_dir else None
-            with _file_lock(lock):
+            with contextlib.nullcontext() if lock is None else file_lock(lock):
                 logger.info("training run for project %s (%s)", key, reason)
                 result = _jsonable(resolve_run_fn(self.run_fn)(key, reason, progress))
         except Exception as e:  # a failed run is recorded; it must not stop later runs

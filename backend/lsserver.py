@@ -1,6 +1,7 @@
 """Run a REAL Label Studio (1.23.2) for tests and for the demo.
 
-No pytest dependency here (the fixtures live in ``tests/conftest_ls.py``); stdlib + ``requests`` only.
+No pytest dependency here (the fixtures live in ``tests/conftest_ls.py``); stdlib + ``requests`` (and the
+torch-free ``model/lockfile.py``) only.
 
 A fresh Label Studio data dir costs ~70 s of migrations, so a data-dir TEMPLATE is made once with
 ``label-studio init`` (user, password, 40-hex user token, legacy API tokens enabled) and cached per
@@ -23,7 +24,6 @@ POSIX only (process groups, ``fcntl`` lock).
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import mimetypes
 import os
@@ -34,12 +34,13 @@ import signal
 import socket
 import subprocess
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import requests
+
+from model.lockfile import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_USERNAME = "admin@example.com"
@@ -174,17 +175,6 @@ class LSTemplate:
                    build_seconds=float(meta.get("build_seconds", 0.0)))
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def build_template(ls_venv: Path | None = None, template_dir: Path | None = None, *,
                    username: str = DEFAULT_USERNAME, timeout: float = 900.0) -> LSTemplate:
     """Make (once) and return the data-dir template for the label-studio version in ``ls_venv``.
@@ -203,7 +193,7 @@ def build_template(ls_venv: Path | None = None, template_dir: Path | None = None
     if (final / TEMPLATE_META).exists():
         return LSTemplate.load(final)
 
-    with _file_lock(template_dir / f".ls-{version}.lock"):
+    with file_lock(template_dir / f".ls-{version}.lock"):
         if (final / TEMPLATE_META).exists():  # someone else built it while we waited
             return LSTemplate.load(final)
         if final.exists():  # incomplete leftover (should not happen: we rename complete dirs only)

@@ -32,7 +32,7 @@ from backend.regions import results_to_maps
 from backend.service import DEFAULT_KEY, ModelCache, label_mapping, latest_annotation, version_string
 from backend.settings import Settings
 from model.data import Sample, load_folder, split_ids
-from model.registry import Registry, VersionInfo
+from model.registry import Registry
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from .checkpoint import atomic_write_bytes, fsync_dir
+from .lockfile import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +152,8 @@ class Registry:
     def _lock(self) -> Iterator[None]:
         """Exclusive inter-process lock (flock on root/.lock); released by the OS if the process dies."""
         self._versions_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        with file_lock(self.root / ".lock"):
+            yield
 
     def _clean_staging(self) -> None:
         """Remove staging/trash dirs left by crashed writers (safe: only lock holders create them)."""
