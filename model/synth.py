@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
+from .inference import resolve_device
 from .maskgan import Generator, MaskGANConfig, label_maps_to_mask
 from .metrics import mean_iou
 
@@ -32,9 +33,7 @@ class Synthesizer:
         generator = Generator(MaskGANConfig(**ckpt["model_config"]))
         # the weight average makes cleaner images than the last step's weights
         generator.load_state_dict(ckpt.get("generator_ema", ckpt["generator"]))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(generator.to(device), ckpt["label_names"], f"maskgan-{ckpt['iter_num']}")
+        return cls(generator.to(resolve_device(device)), ckpt["label_names"], f"maskgan-{ckpt['iter_num']}")
 
     def masks(self, layouts) -> torch.Tensor:
         """Layouts -> (B, label_nc, R, R) generator input; other sizes are resized (nearest) to R x R."""

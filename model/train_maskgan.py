@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import from_args
+from .inference import resolve_device
 from .layouts import crop_box, ensure_instances, fit_short_side
 from .maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
                       feature_matching_loss, g_hinge_loss, label_maps_to_mask)
@@ -61,30 +63,8 @@ class GANTrainConfig:
 
     @classmethod
     def from_args(cls, argv: list[str]) -> "GANTrainConfig":
-        """--key=value for existing fields only (minGPT's check, without exec)."""
-        types = {f.name: f.type for f in fields(cls)}
-        kwargs = {}
-        for arg in argv:
-            if not arg.startswith("--") or "=" not in arg:
-                raise ValueError(f"expected --key=value, got {arg!r}")
-            key, value = arg[2:].split("=", 1)
-            if key not in types:
-                raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(types))}")
-            t = types[key]
-            if t is bool:
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(f"--{key} takes true or false, got {value!r}")
-                kwargs[key] = value.lower() in ("1", "true", "yes")
-            else:
-                try:
-                    kwargs[key] = t(value)
-                except ValueError:
-                    raise ValueError(f"--{key}={value!r}: expected a {t.__name__}") from None
-        return cls(**kwargs)
-
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        """--key=value overrides of existing fields (model/config.py)."""
+        return from_args(cls, argv)
 
 
 def _prepare(samples, resolution: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -133,7 +113,7 @@ def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     out = Path(out)
     model_config = MaskGANConfig(resolution=cfg.resolution, n_labels=len(label_names) + 1, boundary=cfg.boundary,
                                  z_dim=cfg.z_dim, g_channels=cfg.g_channels, g_hidden=cfg.g_hidden,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from model import metrics
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import from_args
 from model.data import Sample
 from model.inference import (Predictor, fit_size, image_stats, normalize_image, pad_target, pad_to, resize,
                              resolve_device, soft_target)
@@ -77,30 +78,8 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, argv: list[str]) -> "TrainConfig":
-        """--key=value overrides of existing fields (minGPT-style, without exec)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kw = {}
-        for arg in argv:
-            if not arg.startswith("--") or "=" not in arg:
-                raise ValueError(f"expected --key=value, got {arg!r}")
-            key, value = arg[2:].split("=", 1)
-            if key not in fields:
-                raise ValueError(f"unknown TrainConfig field {key!r}; valid: {', '.join(fields)}")
-            kw[key] = _parse(value, getattr(cls, key), key)
-        return cls(**kw)
-
-
-def _parse(value: str, default, key: str):
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1")
-        if isinstance(default, tuple):
-            return tuple(type(default[0])(v) for v in value.split(","))
-        return type(default)(value)
-    except ValueError:
-        raise ValueError(f"--{key}={value!r}: expected a value like {default!r}") from None
+        """--key=value overrides of existing fields (model/config.py)."""
+        return from_args(cls, argv)
 
 
 # -----------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_layout_sampler_with_the_label_model_as_code_model():
 def test_from_args():
     cfg = GANTrainConfig.from_args(["--max_iters=7", "--lr_g=0.001", "--boundary=false", "--data=x"])
     assert (cfg.max_iters, cfg.lr_g, cfg.boundary, cfg.data) == (7, 0.001, False, "x")
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown GANTrainConfig field"):
         GANTrainConfig.from_args(["--nope=1"])
 
 

@@ -50,6 +50,30 @@ def test_from_args():
         TrainConfig.from_args(["--max_iters=many"])
 
 
+@pytest.mark.parametrize("word, value", [("true", True), ("1", True), ("Yes", True), ("FALSE", False), ("0", False),
+                                         ("no", False)])
+def test_both_training_scripts_read_the_same_boolean_words(word, value):
+    from model.train_maskgan import GANTrainConfig
+
+    assert TrainConfig.from_args([f"--flips={word}"]).flips is value
+    assert GANTrainConfig.from_args([f"--boundary={word}"]).boundary is value
+    for cls, field in ((TrainConfig, "flips"), (GANTrainConfig, "boundary")):
+        with pytest.raises(ValueError, match="true/false"):
+            cls.from_args([f"--{field}=maybe"])
+
+
+def test_both_training_loops_resolve_the_device_the_same_way(monkeypatch, data):
+    """device='cuda' without CUDA is a clear ValueError in both loops (the GAN's used to fail inside torch)."""
+    from model import train_maskgan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train(TrainConfig(max_iters=1, device="cuda"), data[0][:2], [], ["nucleus"], "unused.pt")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_maskgan.train(train_maskgan.GANTrainConfig(max_iters=1, device="cuda"), data[0][:2], ["nucleus"],
+                            "unused.pt")
+
+
 def test_train_smoke(data, tmp_path):
     cfg = TrainConfig(max_iters=2, eval_interval=1, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
                       codebook_size=16, embed_dim=8, batch_size=2)
