@@ -20,6 +20,7 @@ import requests
 from PIL import Image, UnidentifiedImageError
 
 from backend.settings import Settings, host_of
+from model.data import image_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +161,7 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
             if w == 0 or h == 0:
                 raise MediaError(f"{name} has no pixels")
             im.draft("RGB", (w, h))
-            if im.mode in ("I;16", "I;16B", "I", "F"):
-                arr = np.asarray(im, dtype=np.float32)
-                lo, hi = np.percentile(arr, (0.5, 99.8))
-                arr = np.clip((arr - lo) / max(hi - lo, 1e-6) * 255.0, 0, 255).astype(np.uint8)
-                return np.repeat(arr[:, :, None], 3, axis=2)                # (H, W) -> (H, W, 3)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return image_to_rgb(im)
     except MediaError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from bench.common import dataset, write_result
 from model import metrics
-from model.data import Sample, load_folder, read_image, split_ids
+from model.data import Sample, load_folder, read_image, semantic_instances, split_ids
 from model.inference import Predictor, fit_size, normalize_image, pad_to, resize
 
 BREEDS = ["Abyssinian", "Bengal", "american_bulldog"]
@@ -103,13 +103,7 @@ class UNetPeer:
         prob = torch.softmax(self.net(torch.from_numpy(x)[None]), 1)[0, :, :h, :w].numpy()
         prob = np.stack([resize(p, H, W) for p in prob])           # (C+1, h, w) -> (C+1, H, W)
         classes = prob.argmax(0).astype(np.int32)
-        instances = np.zeros((H, W), np.int32)
-        n = 0
-        for c in range(1, self.C + 1):
-            lab, k = ndimage.label(classes == c)
-            instances[lab > 0] = lab[lab > 0] + n
-            n += k
-        return classes, instances, prob.max(0)
+        return classes, semantic_instances(classes), prob.max(0)
 
 
 # ------------------------------------------------------------------------------------------- evaluation

@@ -170,23 +170,36 @@ def make_nuclei(n: int, size: int | tuple[int, int] = 256, seed: int = 0) -> lis
 # ----------------------------------------------------------------------------------------------------
 # folder datasets
 
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def _stretch(x: np.ndarray) -> np.ndarray:
-    """Per-image percentile stretch (1..99.8) of a grey image to uint8."""
-    lo, hi = np.percentile(x, (1.0, 99.8))
+    """Per-image percentile stretch (0.5..99.8, as normalize_image's) of a grey image to uint8."""
+    lo, hi = np.percentile(x, (0.5, 99.8))
     if hi <= lo:
         hi = lo + 1.0
     return ((x.astype(np.float32) - lo) * (255.0 / (hi - lo))).clip(0, 255).round().astype(np.uint8)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB; grey images get a percentile stretch."""
-    with Image.open(path) as im:
-        if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
-            return np.asarray(im.convert("RGB"))
-        grey = np.asarray(im.convert("L") if im.mode in ("LA", "1") else im)
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> (H, W, 3) uint8 RGB: colour modes converted, grey ones (8/16-bit, float)
+    percentile-stretched, so dark fluorescence uses the uint8 range. Folder datasets and the images
+    Label Studio tasks point at (backend/media.py) both come through here."""
+    if im.mode not in _GREY_MODES:
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+    grey = np.asarray(im.convert("L") if im.mode in ("1", "LA", "La") else im)
     if grey.ndim != 2:
-        raise ValueError(f"{path}: unsupported image mode {grey.shape}; save it as 8-bit grey or RGB")
-    return np.repeat(_stretch(grey)[..., None], 3, axis=2)
+        raise ValueError(f"unsupported image mode {im.mode} {grey.shape}; save it as 8/16-bit grey or RGB")
+    return np.repeat(_stretch(grey)[..., None], 3, axis=2)         # (H, W) -> (H, W, 3)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB (image_to_rgb)."""
+    with Image.open(path) as im:
+        try:
+            return image_to_rgb(im)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _read_map(path: Path) -> np.ndarray:
@@ -220,8 +233,12 @@ def _read_classes(root: Path) -> list[str] | None:
                      f"or {{\"name\": 1}}, got {str(data)[:80]}")
 
 
-def _instances_from_semantic(classes: np.ndarray) -> np.ndarray:
-    """Connected components per class, numbered 1..K over all classes."""
+def semantic_instances(classes: np.ndarray) -> np.ndarray:
+    """A semantic map's objects: the connected components of each class, numbered 1..K over all classes.
+
+    8-connected, as OpenCV's contours (regions.mask_to_polygons) outline them: pixels touching at a corner
+    are one object, one polygon. The folder loader, the GAN's layouts and the label model's targets
+    (model/inference.label_map) all turn semantic-only labels into objects here."""
     instances = np.zeros(classes.shape, np.int32)
     next_id = 1
     for c in np.unique(classes):
@@ -231,6 +248,15 @@ def _instances_from_semantic(classes: np.ndarray) -> np.ndarray:
         instances[comp > 0] = comp[comp > 0] + next_id - 1
         next_id += n - 1
     return instances
+
+
+def relabel(instances: np.ndarray, min_area: int = 1) -> np.ndarray:
+    """Renumber instances 1..K (in order of id), dropping fragments below min_area pixels."""
+    ids, inverse, counts = np.unique(instances, return_inverse=True, return_counts=True)
+    keep = (ids > 0) & (counts >= min_area)
+    new = np.zeros(len(ids), np.int32)
+    new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return new[inverse].reshape(instances.shape)
 
 
 def load_folder(root: str | Path, ids: list[str] | None = None) -> tuple[list[Sample], list[str]]:
@@ -273,7 +299,7 @@ def load_folder(root: str | Path, ids: list[str] | None = None) -> tuple[list[Sa
         if classes is None:
             classes = (instances > 0).astype(np.int32)
         if instances is None:
-            instances = _instances_from_semantic(classes)
+            instances = semantic_instances(classes)
         if not (image.shape[:2] == classes.shape == instances.shape):
             raise ValueError(f"{root}: id {i!r} has image {image.shape[:2]} but labels {instances.shape} / "
                              f"masks {classes.shape}; label maps must have the image's size")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from model.checkpoint import load_checkpoint
+from model.data import relabel, semantic_instances
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def label_map(classes: np.ndarray, instances: np.ndarray, n_classes: int, width:
     if classes.size and classes.max() > n_classes:
         raise ValueError(f"class map uses index {classes.max()} but the model has {n_classes} labels")
     if instances.max() == 0 and classes.any():  # semantic-only labels: objects = connected components
-        instances = ndimage.label(classes > 0)[0]
+        instances = semantic_instances(classes)
     target = classes.astype(np.int64)
     target[boundary_map(np.where(classes > 0, instances, 0), width)] = n_classes + 1
     return target
@@ -399,7 +400,7 @@ class Predictor:
         offset = int(instances.max())
         inst[new] = np.where(model_inst[new] > 0, model_inst[new] + offset, 0)
         refined[(refined > 0) & (inst == 0)] = 0
-        inst = _relabel(inst)
+        inst = relabel(inst)
         ids, first = np.unique(inst.ravel(), return_index=True)
         flat_cls, p_fg = refined.ravel(), (1 - post[0]).ravel()
         area = np.bincount(inst.ravel(), minlength=ids.max() + 1)
@@ -424,13 +425,6 @@ class Predictor:
     def decode_codes(self, code_map: torch.Tensor) -> torch.Tensor:
         """Code maps (B, h, w) -> label logits (B, L, R, R) without an image; the last channel is the boundary class."""
         return self.model.decode_code(code_map.to(self.device))
-
-
-def _relabel(inst: np.ndarray) -> np.ndarray:
-    """Renumber instance ids to 1..K (0 stays background)."""
-    ids, inverse = np.unique(inst, return_inverse=True)
-    new = np.arange(len(ids), dtype=np.int32) + (0 if ids[0] == 0 else 1)
-    return new[inverse].reshape(inst.shape)
 
 
 def _clip_to_hint(mask: np.ndarray, hint: np.ndarray, pos) -> np.ndarray:

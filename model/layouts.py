@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .data import relabel, semantic_instances
 from .inference import split_instances
 
 logger = logging.getLogger(__name__)
@@ -43,24 +44,11 @@ def crop_box(shape: tuple[int, int], size: int, rng: np.random.Generator) -> tup
     return int(rng.integers(0, shape[0] - size + 1)), int(rng.integers(0, shape[1] - size + 1))
 
 
-def relabel(instances: np.ndarray, min_area: int = 1) -> np.ndarray:
-    """Renumber instances 1..K (in order of id), dropping fragments below min_area pixels."""
-    ids, inverse, counts = np.unique(instances, return_inverse=True, return_counts=True)
-    keep = (ids > 0) & (counts >= min_area)
-    new = np.zeros(len(ids), np.int32)
-    new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return new[inverse].reshape(instances.shape)
-
-
 def ensure_instances(classes: np.ndarray, instances: np.ndarray) -> np.ndarray:
     """Instances as given, or (semantic-only labels) the connected components of each class."""
     if instances.any() or not classes.any():
         return instances.astype(np.int32)
-    out = np.zeros(classes.shape, np.int32)
-    for c in np.unique(classes[classes > 0]):
-        comp, n = ndimage.label(classes == c)
-        out[comp > 0] = comp[comp > 0] + out.max()
-    return out
+    return semantic_instances(classes)
 
 
 def _affine(maps: list[np.ndarray], rng: np.random.Generator, scale: tuple[float, float], shift: float,

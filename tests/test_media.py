@@ -159,3 +159,19 @@ def test_sixteen_bit_grey_is_stretched(settings):
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     img = MediaResolver(settings).load_image(uri)
     assert img.shape == (64, 64, 3) and img.max() == 255 and img.min() == 0
+
+
+@pytest.mark.parametrize("arr", [
+    (np.arange(48 * 64).reshape(48, 64) % 41).astype(np.uint8),              # dark 8-bit fluorescence
+    (np.arange(48 * 64).reshape(48, 64) * 7).astype(np.uint16),              # 16-bit grey
+    np.dstack([np.arange(48 * 64).reshape(48, 64) % 256] * 3).astype(np.uint8)])   # RGB
+def test_served_images_decode_as_training_folders_do(settings, tmp_path, arr):
+    """One decoder (model.data.image_to_rgb): an image seen through Label Studio has the same pixels as
+    the same file in a folder dataset (the grey stretch differed before)."""
+    from model.data import read_image
+
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    served = MediaResolver(settings).load_image(uri)
+    assert served.shape == (48, 64, 3) and np.array_equal(served, read_image(path))

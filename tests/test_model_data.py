@@ -159,3 +159,35 @@ def test_split_ids_stable():
     assert split_ids(["a", "b"], 0.0) == (["a", "b"], [])
     with pytest.raises(ValueError):
         split_ids(ids, 1.0)
+
+
+def test_semantic_labels_become_the_same_objects_everywhere(tmp_path):
+    """Folder loading, the GAN's layouts and the label model's targets share one semantic -> instances rule:
+    per class, 8-connected (corner-touching pixels are one object, as OpenCV outlines them)."""
+    from model.inference import label_map
+    from model.layouts import ensure_instances
+
+    classes = np.zeros((16, 16), np.uint8)
+    classes[2:5, 2:5] = 1
+    classes[5:8, 5:8] = 1            # touches the first square at a corner: one object
+    classes[5:8, 8:11] = 2           # touches it along an edge but has another class: another object
+    classes[12:15, 2:5] = 1
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(classes).save(tmp_path / "masks" / "a.png")
+    loaded = load_folder(tmp_path)[0][0].instances
+    assert len(np.unique(loaded)) == 4                         # background + 3 objects
+    assert np.array_equal(ensure_instances(classes.astype(np.int32), np.zeros_like(loaded)), loaded)
+    assert np.array_equal(label_map(classes.astype(np.int32), np.zeros_like(loaded), 2),
+                          label_map(classes.astype(np.int32), loaded, 2))
+
+
+def test_one_relabel_for_layouts_and_refined_annotations():
+    from model import inference, layouts
+    from model.data import relabel
+
+    inst = np.array([[0, 7, 7, 3], [0, 0, 9, 3]], np.int32)
+    assert relabel(inst).tolist() == [[0, 2, 2, 1], [0, 0, 3, 1]]
+    assert relabel(inst, min_area=2).tolist() == [[0, 2, 2, 1], [0, 0, 0, 1]]     # fragments dropped
+    assert inference.relabel is layouts.relabel is relabel
