@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         if not schema:
             raise BadRequest("no label config for this project: send label_config (or call /setup first)")
         try:
-            return TesseraModel(schema, settings=settings, cache=cache, runner=runner, project=key,
+            return TesseraModel(schema, settings=settings, cache=cache, project=key,
                                 hostname=data.get("hostname") or state.get("hostname", ""),
                                 access_token=data.get("access_token") or state.get("access_token", ""))
         except LabelConfigError as e:

@@ -19,20 +19,13 @@ TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"
 class TesseraModel(LabelStudioMLBase):
     """One request's view of a project: cheap to build (weights live in the per-process ModelCache)."""
 
-    TRAIN_EVENTS = TRAIN_EVENTS
-
     def __init__(self, label_config: str | None = None, train_output: dict | None = None, *,
-                 settings: Settings, cache: ModelCache, runner=None, project: str = "", **kwargs):
+                 settings: Settings, cache: ModelCache, project: str = "", **kwargs):
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
         self.settings = settings
         self.cache = cache
-        self.runner = runner
         self.project = project_key(project) if project else ""
         self.config: LabelConfig | None = parse_label_config(label_config) if label_config else None
-
-    @property
-    def model_version(self) -> str:
-        return self.cache.version(self.project, self.config)
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
         """LS tasks -> one prediction item per task, same order; items carry the served model_version."""
@@ -41,12 +34,3 @@ class TesseraModel(LabelStudioMLBase):
         served = self.cache.served(self.project, self.config)
         media = MediaResolver(self.settings, ls_url=self.hostname, token=self.access_token)
         return predict_tasks(tasks, self.config, served, media, self.settings, context=context)
-
-    def fit(self, tasks=(), workdir=None, event: str = "START_TRAINING", data: dict | None = None,
-            **kwargs) -> dict:
-        """Schedule a (debounced) training run for the project; never trains in the request."""
-        if self.runner is None:
-            raise RuntimeError("no training job runner configured")
-        if event not in self.TRAIN_EVENTS:
-            return {"status": "ignored", "event": event}
-        return self.runner.submit(self.project, event)

@@ -503,9 +503,6 @@ class LSApi:
     def project(self, project: int) -> dict:
         return self.get(f"/api/projects/{project}/")
 
-    def update_project(self, project: int, **fields: Any) -> dict:
-        return self.patch(f"/api/projects/{project}/", fields)
-
     def import_tasks(self, project: int, tasks: list[dict]) -> dict:
         """JSON import (tasks may carry ``predictions``). Reply has ``task_ids``."""
         return self.post(f"/api/projects/{project}/import", tasks, params={"return_task_ids": "true"})

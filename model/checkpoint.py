@@ -1,7 +1,7 @@
 """Checkpoint save/load: atomic writes (tmp file in the same directory + fsync + os.replace) and checked loads.
 
 Payload: {"format_version", "kind", "model", "optimizer", "model_config", "train_config", "iter_num",
-"best_val_loss", "labels", ...} (the GAN uses "generator", "discriminator", "opt_g", "opt_d").
+"best_val_loss", "label_names", ...} (the GAN uses "generator", "discriminator", "opt_g", "opt_d").
 Atomic save as in Lightning's `_atomic_save`; loads are `weights_only=True` so a checkpoint can't run code.
 """
 from __future__ import annotations

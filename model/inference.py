@@ -286,11 +286,6 @@ class Predictor:
         _, _, _, logits, sizes = self._run(images)
         return [self._prediction(self._unletterbox(lg, s, im.shape[:2])) for lg, s, im in zip(logits, sizes, images)]
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Label probabilities (L, H, W) for one image: bg, classes 1..C, boundary."""
-        _, _, _, logits, sizes = self._run([image])
-        return self._unletterbox(logits[0], sizes[0], image.shape[:2])
-
     # --- codes of a label map and the prior-weighted decode ---------------------------------------
 
     def _onehot(self, classes: np.ndarray, instances: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

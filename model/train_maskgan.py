@@ -143,7 +143,7 @@ def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_
             "kind": "gan", "generator": generator.state_dict(), "generator_ema": generator_ema.state_dict(),
             "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "model_config": asdict(model_config), "train_config": asdict(cfg), "label_names": list(label_names),
-            "labels": list(label_names), "iter_num": iter0 + i},
+            "iter_num": iter0 + i},
             out if out.suffix == ".pt" else out / f"ckpt_{iter0 + i:07d}.pt")
 
     t0 = t_last = time.time()

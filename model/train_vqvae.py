@@ -366,7 +366,7 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
     payload = {"kind": "vqvae", "model": {k: v.cpu() for k, v in model.state_dict().items()},
                "model_config": asdict(mc), "train_config": asdict(cfg), "iter_num": iter0 + it,
                "best_val_loss": min((h["val_loss"] for h in history), default=None),
-               "label_names": list(label_names), "labels": list(label_names), "metrics": result,
+               "label_names": list(label_names), "metrics": result,
                "history": history}
     save_checkpoint(payload, path)
     if progress:

@@ -17,13 +17,13 @@ def _payload(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     net = torch.nn.Linear(4, 3)
     return {"kind": "vqvae", "model": net.state_dict(), "model_config": {"n_labels": 2, "embed_dim": 8},
-            "iter_num": 7, "best_val_loss": 0.5, "labels": ["cell"]}
+            "iter_num": 7, "best_val_loss": 0.5, "label_names": ["cell"]}
 
 
 def test_round_trip(tmp_path):
     path = save_checkpoint(_payload(), tmp_path / "sub" / "ckpt.pt")
     got = load_checkpoint(path, "vqvae")
-    assert got["format_version"] == FORMAT_VERSION and got["iter_num"] == 7 and got["labels"] == ["cell"]
+    assert got["format_version"] == FORMAT_VERSION and got["iter_num"] == 7 and got["label_names"] == ["cell"]
     for k, v in _payload()["model"].items():
         assert torch.equal(got["model"][k], v)
     assert load_checkpoint(path, None)["kind"] == "vqvae"
