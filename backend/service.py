@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from backend.label_config import Control, LabelConfig
+from backend.label_config import Control, ImageObject, LabelConfig
 from backend.media import MediaError, MediaResolver
 from backend.regions import instances_to_results, region_to_mask, result_label, results_to_maps
 from backend.settings import Settings
@@ -71,16 +71,17 @@ class ModelCache:
             self._registries[key] = Registry(self.settings.model_dir / sub)
         return self._registries[key]
 
-    def source(self, key: str, config: LabelConfig | None) -> tuple[str, Registry, VersionInfo] | None:
-        """(registry key, registry, version) of the label model that serves project `key`: its own current
-        version, else the default model's when its label names fit the project's config (None: any).
-        Serving and training (the version a new one must beat) both ask this."""
+    def source(self, key: str, config: LabelConfig | None, kind: str = "label"
+               ) -> tuple[str, Registry, VersionInfo] | None:
+        """(registry key, registry, version) of the model of `kind` that serves project `key`: its own
+        current version, else the default model's when its label names fit the project's config (None:
+        any). Serving, training (the version a new one must beat) and synthetic tasks all ask this."""
         own = self.registry(key)
-        cur = own.current("label")
+        cur = own.current(kind)
         if cur is not None:
             return key, own, cur
         default = self.registry(DEFAULT_KEY)
-        cur = default.current("label")
+        cur = default.current(kind)
         if cur is not None and (config is None or _labels_fit(cur.metrics.get("label_names"), config)):
             return DEFAULT_KEY, default, cur
         return None
@@ -178,14 +179,10 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
 
     def load(job):
         i, img = job
-        try:
-            data = tasks[i].get("data") if isinstance(tasks[i], dict) else None
-            if not isinstance(data, dict) or img.data_key not in data:
-                raise MediaError(f"task data has no {img.data_key!r} field (the <Image value=\"${img.data_key}\">)")
-            return media.load_image(data[img.data_key])
-        except MediaError as e:
-            logger.warning("task %s: %s", _task_id(tasks[i]), e)
-            return e
+        image = task_image(tasks[i], img, media)
+        if isinstance(image, MediaError):
+            logger.warning("task %s: %s", _task_id(tasks[i]), image)
+        return image
 
     with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(jobs)))) as pool:
         images = list(pool.map(load, jobs))
@@ -225,6 +222,18 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             item["mislabeling"] = round(max(mislabel), 4)
         results.append(item)
     return results
+
+
+def task_image(task: Any, img: ImageObject, media: MediaResolver) -> np.ndarray | MediaError:
+    """The pixels of a task's image tag `img`, or the MediaError that says why not (returned, not raised:
+    a bad task must not fail a batch of predictions, nor a training run)."""
+    data = task.get("data") if isinstance(task, dict) else None
+    if not isinstance(data, dict) or img.data_key not in data:
+        return MediaError(f"task data has no {img.data_key!r} field (the <Image value=\"${img.data_key}\">)")
+    try:
+        return media.load_image(data[img.data_key])
+    except MediaError as e:
+        return e
 
 
 def _task_id(task: Any) -> Any:

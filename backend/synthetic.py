@@ -13,10 +13,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from backend.label_config import parse_label_config
+from backend.label_config import LabelConfig, parse_label_config
 from backend.lsclient import LSClient
 from backend.regions import instances_to_results
-from backend.service import DEFAULT_KEY, ModelCache, label_mapping, version_string
+from backend.service import ModelCache, label_mapping, version_string
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -24,14 +24,12 @@ logger = logging.getLogger(__name__)
 OVERSAMPLE = 3          # layouts rendered per requested task, so the filter can drop the unconvincing ones
 
 
-def _gan_source(cache: ModelCache, key: str):
-    for reg_key in (key, DEFAULT_KEY):
-        reg = cache.registry(reg_key)
-        cur = reg.current("gan")
-        if cur is not None:
-            return reg_key, reg, cur
-    raise ValueError(f"no generator is trained for project {key} yet: a training run trains it once the project "
-                     "has TESSERA_GAN_MIN_ANNOTATIONS annotated tasks")
+def _gan_source(cache: ModelCache, key: str, config: LabelConfig):
+    src = cache.source(key, config, kind="gan")
+    if src is not None:
+        return src
+    raise ValueError(f"no generator is trained for project {key} yet (nor a default one for its labels): a training "
+                     "run trains it once the project has TESSERA_GAN_MIN_ANNOTATIONS annotated tasks")
 
 
 def generate_into_project(settings: Settings, key: str, count: int = 8, label: str | None = None,
@@ -45,7 +43,7 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
     client = client or LSClient(settings)
     config = parse_label_config(client.project(key).get("label_config") or "")
     cache = ModelCache(settings)
-    reg_key, reg, gan_info = _gan_source(cache, key)
+    reg_key, reg, gan_info = _gan_source(cache, key, config)
     synth = Synthesizer.from_checkpoint(reg.path(gan_info.version), device=settings.device)
     gan_version = version_string(reg_key, gan_info.version)
     served = cache.served(key, config)

@@ -25,11 +25,11 @@ from typing import Callable
 import numpy as np
 
 from backend.jobs import pid_alive
-from backend.label_config import Control, LabelConfig, parse_label_config
+from backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
 from backend.lsclient import LabelStudioUnavailable, LSClient
 from backend.media import MediaError, MediaResolver
 from backend.regions import results_to_maps
-from backend.service import DEFAULT_KEY, ModelCache, label_mapping, latest_annotation, version_string
+from backend.service import DEFAULT_KEY, ModelCache, label_mapping, latest_annotation, task_image, version_string
 from backend.settings import Settings
 from model.data import Sample, load_folder, split_ids
 from model.registry import Registry
@@ -315,12 +315,8 @@ def project_samples(settings: Settings, client: LSClient, key: str, progress: Pr
     media = MediaResolver(settings, cache_dir=settings.model_dir / "cache" / "media")
     jobs = [(task, img) for task in tasks for img in config.images]
 
-    def load(job: tuple[dict, object]) -> np.ndarray | MediaError:
-        task, img = job
-        try:
-            return media.load_image((task.get("data") or {}).get(img.data_key, ""))
-        except MediaError as e:
-            return e
+    def load(job: tuple[dict, ImageObject]) -> np.ndarray | MediaError:
+        return task_image(*job, media)
 
     images: list[np.ndarray | MediaError] = []
     step = max(1, len(jobs) // 10)

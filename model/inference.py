@@ -34,6 +34,15 @@ CONFIDENT = 0.9  # pixel probability above which check() trusts the model over t
 # pre- and post-processing shared with training
 
 
+def vqvae_from_checkpoint(ckpt: dict) -> VQVAE:
+    """The VQ-VAE a loaded "vqvae" checkpoint describes, with its weights (for serving and warm starts)."""
+    cfg = dict(ckpt["model_config"])
+    cfg["widths"] = tuple(cfg["widths"])       # a list once it went through JSON
+    model = VQVAE(VQVAEConfig(**cfg))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -230,10 +239,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
         ckpt = load_checkpoint(Path(path), kind="vqvae")
-        cfg = dict(ckpt["model_config"])
-        cfg["widths"] = tuple(cfg["widths"])
-        model = VQVAE(VQVAEConfig(**cfg))
-        model.load_state_dict(ckpt["model"], strict=True)
+        model = vqvae_from_checkpoint(ckpt)
         version = ckpt.get("version") or f"vqvae-{ckpt.get('iter_num', 0)}"
         edge_weight = float((ckpt.get("train_config") or {}).get("boundary_weight", 1.0))
         return cls(model, ckpt["label_names"], version, device, edge_weight=edge_weight)

@@ -32,7 +32,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import from_args
 from model.data import Sample
 from model.inference import (Predictor, fit_size, image_stats, normalize_image, pad_target, pad_to, resize,
-                             resolve_device, soft_target)
+                             resolve_device, soft_target, vqvae_from_checkpoint)
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -253,10 +253,7 @@ def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None
     if init_from is not None:
         ckpt = load_checkpoint(Path(init_from), kind="vqvae")
         if list(ckpt["label_names"]) == list(label_names):
-            mc = dict(ckpt["model_config"])
-            mc["widths"] = tuple(mc["widths"])
-            model = VQVAE(VQVAEConfig(**mc))
-            model.load_state_dict(ckpt["model"], strict=True)
+            model = vqvae_from_checkpoint(ckpt)
             logger.info("warm start from %s (iter %s)", init_from, ckpt.get("iter_num"))
             return model, int(ckpt.get("iter_num", 0))
         logger.warning("init_from %s has labels %s, not %s: training from scratch",

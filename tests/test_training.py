@@ -82,6 +82,11 @@ def test_served_baseline_falls_back_to_a_fitting_default_model(settings):
     assert cache.source("3", folder(["Cat", "Dog"])) is None       # other labels: nothing to beat
     register_stub(settings, "3")
     assert cache.source("3", folder(["Nucleus"]))[0] == "3"        # its own version wins
+    f = settings.model_dir / "gan.pt"
+    f.write_bytes(b"stub")
+    cache.registry(DEFAULT_KEY).add(f, {"label_names": ["Nucleus"]}, promote=True, kind="gan")
+    assert cache.source("3", folder(["Nucleus"]), kind="gan")[0] == DEFAULT_KEY   # the generator: same rule
+    assert cache.source("4", folder(["Cat", "Dog"]), kind="gan") is None
 
 
 def test_work_dirs_of_dead_runs_are_removed(settings):
