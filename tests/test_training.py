@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from backend import training
 from backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
