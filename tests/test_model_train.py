@@ -81,6 +81,16 @@ def test_train_smoke(data, tmp_path):
     assert path == tmp_path / "model.pt" and path.is_file()
 
 
+def test_checkpoints_with_the_old_labels_key_still_load(trained, tmp_path):
+    """Checkpoints no longer duplicate label_names as "labels"; those written before still serve."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(trained[0], "vqvae")
+    assert "labels" not in payload
+    old = save_checkpoint({**payload, "labels": payload["label_names"]}, tmp_path / "old.pt")
+    assert Predictor.from_checkpoint(old, device="cpu").label_names == ["nucleus"]
+
+
 def test_warm_start_only_when_labels_match(trained, data, tmp_path):
     path, _, _ = trained
     old = torch.load(path, map_location="cpu", weights_only=True)
