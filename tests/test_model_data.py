@@ -49,13 +49,12 @@ def test_make_nuclei_realistic_content():
     assert np.ptp([s.image.mean() for s in samples]) > 20
 
 
-def test_make_nuclei_non_square_and_fast():
-    import time
+def test_make_nuclei_non_square():
+    # its speed (~12 ms per 256x256 image) is measured by bench/micro.py, not asserted here
     s = make_nuclei(2, (80, 150), seed=1)
     assert s[0].image.shape == (80, 150, 3) and s[0].instances.shape == (80, 150)
-    t = time.perf_counter()
-    make_nuclei(10, 256, seed=2)
-    assert (time.perf_counter() - t) / 10 < 0.1     # ~12 ms here; generous for a loaded CI box
+    big = make_nuclei(10, 256, seed=2)
+    assert len(big) == 10 and all(b.image.shape == (256, 256, 3) and b.instances.max() > 0 for b in big)
     with pytest.raises(ValueError):
         make_nuclei(1, 8)
 
