@@ -51,6 +51,7 @@ bench: venv venv-ls
 	$(VENV)/bin/python -m bench.gan
 	$(VENV)/bin/python -m bench.active_learning
 	$(VENV)/bin/python -m bench.learning_latency
+	$(VENV)/bin/python -m bench.micro
 	$(MAKE) bench-table
 
 bench-table: venv
