@@ -105,6 +105,8 @@ def test_generate_route_validates_input(ls_server, gan_model_dir, tmp_path):
         assert r.status_code == 400 and "count" in r.json()["error"]
         r = requests.post(proc.url + "/generate", json={"count": 2}, timeout=10)
         assert r.status_code == 400 and "project" in r.json()["error"]
+        r = requests.post(proc.url + "/generate", json={"project": 1, "count": 2, "kind": "painted"}, timeout=10)
+        assert r.status_code == 400 and "kind" in r.json()["error"]
     finally:
         proc.stop()
 
