@@ -94,8 +94,9 @@ def _place(free: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tupl
 def paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cutout, rng: np.random.Generator,
           scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0) -> bool:
     """Paste `cut` into (image, classes, instances), in place, at the scene's object scale, flipped at random.
-    The label is the object's mask exactly; the image blends it in over a `feather`-px soft edge that lies
-    inside the mask (the background shows through only on object pixels, never outside the label)."""
+    The label is the object's mask exactly. The image takes the object's pixels with alpha = 2 x (mask blurred by
+    `feather` px), clipped to [0, 1] and zero outside the mask: straight edges stay hard, thin parts (tails,
+    ears, whiskers) blend with the background, and no pixel outside the label changes."""
     H, W = classes.shape
     s = _scale_for(cut, instances, rng, scale_jitter)
     h, w = max(1, round(cut.mask.shape[0] * s)), max(1, round(cut.mask.shape[1] * s))
@@ -109,7 +110,7 @@ def paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cu
         obj, mask = obj[:, ::-1], mask[:, ::-1]
     y, x = _place(instances == 0, mask, rng)
     alpha = mask.astype(np.float32)
-    if feather > 0:  # soft edge inside the mask: blur, then zero outside so no label-less pixel changes
+    if feather > 0:  # blur, then zero outside the mask so that no label-less pixel changes
         alpha = cv2.GaussianBlur(alpha, (0, 0), feather) * mask
         alpha = np.clip(alpha * 2, 0, 1)[..., None]
     else:
