@@ -47,8 +47,8 @@ def _gan_source(cache: ModelCache, key: str, config: LabelConfig):
     if src is not None:
         return src
     raise ValueError(f"no generator is trained for project {key} yet (nor a default one for its labels): a training "
-                     "run trains it once the project has TESSERA_GAN_MIN_ANNOTATIONS annotated tasks; or use kind 'edited', "
-                     "which needs none")
+                     "run trains it once the project has TESSERA_GAN_MIN_ANNOTATIONS annotated tasks; "
+                     "or use kind 'edited', which needs none")
 
 
 def _task_of(sample_id: str) -> int | str:

@@ -230,7 +230,8 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
 
 # -------------------------------------------------------------------- quality, speed, LS (issue #12 parts)
 
-def fit_gan_iters(train: list[Sample], names: list[str], iters: int, out: Path, threads: int, **model) -> tuple[Path, dict]:
+def fit_gan_iters(train: list[Sample], names: list[str], iters: int, out: Path, threads: int,
+                  **model) -> tuple[Path, dict]:
     cfg = GANTrainConfig(max_iters=iters, device="cpu", threads=threads, log_interval=10 ** 9, **model)
     t0 = time.time()
     ckpt = train_gan(cfg, train, names, out)

@@ -111,7 +111,8 @@ def summarize(rows: list[dict], arms: list[str], rare: str) -> dict:
     for arm in arms:
         for key in [f"iou_{b}" for b in BREEDS] + ["fg_iou", "miou"]:
             v = np.array([r[arm][key] for r in rows])
-            out[f"{arm}_{key}_mean"], out[f"{arm}_{key}_std"] = float(v.mean()), float(v.std(ddof=1) if len(v) > 1 else 0)
+            out[f"{arm}_{key}_mean"] = float(v.mean())
+            out[f"{arm}_{key}_std"] = float(v.std(ddof=1) if len(v) > 1 else 0)
     for arm in arms:
         if arm == "real_only":
             continue
