@@ -229,10 +229,15 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         label = data.get("label")
         if label is not None and not isinstance(label, str):
             raise BadRequest("label must be a label name of the project's config")
-        from backend.synthetic import generate_into_project
+        from backend.synthetic import KINDS, generate_into_project
+
+        kind = data.get("kind", "edited")
+        if kind not in KINDS:
+            raise BadRequest(f"kind must be one of {list(KINDS)}")
 
         try:
-            result = generate_into_project(settings, key, count=count, label=label, share=share, seed=seed)
+            result = generate_into_project(settings, key, count=count, label=label, share=share, seed=seed,
+                                           kind=kind)
         except ValueError as e:
             raise BadRequest(str(e), status=422) from None
         return jsonify(result), (200 if not result.get("failed") else 207)

@@ -112,7 +112,7 @@ def cmd_generate(args, settings: Settings) -> int:
     from backend.synthetic import generate_into_project
 
     result = generate_into_project(settings, str(args.project), count=args.count, label=args.label,
-                                   share=args.share, seed=args.seed)
+                                   share=args.share, seed=args.seed, kind=args.kind)
     print(json.dumps(result, indent=1))
     return 0 if not result.get("failed") else 1
 
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
     p.add_argument("--project", type=int, required=True)
     p.add_argument("--count", type=int, default=8)
-    p.add_argument("--label", default=None, help="raise the share of this label in the generated layouts")
+    p.add_argument("--label", default=None, help="paste (edited) or raise the share of (generated) this label")
+    p.add_argument("--kind", choices=["edited", "generated"], default="edited",
+                   help="edited: real images with real objects pasted in (default); generated: mask GAN images")
     p.add_argument("--share", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)

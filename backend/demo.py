@@ -613,8 +613,8 @@ def _synthetic(settings: Settings, pid: int, plan: Plan, stats: dict, console: C
         msg = f"skipped: the generator made no task the label model agrees with ({json.dumps(result)[:300]})"
         console.step(f"synthetic tasks: {msg}")
         return {"status": "skipped", "reason": msg, "result": result}
-    console.step(f"synthetic tasks: {len(ids)} generated images uploaded with their layout as prediction "
-                 f"(meta.synthetic = true) in {timings['synthetic_s']} s")
+    console.step(f"synthetic tasks: {len(ids)} {result.get('kind', 'generated')} images uploaded with their labels "
+                 f"as prediction (meta.synthetic = true) in {timings['synthetic_s']} s")
     return {"status": "created", "task_ids": ids, "result": result}
 
 

@@ -1,27 +1,45 @@
-"""Synthetic, pre-annotated tasks: layouts -> GAN images -> self-consistency filter -> Label Studio.
+"""Synthetic, pre-annotated tasks in a project: edited real images (the default) or GAN-generated ones.
 
-Each kept image is uploaded as a task, gets its layout as a prediction for every control of the
-project's config (score = the label model's agreement with the layout) and `meta.synthetic = true`.
-A task whose prediction cannot be written is deleted again, so no synthetic task is left unlabelled.
+- "edited": a real annotated image of the project with real annotated objects pasted in (model/edit.py),
+  rare labels first (or only `label`); the masks are exact by construction. `meta.source_task` names the
+  task the background comes from, `meta.object_tasks` those the objects come from.
+- "generated": layouts -> mask GAN images -> self-consistency filter (the label model must agree).
+Each task carries its label map as a prediction for every control of the image and `meta.synthetic = true`,
+`meta.synthetic_kind`. Images are uploaded in one request without creating tasks, then all tasks are created
+with their predictions and meta in one JSON import (one transaction: no task is left without its prediction).
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from backend.label_config import LabelConfig, parse_label_config
-from backend.lsclient import LSClient
+from backend.lsclient import LabelStudioUnavailable, LSClient
 from backend.regions import instances_to_results
 from backend.service import ModelCache, label_mapping, version_string
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-OVERSAMPLE = 3          # layouts rendered per requested task, so the filter can drop the unconvincing ones
+KINDS = ("edited", "generated")
+OVERSAMPLE = 3          # layouts rendered per requested generated task, so the filter can drop unconvincing ones
+EDIT_VERSION = "tessera-edit-1"  # model_version of the predictions of edited tasks (the editor has no weights)
+
+
+@dataclass
+class Item:
+    """One synthetic image with its exact label maps, its score and its task meta."""
+    image: np.ndarray
+    classes: np.ndarray
+    instances: np.ndarray
+    score: float
+    meta: dict = field(default_factory=dict)
 
 
 def _gan_source(cache: ModelCache, key: str, config: LabelConfig):
@@ -29,80 +47,159 @@ def _gan_source(cache: ModelCache, key: str, config: LabelConfig):
     if src is not None:
         return src
     raise ValueError(f"no generator is trained for project {key} yet (nor a default one for its labels): a training "
-                     "run trains it once the project has TESSERA_GAN_MIN_ANNOTATIONS annotated tasks")
+                     "run trains it once the project has TESSERA_GAN_MIN_ANNOTATIONS annotated tasks; "
+                     "or use kind 'edited', which needs none")
 
 
-def generate_into_project(settings: Settings, key: str, count: int = 8, label: str | None = None,
-                          share: float = 0.3, seed: int = 0, client: LSClient | None = None) -> dict:
-    """Render `count` synthetic tasks into project `key`; returns what was created and what failed."""
-    from backend.training import project_samples
+def _task_of(sample_id: str) -> int | str:
+    """Sample ids of project tasks are "<task id>:<image tag>" (backend.training.project_samples)."""
+    head = str(sample_id).split(":", 1)[0]
+    return int(head) if head.isdigit() else head
+
+
+def _label_index(label: str | None, names: list[str], what: str) -> int | None:
+    if label is None:
+        return None
+    by_name = {n.lower(): i + 1 for i, n in enumerate(names)}
+    if label.lower() not in by_name:
+        raise ValueError(f"label {label!r} is not one the {what} knows: {names}")
+    return by_name[label.lower()]
+
+
+def _edited(samples, names: list[str], count: int, label: str | None, seed: int, predictor) -> list[Item]:
+    from model.edit import Editor
+
+    editor = Editor(samples, len(names))
+    label_idx = _label_index(label, names, "project's label config")
+    if label_idx is not None and label_idx not in editor.labels():
+        raise ValueError(f"no annotated object of label {label!r} to paste yet: annotate at least one")
+    edits = editor.edit(count, label=label_idx, seed=seed)
+    scores = [1.0] * len(edits)
+    if predictor is not None:  # the label model's agreement: low = a task the model has most to learn from
+        from model.metrics import mean_iou
+        preds = predictor.predict([e.sample.image for e in edits])
+        scores = [mean_iou(np.asarray(p.classes, np.int32), e.sample.classes, len(names)) for p, e in zip(preds, edits)]
+    return [Item(e.sample.image, e.sample.classes, e.sample.instances, float(s),
+                 {"synthetic_kind": "edited", "source_task": _task_of(e.background),
+                  "object_tasks": [_task_of(o) for o in e.objects],
+                  "pasted_labels": [names[c - 1] for c in e.labels]})
+            for e, s in zip(edits, scores)]
+
+
+def _generated(settings: Settings, cache: ModelCache, key: str, config: LabelConfig, samples, count: int,
+               label: str | None, share: float, seed: int, predictor) -> tuple[list[Item], str, list[dict], list[str]]:
+    """-> (items, generator version, failures, the generator's label names: the layouts' class order)."""
     from model.layouts import LayoutSampler
     from model.synth import Synthesizer
 
+    reg_key, reg, gan_info = _gan_source(cache, key, config)
+    synth = Synthesizer.from_checkpoint(reg.path(gan_info.version), device=settings.device)
+    version = version_string(reg_key, gan_info.version)
+    if predictor is None:
+        raise ValueError(f"project {key} has no label model yet: it is needed to check generated images")
+    label_idx = _label_index(label, synth.label_names, "generator")
+    sampler = LayoutSampler(samples, resolution=synth.config.resolution)
+    layouts = sampler.sample(count * OVERSAMPLE, label=label_idx, share=share if label_idx else None, seed=seed)
+    images = synth.render(layouts, seed=seed)
+    checks = synth.self_consistency(images, layouts, predictor, threshold=settings.synth_min_iou)
+    order = sorted(range(len(layouts)), key=lambda i: -checks[i][1])
+    keep = [i for i in order if checks[i][0]][:count]
+    failed = []
+    if len(keep) < count:
+        failed.append({"reason": f"only {len(keep)} of {len(layouts)} generated images passed the self-consistency "
+                                 f"filter (IoU >= {settings.synth_min_iou})", "count": count - len(keep)})
+    items = [Item(images[i], layouts[i].classes, layouts[i].instances, checks[i][1],
+                  {"synthetic_kind": "generated", "generator_version": version, "layout_source": layouts[i].source,
+                   "self_consistency_iou": round(checks[i][1], 4)}) for i in keep]
+    return items, version, failed, list(synth.label_names)
+
+
+def _results(item: Item, config: LabelConfig, names: list[str]) -> list[dict]:
+    """The item's label map as regions of every control of the first image tag."""
+    image = config.images[0]
+    ids = [int(k) for k in np.unique(item.instances) if k]
+    cls = {k: int(np.bincount(item.classes[item.instances == k]).argmax()) for k in ids}
+    result = []
+    for control in config.controls:
+        if control.to_name != image.name:
+            continue
+        mapping = label_mapping(control, names)
+        labels = {k: mapping[c] for k, c in cls.items() if c in mapping}
+        result += instances_to_results(item.instances, labels, {k: item.score for k in ids}, control)
+    return result
+
+
+def upload_files(client: LSClient, key: str, pngs: list[tuple[str, bytes]]) -> list[str]:
+    """Upload PNGs without creating tasks (one multipart request) -> their /data/upload/... URLs, in order."""
+    files = {f"file{i}": (name, io.BytesIO(data), "image/png") for i, (name, data) in enumerate(pngs)}
+    out = client.request("POST", f"/api/projects/{int(key)}/import", files=files,
+                         params={"commit_to_project": "false"})
+    ids = (out or {}).get("file_upload_ids") or []
+    uploads = client.request("GET", f"/api/projects/{int(key)}/file-uploads",
+                             params={"ids": json.dumps(ids)}) or []
+    by_name = {}
+    for u in uploads:  # LS stores "upload/<project>/<random>-<name>": match on the (unique) name we sent
+        path = str(u.get("file", ""))
+        by_name[path.rsplit("/", 1)[-1].split("-", 1)[-1]] = "/data/" + path.lstrip("/")
+    urls = [by_name.get(name) for name, _ in pngs]
+    if len(ids) != len(pngs) or None in urls:
+        raise LabelStudioUnavailable(f"uploaded {len(pngs)} images, Label Studio listed {len(by_name)} of them")
+    return urls
+
+
+def import_tasks(client: LSClient, key: str, tasks: list[dict]) -> list[int]:
+    """Create tasks (data, meta, predictions) in one JSON import -> their ids, in order."""
+    out = client.request("POST", f"/api/projects/{int(key)}/import", json=tasks, params={"return_task_ids": "true"})
+    ids = (out or {}).get("task_ids") or []
+    if len(ids) != len(tasks):
+        raise LabelStudioUnavailable(f"imported {len(tasks)} tasks, Label Studio reported {len(ids)}")
+    return ids
+
+
+def generate_into_project(settings: Settings, key: str, count: int = 8, label: str | None = None,
+                          share: float = 0.3, seed: int = 0, client: LSClient | None = None,
+                          kind: str = "edited") -> dict:
+    """Make `count` synthetic tasks of `kind` in project `key`; returns what was created and what failed."""
+    from backend.training import project_samples
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     t0 = time.time()
     client = client or LSClient(settings)
     config = parse_label_config(client.project(key).get("label_config") or "")
     cache = ModelCache(settings)
-    reg_key, reg, gan_info = _gan_source(cache, key, config)
-    synth = Synthesizer.from_checkpoint(reg.path(gan_info.version), device=settings.device)
-    gan_version = version_string(reg_key, gan_info.version)
-    served = cache.served(key, config)
-    if served.predictor is None:
-        raise ValueError(f"project {key} has no label model yet: it is needed to check generated images")
-    label_idx = None
-    if label is not None:
-        by_name = {n.lower(): i + 1 for i, n in enumerate(synth.label_names)}
-        if label.lower() not in by_name:
-            raise ValueError(f"label {label!r} is not one the generator knows: {synth.label_names}")
-        label_idx = by_name[label.lower()]
-
-    samples, _, _, _ = project_samples(settings, client, key)
+    predictor = cache.served(key, config).predictor
+    samples, names, _, _ = project_samples(settings, client, key)
     samples = [s for s in samples if not s.synthetic] or samples
     if not samples:
-        raise ValueError(f"project {key} has no annotated tasks to take layouts from")
-    sampler = LayoutSampler(samples, resolution=synth.config.resolution)
-    layouts = sampler.sample(count * OVERSAMPLE, label=label_idx, share=share if label_idx else None, seed=seed)
-    images = synth.render(layouts, seed=seed)
-    checks = synth.self_consistency(images, layouts, served.predictor, threshold=settings.synth_min_iou)
-    order = sorted(range(len(layouts)), key=lambda i: -checks[i][1])
-    keep = [i for i in order if checks[i][0]][:count]
+        raise ValueError(f"project {key} has no annotated tasks to take layouts or objects from")
     failed: list[dict] = []
-    if len(keep) < count:
-        failed.append({"reason": f"only {len(keep)} of {len(layouts)} generated images passed the self-consistency "
-                                 f"filter (IoU >= {settings.synth_min_iou})", "count": count - len(keep)})
-    if not keep:
-        return {"created": [], "failed": failed, "generator_version": gan_version, "seconds": time.time() - t0}
-
+    if kind == "edited":
+        items, version = _edited(samples, names, count, label, seed, predictor), EDIT_VERSION
+    else:
+        items, version, failed, names = _generated(settings, cache, key, config, samples, count, label, share,
+                                                   seed, predictor)
+    t_make = time.time() - t0
+    if not items:
+        return {"kind": kind, "created": [], "failed": failed, "model_version": version,
+                "generator_version": version, "seconds": round(time.time() - t0, 2)}
     pngs = []
-    for n, i in enumerate(keep):
+    for n, item in enumerate(items):
         buf = io.BytesIO()
-        Image.fromarray(images[i]).save(buf, "PNG")
-        pngs.append((f"synthetic_s{seed}_{n:03d}.png", buf.getvalue()))
-    task_ids = client.upload_images(key, pngs)
-
-    created = []
-    for task_id, i in zip(task_ids, keep):
-        lay, iou = layouts[i], checks[i][1]
-        try:
-            result = []
-            for control in config.controls:
-                mapping = label_mapping(control, synth.label_names)
-                ids = [int(k) for k in np.unique(lay.instances) if k]
-                cls = {k: int(np.bincount(lay.classes[lay.instances == k]).argmax()) for k in ids}
-                labels = {k: mapping[c] for k, c in cls.items() if c in mapping}
-                result += instances_to_results(lay.instances, labels, {k: iou for k in ids}, control)
-            client.create_prediction(task_id, result, round(iou, 4), gan_version)
-            client.update_task_meta(task_id, {"synthetic": True, "generator_version": gan_version, "seed": seed,
-                                              "layout_source": lay.source, "self_consistency_iou": round(iou, 4)})
-            created.append({"task": task_id, "score": round(iou, 4), "layout_source": lay.source,
-                            "regions": len(result)})
-        except Exception as e:               # one task failing must not leave it unlabelled, nor stop the rest
-            logger.warning("synthetic task %s: %s; deleting it", task_id, e)
-            failed.append({"task": task_id, "reason": f"{type(e).__name__}: {str(e)[:200]}"})
-            try:
-                client.request("DELETE", f"/api/tasks/{task_id}/")
-            except Exception as e2:
-                logger.error("synthetic task %s could not be deleted either: %s", task_id, e2)
-    logger.info("project %s: %d synthetic tasks from %s in %.1fs", key, len(created), gan_version, time.time() - t0)
-    return {"created": created, "failed": failed, "generator_version": gan_version,
-            "seconds": round(time.time() - t0, 2)}
+        Image.fromarray(item.image).save(buf, "PNG", compress_level=1)
+        pngs.append((f"{kind}_s{seed}_{n:03d}.png", buf.getvalue()))
+    urls = upload_files(client, key, pngs)
+    data_key = config.images[0].data_key
+    tasks = [{"data": {data_key: url},
+              "meta": {"synthetic": True, "seed": seed, **item.meta},
+              "predictions": [{"result": _results(item, config, names), "score": round(item.score, 4),
+                               "model_version": version}]}
+             for url, item in zip(urls, items)]
+    ids = import_tasks(client, key, tasks)
+    created = [{"task": tid, "score": round(item.score, 4), "regions": len(task["predictions"][0]["result"]),
+                **{k: v for k, v in item.meta.items() if k in ("source_task", "layout_source")}}
+               for tid, item, task in zip(ids, items, tasks)]
+    dt = time.time() - t0
+    logger.info("project %s: %d %s tasks in %.1fs (%.1fs to make them)", key, len(created), kind, dt, t_make)
+    return {"kind": kind, "created": created, "failed": failed, "model_version": version,
+            "generator_version": version, "seconds": round(dt, 2), "make_seconds": round(t_make, 2)}

@@ -22,6 +22,7 @@ Writes bench/results/gan.json and bench/results/gan_grid.png (layout | generated
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -173,8 +174,9 @@ def save_grid(rows, path: Path) -> None:
 # ------------------------------------------------------------------------------------------- Label Studio
 
 def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: list[str], count: int,
-                  min_iou: float, work: Path) -> dict:
-    """Real LS server: project with brush+polygon+box, 2 annotated real tasks, then generate `count`."""
+                  min_iou: float, work: Path, kinds: tuple[str, ...] = ("generated",)) -> dict:
+    """Real LS server: project with brush+polygon+box, the `real` tasks annotated, then generate `count`
+    tasks of each kind (one project per kind); -> {kind: measurements}."""
     from PIL import Image
 
     from backend.label_config import Control
@@ -203,22 +205,122 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
                             device="cpu", synth_min_iou=min_iou)
         reg = ModelCache(settings).registry(str(pid))
         for ckpt, kind in ((label_ckpt, "label"), (gan_ckpt, "gan")):
-            copy = work / f"{kind}.pt"
+            copy = work / f"{kind}_for_ls.pt"
             shutil.copy(ckpt, copy)  # add() moves the file into the store
             reg.add(copy, {"label_names": list(names)}, promote=True, kind=kind)
-        t1 = time.time()
-        out = generate_into_project(settings, str(pid), count=count, seed=7)
-        dt = time.time() - t1
-        tasks = api.tasks(pid)
-        synthetic = [t for t in tasks if (t.get("meta") or {}).get("synthetic")]
-        n_pred = sum(len(t.get("predictions") or []) for t in synthetic)
+        res = {}
+        for kind in kinds:
+            before = {t["id"] for t in api.tasks(pid)}
+            t1 = time.time()
+            out = generate_into_project(settings, str(pid), count=count, seed=7, kind=kind)
+            dt = time.time() - t1
+            synthetic = [t for t in api.tasks(pid) if t["id"] not in before and (t.get("meta") or {}).get("synthetic")]
+            n_pred = sum(len(t.get("predictions") or []) for t in synthetic)
+            res[kind] = {"requested": count, "created": len(out["created"]), "failed": out["failed"],
+                         "seconds": round(dt, 2), "make_seconds": out.get("make_seconds"),
+                         "tasks_per_s": len(out["created"]) / dt, "synthetic_tasks_in_ls": len(synthetic),
+                         "predictions_in_ls": n_pred, "threshold": settings.synth_min_iou,
+                         "ls_start_s": round(start_s, 1), "torch_threads": torch.get_num_threads(),
+                         "load1": round(load1(), 2),
+                         "region_types": sorted({r["type"] for t in synthetic for p in (t.get("predictions") or [])
+                                                 for r in p["result"]})}
         api.close()
-    return {"requested": count, "created": len(out["created"]), "failed": out["failed"], "seconds": round(dt, 2),
-            "tasks_per_s": len(out["created"]) / dt, "synthetic_tasks_in_ls": len(synthetic),
-            "predictions_in_ls": n_pred, "threshold": settings.synth_min_iou, "ls_start_s": round(start_s, 1),
-            "torch_threads": torch.get_num_threads(),
-            "region_types": sorted({r["type"] for t in synthetic for p in (t.get("predictions") or [])
-                                    for r in p["result"]})}
+    return res
+
+
+# -------------------------------------------------------------------- quality, speed, LS (issue #12 parts)
+
+def fit_gan_iters(train: list[Sample], names: list[str], iters: int, out: Path, threads: int,
+                  **model) -> tuple[Path, dict]:
+    cfg = GANTrainConfig(max_iters=iters, device="cpu", threads=threads, log_interval=10 ** 9, **model)
+    t0 = time.time()
+    ckpt = train_gan(cfg, train, names, out)
+    return ckpt, {"iters": iters, "train_s": round(time.time() - t0, 1), "batch_size": cfg.batch_size, **model}
+
+
+def centre_crop(s: Sample, R: int) -> Sample:
+    """Short side to R, centre R x R crop: the framing generated images have."""
+    img = fit_short_side(s.image, R, nearest=False)
+    cl = fit_short_side(s.classes.astype(np.int32), R, nearest=True)
+    ins = fit_short_side(s.instances.astype(np.int32), R, nearest=True)
+    y, x = (cl.shape[0] - R) // 2, (cl.shape[1] - R) // 2
+    return Sample(np.ascontiguousarray(img[y:y + R, x:x + R]), cl[y:y + R, x:x + R], ins[y:y + R, x:x + R], id=s.id)
+
+
+def save_compare_grid(rows: list[list[np.ndarray]], titles: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(1.45 * len(titles), 1.5 * len(rows)), dpi=100)
+    for r, row in enumerate(rows):
+        for c, pic in enumerate(row):
+            axes[r, c].imshow(pic, interpolation="nearest")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(titles[c], fontsize=6.5, pad=2)
+    fig.tight_layout(pad=0.3, h_pad=0.3, w_pad=0.2)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def synthetic_parts(args, threads: int) -> None:
+    """The image-quality grid (real | layout | GAN before/after the quality fixes at equal iterations | edited),
+    render speed and synthetic tasks/s into a real Label Studio for both kinds, without the (20 min)
+    usefulness study; the previous usefulness figures are carried over, marked as such."""
+    from model.edit import Editor
+
+    t_start, work = time.time(), Path(tempfile.mkdtemp(prefix="tessera-bench-gan-"))
+    samples, names = load_folder(dataset("dsb2018"))
+    train_ids, _ = split_ids([s.id for s in samples], 0.2)
+    by_id = {s.id: s for s in samples}
+    real = [by_id[i] for i in train_ids][:args.sizes[0]]
+    log(f"dsb2018: {len(real)} real training images; GAN {args.gan_iters} iters per variant; load {load1():.1f}")
+    gans = {}
+    for name, model in (("before", dict(upsample="nearest", grey_flag=False)),
+                        ("after", dict(upsample="bilinear", grey_flag=True))):
+        gans[name] = fit_gan_iters(real, names, args.gan_iters, work / f"gan_{name}.pt", threads, **model)
+        log(f"GAN {name}: {gans[name][1]}")
+    label_ckpt, label_t = fit_label(real, names, args.iters, AUG_ON, work / "label.pt", threads)
+    crops = [centre_crop(s, 128) for s in real]
+    rows_src = [c for c in crops if c.instances.any()][:6]
+    rendered = {k: Synthesizer.from_checkpoint(c, device="cpu").render(rows_src, seed=11) for k, (c, _) in gans.items()}
+    edits = Editor(crops, len(names), max_objects=4).edit(len(rows_src), seed=5)
+    rows = [[s.image, _colour(s.instances), rendered["before"][i], rendered["after"][i], edits[i].sample.image,
+             _colour(edits[i].sample.instances)] for i, s in enumerate(rows_src)]
+    grid_path = RESULTS / ("gan_grid_quick.png" if args.quick else "gan_grid.png")
+    save_compare_grid(rows, ["real", "its layout", "GAN before (nearest, RGB)", "GAN after (bilinear, grey flag)",
+                             "edited (real + pasted)", "edited: exact labels"], grid_path)
+    log(f"wrote {grid_path} ({grid_path.stat().st_size // 1024} KB)")
+    speed = {}
+    for k, (c, _) in gans.items():
+        synth = Synthesizer.from_checkpoint(c, device="cpu")
+        speed[k] = [render_speed(synth, LayoutSampler(real, resolution=128), t, 2 if args.quick else 4) for t in (1, 2)]
+    torch.set_num_threads(threads)
+    log("render: " + "; ".join(f"{k} " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads"
+                                                  for s in v) for k, v in speed.items()))
+    ls = ls_throughput(label_ckpt, gans["after"][0], real[:4], names, args.ls_count, args.ls_min_iou, work,
+                       kinds=("edited", "generated"))
+    log("Label Studio: " + ", ".join(f"{k} {v['created']} tasks at {v['tasks_per_s']:.1f}/s" for k, v in ls.items()))
+    previous = json.loads((RESULTS / "gan.json").read_text()) if (RESULTS / "gan.json").exists() else {}
+    if "previous_usefulness" in previous:
+        previous = previous["previous_usefulness"]
+    summary = {f"gen_images_per_s_{k}_{s['threads']}threads": s["images_per_s"] for k, v in speed.items() for s in v}
+    summary.update({f"ls_{k}_tasks_per_s": v["tasks_per_s"] for k, v in ls.items()})
+    summary.update({f"ls_{k}_tasks_created": v["created"] for k, v in ls.items()})
+    summary["wall_s"] = round(time.time() - t_start, 1)
+    write_result("gan_quick" if args.quick else "gan", {
+        "parts": "grid, speed, label_studio (usefulness not rerun: see previous_usefulness and rare_label.json)",
+        "summary": summary, "gan_training": {k: v[1] for k, v in gans.items()}, "render_speed": speed,
+        "label_studio": ls, "label_model": {"iters": args.iters, "train_s": round(label_t, 1)},
+        "setup": {"dataset": "dsb2018", "n_real": len(real), "gan_iters": args.gan_iters, "torch_threads": threads,
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "ls_count": args.ls_count,
+                  "ls_min_iou": args.ls_min_iou, "grid": "bench/results/gan_grid.png"},
+        "targets": {"gen_images_per_s": ">= 100 at R=128 on 2 CPU cores", "ls_tasks_per_s": ">= 10 with predictions"},
+        "previous_usefulness": {k: previous.get(k) for k in ("machine", "command", "summary", "usefulness")
+                                if k in previous}})
+    shutil.rmtree(work, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -237,6 +339,9 @@ def main() -> None:
     ap.add_argument("--ls-min-iou", type=float, default=0.5, help="TESSERA_SYNTH_MIN_IOU for the LS run")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for training; 0 = 2 if quiet else 1")
     ap.add_argument("--quick", action="store_true", help="smoke run: N=10, 30 iters, 15 s GAN, 10 val images")
+    ap.add_argument("--synthetic-parts", action="store_true",
+                    help="only the quality grid, render speed and LS throughput (edited and generated tasks)")
+    ap.add_argument("--gan-iters", type=int, default=300, help="with --synthetic-parts: GAN iterations per variant")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.iters, args.gan_budget, args.max_val = [10], 30, 15.0, 10
@@ -248,6 +353,10 @@ def main() -> None:
                            capture_output=True, text=True).stdout.split()[1::2]
     threads = args.threads or (2 if load1() < 1.0 else 1)
     torch.set_num_threads(threads)
+    if args.synthetic_parts:
+        if args.quick:
+            args.gan_iters = 10
+        return synthetic_parts(args, threads)
     t_start = time.time()
     work = Path(tempfile.mkdtemp(prefix="tessera-bench-gan-"))
 
@@ -322,7 +431,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     log("render: " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads" for s in speed))
     ls = ls_throughput(judge_ckpt, gans[n_big], train_all[:2], names, args.ls_count, args.ls_min_iou, work)
-    log(f"Label Studio: {ls['created']}/{ls['requested']} synthetic tasks in {ls['seconds']}s")
+    log(f"Label Studio: {ls['generated']['created']}/{ls['generated']['requested']} synthetic tasks in "
+        f"{ls['generated']['seconds']}s")
 
     summary = {}
     for r in rows:
@@ -341,8 +451,8 @@ def main() -> None:
         summary[f"n{n}_fidelity_ratio_crops"] = fid[f"n{n}"]["ratio_vs_real_crops"]
     for s in speed:
         summary[f"gen_images_per_s_{s['threads']}threads"] = s["images_per_s"]
-    summary["ls_synthetic_tasks_per_s"] = ls["tasks_per_s"]
-    summary["ls_synthetic_tasks_created"] = ls["created"]
+    summary["ls_synthetic_tasks_per_s"] = ls["generated"]["tasks_per_s"]
+    summary["ls_synthetic_tasks_created"] = ls["generated"]["created"]
     summary["wall_s"] = time.time() - t_start
     write_result("gan", {
         "quick": args.quick, "summary": summary, "usefulness": rows, "fidelity": fid, "render_speed": speed,

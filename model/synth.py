@@ -21,11 +21,13 @@ logger = logging.getLogger(__name__)
 class Synthesizer:
     """Turns layouts (anything with .classes and .instances, e.g. Layout or Sample) into RGB images."""
 
-    def __init__(self, generator: Generator, label_names: list[str], version: str = "maskgan-0"):
+    def __init__(self, generator: Generator, label_names: list[str], version: str = "maskgan-0",
+                 grey_share: float = 0.0):
         self.generator = generator.eval().to(memory_format=torch.channels_last)  # see Generator.generate
         self.config: MaskGANConfig = generator.config
         self.label_names = list(label_names)
         self.version = version
+        self.grey_share = grey_share  # share of grey images among the training images (grey_flag generators)
 
     @classmethod
     def from_checkpoint(cls, gan_ckpt: str | Path, device: str = "auto") -> "Synthesizer":
@@ -33,7 +35,8 @@ class Synthesizer:
         generator = Generator(MaskGANConfig(**ckpt["model_config"]))
         # the weight average makes cleaner images than the last step's weights
         generator.load_state_dict(ckpt.get("generator_ema", ckpt["generator"]))
-        return cls(generator.to(resolve_device(device)), ckpt["label_names"], f"maskgan-{ckpt['iter_num']}")
+        return cls(generator.to(resolve_device(device)), ckpt["label_names"], f"maskgan-{ckpt['iter_num']}",
+                   float(ckpt.get("grey_share", 0.0)))
 
     def masks(self, layouts) -> torch.Tensor:
         """Layouts -> (B, label_nc, R, R) generator input; other sizes are resized (nearest) to R x R."""
@@ -59,9 +62,12 @@ class Synthesizer:
         if not layouts:
             return []
         seeds = [seed * 1_000_003 + i for i in range(len(layouts))]
+        # grey or colour per image, drawn from its own seed at the training images' rate
+        grey = torch.tensor([np.random.default_rng(s).random() < self.grey_share for s in seeds])
         images = []
         for i in range(0, len(layouts), batch_size):
-            fake = self.generator.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size])
+            fake = self.generator.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size],
+                                           grey[i:i + batch_size] if self.config.grey_flag else None)
             fake = ((fake.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
             images.extend(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
         return images

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_args
 from .inference import resolve_device
+from .edit import is_grey
 from .layouts import crop_box, ensure_instances, fit_short_side
 from .maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
                       feature_matching_loss, g_hinge_loss, label_maps_to_mask)
@@ -40,6 +41,8 @@ class GANTrainConfig:
     d_channels: int = 32
     d_layers: int = 3
     boundary: bool = True
+    upsample: str = "bilinear"     # "nearest" made 8 x 8 blocks visible in short CPU runs
+    grey_flag: bool = True         # grey training images make exactly grey fakes (no green/magenta fringes)
     # optimisation: TTUR (D learns faster) with Adam betas (0, 0.9) as in SPADE, but with larger steps
     # than SPADE's 1e-4 / 4e-4: CPU runs are a few hundred iterations long
     batch_size: int = 4
@@ -67,8 +70,8 @@ class GANTrainConfig:
         return from_args(cls, argv)
 
 
-def _prepare(samples, resolution: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Images and label maps with the short side at R (the crop to R x R happens per batch)."""
+def _prepare(samples, resolution: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+    """Images and label maps with the short side at R (the crop to R x R happens per batch), grey flag."""
     out = []
     for s in samples:
         if s.image.shape[:2] != s.classes.shape or s.classes.shape != s.instances.shape:
@@ -76,16 +79,19 @@ def _prepare(samples, resolution: int) -> list[tuple[np.ndarray, np.ndarray, np.
                              f"{s.classes.shape}/{s.instances.shape} differ in size")
         out.append((fit_short_side(s.image, resolution, nearest=False),
                     fit_short_side(s.classes.astype(np.int32), resolution, nearest=True),
-                    fit_short_side(ensure_instances(s.classes, s.instances), resolution, nearest=True)))
+                    fit_short_side(ensure_instances(s.classes, s.instances), resolution, nearest=True),
+                    is_grey(s.image)))
     return out
 
 
 def get_batch(data, batch_size: int, resolution: int, rng: np.random.Generator, n_labels: int,
-              boundary: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops with flips and rot90 -> (real (B, 3, R, R) in [-1, 1], mask (B, label_nc, R, R))."""
-    images, classes, instances = [], [], []
+              boundary: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random crops with flips and rot90 -> (real (B, 3, R, R) in [-1, 1], mask (B, label_nc, R, R),
+    grey flags (B,))."""
+    images, classes, instances, grey = [], [], [], []
     for i in rng.integers(0, len(data), batch_size):
-        image, cl, ins = data[i]
+        image, cl, ins, g = data[i]
+        grey.append(g)
         y, x = crop_box(cl.shape, resolution, rng)
         k, flip = int(rng.integers(4)), rng.random() < 0.5
         for a, dst in ((image, images), (cl, classes), (ins, instances)):
@@ -95,7 +101,7 @@ def get_batch(data, batch_size: int, resolution: int, rng: np.random.Generator, 
     real = real.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
     mask = label_maps_to_mask(torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(instances)),
                               n_labels, boundary)
-    return real.to(device), mask.to(device)
+    return real.to(device), mask.to(device), torch.tensor(grey, device=device)
 
 
 def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_from: Path | None = None,
@@ -117,7 +123,8 @@ def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_
     out = Path(out)
     model_config = MaskGANConfig(resolution=cfg.resolution, n_labels=len(label_names) + 1, boundary=cfg.boundary,
                                  z_dim=cfg.z_dim, g_channels=cfg.g_channels, g_hidden=cfg.g_hidden,
-                                 d_channels=cfg.d_channels, d_layers=cfg.d_layers)
+                                 d_channels=cfg.d_channels, d_layers=cfg.d_layers, upsample=cfg.upsample,
+                                 grey_flag=cfg.grey_flag)
     generator, discriminator = Generator(model_config).to(device), Discriminator(model_config).to(device)
     generator_ema = Generator(model_config).to(device).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
@@ -137,21 +144,23 @@ def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_
     else:
         generator_ema.load_state_dict(generator.state_dict())
     data = _prepare(samples, cfg.resolution)
+    grey_share = float(np.mean([d[3] for d in data]))  # generation draws grey images at this rate
 
     def save(i: int) -> Path:
         return save_checkpoint({
             "kind": "gan", "generator": generator.state_dict(), "generator_ema": generator_ema.state_dict(),
             "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "model_config": asdict(model_config), "train_config": asdict(cfg), "label_names": list(label_names),
-            "iter_num": iter0 + i},
+            "iter_num": iter0 + i, "grey_share": grey_share},
             out if out.suffix == ".pt" else out / f"ckpt_{iter0 + i:07d}.pt")
 
     t0 = t_last = time.time()
     iter_num = 0
     while iter_num < cfg.max_iters and not (cfg.time_budget_s > 0 and time.time() - t0 >= cfg.time_budget_s):
         i = iter_num
-        real, mask = get_batch(data, cfg.batch_size, cfg.resolution, rng, model_config.n_labels, cfg.boundary, device)
-        fake = generator(mask, torch.randn(real.size(0), cfg.z_dim, device=device))
+        real, mask, grey = get_batch(data, cfg.batch_size, cfg.resolution, rng, model_config.n_labels, cfg.boundary,
+                                     device)
+        fake = generator(mask, torch.randn(real.size(0), cfg.z_dim, device=device), grey=grey)
         # one augmentation draw per iteration, shared by real and fake, so D features stay comparable
         aug_seed = int(torch.randint(2 ** 31, ()))
 

@@ -17,6 +17,7 @@ from model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess
 
 pytestmark = pytest.mark.e2e
+REPO = str(Path(__file__).resolve().parents[1])  # the tessera subprocess runs this checkout's code
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +56,11 @@ def test_generate_puts_predicted_synthetic_tasks_into_the_project(ls_server, ls_
     pid = project["id"]
     real_ids = annotate(ls_api, pid, tmp_path)
     env = {"MODEL_DIR": str(gan_model_dir), "LABEL_STUDIO_URL": ls_server.url,
-           "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_SYNTH_MIN_IOU": "0", "PATH": "/usr/bin:/bin"}
+           "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_SYNTH_MIN_IOU": "0", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": REPO}
     exe = str(Path(sys.executable).with_name("tessera"))
-    run = subprocess.run([exe, "generate", "--project", str(pid), "--count", "4", "--seed", "7"], env=env,
+    run = subprocess.run([exe, "generate", "--project", str(pid), "--count", "4", "--seed", "7",
+                          "--kind", "generated"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
@@ -66,6 +69,7 @@ def test_generate_puts_predicted_synthetic_tasks_into_the_project(ls_server, ls_
     synthetic = [tasks[c["task"]] for c in out["created"]]
     for t in synthetic:
         assert t["meta"]["synthetic"] is True and t["meta"]["seed"] == 7
+        assert t["meta"]["synthetic_kind"] == "generated"
         assert t["meta"]["generator_version"] == out["generator_version"]
         preds = ls_api.predictions(t["id"])
         assert len(preds) == 1 and preds[0]["model_version"] == out["generator_version"]
@@ -77,7 +81,8 @@ def test_generate_puts_predicted_synthetic_tasks_into_the_project(ls_server, ls_
     assert not any((tasks[i].get("meta") or {}).get("synthetic") for i in real_ids)
 
     # the same seed renders the same images
-    again = subprocess.run([exe, "generate", "--project", str(pid), "--count", "4", "--seed", "7"], env=env,
+    again = subprocess.run([exe, "generate", "--project", str(pid), "--count", "4", "--seed", "7",
+                          "--kind", "generated"], env=env,
                            capture_output=True, text=True, timeout=300)
     second = json.loads(again.stdout)["created"]
     tasks = {t["id"]: t for t in ls_api.tasks(pid)}
@@ -85,7 +90,8 @@ def test_generate_puts_predicted_synthetic_tasks_into_the_project(ls_server, ls_
         assert ls_api.download(tasks[a["task"]]["data"]["image"]) == ls_api.download(tasks[b["task"]]["data"]["image"])
 
     # a filter nobody passes creates nothing and says why
-    strict = subprocess.run([exe, "generate", "--project", str(pid), "--count", "2"],
+    strict = subprocess.run([exe, "generate", "--project", str(pid), "--count", "2", "--kind",
+                             "generated"],
                             env={**env, "TESSERA_SYNTH_MIN_IOU": "1.01"}, capture_output=True, text=True, timeout=300)
     result = json.loads(strict.stdout)
     assert strict.returncode == 1 and result["created"] == [] and "self-consistency" in result["failed"][0]["reason"]
@@ -99,5 +105,64 @@ def test_generate_route_validates_input(ls_server, gan_model_dir, tmp_path):
         assert r.status_code == 400 and "count" in r.json()["error"]
         r = requests.post(proc.url + "/generate", json={"count": 2}, timeout=10)
         assert r.status_code == 400 and "project" in r.json()["error"]
+        r = requests.post(proc.url + "/generate", json={"project": 1, "count": 2, "kind": "painted"}, timeout=10)
+        assert r.status_code == 400 and "kind" in r.json()["error"]
     finally:
         proc.stop()
+
+
+CONFIG_RARE = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="Nucleus"/><Label value="Mitotic"/></BrushLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="Nucleus"/><Label value="Mitotic"/></PolygonLabels>
+  <RectangleLabels name="bbox" toName="image"><Label value="Nucleus"/><Label value="Mitotic"/></RectangleLabels>
+</View>"""
+
+
+def test_generate_edited_tasks_for_a_rare_label(ls_server, ls_api, tmp_path):
+    """Edited tasks need no trained model: real backgrounds of the project with its real "Mitotic" objects
+    pasted in; labels exact (pixels outside the predicted regions are the source task's), source task in meta."""
+    from PIL import Image
+
+    pid = ls_api.create_project("tessera edited", CONFIG_RARE)["id"]
+    samples = make_nuclei(3, size=128, seed=8)
+    paths, ids = [], []
+    for i, s in enumerate(samples):
+        paths.append(tmp_path / f"real{i}.png")
+        Image.fromarray(s.image).save(paths[-1])
+    ids = ls_api.upload_images(pid, paths)["task_ids"]
+    brush = Control("brushlabels", "mask", "image", ("Nucleus", "Mitotic"))
+    for n, (tid, s) in enumerate(zip(ids, samples)):
+        k = [int(i) for i in np.unique(s.instances) if i]
+        rare = {k[0]} if n == 0 else set()  # one rare object in the whole project
+        ls_api.create_annotation(tid, instances_to_results(
+            s.instances, {i: "Mitotic" if i in rare else "Nucleus" for i in k}, {}, brush))
+    env = {"MODEL_DIR": str(tmp_path / "models"), "LABEL_STUDIO_URL": ls_server.url,
+           "LABEL_STUDIO_API_KEY": ls_server.token, "PATH": "/usr/bin:/bin", "PYTHONPATH": REPO}
+    exe = str(Path(sys.executable).with_name("tessera"))
+    run = subprocess.run([exe, "generate", "--project", str(pid), "--count", "5", "--label", "mitotic", "--seed", "3"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    assert out["kind"] == "edited" and len(out["created"]) == 5 and not out["failed"], out
+    tasks = {t["id"]: t for t in ls_api.tasks(pid)}
+    images = {tid: np.asarray(Image.open(p).convert("RGB")) for tid, p in zip(ids, paths)}
+    for c in out["created"]:
+        t = tasks[c["task"]]
+        meta = t["meta"]
+        assert meta["synthetic"] is True and meta["synthetic_kind"] == "edited" and meta["seed"] == 3
+        assert meta["source_task"] in ids and meta["object_tasks"] == [ids[0]] * len(meta["object_tasks"])
+        assert meta["pasted_labels"] and set(meta["pasted_labels"]) == {"Mitotic"}
+        preds = t["predictions"]
+        assert len(preds) == 1 and preds[0]["model_version"] == out["model_version"]
+        assert {r["type"] for r in preds[0]["result"]} == {"brushlabels", "polygonlabels", "rectanglelabels"}
+        brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
+        assert any(r["value"]["brushlabels"] == ["Mitotic"] for r in brushes)
+        labelled = np.zeros((128, 128), bool)
+        for r in brushes:
+            labelled |= region_to_mask(r, 128, 128)
+        png = np.asarray(Image.open(__import__("io").BytesIO(ls_api.download(t["data"]["image"]))).convert("RGB"))
+        source = images[meta["source_task"]]
+        assert (png != source).any(-1).any()                            # something was pasted
+        assert not ((png != source).any(-1) & ~labelled).any()          # only where the labels say so
+    assert not any((tasks[i].get("meta") or {}).get("synthetic") for i in ids)

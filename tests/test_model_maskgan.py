@@ -244,3 +244,54 @@ def test_train_two_iters_then_synthesize(tmp_path):
     assert train(cfg, samples, ["a", "b"], tmp_path / "ft", init_from=path).exists()
     with pytest.raises(ValueError, match="differs"):
         train(cfg, samples, ["a", "b", "c"], tmp_path / "bad", init_from=path)
+
+
+# ----------------------------------------------------------------------------------------- edited images
+
+def test_edited_images_have_exact_labels_and_paste_the_rare_label_first():
+    from model.edit import Editor
+
+    samples = _two_class(make_nuclei(6, size=96, seed=4), p=0.1)
+    editor = Editor(samples, n_labels=2, max_objects=3)
+    counts = np.bincount([c.label for c in editor.bank], minlength=3)
+    assert counts[2] < counts[1] and editor.weights[1] > editor.weights[0]  # class 2 is rare, pasted more
+    edits = editor.edit(12, seed=1)
+    pasted = np.bincount([c for e in edits for c in e.labels], minlength=3)
+    assert pasted[2] > pasted[1]
+    by_id = {s.id: s for s in samples}
+    for e in edits:
+        s, bg = e.sample, by_id[e.background]
+        assert s.synthetic and s.image.shape == bg.image.shape and s.image.dtype == np.uint8
+        assert ((s.classes > 0) == (s.instances > 0)).all()
+        # every pixel outside the labelled objects is the background image's own pixel
+        changed = (s.image != bg.image).any(-1)
+        new_objects = (s.instances > 0) & ((bg.instances == 0) | (s.classes != bg.classes))
+        assert not (changed & ~(s.instances > 0)).any()
+        assert len(e.objects) == len(e.labels) >= 1 and new_objects.any()
+        for k in np.unique(s.instances[s.instances > 0]):  # one class per instance
+            assert len(np.unique(s.classes[s.instances == k])) == 1
+    assert edits[0].sample.image.tobytes() == editor.edit(1, seed=1)[0].sample.image.tobytes()
+
+
+def test_edit_with_a_label_pastes_only_that_label():
+    from model.edit import Editor
+
+    samples = _two_class(make_nuclei(4, size=96, seed=5), p=0.3)
+    editor = Editor(samples, n_labels=2)
+    edits = editor.edit(5, label=2, seed=0)
+    assert all(set(e.labels) == {2} for e in edits)
+    with pytest.raises(ValueError, match="no object of class"):
+        Editor(make_nuclei(2, size=96, seed=5), n_labels=2).edit(1, label=2)
+
+
+def test_grey_flag_makes_exactly_grey_images_and_bilinear_upsampling_runs():
+    config = MaskGANConfig(resolution=32, n_labels=2, z_dim=8, g_channels=8, g_hidden=8, d_channels=8, d_layers=2,
+                           upsample="bilinear", grey_flag=True)
+    g = Generator(config).eval()
+    masks = _masks(make_nuclei(2, size=32, seed=3), config)
+    out = g.generate(masks, seed=[1, 2], grey=torch.tensor([True, False]))
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.equal(out[0, 0], out[0, 1]) and torch.equal(out[0, 1], out[0, 2])
+    assert not torch.equal(out[1, 0], out[1, 1])
+    with pytest.raises(ValueError, match="upsample"):
+        MaskGANConfig(upsample="cubic")
