@@ -11,7 +11,7 @@ from typing import Iterable
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.converter.brush import decode_rle
 
 from backend.label_config import Control
 
@@ -20,8 +20,78 @@ from backend.label_config import Control
 # ----------------------------------------------------------------------------------------- brush masks
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """(H, W) bool -> LS brush RLE."""
-    return mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+    """(H, W) bool -> LS brush RLE (byte for byte what label_studio_sdk's mask2rle makes)."""
+    mask = np.asarray(mask, dtype=bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return crop_to_rle(mask[:0, :0], 0, 0, *mask.shape)
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return crop_to_rle(mask[y0:y1, x0:x1], int(y0), int(x0), *mask.shape)
+
+
+# LS's brush RLE (thi.ng rle-pack): a 32-bit value count, 5 bits word size - 1, four 4-bit run-length
+# field sizes - 1, then per run: 1 bit "repeat", 2 bits field index, the run length - 1, the 8-bit value.
+# label_studio_sdk.converter.brush.mask2rle builds this as a Python string of '0'/'1' over the whole
+# image (4 values per pixel), ~1.5 ms per region at 520x696 whatever the object's size. Hand-written
+# here because no library encodes it from a crop: the runs come from the object's bounding box, the
+# zero runs before and after it are arithmetic, and the bit packing is vectorised.
+_RLE_SIZES = (3, 4, 8, 16)
+_RLE_HEADER = (8 - 1) << 16 | sum((n - 1) << (4 * (3 - i)) for i, n in enumerate(_RLE_SIZES))  # 21 bits
+_MAX_RUN = 2 ** 16
+
+
+def crop_to_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> list[int]:
+    """An object's (h, w) bool crop placed at (y0, x0) in an (height, width) image -> LS brush RLE.
+
+    Costs O(crop area + runs), not O(image area)."""
+    h, w = crop.shape
+    assert 0 <= y0 and y0 + h <= height and 0 <= x0 and x0 + w <= width, \
+        f"crop {crop.shape} at ({y0}, {x0}) does not fit in {height}x{width}"
+    # (h, w) -> (h, w + 2) with False on both sides, so runs never cross rows; flat transitions
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = crop
+    edges = np.diff(padded, axis=1)                           # (h, w + 1): +1 run start, -1 run end
+    r_on, c_on = np.nonzero(edges == 1)
+    r_off, c_off = np.nonzero(edges == -1)                    # row-major: starts and ends pair up in order
+    starts = (r_on + y0).astype(np.int64) * width + x0 + c_on  # flat pixel index of each run's start
+    ends = (r_off + y0).astype(np.int64) * width + x0 + c_off  # exclusive end
+    if starts.size:
+        # an object touching the right border continues on the next row's left border: merge those runs
+        keep = np.ones(starts.size, bool)
+        keep[1:] = starts[1:] != ends[:-1]
+        starts, ends = starts[keep], ends[np.append(keep[1:], True)]
+    # alternating runs: zeros before the first, ones, zeros between, ..., zeros after the last
+    bounds = np.concatenate(([0], np.column_stack((starts, ends)).ravel(), [height * width]))
+    lengths = np.diff(bounds) * 4                             # 4 values (RGBA) per pixel
+    values = np.zeros(lengths.size, np.int64)
+    values[1::2] = 255
+    nonempty = lengths > 0
+    return _pack_runs(lengths[nonempty], values[nonempty], 4 * height * width)
+
+
+def _pack_runs(lengths: np.ndarray, values: np.ndarray, total: int) -> list[int]:
+    """Runs (length >= 4 each) -> the RLE bytes, every run a repeat; runs over 2**16 are split."""
+    n_chunks = -(-lengths // _MAX_RUN)                        # ceil
+    idx = np.repeat(np.arange(lengths.size), n_chunks)
+    first = np.cumsum(n_chunks) - n_chunks
+    pos = np.arange(idx.size) - first[idx]                    # chunk number within its run
+    chunk = np.minimum(lengths[idx] - pos * _MAX_RUN, _MAX_RUN)
+    field = np.searchsorted(np.array([8, 16, 256]), chunk, side="left")  # run <= 8, 16, 256, else 16 bits
+    nbits = np.array(_RLE_SIZES)[field]
+    # one code per chunk: 1 | field (2 bits) | length - 1 (nbits) | value (8 bits)
+    codes = (((4 | field) << nbits | (chunk - 1)) << 8) | values[idx]
+    widths = 3 + nbits + 8
+    codes = np.concatenate(([total, _RLE_HEADER], codes)).astype(np.uint64)
+    widths = np.concatenate(([32, 21], widths))
+    # left-align each code in 64 bits, unpack them big-endian, keep each code's first `width` bits
+    aligned = (codes << (64 - widths).astype(np.uint64)).astype(">u8")
+    bits = np.unpackbits(aligned.view(np.uint8).reshape(-1, 8), axis=1)   # (N, 8 bytes) -> (N, 64)
+    bits = bits[np.arange(64) < widths[:, None]]
+    out = np.packbits(bits).tolist()
+    if bits.size % 8 == 0:
+        out.append(0)                                         # mask2rle always appends 1-8 zero bits
+    return out
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
@@ -133,21 +203,21 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
     """
     height, width = instances.shape
     results = []
-    ids = [int(i) for i in np.unique(instances) if i != 0 and int(i) in labels]
+    ids = sorted(int(i) for i in labels if int(i) > 0)
     if not ids:
         return results
-    # one pass for all bounding boxes: (H, W) -> per-id slices
+    # one pass for all bounding boxes: (H, W) -> per-id slices; ids absent from the map get none
     slices = _object_slices(instances, ids)
     for k in ids:
-        sl = slices[k]
+        sl = slices.get(k)
+        if sl is None:
+            continue
         crop = instances[sl] == k
         label = labels[k]
         rid = f"{id_prefix}{control.from_name}-{k}"
         oy, ox = sl[0].start, sl[1].start
         if control.type == "brushlabels":
-            mask = np.zeros((height, width), dtype=bool)
-            mask[sl] = crop
-            value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
+            value = {"format": "rle", "rle": crop_to_rle(crop, oy, ox, height, width), "brushlabels": [label]}
         elif control.type == "polygonlabels":
             polygons = mask_to_polygons(crop, epsilon=polygon_epsilon)
             if not polygons:

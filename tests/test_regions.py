@@ -5,8 +5,8 @@ import pytest
 from scipy import ndimage
 
 from backend.label_config import Control
-from backend.regions import (box_to_mask, instances_to_results, mask_to_box, mask_to_polygons, mask_to_rle,
-                             polygon_to_mask, region_to_mask, results_to_maps, rle_to_mask)
+from backend.regions import (box_to_mask, crop_to_rle, instances_to_results, mask_to_box, mask_to_polygons,
+                             mask_to_rle, polygon_to_mask, region_to_mask, results_to_maps, rle_to_mask)
 
 BRUSH = Control("brushlabels", "mask", "image", ("A", "B"))
 POLY = Control("polygonlabels", "poly", "image", ("A", "B"))
@@ -178,3 +178,80 @@ def test_one_duplicate_rule_a_thin_objects_box_is_the_same_object():
     assert np.array_equal(classes > 0, thin) and instances.max() == 1
     far = instances_to_results(np.pad(inst[:20, :20], ((20, 0), (20, 0))), {1: "A"}, {1: 1.0}, box)
     assert results_to_maps(results + far, "image", 40, 40, {"A": 1})[1].max() == 2    # another object: kept
+
+
+# ------------------------------------------------------------------ brush RLE from the object's crop
+
+def _sdk_rle(mask):
+    from label_studio_sdk.converter.brush import mask2rle
+    return mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+
+
+def _decoded(rle, h, w):
+    from label_studio_sdk.converter.brush import decode_rle
+    flat = decode_rle(rle)
+    assert flat.size == h * w * 4
+    rgba = flat.reshape(h, w, 4)
+    assert (rgba == rgba[:, :, 3:]).all()        # every channel painted like alpha, as mask2rle does
+    return rgba[:, :, 3] > 0
+
+
+def _border_masks():
+    """Masks that break run arithmetic: borders, corners, full rows that join across lines, one pixel."""
+    h, w = 37, 53
+    out = {}
+    for name, sl in {"left": np.s_[5:20, 0:7], "right": np.s_[5:20, w - 7:], "top": np.s_[0:4, 10:30],
+                     "bottom": np.s_[h - 3:, 10:30], "corner_tl": np.s_[0:3, 0:3], "corner_br": np.s_[h - 3:, w - 3:],
+                     "full_rows": np.s_[10:14, :], "full": np.s_[:, :], "pixel": np.s_[36:37, 52:53],
+                     "first_pixel": np.s_[0:1, 0:1], "column": np.s_[:, 20:21]}.items():
+        m = np.zeros((h, w), bool)
+        m[sl] = True
+        out[name] = m
+    ring = np.zeros((h, w), bool)
+    ring[:, :3] = ring[:, -3:] = True            # right border of row r joins the left border of row r + 1
+    out["left_right_band"] = ring
+    return out
+
+
+@pytest.mark.parametrize("name", list(_border_masks()))
+def test_brush_rle_matches_sdk_on_border_masks(name):
+    mask = _border_masks()[name]
+    rle = mask_to_rle(mask)
+    assert rle == _sdk_rle(mask)
+    assert np.array_equal(_decoded(rle, *mask.shape), mask)
+
+
+def test_brush_rle_matches_sdk_on_random_odd_sizes():
+    rng = np.random.default_rng(7)
+    for t in range(150):
+        h, w = (int(v) for v in rng.integers(1, 45, 2))
+        mask = rng.random((h, w)) < rng.random()
+        if t % 10 == 0:
+            mask[:] = False
+        rle = mask_to_rle(mask)
+        assert rle == _sdk_rle(mask), f"case {t}: {h}x{w}"
+        assert np.array_equal(_decoded(rle, h, w), mask)
+
+
+@pytest.mark.parametrize("shape,box", [((1040, 1388), (500, 503, 700, 702)),       # tiny object, big image
+                                       ((600, 777), (3, 590, 0, 777)),              # huge, touches 3 borders
+                                       ((301, 1), (0, 301, 0, 1))])                 # one column image, full
+def test_brush_rle_tiny_and_huge_objects_round_trip(shape, box):
+    h, w = shape
+    y0, y1, x0, x1 = box
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    crop = ((yy - (y0 + y1) / 2) ** 2 / max(1, (y1 - y0) / 2) ** 2
+            + (xx - (x0 + x1) / 2) ** 2 / max(1, (x1 - x0) / 2) ** 2) <= 1.0   # an ellipse in the box
+    if crop.size <= 2 * max(crop.shape):
+        crop[:] = True
+    mask = np.zeros(shape, bool)
+    mask[y0:y1, x0:x1] = crop
+    rle = crop_to_rle(crop, y0, x0, h, w)
+    assert rle == mask_to_rle(mask)
+    assert np.array_equal(_decoded(rle, h, w), mask)        # runs over 2**16 values are split and rejoined
+
+
+def test_brush_rle_of_empty_crop_is_an_empty_mask():
+    rle = crop_to_rle(np.zeros((4, 5), bool), 3, 3, 20, 30)
+    assert rle == _sdk_rle(np.zeros((20, 30), bool))
+    assert not _decoded(rle, 20, 30).any()
