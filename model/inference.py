@@ -1,8 +1,11 @@
 """Inference with the label VQ-VAE: predict label maps, refine a rough hint, check an annotation.
 
-Images are letterboxed to the working resolution R (aspect kept, zero padding at the bottom / right),
-the code predictor and the image-conditioned decoder give label logits at R, and the logits are cropped
-and resized back to each image's own size. Touching objects come apart through the boundary class
+Images are seen at one scale learned in training from the objects' sizes (`scale`, model pixels per image
+pixel, stored in the checkpoint), so detail follows the objects and not the image size: an input up to
+tile x tile pixels goes through the network in one pass (padded to a multiple of 8), a larger one through
+a sliding window of overlapping tiles. Checkpoints without a scale letterbox every image into R x R (aspect
+kept, zero padding at the bottom / right). The logits are cropped and upsampled to each image's own size
+before any threshold. Touching objects come apart through the boundary class
 (the last label channel, the inner outline of every object): instances are connected components of the
 object cores, grown back over the boundary pixels to the nearest core (the mask + contour recipe of
 DSB 2018 entries; U-Net's separation borders, https://arxiv.org/abs/1505.04597).
@@ -92,13 +95,41 @@ def resize(arr: np.ndarray, h: int, w: int, nearest: bool = False) -> np.ndarray
     return cv2.resize(arr, (w, h), interpolation=interp)
 
 
-def pad_to(arr: np.ndarray, size: int) -> np.ndarray:
-    """Zero-pad the bottom / right of an (h, w, ...) array to (size, size, ...)."""
+def pad_to(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Zero-pad the bottom / right of an (h, w, ...) array to (size, size, ...) or (size_h, size_w, ...)."""
+    sh, sw = (size, size) if isinstance(size, int) else size
     h, w = arr.shape[:2]
-    assert h <= size and w <= size, f"array {arr.shape} larger than {size}"
-    out = np.zeros((size, size) + arr.shape[2:], arr.dtype)
+    assert h <= sh and w <= sw, f"array {arr.shape} larger than {(sh, sw)}"
+    out = np.zeros((sh, sw) + arr.shape[2:], arr.dtype)
     out[:h, :w] = arr
     return out
+
+
+def object_scale(samples_instances, object_px: float, max_scale: float = 1.0, min_scale: float = 1 / 32) -> float:
+    """Model pixels per image pixel that show the typical object `object_px` model pixels across.
+
+    Object size = sqrt(area) of each instance; the median per image, then over images (so a few crowded
+    images do not decide it). Training crops and inference both work at this one scale, so detail follows
+    the objects rather than the image size."""
+    sizes = []
+    for inst in samples_instances:
+        counts = np.bincount(np.asarray(inst).ravel().astype(np.intp))[1:]
+        counts = counts[counts > 0]
+        if counts.size:
+            sizes.append(float(np.median(np.sqrt(counts))))
+    if not sizes:
+        return max_scale
+    return float(np.clip(object_px / float(np.median(sizes)), min_scale, max_scale))
+
+
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """Size (h', w') of an (h, w) image seen at `scale` model pixels per image pixel."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def ceil8(n: int) -> int:
+    """Padded side: the model downsamples x8."""
+    return max(8, -(-n // 8) * 8)
 
 
 def boundary_map(instances: np.ndarray, width: int = 1) -> np.ndarray:
@@ -138,8 +169,8 @@ def soft_target(classes: np.ndarray, instances: np.ndarray, n_classes: int, h: i
     return out.reshape(h, w, n_classes + 2)
 
 
-def pad_target(target: np.ndarray, size: int) -> np.ndarray:
-    """Pad a (h, w, L) soft target to (size, size, L) with background."""
+def pad_target(target: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Pad a (h, w, L) soft target to (size, size, L) or (size_h, size_w, L) with background."""
     out = pad_to(target, size)
     out[target.shape[0]:, :, 0] = 1.0
     out[:, target.shape[1]:, 0] = 1.0
@@ -222,7 +253,8 @@ class Predictor:
     """Loaded label VQ-VAE + code predictor; every call reuses the same weights."""
 
     def __init__(self, model: VQVAE, label_names: list[str], version: str = "", device: str = "auto",
-                 min_area: int = 4, edge_weight: float = 1.0):
+                 min_area: int = 4, edge_weight: float = 1.0, scale: float | None = None, tile: int = 512,
+                 overlap: int = 32):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config: VQVAEConfig = model.config
@@ -230,9 +262,14 @@ class Predictor:
         self.n_classes = len(self.label_names)
         assert self.config.n_labels == self.n_classes + 2, \
             f"model has {self.config.n_labels} labels, expected {self.n_classes} classes + bg + boundary"
+        assert tile % 8 == 0 and 0 <= overlap < tile, f"tile {tile} must be a multiple of 8 above overlap {overlap}"
         self.version = version
         self.min_area = min_area
         self.edge_weight = edge_weight  # training weight of the boundary class, undone on the probabilities
+        # model pixels per image pixel, learned from the training objects' sizes; None (checkpoints from
+        # before it was learned) letterboxes every image into R x R
+        self.scale = scale
+        self.tile, self.overlap = tile, overlap  # inputs larger than tile x tile go through a sliding window
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
 
@@ -242,27 +279,42 @@ class Predictor:
         model = vqvae_from_checkpoint(ckpt)
         version = ckpt.get("version") or f"vqvae-{ckpt.get('iter_num', 0)}"
         edge_weight = float((ckpt.get("train_config") or {}).get("boundary_weight", 1.0))
-        return cls(model, ckpt["label_names"], version, device, edge_weight=edge_weight)
+        scale = ckpt.get("scale")
+        return cls(model, ckpt["label_names"], version, device, edge_weight=edge_weight,
+                   scale=float(scale) if scale else None)
 
     # --- batched network pass --------------------------------------------------------------------
 
+    def _geometry(self, h: int, w: int) -> tuple[int, int]:
+        """The size an (h, w) image has at the model's input (before padding)."""
+        if self.scale is None:
+            return fit_size(h, w, self.config.resolution)
+        return scaled_size(h, w, self.scale)
+
+    def _pad_shape(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        """Input shape for a batch of scaled sizes: R x R when letterboxing, else the largest padded to x8."""
+        if self.scale is None:
+            return self.config.resolution, self.config.resolution
+        return ceil8(max(h for h, _ in sizes)), ceil8(max(w for _, w in sizes))
+
     def _prepare(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        R = self.config.resolution
-        batch, sizes = [], []
+        smalls, sizes = [], []
         for image in images:
             if image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=2)
-            h, w = image.shape[:2]
-            nh, nw = fit_size(h, w, R)
+            nh, nw = self._geometry(*image.shape[:2])
             small = resize(image, nh, nw)
-            batch.append(pad_to(normalize_image(small, image_stats(small, self.config.invert_bright)), R))
+            smalls.append(normalize_image(small, image_stats(small, self.config.invert_bright)))
             sizes.append((nh, nw))
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, R, R, 3) -> (B, 3, R, R)
+        shape = self._pad_shape(sizes)
+        x = torch.from_numpy(np.stack([pad_to(a, shape) for a in smalls]))
+        x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         return x.to(self.device), sizes
 
     def _unletterbox(self, logits: torch.Tensor, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-        """Logits (L, R, R) -> probabilities (L, H, W) at the original image size.
+        """Logits (L, h', w') -> probabilities (L, H, W) at the original image size.
 
+        Logits are upsampled before the softmax and thresholds, so boundaries fall between model pixels.
         The boundary class was trained with weight w, which multiplies its odds by w; dividing them
         back (logit - log w) keeps masks from growing by the outline's width."""
         nh, nw = size
@@ -272,25 +324,70 @@ class Predictor:
             crop = F.interpolate(crop, size=tuple(shape), mode="bilinear", align_corners=False)
         return F.softmax(crop[0], dim=0).cpu().numpy()
 
-    @torch.inference_mode()
-    def _run(self, images: list[np.ndarray]):
-        x, sizes = self._prepare(images)
+    def _forward(self, x: torch.Tensor):
         feats = self.model.features(x)
         code_logits = self.model.predict_codes(feats=feats)
         logits = self.model.decoder(self.model.embed_codes(code_logits), feats)
+        return feats, code_logits, logits
+
+    @torch.inference_mode()
+    def _run(self, images: list[np.ndarray]):
+        x, sizes = self._prepare(images)
+        feats, code_logits, logits = self._forward(x)
         return x, feats, code_logits, logits, sizes
+
+    @torch.inference_mode()
+    def _tiled_logits(self, x: torch.Tensor, batch: int = 4) -> torch.Tensor:
+        """Sliding window over one large input (1, 3, H, W) -> logits (1, L, H, W): tiles of `tile` px
+        overlapping by `overlap`, blended with weights that fall off linearly towards tile edges (a tile's
+        border pixels see zero padding the whole image does not have). Memory stays bounded by the tile."""
+        _, _, H, W = x.shape
+        th, tw = min(self.tile, H), min(self.tile, W)
+        ramp_h = _ramp(th, self.overlap, x.device)
+        ramp_w = _ramp(tw, self.overlap, x.device)
+        weight = ramp_h[:, None] * ramp_w[None, :]  # (th, tw)
+        out = torch.zeros(1, self.config.n_labels, H, W, device=x.device)
+        total = torch.zeros(1, 1, H, W, device=x.device)
+        spots = [(y, x0) for y in _starts(H, th, self.overlap) for x0 in _starts(W, tw, self.overlap)]
+        for i in range(0, len(spots), batch):
+            group = spots[i:i + batch]
+            tiles = torch.cat([x[:, :, y:y + th, x0:x0 + tw] for y, x0 in group])  # (b, 3, th, tw)
+            logits = self._forward(tiles)[2].float()
+            for (y, x0), lg in zip(group, logits):
+                out[0, :, y:y + th, x0:x0 + tw] += lg * weight
+                total[0, 0, y:y + th, x0:x0 + tw] += weight
+        return out / total
 
     def _prediction(self, probs: np.ndarray) -> Prediction:
         classes, inst, labels, scores = split_instances(probs, self.n_classes, self.min_area, self.edge_weight)
         score = task_score(1 - probs[0], inst > 0)
         return Prediction(classes, inst, labels, scores, score)
 
+    def _probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Label probabilities (L, H, W) per image: images of one input shape share a batch; inputs larger
+        than a tile go through the sliding window one by one."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(self._pad_shape([self._geometry(*im.shape[:2])]), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(images)
+        for (ph, pw), idx in groups.items():
+            if self.scale is not None and ph * pw > self.tile ** 2:
+                for i in idx:
+                    with torch.inference_mode():
+                        x, sizes = self._prepare([images[i]])
+                        logits = self._tiled_logits(x)
+                    out[i] = self._unletterbox(logits[0], sizes[0], images[i].shape[:2])
+                continue
+            _, _, _, logits, sizes = self._run([images[i] for i in idx])
+            for i, lg, size in zip(idx, logits, sizes):
+                out[i] = self._unletterbox(lg, size, images[i].shape[:2])
+        return out
+
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Label maps for a batch of (H, W, 3) uint8 images of any sizes."""
         if not images:
             return []
-        _, _, _, logits, sizes = self._run(images)
-        return [self._prediction(self._unletterbox(lg, s, im.shape[:2])) for lg, s, im in zip(logits, sizes, images)]
+        return [self._prediction(p) for p in self._probabilities(images)]
 
     # --- codes of a label map and the prior-weighted decode ---------------------------------------
 
@@ -298,8 +395,8 @@ class Predictor:
         """An annotation at the image's size -> soft label map (1, L, R, R) as the label encoder saw in training."""
         t = soft_target(classes.astype(np.int32), instances.astype(np.int32), self.n_classes, *size,
                         self.config.boundary_width)
-        t = torch.from_numpy(pad_target(t, self.config.resolution)).to(self.device)
-        return t.permute(2, 0, 1)[None]  # (R, R, L) -> (1, L, R, R)
+        t = torch.from_numpy(pad_target(t, self._pad_shape([size]))).to(self.device)
+        return t.permute(2, 0, 1)[None]  # (H, W, L) -> (1, L, H, W)
 
     @torch.inference_mode()
     def _combined(self, onehot, feats, code_logits, trust: float = 1.0):
@@ -426,6 +523,19 @@ class Predictor:
     def decode_codes(self, code_map: torch.Tensor) -> torch.Tensor:
         """Code maps (B, h, w) -> label logits (B, L, R, R) without an image; the last channel is the boundary class."""
         return self.model.decode_code(code_map.to(self.device))
+
+
+def _starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Tile offsets covering [0, n) with tiles of `tile` overlapping by at least `overlap`."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+
+
+def _ramp(n: int, overlap: int, device) -> torch.Tensor:
+    """Blending weights along one tile side: 1 inside, falling linearly over `overlap` px to each edge."""
+    i = torch.arange(n, device=device, dtype=torch.float32)
+    return (torch.minimum(i + 1, n - i) / (overlap + 1)).clamp(max=1.0)
 
 
 def _clip_to_hint(mask: np.ndarray, hint: np.ndarray, pos) -> np.ndarray:

@@ -31,8 +31,8 @@ from model import metrics
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import from_args
 from model.data import Sample
-from model.inference import (Predictor, fit_size, image_stats, normalize_image, pad_target, pad_to, resize,
-                             resolve_device, soft_target, vqvae_from_checkpoint)
+from model.inference import (Predictor, fit_size, image_stats, normalize_image, object_scale, pad_target, pad_to,
+                             resize, resolve_device, scaled_size, soft_target, vqvae_from_checkpoint)
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ class TrainConfig:
     bf16: bool = True                # bfloat16 autocast where the hardware has it (AMX / AVX512-BF16, CUDA)
     # data and augmentation
     resolution: int = 128
-    crop: int = 96                   # training crops (crop x crop) of the letterboxed image; <= resolution
+    crop: int = 96                   # training crops (crop x crop) of the scaled image; <= resolution
+    object_px: float = 6.5           # images are seen at the scale that makes the median object this many
+                                     # model px across (sqrt of its area); 0 = letterbox whole images to R
+    max_scale: float = 1.0           # never look closer than the image's own pixels
     flips: bool = True
     rot90: bool = True
     scale_min: float = 0.8           # random zoom around the letterbox scale
@@ -87,13 +90,14 @@ class TrainConfig:
 
 
 class Batcher:
-    """Random augmented crops of letterboxed samples -> (images (B, 3, S, S), targets (B, S, S))."""
+    """Random augmented crops of samples at the model's scale (or letterboxed to R when scale is None)
+    -> (images (B, 3, S, S), targets (B, L, S, S))."""
 
     def __init__(self, samples: list[Sample], cfg: TrainConfig, n_classes: int, seed: int,
-                 invert_bright: bool = True):
+                 invert_bright: bool = True, scale: float | None = None):
         if not samples:
             raise ValueError("training needs at least one labelled sample")
-        self.samples, self.cfg, self.n_classes = samples, cfg, n_classes
+        self.samples, self.cfg, self.n_classes, self.scale = samples, cfg, n_classes, scale
         self.rng = np.random.default_rng(seed)
         self.stats = [image_stats(s.image, invert_bright) for s in samples]  # whole-image stretch per sample
 
@@ -108,7 +112,8 @@ class Batcher:
         img, cls, inst = (np.ascontiguousarray(a) for a in (img, cls, inst))
         H, W = img.shape[:2]
         zoom = math.exp(rng.uniform(math.log(cfg.scale_min), math.log(cfg.scale_max)))
-        nh, nw = (max(1, round(n * zoom)) for n in fit_size(H, W, R))
+        base = fit_size(H, W, R) if self.scale is None else scaled_size(H, W, self.scale)
+        nh, nw = (max(1, round(n * zoom)) for n in base)
         y0, x0 = int(rng.integers(0, max(nh - S, 0) + 1)), int(rng.integers(0, max(nw - S, 0) + 1))
         # crop in original pixels first so that resizing stays cheap for large zooms
         sy, sx = H / nh, W / nw
@@ -133,15 +138,24 @@ class Batcher:
         return x.to(device), t.to(device)
 
 
-def letterbox_set(samples: list[Sample], config: VQVAEConfig, n_classes: int):
-    """Samples letterboxed to R as the Predictor does, for validation: (images, targets) tensors."""
+def letterbox_set(samples: list[Sample], config: VQVAEConfig, n_classes: int, scale: float | None = None):
+    """Validation inputs as the Predictor sees them: (images, targets) tensors of R x R, each sample
+    letterboxed to R (scale None) or seen at `scale` and cut to its central R x R window (a cheap
+    stand-in for the sliding window; the final evaluation runs the Predictor at native size)."""
     R, width = config.resolution, config.boundary_width
     xs, ts = [], []
     for s in samples:
-        nh, nw = fit_size(*s.image.shape[:2], R)
+        H, W = s.image.shape[:2]
+        nh, nw = fit_size(H, W, R) if scale is None else scaled_size(H, W, scale)
+        # the central window, in original pixels, that becomes at most R x R model pixels
+        wh, ww = min(H, math.ceil(R / nh * H)), min(W, math.ceil(R / nw * W))
+        y0, x0 = (H - wh) // 2, (W - ww) // 2
+        ch, cw = min(R, nh), min(R, nw)
+        sl = np.s_[y0:y0 + wh, x0:x0 + ww]
         small = resize(s.image, nh, nw)
-        xs.append(pad_to(normalize_image(small, image_stats(small, config.invert_bright)), R))
-        ts.append(pad_target(soft_target(s.classes, s.instances, n_classes, nh, nw, width), R))
+        stats = image_stats(small, config.invert_bright)                 # whole-image stretch, as inference
+        xs.append(pad_to(normalize_image(resize(s.image[sl], ch, cw), stats), R))
+        ts.append(pad_target(soft_target(s.classes[sl], s.instances[sl], n_classes, ch, cw, width), R))
     # (N, R, R, C) -> (N, C, R, R)
     return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(ts)).permute(0, 3, 1, 2)
 
@@ -292,9 +306,11 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
     model, iter0 = build_model(cfg, label_names, init_from)
     model.to(device).train()
     mc = model.config
+    scale = object_scale([s.instances for s in train], cfg.object_px, cfg.max_scale) if cfg.object_px > 0 else None
+    logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
     batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
-                      n_classes, cfg.seed, mc.invert_bright)
-    val_set = letterbox_set(val, mc, n_classes) if val else None
+                      n_classes, cfg.seed, mc.invert_bright, scale)
+    val_set = letterbox_set(val, mc, n_classes, scale) if val else None
     class_weight = torch.ones(mc.n_labels, device=device)
     class_weight[-1] = cfg.boundary_weight
     amp = cfg.bf16 and _bf16_ok(device)
@@ -352,9 +368,10 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
         model.load_state_dict(best_state)
     model.eval()
     train_s = time.time() - t_start
-    result = {"iter_num": iter0 + it, "train_s": train_s, "label_names": list(label_names)}
+    result = {"iter_num": iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": scale}
     if val:
-        result.update(evaluate(Predictor(model, label_names, device=str(device), edge_weight=cfg.boundary_weight), val))
+        result.update(evaluate(Predictor(model, label_names, device=str(device), edge_weight=cfg.boundary_weight,
+                                         scale=scale), val))
         result.update({"best_val_iou_r": best})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
@@ -363,7 +380,7 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
     payload = {"kind": "vqvae", "model": {k: v.cpu() for k, v in model.state_dict().items()},
                "model_config": asdict(mc), "train_config": asdict(cfg), "iter_num": iter0 + it,
                "best_val_loss": min((h["val_loss"] for h in history), default=None),
-               "label_names": list(label_names), "metrics": result,
+               "label_names": list(label_names), "metrics": result, "scale": scale,
                "history": history}
     save_checkpoint(payload, path)
     if progress:

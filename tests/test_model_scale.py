@@ -1,0 +1,81 @@
+"""Native-size inference: the object scale learned in training, the sliding window, scaled training crops."""
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.data import make_nuclei
+from model.inference import Predictor, object_scale, scaled_size
+from model.train_vqvae import Batcher, TrainConfig, letterbox_set, train
+from model.vqvae import VQVAE, VQVAEConfig
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return VQVAE(VQVAEConfig(resolution=64, n_labels=3, widths=(8, 16, 16, 16), codebook_size=16, embed_dim=8))
+
+
+def test_object_scale_follows_the_objects():
+    inst = np.zeros((100, 100), np.int32)
+    inst[0:20, 0:20], inst[50:70, 50:70] = 1, 2                       # sqrt(area) = 20 px
+    assert object_scale([inst], object_px=5.0) == pytest.approx(0.25)
+    assert object_scale([inst], object_px=40.0) == 1.0                # never closer than native pixels
+    assert object_scale([inst], object_px=40.0, max_scale=4.0) == pytest.approx(2.0)
+    assert object_scale([np.zeros((8, 8), np.int32)], object_px=5.0) == 1.0   # no objects: native
+
+
+def test_sliding_window_matches_one_pass():
+    """A fully convolutional net over tiles blended in their overlaps gives (nearly) the one-pass logits."""
+    model = _tiny_model()
+    one = Predictor(model, ["nucleus"], device="cpu", scale=1.0, tile=1024)
+    tiled = Predictor(model, ["nucleus"], device="cpu", scale=1.0, tile=64, overlap=24)
+    image = make_nuclei(1, size=(150, 170), seed=5)[0].image
+    a, b = one._probabilities([image])[0], tiled._probabilities([image])[0]
+    assert a.shape == b.shape == (3, 150, 170)
+    assert np.abs(a - b).mean() < 0.02
+
+
+def test_predict_mixed_sizes_keeps_order_and_sizes():
+    pred = Predictor(_tiny_model(), ["nucleus"], device="cpu", scale=0.5, tile=64, overlap=16)
+    sizes = [(40, 60), (300, 200), (40, 60), (17, 9), (256, 256)]
+    images = [np.full((h, w, 3), 40 * i, np.uint8) for i, (h, w) in enumerate(sizes)]
+    preds = pred.predict(images)
+    assert [p.instances.shape for p in preds] == sizes
+    single = pred.predict([images[2]])[0]
+    assert np.array_equal(single.classes, preds[2].classes)            # batching does not change a result
+
+
+def test_training_stores_the_scale_and_the_predictor_uses_it(tmp_path):
+    samples = make_nuclei(6, size=(96, 128), seed=2)
+    cfg = TrainConfig(max_iters=2, batch_size=2, device="cpu", eval_interval=1, resolution=64, crop=32,
+                      widths=(8, 16, 16, 16), codebook_size=16, embed_dim=8, object_px=3.0)
+    ckpt = train(cfg, samples[:4], samples[4:], ["nucleus"], tmp_path / "m.pt")
+    payload = load_checkpoint(ckpt, "vqvae")
+    expected = object_scale([s.instances for s in samples[:4]], 3.0)
+    assert payload["scale"] == pytest.approx(expected) and 0 < expected < 1
+    pred = Predictor.from_checkpoint(ckpt, device="cpu")
+    assert pred.scale == pytest.approx(expected)
+    x, sizes = pred._prepare([samples[0].image])
+    assert sizes == [scaled_size(96, 128, expected)] and x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0
+    assert pred.predict([samples[5].image])[0].instances.shape == (96, 128)
+
+
+def test_old_checkpoints_still_letterbox(tmp_path):
+    pred = Predictor(_tiny_model(), ["nucleus"], device="cpu")      # scale None: as before scales were learned
+    x, sizes = pred._prepare([np.zeros((300, 150, 3), np.uint8)])
+    assert x.shape == (1, 3, 64, 64) and sizes == [(64, 32)]
+
+
+def test_training_crops_are_at_the_object_scale():
+    """Crops show objects at object_px model pixels whatever the image size (zoom augmentation aside)."""
+    big = make_nuclei(1, size=(400, 400), seed=1)[0]
+    cfg = TrainConfig(resolution=64, crop=32, scale_min=1.0, scale_max=1.0, rot90=False, flips=False, jitter=0)
+    scale = 0.25
+    batcher = Batcher([big], cfg, 1, seed=0, scale=scale)
+    _, target = batcher.sample(0)
+    fg_model = (1 - target[:, :, 0]).sum()
+    # a 32 x 32 crop of the 100 x 100 scaled image: ~ 1/10 of the scaled foreground on average
+    fg_scaled = (big.classes > 0).sum() * scale ** 2
+    assert target.shape[:2] == (32, 32) and fg_model <= fg_scaled + 1
+    val_x, val_t = letterbox_set([big], VQVAEConfig(resolution=64, n_labels=3), 1, scale)
+    assert val_x.shape == (1, 3, 64, 64) and val_t.shape == (1, 3, 64, 64)
