@@ -167,14 +167,35 @@ def latest_annotation(task: dict) -> dict | None:
 
 def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media: MediaResolver,
                   settings: Settings, context: dict | None = None) -> list[dict]:
-    """One LS prediction item per task, in order. A bad task gets an empty item; it never fails the batch."""
+    """One LS prediction item per task, in order. A bad task gets an empty item; it never fails the batch.
+
+    Streams in chunks of `predict_batch` tasks: while one chunk is inferred and encoded, the images of
+    the next ones download and decode, so memory holds a few chunks of images whatever the task count
+    and the first inference does not wait for the last download."""
     if served.predictor is None:
         return [_empty(served.version) for _ in tasks]
     if context and context.get("result"):
         return [interactive(tasks[0], config, served, media, context)] + \
             [_empty(served.version) for _ in tasks[1:]]
+    bs = max(1, settings.predict_batch)
+    starts = list(range(0, len(tasks), bs))
+    ahead = 2                                      # chunks being fetched beyond the one being inferred
+    results: list[dict] = []
+    workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media) for s in starts[:ahead + 1]]
+        for n, start in enumerate(starts):
+            jobs, futures = pending.pop(0)
+            if n + ahead + 1 < len(starts):
+                nxt = starts[n + ahead + 1]
+                pending.append(_fetch_chunk(pool, tasks[nxt:nxt + bs], config, media))
+            images = [f.result() for f in futures]
+            results += _predict_chunk(tasks[start:start + bs], jobs, images, config, served)
+    return results
 
-    # fetch every (task, image) concurrently
+
+def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfig, media: MediaResolver):
+    """Start fetching + decoding every (task, image) of a chunk: (jobs, futures of arrays or MediaErrors)."""
     jobs = [(i, img) for i, _ in enumerate(tasks) for img in config.images]
 
     def load(job):
@@ -184,20 +205,18 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             logger.warning("task %s: %s", _task_id(tasks[i]), image)
         return image
 
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(jobs)))) as pool:
-        images = list(pool.map(load, jobs))
+    return jobs, [pool.submit(load, job) for job in jobs]
 
+
+def _predict_chunk(tasks: list[dict], jobs: list, images: list, config: LabelConfig, served: Served) -> list[dict]:
+    """Inference for one chunk's images (one batch) and its tasks' LS items."""
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
-    bs = max(1, settings.predict_batch)
-    for start in range(0, len(ok), bs):
-        chunk = ok[start:start + bs]
-        try:
-            for j, p in zip(chunk, served.predictor.predict([images[j] for j in chunk])):
-                preds[j] = p
-        except Exception:               # a model failure on one chunk must not fail the whole batch
-            logger.exception("inference failed for %d images", len(chunk))
-
+    try:
+        for j, p in zip(ok, served.predictor.predict([images[j] for j in ok]) if ok else []):
+            preds[j] = p
+    except Exception:                   # a model failure on one chunk must not fail the whole batch
+        logger.exception("inference failed for %d images", len(ok))
     labels = served.predictor.label_names
     results = []
     for i, task in enumerate(tasks):

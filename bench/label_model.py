@@ -24,7 +24,7 @@ from scipy import ndimage
 from bench.common import dataset, write_result
 from model import metrics
 from model.data import Sample, load_folder, read_image, semantic_instances, split_ids
-from model.inference import Predictor, fit_size, normalize_image, pad_to, resize
+from model.inference import Predictor, fit_size, normalize_image, pad_to, resize, scaled_size
 
 BREEDS = ["Abyssinian", "Bengal", "american_bulldog"]
 
@@ -46,21 +46,37 @@ def load_pets(root: Path) -> tuple[list[Sample], list[str]]:
 # ------------------------------------------------------------------------------------------- MONAI peer
 
 class UNetPeer:
-    """MONAI UNet trained from scratch on letterboxed R x R images; instances = connected components."""
+    """MONAI UNet trained from scratch; instances = connected components. Letterboxed to R x R, or (scale
+    given) seen at Tessera's object scale like Tessera: random crop x crop windows in training, the whole
+    scaled image (padded to x16) at prediction."""
 
-    def __init__(self, n_classes: int, R: int = 128, seed: int = 0):
+    def __init__(self, n_classes: int, R: int = 128, seed: int = 0, scale: float | None = None, crop: int = 96):
         from monai.networks.nets import UNet
 
         torch.manual_seed(seed)
-        self.R, self.C = R, n_classes
+        self.R, self.C, self.scale, self.crop = R, n_classes, scale, crop
         self.net = UNet(spatial_dims=2, in_channels=3, out_channels=n_classes + 1, channels=(16, 32, 64, 128, 256),
                         strides=(2, 2, 2, 2), num_res_units=2)
 
+    def _size(self, H: int, W: int) -> tuple[int, int]:
+        return fit_size(H, W, self.R) if self.scale is None else scaled_size(H, W, self.scale)
+
     def _prep(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
-        h, w = fit_size(*s.image.shape[:2], self.R)
-        x = pad_to(resize(normalize_image(s.image), h, w), self.R)
-        y = pad_to(resize(s.classes.astype(np.uint8), h, w, nearest=True), self.R)
-        return x.transpose(2, 0, 1), y                              # (R, R, 3) -> (3, R, R)
+        h, w = self._size(*s.image.shape[:2])
+        pad = self.R if self.scale is None else (-(-h // 16) * 16, -(-w // 16) * 16)
+        x = pad_to(resize(normalize_image(s.image), h, w), pad)
+        y = pad_to(resize(s.classes.astype(np.uint8), h, w, nearest=True), pad)
+        return x.transpose(2, 0, 1), y                              # (H, W, 3) -> (3, H, W)
+
+    def _window(self, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """A random crop x crop window (padded) of a scaled sample; letterboxed samples stay whole."""
+        if self.scale is None:
+            return x, y
+        S = self.crop
+        y0 = int(rng.integers(0, max(x.shape[1] - S, 0) + 1))
+        x0 = int(rng.integers(0, max(x.shape[2] - S, 0) + 1))
+        xc, yc = x[:, y0:y0 + S, x0:x0 + S], y[y0:y0 + S, x0:x0 + S]
+        return pad_to(xc.transpose(1, 2, 0), S).transpose(2, 0, 1), pad_to(yc, S)
 
     def train(self, train: list[Sample], budget_s: float, batch_size: int = 8, seed: int = 0) -> int:
         from monai.losses import DiceCELoss
@@ -75,7 +91,7 @@ class UNetPeer:
             idx = rng.integers(0, len(data), batch_size)
             xs, ys = [], []
             for i in idx:
-                x, y = data[i]
+                x, y = self._window(*data[i], rng)
                 k = int(rng.integers(0, 4))
                 x, y = np.rot90(x, k, (1, 2)), np.rot90(y, k)
                 if rng.random() < 0.5:
@@ -98,7 +114,7 @@ class UNetPeer:
     @torch.no_grad()
     def predict(self, s: Sample):
         H, W = s.image.shape[:2]
-        h, w = fit_size(H, W, self.R)
+        h, w = self._size(H, W)
         x, _ = self._prep(s)
         prob = torch.softmax(self.net(torch.from_numpy(x)[None]), 1)[0, :, :h, :w].numpy()
         prob = np.stack([resize(p, H, W) for p in prob])           # (C+1, h, w) -> (C+1, H, W)
@@ -118,6 +134,24 @@ def boxes_with_scores(instances: np.ndarray, conf: np.ndarray | dict) -> np.ndar
     return np.array([[*b, s] for b, s in zip(boxes, scores)], np.float64).reshape(-1, 5)
 
 
+def box_recall(pboxes: np.ndarray, tboxes: np.ndarray, thr: float = 0.5) -> tuple[int, int]:
+    """(true boxes matched one-to-one by a predicted box at IoU >= thr, true boxes); boxes x0, y0, x1, y1."""
+    if not len(tboxes) or not len(pboxes):
+        return 0, len(tboxes)
+    p, t = pboxes[:, None, :4], tboxes[None, :, :4]                       # (P, 1, 4), (1, T, 4)
+    iw = (np.minimum(p[..., 2], t[..., 2]) - np.maximum(p[..., 0], t[..., 0])).clip(0)
+    ih = (np.minimum(p[..., 3], t[..., 3]) - np.maximum(p[..., 1], t[..., 1])).clip(0)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    iou = iw * ih / (area(p) + area(t) - iw * ih + 1e-9)                  # (P, T)
+    matched, used = 0, np.zeros(len(pboxes), bool)
+    for j in np.argsort(-iou.max(0)):                                     # greedy, best-covered truths first
+        cand = np.where(~used & (iou[:, j] >= thr), iou[:, j], -1)
+        if cand.max() >= thr:
+            used[int(cand.argmax())] = True
+            matched += 1
+    return matched, len(tboxes)
+
+
 def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> dict:
     ious, mious, recalls, pboxes, tboxes = [], [], [], [], []
     for (classes, instances, conf), s in zip(outputs, val):
@@ -126,37 +160,44 @@ def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> d
         recalls.append(metrics.instance_match(instances, s.instances)["recall"])
         pboxes.append(boxes_with_scores(instances, conf))
         tboxes.append(np.array(metrics.boxes_from_instances(s.instances), np.float64).reshape(-1, 4))
+    hits = np.array([box_recall(p, t) for p, t in zip(pboxes, tboxes)]).reshape(-1, 2)
     out = {"fg_iou": float(np.mean(ious)), "miou": float(np.mean(mious)),
-           "box_ap50": metrics.box_ap50_many(pboxes, tboxes), "instance_recall_50": float(np.mean(recalls))}
+           "box_ap50": metrics.box_ap50_many(pboxes, tboxes), "instance_recall_50": float(np.mean(recalls)),
+           "box_recall_50": float(hits[:, 0].sum() / max(hits[:, 1].sum(), 1))}
     if task_scores is not None:
         out["score_iou_pearson"] = metrics.pearson(task_scores, ious)
         out["score_iou_spearman"] = metrics.spearman(task_scores, ious)
     return out
 
 
-def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0):
+def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None):
     from model.train_vqvae import TrainConfig, train as train_vqvae
 
     cfg = TrainConfig(max_iters=100_000, time_budget_s=budget_s, eval_interval=10_000, seed=seed, device="cpu")
+    if object_px is not None:
+        cfg = TrainConfig(**{**cfg.__dict__, "object_px": object_px})
     t0 = time.time()
     ckpt = train_vqvae(cfg, train, [], names, work / f"tessera_{len(train)}.pt")   # no selection on val
     wall = time.time() - t0
     pred = Predictor.from_checkpoint(ckpt, device="cpu")
     preds = []
+    t0 = time.time()
     for i in range(0, len(val), 8):
         preds += pred.predict([s.image for s in val[i:i + 8]])
+    predict_s = time.time() - t0
     outputs = [(p.classes, p.instances, p.instance_score) for p in preds]
     res = score_all(outputs, val, len(names), [p.score for p in preds])
-    res["train_wall_s"] = wall
+    res.update({"train_wall_s": wall, "scale": pred.scale, "object_px": cfg.object_px,
+                "predict_ms_per_image": 1000 * predict_s / max(len(val), 1)})
     return res, pred
 
 
-def run_unet(train, val, names, budget_s, seed: int = 0):
-    peer = UNetPeer(len(names), seed=seed)
+def run_unet(train, val, names, budget_s, seed: int = 0, scale: float | None = None):
+    peer = UNetPeer(len(names), seed=seed, scale=scale)
     t0 = time.time()
     iters = peer.train(train, budget_s, seed=seed)
     res = score_all([peer.predict(s) for s in val], val, len(names))
-    res.update({"train_wall_s": time.time() - t0, "iters": iters})
+    res.update({"train_wall_s": time.time() - t0, "iters": iters, "scale": scale})
     return res
 
 
@@ -232,6 +273,10 @@ def main() -> None:
     ap.add_argument("--max-val", type=int, default=0, help="cap the validation images (0 = all)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 15 s budgets, 20 validation images")
     ap.add_argument("--name", default="label_model", help="results file bench/results/<name>.json")
+    ap.add_argument("--native", action="store_true",
+                    help="native-size mode: Tessera at its learned object scale beside Tessera letterboxed to R "
+                         "(the model before scales were learned) and the MONAI UNet at the same object scale")
+    ap.add_argument("--no-edits", action="store_true", help="skip the edit-suggestion part")
     args = ap.parse_args()
     if args.quick:
         args.budget, args.max_val = 15.0, 20
@@ -252,11 +297,15 @@ def main() -> None:
             n = len(train_all) if size == "all" else int(size)
             train = train_all[:n]
             tess, pred = run_tessera(train, val, names, args.budget, work)
-            unet = run_unet(train, val, names, args.budget)
-            row = {"dataset": name, "n_train": n, "budget_s": args.budget, "tessera": tess, "monai_unet": unet}
+            row = {"dataset": name, "n_train": n, "budget_s": args.budget, "tessera": tess}
+            if args.native:
+                print(json.dumps(row), flush=True)
+                row["tessera_letterbox"] = run_tessera(train, val, names, args.budget, work, object_px=0.0)[0]
+                print(json.dumps(row), flush=True)
+            row["monai_unet"] = run_unet(train, val, names, args.budget, scale=pred.scale if args.native else None)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if size == args.sizes[-1]:
+            if size == args.sizes[-1] and not args.no_edits:
                 edits[name] = run_edits(pred, val)
                 print(name, "edits", json.dumps(edits[name]["mean"]), flush=True)
     summary = {}
@@ -264,6 +313,11 @@ def main() -> None:
         key = f"{r['dataset']}_n{r['n_train']}"
         summary[f"{key}_tessera_fg_iou"] = r["tessera"]["fg_iou"]
         summary[f"{key}_unet_fg_iou"] = r["monai_unet"]["fg_iou"]
+        summary[f"{key}_tessera_box_recall_50"] = r["tessera"]["box_recall_50"]
+        summary[f"{key}_unet_box_recall_50"] = r["monai_unet"]["box_recall_50"]
+        if "tessera_letterbox" in r:
+            summary[f"{key}_tessera_letterbox_fg_iou"] = r["tessera_letterbox"]["fg_iou"]
+            summary[f"{key}_tessera_letterbox_box_recall_50"] = r["tessera_letterbox"]["box_recall_50"]
     for name, e in edits.items():
         summary[f"{name}_edit_gain_points"] = e["mean"]["gain_points"]
         summary[f"{name}_edit_share_worse"] = e["mean"]["share_worse"]
