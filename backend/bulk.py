@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from backend.label_config import parse_label_config
 from backend.lsclient import LSClient
@@ -27,25 +29,40 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
     todo = [t for t in tasks if overwrite or not any(
         (p.get("model_version") if isinstance(p, dict) else None) == served.version
         for p in t.get("predictions") or [])]
-    written = failed = empty = 0
+    counts = {"written": 0, "failed": 0, "empty": 0}
+    lock = threading.Lock()
     t0 = time.time()
-    for start in range(0, len(todo), batch):
-        chunk = todo[start:start + batch]
-        for task, item in zip(chunk, predict_tasks(chunk, config, served, media, settings)):
-            if not item["result"]:
-                empty += 1
-            try:
-                client.create_prediction(task["id"], item["result"], item["score"], item["model_version"],
-                                         item.get("mislabeling"))
-                written += 1
-            except Exception as e:           # one task's write failing must not stop the project
-                failed += 1
-                logger.warning("task %s: prediction not written: %s", task["id"], e)
-        done = start + len(chunk)
-        rate = done / max(time.time() - t0, 1e-6)
-        print(f"\rpredict project {key}: {done}/{len(todo)} tasks, {rate:.1f}/s, "
-              f"eta {(len(todo) - done) / max(rate, 1e-6):.0f}s", end="", file=out, flush=True)
+
+    def write(task: dict, item: dict) -> None:
+        try:
+            client.create_prediction(task["id"], item["result"], item["score"], item["model_version"],
+                                     item.get("mislabeling"))
+            ok = True
+        except Exception as e:           # one task's write failing must not stop the project
+            ok = False
+            logger.warning("task %s: prediction not written: %s", task["id"], e)
+        with lock:
+            counts["written" if ok else "failed"] += 1
+
+    # each chunk's writes go out on a few threads while the next chunk is fetched and inferred; at most
+    # one chunk of writes is pending, so a stopped run loses at most two chunks (rerunning resumes: tasks
+    # with a prediction of the served version are skipped)
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=4) as writer:
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            items = predict_tasks(chunk, config, served, media, settings)
+            for f in pending:
+                f.result()
+            counts["empty"] += sum(1 for item in items if not item["result"])
+            pending = [writer.submit(write, task, item) for task, item in zip(chunk, items)]
+            done = start + len(chunk)
+            rate = done / max(time.time() - t0, 1e-6)
+            print(f"\rpredict project {key}: {done}/{len(todo)} tasks, {rate:.1f}/s, "
+                  f"eta {(len(todo) - done) / max(rate, 1e-6):.0f}s", end="", file=out, flush=True)
+        for f in pending:
+            f.result()
     print(file=out)
     return {"status": "done", "model_version": served.version, "tasks": len(tasks),
-            "skipped_existing": len(tasks) - len(todo), "written": written, "empty": empty, "failed": failed,
+            "skipped_existing": len(tasks) - len(todo), **counts,
             "seconds": round(time.time() - t0, 1)}

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from bench.common import dataset, write_result
 from model import metrics
+from model.checkpoint import load_checkpoint
 from model.data import Sample, load_folder, read_image, semantic_instances, split_ids
 from model.inference import Predictor, fit_size, normalize_image, pad_to, resize, scaled_size
 
@@ -188,6 +189,7 @@ def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_p
     outputs = [(p.classes, p.instances, p.instance_score) for p in preds]
     res = score_all(outputs, val, len(names), [p.score for p in preds])
     res.update({"train_wall_s": wall, "scale": pred.scale, "object_px": cfg.object_px,
+                "iters": int(load_checkpoint(ckpt, "vqvae")["iter_num"]),
                 "predict_ms_per_image": 1000 * predict_s / max(len(val), 1)})
     return res, pred
 

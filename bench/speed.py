@@ -2,6 +2,7 @@
 interactive refinement, one 1,000-task "Retrieve predictions" request, and achieved FLOP/s.
 
     .venv/bin/python -m bench.speed [--threads 2] [--quick]
+    .venv/bin/python -m bench.speed --native [--quick]     (native sizes, before/after: bench/speed_native.py)
 
 Writes bench/results/speed.json. The model is the default architecture trained for a few iterations on
 procedural data: speed does not depend on what the weights learned.
@@ -73,7 +74,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--native", action="store_true", help="native-size mode (bench/speed_native.py): "
+                    "per-stage breakdown and HTTP latency at 256 px, 520x696 and 2048x2048, before and after")
+    ap.add_argument("--before", default="bf45012", help="--native: git revision served as 'before' ('none': skip)")
+    ap.add_argument("--reps", type=int, default=5, help="--native: repetitions per measurement")
+    ap.add_argument("--big", type=int, default=1000, help="--native: tasks in the one-request measurement")
     args = ap.parse_args()
+    if args.native:
+        from bench import speed_native
+
+        if args.quick:
+            args.reps, args.big = 2, 64
+        return speed_native.main(args)
     torch.set_num_threads(args.threads)
     from backend.service import DEFAULT_KEY
     from backend.settings import Settings

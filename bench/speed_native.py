@@ -1,0 +1,265 @@
+"""Native-size speed, before and after, side by side in one run: per-stage breakdown in-process and
+per-task latency over HTTP at 256 px, 520x696 (~100 objects) and 2048x2048 (~500 objects).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.speed --native [--threads 2] [--quick] [--before REV]
+
+"before" = the letterbox model path and the whole-image brush encoder (label_studio_sdk's mask2rle on a
+full-size mask per region), kept callable here only; over HTTP, the code of git revision REV (default:
+the commit before native-size work) served from an archive of that revision beside the current code, on
+the same model store. The model is trained for a few iterations on procedural nuclei: speed does not
+depend on what the weights learned, only on the object scale they were trained at.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+from bench.common import REPO
+
+BEFORE_REV = "bf45012"
+SIZES = {"256": (256, 256), "520x696": (520, 696), "2048": (2048, 2048)}
+
+
+def mosaic(h: int, w: int, tile: int, seed: int):
+    """A (h, w) image + instance map tiled from procedural nuclei samples of `tile` px."""
+    from model.data import make_nuclei
+
+    ny, nx = -(-h // tile), -(-w // tile)
+    samples = make_nuclei(ny * nx, size=tile, seed=seed)
+    img = np.zeros((ny * tile, nx * tile, 3), np.uint8)
+    inst = np.zeros((ny * tile, nx * tile), np.int32)
+    off = 0
+    for k, s in enumerate(samples):
+        y, x = divmod(k, nx)
+        img[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = s.image
+        inst[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = np.where(s.instances > 0, s.instances + off, 0)
+        off += int(s.instances.max())
+    inst = inst[:h, :w]
+    return img[:h, :w].copy(), int(len(np.unique(inst)) - 1)
+
+
+def old_brush_results(instances, labels, scores, control):
+    """The encoder before this work: a full-size mask and the SDK's mask2rle per region."""
+    from label_studio_sdk.converter.brush import mask2rle
+    from scipy import ndimage
+
+    out = []
+    ids = [int(i) for i in np.unique(instances) if i and int(i) in labels]
+    found = ndimage.find_objects(instances)
+    for k in ids:
+        mask = np.zeros(instances.shape, bool)
+        mask[found[k - 1]] = instances[found[k - 1]] == k
+        out.append({"value": {"format": "rle", "rle": mask2rle(np.where(mask, 255, 0).astype(np.uint8)),
+                              "brushlabels": [labels[k]]}, "score": scores.get(k, 0.0)})
+    return out
+
+
+def stage_times(pred, png: bytes, shape, old: bool) -> dict:
+    """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON."""
+    import torch
+
+    from backend.label_config import parse_label_config
+    from backend.media import decode_image
+    from backend.regions import instances_to_results
+    from bench.speed import CONFIG
+
+    controls = {c.type: c for c in parse_label_config(CONFIG).controls}
+    t = {}
+    t0 = time.perf_counter()
+    image = decode_image(png, 10 ** 9)
+    t["decode"] = time.perf_counter() - t0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        x, sizes = pred._prepare([image])
+        t["resize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tiled = pred.scale is not None and x.shape[-1] * x.shape[-2] > pred.tile ** 2
+        logits = pred._tiled_logits(x) if tiled else pred._forward(x)[2]
+        t["forward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probs = pred._unletterbox(logits[0], sizes[0], image.shape[:2])
+        t["upsample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = pred._prediction(probs)
+    t["instance_split"] = time.perf_counter() - t0
+    labels = {k: "Nucleus" for k in p.instance_label}
+    results = []
+    for kind in ("brushlabels", "polygonlabels", "rectanglelabels"):
+        t0 = time.perf_counter()
+        if kind == "brushlabels" and old:
+            results += old_brush_results(p.instances, labels, p.instance_score, controls[kind])
+        else:
+            results += instances_to_results(p.instances, labels, p.instance_score, controls[kind])
+        t[kind.replace("labels", "")] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    json.dumps({"results": [{"result": results, "score": p.score}]})
+    t["json"] = time.perf_counter() - t0
+    t["total"] = sum(t.values())
+    t["n_regions"] = len(p.instance_label)
+    return t
+
+
+def breakdown(pred_after, pred_before, pngs: dict, reps: int) -> dict:
+    """Median ms per stage, after and before, alternating the two so load drifts hit both alike."""
+    out = {}
+    for name, png in pngs.items():
+        runs = {"after": [], "before": []}
+        for r in range(reps + 1):
+            for variant, pred in (("after", pred_after), ("before", pred_before)):
+                times = stage_times(pred, png, None, old=variant == "before")
+                if r:                                                  # the first round warms up
+                    runs[variant].append(times)
+        out[name] = {v: {k: (statistics.median(x[k] for x in rs) * (1 if k == "n_regions" else 1000))
+                         for k in rs[0]} for v, rs in runs.items()}
+        print(name, json.dumps({v: {k: round(x, 1) for k, x in d.items()} for v, d in out[name].items()}),
+              flush=True)
+    return out
+
+
+def before_tree(rev: str, dest: Path) -> Path:
+    """backend/ and model/ of git revision `rev`, unpacked into dest (nothing of the repo is touched)."""
+    data = subprocess.run(["git", "archive", rev, "backend", "model"], cwd=REPO, capture_output=True,
+                          check=True).stdout
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def http_per_task(url: str, base: str, name: str, batch: int, reps: int, tag: str) -> list[float]:
+    """ms per task of /predict requests of `batch` tasks of image `name` (fresh URLs: no cache)."""
+    from bench.speed import CONFIG
+
+    s = requests.Session()
+    s.post(url + "/setup", json={"project": "1.0", "schema": CONFIG}, timeout=30)
+    out = []
+    for r in range(reps + 1):
+        tasks = [{"id": i, "data": {"image": f"{base}/{name}.png?{tag}={r}-{i}"}} for i in range(batch)]
+        t0 = time.perf_counter()
+        res = s.post(url + "/predict", json={"project": "1.0", "label_config": CONFIG, "tasks": tasks}, timeout=600)
+        res.raise_for_status()
+        assert len(res.json()["results"]) == batch and all(x["result"] for x in res.json()["results"])
+        if r:                                                          # the first request warms up
+            out.append((time.perf_counter() - t0) * 1000 / batch)
+    return out
+
+
+def http_runs(work: Path, base: str, before_path: Path | None, args) -> dict:
+    """Per-task latency over HTTP for the current code and (when given) the `before` code, same model store."""
+    from tests.conftest import TesseraProcess
+
+    plan = [("256", 16, args.reps), ("520x696", 16, args.reps), ("2048", 4, max(1, args.reps // 2))]
+    env = {"MODEL_DIR": str(work / "models"), "TESSERA_LOG_LEVEL": "WARNING", "TESSERA_ALLOWED_HOSTS": "127.0.0.1",
+           "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE", "TESSERA_PREDICT_BATCH": "16"}
+    servers = {"after": TesseraProcess({**env, "PYTHONPATH": str(REPO)}, work / "after.log").wait_up()}
+    if before_path is not None:
+        servers["before"] = TesseraProcess({**env, "PYTHONPATH": str(before_path)}, work / "before.log").wait_up()
+    out: dict = {v: {} for v in servers}
+    try:
+        for name, batch, reps in plan:
+            for variant, proc in servers.items():          # one after the other per size: same load for both
+                ms = http_per_task(proc.url, base, name, batch, reps, variant)
+                out[variant][f"http_{name}_batch{batch}_ms_per_task_p50"] = float(np.median(ms))
+                out[variant][f"http_{name}_batch{batch}_ms_per_task_all"] = ms
+                print(variant, name, f"{np.median(ms):.0f} ms/task", flush=True)
+        big = args.big
+        for variant, proc in servers.items():
+            rss0 = rss_mb(proc.proc.pid)
+            tasks = [{"id": i, "data": {"image": f"{base}/520x696.png?big{variant}={i}"}} for i in range(big)]
+            from bench.speed import CONFIG
+            t0 = time.perf_counter()
+            r = requests.post(proc.url + "/predict", json={"project": "1.0", "label_config": CONFIG, "tasks": tasks},
+                              timeout=1200)
+            r.raise_for_status()
+            out[variant][f"http_{big}_tasks_520x696_one_request_s"] = time.perf_counter() - t0
+            out[variant][f"http_{big}_tasks_peak_rss_growth_mb"] = peak_rss_mb(proc.proc.pid) - rss0
+            out[variant][f"http_{big}_tasks_all_answered"] = len(r.json()["results"]) == big
+            print(variant, big, "tasks", json.dumps({k: v for k, v in out[variant].items() if "big" in k or str(big) in k}),
+                  flush=True)
+    finally:
+        for proc in servers.values():
+            proc.stop()
+    return out
+
+
+def main(args) -> None:
+    import shutil
+    import tempfile
+
+    import torch
+
+    from backend.service import DEFAULT_KEY
+    from backend.settings import Settings
+    from backend.training import _train_and_register
+    from bench.common import write_result
+    from bench.speed import serve_dir
+    from model.data import make_nuclei
+    from model.inference import Predictor
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="tessera-speed-native-"))
+    try:
+        samples = make_nuclei(12, size=256, seed=3)
+        settings = Settings(model_dir=work / "models")
+        _train_and_register(settings, DEFAULT_KEY, samples[:10], samples[10:], ["Nucleus"], "speed bench",
+                            iters=20, progress=lambda i: None)
+        ckpt = next((work / "models" / "default" / "versions").glob("v*/model.pt"))
+        after = Predictor.from_checkpoint(ckpt, device="cpu")
+        before = Predictor(after.model, after.label_names, after.version, "cpu", edge_weight=after.edge_weight)
+        media = work / "media"
+        media.mkdir()
+        pngs, objects = {}, {}
+        for name, (h, w) in SIZES.items():
+            img, objects[name] = (samples[0].image, int(samples[0].instances.max())) if name == "256" else \
+                mosaic(h, w, 256 if h < 1024 else 512, seed=11)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "PNG")
+            pngs[name] = buf.getvalue()
+            (media / f"{name}.png").write_bytes(pngs[name])
+        print("objects per image", objects, "scale", after.scale, flush=True)
+        res = {"threads": args.threads, "scale": after.scale, "tile": after.tile, "objects_per_image": objects,
+               "load_average_start": os.getloadavg()}
+        res["stages_ms"] = breakdown(after, before, pngs, args.reps)
+        before_path = None if args.before == "none" else before_tree(args.before, work / "before")
+        srv, base = serve_dir(media)
+        try:
+            res["http"] = http_runs(work, base, before_path, args)
+        finally:
+            srv.shutdown()
+        res["load_average_end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    h = res["http"]
+    summary = {f"{v}_{k}": x for v in h for k, x in h[v].items() if not k.endswith("_all")}
+    for v in h:
+        summary[f"{v}_ratio_520x696_to_256"] = h[v]["http_520x696_batch16_ms_per_task_p50"] / \
+            h[v]["http_256_batch16_ms_per_task_p50"]
+    write_result("speed_native", {"summary": summary, **res, "before_rev": args.before, "targets": {
+        "http_520x696_batch16_ms_per_task_p50": "<= 60", "http_2048_ms_per_task_p50": "<= 400",
+        "ratio_520x696_to_256": "<= 2", "http_1000_tasks_520x696_one_request_s": "<= 60",
+        "peak_rss_growth_mb": "< 1500"}})

@@ -1,0 +1,80 @@
+"""End to end at native size: a real Label Studio 1.23.2 holds 520x696 and 1040x1388 images whose objects
+are as small as in training; "Retrieve predictions" must give brush masks of the image's own size that
+land on the objects (the model looks at the learned object scale, not at the whole image squeezed to R)."""
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.regions import region_to_mask
+from model import metrics
+from model.data import make_nuclei
+from model.inference import Predictor
+from tests.conftest import CONFIG_ALL, TesseraProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def nuclei_mosaic(h, w, tile, seed):
+    """An (h, w) image and instance map tiled from procedural nuclei of `tile` px (the training scale)."""
+    ny, nx = -(-h // tile), -(-w // tile)
+    img = np.zeros((ny * tile, nx * tile, 3), np.uint8)
+    inst = np.zeros((ny * tile, nx * tile), np.int32)
+    off = 0
+    for k, s in enumerate(make_nuclei(ny * nx, size=tile, seed=seed)):
+        y, x = divmod(k, nx)
+        img[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = s.image
+        inst[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = np.where(s.instances > 0, s.instances + off, 0)
+        off += int(s.instances.max())
+    return img[:h, :w].copy(), inst[:h, :w].copy()
+
+
+@pytest.fixture
+def tessera(ls_server, trained_model_dir, tmp_path):
+    """`tessera serve` with a copy of the trained model store, pointed at the real LS."""
+    models = tmp_path / "models"
+    shutil.copytree(trained_model_dir, models)
+    proc = TesseraProcess({"MODEL_DIR": str(models), "LABEL_STUDIO_URL": ls_server.url,
+                           "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_MIN_ANNOTATIONS": "1000",
+                           "TESSERA_LOG_LEVEL": "INFO"}, tmp_path / "tessera.log")
+    try:
+        yield proc.wait_up()
+    finally:
+        proc.stop()
+
+
+def test_native_size_brush_masks_land_on_the_objects(ls_server, ls_api, tessera, trained_model_dir, tmp_path):
+    # the fixture model trained on 128 px tiles: native-size images made of the same tiles
+    ckpt = next((trained_model_dir / "default" / "versions").glob("v*/model.pt"))
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    assert predictor.scale is not None, "the trained checkpoint stores its object scale"
+    truths, paths = [], []
+    for i, (h, w) in enumerate([(520, 696), (1040, 1388)]):
+        img, inst = nuclei_mosaic(h, w, 128, seed=40 + i)
+        truths.append(inst)
+        paths.append(tmp_path / f"native_{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    project = ls_api.create_project("tessera native", CONFIG_ALL)
+    pid = project["id"]
+    task_ids = ls_api.upload_images(pid, paths)["task_ids"]
+    assert ls_api.connect_ml(pid, tessera.url, "Tessera")["state"] == "CO"
+    ls_api.retrieve_predictions(pid)
+
+    for tid, inst in zip(task_ids, truths):
+        h, w = inst.shape
+        preds = ls_api.predictions(tid)
+        assert len(preds) == 1, preds
+        brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
+        assert brushes and all(r["original_width"] == w and r["original_height"] == h for r in brushes)
+        masks = [region_to_mask(r, h, w) for r in brushes]       # decodes only at the image's own size
+        pred_inst = np.zeros((h, w), np.int32)
+        for k, m in enumerate(masks, 1):
+            pred_inst[m & (pred_inst == 0)] = k
+        fg_iou = metrics.iou(pred_inst > 0, inst > 0)
+        match = metrics.instance_match(pred_inst, inst)
+        print(f"task {tid} {w}x{h}: {len(masks)} brush regions for {match['n_true']} objects, "
+              f"fg IoU {fg_iou:.3f}, recall@0.5 {match['recall']:.3f}")
+        assert fg_iou >= 0.6, f"{w}x{h}: brush masks cover the objects with IoU {fg_iou:.3f}"
+        assert match["recall"] >= 0.5, f"{w}x{h}: {match['recall']:.3f} of objects matched at IoU 0.5"
+        assert 0.5 * match["n_true"] <= len(masks) <= 2 * match["n_true"]
