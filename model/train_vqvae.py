@@ -31,8 +31,9 @@ from model import metrics
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import from_args
 from model.data import Sample
-from model.inference import (Predictor, fit_size, image_stats, normalize_image, object_scale, pad_target, pad_to,
-                             resize, resolve_device, scaled_size, soft_target, vqvae_from_checkpoint)
+from model.inference import (Predictor, bf16_supported, fit_size, image_stats, normalize_image, object_scale,
+                             pad_target, pad_to, resize, resolve_device, scaled_size, soft_target,
+                             vqvae_from_checkpoint)
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -389,10 +390,7 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
 
 
 def _bf16_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bf16_supported(device)
 
 
 def _eta(elapsed: float, frac: float) -> float:
