@@ -171,10 +171,13 @@ def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> d
     return out
 
 
-def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None):
+def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None,
+                iters: int = 0):
+    """Train by wall-clock budget, or (iters > 0) by iterations: fair between arms on a loaded machine."""
     from model.train_vqvae import TrainConfig, train as train_vqvae
 
-    cfg = TrainConfig(max_iters=100_000, time_budget_s=budget_s, eval_interval=10_000, seed=seed, device="cpu")
+    cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s, eval_interval=10_000,
+                      seed=seed, device="cpu")
     if object_px is not None:
         cfg = TrainConfig(**{**cfg.__dict__, "object_px": object_px})
     t0 = time.time()
@@ -279,6 +282,8 @@ def main() -> None:
                     help="native-size mode: Tessera at its learned object scale beside Tessera letterboxed to R "
                          "(the model before scales were learned) and the MONAI UNet at the same object scale")
     ap.add_argument("--no-edits", action="store_true", help="skip the edit-suggestion part")
+    ap.add_argument("--iters", type=int, default=0, help="train Tessera for this many iterations instead of "
+                    "--budget seconds; the UNet then gets Tessera's training time")
     args = ap.parse_args()
     if args.quick:
         args.budget, args.max_val = 15.0, 20
@@ -298,13 +303,15 @@ def main() -> None:
         for size in args.sizes:
             n = len(train_all) if size == "all" else int(size)
             train = train_all[:n]
-            tess, pred = run_tessera(train, val, names, args.budget, work)
-            row = {"dataset": name, "n_train": n, "budget_s": args.budget, "tessera": tess}
+            tess, pred = run_tessera(train, val, names, args.budget, work, iters=args.iters)
+            budget = tess["train_wall_s"] if args.iters else args.budget
+            row = {"dataset": name, "n_train": n, "budget_s": budget, "iters": args.iters, "tessera": tess}
             if args.native:
                 print(json.dumps(row), flush=True)
-                row["tessera_letterbox"] = run_tessera(train, val, names, args.budget, work, object_px=0.0)[0]
+                row["tessera_letterbox"] = run_tessera(train, val, names, args.budget, work, object_px=0.0,
+                                                       iters=args.iters)[0]
                 print(json.dumps(row), flush=True)
-            row["monai_unet"] = run_unet(train, val, names, args.budget, scale=pred.scale if args.native else None)
+            row["monai_unet"] = run_unet(train, val, names, budget, scale=pred.scale if args.native else None)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if size == args.sizes[-1] and not args.no_edits:

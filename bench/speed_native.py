@@ -31,21 +31,11 @@ SIZES = {"256": (256, 256), "520x696": (520, 696), "2048": (2048, 2048)}
 
 
 def mosaic(h: int, w: int, tile: int, seed: int):
-    """A (h, w) image + instance map tiled from procedural nuclei samples of `tile` px."""
-    from model.data import make_nuclei
+    """A (h, w) image of procedural nuclei at the training scale, and its object count."""
+    from model.data import make_nuclei_mosaic
 
-    ny, nx = -(-h // tile), -(-w // tile)
-    samples = make_nuclei(ny * nx, size=tile, seed=seed)
-    img = np.zeros((ny * tile, nx * tile, 3), np.uint8)
-    inst = np.zeros((ny * tile, nx * tile), np.int32)
-    off = 0
-    for k, s in enumerate(samples):
-        y, x = divmod(k, nx)
-        img[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = s.image
-        inst[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = np.where(s.instances > 0, s.instances + off, 0)
-        off += int(s.instances.max())
-    inst = inst[:h, :w]
-    return img[:h, :w].copy(), int(len(np.unique(inst)) - 1)
+    s = make_nuclei_mosaic(h, w, tile, seed)
+    return s.image, int(len(np.unique(s.instances)) - 1)
 
 
 def old_brush_results(instances, labels, scores, control):

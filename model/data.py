@@ -167,6 +167,34 @@ def make_nuclei(n: int, size: int | tuple[int, int] = 256, seed: int = 0) -> lis
     return samples
 
 
+def make_nuclei_mosaic(h: int, w: int, tile: int = 256, seed: int = 0) -> Sample:
+    """A large (h, w) fluorescence-like image tiled from procedural `tile` px samples: objects keep the size
+    they have at `tile` px, so one model scale fits both (native-size tests and benchmarks).
+
+    Only dark-background tiles are used, each stretched to the full grey range, so the mosaic reads as one
+    exposure and one modality (a real frame does not mix stained and fluorescent patches)."""
+    ny, nx = -(-h // tile), -(-w // tile)
+    image = np.zeros((ny * tile, nx * tile, 3), np.uint8)
+    instances = np.zeros((ny * tile, nx * tile), np.int32)
+    k, i, offset = 0, 0, 0
+    while k < ny * nx:
+        s = make_nuclei(1, size=tile, seed=seed * 100_003 + i)[0]
+        i += 1
+        grey = s.image.mean(axis=2)
+        lo, med, hi = np.percentile(grey, (1, 50, 99.8))
+        if med - lo > 0.3 * (hi - lo):                        # bright background (stained look): skip
+            continue
+        y, x = divmod(k, nx)
+        image[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = _stretch(grey)[..., None]
+        instances[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = np.where(s.instances > 0,
+                                                                              s.instances + offset, 0)
+        offset += int(s.instances.max())
+        k += 1
+    instances = instances[:h, :w]
+    return Sample(image=image[:h, :w].copy(), classes=(instances > 0).astype(np.int32), instances=instances.copy(),
+                  id=f"nuclei-mosaic-{seed}-{h}x{w}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # folder datasets
 
