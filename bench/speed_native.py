@@ -220,7 +220,8 @@ def main(args) -> None:
                             iters=20, progress=lambda i: None)
         ckpt = next((work / "models" / "default" / "versions").glob("v*/model.pt"))
         after = Predictor.from_checkpoint(ckpt, device="cpu")
-        before = Predictor(after.model, after.label_names, after.version, "cpu", edge_weight=after.edge_weight)
+        before = Predictor(after.model, after.label_names, after.version, "cpu", edge_weight=after.edge_weight,
+                           bf16=False)                # the letterbox path as it was: float32, R x R
         media = work / "media"
         media.mkdir()
         pngs, objects = {}, {}
