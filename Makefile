@@ -7,7 +7,7 @@ LS_VENV ?= .venv-ls
 PIP_FLAGS ?= --disable-pip-version-check -q
 
 .PHONY: demo demo-quick test test-fast venv venv-ls redis bench bench-table screenshot clean \
-	docker-engine docker-image docker-test docker-stop
+	docker-engine docker-image docker-test docker-e2e docker-stop
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -66,6 +66,12 @@ docker-image:
 # the image's smoke test alone (builds first; warm: seconds)
 docker-test: venv redis docker-image
 	$(VENV)/bin/python -m pytest -p no:cacheprovider tests/test_docker.py tests/test_docker_image.py $(PYTEST_ARGS)
+
+# the compose stack end to end (docker/e2e/compose_e2e.py): Label Studio (pulled, or a stand-in built here),
+# Tessera, Redis, the worker; retrieve predictions, Start training reaching the worker, down/up keeping data
+docker-e2e: venv docker-image
+	docker/e2e/stand-ins.sh
+	$(VENV)/bin/python docker/e2e/compose_e2e.py
 
 # stop the dockerd that docker-engine started (none other)
 docker-stop:

@@ -126,14 +126,20 @@ def server(docker, image):
 
 
 def predict_regions(c: Container) -> list[dict]:
-    data = c.exec("python", "-c", "import base64, sys; sys.stdout.write(base64.b64encode("
-                  "open('/tmp/data/images/n00.png', 'rb').read()).decode())").stdout
+    """/predict on the first generated image (read from the container, where it was made)."""
+    data = c.exec("base64", "-w0", "/tmp/data/images/n00.png").stdout
     body = {"tasks": [{"id": 1, "data": {"image": "data:image/png;base64," + data}}], "project": "7.1700000000",
             "label_config": CONFIG_ALL, "params": {"login": None, "password": None, "context": None}}
     status, out = http_json(c.url("/predict"), body)
     assert status == 200, out
     (item,) = out["results"]
     return item["result"]
+
+
+def served_version(c: Container) -> str:
+    status, out = http_json(c.url("/setup"), {"project": "7.1700000000", "schema": CONFIG_ALL})
+    assert status == 200, out
+    return out["model_version"]
 
 
 def test_runs_as_uid_10001(docker, image):
@@ -157,21 +163,21 @@ def test_train_in_the_container_then_predict_regions(server):
                     timeout=600)
     result = json.loads(r.stdout[r.stdout.index("{"):])
     assert result["status"] == "promoted", result
+    assert "v0001" in server.exec("tessera", "versions").stdout
     regions = predict_regions(server)
     assert regions and {reg["type"] for reg in regions} >= {"brushlabels"}, regions[:2]
     assert all(reg["value"][reg["type"]] == ["Nucleus"] for reg in regions)
 
 
 def test_models_survive_a_restart(docker, server):
-    before = server.exec("tessera", "versions").stdout
-    assert "v0001" in before, before
+    version = served_version(server)
+    assert version.endswith("-v0001"), version
     run(docker, "restart", server.name)
     status = server.wait_health()
     assert status == "running healthy", f"{status!r} after restart; logs:\n{server.logs()}"
-    assert server.exec("tessera", "versions").stdout == before
+    assert served_version(server) == version
     assert predict_regions(server), "the trained model is not served after the restart"
-    owner = server.exec("stat", "-c", "%u", "/data/models").stdout.strip()
-    assert owner == "10001"
+    assert server.exec("stat", "-c", "%u", "/data/models").stdout.strip() == "10001"
 
 
 def test_worker_without_redis_url_fails_clearly(docker, image):
