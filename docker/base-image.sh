@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-docker}
 DOCKER=${DOCKER:-$(docker/engine.sh client)}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-BASE=$(awk 'toupper($1) == "FROM" { print $2; exit }' docker/Dockerfile)
+BASE=${TESSERA_BASE_IMAGE:-$(awk 'toupper($1) == "FROM" { print $2; exit }' docker/Dockerfile)}
 TAR=$STATE/bookworm-python3-minbase.tar
 
 if "$DOCKER" image inspect "$BASE" >/dev/null 2>&1; then

@@ -110,7 +110,7 @@ class Stack:
         t = time.time()
         self("up", "-d", timeout=900)
         api = LSApi(f"http://127.0.0.1:{self.ls_port}", self.token)
-        wait_for("Label Studio answering with the token", api.whoami, 300)
+        wait_for("Label Studio answering with the token", api.whoami, 900)  # first start: migrations
         wait_for("tessera healthy", lambda: self.health("tessera") == "healthy", 180)
         wait_for("worker healthy", lambda: self.health("worker") == "healthy", 180)
         say(f"stack up and healthy in {time.time() - t:.0f} s")
