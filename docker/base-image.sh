@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-docker}
+STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tessera-docker}
 DOCKER=${DOCKER:-$(docker/engine.sh client)}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE=${TESSERA_BASE_IMAGE:-$(awk 'toupper($1) == "FROM" { print $2; exit }' docker/Dockerfile)}

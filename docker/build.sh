@@ -13,7 +13,7 @@ TAG=${1:-tessera:local}
 shift || true
 DOCKER=${DOCKER:-$(docker/engine.sh client)}
 PYTHON=${PYTHON:-python3}
-STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-docker}
+STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tessera-docker}
 LOG=$STATE/build.log
 mkdir -p "$STATE"
 export DOCKER_BUILDKIT=1

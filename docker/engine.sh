@@ -9,7 +9,7 @@
 #   docker/engine.sh stop     stop the dockerd that `start` started (none other)
 set -euo pipefail
 
-STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-docker}
+STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tessera-docker}
 mkdir -p "$STATE"
 LOG=$STATE/dockerd.log
 PIDFILE=$STATE/dockerd.pid

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DOCKER=${DOCKER:-$(docker/engine.sh client)}
 export DOCKER_BUILDKIT=1
-STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-docker}
+STATE=${TESSERA_DOCKER_STATE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tessera-docker}
 mkdir -p "$STATE"
 ca=${PIP_CA_BUNDLE:-${PIP_CERT:-${REQUESTS_CA_BUNDLE:-}}}
 secret=()
