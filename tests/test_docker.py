@@ -1,8 +1,11 @@
-"""docker/: the compose file, the Dockerfile and the entrypoint, checked by reading (no Docker engine here)
-and by running the entrypoint with a stand-in `tessera` and with the real CLI (`python -m backend.cli`)."""
+"""docker/: the compose file, the Dockerfile, the entrypoint and the health check, checked by reading and by
+running the entrypoint with a stand-in `tessera` and with the real CLI (`python -m backend.cli`). The image
+itself is built and run by tests/test_docker_image.py."""
 
 from __future__ import annotations
 
+import configparser
+import importlib.util
 import os
 import re
 import shlex
@@ -19,7 +22,8 @@ COMPOSE = DOCKER / "docker-compose.yml"
 DOCKERFILE = DOCKER / "Dockerfile"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 ENV_EXAMPLE = DOCKER / ".env.example"
-DOCKERIGNORE = DOCKER / "Dockerfile.dockerignore"
+DOCKERIGNORE = REPO / ".dockerignore"
+REQUIREMENTS = DOCKER / "requirements.txt"
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?+]([^}]*))?\}")
 
 
@@ -77,7 +81,8 @@ def test_compose_services(compose):
         assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
     assert services["tessera"]["command"] == ["serve"]
     assert services["worker"]["command"] == ["worker"]
-    assert services["worker"]["healthcheck"] == {"disable": True}  # the image's check needs the HTTP server
+    # the image's health check follows the role (docker/healthcheck.py): nothing to override for the worker
+    assert "healthcheck" not in services["worker"] and "healthcheck" not in services["tessera"]
     assert set(compose["volumes"]) >= {"ls-data", "models"}
     assert "ls-data:/label-studio/data" in services["label-studio"]["volumes"]
 
@@ -103,13 +108,16 @@ def test_build_context_and_files_exist(compose):
     assert os.access(ENTRYPOINT, os.X_OK), "docker/entrypoint.sh must be executable (git keeps the bit)"
 
 
-def test_dockerignore_keeps_what_the_image_copies():
+def test_dockerignore_keeps_what_the_image_copies_or_mounts():
     keep = {line[1:].rstrip("/") for line in DOCKERIGNORE.read_text().splitlines() if line.startswith("!")}
     assert "**" in DOCKERIGNORE.read_text().splitlines(), "exclude everything, then re-include"
     for word, args in dockerfile_instructions():
-        if word == "COPY":
+        if word == "COPY" and "--from=" not in args:
             for src in [p for p in json_or_shell(args) if not p.startswith("--")][:-1]:
                 assert src.replace("README.m[d]", "README.md").rstrip("/") in keep, src
+        for source in re.findall(r"--mount=type=bind,source=([^,\s]+)", args):
+            assert source in keep, f"bind-mounted {source} is not in the build context"
+            assert (REPO / source).is_dir(), f"{source} must exist in a fresh clone (keep its .gitignore)"
 
 
 def test_every_compose_variable_is_documented(env_example):
@@ -148,6 +156,8 @@ def test_label_studio_reaches_tessera_by_service_name(compose):
     # `tessera` resolves to a private compose-network address, which LS's SSRF guards would refuse
     assert ls_env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
     assert ls_env["LABEL_STUDIO_SSRF_PROTECTION_ENABLED"] == "false"
+    # no call to the package index at start-up (the demo sets the same)
+    assert ls_env["LABEL_STUDIO_LATEST_VERSION_CHECK"] == "false"
     # the URL to enter in LS is documented, and no service is told to find another at localhost
     assert "http://tessera:9090" in COMPOSE.read_text()
     for name, svc in services.items():
@@ -161,17 +171,30 @@ def test_label_studio_reaches_tessera_by_service_name(compose):
 
 
 def test_dockerfile():
+    text = DOCKERFILE.read_text()
+    assert "# syntax=" not in text, "a syntax line makes BuildKit pull a frontend image first"
     ins = dockerfile_instructions()
     words = [w for w, _ in ins]
-    assert ins[0] == ("FROM", "python:3.11-slim")
-    runs = " ".join(a for w, a in ins if w == "RUN")
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch==2\.13\.0\b", runs)
-    assert "pip install --no-cache-dir ." in runs
+    assert ins[0] == ("FROM", "python:3.11-slim") and words.count("FROM") == 1
+    # torch: pinned, from a source given as a build argument whose default is the PyTorch CPU index
+    args = dict(a.split("=", 1) for w, a in ins if w == "ARG" and "=" in a)
+    assert yaml.safe_load(args["TORCH_PIP_ARGS"]) == "--index-url https://download.pytorch.org/whl/cpu"
+    runs = [a for w, a in ins if w == "RUN"]
+    assert any(re.search(r"install --no-compile \$TORCH_PIP_ARGS torch==2\.13\.0\b", a) for a in runs)
+    # pip's CA bundle is a BuildKit secret: mounted for each pip step, never copied into a layer
+    for a in runs:
+        if re.search(r"\bpip\b.* install ", a) and "/tmp/wheel/" not in a:  # from an index
+            assert "--mount=type=secret,id=pip_ca" in a and "PIP_CERT=/run/secrets/pip_ca" in a, a
+    assert not any("pip_ca" in a for w, a in ins if w in ("COPY", "ADD", "ENV"))
+    # Tessera itself: no dependencies (requirements.txt has them), no build tools downloaded
+    assert any("pip wheel -q --no-build-isolation --no-deps -w /tmp/wheel /src" in a
+               and "install --no-compile --no-deps /tmp/wheel/*.whl" in a for a in runs)
     users = [a for w, a in ins if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must run as non-root"
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), "USER after the last RUN"
-    health = [a for w, a in ins if w == "HEALTHCHECK"]
-    assert len(health) == 1 and "urllib.request" in health[0] and "/health" in health[0] and "9090" in health[0]
+    (health,) = [json_or_shell(a.split("CMD", 1)[1]) for w, a in ins if w == "HEALTHCHECK"]
+    assert health == ["python", "/usr/local/bin/tessera-healthcheck"]
+    assert any(w == "COPY" and "docker/healthcheck.py /usr/local/bin/tessera-healthcheck" in a for w, a in ins)
     assert ("EXPOSE", "9090") in ins
     env = " ".join(a for w, a in ins if w == "ENV")
     assert "MODEL_DIR=/data/models" in env
@@ -181,6 +204,86 @@ def test_dockerfile():
     copied = [json_or_shell(a) for w, a in ins if w == "COPY" and "docker/entrypoint.sh" in a]
     assert copied and copied[0][-1] == entry[0], "ENTRYPOINT must be the copied docker/entrypoint.sh"
     assert cmd == ["serve"]
+
+
+def _requirement_specs(lines) -> dict[str, str]:
+    from packaging.requirements import Requirement
+
+    out = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            out[re.sub(r"[-_.]+", "-", req.name).lower()] = str(req.specifier)
+    return out
+
+
+def test_image_requirements_follow_setup_cfg():
+    """docker/requirements.txt = setup.cfg's install_requires (same bounds) less torch and label-studio-sdk,
+    which the Dockerfile installs pinned as setup.cfg pins them, plus the part of the SDK's requirements
+    that Tessera imports."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    setup = _requirement_specs(cfg["options"]["install_requires"].splitlines())
+    image = _requirement_specs(REQUIREMENTS.read_text().splitlines())
+    text = DOCKERFILE.read_text()
+    for name in ("torch", "label-studio-sdk"):
+        spec = setup.pop(name)
+        assert spec.startswith("==") and f"{name}{spec}" in text, f"{name}: Dockerfile must install {name}{spec}"
+    for name, spec in setup.items():
+        assert name in image, f"{name} (setup.cfg) missing from docker/requirements.txt"
+        assert image[name] == spec or name in ("numpy", "pillow", "opencv-python-headless"), (name, spec)
+    for name in ("pandas", "httpx", "pydantic", "jsf", "nltk", "lxml", "xmljson"):  # what the SDK imports
+        assert name in image, name
+    for name in ("datamodel-code-generator", "typer", "watchfiles", "requests-mock", "pytest"):
+        assert name not in image, f"{name} is not needed at run time"
+
+
+# ------------------------------------------------------------------------------------------------ health check
+
+def _healthcheck_module():
+    spec = importlib.util.spec_from_file_location("tessera_healthcheck", DOCKER / "healthcheck.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("argv, role", [
+    (["/opt/venv/bin/python", "/opt/venv/bin/tessera", "worker"], "worker"),
+    (["/opt/venv/bin/python", "/opt/venv/bin/tessera", "train", "--data", "d"], "one-off"),
+    (["/opt/venv/bin/python", "/opt/venv/bin/tessera", "serve", "--port", "9090"], "serve"),
+    (["/opt/venv/bin/python", "-m", "gunicorn", "--bind", "0.0.0.0:9090", "backend.wsgi:app"], "serve"),
+    ([], "serve"),
+])
+def test_healthcheck_follows_the_role(monkeypatch, capsys, argv, role):
+    hc = _healthcheck_module()
+    monkeypatch.setattr(hc, "pid1_argv", lambda: argv)
+    monkeypatch.setattr(hc, "check_http", lambda: "http checked")
+    monkeypatch.setattr(hc, "check_worker", lambda args: "worker checked")
+    code = hc.main()
+    out = capsys.readouterr().out
+    expected = {"worker": "worker checked", "serve": "http checked"}.get(role)
+    if expected:
+        assert code == 1 and expected in out
+    else:
+        assert code == 0 and "one-off `tessera train`" in out
+
+
+def test_healthcheck_probes(monkeypatch):
+    """The real probes against nothing listening: both say why they fail (a refused loopback port)."""
+    hc = _healthcheck_module()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PORT", str(port))
+    assert f"127.0.0.1:{port}/health" in hc.check_http()
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    assert "Redis does not answer" in hc.check_worker([])
+    monkeypatch.delenv("REDIS_URL")
+    assert hc.check_worker([]) == "worker without REDIS_URL"
+    assert "Redis does not answer" in hc.check_worker(["--redis-url", f"redis://127.0.0.1:{port}/1"])
 
 
 # ------------------------------------------------------------------------------------------------ entrypoint
