@@ -1,0 +1,75 @@
+"""Which unlabelled images to label next: the model's uncertainty plus diversity over image embeddings.
+
+Uncertainty alone (lowest task score first) keeps picking look-alikes of the same hard images; a
+diversity term spreads the picks over what the labelled set does not cover yet. Embeddings are the
+label model's own image features, pooled (mean and spread per channel of every encoder level). Picks
+are greedy farthest-first (k-center core-set, Sener & Savarese 2018, https://arxiv.org/abs/1708.00489),
+optionally weighted by uncertainty (as in weighted k-center / BADGE-style mixes,
+https://arxiv.org/abs/1906.03671). `priority` is the per-task form the backend writes to Label Studio.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+@torch.inference_mode()
+def embed(predictor, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """(N, D) L2-normalised image embeddings from the predictor's image encoder (letterboxed at R).
+
+    Mean and standard deviation per channel of every encoder level, each level normalised on its own
+    so that no level dominates; padding is part of the view at every level, as in training."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x, _ = predictor._prepare(images[i:i + batch_size])
+        parts = []
+        for f in predictor.model.features(x):                      # (B, C, h, w) per level
+            f = f.float().flatten(2)                                # (B, C, h, w) -> (B, C, h*w)
+            v = torch.cat([f.mean(2), f.std(2)], 1)                 # (B, 2C)
+            parts.append(v / (v.norm(dim=1, keepdim=True) + 1e-8))
+        e = torch.cat(parts, 1)
+        out.append((e / (e.norm(dim=1, keepdim=True) + 1e-8)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def distance_to_set(emb: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every row of emb (N, D) to its nearest row of ref (M, D); 2 (the largest
+    distance between unit vectors) when ref is empty."""
+    if len(ref) == 0:
+        return np.full(len(emb), 2.0, np.float32)
+    d2 = (emb ** 2).sum(1)[:, None] + (ref ** 2).sum(1)[None] - 2 * emb @ ref.T  # (N, M)
+    return np.sqrt(np.maximum(d2.min(1), 0.0)).astype(np.float32)
+
+
+def select(emb: np.ndarray, labelled: np.ndarray, k: int, uncertainty: np.ndarray | None = None,
+           power: float = 1.0) -> list[int]:
+    """Greedy farthest-first picks of k rows of emb (the pool) given the labelled embeddings.
+
+    Each step takes the pool row with the largest distance to (labelled + picked so far), times
+    uncertainty ** power when given (uncertainty in [0, 1], e.g. 1 - task score)."""
+    assert emb.ndim == 2 and (len(labelled) == 0 or labelled.shape[1] == emb.shape[1]), \
+        f"embeddings {emb.shape} and labelled {labelled.shape} must share the last dimension"
+    k = min(k, len(emb))
+    dist = distance_to_set(emb, labelled).astype(np.float64)
+    weight = np.ones(len(emb)) if uncertainty is None else np.clip(uncertainty, 1e-3, 1.0) ** power
+    picks: list[int] = []
+    for _ in range(k):
+        gain = dist * weight
+        gain[picks] = -1.0
+        j = int(np.argmax(gain))
+        picks.append(j)
+        dist = np.minimum(dist, np.sqrt(np.maximum(((emb - emb[j]) ** 2).sum(1), 0.0)))
+    return picks
+
+
+def priority(emb: np.ndarray, labelled: np.ndarray, scores: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Per-task priority in [0, 1] (1 = label first) for a whole pool: the rank of each task in the
+    greedy order of `select` with uncertainty 1 - score, so sorting by it descending reproduces that
+    order and batches of any size stay diverse."""
+    n = len(emb)
+    if n == 0:
+        return np.zeros(0, np.float32)
+    order = select(emb, labelled, n, 1.0 - np.asarray(scores, np.float64), power)
+    out = np.empty(n, np.float32)
+    out[order] = 1.0 - np.arange(n, dtype=np.float32) / max(n - 1, 1)
+    return out
