@@ -14,8 +14,8 @@ version):
 - score: lowest Tessera task score first (Predictor.predict(...).score, what "Sort by Prediction score"
   orders by without a priority);
 - diversity: farthest-first in the label model's image-embedding space (model.acquisition.select);
-- priority: farthest-first weighted by uncertainty 1 - score (model.acquisition.priority, what Tessera
-  writes as `tessera_priority`).
+- priority: uncertainty (1 - score) x distance to the nearest labelled image in that space
+  (model.acquisition.priority: per task, so predictions can carry it).
 The reference is a model trained from scratch on the whole pool with as many iterations as a curve.
 Per seed: labels each strategy needs to reach 95% of the reference (linear interpolation between
 rounds); reported as mean and standard deviation over seeds, with the saving against random.
@@ -41,9 +41,9 @@ import torch
 
 from bench.common import RESULTS, SHARED_DATA, write_result
 
-STRATEGIES = ("random", "score", "diversity", "priority")
+STRATEGIES = ("random", "priority", "score", "diversity")
 LABELS = {"random": "random", "score": "lowest Tessera score first", "diversity": "diversity (image embeddings)",
-          "priority": "tessera_priority (uncertainty x diversity)"}
+          "priority": "priority (uncertainty x novelty)"}
 
 
 def modality(image: np.ndarray) -> str:
@@ -120,25 +120,33 @@ class Sim:
         prio = acquisition.priority(emb, lab, scores)
         return [pool[j] for j in np.argsort(-prio, kind="stable")[:k]]
 
-    def curve(self, strategy: str, seed: int, start: list[str], start_fit, pool_ids: list[str]) -> list[dict]:
-        ckpt, predictor, point = start_fit
-        labelled, curve = list(start), [dict(point)]
-        rng = random.Random(seed * 1000 + 1)
+    def curves(self, strategies: list[str], seed: int, start: list[str], start_fit, pool_ids: list[str],
+               deadline: float) -> dict[str, list[dict]]:
+        """Every strategy's curve, round by round (all strategies finish a round before the next starts,
+        so a run stopped at the deadline still compares them at the same label counts)."""
+        state = {s: {"ckpt": start_fit[0], "predictor": start_fit[1], "labelled": list(start),
+                     "curve": [dict(start_fit[2])], "rng": random.Random(seed * 1000 + 1)} for s in strategies}
         for target in self.args.schedule:
-            if target <= len(labelled):
+            if target <= len(start):
                 continue
-            t0 = time.time()
-            pool = [i for i in pool_ids if i not in set(labelled)]
-            picked = self.pick(strategy, predictor, labelled, pool, target - len(labelled), rng)
-            select_s = time.time() - t0
-            labelled += picked
-            ckpt, predictor, point = self.fit(labelled, ckpt, f"s{seed}-{strategy}-{len(labelled)}", seed)
-            groups = [modality(self.by_id[i].image) for i in picked]
-            point.update({"select_s": round(select_s, 1), "picked_brightfield": groups.count("brightfield"),
-                          "picked": len(picked)})
-            curve.append(point)
-            print(f"seed {seed} {strategy:9s} {_short(point)}", flush=True)
-        return curve
+            if time.time() > deadline:
+                print(f"seed {seed}: budget spent, stopping before {target} labels", flush=True)
+                break
+            for strategy, st in state.items():
+                t0 = time.time()
+                taken = set(st["labelled"])
+                pool = [i for i in pool_ids if i not in taken]
+                picked = self.pick(strategy, st["predictor"], st["labelled"], pool, target - len(taken), st["rng"])
+                select_s = time.time() - t0
+                st["labelled"] += picked
+                st["ckpt"], st["predictor"], point = self.fit(st["labelled"], st["ckpt"],
+                                                              f"s{seed}-{strategy}-{target}", seed)
+                groups = [modality(self.by_id[i].image) for i in picked]
+                point.update({"select_s": round(select_s, 1), "picked_brightfield": groups.count("brightfield"),
+                              "picked": len(picked)})
+                st["curve"].append(point)
+                print(f"seed {seed} {strategy:9s} {_short(point)}", flush=True)
+        return {s: st["curve"] for s, st in state.items()}
 
 
 def _short(p: dict) -> dict:
@@ -180,7 +188,7 @@ def run_job(args, job: int | None, strategies: list[str]) -> dict:
         start = random.Random(job).sample(pool_ids, args.start)
         start_fit = sim.fit(start, None, f"s{job}-start", job)
         print(f"seed {job} start     {_short(start_fit[2])}", flush=True)
-        curves = {s: sim.curve(s, job, start, start_fit, pool_ids) for s in strategies}
+        curves = sim.curves(strategies, job, start, start_fit, pool_ids, t0 + args.budget_s)
         return {"curves": curves, "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0,
                 "trainings": sim.n_fit}
     finally:
@@ -202,6 +210,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=0, help="processes (seeds and the reference run side by side); "
                                                         "0 = seeds + 1")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {STRATEGIES}")
+    ap.add_argument("--budget-s", type=float, default=3600.0,
+                    help="wall seconds per seed after which no new round starts (rounds finished so far count)")
     ap.add_argument("--tag", default="", help="write active_learning_<tag>.json/.png instead")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds, a few iterations")
     args = ap.parse_args()
@@ -222,14 +232,15 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs or len(jobs)) as ex:
         done = list(ex.map(run_job, [args] * len(jobs), jobs, [strategies] * len(jobs)))
     full = done[0]["full"]
-    curves = {s: [d["curves"][s] for d in done[1:]] for s in strategies}
+    n_points = min(len(d["curves"][s]) for d in done[1:] for s in strategies)   # rounds every seed finished
+    curves = {s: [d["curves"][s][:n_points] for d in done[1:]] for s in strategies}
     summary = summarise(curves, full)
     print(summary)
     setup = {"data": Path(args.data).name, "pool": len(pool_ids), "pool_modalities": mix,
              "test_per_modality": n_test, "start": args.start, "schedule": args.schedule,
              "iters_per_round": args.iters, "batch": args.batch, "full_iters": full["iters"], "widths": args.widths,
              "threads_per_process": args.threads, "processes": args.jobs or len(jobs), "seeds": args.seeds,
-             "quick": args.quick, "trainings": sum(d["trainings"] for d in done),
+             "budget_s_per_seed": args.budget_s, "quick": args.quick, "trainings": sum(d["trainings"] for d in done),
              "wall_s": round(time.time() - t_all, 1), "cpu_s": round(sum(d["cpu_s"] for d in done), 1),
              "load_avg_1min_at_end": round(os.getloadavg()[0], 1)}
     name = "active_learning" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")

@@ -5,7 +5,8 @@ diversity term spreads the picks over what the labelled set does not cover yet. 
 label model's own image features, pooled (mean and spread per channel of every encoder level). Picks
 are greedy farthest-first (k-center core-set, Sener & Savarese 2018, https://arxiv.org/abs/1708.00489),
 optionally weighted by uncertainty (as in weighted k-center / BADGE-style mixes,
-https://arxiv.org/abs/1906.03671). `priority` is the per-task form the backend writes to Label Studio.
+https://arxiv.org/abs/1906.03671). `priority` is the per-task form (uncertainty x distance to the
+labelled set) that needs no pass over the whole pool, so predictions can carry it.
 """
 from __future__ import annotations
 
@@ -62,14 +63,32 @@ def select(emb: np.ndarray, labelled: np.ndarray, k: int, uncertainty: np.ndarra
     return picks
 
 
-def priority(emb: np.ndarray, labelled: np.ndarray, scores: np.ndarray, power: float = 1.0) -> np.ndarray:
-    """Per-task priority in [0, 1] (1 = label first) for a whole pool: the rank of each task in the
-    greedy order of `select` with uncertainty 1 - score, so sorting by it descending reproduces that
-    order and batches of any size stay diverse."""
-    n = len(emb)
-    if n == 0:
-        return np.zeros(0, np.float32)
-    order = select(emb, labelled, n, 1.0 - np.asarray(scores, np.float64), power)
-    out = np.empty(n, np.float32)
-    out[order] = 1.0 - np.arange(n, dtype=np.float32) / max(n - 1, 1)
-    return out
+def priority(emb: np.ndarray, labelled: np.ndarray, scores, power: float = 1.0) -> np.ndarray:
+    """Per-task priority in [0, 1] (1 = label first): uncertainty (1 - task score) ** power times the
+    distance to the nearest labelled image (halved: unit embeddings are at most 2 apart). Each task's
+    value needs only its own embedding and the labelled set's, so it is computed task by task, where
+    predictions are made, and sorts a project of any size."""
+    u = np.clip(1.0 - np.asarray(scores, np.float64), 0.0, 1.0) ** power
+    return (u * distance_to_set(emb, labelled) / 2.0).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# the labelled set a served model carries, and the task score that ranks by it
+
+MAX_REFERENCE = 1000  # labelled embeddings kept in a checkpoint (~0.8 MB in float16 at the default widths)
+
+
+def reference_embeddings(predictor, images: list[np.ndarray], max_n: int = MAX_REFERENCE, seed: int = 0) -> torch.Tensor:
+    """float16 (N, D) embeddings of (up to max_n, a seeded sample of) the training images, for the checkpoint."""
+    if len(images) > max_n:
+        idx = np.random.default_rng(seed).choice(len(images), max_n, replace=False)
+        images = [images[i] for i in sorted(idx)]
+    return torch.from_numpy(embed(predictor, images)).to(torch.float16)
+
+
+def rank_score(score: float, emb: np.ndarray, reference: np.ndarray | None) -> float:
+    """The task score that ranks by expected gain: 1 - priority, so sorting it ascending ("Prediction score")
+    puts the most uncertain AND least covered tasks first. Without a reference set it is the score itself."""
+    if reference is None or len(reference) == 0:
+        return float(score)
+    return float(1.0 - priority(emb[None], np.asarray(reference, np.float32), [score])[0])
