@@ -15,7 +15,8 @@ on held-out images (fresh procedural images; the DSB validation split), one obje
 
 Reported per hint: median / mean IoU of the returned mask with the object, the share below 0.5, and the
 hint's own IoU. Latency: Predictor.refine on a 520x696 image (procedural, and a native-size DSB frame),
-median over repeats, torch threads as given. Targets (issue 11): click_clump median >= 0.85 with <= 10%
+median over repeats, torch threads as given, beside the bare network pass (network_only) timed in the
+same loop: on a loaded machine the ratio is the figure to read. Targets (issue 11): click_clump median >= 0.85 with <= 10%
 below 0.5; scribble median >= 0.8; latency <= 50 ms at 520x696. Writes bench/results/interactive.json.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from bench.common import RESULTS, SHARED_DATA, write_result
 from model import metrics
+from model.checkpoint import load_checkpoint
 from model.data import Sample, load_folder, make_nuclei, read_image, split_ids
 from model.inference import Predictor
 from model.train_vqvae import TrainConfig, train
@@ -140,19 +142,18 @@ def latency(predictor: Predictor, image: np.ndarray, repeats: int, seed: int) ->
     obj = preds.instances == k if k else np.zeros(image.shape[:2], bool)
     if not obj.any():
         obj[image.shape[0] // 2 - 5:image.shape[0] // 2 + 5, image.shape[1] // 2 - 5:image.shape[1] // 2 + 5] = True
-    calls = {"click": lambda: predictor.refine(image, None, [click(obj, rng)], [], 1),
+    calls = {"network_only": lambda: predictor._run([image]),
+             "click": lambda: predictor.refine(image, None, [click(obj, rng)], [], 1),
              "scribble": lambda: predictor.refine(image, scribble(obj), [], [], 1)}
-    out = {}
-    for name, fn in calls.items():
-        for _ in range(2):
-            fn()
-        ts = []
-        for _ in range(repeats):
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(repeats + 2):                # interleaved, so a load change hits every call alike
+        for name, fn in calls.items():
             t0 = time.perf_counter()
             fn()
-            ts.append((time.perf_counter() - t0) * 1000)
-        out[name] = {"median_ms": round(statistics.median(ts), 1), "p90_ms": round(float(np.percentile(ts, 90)), 1)}
-    return out
+            if i >= 2:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: {"median_ms": round(statistics.median(ts), 1), "p90_ms": round(float(np.percentile(ts, 90)), 1)}
+            for name, ts in times.items()}
 
 
 def _r(x) -> float:
@@ -162,7 +163,8 @@ def _r(x) -> float:
 def cached_train(name: str, cfg: TrainConfig, train_set: list[Sample], val: list[Sample], labels: list[str],
                  cache: Path) -> tuple[Path, float]:
     """Train once per (name, config, data): a later run with the same inputs reuses the checkpoint."""
-    key = hashlib.sha1(repr((cfg, [s.id for s in train_set])).encode()).hexdigest()[:12]
+    key = hashlib.sha1(repr((cfg.max_iters, cfg.seed, tuple(cfg.widths), cfg.resolution, cfg.batch_size,
+                             [s.id for s in train_set])).encode()).hexdigest()[:12]
     path = cache / f"{name}-{key}.pt"
     if path.exists():
         print(f"{name}: reusing {path}")
@@ -213,7 +215,9 @@ def main() -> None:
     by_id = {s.id: s for s in samples}
     tr, va = split_ids(sorted(by_id), 0.2)
     if args.model:
-        path, models["dsb"] = Path(args.model), {"checkpoint": Path(args.model).name}
+        ckpt = load_checkpoint(Path(args.model), kind="vqvae")
+        path, models["dsb"] = Path(args.model), {"checkpoint": Path(args.model).name, "iters": ckpt.get("iter_num"),
+                                                 "n_train": (ckpt.get("metrics") or {}).get("n_train", len(tr))}
     else:
         c = dataclasses.replace(cfg, max_iters=args.iters_dsb)
         path, train_s = cached_train("dsb", c, [by_id[i] for i in tr], [by_id[i] for i in va[:32]], names, cache)
@@ -235,9 +239,10 @@ def main() -> None:
         s = {"click_clump_median_iou": r["click_clump"]["median_iou"],
              "click_clump_share_below_0.5": r["click_clump"]["share_below_0.5"],
              "scribble_median_iou": r["scribble"]["median_iou"],
-             "latency_ms_520x696": max((v["median_ms"] for v in lat.values()), default=None)}
-        s["meets"] = {k: v is not None and (v <= TARGETS[k] if k.startswith(("latency", "click_clump_share"))
-                                            else v >= TARGETS[k]) for k, v in s.items()}
+             "latency_ms_520x696": max((v["median_ms"] for k, v in lat.items() if k != "network_only"), default=None),
+             "network_only_ms_520x696": lat.get("network_only", {}).get("median_ms")}
+        s["meets"] = {k: s[k] is not None and (s[k] <= t if k.startswith(("latency", "click_clump_share")) else s[k] >= t)
+                      for k, t in TARGETS.items()}
         summary[name] = s
     print(summary)
     payload = {"summary": summary, "targets": TARGETS, "models": models, "results": results,
