@@ -718,9 +718,12 @@ def _cut_necks(region: np.ndarray, max_cuts: int = 3) -> np.ndarray:
     return lab
 
 
-def _best_neck(m: np.ndarray):
-    """((x0, y0), (x1, y1)) of the best neck cut of a uint8 mask, or None."""
-    best, best_score = None, 0.0
+def _best_neck(m: np.ndarray, max_defects: int = 8):
+    """((x0, y0), (x1, y1)) of the best neck cut of a uint8 mask, or None.
+
+    Pairs of the `max_defects` deepest concavities per outline are tried best first (deepest per unit
+    of cut length); the first that passes _neck_ok wins, so a ragged outline costs a few checks."""
+    pairs = []
     for c in cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0]:
         if len(c) < 12:
             continue
@@ -731,17 +734,18 @@ def _best_neck(m: np.ndarray):
             continue
         if defects is None:
             continue
-        area = cv2.contourArea(c)
-        thr = max(NECK["depth_abs"], NECK["depth_rel"] * np.sqrt(area))
-        deep = [(d / 256.0, tuple(int(v) for v in c[f][0])) for _, _, f, d in defects[:, 0] if d / 256.0 >= thr]
+        thr = max(NECK["depth_abs"], NECK["depth_rel"] * np.sqrt(cv2.contourArea(c)))
+        deep = sorted(((d / 256.0, tuple(int(v) for v in c[f][0])) for _, _, f, d in defects[:, 0]
+                       if d / 256.0 >= thr), reverse=True)[:max_defects]
         for i in range(len(deep)):
             for j in range(i + 1, len(deep)):
                 (d0, p0), (d1, p1) = deep[i], deep[j]
                 length = float(np.hypot(p0[0] - p1[0], p0[1] - p1[1]))
-                score = (d0 + d1) / (length + 1.0)
-                if score > best_score and _neck_ok(m, p0, p1, length):
-                    best, best_score = (p0, p1), score
-    return best
+                pairs.append(((d0 + d1) / (length + 1.0), p0, p1, length))
+    for _, p0, p1, length in sorted(pairs, key=lambda t: -t[0]):
+        if _neck_ok(m, p0, p1, length):
+            return p0, p1
+    return None
 
 
 def _neck_ok(m: np.ndarray, p0, p1, length: float) -> bool:
