@@ -6,7 +6,8 @@ label model's own image features, pooled (mean and spread per channel of every e
 are greedy farthest-first (k-center core-set, Sener & Savarese 2018, https://arxiv.org/abs/1708.00489),
 optionally weighted by uncertainty (as in weighted k-center / BADGE-style mixes,
 https://arxiv.org/abs/1906.03671). `priority` is the per-task form (uncertainty x distance to the
-labelled set) that needs no pass over the whole pool, so predictions can carry it.
+labelled set): it needs no pass over the whole pool, so predictions could carry it. Measured against
+the task score alone and random in bench/active_learning.py.
 """
 from __future__ import annotations
 
@@ -71,24 +72,3 @@ def priority(emb: np.ndarray, labelled: np.ndarray, scores, power: float = 1.0) 
     u = np.clip(1.0 - np.asarray(scores, np.float64), 0.0, 1.0) ** power
     return (u * distance_to_set(emb, labelled) / 2.0).astype(np.float32)
 
-
-# -----------------------------------------------------------------------------
-# the labelled set a served model carries, and the task score that ranks by it
-
-MAX_REFERENCE = 1000  # labelled embeddings kept in a checkpoint (~0.8 MB in float16 at the default widths)
-
-
-def reference_embeddings(predictor, images: list[np.ndarray], max_n: int = MAX_REFERENCE, seed: int = 0) -> torch.Tensor:
-    """float16 (N, D) embeddings of (up to max_n, a seeded sample of) the training images, for the checkpoint."""
-    if len(images) > max_n:
-        idx = np.random.default_rng(seed).choice(len(images), max_n, replace=False)
-        images = [images[i] for i in sorted(idx)]
-    return torch.from_numpy(embed(predictor, images)).to(torch.float16)
-
-
-def rank_score(score: float, emb: np.ndarray, reference: np.ndarray | None) -> float:
-    """The task score that ranks by expected gain: 1 - priority, so sorting it ascending ("Prediction score")
-    puts the most uncertain AND least covered tasks first. Without a reference set it is the score itself."""
-    if reference is None or len(reference) == 0:
-        return float(score)
-    return float(1.0 - priority(emb[None], np.asarray(reference, np.float32), [score])[0])

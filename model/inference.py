@@ -283,7 +283,6 @@ class Predictor:
             f"model has {self.config.n_labels} labels, expected {self.n_classes} classes + bg + boundary"
         assert tile % 8 == 0 and 0 <= overlap < tile, f"tile {tile} must be a multiple of 8 above overlap {overlap}"
         self.version = version
-        self.reference_embeddings: np.ndarray | None = None  # the labelled set's (from_checkpoint)
         self.min_area = min_area
         self.edge_weight = edge_weight  # training weight of the boundary class, undone on the probabilities
         # model pixels per image pixel, learned from the training objects' sizes; None (checkpoints from

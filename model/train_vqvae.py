@@ -79,7 +79,6 @@ class TrainConfig:
     code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
                                      # so the code predictor learns against fixed codes
-    priority_reference: bool = True  # store the training images' embeddings (model.acquisition) in the checkpoint
 
     @classmethod
     def from_args(cls, argv: list[str]) -> "TrainConfig":
@@ -384,10 +383,6 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
                "best_val_loss": min((h["val_loss"] for h in history), default=None),
                "label_names": list(label_names), "metrics": result, "scale": scale,
                "history": history}
-    if cfg.priority_reference:   # the labelled set's image embeddings: predictions rank by novelty against it
-        from model.acquisition import reference_embeddings
-        raw = Predictor(model, label_names, device=str(device), edge_weight=cfg.boundary_weight)
-        payload["train_embeddings"] = reference_embeddings(raw, [s.image for s in train], seed=cfg.seed).cpu()
     save_checkpoint(payload, path)
     if progress:
         progress({"phase": "done", "iter": it, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})

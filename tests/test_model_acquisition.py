@@ -1,5 +1,5 @@
-"""Acquisition (model/acquisition.py): diverse picks, the per-task priority, the labelled set a checkpoint
-carries, and the task score that ranks by expected gain."""
+"""Acquisition (model/acquisition.py): diverse picks, the per-task priority, image embeddings of a
+trained label model."""
 
 import numpy as np
 import torch
@@ -30,19 +30,15 @@ def test_priority_needs_uncertainty_and_novelty():
     emb = _unit([[1.0, 0.01, 0], [0, 1.0, 0], [0, 1.0, 0.01]])
     prio = acquisition.priority(emb, labelled, [0.2, 0.2, 0.99])
     assert prio[1] > prio[0] and prio[1] > prio[2] and np.all((0 <= prio) & (prio <= 1))
-    # rank_score: lower = label first, and the plain score when the model carries no labelled set
-    assert acquisition.rank_score(0.2, emb[1], labelled) < acquisition.rank_score(0.2, emb[0], labelled)
-    assert acquisition.rank_score(0.7, emb[1], None) == 0.7
 
 
-def test_checkpoint_carries_the_labelled_embeddings(tmp_path):
+def test_embeddings_of_a_trained_model(tmp_path):
     torch.set_num_threads(1)
     data = make_nuclei(3, size=64, seed=0)
     cfg = TrainConfig(max_iters=2, eval_interval=2, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
                       codebook_size=16, embed_dim=8, batch_size=2)
     predictor = Predictor.from_checkpoint(train(cfg, data, [], ["nucleus"], tmp_path / "m.pt"), device="cpu")
-    ref = predictor.reference_embeddings
-    assert ref is not None and ref.shape[0] == 3
+    ref = acquisition.embed(predictor, [s.image for s in data])
     emb = acquisition.embed(predictor, [s.image for s in data] + [np.zeros((64, 64, 3), np.uint8)])
     assert emb.shape == (4, ref.shape[1]) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-3)
     d = acquisition.distance_to_set(emb, ref)
