@@ -445,9 +445,9 @@ class Predictor:
                negative: list[tuple[float, float]], label: int) -> tuple[np.ndarray, float]:
         """A clean (H, W) bool mask of the one object a rough hint (stroke / box / points) points at.
 
-        The model looks at a view around the hint, zoomed REFINE_ZOOM x closer than the whole image
-        (small touching objects come apart at the finer scale), and makes its instances in a window
-        around the hint only (latency follows the object, not the image). The instance the hint
+        The model looks at a view around the hint, REFINE_ZOOM x closer than the whole image (1: the
+        whole image, the scale it was trained at), widened while the object is cut by it, and makes its
+        instances in a window around the hint only (latency follows the object, not the image). The instance the hint
         points at is taken whole; one the model merged with a neighbour is cut at the necks of its
         outline (`_separate`), keeping the part(s) the hint is on. Where the model sees nothing at the
         hint, the hint steers the codes instead."""
