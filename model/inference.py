@@ -461,9 +461,8 @@ class Predictor:
         neg = [(min(max(int(y), 0), H - 1), min(max(int(x), 0), W - 1)) for x, y in negative]
         if not hint.any() and not pos:
             return np.zeros((H, W), bool), 0.0
-        R = self.config.resolution
         stats = image_stats(resize(image if image.ndim == 3 else np.repeat(image[..., None], 3, 2),
-                                   *fit_size(H, W, R)), self.config.invert_bright)
+                                   *self._geometry(H, W)), self.config.invert_bright)
         side = max(H, W) / REFINE_ZOOM
         for _ in range(3):                                    # widen the view while the object is cut by it
             view = _view(hint, pos, H, W, side)
@@ -514,16 +513,15 @@ class Predictor:
 
     @torch.inference_mode()
     def _run_view(self, view: np.ndarray, stats):
-        """Network pass over one view normalised with the whole image's stats: (feats, code_logits, logits, size)."""
+        """Network pass over one view at the model's geometry (its learned scale, or letterboxed into R),
+        normalised with the whole image's stats: (feats, code_logits, logits, size)."""
         if view.ndim == 2:
             view = np.repeat(view[..., None], 3, axis=2)
-        R = self.config.resolution
-        nh, nw = fit_size(*view.shape[:2], R)
-        x = pad_to(normalize_image(resize(view, nh, nw), stats), R)
-        x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)  # (R, R, 3) -> (1, 3, R, R)
-        feats = self.model.features(x)
-        code_logits = self.model.predict_codes(feats=feats)
-        return feats, code_logits, self.model.decoder(self.model.embed_codes(code_logits), feats), (nh, nw)
+        nh, nw = self._geometry(*view.shape[:2])
+        x = pad_to(normalize_image(resize(view, nh, nw), stats), self._pad_shape([(nh, nw)]))
+        x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)  # (H, W, 3) -> (1, 3, H, W)
+        feats, code_logits, logits = self._forward(x)
+        return feats, code_logits, logits, (nh, nw)
 
     def _window_probs(self, logits: torch.Tensor, size: tuple[int, int], shape: tuple[int, int],
                       win: tuple[int, int, int, int]) -> np.ndarray:
