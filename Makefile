@@ -11,14 +11,18 @@ PIP_FLAGS ?= --disable-pip-version-check -q
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
+	@echo "[1/3] creating $(VENV) (once; later runs reuse it)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
+	@echo "[2/3] installing torch 2.13.0 (CPU) into $(VENV), ~1 minute"
 	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
+	@echo "[3/3] installing Tessera and its dependencies into $(VENV)"
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
 	touch $@
 
 $(LS_VENV)/.installed:
+	@echo "installing label-studio 1.23.2 into $(LS_VENV) (once, about 2 minutes)"
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install $(PIP_FLAGS) label-studio==1.23.2
 	touch $@

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, LengthRequired, RequestEntityTooL
 
 import backend
 from backend.label_config import LabelConfigError, parse_label_config
+from backend.lsclient import VersionFollower
 from backend.ls_model import TRAIN_EVENTS, TesseraModel
 from backend.service import DEFAULT_KEY, ModelCache, project_key, version_string
 from backend.settings import Settings
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["tessera"] = {"settings": settings, "cache": cache, "runner": runner}
     projects = ProjectState()
+    follower = VersionFollower(settings)
 
     def model_for(data: dict, key: str, schema: str | None) -> TesseraModel:
         state = projects.get(key)
@@ -154,7 +156,9 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
             raise BadRequest(f"unsupported label config: {e}", status=422) from None
         projects.remember(key, schema=data["schema"], hostname=data.get("hostname") or "",
                           access_token=data.get("access_token") or "")
-        return jsonify({"model_version": cache.version(key, config)})
+        version = cache.version(key, config)
+        follower.notice(key, version, data.get("access_token") or "")
+        return jsonify({"model_version": version})
 
     @app.route("/predict", methods=["POST"])
     def predict():
@@ -192,9 +196,16 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
             raise BadRequest(f"{action} webhook needs the annotation object")
         if project.get("label_config"):
             projects.remember(key, schema=project["label_config"])
-        job = runner.submit(key, action)
-        logger.info("webhook %s for project %s: run %s", action, key, job.get("state"))
-        return jsonify({"status": "scheduled", "project": key, "action": action, "job": job}), 201
+        if action.startswith("ANNOTATION") and not _trains_on_annotations(project):
+            return jsonify({"status": "ignored", "project": key, "action": action,
+                            "message": "\"Start model training on annotation submission\" is off for this project "
+                                       "(Settings > Model): annotations train when it is on, or with Start "
+                                       "training"}), 200
+        run = runner.submit(key, action)
+        logger.info("webhook %s for project %s: run %s", action, key, run.get("state"))
+        # LS 1.23 stores "job" of a START_TRAINING reply in a 128-character column: an id, not the status
+        return jsonify({"status": "scheduled", "project": key, "action": action,
+                        "job": f"tessera-{key}-{run.get('events', 0)}", "run": run}), 201
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
@@ -204,7 +215,7 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         out: dict[str, list] = {}
         for key in keys + [DEFAULT_KEY]:
             reg = cache.registry(key)
-            listed = [{"version": version_string(key, v.version), "status": v.status, "kind": v.kind,
+            listed = [{"version": version_string(key, v.version, v.kind), "status": v.status, "kind": v.kind,
                        "created": v.created, "metrics": v.metrics, "reason": v.reason} for v in reg.versions()]
             if listed:
                 out[key] = listed
@@ -251,6 +262,17 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         return jsonify({"project": key, "model_version": cache.version(key), "job": runner.status(key)})
 
     return app
+
+
+def _trains_on_annotations(project: dict) -> bool:
+    """LS's "Start model training on annotation submission" (Settings > Model). The webhook payload carries
+    the model field behind it, `min_annotations_to_start_training` (0 = off; the API calls it
+    `start_training_on_annotation_update`). A payload with neither (another sender) trains."""
+    if "start_training_on_annotation_update" in project:
+        return bool(project["start_training_on_annotation_update"])
+    if "min_annotations_to_start_training" in project:
+        return bool(project["min_annotations_to_start_training"])
+    return True
 
 
 def _task_project(tasks: list) -> Any:

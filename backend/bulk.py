@@ -1,5 +1,7 @@
 """`tessera predict --project N`: predictions for a whole project, computed outside LS's 100 s timeout
-and written through the REST API, skipping tasks that already have one of the served version."""
+and written through the REST API, skipping tasks that already have one of the served version. With
+`--replace`, Tessera's own superseded label-model predictions of each task written are deleted (Label
+Studio keeps every prediction otherwise; a GAN layout on a synthetic task, or anyone else's, is kept)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from backend.label_config import parse_label_config
-from backend.lsclient import LSClient
+from backend.lsclient import VERSION_PREFIX, LSClient
 from backend.media import MediaResolver
 from backend.service import ModelCache, predict_tasks
 from backend.settings import Settings
@@ -17,8 +19,20 @@ from backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+def superseded(task: dict, key: str, served_version: str) -> list[int]:
+    """Ids of the task's predictions made by an earlier Tessera label model of this project (or the
+    default model): those `--replace` deletes once the served version's prediction is written."""
+    mine = (f"{VERSION_PREFIX}p{key}-", f"{VERSION_PREFIX}default-")
+    out = []
+    for p in task.get("predictions") or []:
+        version = str((p or {}).get("model_version") or "")
+        if version.startswith(mine) and "-gan-" not in version and version != served_version and p.get("id"):
+            out.append(int(p["id"]))
+    return out
+
+
 def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bool = False,
-                    out=sys.stderr) -> dict:
+                    replace: bool = False, out=sys.stderr) -> dict:
     client = LSClient(settings)
     config = parse_label_config(client.project(key).get("label_config") or "")
     served = ModelCache(settings).served(key, config)
@@ -29,9 +43,19 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
     todo = [t for t in tasks if overwrite or not any(
         (p.get("model_version") if isinstance(p, dict) else None) == served.version
         for p in t.get("predictions") or [])]
-    counts = {"written": 0, "failed": 0, "empty": 0}
+    counts = {"written": 0, "failed": 0, "empty": 0, "superseded_deleted": 0}
     lock = threading.Lock()
     t0 = time.time()
+
+    def delete_superseded(task: dict) -> None:
+        for pid in superseded(task, key, served.version):
+            try:
+                client.request("DELETE", f"/api/predictions/{pid}/")
+            except Exception as e:
+                logger.warning("task %s: superseded prediction %s not deleted: %s", task["id"], pid, e)
+                continue
+            with lock:
+                counts["superseded_deleted"] += 1
 
     def write(task: dict, item: dict) -> None:
         try:
@@ -43,6 +67,8 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
             logger.warning("task %s: prediction not written: %s", task["id"], e)
         with lock:
             counts["written" if ok else "failed"] += 1
+        if ok and replace:               # only once the served version's prediction is there
+            delete_superseded(task)
 
     # each chunk's writes go out on a few threads while the next chunk is fetched and inferred; at most
     # one chunk of writes is pending, so a stopped run loses at most two chunks (rerunning resumes: tasks
@@ -63,6 +89,15 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
         for f in pending:
             f.result()
     print(file=out)
+    if replace:                          # tasks that already had the served version's prediction
+        todo_ids = {t["id"] for t in todo}
+        for task in tasks:
+            if task["id"] not in todo_ids:
+                delete_superseded(task)
+    try:                                 # so that "Prediction score" sorts by these predictions
+        client.follow_version(key, served.version)
+    except Exception as e:
+        logger.warning("project %s: Label Studio connection not renamed to %s: %s", key, served.version, e)
     return {"status": "done", "model_version": served.version, "tasks": len(tasks),
             "skipped_existing": len(tasks) - len(todo), **counts,
             "seconds": round(time.time() - t0, 1)}

@@ -8,13 +8,16 @@ import os
 import sys
 from pathlib import Path
 
+from backend.lsclient import LabelStudioUnavailable
 from backend.settings import Settings
 
 logger = logging.getLogger("tessera")
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backend.settings import configure_logging
+
+    configure_logging(settings.log_level)
 
 
 def cmd_serve(args, settings: Settings) -> int:
@@ -46,7 +49,7 @@ def _registry(settings: Settings, project: str | None):
 
 
 def cmd_versions(args, settings: Settings) -> int:
-    """List stored versions with their metrics."""
+    """List stored versions with their metrics and what each decision rests on."""
     from backend.service import DEFAULT_KEY, version_string
 
     reg = _registry(settings, args.project)
@@ -58,18 +61,43 @@ def cmd_versions(args, settings: Settings) -> int:
         print(f"no versions in {reg.root}")
         return 0
     for v in rows:
-        iou = v.metrics.get("val_iou")
-        print(f"{version_string(args.project or DEFAULT_KEY, v.version):28s} {v.kind:6s} {v.status:9s} "
-              f"val_iou={iou if iou is None else round(iou, 4)!s:7s} {v.reason}")
+        print(f"{version_string(args.project or DEFAULT_KEY, v.version, v.kind):32s} {v.kind:6s} {v.status:9s} "
+              f"{_evidence(v.metrics) if v.kind == 'label' else '':44s} {v.reason}")
     return 0
+
+
+def _evidence(metrics: dict) -> str:
+    """'val_iou=0.8123 on 4 held-back (3 person-made)': the score and how many tasks it rests on."""
+    iou = metrics.get("val_iou")
+    if iou is None:
+        return "val_iou=-"
+    n = metrics.get("n_val_tasks", len(metrics.get("val_task_ids") or []))
+    judged = metrics.get("n_val_judged")
+    return f"val_iou={iou:.4f} on {n} held-back" + (f" ({judged} person-made)" if judged is not None else "")
 
 
 def cmd_rollback(args, settings: Settings) -> int:
     """Serve an earlier version again."""
+    from backend.service import DEFAULT_KEY, version_string
+
     version = args.version.rsplit("-", 1)[-1]
     info = _registry(settings, args.project).rollback(version)
     print(f"current {info.kind} version is now {info.version}")
+    if args.project and info.kind == "label":
+        _follow_in_label_studio(settings, args.project, version_string(args.project or DEFAULT_KEY, info.version))
     return 0
+
+
+def _follow_in_label_studio(settings: Settings, project: str, version: str) -> None:
+    """Name the project's Tessera connection in LS after `version` (see LSClient.follow_version); without
+    LS settings the next /setup from Label Studio does it."""
+    from backend.lsclient import LabelStudioUnavailable, LSClient
+
+    try:
+        LSClient(settings).follow_version(project, version)
+    except LabelStudioUnavailable as e:
+        print(f"Label Studio not updated ({e}); `tessera serve` renames the connection on LS's next call to "
+              "/setup when it has LABEL_STUDIO_URL", file=sys.stderr)
 
 
 def _print_progress(info: dict) -> None:
@@ -93,24 +121,31 @@ def cmd_train(args, settings: Settings) -> int:
                                             iters=args.iters, labels=args.labels, progress=_print_progress)
     else:
         result = training.train_project(str(args.project), "cli", settings=settings, iters=args.iters,
-                                        progress=_print_progress)
+                                        progress=_print_progress, force=args.force)
     print(json.dumps(result, indent=1))
     return 0 if result.get("status") in ("promoted", "rejected", "skipped") else 1
 
 
 def cmd_predict(args, settings: Settings) -> int:
-    """Compute predictions for a whole project in the background and write them through the REST API."""
+    """Compute predictions for a whole project and write them through Label Studio's REST API (no 100 s
+    limit); needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY."""
     from backend.bulk import predict_project
 
-    result = predict_project(settings, str(args.project), batch=args.batch, overwrite=args.overwrite)
+    result = predict_project(settings, str(args.project), batch=args.batch, overwrite=args.overwrite,
+                             replace=args.replace)
     print(json.dumps(result, indent=1))
     return 0
 
 
 def cmd_generate(args, settings: Settings) -> int:
-    """Generate synthetic, pre-annotated tasks into a Label Studio project."""
+    """Generate synthetic, pre-annotated tasks into a Label Studio project; needs LABEL_STUDIO_URL and
+    LABEL_STUDIO_API_KEY, and MODEL_DIR with the project's label model (and generator, for --kind generated)."""
     from backend.synthetic import generate_into_project
 
+    if not 1 <= args.count <= 10_000:
+        raise ValueError(f"--count must be between 1 and 10000, got {args.count}")
+    if not 0.0 <= args.share <= 1.0:
+        raise ValueError(f"--share must be between 0 and 1, got {args.share}")
     result = generate_into_project(settings, str(args.project), count=args.count, label=args.label,
                                    share=args.share, seed=args.seed, kind=args.kind)
     print(json.dumps(result, indent=1))
@@ -137,33 +172,39 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("worker", help=cmd_worker.__doc__)
-    p.add_argument("--redis-url", default="")
+    p.add_argument("--redis-url", default="", help="Redis to take runs from (default REDIS_URL)")
     p.set_defaults(fn=cmd_worker)
 
     p = sub.add_parser("train", help=cmd_train.__doc__)
     p.add_argument("--data", help="folder dataset: images/ + labels/ (instances) or masks/ + classes.json")
-    p.add_argument("--project", type=int, help="train from this Label Studio project's annotations")
+    p.add_argument("--project", type=int, help="train from this Label Studio project's annotations (needs "
+                                               "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
     p.add_argument("--into", default=None, help="with --data: register into this project's store "
                                                 "(default: the default model, used by projects without their own)")
     p.add_argument("--labels", nargs="*", default=None, help="with --data: label names for classes 1..C")
-    p.add_argument("--iters", type=int, default=None, help="training iterations")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default TESSERA_TRAIN_ITERS)")
+    p.add_argument("--force", action="store_true", help="with --project: train even when nothing changed "
+                                                        "since the newest version")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("predict", help=cmd_predict.__doc__)
-    p.add_argument("--project", type=int, required=True)
-    p.add_argument("--batch", type=int, default=32)
+    p = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--batch", type=int, default=32, help="tasks per inference batch and progress step")
     p.add_argument("--overwrite", action="store_true", help="also redo tasks that have a prediction of the "
                                                              "served version")
+    p.add_argument("--replace", action="store_true", help="delete Tessera's superseded predictions (older "
+                                                           "label-model versions) of each task written")
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("generate", help=cmd_generate.__doc__)
-    p.add_argument("--project", type=int, required=True)
-    p.add_argument("--count", type=int, default=8)
+    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--count", type=int, default=8, help="tasks to create (1-10000; default 8)")
     p.add_argument("--label", default=None, help="paste (edited) or raise the share of (generated) this label")
     p.add_argument("--kind", choices=["edited", "generated"], default="edited",
                    help="edited: real images with real objects pasted in (default); generated: mask GAN images")
-    p.add_argument("--share", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--share", type=float, default=0.3, help="generated, with --label: share of layouts steered "
+                                                             "toward it (0-1, default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("demo", help="run the whole loop on generated data with a real Label Studio "
@@ -173,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-wait", action="store_true", help="exit when ready instead of serving until Ctrl-C")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("versions", help=cmd_versions.__doc__)
-    p.add_argument("--project", default=None)
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("versions", help=cmd_versions.__doc__, description=cmd_versions.__doc__)
+    p.add_argument("--project", default=None, help="project id (default: the default model); reads MODEL_DIR")
+    p.add_argument("--json", action="store_true", help="print every field as JSON")
     p.set_defaults(fn=cmd_versions)
 
     p = sub.add_parser("rollback", help=cmd_rollback.__doc__)
     p.add_argument("version", help="e.g. v0002 or tessera-p3-v0002")
-    p.add_argument("--project", default=None)
+    p.add_argument("--project", default=None, help="project id (default: the default model); reads MODEL_DIR, "
+                                                   "and renames the LS connection with LABEL_STUDIO_URL/_API_KEY")
     p.set_defaults(fn=cmd_rollback)
 
     args = parser.parse_args(argv)
@@ -196,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, settings)
     except (ValueError, FileNotFoundError) as e:
+        print(f"tessera {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except LabelStudioUnavailable as e:      # project not found, LS down, token refused: the message says which
         print(f"tessera {args.cmd}: {e}", file=sys.stderr)
         return 2
 

@@ -350,6 +350,54 @@ def connect_backend(api, project: int, url: str) -> dict:
     return api.connect_ml(project, url, "Tessera", is_interactive=True)
 
 
+def _follow_served_version(settings: Settings, pid: int) -> None:
+    """Name the connection after the served version now (tessera serve also does it on /setup), so that
+    "Prediction score" sorts by the predictions retrieved next."""
+    from backend.lsclient import LSClient
+    from backend.service import ModelCache
+
+    version = ModelCache(settings).version(str(pid))
+    try:
+        LSClient(settings).follow_version(pid, version)
+    except Exception as e:  # the demo goes on; /setup retries
+        logging.getLogger(__name__).warning("could not name the connection %s: %s", version, e)
+
+
+RESTARTS = 3                # tessera serve restarts within RESTART_WINDOW_S before the demo gives up on it
+RESTART_WINDOW_S = 120.0
+
+
+def _keep_serving(ls_server, backends: list["TesseraServer"], env: dict[str, str], log_path: Path) -> None:
+    """Wait while Label Studio runs; restart `tessera serve` (backends[-1]) in place (same port, same model
+    store) when it dies, appending the new one to `backends`. After RESTARTS deaths in RESTART_WINDOW_S,
+    print the one command that starts it and keep Label Studio up. Returns when Label Studio stops."""
+    tessera: TesseraServer | None = backends[-1]
+    deaths: list[float] = []
+    while ls_server.running:
+        time.sleep(1)
+        if tessera is None or tessera.running:
+            continue
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
+        print(f"\ntessera serve stopped (exit code {tessera.proc.returncode}); last lines of {log_path}:\n"
+              f"{_tail(log_path, 10)}", file=sys.stderr, flush=True)
+        if len(deaths) > RESTARTS:
+            keys = ("MODEL_DIR", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "TESSERA_MISLABELING_COLUMN")
+            exe = Path(sys.executable).with_name("tessera")
+            print(f"it stopped {len(deaths)} times in {RESTART_WINDOW_S:.0f} s: not restarting. Label Studio stays "
+                  "up; start the backend yourself with\n  " + " ".join(f"{k}={env[k]}" for k in keys if env.get(k))
+                  + f" {exe} serve --host 127.0.0.1 --port {tessera.port}", file=sys.stderr, flush=True)
+            tessera = None
+            continue
+        try:
+            tessera = TesseraServer(tessera.port, env, log_path)
+            backends.append(tessera)
+            tessera.wait_up()
+            print(f"tessera serve restarted at {tessera.url} (Label Studio kept running)", flush=True)
+        except RuntimeError as e:
+            print(f"tessera serve did not come back: {e}", file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 def run_demo(args) -> int:
@@ -383,6 +431,7 @@ def run_demo(args) -> int:
     timings = summary["timings"]
     ls_server: LabelStudioServer | None = None
     tessera: TesseraServer | None = None
+    backends: list[TesseraServer] = []          # tessera serve and any restart of it
     starting: list[LabelStudioServer] = []
 
     def on_term(signum, frame):  # SIGTERM ends the demo like Ctrl-C
@@ -440,7 +489,8 @@ def run_demo(args) -> int:
         created = project is None
         if created:
             project = api.create_project(TITLE, LABEL_CONFIG, description=DESCRIPTION,
-                                         show_collab_predictions=True)
+                                         show_collab_predictions=True,
+                                         start_training_on_annotation_update=True)   # Settings > Model toggle
         pid = int(project["id"])
         console.step(f"project {pid} {TITLE!r} {'created' if created else 'found (reused)'}")
         # remember the project now: a run interrupted from here on is resumed without training again
@@ -486,15 +536,18 @@ def run_demo(args) -> int:
         env = {**os.environ, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls_server.url,
                "LABEL_STUDIO_API_KEY": ls_server.token, "PYTHONUNBUFFERED": "1"}
         env.setdefault("TESSERA_TRAIN_ITERS", str(plan.retrain_iters))
+        env.setdefault("TESSERA_MISLABELING_COLUMN", "true")    # the demo's step 6 sorts by that column
         env.setdefault("OMP_NUM_THREADS", str(threads))
         t0 = time.monotonic()
         tessera = TesseraServer(tessera_port, env, log_path)
+        backends.append(tessera)
         atexit.register(tessera.stop)
         tessera.wait_up()
         ml = connect_backend(api, pid, tessera.url)
         timings["tessera_up_s"] = round(time.monotonic() - t0, 1)
         console.step(f"tessera serve is up at {tessera.url} and connected (ML backend {ml['id']}, "
                      f"state {ml.get('state')}); log {log_path}")
+        _follow_served_version(settings, pid)
 
         # 5. synthetic tasks (GAN images with their layout as prediction)
         summary["synthetic"] = _synthetic(settings, pid, plan, stats, console, timings)
@@ -531,11 +584,9 @@ def run_demo(args) -> int:
         _print_ready(summary, settings)
         if args.no_wait:
             return 0
-        while ls_server.running and tessera.running:
-            time.sleep(1)
-        which = "Label Studio" if not ls_server.running else "tessera serve"
-        log = ls_server.log_path if not ls_server.running else log_path
-        print(f"\n{which} stopped unexpectedly; see {log}:\n{_tail(Path(log))}", file=sys.stderr)
+        _keep_serving(ls_server, backends, env, log_path)
+        print(f"\nLabel Studio stopped unexpectedly; see {ls_server.log_path}:\n{_tail(Path(ls_server.log_path))}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\nstopping Label Studio and Tessera (data kept in {data_dir})...", flush=True)
@@ -550,7 +601,7 @@ def run_demo(args) -> int:
         if threading.current_thread() is threading.main_thread():   # a second Ctrl-C must not cut this short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for server in (tessera, ls_server, *starting):
+        for server in (*backends, ls_server, *starting):
             if server is not None:
                 server.stop()
         if summary.get("project"):          # demo.json was written by this run: it is over now
@@ -636,11 +687,13 @@ def _print_ready(summary: dict, settings: Settings) -> None:
         "Try:",
         f"  1. Open a task (e.g. {ls['url']}/projects/{pid}/data?task={first}): Tessera's predictions are",
         "     shown, one brush mask, polygon and box per nucleus, each with a score.",
-        "  2. Fix a prediction or draw your own regions and press Submit. Every annotation sends a webhook;",
-        "     Tessera schedules a (debounced) training run once the project has enough annotated tasks.",
+        "  2. Fix a prediction or draw your own regions and press Submit. With 'Start model training on",
+        "     annotation submission' on (Settings > Model; the demo turns it on) every annotation schedules a",
+        "     (debounced) training run.",
         f"  3. Settings > Model > Start training, then watch  curl '{tess['url']}/status?project={pid}'",
-        "     (phase, progress, ETA). A new version is served only if it beats the current one on held-back",
-        "     tasks; `tessera versions --project N` lists them (with MODEL_DIR set to the data dir's models/).",
+        "     (phase, progress, ETA). A new version is served unless it scores worse than the current one by",
+        "     more than 0.01 on the held-back tasks people made or changed; `tessera versions --project N`",
+        "     lists them and what each decision rests on (with MODEL_DIR set to the data dir's models/).",
         "  4. Data Manager: sort by 'Prediction score' ascending: the most uncertain tasks come first.",
         "  5. Interactive refinement: in the labelling view turn on 'Auto-Annotation', pick the smart brush",
         "     and draw a rough stroke over one nucleus (or drag a smart box, or click one with the keypoint",
@@ -655,5 +708,5 @@ def _print_ready(summary: dict, settings: Settings) -> None:
     else:
         lines.append(f"  (synthetic tasks {synth.get('reason', 'skipped')})")
     lines += ["", "--no-wait: stopping both servers now (data kept)." if summary.get("no_wait") else
-              "Ctrl-C stops both servers (data kept)."]
+              "Ctrl-C stops both servers (data kept). If tessera serve stops, the demo restarts it in place."]
     print("\n".join(lines), flush=True)

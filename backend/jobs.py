@@ -87,7 +87,7 @@ def _progress_fields(info: dict) -> dict:
         out["fraction"] = min(1.0, float(info.get("iter", 0)) / float(info["max_iters"]))
     elif "fraction" in info:
         out["fraction"] = float(info["fraction"])
-    for k in ("loss", "eta_s"):
+    for k in ("loss", "loss_code", "eta_s"):
         if info.get(k) is not None:
             out[k] = float(info[k])
     return out
@@ -100,6 +100,8 @@ def _log_progress(project_key: str, info: dict) -> None:
         parts.append(f"{info.get('iter', 0)}/{info['max_iters']}")
     if info.get("loss") is not None:
         parts.append(f"loss {float(info['loss']):.4f}")
+    if info.get("loss_code") is not None:
+        parts.append(f"(code {float(info['loss_code']):.3f})")
     if info.get("eta_s") is not None:
         parts.append(f"eta {float(info['eta_s']):.0f}s")
     logger.info(" ".join(parts))
@@ -107,9 +109,17 @@ def _log_progress(project_key: str, info: dict) -> None:
 
 def _idle_status(project_key: str, backend: str) -> dict:
     return {"project": project_key, "backend": backend, "state": "idle", "phase": None, "fraction": None,
-            "loss": None, "eta_s": None, "pending": False, "run_at": None, "events": 0, "runs": 0,
+            "loss": None, "loss_code": None, "eta_s": None, "pending": False, "run_at": None, "events": 0, "runs": 0,
             "reason": None, "last_error": None, "last_result": None, "submitted": None, "started": None,
             "finished": None}
+
+
+def _not_started(status: dict) -> dict:
+    """A scheduled run has no progress yet: the previous run's phase, fraction and loss ("done", 1.0) are
+    not shown as if they were the new run's (its outcome stays in last_result)."""
+    if status.get("state") == "scheduled":
+        status.update(phase=None, fraction=None, loss=None, loss_code=None, eta_s=None)
+    return status
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,13 +166,13 @@ class ThreadJobRunner:
                 self._thread = threading.Thread(target=self._loop, name="tessera-jobs", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-            return dict(p.status)
+            return _not_started(dict(p.status))
 
     def status(self, project_key: str) -> dict:
         """State of a project's runs: idle | scheduled | running | failed | done, plus progress."""
         with self._cond:
             p = self._projects.get(project_key)
-            return dict(p.status) if p else _idle_status(project_key, "thread")
+            return _not_started(dict(p.status)) if p else _idle_status(project_key, "thread")
 
     def wait_idle(self, project_key: str, timeout: float) -> dict:
         """Block until nothing is scheduled or running for the project; TimeoutError after timeout s."""
@@ -202,7 +212,8 @@ class ThreadJobRunner:
         reason = _summary(p.reasons)
         p.running, p.due, p.reasons = True, None, []
         self._active += 1
-        p.status.update(state="running", phase="starting", fraction=0.0, loss=None, eta_s=None, pending=False,
+        p.status.update(state="running", phase="starting", fraction=0.0, loss=None, loss_code=None, eta_s=None,
+                        pending=False,
                         run_at=None, reason=reason, started=time.time(), finished=None)
         threading.Thread(target=self._run, args=(p, reason), name=f"tessera-run-{p.status['project']}",
                          daemon=True).start()
@@ -366,7 +377,7 @@ class RQJobRunner:
         locked = bool(lock) and not _holder_dead(lock)
         st = _idle_status(project_key, "rq")
         h = {a.decode(): b.decode() for a, b in raw.items()}
-        for f in ("fraction", "loss", "eta_s", "submitted", "started", "finished"):
+        for f in ("fraction", "loss", "loss_code", "eta_s", "submitted", "started", "finished"):
             if h.get(f):
                 st[f] = float(h[f])
         for f in ("events", "runs"):
@@ -386,7 +397,7 @@ class RQJobRunner:
             state = "scheduled"
             st["run_at"] = st["submitted"] + float(h.get("debounce_s", self.debounce_s))
         st["state"] = state
-        return st
+        return _not_started(st)
 
     def wait_idle(self, project_key: str, timeout: float) -> dict:
         """Poll until nothing is scheduled or running for the project; TimeoutError after timeout s."""
@@ -450,6 +461,7 @@ def _rq_job(project_key: str, debounce_s: float, run_fn: str) -> None:
         pipe.lrange(k("events"), 0, -1)
         pipe.delete(k("events"))
         pipe.hset(k("status"), mapping={"state": "running", "phase": "starting", "fraction": 0.0, "loss": "",
+                                        "loss_code": "",
                                         "eta_s": "", "started": time.time(), "finished": ""})
         reason = _summary([r.decode() for r in pipe.execute()[2]]) or "retry"
         conn.hset(k("status"), "reason", reason)
@@ -518,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--redis-url", required=True)
     w.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backend.settings import configure_logging
+
+    configure_logging("INFO")
     worker_main(args.redis_url, burst=args.burst)
     return 0
 

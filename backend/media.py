@@ -49,7 +49,7 @@ class MediaResolver:
         self.ls_hosts = {host_of(u) for u in (settings.label_studio_url, ls_url) if u}
         self.allowed = set(settings.allowed_hosts) | self.ls_hosts
         self.cache_dir = cache_dir
-        self.session = session or requests.Session()
+        self.session = session or _pooled_session(settings.fetch_threads)
 
     # ------------------------------------------------------------------------------------------- bytes
     def fetch(self, ref: str) -> bytes:
@@ -166,3 +166,14 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"{name} is not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def _pooled_session(threads: int) -> requests.Session:
+    """A Session whose connection pool holds one connection per fetch thread (requests' default of 10
+    made urllib3 drop connections, with a "connection pool is full" warning each, at 16 threads)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(10, int(threads)))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+

@@ -107,9 +107,12 @@ class ModelCache:
         return Served(version, hit[1])
 
 
-def version_string(reg_key: str, version: str) -> str:
-    """Registry key + stored version -> the model_version LS sees, e.g. "tessera-p3-v0002"."""
-    return f"tessera-{'default' if reg_key == DEFAULT_KEY else 'p' + reg_key}-{version}"
+def version_string(reg_key: str, version: str, kind: str = "label") -> str:
+    """Registry key + stored version -> the model_version LS sees: "tessera-p3-v0002" for a label model,
+    "tessera-p3-gan-v0002" for a generator (the registry numbers both kinds in one sequence; the GAN's
+    name must not read like a newer label model on synthetic tasks)."""
+    owner = "default" if reg_key == DEFAULT_KEY else "p" + reg_key
+    return f"tessera-{owner}-{'gan-' if kind == 'gan' else ''}{version}"
 
 
 def _labels_fit(model_labels: list[str] | None, config: LabelConfig) -> bool:
@@ -270,18 +273,39 @@ def _check(predictor: PredictorLike, image: np.ndarray, ann: dict, config: Label
 
 
 def interactive(task: dict, config: LabelConfig, served: Served, media: MediaResolver, context: dict) -> dict:
-    """Interactive refinement: a rough stroke, box or keypoints in `context.result` -> one clean region
-    per control of the hinted image, with the hint's label."""
+    """Interactive refinement: a rough stroke, box or keypoints in `context.result` -> ONE clean region of
+    the hinted object, of the control the hint came from (its from_name), with the hint's label. A hint
+    from a control Tessera does not write (a KeyPointLabels smart tool) gets a region of the finest control
+    on that image: brush, else polygon, else box. LS's smart tools put the one region they get back on
+    the canvas; one region per control would stack a mask, a polygon and a box on the object."""
     hints = [r for r in context.get("result") or [] if isinstance(r, dict)]
     to_name = next((r.get("to_name") for r in hints if r.get("to_name")), config.images[0].name)
     img = next((i for i in config.images if i.name == to_name), None)
     if img is None:
         return _empty(served.version, f"interactive hint points at unknown image {to_name!r}")
+    controls = [c for c in config.controls if c.to_name == img.name]
+    if not controls:
+        return _empty(served.version, "no control for the hinted image")
     try:
         image = media.load_image((task.get("data") or {}).get(img.data_key, ""))
     except MediaError as e:
         return _empty(served.version, f"task {_task_id(task)}: {e}")
     h, w = image.shape[:2]
+    hint, positive, negative, label = _hint_maps(hints, h, w)
+    control = _hinted_control(hints, controls, label)
+    label = label if label in control.labels else control.labels[0]
+    cls = next((c for c, name in label_mapping(control, served.predictor.label_names).items() if name == label), 1)
+    mask, score = served.predictor.refine(image, hint if hint.any() else None, positive, negative, cls)
+    if not mask.any():
+        return _empty(served.version, "refinement found no object at the hint")
+    results = instances_to_results(mask.astype(np.int32), {1: label}, {1: score}, control)[:1]
+    if not results:
+        return _empty(served.version, f"the refined object can't be written as {control.type}")
+    return {"result": results, "score": round(float(score), 4), "model_version": served.version}
+
+
+def _hint_maps(hints: list[dict], h: int, w: int) -> tuple[np.ndarray, list, list, str | None]:
+    """Interactive hint regions -> (rough mask (H, W) bool, positive points, negative points, first label)."""
     hint = np.zeros((h, w), dtype=bool)
     positive, negative = [], []
     label = None
@@ -296,19 +320,15 @@ def interactive(task: dict, config: LabelConfig, served: Served, media: MediaRes
             hint |= region_to_mask(r, h, w)
         except (ValueError, KeyError, TypeError) as e:
             logger.info("interactive: skipping a hint region: %s", e)
-    labels = served.predictor.label_names
-    controls = [c for c in config.controls if c.to_name == img.name]
-    if not controls:
-        return _empty(served.version, "no control for the hinted image")
-    label = label if label and any(label in c.labels for c in controls) else controls[0].labels[0]
-    cls = next((c for c, l in label_mapping(next(c for c in controls if label in c.labels), labels).items()
-                if l == label), 1)
-    mask, score = served.predictor.refine(image, hint if hint.any() else None, positive, negative, cls)
-    if not mask.any():
-        return _empty(served.version, "refinement found no object at the hint")
-    instances = mask.astype(np.int32)
-    results = []
-    for control in controls:
-        if label in control.labels:
-            results += instances_to_results(instances, {1: label}, {1: score}, control)
-    return {"result": results, "score": round(float(score), 4), "model_version": served.version}
+    return hint, positive, negative, label
+
+
+def _hinted_control(hints: list[dict], controls: list[Control], label: str | None) -> Control:
+    """The control an interactive reply is written for: the hint's own (from_name), else the finest one
+    that has the hint's label, else the finest one."""
+    names = {r.get("from_name") for r in hints}
+    own = [c for c in controls if c.from_name in names]
+    if own:
+        return own[0]
+    finest = sorted(controls, key=lambda c: ("brushlabels", "polygonlabels", "rectanglelabels").index(c.type))
+    return next((c for c in finest if label in c.labels), finest[0])

@@ -36,7 +36,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "TESSERA_EXCLUDE_SYNTHETIC": ("false", "Leave annotations of synthetic (generated) tasks out of training."),
     "TESSERA_SYNTH_MIN_IOU": ("0.5", "A generated image is kept only if the label model's prediction on it agrees "
                                      "with its layout at least this much (IoU)."),
-    "TESSERA_PROMOTE_TOLERANCE": ("0.01", "A new version is promoted if its validation IoU >= current - this."),
+    "TESSERA_PROMOTE_TOLERANCE": ("0.01", "A new version is served if, on the held-back tasks people made or changed, "
+                                          "it scores at least the served version's score minus this."),
+    "TESSERA_MISLABELING_COLUMN": ("false", "Also write each annotated task's mislabeling score into task data as "
+                                            "the column `tessera_mislabeling` (sortable in the Data Manager; it "
+                                            "then appears in exports). Off: only `task.meta`."),
     "TESSERA_LOG_LEVEL": ("INFO", "Logging level."),
 }
 
@@ -80,6 +84,7 @@ class Settings:
     train_threads: int = 0
     exclude_synthetic: bool = False
     promote_tolerance: float = 0.01
+    mislabeling_column: bool = False
     synth_min_iou: float = 0.5
     log_level: str = "INFO"
 
@@ -110,6 +115,7 @@ class Settings:
                 train_threads=int(_env("TESSERA_TRAIN_THREADS")),
                 exclude_synthetic=_bool(_env("TESSERA_EXCLUDE_SYNTHETIC")),
                 promote_tolerance=float(_env("TESSERA_PROMOTE_TOLERANCE")),
+                mislabeling_column=_bool(_env("TESSERA_MISLABELING_COLUMN")),
                 synth_min_iou=float(_env("TESSERA_SYNTH_MIN_IOU")),
                 log_level=_env("TESSERA_LOG_LEVEL").upper(),
             )
@@ -119,3 +125,16 @@ class Settings:
     @property
     def basic_auth(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)
+
+
+QUIET_LOGGERS = ("httpx", "httpcore")      # one INFO line per HTTP request (label-studio-sdk's client)
+
+
+def configure_logging(level: str) -> None:
+    """Root logging for the CLI, gunicorn and workers: one format, and no per-request INFO lines from
+    HTTP client libraries."""
+    import logging
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))

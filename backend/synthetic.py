@@ -94,7 +94,7 @@ def _generated(settings: Settings, cache: ModelCache, key: str, config: LabelCon
 
     reg_key, reg, gan_info = _gan_source(cache, key, config)
     synth = Synthesizer.from_checkpoint(reg.path(gan_info.version), device=settings.device)
-    version = version_string(reg_key, gan_info.version)
+    version = version_string(reg_key, gan_info.version, "gan")
     if predictor is None:
         raise ValueError(f"project {key} has no label model yet: it is needed to check generated images")
     label_idx = _label_index(label, synth.label_names, "generator")

@@ -11,9 +11,12 @@ is trained in the same run and registered as kind "gan". Nothing is promoted whe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -26,13 +29,13 @@ import numpy as np
 
 from backend.jobs import pid_alive
 from backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
-from backend.lsclient import LabelStudioUnavailable, LSClient
+from backend.lsclient import VERSION_PREFIX, LabelStudioUnavailable, LSClient
 from backend.media import MediaError, MediaResolver
 from backend.regions import results_to_maps
 from backend.service import DEFAULT_KEY, ModelCache, label_mapping, latest_annotation, task_image, version_string
 from backend.settings import Settings
 from model.data import Sample, load_folder, split_ids
-from model.registry import Registry
+from model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,11 @@ GAN_TIME_BUDGET_S = 120.0    # the GAN part of one run; it warm-starts, so it ke
 MISLABELING_BUDGET_S = 20.0  # seconds a run spends scoring annotations for mislabeling after a promotion
 GAN_RETRAIN_GROWTH = 0.2     # the GAN retrains when a project's annotated images grew by this share
 GAN_PROGRESS_EVERY = 20      # iterations between the GAN's progress steps (status + one log line each)
+MIN_EVIDENCE = 3             # held-back tasks a person made or changed that a comparison with the served version needs
+THIN_EVIDENCE_RATIO = 0.5    # with fewer: the candidate must keep this share of the served score on all held-back tasks
+THIN_TOLERANCE = 0.05        # ... and on the one or two person-made ones be at most this much below the served one
+ECHO_IOU = 0.98              # an annotation this close to a Tessera prediction on its task is that prediction accepted
+LABEL_VERSION = re.compile(rf"{VERSION_PREFIX}(default|p\d+)-v\d+")   # service.version_string of a label model
 
 
 def _noop(info: dict) -> None:
@@ -86,10 +94,71 @@ def val_score(metrics: dict, n_labels: int) -> float:
     return float(metrics["miou"] if n_labels > 1 else metrics["fg_iou"])
 
 
-def split_tasks(task_ids: list[str]) -> tuple[list[str], list[str]]:
-    """(train, held-back) task ids: a task always lands on the same side, so the held-back set of a
-    growing project only grows and a version is never compared on tasks it was trained on."""
-    return split_ids([str(t) for t in task_ids], VAL_FRACTION)
+def split_tasks(task_ids: list[str], previous: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(train, held-back) task ids. A task is held back when a stable hash of its id says so
+    (model.data.split_ids) or when an earlier version of the project held it back (`previous`): once
+    held back, always held back, so a growing project never trains on a task it validated on before.
+    (split_ids alone is not enough: with no id under the hash threshold it holds back the smallest-hash
+    id, which leaves the held-back set as soon as the project grows one that is.)"""
+    ids = [str(t) for t in task_ids]
+    held = {t for t in ids if split_ids([t], VAL_FRACTION)[1]} | (set(previous) & set(ids))   # one id: hash only
+    if not held:                           # the smallest hash; recorded in the version, so kept from then on
+        held = set(split_ids(ids, VAL_FRACTION)[1])
+    return [t for t in ids if t not in held], [t for t in ids if t in held]
+
+
+def previous_held_back(registry: Registry) -> set[str]:
+    """Task ids any stored label version of the project held back (each records its `val_task_ids`)."""
+    out: set[str] = set()
+    for v in registry.versions("label"):
+        out.update(str(t) for t in v.metrics.get("val_task_ids") or [])
+    return out
+
+
+def data_fingerprint(tasks: list[dict]) -> str:
+    """What a run would train on: each task's training annotation (id and result). Equal fingerprints =
+    nothing new to learn from."""
+    rows = []
+    for task in {str(t["id"]): t for t in tasks}.values():
+        ann = latest_annotation(task)
+        if ann is None:
+            continue
+        body = json.dumps(ann.get("result"), sort_keys=True, default=str).encode()
+        rows.append(f"{task['id']}:{ann.get('id')}:{hashlib.sha1(body).hexdigest()}")
+    return hashlib.sha1("\n".join(sorted(rows)).encode()).hexdigest()
+
+
+def nothing_new(registry: Registry, fingerprint: str) -> VersionInfo | None:
+    """The project's newest label version when it was trained on exactly this data (whatever became of
+    it: served, kept or rejected), else None."""
+    latest = next(iter(registry.versions("label")), None)
+    return latest if latest is not None and latest.metrics.get("data_fingerprint") == fingerprint else None
+
+
+def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[str, int]) -> bool:
+    """Whether a task's training annotation on one image is a person's judgement rather than a Tessera
+    label-model prediction accepted as it was. An accepted prediction's label map IS the served model's
+    output, so a held-back set of them scores the served model ~1.0 and no candidate could ever win.
+    Compared as label maps (boxes, polygons and masks of one object count once), so re-encoded RLE or
+    regions re-saved by the editor still match; only predictions made before the annotation count (LS's
+    ISO timestamps compare as strings)."""
+    h, w = sample.classes.shape
+    started = str((latest_annotation(task) or {}).get("created_at") or "")
+    for pred in task.get("predictions") or []:
+        if not LABEL_VERSION.fullmatch(str((pred or {}).get("model_version") or "")):
+            continue        # not a label model's output (a GAN layout, an edited image's masks, someone else's)
+        if started and str(pred.get("created_at") or "") > started:
+            continue        # predicted after the annotation existed (Tessera refines annotations): not its start
+        try:
+            classes, instances = results_to_maps(pred.get("result") or [], image_name, h, w, label_index)
+        except (ValueError, KeyError, TypeError):
+            continue
+        same = (classes == sample.classes) & (sample.classes > 0)
+        either = (classes > 0) | (sample.classes > 0)
+        agreement = float(same.sum()) / max(int(either.sum()), 1) if either.any() else 1.0
+        if agreement >= ECHO_IOU and len(np.unique(instances)) == len(np.unique(sample.instances)):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -169,9 +238,12 @@ def _metrics_of(ckpt: Path, val: list[Sample]) -> dict:
 
 def _train_and_register(settings: Settings, key: str, train: list[Sample], val: list[Sample],
                         label_names: list[str], reason: str, iters: int | None, progress: Progress,
-                        budget_s: float = 0.0, config: LabelConfig | None = None) -> dict:
+                        budget_s: float = 0.0, config: LabelConfig | None = None, judged: set[str] | None = None,
+                        record: dict | None = None) -> dict:
     """Train a label version on `train`, compare it with the served one on `val`, register it.
-    `config` is the project's label config (None: a folder dataset labelled `label_names`)."""
+    `config` is the project's label config (None: a folder dataset labelled `label_names`); `judged`:
+    ids of the held-back samples whose labels a person made or changed (None: all of them); `record`:
+    extra values stored in the version's metrics."""
     from model.train_vqvae import train as train_vqvae
 
     cache = ModelCache(settings)
@@ -185,28 +257,26 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     try:
         t0 = time.time()
         cfg = train_config(settings, iters, budget_s)
-        ckpt = train_vqvae(cfg, train, val, label_names, tmp / "model.pt", init_from=init_from, progress=progress)
+        ckpt = train_vqvae(cfg, train, val, label_names, tmp / "model.pt", init_from=init_from,
+                           progress=_model_progress(progress))
         timings["train_s"] = time.time() - t0
         t0 = time.time()
         metrics = _metrics_of(ckpt, val)
         metrics.update({"label_names": label_names, "n_train": len(train), "n_val": len(val),
-                        "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val})})
+                        "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val}),
+                        **(record or {})})
         promote, why = True, "first version"
         if val:
-            new = val_score(metrics, len(label_names))
-            metrics["val_iou"] = new
+            metrics["val_iou"] = val_score(metrics, len(label_names))
             if base is not None:
                 _phase(progress, "compare")
                 try:
-                    old = _served_score(init_from, val, config, label_names, settings.device)
+                    served = lambda samples: _served_score(init_from, samples, config, label_names,  # noqa: E731
+                                                           settings.device)
+                    promote, why = judge(ckpt, served, base_name, val, judged, label_names, settings, metrics)
                 except Exception as e:   # an unreadable served version can't be served either: replace it
                     logger.exception("project %s: could not evaluate the served %s", key, base_name)
-                    why = f"served {base_name} could not be evaluated ({type(e).__name__}: {e})"[:300]
-                else:
-                    metrics["current_val_iou"] = old
-                    promote = new >= old - settings.promote_tolerance
-                    why = (f"val IoU {new:.4f} vs served {base_name} {old:.4f} on the same {len(val)} held-back "
-                           f"tasks (tolerance {settings.promote_tolerance})")
+                    promote, why = True, f"served {base_name} could not be evaluated ({type(e).__name__}: {e})"[:300]
         elif base is not None:
             promote, why = False, "no held-back tasks to compare against the served version"
         timings["compare_s"] = time.time() - t0
@@ -218,8 +288,62 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     status = "promoted" if promote else "rejected"
     logger.info("project %s: %s %s (%s)", key, status, info.version, why)
     return {"status": status, "version": version_string(key, info.version), "reason": why,
-            "promoted_at": time.time() if promote else None,
+            "decision": metrics.get("decision"), "promoted_at": time.time() if promote else None,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+
+
+def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str, val: list[Sample],
+          judged: set[str] | None, label_names: list[str], settings: Settings, metrics: dict) -> tuple[bool, str]:
+    """Promote or not, and why; writes what the decision rests on into `metrics`. `served(samples)` is the
+    served version's score on samples (as Label Studio shows its predictions: _served_score).
+
+    The decision rests on the held-back tasks whose annotation a person made or changed: with at least
+    MIN_EVIDENCE of them the candidate is served if its score there >= the served version's score -
+    TESSERA_PROMOTE_TOLERANCE. With fewer (people accepted most predictions as they were) a comparison
+    proves little, and accepted predictions favour the served version by construction; the candidate,
+    which learned from annotations the served version has not seen, is then served unless it looks
+    broken: it must keep THIN_EVIDENCE_RATIO of the served version's score on all held-back tasks, and
+    on the one or two person-made ones (if any) be no more than THIN_TOLERANCE below it."""
+    from model.train_vqvae import evaluate
+
+    n_labels = len(label_names)
+    mine = [s for s in val if judged is None or s.id in judged]
+    n_tasks = len({s.id.split(":", 1)[0] for s in val})
+    n_judged = len({s.id.split(":", 1)[0] for s in mine})
+    metrics.update({"n_val_tasks": n_tasks, "n_val_judged": n_judged})
+    if mine:
+        new_j = metrics["val_iou"] if len(mine) == len(val) else val_score(evaluate(ckpt, mine), n_labels)
+        old_j = served(mine)
+    if n_judged >= MIN_EVIDENCE:
+        metrics.update({"val_iou": new_j, "current_val_iou": old_j, "decision": "compared"})
+        ok = new_j >= old_j - settings.promote_tolerance
+        return ok, (f"val IoU {new_j:.4f} vs served {served_name} {old_j:.4f} on the same {n_judged} held-back "
+                    f"tasks people made or changed (served if >= served - {settings.promote_tolerance})")
+    new, old = metrics["val_iou"], served(val)
+    metrics.update({"current_val_iou": old, "decision": "thin evidence"})
+    ok = new >= THIN_EVIDENCE_RATIO * old
+    why = (f"only {n_judged} of {n_tasks} held-back tasks were made or changed by a person ({MIN_EVIDENCE} "
+           f"needed to compare): val IoU {new:.4f} vs served {served_name} {old:.4f} on all of them (served if "
+           f">= {THIN_EVIDENCE_RATIO} x served")
+    if mine:
+        metrics.update({"person_made_val_iou": new_j, "current_person_made_val_iou": old_j})
+        ok = ok and new_j >= old_j - THIN_TOLERANCE
+        why += f", and {new_j:.4f} vs {old_j:.4f} on the person-made ones, served if >= served - {THIN_TOLERANCE}"
+    return ok, why + ")"
+
+
+def _model_progress(progress: Progress) -> Progress:
+    """model.train_vqvae's progress as a run reports it: "loss" is the pixel loss, the one that is
+    comparable over the whole run (the code loss joins later and would make the total jump ~10x; it is
+    reported apart as "loss_code"), and the training's own "done" (loss 0.0) is not the run's."""
+    def report(info: dict) -> None:
+        info = dict(info)
+        if info.get("phase") == "done":
+            info.update(phase="trained", loss=None)
+        if info.get("loss_pix") is not None:
+            info["loss"] = info.pop("loss_pix")
+        progress(info)
+    return report
 
 
 def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: list[str], reason: str,
@@ -242,8 +366,8 @@ def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: 
             if info.get("iter", 0) % GAN_PROGRESS_EVERY and info.get("iter") != 1:
                 return
             progress({**info, "phase": "gan"})
-        else:
-            progress({**info, "phase": f"gan-{info.get('phase')}"})
+        else:                                        # e.g. "done" with loss 0.0: not a loss
+            progress({**info, "phase": f"gan-{info.get('phase')}", "loss": None})
 
     try:
         t0 = time.time()
@@ -262,7 +386,7 @@ def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: 
         info = registry.add(ckpt, metrics, promote=True, reason=f"{reason}: GAN on {len(real)} images", kind="gan")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"status": "promoted", "version": version_string(key, info.version), "metrics": metrics}
+    return {"status": "promoted", "version": version_string(key, info.version, "gan"), "metrics": metrics}
 
 
 def _gan_up_to_date(settings: Settings, key: str, samples: list[Sample]) -> str:
@@ -296,15 +420,11 @@ def train_from_folder(settings: Settings, data: Path, project: str | None = None
 
 # ----------------------------------------------------------------------------- Label Studio projects
 
-def project_samples(settings: Settings, client: LSClient, key: str, progress: Progress = _noop
-                    ) -> tuple[list[Sample], list[str], LabelConfig, list[dict]]:
-    """The project's annotated tasks -> Samples (one per task and image tag), its label names, its config
-    and the tasks used. Raises LabelStudioUnavailable when LS can't be read, and RuntimeError when not one
-    image of the annotated tasks could be loaded (a broken media setup must not look like "no data")."""
+def annotated_tasks(settings: Settings, client: LSClient, key: str) -> tuple[LabelConfig, list[dict]]:
+    """The project's config and its tasks that have a training annotation (synthetic ones left out with
+    TESSERA_EXCLUDE_SYNTHETIC)."""
     project = client.project(key)
     config = parse_label_config(project.get("label_config") or "")
-    names = config.label_names
-    index = {n: i + 1 for i, n in enumerate(names)}
     tasks = []
     for task in client.tasks(key, only_annotated=True):
         if latest_annotation(task) is None:
@@ -312,6 +432,23 @@ def project_samples(settings: Settings, client: LSClient, key: str, progress: Pr
         if settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
             continue
         tasks.append(task)
+    return config, tasks
+
+
+def project_samples(settings: Settings, client: LSClient, key: str, progress: Progress = _noop
+                    ) -> tuple[list[Sample], list[str], LabelConfig, list[dict]]:
+    """The project's annotated tasks -> Samples (one per task and image tag), its label names, its config
+    and the tasks used. Raises LabelStudioUnavailable when LS can't be read, and RuntimeError when not one
+    image of the annotated tasks could be loaded (a broken media setup must not look like "no data")."""
+    config, tasks = annotated_tasks(settings, client, key)
+    samples, used = load_samples(settings, config, tasks, progress)
+    return samples, config.label_names, config, used
+
+
+def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], progress: Progress = _noop
+                 ) -> tuple[list[Sample], list[dict]]:
+    """Annotated tasks -> (Samples, the task of each sample): images fetched concurrently (disk cache)."""
+    index = {n: i + 1 for i, n in enumerate(config.label_names)}
     media = MediaResolver(settings, cache_dir=settings.model_dir / "cache" / "media")
     jobs = [(task, img) for task in tasks for img in config.images]
 
@@ -345,42 +482,46 @@ def project_samples(settings: Settings, client: LSClient, key: str, progress: Pr
         samples.append(Sample(image=image, classes=classes, instances=instances, id=f"{task['id']}:{img.name}",
                               synthetic=bool(meta.get("synthetic"))))
         used.append(task)
-    return samples, names, config, used
+    return samples, used
 
 
 def train_project(project_key: str, reason: str, progress: Progress = _noop, settings: Settings | None = None,
-                  iters: int | None = None) -> dict:
-    """The job runner's run function: train project `project_key` from its LS annotations."""
+                  iters: int | None = None, force: bool = False) -> dict:
+    """The job runner's run function: train project `project_key` from its LS annotations. Without
+    `force`, a project whose annotations are those its newest version was trained on is not trained
+    again ("nothing new since vN")."""
     settings = settings or Settings.from_env()
     t_start = time.time()
     _phase(progress, "fetch")
+    registry = ModelCache(settings).registry(project_key)
     try:
         client = LSClient(settings)
-        samples, names, config, tasks = project_samples(settings, client, project_key, progress)
+        config, listed = annotated_tasks(settings, client, project_key)
+        fingerprint = data_fingerprint(listed)
+        same = None if force else nothing_new(registry, fingerprint)
+        if same is not None:
+            _phase(progress, "done", 1, 1)
+            return {"status": "skipped", "n_annotated_tasks": len(listed),
+                    "reason": f"nothing new since {version_string(project_key, same.version)} ({same.status}): "
+                              f"the same {len(listed)} annotated tasks; annotate or change a task to train again"}
+        samples, tasks = load_samples(settings, config, listed, progress)
     except LabelStudioUnavailable as e:
         raise LabelStudioUnavailable(f"{e} (no training for project {project_key}; check LABEL_STUDIO_URL, "
                                      "LABEL_STUDIO_API_KEY and that Label Studio is up)") from e
+    names = config.label_names
     n_tasks = len({t["id"] for t in tasks})
     if n_tasks < settings.min_annotations:
         return {"status": "skipped", "reason": f"{n_tasks} annotated tasks; training starts at "
                                                 f"{settings.min_annotations} (TESSERA_MIN_ANNOTATIONS)"}
     fetch_s = time.time() - t_start
-    # split by task id so all images of a task land on the same side
-    task_of = {s.id: s.id.split(":", 1)[0] for s in samples}
-    _, val_ids = split_tasks(sorted(set(task_of.values()), key=int))
-    held = set(val_ids)
-    train = [s for s in samples if task_of[s.id] not in held]
-    val = [s for s in samples if task_of[s.id] in held]
+    train, val, judged = held_back_samples(samples, tasks, config, registry)
     result = _train_and_register(settings, project_key, train, val, names, reason, iters, progress,
-                                 budget_s=run_budget_s(settings), config=config)
+                                 budget_s=run_budget_s(settings), config=config, judged=judged,
+                                 record={"data_fingerprint": fingerprint})
     result["n_annotated_tasks"] = n_tasks
     result["metrics"]["fetch_s"] = round(fetch_s, 2)
     if result["status"] == "promoted":
-        _phase(progress, "mislabeling")
-        try:
-            result["mislabeling_written"] = write_mislabeling(settings, client, project_key, config, tasks, samples)
-        except Exception as e:        # the new version is served either way; report, don't fail the run
-            logger.warning("project %s: could not write mislabeling scores: %s", project_key, e)
+        _after_promotion(settings, client, project_key, config, tasks, samples, result, progress)
     if n_tasks >= settings.gan_min_annotations:
         why_not = _gan_up_to_date(settings, project_key, samples)
         if why_not:
@@ -396,11 +537,43 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
     return result
 
 
+def held_back_samples(samples: list[Sample], tasks: list[dict], config: LabelConfig, registry: Registry
+                      ) -> tuple[list[Sample], list[Sample], set[str]]:
+    """(train, held-back, ids of the held-back samples a person made or changed). Split by task id, so
+    all images of a task land on the same side, and stable as the project grows (split_tasks)."""
+    task_of = {s.id: s.id.split(":", 1)[0] for s in samples}
+    _, val_ids = split_tasks(sorted(set(task_of.values()), key=int), previous_held_back(registry))
+    held = set(val_ids)
+    train = [s for s in samples if task_of[s.id] not in held]
+    val = [s for s in samples if task_of[s.id] in held]
+    by_id = {str(t["id"]): t for t in tasks}
+    index = {n: i + 1 for i, n in enumerate(config.label_names)}
+    judged = {s.id for s in val if person_made(by_id[task_of[s.id]], s, s.id.split(":", 1)[1], index)}
+    return train, val, judged
+
+
+def _after_promotion(settings: Settings, client: LSClient, key: str, config: LabelConfig, tasks: list[dict],
+                     samples: list[Sample], result: dict, progress: Progress) -> None:
+    """Name the LS connection after the new version (so "Prediction score" sorts by its predictions) and
+    score the annotations for mislabeling; the new version is served either way."""
+    try:
+        client.follow_version(key, result["version"])
+    except Exception as e:
+        logger.warning("project %s: could not rename the Label Studio connection to %s: %s", key,
+                       result["version"], e)
+    _phase(progress, "mislabeling")
+    try:
+        result["mislabeling_written"] = write_mislabeling(settings, client, key, config, tasks, samples)
+    except Exception as e:
+        logger.warning("project %s: could not write mislabeling scores: %s", key, e)
+
+
 def write_mislabeling(settings: Settings, client: LSClient, key: str, config: LabelConfig, tasks: list[dict],
                       samples: list[Sample], budget_s: float = MISLABELING_BUDGET_S) -> int:
     """Score annotated tasks' latest annotations under the served model and store the score on the task as
-    `meta.tessera_mislabeling` and as the data column `tessera_mislabeling` (sortable and filterable in
-    the Data Manager of LS Community); returns how many tasks were written.
+    `meta.tessera_mislabeling` (with TESSERA_MISLABELING_COLUMN also as the data column
+    `tessera_mislabeling`, sortable and filterable in the Data Manager of LS Community, but then part of
+    the user's data and exports); returns how many tasks were written.
 
     Tasks with no score yet go first, then those scored by the oldest version; work stops after
     `budget_s` seconds (100 tasks took ~90 s on 2 busy cores, holding up the next run), so later runs
@@ -425,10 +598,11 @@ def write_mislabeling(settings: Settings, client: LSClient, key: str, config: La
         tid = str(task["id"])
         value = round(max(float(served.predictor.check(s.image, s.classes, s.instances)[1])
                           for s in by_task[tid]), 4)
-        data = dict(task.get("data") or {})
         meta = dict(task.get("meta") or {})
-        data["tessera_mislabeling"] = value
         meta.update({"tessera_mislabeling": value, "tessera_model_version": served.version})
-        client.request("PATCH", f"/api/tasks/{int(tid)}/", json={"data": data, "meta": meta})
+        body: dict = {"meta": meta}
+        if settings.mislabeling_column:          # opt-in: a sortable Data Manager column, part of the user's data
+            body["data"] = {**(task.get("data") or {}), "tessera_mislabeling": value}
+        client.request("PATCH", f"/api/tasks/{int(tid)}/", json=body)
         written += 1
     return written

@@ -363,7 +363,8 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
                         lr, dt * 1000, eta)
             if progress:
                 progress({"phase": "train", "iter": it, "max_iters": cfg.max_iters,
-                          "loss": losses["loss"].item(), "eta_s": eta})
+                          "loss": losses["loss"].item(), "loss_pix": losses["pix"].item(),
+                          "loss_code": losses["code"].item(), "eta_s": eta})
 
     if best_state is not None:
         model.load_state_dict(best_state)

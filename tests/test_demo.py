@@ -86,6 +86,9 @@ def test_project_has_tasks_and_predictions(demo_runs):
         assert [p["id"] for p in rows if p["title"] == TITLE] == [pid]
         assert find_project(api, TITLE)["id"] == pid
         assert api.ml_backends(pid)[0]["is_interactive"]
+        # "Prediction score" sorts by the served version's predictions; annotations train (Settings > Model)
+        assert api.project(pid)["model_version"] == version
+        assert api.project(pid)["start_training_on_annotation_update"] is True
         tasks = api.tasks(pid)
         real = [t for t in tasks if not (t.get("meta") or {}).get("synthetic")]
         synthetic = [t for t in tasks if (t.get("meta") or {}).get("synthetic")]

@@ -26,7 +26,8 @@ from PIL import Image
 
 from backend.label_config import parse_label_config
 from backend.regions import instances_to_results, mask_to_rle
-from backend.training import split_tasks
+from backend.training import previous_held_back, split_tasks
+from tests.test_e2e_ls import dm_sorted_by_score
 from model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess, free_port
 
@@ -134,7 +135,8 @@ def tessera(ls_server, models, tmp_path_factory):
 def project(ls_server, tessera, tmp_path_factory):
     """A project connected to `tessera`, with procedural images uploaded (none annotated yet)."""
     api = ls_server.client()
-    pid = api.create_project("tessera learning", CONFIG_ALL)["id"]
+    # "Start model training on annotation submission" on (Settings > Model): annotations train
+    pid = api.create_project("tessera learning", CONFIG_ALL, start_training_on_annotation_update=True)["id"]
     samples = make_nuclei(N_TASKS, size=SIZE, seed=21)
     tasks = upload(api, pid, tmp_path_factory.mktemp("images"), samples)
     ml = api.connect_ml(pid, tessera.url, "Tessera", is_interactive=True)
@@ -167,17 +169,48 @@ def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
     api.retrieve_predictions(pid)
     assert all(len(api.predictions(tid)) == 1 for tid in tasks)
 
+    # the run named the LS connection after the version, so "Prediction score" sorts by its predictions
+    assert api.project(pid)["model_version"] == result["version"]
+    scores = {tid: api.predictions(tid)[0]["score"] for tid in tasks}
+    listed = dm_sorted_by_score(api, pid)
+    assert all(t["predictions_score"] is not None for t in listed), listed
+    assert listed[0]["id"] == min(scores, key=scores.get), (listed[:3], scores)
+
     # progress reached the status route and the log: one line per progress step
     steps = [ln.split(f"project {pid}: ", 1)[1] for ln in tessera.log_text().splitlines() if f"project {pid}: " in ln]
     phases = {step.split()[0] for step in steps}
     assert {"fetch", "train", "eval", "register", "done"} <= phases, phases
     assert any(step.startswith(f"train 1/{ITERS} loss") for step in steps), steps[:12]
+    assert not any(" loss 0.0000" in step for step in steps), steps       # no fake "loss 0" at the end
+    assert "(code " in " ".join(steps)                 # the code loss is shown apart from the pixel loss
+
+
+def test_start_training_with_nothing_new_says_so(project, tessera):
+    pid = project["id"]
+    before = job(tessera.url, pid)
+    project["api"].ml_train(project["ml"])            # LS -> START_TRAINING webhook; no annotation changed
+    st = wait_runs(tessera.url, pid, before["runs"] + 1)
+    assert st["state"] == "done" and st["last_result"]["status"] == "skipped", st
+    assert st["last_result"]["reason"].startswith(f"nothing new since tessera-p{pid}-v0001"), st["last_result"]
+
+
+def test_annotations_do_not_train_when_the_ls_toggle_is_off(project, tessera):
+    api, pid = project["api"], project["id"]
+    api.patch(f"/api/projects/{pid}/", {"start_training_on_annotation_update": False})
+    assert api.project(pid)["start_training_on_annotation_update"] is False
+    before = job(tessera.url, pid)
+    ann = next(a for a in api.annotations(project["tasks"][0]) if not a["was_cancelled"])
+    api.patch(f"/api/annotations/{ann['id']}/", {"result": gt_results(project["samples"][0])})   # brush only now
+    time.sleep(4)                                      # twice the debounce
+    after = job(tessera.url, pid)
+    assert (after["events"], after["runs"], after["state"]) == (before["events"], before["runs"], before["state"])
+    assert "webhook ANNOTATION_UPDATED" not in tessera.log_text()
 
 
 def test_start_training_in_ls_runs(project, tessera):
     pid = project["id"]
     before = job(tessera.url, pid)
-    project["api"].ml_train(project["ml"])            # LS -> START_TRAINING webhook
+    project["api"].ml_train(project["ml"])            # LS -> START_TRAINING webhook (trains with the toggle off)
     seen = []                                          # what /status showed while the run ran
 
     def finished():
@@ -191,6 +224,13 @@ def test_start_training_in_ls_runs(project, tessera):
         [(s["state"], s["phase"], s["fraction"]) for s in seen]
     assert st["last_result"]["status"] in ("promoted", "rejected"), st
     assert "vs served" in st["last_result"]["reason"]       # compared with the version it warm-started from
+    metrics = st["last_result"]["metrics"]
+    assert metrics["n_val_tasks"] >= 1 and 0 <= metrics["n_val_judged"] <= metrics["n_val_tasks"], metrics
+    assert st["last_result"]["decision"] in ("compared", "thin evidence"), st["last_result"]
+    # the annotation changed above (toggle off) is in this run's data: a second Start training has nothing new
+    served = setup_version(tessera.url, pid)
+    assert project["api"].project(pid)["model_version"] == served      # promoted or not, LS follows the served one
+    project["api"].patch(f"/api/projects/{pid}/", {"start_training_on_annotation_update": True})
 
 
 def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, models):
@@ -200,8 +240,9 @@ def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, mod
     for i in range(7, 12):
         api.create_annotation(tasks[i], gt_results(samples[i]))
     st = wait_runs(tessera.url, pid, before["runs"] + 1, timeout=240)
-    assert st["runs"] == before["runs"] + 1 and st["events"] == before["events"] + 5, st
-    assert st["reason"] == "ANNOTATION_CREATED (5)", st
+    # with the toggle on, LS sends START_TRAINING for each annotation besides ANNOTATION_CREATED: one run
+    assert st["runs"] == before["runs"] + 1 and st["events"] == before["events"] + 10, st
+    assert sorted(st["reason"].split(", ")) == ["ANNOTATION_CREATED (5)", "START_TRAINING (5)"], st
     result = st["last_result"]
     assert result["n_annotated_tasks"] == 11, result
     gan = result["gan"]
@@ -210,12 +251,16 @@ def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, mod
     assert Registry(models / f"project-{pid}").current("gan") is not None
 
 
-def test_a_worse_run_is_rejected(project, tessera):
+def test_a_worse_run_is_rejected(project, tessera, models):
+    from model.registry import Registry
+
     api, pid, samples = project["api"], project["id"], project["samples"]
     served = setup_version(tessera.url, pid)
     before = job(tessera.url, pid)
     annotated = {t["id"]: t for t in api.tasks(pid) if any(not a["was_cancelled"] for a in t["annotations"])}
-    train_ids, val_ids = split_tasks(sorted(str(t) for t in annotated))
+    # the held-back set the run will use: by hash of the task id, plus every task held back before
+    train_ids, val_ids = split_tasks(sorted(str(t) for t in annotated),
+                                     previous_held_back(Registry(models / f"project-{pid}")))
     assert val_ids and train_ids
     for tid in train_ids:                 # corrupt what the next run trains on; the held-back tasks stay true
         ann = next(a for a in annotated[int(tid)]["annotations"] if not a["was_cancelled"])
@@ -281,12 +326,36 @@ def test_a_failing_save_keeps_the_served_version(ls_server, project, tessera, mo
                         promote_tolerance=1.0)           # the new version would be promoted ...
     try:
         with pytest.raises(OSError, match="No space left"):
-            training.train_project(str(pid), "test", settings=settings)
+            training.train_project(str(pid), "test", settings=settings, force=True)   # its data: the rejected run's
     finally:
         torch.set_num_threads(threads)
     assert reg.current().version == current.version      # ... but the switch failed: nothing changed
     assert [v.version for v in reg.versions()] == versions
     assert Predictor.from_checkpoint(reg.path(current.version), device="cpu").label_names == ["Nucleus"]
+
+
+def test_rollback_is_followed_in_ls_and_adds_no_duplicate_predictions(ls_server, project, tessera, models):
+    from model.registry import Registry
+
+    api, pid, tasks = project["api"], project["id"], project["tasks"]
+    served = setup_version(tessera.url, pid)
+    other = next(v.version for v in Registry(models / f"project-{pid}").versions("label")
+                 if f"tessera-p{pid}-{v.version}" != served)
+    env = {**os.environ, **_env(ls_server, models)}
+    exe = str(Path(sys.executable).with_name("tessera"))
+    for target in (other, served, other, served):      # away, back, and again: each version predicted once
+        run = subprocess.run([exe, "rollback", target, "--project", str(pid)], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        version = setup_version(tessera.url, pid)
+        assert version == f"tessera-p{pid}-{target.rsplit('-', 1)[-1]}"
+        assert api.project(pid)["model_version"] == version          # "Prediction score" follows the rollback
+        api.retrieve_predictions(pid)
+        for tid in tasks:
+            versions = [p["model_version"] for p in api.predictions(tid)]
+            assert version in versions and len(versions) == len(set(versions)), (tid, versions)
+        listed = dm_sorted_by_score(api, pid)
+        assert all(t["predictions_score"] is not None for t in listed)
 
 
 # ------------------------------------------------------------------------------------------ RQ / Redis
@@ -351,7 +420,7 @@ def rq_stack(ls_server, redis_url, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rq_project(ls_server, rq_stack, tmp_path_factory):
     api = ls_server.client()
-    pid = api.create_project("tessera learning rq", CONFIG_ALL)["id"]
+    pid = api.create_project("tessera learning rq", CONFIG_ALL, start_training_on_annotation_update=True)["id"]
     samples = make_nuclei(6, size=SIZE, seed=33)
     tasks = upload(api, pid, tmp_path_factory.mktemp("rq-images"), samples)
     ml = api.connect_ml(pid, rq_stack["serve"].url, "Tessera RQ", is_interactive=False)
@@ -382,7 +451,7 @@ def test_rq_worker_killed_mid_training_then_the_next_event_retries(rq_stack, rq_
     served = setup_version(url, pid)
     assert served.endswith("-v0001"), served
     before = job(url, pid)
-    api.ml_train(rq_project["ml"])
+    api.create_annotation(rq_project["tasks"][5], gt_results(rq_project["samples"][5]))    # something new
     wait_for(lambda: (s := job(url, pid))["state"] == "running" and s["phase"] == "train", 120, "training to start")
     rq_stack["workers"][0].kill9()
     st = wait_for(lambda: (s := job(url, pid))["state"] != "running" and s, 10, "the status to notice")

@@ -1,6 +1,7 @@
 """End to end with a real Label Studio 1.23.2 and `tessera serve` (gunicorn) as separate processes:
 connect, retrieve predictions (no duplicates), annotate -> webhook -> runner, Start training, versions."""
 import io
+import os
 import shutil
 import time
 
@@ -51,7 +52,8 @@ def wait_for(fn, timeout=30.0, what="condition"):
 
 
 def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp_path):
-    project = ls_api.create_project("tessera e2e", CONFIG_ALL)
+    # "Start model training on annotation submission" on: annotations reach the runner (off: only Start training)
+    project = ls_api.create_project("tessera e2e", CONFIG_ALL, start_training_on_annotation_update=True)
     pid = project["id"]
     task_ids = upload_nuclei(ls_api, pid, tmp_path)
 
@@ -62,6 +64,11 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
     version = requests.post(tessera.url + "/setup", json={"project": f"{pid}.0", "schema": CONFIG_ALL},
                             timeout=5).json()["model_version"]
     assert version.startswith("tessera-default-v")
+
+    # LS named project.model_version after the connection's title ("Tessera"); Tessera renames the
+    # connection after the served version (from /setup, in the background), and LS moves it along
+    wait_for(lambda: ls_api.project(pid)["model_version"] == version, what="project.model_version to follow")
+    assert ls_api.ml(ml["id"])["title"] == version
 
     # Retrieve predictions: one batched /predict; every task gets exactly one prediction of that version
     ls_api.retrieve_predictions(pid)
@@ -78,6 +85,13 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
     # a second retrieve adds nothing: the version from /setup equals what predictions carry
     ls_api.retrieve_predictions(pid)
     assert all(len(ls_api.predictions(tid)) == 1 for tid in task_ids)
+
+    # "Sort by Prediction score": the Data Manager's predictions_score is filled, lowest first
+    scores = {tid: ls_api.predictions(tid)[0]["score"] for tid in task_ids}
+    listed = dm_sorted_by_score(ls_api, pid)
+    assert all(t["predictions_score"] is not None for t in listed), listed
+    assert listed[0]["id"] == min(scores, key=scores.get), (listed, scores)
+    assert [round(t["predictions_score"], 4) for t in listed] == sorted(round(v, 4) for v in scores.values())
 
     # an annotation reaches the backend as ANNOTATION_CREATED and is handed to the runner
     brush = next(r for r in ls_api.predictions(task_ids[0])[0]["result"] if r["type"] == "brushlabels")
@@ -111,9 +125,15 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
                            "original_width": 128, "original_height": 96, "value": point}]}
     reply = ls_api.interactive(ml["id"], task_ids[1], context)
     regions = reply["data"]["result"]
-    assert {r["type"] for r in regions} == {"brushlabels", "polygonlabels", "rectanglelabels"}, reply
-    assert sum(r["type"] == "brushlabels" for r in regions) == 1
+    assert [r["type"] for r in regions] == ["brushlabels"], reply      # ONE region: LS's smart tools place one
     assert len(ls_api.predictions(task_ids[1])) == 1
+    # a smart box from the RectangleLabels control comes back as one box of that control
+    context = {"result": [{"type": "rectanglelabels", "from_name": "bbox", "to_name": "image",
+                           "original_width": 128, "original_height": 96,
+                           "value": {**{k: box[k] for k in ("x", "y", "width", "height")}, "rotation": 0,
+                                     "rectanglelabels": ["Nucleus"]}}]}
+    regions = ls_api.interactive(ml["id"], task_ids[1], context)["data"]["result"]
+    assert [(r["type"], r["from_name"]) for r in regions] == [("rectanglelabels", "bbox")], regions
 
 
 def test_bulk_predict_writes_through_the_api_and_skips_done_tasks(ls_server, ls_api, tessera, trained_model_dir,
@@ -126,7 +146,8 @@ def test_bulk_predict_writes_through_the_api_and_skips_done_tasks(ls_server, ls_
     project = ls_api.create_project("tessera bulk", CONFIG_ALL)
     task_ids = upload_nuclei(ls_api, project["id"], tmp_path, n=4)
     env = {"MODEL_DIR": str(trained_model_dir), "LABEL_STUDIO_URL": ls_server.url,
-           "LABEL_STUDIO_API_KEY": ls_server.token, "PATH": "/usr/bin:/bin"}
+           "LABEL_STUDIO_API_KEY": ls_server.token, "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}        # the code under test, as the fixture runs it
     exe = str(Path(sys.executable).with_name("tessera"))
     run = subprocess.run([exe, "predict", "--project", str(project["id"])], env=env, capture_output=True,
                          text=True, timeout=300)
@@ -140,6 +161,31 @@ def test_bulk_predict_writes_through_the_api_and_skips_done_tasks(ls_server, ls_
     again = json.loads(subprocess.run([exe, "predict", "--project", str(project["id"])], env=env,
                                       capture_output=True, text=True, timeout=300).stdout)
     assert again["written"] == 0 and again["skipped_existing"] == 4, again
+
+    # --replace deletes Tessera's superseded label-model predictions, keeps anyone else's and GAN layouts
+    old = ls_api.create_prediction(task_ids[0], [], 0.5, model_version="tessera-default-v0000")
+    gan = ls_api.create_prediction(task_ids[0], [], 0.5, model_version="tessera-default-gan-v0000")
+    theirs = ls_api.create_prediction(task_ids[0], [], 0.5, model_version="someone-else-1")
+    replaced = json.loads(subprocess.run([exe, "predict", "--project", str(project["id"]), "--replace"], env=env,
+                                         capture_output=True, text=True, timeout=300).stdout)
+    assert replaced["superseded_deleted"] == 1 and replaced["written"] == 0, replaced
+    left = {p["id"] for p in ls_api.predictions(task_ids[0])}
+    assert old["id"] not in left and {gan["id"], theirs["id"]} <= left, left
+
+    # a project that does not exist: one clear line, no traceback
+    missing = subprocess.run([exe, "predict", "--project", "9999"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and "project 9999 not found" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
+def dm_sorted_by_score(ls_api, pid: int) -> list[dict]:
+    """The Data Manager's task list sorted by "Prediction score", ascending (what the column header does)."""
+    import json
+
+    reply = ls_api.get("/api/tasks", project=pid, fields="all",
+                       query=json.dumps({"ordering": ["tasks:predictions_score"]}))
+    return reply["tasks"] if isinstance(reply, dict) else reply
 
 
 def _job(tessera, pid):

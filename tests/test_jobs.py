@@ -70,6 +70,19 @@ def test_burst_coalesces_into_one_run():
     runner.close()
 
 
+def test_a_scheduled_run_does_not_show_the_previous_runs_progress():
+    rec = Recorder()
+    runner = ThreadJobRunner(rec, debounce_s=0.3)
+    runner.submit("p", "A")
+    done = runner.wait_idle("p", 10)
+    assert done["state"] == "done" and done["fraction"] == 1.0
+    for st in (runner.submit("p", "B"), runner.status("p")):
+        assert st["state"] == "scheduled" and st["phase"] is None and st["fraction"] is None and st["loss"] is None
+    assert st["last_result"] == done["last_result"]           # the previous outcome stays, as last_result
+    runner.wait_idle("p", 10)
+    runner.close()
+
+
 def test_debounce_waits_for_events_to_settle():
     rec = Recorder()
     runner = ThreadJobRunner(rec, debounce_s=1.0)    # 5x the gap: a loaded box may stretch a sleep
@@ -284,5 +297,6 @@ def test_rq_failure_recorded_then_next_succeeds(redis_url, rq_workers):
     st = runner.wait_idle("p3", 30)
     assert st["state"] == "failed" and "asked to fail" in st["last_error"]
     runner.submit("p3", "ANNOTATION_CREATED")
+    assert runner.status("p3")["state"] == "scheduled" and runner.status("p3")["phase"] is None
     st = runner.wait_idle("p3", 30)
     assert st["state"] == "done" and st["last_error"] is None and st["runs"] == 2

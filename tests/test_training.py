@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from backend import training
 from backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
@@ -167,3 +168,110 @@ def test_a_first_version_must_beat_the_default_model_that_serves_the_project(set
                                           2, quiet, config=config)
     assert "vs served tessera-default-v0001" in result["reason"], result
     assert 0 <= result["metrics"]["current_val_iou"] <= 1
+
+
+def test_a_held_back_task_stays_held_back_as_the_project_grows():
+    """The smallest-hash fallback of a small project must not move to training later (issue 11: a task
+    held back at 7 tasks was trained on at 17)."""
+    ids = [str(i) for i in range(23, 83)]      # 23..27 hash above the threshold: a small project of them
+    first_true = next(n for n in range(1, 60) if any(training.split_ids([t], 0.2)[1] for t in ids[:n]))
+    assert first_true > 2, "need a prefix with no id under the hash threshold for this test"
+    previous: set[str] = set()
+    for n in range(2, 61):
+        train, held = training.split_tasks(ids[:n], previous)
+        assert previous <= set(held), (n, previous - set(held))        # once held back, always held back
+        assert held and not set(train) & set(held)
+        previous |= set(held)
+    plain = training.split_tasks(ids[:first_true - 1])[1]               # hash only: the fallback
+    assert plain[0] not in training.split_tasks(ids[:first_true])[1], "the case the previous set fixes"
+
+
+def _registry_with(settings, key, metrics, status_promote=True):
+    reg = ModelCache(settings).registry(key)
+    f = settings.model_dir / "stub.pt"
+    f.write_bytes(b"stub")
+    reg.add(f, metrics, promote=status_promote, kind="label")
+    return reg
+
+
+def test_nothing_new_since_the_newest_version(settings):
+    inst = _two_objects()
+    tasks = [{"id": i, "annotations": [{"id": 10 + i, "result": _results(inst, ("brushlabels",))}]} for i in (1, 2)]
+    fp = training.data_fingerprint(tasks)
+    assert fp == training.data_fingerprint(list(reversed(tasks)))
+    reg = _registry_with(settings, "6", {"label_names": ["Nucleus"], "data_fingerprint": fp}, status_promote=False)
+    assert training.nothing_new(reg, fp).version == "v0001"            # a rejected version counts too
+    changed = [tasks[0], {"id": 2, "annotations": [{"id": 12, "result": _results(inst, ("polygonlabels",))}]}]
+    assert training.nothing_new(reg, training.data_fingerprint(changed)) is None
+    assert training.nothing_new(reg, training.data_fingerprint(tasks + [{"id": 3, "annotations": []}])) is not None
+    assert training.previous_held_back(_registry_with(settings, "6", {"val_task_ids": ["4", "9"]})) == {"4", "9"}
+
+
+def test_an_accepted_prediction_is_not_a_persons_judgement():
+    from model.data import Sample
+
+    inst = _two_objects()
+    index = {"Nucleus": 1}
+    brush = _results(inst, ("brushlabels",))
+    classes, instances = results_to_maps(brush, "image", *inst.shape, index)
+    sample = Sample(np.zeros((*inst.shape, 3), np.uint8), classes, instances, id="1:image")
+    accepted = {"predictions": [{"model_version": "tessera-p1-v0002",
+                                 "result": _results(inst, ("rectanglelabels", "polygonlabels", "brushlabels"))}]}
+    assert not training.person_made(accepted, sample, "image", index)
+    from_gan = {"predictions": [{**accepted["predictions"][0], "model_version": "tessera-p1-gan-v0003"}]}
+    assert training.person_made(from_gan, sample, "image", index)     # a generated layout, not the label model
+    from_edit = {"predictions": [{**accepted["predictions"][0], "model_version": "tessera-edit-1"}]}
+    assert training.person_made(from_edit, sample, "image", index)    # real objects' masks, pasted
+    assert training.person_made({"predictions": []}, sample, "image", index)
+    later = {"annotations": [{"id": 1, "result": brush, "created_at": "2026-11-30T10:00:00Z"}],
+             "predictions": [{**accepted["predictions"][0], "created_at": "2026-11-30T11:00:00Z"}]}
+    assert training.person_made(later, sample, "image", index)        # predicted after: can't be its start
+    later["predictions"][0]["created_at"] = "2026-11-30T09:00:00Z"
+    assert not training.person_made(later, sample, "image", index)
+    one_removed = np.where(inst == 1, 1, 0).astype(np.int32)
+    c2, i2 = results_to_maps(_results(one_removed, ("brushlabels",)), "image", *inst.shape, index)
+    fixed = Sample(sample.image, c2, i2, id="1:image")
+    assert training.person_made(accepted, fixed, "image", index)      # a person deleted an object
+
+
+@pytest.mark.parametrize("judged, scores, promote, rule", [
+    ({"a", "b", "c"}, {"new": {"abc": 0.80}, "old": {"abc": 0.805}}, True, "compared"),    # within tolerance
+    ({"a", "b", "c"}, {"new": {"abc": 0.70}, "old": {"abc": 0.80}}, False, "compared"),
+    (set(), {"new": {"abcd": 0.62}, "old": {"abcd": 0.99}}, True, "thin evidence"),       # accepted predictions
+    (set(), {"new": {"abcd": 0.40}, "old": {"abcd": 0.99}}, False, "thin evidence"),      # a broken run
+    ({"a"}, {"new": {"abcd": 0.62, "a": 0.70}, "old": {"abcd": 0.99, "a": 0.72}}, True, "thin evidence"),
+    ({"a"}, {"new": {"abcd": 0.62, "a": 0.50}, "old": {"abcd": 0.99, "a": 0.72}}, False, "thin evidence"),
+])
+def test_promotion_rests_on_what_people_made(monkeypatch, settings, judged, scores, promote, rule):
+    import model.train_vqvae as tv
+
+    val = [types_sample(t) for t in "abcd"]
+
+    def evaluate(which, samples):
+        key = "".join(sorted(s.id[0] for s in samples))
+        return {"fg_iou": scores[str(which)].get(key, 0.0), "miou": 0.0}
+
+    monkeypatch.setattr(tv, "evaluate", evaluate)
+    metrics = {"val_iou": scores["new"].get("abcd", 0.0)}
+    served = lambda samples: evaluate("old", samples)["fg_iou"]  # noqa: E731
+    ok, why = training.judge("new", served, "tessera-p1-v0001", val, {f"{t}:image" for t in judged}, ["Nucleus"],
+                             settings, metrics)
+    assert ok is promote and metrics["decision"] == rule and "vs served tessera-p1-v0001" in why
+    assert metrics["n_val_judged"] == len(judged) and metrics["n_val_tasks"] == 4
+
+
+def types_sample(task: str):
+    from model.data import Sample
+
+    z = np.zeros((4, 4), np.int32)
+    return Sample(np.zeros((4, 4, 3), np.uint8), z, z, id=f"{task}:image")
+
+
+def test_progress_shows_a_stable_loss_and_no_fake_zero():
+    seen = []
+    report = training._model_progress(seen.append)
+    report({"phase": "train", "iter": 300, "max_iters": 600, "loss": 1.45, "loss_pix": 0.13, "loss_code": 6.6,
+            "eta_s": 3})
+    report({"phase": "done", "iter": 600, "max_iters": 600, "loss": 0.0, "eta_s": 0.0})
+    assert seen[0]["loss"] == 0.13 and seen[0]["loss_code"] == 6.6
+    assert seen[1]["phase"] == "trained" and seen[1]["loss"] is None
