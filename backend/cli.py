@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -72,7 +73,11 @@ def cmd_rollback(args, settings: Settings) -> int:
     return 0
 
 
+_progress_line = {"open": False}     # a progress line without its newline is on stderr
+
+
 def _print_progress(info: dict) -> None:
+    _progress_line["open"] = info.get("phase") != "done"
     total = info.get("max_iters") or 0
     frac = f"{info.get('iter', 0)}/{total}" if total else ""
     loss = f" loss {info['loss']:.4f}" if info.get("loss") else ""
@@ -198,6 +203,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"tessera {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tessera {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:            # one clear line; the traceback goes to the log at DEBUG
+        from backend.lsclient import LabelStudioUnavailable
+
+        logger.debug("tessera %s failed", args.cmd, exc_info=True)
+        if isinstance(e, LabelStudioUnavailable):
+            reason = str(e)
+        elif isinstance(e, OSError):
+            reason = f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}" + \
+                (": the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+        elif "unexpected pos" in str(e) or "file write failed" in str(e):   # torch.save on a full disk
+            reason = "writing a checkpoint failed: is the disk full?"
+        else:
+            reason = f"{type(e).__name__}: {str(e)[:300]}"
+        if _progress_line["open"]:
+            print(file=sys.stderr)
+        unchanged = " The served model is unchanged." if args.cmd == "train" else ""
+        print(f"tessera {args.cmd} failed: {reason}.{unchanged} Run with TESSERA_LOG_LEVEL=DEBUG for the "
+              "traceback.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
