@@ -122,7 +122,7 @@ def _check_context(context: Any) -> None:
 
 
 def create_app(settings: Settings | None = None, runner=None, cache: ModelCache | None = None) -> Flask:
-    """App factory: `gunicorn 'backend.wsgi:app'` in production, `create_app(...).test_client()` in tests."""
+    """App factory: `tessera serve` (backend/serving.py) in production, `create_app(...).test_client()` in tests."""
     settings = settings or Settings.from_env()
     cache = cache or ModelCache(settings)
     if runner is None:

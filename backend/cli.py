@@ -19,13 +19,10 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def cmd_serve(args, settings: Settings) -> int:
-    """Run the HTTP backend under gunicorn (the same entry point the Docker image runs)."""
-    argv = [sys.executable, "-m", "gunicorn", "--bind", f"{args.host}:{args.port}",
-            "--workers", str(args.workers), "--threads", str(args.threads), "--timeout", "180",
-            "--graceful-timeout", "20", "--access-logfile", "-", "--log-level", settings.log_level.lower(),
-            "backend.wsgi:app"]
-    os.execv(sys.executable, argv)
-    return 0  # not reached
+    """Run the HTTP backend (waitress: request bodies are read in full before a thread runs the app)."""
+    from backend.serving import serve
+
+    return serve(settings, args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_worker(args, settings: Settings) -> int:
