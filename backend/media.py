@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -21,7 +22,9 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
+import requests.adapters
 import urllib3
+import urllib3.connection
 from PIL import Image, UnidentifiedImageError
 
 from backend.settings import Settings
@@ -66,6 +69,56 @@ def _origin(url: str) -> Origin | None:
         return None
 
 
+# ------------------------------------------------------------------------------ download deadline
+# requests has per-read timeouts only. The connection classes below record the socket of the request in
+# flight (per thread), so a timer can shut it down at the deadline, also while the headers trickle in.
+_in_flight = threading.local()
+
+
+class _Tracked:
+    def request(self, *args, **kwargs):
+        super().request(*args, **kwargs)
+        watch = getattr(_in_flight, "watch", None)
+        if watch is not None:
+            watch["sock"] = self.sock
+
+
+class _HTTPConnection(_Tracked, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Tracked, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _cut(watch: dict) -> None:
+    watch["cut"] = True
+    sock = watch.get("sock")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def deadline_session() -> requests.Session:
+    """A requests session whose connections the download deadline can cut."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter()
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class MediaResolver:
     """Fetch images for tasks. One per request context.
 
@@ -97,7 +150,7 @@ class MediaResolver:
                 _warn_once(f"Label Studio host {_redact(ls_url)} from a request is not a usable URL; ignored")
         self.allowed = [(h, None) if h == "*" else parse_host_entry(h) for h in settings.allowed_hosts]
         self.cache_dir = cache_dir
-        self.session = session or requests.Session()
+        self.session = session or deadline_session()
 
     def is_allowed(self, origin: Origin) -> bool:
         """Media may come from Label Studio's origin and TESSERA_ALLOWED_HOSTS only."""
@@ -189,10 +242,15 @@ class MediaResolver:
         return data
 
     def _download(self, url: str, headers: dict) -> bytes:
-        """GET within the byte cap and one deadline for the whole body (a host trickling bytes cannot hold
-        a request past TESSERA_FETCH_TIMEOUT_S); redirects are not followed."""
+        """GET within the byte cap and one deadline for the whole exchange (a host trickling its headers or
+        body cannot hold a request past TESSERA_FETCH_TIMEOUT_S); redirects are not followed."""
         cap, budget = self.settings.max_image_bytes, self.settings.fetch_timeout_s
         deadline = time.monotonic() + budget
+        watch: dict = {}
+        timer = threading.Timer(budget, _cut, args=(watch,))
+        timer.daemon = True
+        _in_flight.watch = watch
+        timer.start()
         try:
             with self.session.get(url, headers=headers, stream=True, timeout=(min(5.0, budget), budget),
                                   allow_redirects=False) as r:
@@ -205,19 +263,24 @@ class MediaResolver:
                 if int(r.headers.get("Content-Length") or 0) > cap:
                     raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
                 buf = bytearray()
-                while True:
-                    # read1: returns what one socket read gives, so the deadline is checked between reads
+                while time.monotonic() < deadline:
+                    # read1: what one socket read gives, so the deadline is checked between reads
                     chunk = r.raw.read1(64 * 1024, decode_content=True)
                     if not chunk:
                         break
                     buf += chunk
                     if len(buf) > cap:
                         raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
-                    if time.monotonic() > deadline:
-                        raise MediaError(f"{_redact(url)} took longer than {budget:g} s to download "
-                                         "(TESSERA_FETCH_TIMEOUT_S)")
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}") from None
+                else:
+                    watch["cut"] = True
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            if not watch.get("cut"):
+                raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}") from None
+        finally:
+            timer.cancel()
+            _in_flight.watch = None
+        if watch.get("cut"):
+            raise MediaError(f"{_redact(url)} took longer than {budget:g} s to download (TESSERA_FETCH_TIMEOUT_S)")
         return bytes(buf)
 
     def _cache_path(self, url: str) -> Path | None:

@@ -199,7 +199,8 @@ def test_with_label_studio_url_set_request_hosts_are_not_trusted(seen, settings,
 def _app(settings, stub_predictor, **overrides):
     s = Settings(model_dir=settings.model_dir, **overrides)
     register_stub(s)
-    return create_app(s, runner=RecordingRunner(), cache=ModelCache(s, loader=lambda p, d: stub_predictor)).test_client()
+    cache = ModelCache(s, loader=lambda p, d: stub_predictor)
+    return create_app(s, runner=RecordingRunner(), cache=cache).test_client()
 
 
 def _predict(client, image, **extra):

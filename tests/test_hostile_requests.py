@@ -275,11 +275,17 @@ def test_too_many_tasks_is_a_413_naming_the_cli(tmp_path, stub_predictor):
 
 
 class Trickle(BaseHTTPRequestHandler):
+    """Sends its headers (path /headers) or its body one byte every 0.2 s: never idle long enough for a
+    per-read timeout. Bounded: 60 bytes."""
+
     def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "100000")
-        self.end_headers()
-        for _ in range(60):                  # one byte every 0.2 s: never idle long enough for a read timeout
+        if self.path.startswith("/headers"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+        for _ in range(60):
             try:
                 self.wfile.write(b"x")
                 self.wfile.flush()
@@ -291,15 +297,16 @@ class Trickle(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_trickling_host_is_cut_off_at_the_deadline(tmp_path):
+@pytest.mark.parametrize("path", ["/data/upload/slow-body.png", "/headers/slow.png"])
+def test_a_trickling_host_is_cut_off_at_the_deadline(tmp_path, path):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        s = Settings(model_dir=tmp_path, fetch_timeout_s=1.5)
+        s = Settings(model_dir=tmp_path, fetch_timeout_s=1.5, allowed_hosts=("127.0.0.1",))
         r = MediaResolver(s, ls_url=f"http://127.0.0.1:{srv.server_address[1]}")
         t0 = time.perf_counter()
         with pytest.raises(MediaError, match="TESSERA_FETCH_TIMEOUT_S"):
-            r.fetch("/data/upload/slow.png")
+            r.fetch(f"http://127.0.0.1:{srv.server_address[1]}{path}")
         assert time.perf_counter() - t0 < 4
     finally:
         srv.shutdown()
