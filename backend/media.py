@@ -109,10 +109,10 @@ def _cut(watch: dict) -> None:
             pass
 
 
-def deadline_session() -> requests.Session:
+def deadline_session(pool_size: int = 10) -> requests.Session:
     """A requests session whose connections the download deadline can cut."""
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter()
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=pool_size)
     adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -150,7 +150,7 @@ class MediaResolver:
                 _warn_once(f"Label Studio host {_redact(ls_url)} from a request is not a usable URL; ignored")
         self.allowed = [(h, None) if h == "*" else parse_host_entry(h) for h in settings.allowed_hosts]
         self.cache_dir = cache_dir
-        self.session = session or deadline_session()
+        self.session = session or deadline_session(max(10, settings.fetch_threads))
 
     def is_allowed(self, origin: Origin) -> bool:
         """Media may come from Label Studio's origin and TESSERA_ALLOWED_HOSTS only."""
