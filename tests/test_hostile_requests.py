@@ -201,6 +201,14 @@ def test_a_bad_image_reference_only_affects_its_task(client, image):
     assert r.json["results"][0]["result"]
 
 
+def test_a_bad_task_is_one_log_line(client, caplog):
+    caplog.set_level("INFO")
+    r = _predict(client, [GOOD_TASK, {"id": 42, "data": {"image": "http://[::1/x.png"}}])
+    assert r.status_code == 200
+    lines = [rec for rec in caplog.records if "42" in rec.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING" and "::1" in lines[0].getMessage()
+
+
 @pytest.mark.parametrize("context", [
     {"result": [{"type": "keypointlabels", "to_name": "image", "value": {"x": "10", "y": 5}}]},
     {"result": [{"type": "keypointlabels", "to_name": "image", "value": {"x": 1e308, "y": 5}}]},
