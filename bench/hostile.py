@@ -30,6 +30,7 @@ from bench.common import write_result
 from bench.speed import CONFIG, serve_dir
 
 REPO = Path(__file__).resolve().parents[1]
+NO_BRUSH = "\n".join(line for line in CONFIG.splitlines() if "Brush" not in line)
 
 
 def free_port() -> int:
@@ -134,6 +135,9 @@ def main() -> None:
     ap.add_argument("--label", default="after")
     ap.add_argument("--tasks", type=int, default=5000)
     ap.add_argument("--request-timeout", type=float, default=300.0)
+    ap.add_argument("--no-brush", action="store_true",
+                    help="big-image request with polygons and boxes only: a 7000x7000 brush RLE costs ~1 GB and "
+                         "minutes per object in label-studio-sdk's encoder, whatever the decoding does")
     args = ap.parse_args()
     from backend.service import DEFAULT_KEY
     from backend.settings import Settings
@@ -162,11 +166,13 @@ def main() -> None:
             def predict(tasks, timeout=args.request_timeout):
                 t0 = time.perf_counter()
                 try:
-                    r = http.post(srv.url + "/predict", json={"project": "1.0", "label_config": CONFIG,
+                    r = http.post(srv.url + "/predict", json={"project": "1.0", "label_config": config,
                                                               "tasks": tasks}, timeout=timeout)
                 except requests.Timeout:
                     r = None
                 return r, time.perf_counter() - t0
+
+            config = CONFIG
 
             def note(key, value):
                 res[key] = value
@@ -174,12 +180,15 @@ def main() -> None:
 
             predict([{"id": 0, "data": {"image": f"{base}/b0.png"}}])            # loads the model
             before = group_hwm_kb(srv.proc.pid)
+            config = NO_BRUSH if args.no_brush else CONFIG
+            note("big3_config", "polygons+boxes" if args.no_brush else "brush+polygons+boxes")
             r, took = predict([{"id": i, "data": {"image": f"{base}/big{i}.png"}} for i in range(3)])
             note("big3_status", r.status_code if r is not None else "timeout")
             note("big3_s", round(took, 2))
             note("big3_regions", [len(x["result"]) for x in r.json()["results"]] if r is not None and r.ok else None)
             note("rss_mb_before_big3", round(before / 1024))
             note("peak_rss_growth_mb_big3", round((group_hwm_kb(srv.proc.pid) - before) / 1024))
+            config = CONFIG
 
             batch = [{"id": i, "data": {"image": f"{base}/b{i}.png"}} for i in range(64)]
             times = [predict(batch)[1] for _ in range(3)]
