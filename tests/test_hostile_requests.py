@@ -7,6 +7,7 @@ server stays healthy. Media requests only ever reach a recorder on 127.0.0.1 or 
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -126,8 +127,12 @@ def junk_client(tmp_path_factory):
     return make_client(tmp_path_factory.mktemp("junk"), ThresholdPredictor())
 
 
-@hyp_settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                      HealthCheck.too_slow], derandomize=True)
+# CI runs 120 fixed examples; TESSERA_JUNK_EXAMPLES=N explores N random ones
+EXPLORE = os.environ.get("TESSERA_JUNK_EXAMPLES")
+
+
+@hyp_settings(max_examples=int(EXPLORE or 120), derandomize=EXPLORE is None, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(tasks=tasks, context=context, hostname=st.one_of(st.none(), st.just("LS"), junk))
 def test_junk_tasks_never_fail_a_batch(junk_client, ls_url, tasks, context, hostname):
     c = junk_client
@@ -136,8 +141,8 @@ def test_junk_tasks_never_fail_a_batch(junk_client, ls_url, tasks, context, host
             "hostname": ls_url if hostname == "LS" else hostname}
     r = c.post("/predict", data=json.dumps(body, allow_nan=True), content_type="application/json")
     assert r.status_code != 500, r.json
-    if isinstance(hostname, (type(None), str)) and (context is None or isinstance(context, dict)
-                                                    and not context.get("result")):
+    if hostname in (None, "LS") and (context is None or isinstance(context, dict)
+                                     and context.get("result") in (None, [])):
         assert r.status_code == 200, r.json
     if r.status_code == 200:
         results = r.json["results"]
