@@ -70,15 +70,21 @@ def _run(sock: socket.socket, settings: Settings, threads: int) -> None:
     server.run()
 
 
+def _exit(signum, frame):
+    raise SystemExit(0)
+
+
 def serve(settings: Settings, host: str, port: int, workers: int = 1, threads: int = 8) -> int:
     """Bind host:port and serve until SIGTERM/SIGINT."""
     if workers < 1 or threads < 1:
         raise ValueError("--workers and --threads must be at least 1")
     sock = _listen(host, port)
     if workers == 1:
+        # as PID 1 in a container a signal without a handler is ignored: `docker stop` would wait for SIGKILL
+        signal.signal(signal.SIGTERM, _exit)
         try:
             _run(sock, settings, threads)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             pass
         return 0
     children = []

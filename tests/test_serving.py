@@ -215,3 +215,13 @@ def test_train_on_a_full_disk_prints_one_line_and_keeps_the_store(tmp_path):
     versions = subprocess.run([TESSERA, "versions"], env={**os.environ, **_env(tmp_path)}, capture_output=True,
                               text=True, timeout=60)
     assert versions.returncode == 0 and "no versions" in versions.stdout
+
+
+def test_serve_stops_on_sigterm(tmp_path):
+    """Also as a container's PID 1, where a signal without a handler would be ignored."""
+    proc = TesseraProcess(_env(tmp_path), tmp_path / "serve.log").wait_up()
+    try:
+        os.killpg(proc.proc.pid, signal.SIGTERM)
+        assert proc.proc.wait(10) == 0
+    finally:
+        proc.stop()
