@@ -9,6 +9,7 @@ import hmac
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -19,7 +20,9 @@ from backend.label_config import LabelConfigError, parse_label_config
 from backend.lsclient import VersionFollower
 from backend.ls_model import TRAIN_EVENTS, TesseraModel
 from backend.service import DEFAULT_KEY, ModelCache, project_key, version_string
+from backend.regions import region_value
 from backend.settings import Settings
+from backend.urls import UnsafeURL, parse_http_url
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +36,27 @@ class BadRequest(ValueError):
 
 
 class ProjectState:
-    """What /setup told this process about each project (LS host, token, schema). Memory only."""
+    """What /setup told this process about each project: schema, and Label Studio's URL with the token that
+    came WITH it (kept as one pair, so a host never inherits another host's token). Memory only, bounded:
+    the least recently used projects are forgotten past `max_projects` or `max_bytes` of schemas."""
 
-    def __init__(self):
+    def __init__(self, max_projects: int = 1000, max_bytes: int = 64 * 1024 * 1024):
         self._lock = threading.Lock()
-        self._data: dict[str, dict] = {}
+        self._data: OrderedDict[str, dict] = OrderedDict()
+        self.max_projects, self.max_bytes = max_projects, max_bytes
 
-    def remember(self, key: str, **values: Any) -> None:
+    def remember(self, key: str, schema: str = "", ls: tuple[str, str] | None = None) -> None:
         with self._lock:
-            self._data.setdefault(key, {}).update({k: v for k, v in values.items() if v})
+            entry = self._data.pop(key, {})
+            if schema:
+                entry["schema"] = schema
+            if ls is not None:
+                entry["hostname"], entry["access_token"] = ls
+            self._data[key] = entry
+            total = sum(len(e.get("schema", "")) for e in self._data.values())
+            while len(self._data) > 1 and (len(self._data) > self.max_projects or total > self.max_bytes):
+                _, old = self._data.popitem(last=False)
+                total -= len(old.get("schema", ""))
 
     def get(self, key: str) -> dict:
         with self._lock:
@@ -52,8 +67,15 @@ class ProjectState:
             return list(self._data)
 
 
+def _get_json() -> Any:
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:            # json.loads on very deeply nested arrays
+        raise BadRequest("the JSON body is nested too deeply") from None
+
+
 def _json_body(required: tuple[str, ...] = ()) -> dict:
-    data = request.get_json(silent=True)
+    data = _get_json()
     if data is None:
         raise BadRequest("the body must be JSON (Content-Type: application/json)")
     if not isinstance(data, dict):
@@ -64,8 +86,56 @@ def _json_body(required: tuple[str, ...] = ()) -> dict:
     return data
 
 
+def _ls_pair(data: dict, settings: Settings) -> tuple[str, str] | None:
+    """The (Label Studio URL, token) a request carries, checked; None when it names no host. A token that
+    comes without a host is dropped: it is bound to no host."""
+    hostname, token = data.get("hostname"), data.get("access_token")
+    if hostname is not None and not isinstance(hostname, str):
+        raise BadRequest(f"hostname must be Label Studio's URL as a string, got {type(hostname).__name__}")
+    if token is not None and not isinstance(token, str):
+        raise BadRequest(f"access_token must be a string, got {type(token).__name__}")
+    if not hostname:
+        return None
+    if not settings.label_studio_url:       # with LABEL_STUDIO_URL set the request's host is not used
+        try:
+            parse_http_url(hostname)
+        except UnsafeURL as e:
+            raise BadRequest(f"hostname {hostname[:80]!r} is not a usable Label Studio URL: {e}") from None
+    return hostname.rstrip("/"), token or ""
+
+
+def _token_for_configured_ls(pair: tuple[str, str] | None, settings: Settings) -> str:
+    """The /setup token, only when it came with LABEL_STUDIO_URL's own origin: a token is bound to the host
+    it arrived with, and the version follower talks to LABEL_STUDIO_URL only."""
+    if pair is None or not pair[1] or not settings.label_studio_url:
+        return ""
+    try:
+        same = parse_http_url(pair[0])[0] == parse_http_url(settings.label_studio_url)[0]
+    except UnsafeURL:
+        return ""
+    return pair[1] if same else ""
+
+
+def _check_context(context: Any) -> None:
+    """Interactive hints: 422 naming the first malformed one."""
+    if context is None:
+        return
+    if not isinstance(context, dict):
+        raise BadRequest("params.context must be a JSON object")
+    hints = context.get("result")
+    if hints is None:
+        return
+    if not isinstance(hints, list):
+        raise BadRequest("params.context.result must be a list of regions", status=422)
+    for i, hint in enumerate(hints):
+        try:
+            region_value(hint)
+        except ValueError as e:
+            raise BadRequest(f"params.context.result[{i}]: {e}", status=422) from None
+
+
 def create_app(settings: Settings | None = None, runner=None, cache: ModelCache | None = None) -> Flask:
-    """App factory: `gunicorn 'backend.wsgi:app'` in production, `create_app(...).test_client()` in tests."""
+    """App factory: `tessera serve` (backend/serving.py) in production, `create_app(...).test_client()` in tests."""
     settings = settings or Settings.from_env()
     cache = cache or ModelCache(settings)
     if runner is None:
@@ -78,17 +148,24 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
     projects = ProjectState()
     follower = VersionFollower(settings)
 
-    def model_for(data: dict, key: str, schema: str | None) -> TesseraModel:
+    def model_for(data: dict, key: str, schema: Any) -> TesseraModel:
         state = projects.get(key)
+        if schema is not None and not isinstance(schema, str):
+            raise BadRequest(f"label_config must be the labeling config XML as a string, got "
+                             f"{type(schema).__name__}", status=422)
         schema = schema or state.get("schema")
         if not schema:
             raise BadRequest("no label config for this project: send label_config (or call /setup first)")
+        # the request's own (host, token) pair, else the pair /setup stored: never a mix of the two
+        hostname, token = _ls_pair(data, settings) or (state.get("hostname", ""), state.get("access_token", ""))
         try:
+            parse_label_config(schema)      # defusedxml first: the base class parses it again with lxml
             return TesseraModel(schema, settings=settings, cache=cache, project=key,
-                                hostname=data.get("hostname") or state.get("hostname", ""),
-                                access_token=data.get("access_token") or state.get("access_token", ""))
+                                hostname=hostname, access_token=token)
         except LabelConfigError as e:
             raise BadRequest(f"unsupported label config: {e}", status=422) from None
+        except (ValueError, SyntaxError) as e:      # lxml's XMLSyntaxError is a SyntaxError
+            raise BadRequest(f"the label config is not valid XML: {str(e)[:200]}", status=422) from None
 
     def key_of(value: Any) -> str:
         try:
@@ -110,9 +187,13 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
     def _auth():
         if not settings.basic_auth or request.path in ("/health", "/"):
             return None
-        auth = request.authorization
-        ok = auth is not None and hmac.compare_digest(auth.username or "", settings.basic_auth_user) and \
-            hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        try:
+            auth = request.authorization
+        except (ValueError, UnicodeError):
+            auth = None
+        # bytes, not str: compare_digest raises TypeError on non-ASCII str (a 500 before)
+        ok = auth is not None and hmac.compare_digest(_utf8(auth.username), _utf8(settings.basic_auth_user)) \
+            and hmac.compare_digest(_utf8(auth.password), _utf8(settings.basic_auth_pass))
         if not ok:
             resp = jsonify({"error": "authentication required: set the basic-auth user and password of this "
                                      "backend in Label Studio (Model > Authentication)"})
@@ -150,14 +231,16 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
     def setup():
         data = _json_body(("project", "schema"))
         key = key_of(data["project"])
+        if not isinstance(data["schema"], str):
+            raise BadRequest("schema must be the labeling config XML as a string", status=422)
         try:
             config = parse_label_config(data["schema"])
         except LabelConfigError as e:
             raise BadRequest(f"unsupported label config: {e}", status=422) from None
-        projects.remember(key, schema=data["schema"], hostname=data.get("hostname") or "",
-                          access_token=data.get("access_token") or "")
+        pair = _ls_pair(data, settings)
+        projects.remember(key, schema=data["schema"], ls=pair)
         version = cache.version(key, config)
-        follower.notice(key, version, data.get("access_token") or "")
+        follower.notice(key, version, _token_for_configured_ls(pair, settings))
         return jsonify({"model_version": version})
 
     @app.route("/predict", methods=["POST"])
@@ -167,12 +250,15 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("tasks must be a non-empty list of Label Studio tasks")
         key = key_of(data.get("project") or _task_project(tasks))
+        if len(tasks) > settings.max_predict_tasks:
+            raise BadRequest(f"{len(tasks)} tasks in one request is over the cap of {settings.max_predict_tasks} "
+                             f"(TESSERA_MAX_PREDICT_TASKS); for a whole project run `tessera predict --project "
+                             f"{key}`, which writes predictions through the API in the background", status=413)
         params = data.get("params") or {}
         if not isinstance(params, dict):
             raise BadRequest("params must be a JSON object")
         context = params.get("context")
-        if context is not None and not isinstance(context, dict):
-            raise BadRequest("params.context must be a JSON object")
+        _check_context(context)
         t0 = time.perf_counter()
         model = model_for(data, key, data.get("label_config"))
         results = model.predict(tasks, context=context)
@@ -194,7 +280,7 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         key = key_of(project["id"])
         if action.startswith("ANNOTATION") and not isinstance(data.get("annotation"), dict):
             raise BadRequest(f"{action} webhook needs the annotation object")
-        if project.get("label_config"):
+        if isinstance(project.get("label_config"), str) and project["label_config"]:
             projects.remember(key, schema=project["label_config"])
         if action.startswith("ANNOTATION") and not _trains_on_annotations(project):
             return jsonify({"status": "ignored", "project": key, "action": action,
@@ -209,7 +295,9 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
-        body = request.get_json(silent=True) if request.method == "POST" else None
+        body = _get_json() if request.method == "POST" else None
+        if body is not None and not isinstance(body, dict):
+            raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
         project = request.args.get("project") or (body or {}).get("project")
         keys = [key_of(project)] if project else projects.keys()
         out: dict[str, list] = {}
@@ -273,6 +361,10 @@ def _trains_on_annotations(project: dict) -> bool:
     if "min_annotations_to_start_training" in project:
         return bool(project["min_annotations_to_start_training"])
     return True
+
+
+def _utf8(value: str | None) -> bytes:
+    return (value or "").encode("utf-8", "surrogateescape")
 
 
 def _task_project(tasks: list) -> Any:

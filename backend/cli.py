@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from backend.lsclient import LabelStudioUnavailable
+from backend.lsclient import NotFound
 from backend.settings import Settings
 
 logger = logging.getLogger("tessera")
@@ -21,13 +22,10 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def cmd_serve(args, settings: Settings) -> int:
-    """Run the HTTP backend under gunicorn (the same entry point the Docker image runs)."""
-    argv = [sys.executable, "-m", "gunicorn", "--bind", f"{args.host}:{args.port}",
-            "--workers", str(args.workers), "--threads", str(args.threads), "--timeout", "180",
-            "--graceful-timeout", "20", "--access-logfile", "-", "--log-level", settings.log_level.lower(),
-            "backend.wsgi:app"]
-    os.execv(sys.executable, argv)
-    return 0  # not reached
+    """Run the HTTP backend (waitress: request bodies are read in full before a thread runs the app)."""
+    from backend.serving import serve
+
+    return serve(settings, args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_worker(args, settings: Settings) -> int:
@@ -100,7 +98,11 @@ def _follow_in_label_studio(settings: Settings, project: str, version: str) -> N
               "/setup when it has LABEL_STUDIO_URL", file=sys.stderr)
 
 
+_progress_line = {"open": False}     # a progress line without its newline is on stderr
+
+
 def _print_progress(info: dict) -> None:
+    _progress_line["open"] = info.get("phase") != "done"
     total = info.get("max_iters") or 0
     frac = f"{info.get('iter', 0)}/{total}" if total else ""
     loss = f" loss {info['loss']:.4f}" if info.get("loss") else ""
@@ -240,9 +242,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"tessera {args.cmd}: {e}", file=sys.stderr)
         return 2
-    except LabelStudioUnavailable as e:      # project not found, LS down, token refused: the message says which
+    except NotFound as e:                    # a project or task id the user gave that LS does not have
         print(f"tessera {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tessera {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:            # one clear line; the traceback goes to the log at DEBUG
+        from backend.lsclient import LabelStudioUnavailable
+
+        logger.debug("tessera %s failed", args.cmd, exc_info=True)
+        if isinstance(e, LabelStudioUnavailable):
+            reason = str(e)
+        elif isinstance(e, OSError):
+            reason = f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}" + \
+                (": the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+        elif "unexpected pos" in str(e) or "file write failed" in str(e):   # torch.save on a full disk
+            reason = "writing a checkpoint failed: is the disk full?"
+        else:
+            reason = f"{type(e).__name__}: {str(e)[:300]}"
+        if _progress_line["open"]:
+            print(file=sys.stderr)
+        unchanged = " The served model is unchanged." if args.cmd == "train" else ""
+        print(f"tessera {args.cmd} failed: {reason}.{unchanged} Run with TESSERA_LOG_LEVEL=DEBUG for the "
+              "traceback.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,14 +12,23 @@ import hashlib
 import io
 import logging
 import os
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlparse
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
 from PIL import Image, UnidentifiedImageError
 
-from backend.settings import Settings, host_of
+from backend.settings import Settings
+from backend.urls import Origin, UnsafeURL, parse_host_entry, parse_http_url
 from model.data import image_to_rgb
 
 logger = logging.getLogger(__name__)
@@ -29,46 +38,152 @@ class MediaError(ValueError):
     """An image reference that cannot or may not be loaded; the message says why (never the token)."""
 
 
+_SCHEME_AUTH = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
 def _redact(url: str, limit: int = 120) -> str:
     """A URL for logs and errors: no query string (presigned URLs carry credentials), no userinfo."""
+    if not isinstance(url, str):
+        return f"<{type(url).__name__}>"
     if url.startswith("data:"):
         return url[:30] + "..."
-    p = urlparse(url)
-    shown = f"{p.scheme + '://' if p.scheme else ''}{host_of(url) if p.netloc else ''}{p.path}"
-    return shown[:limit] + ("?..." if p.query else "")
+    shown = _SCHEME_AUTH.sub(r"\1***@", url.split("#", 1)[0].split("?", 1)[0])
+    shown = "".join(c if c.isprintable() else "?" for c in shown)
+    return shown[:limit] + ("?..." if "?" in url else "")
+
+
+def _warn_once(message: str) -> None:
+    with _warned_lock:
+        if message in _warned or len(_warned) > 1000:
+            return
+        _warned.add(message)
+    logger.warning(message)
+
+
+def _origin(url: str) -> Origin | None:
+    try:
+        return parse_http_url(url)[0]
+    except UnsafeURL:
+        return None
+
+
+# ------------------------------------------------------------------------------ download deadline
+# requests has per-read timeouts only. The connection classes below record the socket of the request in
+# flight (per thread), so a timer can shut it down at the deadline, also while the headers trickle in.
+_in_flight = threading.local()
+
+
+class _Tracked:
+    def request(self, *args, **kwargs):
+        super().request(*args, **kwargs)
+        watch = getattr(_in_flight, "watch", None)
+        if watch is not None:
+            watch["sock"] = self.sock
+
+
+class _HTTPConnection(_Tracked, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Tracked, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _cut(watch: dict) -> None:
+    watch["cut"] = True
+    sock = watch.get("sock")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def deadline_session(pool_size: int = 10) -> requests.Session:
+    """A requests session whose connections the download deadline can cut."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=pool_size)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 class MediaResolver:
-    """Fetch images for tasks. One per request context: `ls_url`/`token` come from /setup or settings."""
+    """Fetch images for tasks. One per request context.
+
+    Label Studio's URL and token come from the environment (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY) when set;
+    then a request's `ls_url`/`token` are never used for media (a request token is used only when it came with
+    that same Label Studio origin and no API key is configured). Without LABEL_STUDIO_URL, `ls_url` and `token`
+    are the pair one /setup or /predict request carried: the token is bound to that origin and goes nowhere else.
+    """
 
     def __init__(self, settings: Settings, ls_url: str = "", token: str = "", cache_dir: Path | None = None,
                  session: requests.Session | None = None):
         self.settings = settings
-        self.ls_url = (settings.label_studio_url or ls_url or "").rstrip("/")
-        self.token = settings.label_studio_api_key or token or ""
-        self.ls_hosts = {host_of(u) for u in (settings.label_studio_url, ls_url) if u}
-        self.allowed = set(settings.allowed_hosts) | self.ls_hosts
+        ls_url = ls_url.rstrip("/") if isinstance(ls_url, str) else ""
+        token = token if isinstance(token, str) else ""
+        if settings.label_studio_url:
+            self.ls_url = settings.label_studio_url.rstrip("/")
+            self.ls_origin = _origin(self.ls_url)
+            self.token = settings.label_studio_api_key
+            if ls_url and _origin(ls_url) != self.ls_origin:
+                _warn_once(f"a request names Label Studio at {_redact(ls_url)}; LABEL_STUDIO_URL "
+                           f"({_redact(self.ls_url)}) is used for media and that host is not trusted")
+            elif ls_url and token and not self.token:
+                self.token = token          # it came with LABEL_STUDIO_URL's own origin
+        else:
+            self.ls_origin = _origin(ls_url) if ls_url else None
+            self.ls_url = ls_url if self.ls_origin else ""
+            self.token = token if self.ls_origin else ""
+            if ls_url and self.ls_origin is None:
+                _warn_once(f"Label Studio host {_redact(ls_url)} from a request is not a usable URL; ignored")
+        self.allowed = [(h, None) if h == "*" else parse_host_entry(h) for h in settings.allowed_hosts]
         self.cache_dir = cache_dir
-        self.session = session or _pooled_session(settings.fetch_threads)
+        self.session = session or deadline_session(max(10, settings.fetch_threads))
+
+    def is_allowed(self, origin: Origin) -> bool:
+        """Media may come from Label Studio's origin and TESSERA_ALLOWED_HOSTS only."""
+        if origin == self.ls_origin:
+            return True
+        return any(h == "*" or (h == origin.host and p in (None, origin.port)) for h, p in self.allowed)
 
     # ------------------------------------------------------------------------------------------- bytes
     def fetch(self, ref: str) -> bytes:
-        """Image reference -> raw bytes, within the byte cap. Raises MediaError."""
+        """Image reference -> raw bytes, within the byte cap. Raises MediaError (and nothing else)."""
         if not isinstance(ref, str) or not ref.strip():
             raise MediaError("the task has no image reference (empty or not a string)")
-        ref = ref.strip()
+        try:
+            return self._fetch(ref.strip())
+        except MediaError:
+            raise
+        except (ValueError, OSError, TypeError, UnicodeError) as e:   # NUL bytes, odd encodings, bad URLs
+            raise MediaError(f"{_redact(ref)} cannot be read ({type(e).__name__})") from None
+
+    def _fetch(self, ref: str) -> bytes:
         if ref.startswith("data:"):
             return self._data_uri(ref)
-        parsed = urlparse(ref)
+        parsed = urlsplit(ref)
         if parsed.path.startswith("/data/local-files") and "d" in parse_qs(parsed.query):
             return self._local(parse_qs(parsed.query)["d"][0])
-        if parsed.scheme in ("http", "https"):
+        scheme = parsed.scheme.lower()
+        if scheme in ("http", "https"):
             return self._http(ref)
-        if parsed.scheme in ("s3", "gs", "azure-blob", "azure-spi"):
-            raise MediaError(f"{parsed.scheme}:// URLs are resolved by Label Studio's cloud storage; "
+        if scheme in ("s3", "gs", "azure-blob", "azure-spi"):
+            raise MediaError(f"{scheme}:// URLs are resolved by Label Studio's cloud storage; "
                              "connect the storage in LS so tasks carry resolvable URLs")
-        if parsed.scheme:
-            raise MediaError(f"unsupported URL scheme {parsed.scheme!r} in {_redact(ref)}")
+        if scheme:
+            raise MediaError(f"unsupported URL scheme {scheme!r} in {_redact(ref)}")
         if ref.startswith("/data/") or ref.startswith("/tasks/") or ref.startswith("/storage-data/"):
             if not self.ls_url:
                 raise MediaError(f"{_redact(ref)} is a Label Studio path but the Label Studio URL is unknown: "
@@ -92,7 +207,10 @@ class MediaResolver:
         if root is None:
             raise MediaError(f"{_redact(path)} is a local path; set TESSERA_MEDIA_ROOT to allow reading files "
                              "under one directory")
-        rel = Path(unquote(path))
+        path = unquote(path)
+        if "\0" in path:
+            raise MediaError(f"{_redact(path)} holds a NUL byte")
+        rel = Path(path)
         candidate = (rel if rel.is_absolute() else root / rel).resolve()   # resolve() follows .. and links
         if not candidate.is_relative_to(root):
             raise MediaError(f"{_redact(path)} is outside TESSERA_MEDIA_ROOT")
@@ -104,18 +222,38 @@ class MediaResolver:
         return candidate.read_bytes()
 
     def _http(self, url: str) -> bytes:
-        host = host_of(url)
-        hostname = urlparse(url).hostname or ""
-        if "*" not in self.allowed and host not in self.allowed and hostname not in self.allowed:
-            raise MediaError(f"host {host!r} is not allowed for media ({_redact(url)}); add it to "
+        try:
+            origin, url = parse_http_url(url)       # from here on only the canonical URL is used
+        except UnsafeURL as e:
+            raise MediaError(f"{_redact(url)} is not accepted: {e}") from None
+        if not self.is_allowed(origin):
+            raise MediaError(f"host {origin.authority!r} is not allowed for media ({_redact(url)}); add it to "
                              "TESSERA_ALLOWED_HOSTS if it is trusted")
         cached = self._cache_path(url)
         if cached is not None and cached.is_file():
             return cached.read_bytes()
-        headers = {"Authorization": f"Token {self.token}"} if self.token and host in self.ls_hosts else {}
-        cap = self.settings.max_image_bytes
+        # the token goes only to the origin it is bound to (Label Studio's), never to an allowed other host
+        headers = {"Authorization": f"Token {self.token}"} if self.token and origin == self.ls_origin else {}
+        data = self._download(url, headers)
+        if cached is not None:
+            tmp = cached.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, cached)
+        return data
+
+    def _download(self, url: str, headers: dict) -> bytes:
+        """GET within the byte cap and one deadline for the whole exchange (a host trickling its headers or
+        body cannot hold a request past TESSERA_FETCH_TIMEOUT_S); redirects are not followed."""
+        cap, budget = self.settings.max_image_bytes, self.settings.fetch_timeout_s
+        deadline = time.monotonic() + budget
+        watch: dict = {}
+        timer = threading.Timer(budget, _cut, args=(watch,))
+        timer.daemon = True
+        _in_flight.watch = watch
+        timer.start()
         try:
-            with self.session.get(url, headers=headers, stream=True, timeout=(5, 60), allow_redirects=False) as r:
+            with self.session.get(url, headers=headers, stream=True, timeout=(min(5.0, budget), budget),
+                                  allow_redirects=False) as r:
                 if 300 <= r.status_code < 400:
                     raise MediaError(f"{_redact(url)} redirects (HTTP {r.status_code}); redirects are not followed")
                 if r.status_code != 200:
@@ -125,18 +263,25 @@ class MediaResolver:
                 if int(r.headers.get("Content-Length") or 0) > cap:
                     raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
                 buf = bytearray()
-                for chunk in r.iter_content(64 * 1024):
+                while time.monotonic() < deadline:
+                    # read1: what one socket read gives, so the deadline is checked between reads
+                    chunk = r.raw.read1(64 * 1024, decode_content=True)
+                    if not chunk:
+                        break
                     buf += chunk
                     if len(buf) > cap:
                         raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
-        except requests.RequestException as e:
-            raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}") from None
-        data = bytes(buf)
-        if cached is not None:
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, cached)
-        return data
+                else:
+                    watch["cut"] = True
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            if not watch.get("cut"):
+                raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}") from None
+        finally:
+            timer.cancel()
+            _in_flight.watch = None
+        if watch.get("cut"):
+            raise MediaError(f"{_redact(url)} took longer than {budget:g} s to download (TESSERA_FETCH_TIMEOUT_S)")
+        return bytes(buf)
 
     def _cache_path(self, url: str) -> Path | None:
         if self.cache_dir is None:
@@ -146,12 +291,47 @@ class MediaResolver:
 
     # ------------------------------------------------------------------------------------------ pixels
     def load_image(self, ref: str) -> np.ndarray:
-        """Image reference -> (H, W, 3) uint8 RGB. Raises MediaError for anything unusable."""
-        return decode_image(self.fetch(ref), self.settings.max_pixels, _redact(ref))
+        """Image reference -> (H, W, 3) uint8 RGB at full size. Raises MediaError for anything unusable."""
+        return decode_image(self.fetch(ref), self.settings.max_pixels, _redact(ref))[0]
+
+    def load_working(self, ref: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """Image reference -> ((h, w, 3) uint8 RGB with max(h, w) <= TESSERA_MAX_SIDE, original (H, W))."""
+        return decode_image(self.fetch(ref), self.settings.max_pixels, _redact(ref), self.settings.max_side)
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
-    """Bytes -> (H, W, 3) uint8 RGB, checking the pixel count from the header before decoding."""
+class _PixelBudget:
+    """Bounds the pixels of full-size decodes in flight in this process, so a request of many large images
+    (or several requests) decodes them one by one instead of holding them all at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def take(self, n: int):
+        n = min(n, self.limit)
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+_DECODE_BUDGET = _PixelBudget(64_000_000)     # ~256 MB of decoded RGB(X) pixels at a time
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "image",
+                 max_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> ((h, w, 3) uint8 RGB, original (H, W)), checking the pixel count from the header first.
+
+    With `max_side`, the image is decoded straight to at most that many pixels on its longer side: JPEG in
+    the DCT domain (`draft`), other formats by an integer box `reduce` then a bilinear resize, one full-size
+    decode at a time per process."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -160,20 +340,17 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
                                  "(TESSERA_MAX_PIXELS)")
             if w == 0 or h == 0:
                 raise MediaError(f"{name} has no pixels")
-            im.draft("RGB", (w, h))
-            return image_to_rgb(im)
+            target = None
+            if max_side and max(w, h) > max_side:
+                scale = max_side / max(w, h)
+                target = (max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale))))
+                im.draft("RGB", target)                                       # JPEG only; a no-op otherwise
+            with _DECODE_BUDGET.take(im.size[0] * im.size[1]):
+                im.load()
+                out = im.resize(target, Image.BILINEAR, reducing_gap=2.0) if target else im
+            return image_to_rgb(out), (h, w)
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise MediaError(f"{name} is not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
-
-
-def _pooled_session(threads: int) -> requests.Session:
-    """A Session whose connection pool holds one connection per fetch thread (requests' default of 10
-    made urllib3 drop connections, with a "connection pool is full" warning each, at 16 threads)."""
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(10, int(threads)))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
 

@@ -96,7 +96,15 @@ def _pack_runs(lengths: np.ndarray, values: np.ndarray, total: int) -> list[int]
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
     """LS brush RLE -> (H, W) bool; raises ValueError when the RLE does not fit the image size."""
-    flat = decode_rle(rle)
+    _check_rle(rle)
+    # the first 32 bits give the decoded length, which decode_rle allocates up front: check it first
+    num = int.from_bytes(bytes(rle[:4]), "big")
+    if num != height * width * 4:
+        raise ValueError(f"brush RLE holds {num // 4} pixels, the image has {width}x{height}={height * width}")
+    try:
+        flat = decode_rle(rle)
+    except (ValueError, IndexError) as e:           # a truncated stream: int('', 2)
+        raise ValueError(f"brush RLE is truncated or corrupt ({type(e).__name__})") from None
     if flat.size != height * width * 4:
         raise ValueError(f"brush RLE holds {flat.size // 4} pixels, the image has {width}x{height}={height * width}")
     return flat.reshape(height, width, 4)[:, :, 3] > 0   # (H*W*4,) -> (H, W, RGBA) -> alpha
@@ -243,13 +251,62 @@ def _object_slices(instances: np.ndarray, ids: list[int]) -> dict[int, tuple[sli
     return {k: found[k - 1] for k in ids if found[k - 1] is not None}
 
 
-def region_to_mask(result: dict, height: int, width: int) -> np.ndarray:
-    """One LS result item (brush, polygon or rectangle) -> (H, W) bool at the given image size."""
-    kind = result.get("type", "")
-    value = result.get("value") or {}
+# ------------------------------------------------------------------------------- validating input
+
+MAX_RLE_LEN = 64 * 1024 * 1024
+MAX_POINTS = 100_000
+
+
+def _number(value, what: str) -> float:
+    """A finite JSON number within +-1e4 (percentages; a little outside 0-100 is fine) or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > 1e4:
+        raise ValueError(f"{what} must be a finite number (percent of the image), got {str(value)[:20]!r}")
+    return float(value)
+
+
+def _check_rle(rle) -> None:
+    if not isinstance(rle, list) or not 5 <= len(rle) <= MAX_RLE_LEN:
+        raise ValueError("brush value.rle must be a list of byte values (Label Studio's RLE)")
+    if not all(type(b) is int and 0 <= b <= 255 for b in rle):
+        raise ValueError("brush value.rle must hold integers 0-255")
+
+
+def region_value(result: dict) -> tuple[str, dict]:
+    """(type, value) of one LS result item, checked for shape and numbers (not rasterized). ValueError."""
+    if not isinstance(result, dict):
+        raise ValueError(f"a result item must be an object, got {type(result).__name__}")
+    kind, value = result.get("type", ""), result.get("value")
+    if not isinstance(value, dict):
+        raise ValueError("a result item needs a 'value' object")
     if kind in ("brushlabels", "brush"):
         if value.get("format", "rle") != "rle" or "rle" not in value:
             raise ValueError("brush result without value.rle")
+        _check_rle(value["rle"])
+    elif kind in ("polygonlabels", "polygon"):
+        points = value.get("points", [])
+        if not isinstance(points, list) or len(points) > MAX_POINTS or \
+                not all(isinstance(p, list) and len(p) == 2 for p in points):
+            raise ValueError("polygon value.points must be a list of [x, y] pairs")
+        for p in points:
+            _number(p[0], "polygon x"), _number(p[1], "polygon y")
+    elif kind in ("rectanglelabels", "rectangle"):
+        for key in ("x", "y", "width", "height"):
+            _number(value.get(key), f"rectangle {key}")
+        _number(value.get("rotation", 0) or 0, "rectangle rotation")
+    elif kind in ("keypointlabels", "keypoint"):
+        for key in ("x", "y"):
+            if not 0 <= _number(value.get(key), f"keypoint {key}") <= 100:
+                raise ValueError(f"keypoint {key} must be within 0-100 (percent of the image)")
+    else:
+        raise ValueError(f"unsupported result type {str(kind)[:40]!r}")
+    return kind, value
+
+
+def region_to_mask(result: dict, height: int, width: int) -> np.ndarray:
+    """One LS result item (brush, polygon or rectangle) -> (H, W) bool at the given image size."""
+    kind, value = region_value(result)
+    if kind in ("brushlabels", "brush"):
         return rle_to_mask(value["rle"], height, width)
     if kind in ("polygonlabels", "polygon"):
         pts = np.array([[p[0] * width / 100.0, p[1] * height / 100.0] for p in value.get("points", [])],
@@ -259,14 +316,16 @@ def region_to_mask(result: dict, height: int, width: int) -> np.ndarray:
         return box_to_mask(value["x"] * width / 100.0, value["y"] * height / 100.0,
                            value["width"] * width / 100.0, value["height"] * height / 100.0,
                            height, width, float(value.get("rotation", 0) or 0))
-    raise ValueError(f"unsupported result type {kind!r}")
+    raise ValueError(f"result type {kind!r} has no area")
 
 
 def result_label(result: dict) -> str | None:
-    value = result.get("value") or {}
+    value = result.get("value") if isinstance(result, dict) else None
+    if not isinstance(value, dict):
+        return None
     for key in ("brushlabels", "polygonlabels", "rectanglelabels", "labels"):
         labels = value.get(key)
-        if labels:
+        if isinstance(labels, list) and labels and isinstance(labels[0], str):
             return labels[0]
     return None
 

@@ -4,7 +4,9 @@ LS JSON goes in, LS JSON comes out; `model/` sees only numpy images and returns 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import numpy as np
 
 from backend.label_config import Control, ImageObject, LabelConfig
 from backend.media import MediaError, MediaResolver
-from backend.regions import instances_to_results, region_to_mask, result_label, results_to_maps
+from backend.regions import instances_to_results, region_to_mask, region_value, result_label, results_to_maps
 from backend.settings import Settings
 from model.registry import Registry, VersionInfo
 
@@ -23,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 UNTRAINED = "tessera-untrained"
 DEFAULT_KEY = "default"
+_PROJECT = re.compile(r"([0-9]{1,12})(?:\.[0-9]{1,20})?")
 
 
 class PredictorLike(Protocol):
@@ -41,10 +44,15 @@ def project_key(project: Any) -> str:
         project = project.get("id")
     if isinstance(project, bool) or project is None:
         raise ValueError("request has no project id")
-    key = str(project).split(".", 1)[0].strip()
-    if not key.isdigit():
-        raise ValueError(f"project must look like '<id>' or '<id>.<timestamp>', got {str(project)[:40]!r}")
-    return key
+    if isinstance(project, int):
+        project = str(project)
+    # ASCII digits only (str.isdigit takes "١" and "²"), a bounded length, one spelling per id ("0007" -> "7"):
+    # checked before the key names anything on disk
+    m = _PROJECT.fullmatch(project.strip()) if isinstance(project, str) else None
+    if m is None:
+        raise ValueError(f"project must look like '<id>' or '<id>.<timestamp>' (ASCII digits), "
+                         f"got {str(project)[:40]!r}")
+    return str(int(m[1]))
 
 
 @dataclass
@@ -163,9 +171,11 @@ def latest_annotation(task: dict) -> dict | None:
     """The annotation that counts for a task, in training and in /predict's mislabeling score: its latest
     submitted, non-cancelled one. An empty result counts: someone looked and found no object, which is
     an all-background sample to train on and an answer a confident model can disagree with."""
-    anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
-            and isinstance(a.get("result"), list)]
-    return max(anns, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0)) if anns else None
+    anns = task.get("annotations")
+    anns = [a for a in anns if isinstance(a, dict) and not a.get("was_cancelled")
+            and isinstance(a.get("result"), list)] if isinstance(anns, list) else []
+    return max(anns, key=lambda a: (str(a.get("updated_at") or ""),
+                                    a["id"] if isinstance(a.get("id"), int) else 0)) if anns else None
 
 
 def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media: MediaResolver,
@@ -178,8 +188,12 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     if served.predictor is None:
         return [_empty(served.version) for _ in tasks]
     if context and context.get("result"):
-        return [interactive(tasks[0], config, served, media, context)] + \
-            [_empty(served.version) for _ in tasks[1:]]
+        try:
+            item = interactive(tasks[0], config, served, media, context)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+            logger.info("interactive request on task %s ignored, it is malformed: %s", _task_id(tasks[0]), e)
+            item = _empty(served.version)
+        return [item] + [_empty(served.version) for _ in tasks[1:]]
     bs = max(1, settings.predict_batch)
     starts = list(range(0, len(tasks), bs))
     ahead = 2                                      # chunks being fetched beyond the one being inferred
@@ -203,16 +217,15 @@ def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfi
 
     def load(job):
         i, img = job
-        image = task_image(tasks[i], img, media)
-        if isinstance(image, MediaError):
-            logger.warning("task %s: %s", _task_id(tasks[i]), image)
-        return image
+        return task_image(tasks[i], img, media, working=True)     # a MediaError is logged once, below
 
     return jobs, [pool.submit(load, job) for job in jobs]
 
 
-def _predict_chunk(tasks: list[dict], jobs: list, images: list, config: LabelConfig, served: Served) -> list[dict]:
-    """Inference for one chunk's images (one batch) and its tasks' LS items."""
+def _predict_chunk(tasks: list[dict], jobs: list, loaded: list, config: LabelConfig, served: Served) -> list[dict]:
+    """Inference for one chunk's images (one batch, each at most TESSERA_MAX_SIDE px) and its tasks' LS items."""
+    images = [x[0] if isinstance(x, tuple) else x for x in loaded]
+    sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
     try:
@@ -226,49 +239,103 @@ def _predict_chunk(tasks: list[dict], jobs: list, images: list, config: LabelCon
         idx = [j for j, (ti, _) in enumerate(jobs) if ti == i]
         if any(j not in preds for j in idx):
             reason = next((str(images[j]) for j in idx if isinstance(images[j], MediaError)), "inference failed")
-            results.append(_empty(served.version, f"task {_task_id(task)}: {reason}"))
+            logger.warning("task %s: empty prediction: %s", _task_id(task), reason)
+            results.append(_empty(served.version))
             continue
-        regions, scores, mislabel = [], [], []
-        ann = latest_annotation(task) if isinstance(task, dict) else None
-        for j in idx:
-            img = jobs[j][1]
-            pred = preds[j]
-            if ann is not None:
-                pred, m = _check(served.predictor, images[j], ann, config, img.name)
-                mislabel.append(m)
-            regions += prediction_to_results(pred, config, img.name, labels)
-            scores.append(float(pred.score))
-        item = {"result": regions, "score": round(min(scores), 4) if scores else 0.0,
-                "model_version": served.version}
-        if mislabel:
-            item["mislabeling"] = round(max(mislabel), 4)
-        results.append(item)
+        try:
+            results.append(_task_item(task, [(jobs[j][1], images[j], sizes[j], preds[j]) for j in idx],
+                                      config, served, labels))
+        except Exception:               # a malformed task or annotation never fails the batch
+            logger.exception("task %s: building its prediction failed", _task_id(task))
+            results.append(_empty(served.version))
     return results
 
 
-def task_image(task: Any, img: ImageObject, media: MediaResolver) -> np.ndarray | MediaError:
+def task_image(task: Any, img: ImageObject, media: MediaResolver, working: bool = False
+               ) -> np.ndarray | tuple[np.ndarray, tuple[int, int]] | MediaError:
     """The pixels of a task's image tag `img`, or the MediaError that says why not (returned, not raised:
-    a bad task must not fail a batch of predictions, nor a training run)."""
+    a bad task must not fail a batch of predictions, nor a training run). `working=True`: (image decoded
+    at most TESSERA_MAX_SIDE px, original (H, W)), as /predict uses it."""
     data = task.get("data") if isinstance(task, dict) else None
     if not isinstance(data, dict) or img.data_key not in data:
         return MediaError(f"task data has no {img.data_key!r} field (the <Image value=\"${img.data_key}\">)")
     try:
-        return media.load_image(data[img.data_key])
+        ref = data[img.data_key]
+        return media.load_working(ref) if working else media.load_image(ref)
     except MediaError as e:
         return e
+    except Exception as e:          # a bug on odd input must not fail the batch either; the traceback is logged
+        logger.exception("task %s: image failed to load", _task_id(task))
+        return MediaError(f"image failed to load ({type(e).__name__})")
+
+
+def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, labels: list[str]) -> dict:
+    """One task's prediction item from its images' (image tag, working image, original size, Prediction)."""
+    regions, scores, mislabel = [], [], []
+    ann = latest_annotation(task) if isinstance(task, dict) else None
+    for img, image, size, pred in per_image:
+        if ann is not None:
+            try:
+                pred, m = _check(served.predictor, image, ann, config, img.name, size)
+                mislabel.append(m)
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+                logger.info("task %s: annotation not checked, it is malformed: %s", _task_id(task), e)
+        regions += _regions_at_size(pred, config, img.name, labels, size)
+        scores.append(float(pred.score))
+    item = {"result": regions, "score": round(min(scores), 4) if scores else 0.0, "model_version": served.version}
+    if mislabel:
+        item["mislabeling"] = round(max(mislabel), 4)
+    return item
+
+
+def _regions_at_size(pred: Any, config: LabelConfig, image_name: str, labels: list[str],
+                     size: tuple[int, int] | None) -> list[dict]:
+    """Regions of a prediction made on a reduced image, at the image's original (H, W). Polygons and boxes
+    are percentages: made at the working size, labelled with the original size. A brush RLE is per pixel:
+    brush controls get the instances scaled up to the original size (one image at a time)."""
+    if size is None or tuple(pred.instances.shape) == tuple(size):
+        return prediction_to_results(pred, config, image_name, labels)
+    h, w = size
+    full = None
+    out: list[dict] = []
+    for control in config.controls:
+        if control.to_name != image_name:
+            continue
+        one = dataclasses.replace(config, controls=(control,))
+        if control.type == "brushlabels":
+            if full is None:
+                import cv2
+
+                full = dataclasses.replace(pred, instances=cv2.resize(pred.instances.astype(np.int32), (w, h),
+                                                                      interpolation=cv2.INTER_NEAREST))
+            out += prediction_to_results(full, one, image_name, labels)
+            continue
+        for item in prediction_to_results(pred, one, image_name, labels):
+            item["original_width"], item["original_height"] = int(w), int(h)
+            out.append(item)
+    return out
 
 
 def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, dict) else None
 
 
-def _check(predictor: PredictorLike, image: np.ndarray, ann: dict, config: LabelConfig, image_name: str):
-    h, w = image.shape[:2]
+def _check(predictor: PredictorLike, image: np.ndarray, ann: dict, config: LabelConfig, image_name: str,
+           size: tuple[int, int] | None = None):
+    h, w = size or image.shape[:2]          # annotations (brush RLE) are at the original size
     index = {n: c + 1 for c, n in enumerate(predictor.label_names)}
     for control in config.controls:      # labels of this config that the model knows under another name
         for c, label in label_mapping(control, predictor.label_names).items():
             index.setdefault(label, c)
+    if not isinstance(ann.get("result"), list):
+        raise ValueError("annotation result is not a list")
     classes, instances = results_to_maps(ann["result"], image_name, h, w, index)
+    if (h, w) != image.shape[:2]:
+        import cv2
+
+        wh = (image.shape[1], image.shape[0])
+        classes = cv2.resize(classes, wh, interpolation=cv2.INTER_NEAREST)
+        instances = cv2.resize(instances, wh, interpolation=cv2.INTER_NEAREST)
     return predictor.check(image, classes, instances)
 
 
@@ -311,9 +378,9 @@ def _hint_maps(hints: list[dict], h: int, w: int) -> tuple[np.ndarray, list, lis
     label = None
     for r in hints:
         label = label or result_label(r)
-        value = r.get("value") or {}
         if r.get("type") in ("keypointlabels", "keypoint"):
-            pt = (float(value.get("x", 0)) * w / 100.0, float(value.get("y", 0)) * h / 100.0)
+            _, value = region_value(r)                    # finite, within 0-100
+            pt = (value["x"] * w / 100.0, value["y"] * h / 100.0)
             (positive if r.get("is_positive", True) else negative).append(pt)
             continue
         try:

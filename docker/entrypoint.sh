@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tessera container entrypoint.
-#   (no args) | serve [ARGS]   -> tessera serve --host 0.0.0.0 --port ${PORT:-9090} [ARGS]   (gunicorn)
+#   (no args) | serve [ARGS]   -> tessera serve --host 0.0.0.0 --port ${PORT:-9090} [ARGS]   (waitress)
 #   --FLAG ...                 -> the same, FLAGs go to `tessera serve` (e.g. --workers 2)
 #   worker [ARGS]              -> tessera worker [ARGS]   (RQ training worker, needs REDIS_URL)
 #   -h | --help                -> tessera --help

@@ -1,0 +1,371 @@
+"""Hostile and careless request shapes: one bad task never fails a batch, bad shapes get a 4xx, state is bounded.
+
+The property test generates Label Studio-shaped tasks with junk in every field (URLs, paths, annotations,
+regions, RLE, coordinates, contexts) and posts them to /predict: never a 500, one result per task, and the
+server stays healthy. Media requests only ever reach a recorder on 127.0.0.1 or a closed loopback port.
+"""
+import base64
+import io
+import json
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+from PIL import Image
+
+from backend.app import ProjectState, create_app
+from backend.media import MediaError, MediaResolver, decode_image
+from backend.regions import mask_to_rle, region_to_mask
+from backend.service import ModelCache
+from backend.settings import Settings
+from tests.conftest import CONFIG_ALL, RecordingRunner, free_port, register_stub
+
+
+def png(h=12, w=16, fmt="PNG", boxes=((2, 2, 6, 8),)):
+    arr = np.zeros((h, w, 3), np.uint8)
+    for r0, c0, r1, c1 in boxes:
+        arr[r0:r1, c0:c1] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+GOOD = data_uri(png())
+
+
+class Recorder(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = png() if "good" in self.path else b"not an image"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def ls_url():
+    """A stand-in Label Studio on 127.0.0.1 that serves a PNG for paths with 'good', junk otherwise."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def make_client(tmp_path, stub_predictor, **overrides):
+    media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
+    (tmp_path / "models").mkdir(exist_ok=True)
+    (media / "a.png").write_bytes(png())
+    s = Settings(model_dir=tmp_path / "models", media_root=media.resolve(), fetch_timeout_s=2.0, **overrides)
+    register_stub(s)
+    app = create_app(s, runner=RecordingRunner(), cache=ModelCache(s, loader=lambda p, d: stub_predictor))
+    return app.test_client()
+
+
+# -------------------------------------------------------------------------------- junk strategies
+
+CLOSED = free_port()       # nothing listens here (loopback only)
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**400, 10**400),
+                    st.sampled_from([1e308, -1e308, "12", "nan", None, [], {}]), st.floats(0, 100))
+rle_good = mask_to_rle(np.pad(np.ones((4, 6), bool), ((2, 6), (2, 8))))
+rle = st.one_of(st.just(rle_good), st.just(rle_good[:7]), st.just(mask_to_rle(np.ones((3, 3), bool))),
+                st.just([255, 255, 255, 255, 0, 0]), st.lists(st.integers(-5, 300), max_size=12), junk)
+image_ref = st.one_of(
+    st.just(GOOD), st.just(GOOD), st.just("/data/upload/1/good.png"), st.just("/data/upload/1/bad.png"),
+    st.sampled_from(["http://[::1/x.png", "http://[::1]/x.png", "/data/upload/x\x00.png", "a\x00b.png", "a.png",
+                     "../../etc/passwd", "/data/local-files/?d=a%00.png", "data:image/png;base64,!!!!",
+                     "data:,x", f"http://127.0.0.1:{CLOSED}\\@127.0.0.1:1/x.png", f"http://127.0.0.1:{CLOSED}/x.png",
+                     "http://2130706433/x.png", "s3://b/k.png", "\ud800", "http://\uff4c\uff4f/x", "//x/y"]),
+    st.text(max_size=20), junk)
+
+
+def region(kind=None):
+    value = st.fixed_dictionaries({}, optional={
+        "x": numbers, "y": numbers, "width": numbers, "height": numbers, "rotation": numbers,
+        "points": st.one_of(st.lists(st.lists(numbers, max_size=3), max_size=5), junk), "rle": rle,
+        "format": st.sampled_from(["rle", "png", 3]),
+        "brushlabels": st.one_of(st.just(["Nucleus"]), junk), "polygonlabels": st.one_of(st.just(["Nucleus"]), junk),
+        "rectanglelabels": st.one_of(st.just(["Nucleus"]), junk), "keypointlabels": st.just(["Nucleus"])})
+    types = st.sampled_from(["brushlabels", "polygonlabels", "rectanglelabels", "keypointlabels", "choices", ""])
+    return st.fixed_dictionaries({"type": kind or st.one_of(types, junk), "value": st.one_of(value, junk)},
+                                 optional={"to_name": st.one_of(st.just("image"), junk), "is_positive": junk,
+                                           "from_name": st.sampled_from(["mask", "poly", "bbox", "kp"]),
+                                           "original_width": numbers, "original_height": numbers})
+
+
+annotation = st.fixed_dictionaries({"result": st.one_of(st.lists(region(), max_size=4), junk)},
+                                   optional={"id": junk, "was_cancelled": junk, "updated_at": junk})
+task = st.fixed_dictionaries({"data": st.one_of(st.fixed_dictionaries({"image": image_ref}), junk)},
+                             optional={"id": junk, "annotations": st.one_of(st.lists(annotation, max_size=2), junk),
+                                       "predictions": junk, "drafts": junk})
+tasks = st.lists(st.one_of(task, task, junk), min_size=1, max_size=4)
+context = st.one_of(st.none(), st.fixed_dictionaries({"result": st.one_of(st.lists(region(), max_size=3), junk)}), junk)
+
+
+@pytest.fixture(scope="module")
+def junk_client(tmp_path_factory):
+    """One app for every generated example (the stand-in predictor, a temp model store)."""
+    from tests.conftest import ThresholdPredictor
+
+    return make_client(tmp_path_factory.mktemp("junk"), ThresholdPredictor())
+
+
+# CI runs 120 fixed examples; TESSERA_JUNK_EXAMPLES=N explores N random ones
+EXPLORE = os.environ.get("TESSERA_JUNK_EXAMPLES")
+
+
+@hyp_settings(max_examples=int(EXPLORE or 120), derandomize=EXPLORE is None, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tasks=tasks, context=context, hostname=st.one_of(st.none(), st.just("LS"), junk))
+def test_junk_tasks_never_fail_a_batch(junk_client, ls_url, tasks, context, hostname):
+    c = junk_client
+    body = {"tasks": tasks, "project": "7.1", "label_config": CONFIG_ALL,
+            "params": {"login": None, "password": None, "context": context},
+            "hostname": ls_url if hostname == "LS" else hostname}
+    r = c.post("/predict", data=json.dumps(body, allow_nan=True), content_type="application/json")
+    assert r.status_code != 500, r.json
+    if hostname in (None, "LS") and (context is None or isinstance(context, dict)
+                                     and context.get("result") in (None, [])):
+        assert r.status_code == 200, r.json
+    if r.status_code == 200:
+        results = r.json["results"]
+        assert len(results) == len(tasks)
+        assert all(set(x) >= {"result", "score", "model_version"} for x in results)
+    else:
+        assert 400 <= r.status_code < 500 and r.json["error"]
+    assert c.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------- one named case per reported 500
+
+@pytest.fixture
+def client(tmp_path, stub_predictor, ls_url):
+    """App with the stand-in predictor; /setup done with the loopback stand-in Label Studio."""
+    c = make_client(tmp_path, stub_predictor)
+    assert c.post("/setup", json={"project": "7.1", "schema": CONFIG_ALL, "hostname": ls_url,
+                                  "access_token": "k"}).status_code == 200
+    return c
+
+
+def _predict(c, tasks, context=None, **extra):
+    return c.post("/predict", data=json.dumps({"tasks": tasks, "project": "7.1", "label_config": CONFIG_ALL,
+                                               "params": {"context": context}, **extra}, allow_nan=True),
+                  content_type="application/json")
+
+
+GOOD_TASK = {"id": 1, "data": {"image": GOOD}}
+BAD_REGIONS = [
+    "not a list",
+    [{"type": "brushlabels", "to_name": "image", "value": {"format": "rle", "rle": [0, 0, 0, 8, 1, 2],
+                                                           "brushlabels": ["Nucleus"]}}],
+    [{"type": "brushlabels", "to_name": "image", "value": {"format": "rle", "rle": [255, 255, 255, 255, 1, 2],
+                                                           "brushlabels": ["Nucleus"]}}],   # claims 4 G values
+    [{"type": "rectanglelabels", "to_name": "image", "value": {"x": "10", "y": "5", "width": 3, "height": 3,
+                                                               "rectanglelabels": ["Nucleus"]}}],
+    [{"type": "rectanglelabels", "to_name": "image", "value": {"x": 1e308, "y": float("nan"), "width": 3,
+                                                               "height": 3, "rectanglelabels": ["Nucleus"]}}],
+    [{"type": "polygonlabels", "to_name": "image", "value": {"points": [[1, "a"], [2]], "polygonlabels": ["Nucleus"]}}],
+    [{"type": "polygonlabels", "to_name": "image", "value": {"points": "xy", "polygonlabels": {"a": 1}}}],
+    ["a string region"],
+]
+
+
+@pytest.mark.parametrize("result", BAD_REGIONS)
+def test_a_malformed_annotation_only_affects_its_task(client, result):
+    bad = {"id": 2, "data": {"image": GOOD}, "annotations": [{"id": 1, "result": result}]}
+    r = _predict(client, [GOOD_TASK, bad, GOOD_TASK])
+    assert r.status_code == 200
+    res = r.json["results"]
+    assert len(res) == 3 and res[0]["result"] and res[2]["result"]
+    assert res[1]["result"], "the prediction stands; only the malformed annotation is left out"
+
+
+@pytest.mark.parametrize("image", ["http://[::1/x.png", "/data/upload/x\x00.png", "a\x00b.png",
+                                   "/data/local-files/?d=a%00.png", "\ud800.png", 12, ["x"], {"a": 1}])
+def test_a_bad_image_reference_only_affects_its_task(client, image):
+    r = _predict(client, [GOOD_TASK, {"id": 2, "data": {"image": image}}])
+    assert r.status_code == 200 and r.json["results"][1] == {"result": [], "score": 0.0,
+                                                              "model_version": r.json["results"][0]["model_version"]}
+    assert r.json["results"][0]["result"]
+
+
+def test_a_bad_task_is_one_log_line(client, caplog):
+    caplog.set_level("INFO")
+    r = _predict(client, [GOOD_TASK, {"id": 42, "data": {"image": "http://[::1/x.png"}}])
+    assert r.status_code == 200
+    lines = [rec for rec in caplog.records if "42" in rec.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING" and "::1" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("context", [
+    {"result": [{"type": "keypointlabels", "to_name": "image", "value": {"x": "10", "y": 5}}]},
+    {"result": [{"type": "keypointlabels", "to_name": "image", "value": {"x": 1e308, "y": 5}}]},
+    {"result": [{"type": "keypointlabels", "to_name": "image", "value": {"x": float("nan"), "y": 5}}]},
+    {"result": [{"type": "rectanglelabels", "to_name": "image", "value": {"x": 1e308, "y": 0, "width": 1e308,
+                                                                          "height": 5}}]},
+    {"result": "stroke"},
+    {"result": [3]},
+])
+def test_a_malformed_interactive_context_is_a_422(client, context):
+    r = _predict(client, [GOOD_TASK], context=context)
+    assert r.status_code == 422 and "context" in r.json["error"]
+
+
+def test_interactive_on_a_junk_task_is_empty_not_500(client):
+    ctx = {"result": [{"type": "keypointlabels", "to_name": "image", "value": {"x": 10, "y": 10}}]}
+    for t in ("not a task", {"data": "x"}, {"data": {"image": "http://[::1/x"}}):
+        r = _predict(client, [t], context=ctx)
+        assert r.status_code == 200 and r.json["results"][0]["result"] == []
+
+
+# ---------------------------------------------------------------------- shapes that are a 4xx
+
+@pytest.mark.parametrize("project", ["9" * 300, "\u0661", "\u00b2", "1\u0662", "-1", "1e3", "7.abc", "", " ", 1.5,
+                                     [7], True])
+def test_project_keys_are_checked_before_anything_touches_disk(client, project):
+    r = client.post("/setup", json={"project": project, "schema": CONFIG_ALL})
+    assert r.status_code == 400, r.json
+    assert client.get("/versions").status_code == 200
+    assert client.post("/versions", json={"project": "7.1"}).status_code == 200
+
+
+def test_project_keys_have_one_spelling(client):
+    for p in ("0007.1700000000", "7", 7, "7.1700000001"):
+        assert client.post("/setup", json={"project": p, "schema": CONFIG_ALL}).status_code == 200
+        assert client.get(f"/status?project={p}").json["project"] == "7"
+
+
+@pytest.mark.parametrize("label_config", [1, "x", "<View>", "<View><Image name='i' value='$image'/>", ["<View/>"]])
+def test_predict_with_a_bad_label_config_is_a_422(client, label_config):
+    r = client.post("/predict", json={"tasks": [GOOD_TASK], "project": "7.1", "label_config": label_config})
+    assert r.status_code == 422, r.json
+    assert _predict(client, [GOOD_TASK]).status_code == 200
+
+
+@pytest.mark.parametrize("hostname", [5, ["http://x"], {"a": 1}, True])
+def test_a_hostname_that_is_not_a_string_is_a_400_and_breaks_nothing(client, hostname):
+    r = client.post("/setup", json={"project": "7.1", "schema": CONFIG_ALL, "hostname": hostname})
+    assert r.status_code == 400 and "hostname" in r.json["error"]
+    assert _predict(client, [GOOD_TASK], hostname=hostname).status_code == 400
+    r = _predict(client, [GOOD_TASK, {"id": 2, "data": {"image": "/data/upload/good.png"}}])
+    assert r.status_code == 200 and all(x["result"] for x in r.json["results"])
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", '"project"', "3", "[" * 100_000 + "]" * 100_000,
+                                  '{"a":' * 50_000 + "1" + "}" * 50_000])
+def test_versions_and_setup_with_odd_json_bodies_are_a_400(client, body):
+    for path in ("/versions", "/setup", "/predict", "/webhook"):
+        r = client.post(path, data=body, content_type="application/json")
+        assert r.status_code == 400, (path, r.status_code)
+
+
+# ------------------------------------------------------------------------- bounded work per request
+
+def test_too_many_tasks_is_a_413_naming_the_cli(tmp_path, stub_predictor):
+    c = make_client(tmp_path, stub_predictor, max_predict_tasks=50)
+    t0 = time.perf_counter()
+    r = _predict(c, [GOOD_TASK] * 5000)
+    assert r.status_code == 413 and "tessera predict --project 7" in r.json["error"]
+    assert time.perf_counter() - t0 < 10
+    assert _predict(c, [GOOD_TASK] * 50).status_code == 200
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """Sends its headers (path /headers) or its body one byte every 0.2 s: never idle long enough for a
+    per-read timeout. Bounded: 60 bytes."""
+
+    def do_GET(self):
+        if self.path.startswith("/headers"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+        for _ in range(60):
+            try:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("path", ["/data/upload/slow-body.png", "/headers/slow.png"])
+def test_a_trickling_host_is_cut_off_at_the_deadline(tmp_path, path):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        s = Settings(model_dir=tmp_path, fetch_timeout_s=1.5, allowed_hosts=("127.0.0.1",))
+        r = MediaResolver(s, ls_url=f"http://127.0.0.1:{srv.server_address[1]}")
+        t0 = time.perf_counter()
+        with pytest.raises(MediaError, match="TESSERA_FETCH_TIMEOUT_S"):
+            r.fetch(f"http://127.0.0.1:{srv.server_address[1]}{path}")
+        assert time.perf_counter() - t0 < 4
+    finally:
+        srv.shutdown()
+
+
+def test_setup_state_is_bounded():
+    state = ProjectState(max_projects=50, max_bytes=30 * 1024 * 1024)
+    schema = "<View>" + " " * (10 * 1024 * 1024) + "</View>"
+    for i in range(20):
+        state.remember(str(i), schema=schema)
+    kept = state.keys()
+    assert len(kept) == 2 and kept == ["18", "19"]
+    for i in range(200):
+        state.remember(str(100 + i), schema="<View/>")
+    assert len(state.keys()) == 50
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_large_images_are_decoded_at_the_working_size(fmt):
+    data = png(1500, 2400, fmt=fmt, boxes=((100, 200, 700, 900),))
+    image, original = decode_image(data, 50_000_000, max_side=512)
+    assert original == (1500, 2400) and image.shape == (320, 512, 3)
+    assert image[50, 80].mean() > 200 and image[300, 500].mean() < 50    # the box, scaled
+
+
+def test_regions_of_a_reduced_image_come_back_at_full_size(tmp_path, stub_predictor):
+    c = make_client(tmp_path, stub_predictor, max_side=256)
+    big = data_uri(png(900, 1200, boxes=((90, 120, 450, 600),)))
+    r = _predict(c, [{"id": 1, "data": {"image": big}}])
+    assert r.status_code == 200
+    items = r.json["results"][0]["result"]
+    assert {i["type"] for i in items} == {"brushlabels", "polygonlabels", "rectanglelabels"}
+    for item in items:
+        assert (item["original_width"], item["original_height"]) == (1200, 900)
+        m = region_to_mask(item, 900, 1200)
+        truth = np.zeros((900, 1200), bool)
+        truth[90:450, 120:600] = True
+        assert (m & truth).sum() / (m | truth).sum() > 0.97
+
+
+def test_a_full_size_annotation_is_checked_on_a_reduced_image(tmp_path, stub_predictor):
+    c = make_client(tmp_path, stub_predictor, max_side=256)
+    truth = np.zeros((900, 1200), bool)
+    truth[90:450, 120:600] = True
+    ann = [{"type": "brushlabels", "to_name": "image", "from_name": "mask",
+            "value": {"format": "rle", "rle": mask_to_rle(truth), "brushlabels": ["Nucleus"]}}]
+    big = data_uri(png(900, 1200, boxes=((90, 120, 450, 600),)))
+    item = _predict(c, [{"id": 1, "data": {"image": big}, "annotations": [{"id": 1, "result": ann}]}]).json
+    assert item["results"][0]["mislabeling"] < 0.05
