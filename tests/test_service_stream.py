@@ -26,6 +26,10 @@ class CountingMedia:
             self.loaded += 1
         return img
 
+    def load_working(self, ref):
+        img = self.load_image(ref)
+        return img, img.shape[:2]
+
 
 class RecordingPredictor(ThresholdPredictor):
     def __init__(self, media):
