@@ -347,7 +347,8 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
         if not project:
             raise BadRequest("give ?project=<id>")
         key = key_of(project)
-        return jsonify({"project": key, "model_version": cache.version(key), "job": runner.status(key)})
+        return jsonify({"project": key, "model_version": cache.version(key), "job": runner.status(key),
+                        "served": served_figures(cache, key)})
 
     return app
 
@@ -365,6 +366,25 @@ def _trains_on_annotations(project: dict) -> bool:
 
 def _utf8(value: str | None) -> bytes:
     return (value or "").encode("utf-8", "surrogateescape")
+
+
+SERVED_FIGURES = ("val_iou", "val_score", "mask_iou", "metric", "box_ap50", "precision", "recall", "f1", "class_recall",
+                  "class_ap50", "missed_classes", "regions_per_image", "true_per_image", "region_cut", "n_val")
+
+
+def served_figures(cache, key: str) -> dict | None:
+    """The served label version's held-back figures: IoU beside precision / recall after its region
+    cut, per-class recall, and the classes it finds no object of (said plainly, not buried)."""
+    src = cache.source(key, None)
+    if src is None:
+        return None
+    reg_key, _, info = src
+    out = {k: info.metrics[k] for k in SERVED_FIGURES if k in info.metrics}
+    out["version"] = version_string(reg_key, info.version)
+    if out.get("missed_classes"):
+        out["warning"] = (f"this version finds no object of class {', '.join(out['missed_classes'])} on its "
+                          f"held-back tasks; annotate more of it or train longer")
+    return out
 
 
 def _task_project(tasks: list) -> Any:

@@ -59,8 +59,12 @@ def cmd_versions(args, settings: Settings) -> int:
         print(f"no versions in {reg.root}")
         return 0
     for v in rows:
+        m = v.metrics
         print(f"{version_string(args.project or DEFAULT_KEY, v.version, v.kind):32s} {v.kind:6s} {v.status:9s} "
-              f"{_evidence(v.metrics) if v.kind == 'label' else '':44s} {v.reason}")
+              f"{_evidence(m) if v.kind == 'label' else '':44s} {_figures(m) if v.kind == 'label' else ''} {v.reason}")
+        if m.get("missed_classes"):
+            print(f"{'':32s} MISSES CLASS {', '.join(m['missed_classes'])}: no object of it found on the "
+                  f"held-back tasks")
     return 0
 
 
@@ -72,6 +76,14 @@ def _evidence(metrics: dict) -> str:
     n = metrics.get("n_val_tasks", len(metrics.get("val_task_ids") or []))
     judged = metrics.get("n_val_judged")
     return f"val_iou={iou:.4f} on {n} held-back" + (f" ({judged} person-made)" if judged is not None else "")
+
+
+def _figures(m: dict) -> str:
+    """Box AP50, precision and recall after the region cut, as `tessera versions` prints them."""
+    def f(key: str) -> str:
+        v = m.get(key)
+        return "-" if not isinstance(v, (int, float)) else f"{v:.3f}"
+    return f"box_ap50={f('box_ap50'):5s} precision={f('precision'):5s} recall={f('recall'):5s}"
 
 
 def cmd_rollback(args, settings: Settings) -> int:
@@ -123,7 +135,7 @@ def cmd_train(args, settings: Settings) -> int:
                                             iters=args.iters, labels=args.labels, progress=_print_progress)
     else:
         result = training.train_project(str(args.project), "cli", settings=settings, iters=args.iters,
-                                        progress=_print_progress, force=args.force)
+                                        progress=_print_progress, force=args.force, budget_s=args.budget_s)
     print(json.dumps(result, indent=1))
     return 0 if result.get("status") in ("promoted", "rejected", "skipped") else 1
 
@@ -184,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--into", default=None, help="with --data: register into this project's store "
                                                 "(default: the default model, used by projects without their own)")
     p.add_argument("--labels", nargs="*", default=None, help="with --data: label names for classes 1..C")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default TESSERA_TRAIN_ITERS)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default TESSERA_TRAIN_ITERS; "
+                                                           "with --iters the run trains them all unless "
+                                                           "--budget-s is given)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock cap of the training in seconds "
+                                                                "(default: TESSERA_TRAIN_BUDGET_S without --iters)")
     p.add_argument("--force", action="store_true", help="with --project: train even when nothing changed "
                                                         "since the newest version")
     p.set_defaults(fn=cmd_train)

@@ -243,6 +243,48 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
     return results
 
 
+def boxes_to_results(boxes: dict[int, tuple[float, float, float, float]], labels: dict[int, str],
+                     scores: dict[int, float], control: Control, height: int, width: int,
+                     id_prefix: str = "") -> list[dict]:
+    """Boxes (id -> (x0, y0, x1, y1) in pixel edges, e.g. a box model's) -> one LS rectangle per box.
+    Unlike instances_to_results, boxes may overlap."""
+    results = []
+    for k in sorted(boxes):
+        if k not in labels:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in boxes[k])
+        if x1 <= x0 or y1 <= y0:
+            continue
+        value = {"x": _pct(x0, width), "y": _pct(y0, height), "width": _pct(x1 - x0, width),
+                 "height": _pct(y1 - y0, height), "rotation": 0, "rectanglelabels": [labels[k]]}
+        results.append(_region(control, value, width, height, scores.get(k, 0.0), f"{id_prefix}{control.from_name}-{k}"))
+    return results
+
+
+def results_to_boxes(results: Iterable[dict], to_name: str, height: int, width: int,
+                     label_index: dict[str, int]) -> np.ndarray:
+    """Rectangle results of image `to_name` -> (N, 5) rows (x0, y0, x1, y1 px edges, class), every box kept
+    even where boxes overlap (a rotated box becomes its axis-aligned bounding box)."""
+    rows = []
+    for r in results:
+        if not isinstance(r, dict) or r.get("to_name") != to_name or r.get("type") not in ("rectanglelabels", "rectangle"):
+            continue
+        label = result_label(r)
+        if label not in label_index:
+            continue
+        v = r.get("value") or {}
+        x, y = float(v["x"]) * width / 100.0, float(v["y"]) * height / 100.0
+        w, h = float(v["width"]) * width / 100.0, float(v["height"]) * height / 100.0
+        a = math.radians(float(v.get("rotation", 0) or 0))
+        xs = [x + cx * math.cos(a) - cy * math.sin(a) for cx, cy in ((0, 0), (w, 0), (w, h), (0, h))]
+        ys = [y + cx * math.sin(a) + cy * math.cos(a) for cx, cy in ((0, 0), (w, 0), (w, h), (0, h))]
+        x0, x1 = max(0.0, min(xs)), min(float(width), max(xs))
+        y0, y1 = max(0.0, min(ys)), min(float(height), max(ys))
+        if x1 - x0 >= 1 and y1 - y0 >= 1:
+            rows.append((x0, y0, x1, y1, label_index[label]))
+    return np.array(rows, np.float64).reshape(-1, 5)
+
+
 def _object_slices(instances: np.ndarray, ids: list[int]) -> dict[int, tuple[slice, slice]]:
     from scipy import ndimage
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from backend.label_config import Control, ImageObject, LabelConfig
 from backend.media import MediaError, MediaResolver
-from backend.regions import instances_to_results, region_to_mask, region_value, result_label, results_to_maps
+from backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value, result_label,
+                             results_to_maps)
 from backend.settings import Settings
 from model.registry import Registry, VersionInfo
 
@@ -67,7 +68,7 @@ class ModelCache:
 
     def __init__(self, settings: Settings, loader=None):
         self.settings = settings
-        self._loader = loader or _load_predictor
+        self._loader = loader or (lambda path, device: _load_predictor(path, device, settings))
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[str, PredictorLike]] = {}    # registry key -> (version, predictor)
         self._registries: dict[str, Registry] = {}
@@ -129,10 +130,15 @@ def _labels_fit(model_labels: list[str] | None, config: LabelConfig) -> bool:
     return any(label_mapping(c, model_labels) for c in config.controls)
 
 
-def _load_predictor(path: Path, device: str) -> PredictorLike:
+def _load_predictor(path: Path, device: str, settings: Settings | None = None) -> PredictorLike:
+    """The version's predictor with its learned region cut, re-chosen for TESSERA_PRECISION_TARGET and
+    with TESSERA_MIN_REGION_SCORE replacing its score threshold when those are set."""
     from model.inference import Predictor     # imported late: torch start-up stays off the /health path
 
-    return Predictor.from_checkpoint(path, device=device)
+    if settings is None:
+        return Predictor.from_checkpoint(path, device=device)
+    return Predictor.from_checkpoint(path, device=device, precision_target=settings.precision_target,
+                                     min_score=settings.min_region_score)
 
 
 def label_mapping(control: Control, model_labels: list[str]) -> dict[int, str]:
@@ -163,7 +169,11 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
             continue
         mapping = label_mapping(control, model_labels)
         labels = {k: mapping[c] for k, c in pred.instance_label.items() if c in mapping}
-        out += instances_to_results(pred.instances, labels, pred.instance_score, control, id_prefix)
+        boxes = getattr(pred, "boxes", None)
+        if boxes is not None and control.type == "rectanglelabels":     # a box model: boxes may overlap
+            out += boxes_to_results(boxes, labels, pred.instance_score, control, *pred.instances.shape, id_prefix)
+        else:
+            out += instances_to_results(pred.instances, labels, pred.instance_score, control, id_prefix)
     return out
 
 

@@ -47,11 +47,20 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "TESSERA_SYNTH_MIN_IOU": ("0.5", "A generated image is kept only if the label model's prediction on it agrees "
                                      "with its layout at least this much (IoU)."),
     "TESSERA_PROMOTE_TOLERANCE": ("0.01", "A new version is served if, on the held-back tasks people made or changed, "
-                                          "it scores at least the served version's score minus this."),
+                                          "it scores at least the served version's score minus this (the score: box AP50 for box-only "
+                                          "projects, (mask IoU + instance F1) / 2 otherwise)."),
     "TESSERA_MISLABELING_COLUMN": ("false", "Also write each annotated task's mislabeling score into task data as "
                                             "the column `tessera_mislabeling` (sortable in the Data Manager; it "
                                             "then appears in exports). Off: only `task.meta`."),
     "TESSERA_LOG_LEVEL": ("INFO", "Logging level (or LOG_LEVEL): DEBUG, INFO, WARNING, ERROR."),
+    # regions kept and how long a first version trains (issue 15)
+    "TESSERA_MIN_REGION_SCORE": ("", "Keep only predicted regions scoring at least this (0-1), instead of the "
+                                     "threshold each version learns on its held-back tasks; empty = learned."),
+    "TESSERA_PRECISION_TARGET": ("0", "> 0 (e.g. 0.9): the learned region cut keeps the most regions that still "
+                                      "reach this precision on the held-back tasks; 0 = the cut with the best F1."),
+    "TESSERA_FIRST_TRAIN_BUDGET_S": ("300", "Cap, in seconds, of a project's first version: it trains until its "
+                                            "held-back score stops improving, at most this long (0 = it trains "
+                                            "like any other run)."),
 }
 
 
@@ -134,6 +143,17 @@ def _hosts(name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _fraction(name: str) -> float:
+    value = _env(name)
+    try:
+        out = float(value)
+    except ValueError:
+        raise _bad(name, value, "a number between 0 and 1") from None
+    if not 0.0 <= out <= 1.0:
+        raise _bad(name, value, "a number between 0 and 1")
+    return out
+
+
 def _bool(value: str) -> bool:
     return value.lower() in ("1", "true", "yes", "on")
 
@@ -178,6 +198,10 @@ class Settings:
     mislabeling_column: bool = False
     synth_min_iou: float = 0.5
     log_level: str = "INFO"
+    # regions kept and how long a first version trains (issue 15)
+    min_region_score: float | None = None
+    precision_target: float = 0.0
+    first_train_budget_s: float = 300.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -216,6 +240,9 @@ class Settings:
             mislabeling_column=_bool(_env("TESSERA_MISLABELING_COLUMN")),
             synth_min_iou=_float("TESSERA_SYNTH_MIN_IOU", 0.0),
             log_level=_log_level("TESSERA_LOG_LEVEL"),
+            min_region_score=_fraction("TESSERA_MIN_REGION_SCORE") if _env("TESSERA_MIN_REGION_SCORE") else None,
+            precision_target=_fraction("TESSERA_PRECISION_TARGET"),
+            first_train_budget_s=_float("TESSERA_FIRST_TRAIN_BUDGET_S", 0.0),
         )
 
     @property

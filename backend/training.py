@@ -31,10 +31,11 @@ from backend.jobs import pid_alive
 from backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
 from backend.lsclient import VERSION_PREFIX, LabelStudioUnavailable, LSClient
 from backend.media import MediaError, MediaResolver
-from backend.regions import results_to_maps
+from backend.regions import results_to_boxes, results_to_maps
 from backend.service import DEFAULT_KEY, ModelCache, label_mapping, latest_annotation, task_image, version_string
 from backend.settings import Settings
 from model.data import Sample, load_folder, split_ids
+from model.postprocess import box_sample
 from model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ THIN_EVIDENCE_RATIO = 0.5    # with fewer: the candidate must keep this share of
 THIN_TOLERANCE = 0.05        # ... and on the one or two person-made ones be at most this much below the served one
 ECHO_IOU = 0.98              # an annotation this close to a Tessera prediction on its task is that prediction accepted
 LABEL_VERSION = re.compile(rf"{VERSION_PREFIX}(default|p\d+)-v\d+")   # service.version_string of a label model
+BOX_SHRINK = 0.6             # box-only projects learn each box's centre region, this share of its size
+CLASS_RECALL_FLOOR = 0.0     # a class whose held-back recall falls to this (from > 0) blocks promotion
+FIRST_RUN_ITERS_FACTOR = 4   # a project's first version may train this many times TESSERA_TRAIN_ITERS ...
+PLATEAU_EVALS = 2            # ... but stops when this many evaluations in a row did not improve it
 
 
 def _noop(info: dict) -> None:
@@ -61,17 +66,26 @@ def _phase(progress: Progress, phase: str, done: int = 0, total: int = 0) -> Non
     progress({"phase": phase, "iter": done, "max_iters": total, "loss": None, "eta_s": None})
 
 
-def train_config(settings: Settings, iters: int | None = None, budget_s: float = 0.0):
+def train_config(settings: Settings, iters: int | None = None, budget_s: float = 0.0, box_only: bool = False,
+                 until_plateau: bool = False):
     """The TrainConfig of a run: TESSERA_TRAIN_ITERS (or `iters`) iterations, stopped after `budget_s`
     seconds when > 0 (the lr schedule then follows the clock), on half the CPU cores: the other half
     keeps answering /predict, and two torch threads fighting for two busy cores ran ~7x slower than one
-    here (bench/learning_latency.py)."""
+    here (bench/learning_latency.py). A box-only project learns box centres (BOX_SHRINK); the region cut
+    aims at TESSERA_PRECISION_TARGET. `until_plateau` (a project's first version): up to
+    FIRST_RUN_ITERS_FACTOR x the iterations, stopping PLATEAU_EVALS evaluations after the held-back
+    score last improved."""
     from model.train_vqvae import TrainConfig
 
     n = iters or settings.train_iters
+    if until_plateau:
+        n *= FIRST_RUN_ITERS_FACTOR
     threads = int(getattr(settings, "train_threads", 0) or 0) or max(1, (os.cpu_count() or 2) // 2)
-    return TrainConfig(max_iters=n, device=settings.device, eval_interval=max(50, n // 4),
-                       time_budget_s=budget_s, threads=threads)
+    return TrainConfig(max_iters=n, device=settings.device,
+                       eval_interval=max(50, (n // FIRST_RUN_ITERS_FACTOR if until_plateau else n) // 4),
+                       time_budget_s=budget_s, threads=threads, box_shrink=BOX_SHRINK if box_only else 1.0,
+                       precision_target=float(getattr(settings, "precision_target", 0.0) or 0.0),
+                       patience=PLATEAU_EVALS if until_plateau else 0)
 
 
 def run_budget_s(settings: Settings) -> float:
@@ -89,9 +103,33 @@ def gan_config(settings: Settings, iters: int | None = None):
                           device=settings.device)
 
 
-def val_score(metrics: dict, n_labels: int) -> float:
-    """The number promotion compares: foreground IoU for one label, mean IoU for several."""
+def val_score(metrics: dict, n_labels: int, box_only: bool = False) -> float:
+    """The number promotion compares, the project's own measure: box AP50 (mean over classes) for a
+    box-only project; for masks the mean of mask IoU (foreground IoU for one label, mean IoU for several)
+    and instance F1 after the region cut. Metrics of versions made before these existed fall back to IoU."""
+    iou = val_iou(metrics, n_labels)
+    if box_only:
+        return float(metrics.get("box_ap50", iou))
+    f1 = metrics.get("instance_f1")
+    return iou if f1 is None else 0.5 * (iou + float(f1))
+
+
+def val_iou(metrics: dict, n_labels: int) -> float:
+    """Mask IoU on the held-back tasks: foreground IoU for one label, mean IoU for several."""
     return float(metrics["miou"] if n_labels > 1 else metrics["fg_iou"])
+
+
+def lost_classes(new: dict, old: dict) -> list[str]:
+    """Classes the served version finds on the held-back tasks (recall > 0) and the new one does not at
+    all: such a version is not promoted, whatever its mean."""
+    old_r, new_r = old.get("class_recall") or {}, new.get("class_recall") or {}
+    return [c for c, r in old_r.items() if r and r > 0 and float(new_r.get(c, 0.0) or 0.0) <= CLASS_RECALL_FLOOR]
+
+
+def is_box_only(config: LabelConfig) -> bool:
+    """A project whose only spatial control is RectangleLabels: it learns boxes as boxes."""
+    types = {c.type for c in config.controls}
+    return types == {"rectanglelabels"}
 
 
 def split_tasks(task_ids: list[str], previous: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
@@ -199,7 +237,7 @@ class _AsServed:
     shows its predictions (service.label_mapping): the default model may know fewer or other names."""
 
     def __init__(self, predictor, config: LabelConfig, label_names: list[str]):
-        self.predictor, self.n_classes = predictor, len(label_names)
+        self.predictor, self.n_classes, self.label_names = predictor, len(label_names), list(label_names)
         index = {n: i + 1 for i, n in enumerate(label_names)}
         self.lut = np.zeros(len(predictor.label_names) + 1, np.int32)     # model class -> project class
         for control in reversed(config.controls):                          # the first control decides
@@ -208,20 +246,32 @@ class _AsServed:
 
     def predict(self, images: list[np.ndarray]) -> list:
         out = []
-        for p in self.predictor.predict(images):
+        for p in self.predictor.predict(images):       # with the served version's own region cut
             classes = self.lut[p.classes]
-            out.append(dataclasses.replace(p, classes=classes, instances=np.where(classes > 0, p.instances, 0)))
+            label = {k: int(self.lut[c]) for k, c in p.instance_label.items() if self.lut[c] > 0}
+            boxes = getattr(p, "boxes", None)
+            out.append(dataclasses.replace(
+                p, classes=classes, instances=np.where(classes > 0, p.instances, 0), instance_label=label,
+                instance_score={k: v for k, v in p.instance_score.items() if k in label},
+                **({} if boxes is None else {"boxes": {k: v for k, v in boxes.items() if k in label}})))
         return out
 
 
-def _served_score(path: Path, val: list[Sample], config: LabelConfig, label_names: list[str],
-                  device: str) -> float:
-    """The served version's val score on the held-back tasks, counting what Label Studio shows of it."""
+def _served_metrics_fn(path: Path, config: LabelConfig, label_names: list[str], device: str
+                       ) -> Callable[[list[Sample]], dict]:
+    """samples -> the served version's held-back metrics on them, counting what Label Studio shows of it
+    (each sample set evaluated once)."""
     from model.inference import Predictor
     from model.train_vqvae import evaluate
 
-    served = _AsServed(Predictor.from_checkpoint(path, device=device), config, label_names)
-    return val_score(evaluate(served, val), len(label_names))
+    served, done = _AsServed(Predictor.from_checkpoint(path, device=device), config, label_names), {}
+
+    def metrics_on(samples: list[Sample]) -> dict:
+        key = tuple(s.id for s in samples)
+        if key not in done:
+            done[key] = evaluate(served, samples)
+        return done[key]
+    return metrics_on
 
 
 def _metrics_of(ckpt: Path, val: list[Sample]) -> dict:
@@ -243,20 +293,28 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     """Train a label version on `train`, compare it with the served one on `val`, register it.
     `config` is the project's label config (None: a folder dataset labelled `label_names`); `judged`:
     ids of the held-back samples whose labels a person made or changed (None: all of them); `record`:
-    extra values stored in the version's metrics."""
+    extra values stored in the version's metrics. A box-only
+    config is judged by box AP50. A project's first version (nothing served to warm-start from) trains
+    until its held-back score stops improving, within TESSERA_FIRST_TRAIN_BUDGET_S when the run has a
+    budget (0: like any run)."""
     from model.train_vqvae import train as train_vqvae
 
     cache = ModelCache(settings)
     registry = cache.registry(key)
     config = config or folder_config(label_names)
+    box_only = is_box_only(config)
     base = cache.source(key, config)         # what serves `key` now: the version a new one must beat
     base_name = version_string(base[0], base[2].version) if base else None
     init_from = base[1].path(base[2].version) if base else None
+    first_cap = float(getattr(settings, "first_train_budget_s", 0.0) or 0.0)
+    first = base is None and bool(val) and iters is None and first_cap > 0
+    if first and budget_s > 0:
+        budget_s = max(budget_s, first_cap)
     tmp = _work_dir(registry)
     timings: dict[str, float] = {}
     try:
         t0 = time.time()
-        cfg = train_config(settings, iters, budget_s)
+        cfg = train_config(settings, iters, budget_s, box_only=box_only, until_plateau=first)
         ckpt = train_vqvae(cfg, train, val, label_names, tmp / "model.pt", init_from=init_from,
                            progress=_model_progress(progress))
         timings["train_s"] = time.time() - t0
@@ -264,21 +322,31 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
         metrics = _metrics_of(ckpt, val)
         metrics.update({"label_names": label_names, "n_train": len(train), "n_val": len(val),
                         "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val}),
-                        **(record or {})})
+                        "metric": "box AP50" if box_only else "(mask IoU + instance F1) / 2",
+                        "train_budget_s": budget_s, "train_max_iters": cfg.max_iters, **(record or {})})
         promote, why = True, "first version"
         if val:
-            metrics["val_iou"] = val_score(metrics, len(label_names))
+            metrics["mask_iou"] = val_iou(metrics, len(label_names))
+            metrics["val_iou"] = metrics["val_score"] = val_score(metrics, len(label_names), box_only)
             if base is not None:
                 _phase(progress, "compare")
                 try:
-                    served = lambda samples: _served_score(init_from, samples, config, label_names,  # noqa: E731
-                                                           settings.device)
-                    promote, why = judge(ckpt, served, base_name, val, judged, label_names, settings, metrics)
+                    served_metrics = _served_metrics_fn(init_from, config, label_names, settings.device)
+                    served = lambda samples: val_score(served_metrics(samples), len(label_names),  # noqa: E731
+                                                       box_only)
+                    promote, why = judge(ckpt, served, base_name, val, judged, label_names, settings, metrics,
+                                         box_only)
+                    lost = lost_classes(metrics, served_metrics(val))
+                    if lost:
+                        promote, why = False, (f"{why}; loses class {', '.join(lost)} (the served version finds "
+                                               f"it, this one finds none)")
                 except Exception as e:   # an unreadable served version can't be served either: replace it
                     logger.exception("project %s: could not evaluate the served %s", key, base_name)
                     promote, why = True, f"served {base_name} could not be evaluated ({type(e).__name__}: {e})"[:300]
         elif base is not None:
             promote, why = False, "no held-back tasks to compare against the served version"
+        if metrics.get("missed_classes"):
+            why += f"; finds no object of class {', '.join(metrics['missed_classes'])} on the held-back tasks"
         timings["compare_s"] = time.time() - t0
         _phase(progress, "register")
         metrics.update({k: round(v, 2) for k, v in timings.items()})
@@ -289,13 +357,16 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     logger.info("project %s: %s %s (%s)", key, status, info.version, why)
     return {"status": status, "version": version_string(key, info.version), "reason": why,
             "decision": metrics.get("decision"), "promoted_at": time.time() if promote else None,
+            "missed_classes": metrics.get("missed_classes") or [],
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
 
 
 def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str, val: list[Sample],
-          judged: set[str] | None, label_names: list[str], settings: Settings, metrics: dict) -> tuple[bool, str]:
+          judged: set[str] | None, label_names: list[str], settings: Settings, metrics: dict,
+          box_only: bool = False) -> tuple[bool, str]:
     """Promote or not, and why; writes what the decision rests on into `metrics`. `served(samples)` is the
-    served version's score on samples (as Label Studio shows its predictions: _served_score).
+    served version's score on samples (as Label Studio shows its predictions: _served_metrics_fn); scores
+    are the project's own (val_score: box AP50 for box-only projects).
 
     The decision rests on the held-back tasks whose annotation a person made or changed: with at least
     MIN_EVIDENCE of them the candidate is served if its score there >= the served version's score -
@@ -307,23 +378,24 @@ def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str,
     from model.train_vqvae import evaluate
 
     n_labels = len(label_names)
+    name = "box AP50" if box_only else "val score"
     mine = [s for s in val if judged is None or s.id in judged]
     n_tasks = len({s.id.split(":", 1)[0] for s in val})
     n_judged = len({s.id.split(":", 1)[0] for s in mine})
     metrics.update({"n_val_tasks": n_tasks, "n_val_judged": n_judged})
     if mine:
-        new_j = metrics["val_iou"] if len(mine) == len(val) else val_score(evaluate(ckpt, mine), n_labels)
+        new_j = metrics["val_iou"] if len(mine) == len(val) else val_score(evaluate(ckpt, mine), n_labels, box_only)
         old_j = served(mine)
     if n_judged >= MIN_EVIDENCE:
         metrics.update({"val_iou": new_j, "current_val_iou": old_j, "decision": "compared"})
         ok = new_j >= old_j - settings.promote_tolerance
-        return ok, (f"val IoU {new_j:.4f} vs served {served_name} {old_j:.4f} on the same {n_judged} held-back "
+        return ok, (f"{name} {new_j:.4f} vs served {served_name} {old_j:.4f} on the same {n_judged} held-back "
                     f"tasks people made or changed (served if >= served - {settings.promote_tolerance})")
     new, old = metrics["val_iou"], served(val)
     metrics.update({"current_val_iou": old, "decision": "thin evidence"})
     ok = new >= THIN_EVIDENCE_RATIO * old
     why = (f"only {n_judged} of {n_tasks} held-back tasks were made or changed by a person ({MIN_EVIDENCE} "
-           f"needed to compare): val IoU {new:.4f} vs served {served_name} {old:.4f} on all of them (served if "
+           f"needed to compare): {name} {new:.4f} vs served {served_name} {old:.4f} on all of them (served if "
            f">= {THIN_EVIDENCE_RATIO} x served")
     if mine:
         metrics.update({"person_made_val_iou": new_j, "current_person_made_val_iou": old_j})
@@ -469,27 +541,34 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
         raise RuntimeError(f"none of the {len(jobs)} images of {len(tasks)} annotated tasks could be loaded; "
                            f"first error: {failed[0][1]}")
     samples, used = [], []
+    box_only = is_box_only(config)
     for (task, img), image in zip(jobs, images):
         if isinstance(image, MediaError):
             continue
         h, w = image.shape[:2]
+        meta = task.get("meta") or {}
+        sid, synthetic = f"{task['id']}:{img.name}", bool(meta.get("synthetic"))
         try:
-            classes, instances = results_to_maps(latest_annotation(task)["result"], img.name, h, w, index)
+            if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
+                boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)
+                samples.append(box_sample(image, boxes, BOX_SHRINK, sid, synthetic))
+            else:
+                classes, instances = results_to_maps(latest_annotation(task)["result"], img.name, h, w, index)
+                samples.append(Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic))
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("task %s: annotation not usable: %s", task.get("id"), e)
             continue
-        meta = task.get("meta") or {}
-        samples.append(Sample(image=image, classes=classes, instances=instances, id=f"{task['id']}:{img.name}",
-                              synthetic=bool(meta.get("synthetic"))))
         used.append(task)
     return samples, used
 
 
 def train_project(project_key: str, reason: str, progress: Progress = _noop, settings: Settings | None = None,
-                  iters: int | None = None, force: bool = False) -> dict:
+                  iters: int | None = None, force: bool = False, budget_s: float | None = None) -> dict:
     """The job runner's run function: train project `project_key` from its LS annotations. Without
     `force`, a project whose annotations are those its newest version was trained on is not trained
-    again ("nothing new since vN")."""
+    again ("nothing new since vN"). A run started from Label Studio is capped at
+    TESSERA_TRAIN_BUDGET_S; one given `iters` (the CLI's --iters) trains them all unless `budget_s` is
+    given too."""
     settings = settings or Settings.from_env()
     t_start = time.time()
     _phase(progress, "fetch")
@@ -515,8 +594,10 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
                                                 f"{settings.min_annotations} (TESSERA_MIN_ANNOTATIONS)"}
     fetch_s = time.time() - t_start
     train, val, judged = held_back_samples(samples, tasks, config, registry)
+    if budget_s is None:
+        budget_s = run_budget_s(settings) if iters is None else 0.0
     result = _train_and_register(settings, project_key, train, val, names, reason, iters, progress,
-                                 budget_s=run_budget_s(settings), config=config, judged=judged,
+                                 budget_s=budget_s, config=config, judged=judged,
                                  record={"data_fingerprint": fingerprint})
     result["n_annotated_tasks"] = n_tasks
     result["metrics"]["fetch_s"] = round(fetch_s, 2)

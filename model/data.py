@@ -30,6 +30,8 @@ class Sample:
     instances: np.ndarray      # (H, W) int32, 0 = background, k = k-th object
     id: str = ""
     synthetic: bool = False
+    boxes: np.ndarray | None = None  # (N, 5) x0, y0, x1, y1 (px edges), class: a box-labelled sample, whose
+                                     # classes / instances hold the boxes' centre regions (model/postprocess.py)
 
 
 # ----------------------------------------------------------------------------------------------------

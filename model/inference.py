@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from model.checkpoint import load_checkpoint
 from model.data import relabel, semantic_instances
+from model.postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, resolve_cut
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,32 @@ class Prediction:
     instance_label: dict[int, int]    # instance id -> class index 1..C
     instance_score: dict[int, float]  # instance id -> confidence in [0, 1]
     score: float                      # task confidence in [0, 1]; low = uncertain
+    boxes: dict[int, tuple[float, float, float, float]] | None = None  # id -> (x0, y0, x1, y1) px, box models
+
+
+def cut_regions(pred: Prediction, cut: RegionCut) -> Prediction:
+    """The prediction without the regions a cut drops (low score, too small, NMS duplicates of a box).
+
+    A box model's sizes are its boxes' areas (what its held-back truth is measured in); a mask model's
+    are the masks' pixel counts."""
+    ids = sorted(pred.instance_label)
+    if not ids:
+        return pred
+    if pred.boxes is not None:
+        boxes = np.array([pred.boxes[k] for k in ids], np.float64).reshape(-1, 4)
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    else:
+        boxes = instance_boxes(pred.instances, ids)
+        areas = np.bincount(pred.instances.ravel(), minlength=max(ids) + 1)[ids]
+    scores = np.array([pred.instance_score.get(k, 0.0) for k in ids])
+    keep = {ids[i] for i in kept_regions(scores, areas, boxes, cut)}
+    if len(keep) == len(ids):
+        return pred
+    dropped = np.isin(pred.instances, [k for k in ids if k not in keep])
+    return Prediction(np.where(dropped, 0, pred.classes), np.where(dropped, 0, pred.instances),
+                      {k: v for k, v in pred.instance_label.items() if k in keep},
+                      {k: v for k, v in pred.instance_score.items() if k in keep}, pred.score,
+                      None if pred.boxes is None else {k: v for k, v in pred.boxes.items() if k in keep})
 
 
 class Predictor:
@@ -268,7 +295,8 @@ class Predictor:
 
     def __init__(self, model: VQVAE, label_names: list[str], version: str = "", device: str = "auto",
                  min_area: int = 4, edge_weight: float = 1.0, scale: float | None = None, tile: int = 512,
-                 overlap: int = 32, bf16: bool = True):
+                 overlap: int = 32, bf16: bool = True, cut: RegionCut | None = None, box_shrink: float = 1.0,
+                 box_grow: float | None = None):
         self.device = resolve_device(device)
         # channels-last + bfloat16 autocast (as in training): ~2.5x faster convolutions on CPUs with bf16
         # kernels, measured at 312x424 on this project's 2-core VM
@@ -289,18 +317,26 @@ class Predictor:
         # before it was learned) letterboxes every image into R x R
         self.scale = scale
         self.tile, self.overlap = tile, overlap  # inputs larger than tile x tile go through a sliding window
+        self.cut = cut or RegionCut()   # regions predict() keeps (learned per version, see model/postprocess.py)
+        self.box_shrink = box_shrink    # < 1: a box model, its objects are box centres ...
+        self.box_grow = box_grow or 1.0 / box_shrink   # ... grown back by this (learned, else 1 / shrink)
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision_target: float = 0.0,
+                        min_score: float | None = None) -> "Predictor":
+        """Rebuild from a checkpoint alone. The region cut is the one learned with the version, re-chosen
+        for `precision_target` when > 0; `min_score` >= 0 replaces its score threshold."""
         ckpt = load_checkpoint(Path(path), kind="vqvae")
         model = vqvae_from_checkpoint(ckpt)
         version = ckpt.get("version") or f"vqvae-{ckpt.get('iter_num', 0)}"
-        edge_weight = float((ckpt.get("train_config") or {}).get("boundary_weight", 1.0))
+        tc = ckpt.get("train_config") or {}
         scale = ckpt.get("scale")
-        return cls(model, ckpt["label_names"], version, device, edge_weight=edge_weight,
-                   scale=float(scale) if scale else None)
+        cut = resolve_cut(ckpt.get("region_cut"), precision_target, min_score)
+        return cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
+                   scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
+                   box_grow=(ckpt.get("region_cut") or {}).get("box_grow"))
 
     # --- batched network pass --------------------------------------------------------------------
 
@@ -384,7 +420,12 @@ class Predictor:
     def _prediction(self, probs: np.ndarray) -> Prediction:
         classes, inst, labels, scores = split_instances(probs, self.n_classes, self.min_area, self.edge_weight)
         score = task_score(1 - probs[0], inst > 0)
-        return Prediction(classes, inst, labels, scores, score)
+        boxes = None
+        if self.box_shrink < 1.0:
+            ids = sorted(labels)
+            grown = grow_boxes(instance_boxes(inst, ids), 1.0 / self.box_grow, *inst.shape)
+            boxes = {k: tuple(float(v) for v in b) for k, b in zip(ids, grown)}
+        return Prediction(classes, inst, labels, scores, score, boxes)
 
     def _probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Label probabilities (L, H, W) per image: images of one input shape share a batch; inputs larger
@@ -406,11 +447,13 @@ class Predictor:
                 out[i] = self._unletterbox(lg, size, images[i].shape[:2])
         return out
 
-    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Label maps for a batch of (H, W, 3) uint8 images of any sizes."""
+    def predict(self, images: list[np.ndarray], cut: bool = True) -> list[Prediction]:
+        """Label maps for a batch of (H, W, 3) uint8 images of any sizes; with `cut` only the regions
+        the version's region cut keeps."""
         if not images:
             return []
-        return [self._prediction(p) for p in self._probabilities(images)]
+        preds = [self._prediction(p) for p in self._probabilities(images)]
+        return [cut_regions(p, self.cut) for p in preds] if cut else preds
 
     # --- codes of a label map and the prior-weighted decode ---------------------------------------
 
@@ -475,6 +518,10 @@ class Predictor:
             side *= 2
         if not mask.any():  # last resort: the hint itself, cleaned
             mask, conf = _clean(hint), 0.0
+        if self.box_shrink < 1.0 and mask.any():   # a box model's object is its centre: grow it into the box
+            x0, y0, x1, y1 = grow_boxes(instance_boxes(mask.astype(np.int32), [1]), 1.0 / self.box_grow, H, W)[0]
+            mask = np.zeros((H, W), bool)
+            mask[int(y0):math.ceil(y1), int(x0):math.ceil(x1)] = True
         return mask, conf
 
     def _refine_view(self, image, stats, view, hint, pos, neg, label) -> tuple[np.ndarray, float]:

@@ -68,7 +68,7 @@ def instance_iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray,
     return inter / np.maximum(union, 1), p_ids[keep_p], t_ids[keep_t]
 
 
-def _greedy_match(ious: np.ndarray, thr: float) -> list[tuple[int, int]]:
+def greedy_match(ious: np.ndarray, thr: float) -> list[tuple[int, int]]:
     """One-to-one pairs (p, t) with IoU >= thr, best IoU first (unique anyway when thr > 0.5)."""
     ps, ts = np.nonzero(ious >= thr)
     order = np.argsort(-ious[ps, ts], kind="stable")
@@ -88,7 +88,7 @@ def instance_match(pred_instances: np.ndarray, true_instances: np.ndarray, thr: 
     (precision) is 1.0 when there are no true (predicted) instances.
     """
     ious, p_ids, t_ids = instance_iou_matrix(pred_instances, true_instances)
-    pairs = _greedy_match(ious, thr)
+    pairs = greedy_match(ious, thr)
     matched, n_pred, n_true = len(pairs), len(p_ids), len(t_ids)
     recall = matched / n_true if n_true else 1.0
     precision = matched / n_pred if n_pred else 1.0
@@ -106,7 +106,7 @@ def instance_ap(pred_instances: np.ndarray, true_instances: np.ndarray,
         return 1.0
     scores = []
     for thr in thresholds:
-        tp = len(_greedy_match(ious, thr))
+        tp = len(greedy_match(ious, thr))
         scores.append(tp / (len(p_ids) + len(t_ids) - tp))
     return float(np.mean(scores))
 

@@ -31,9 +31,11 @@ from model import metrics
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import from_args
 from model.data import Sample
-from model.inference import (Predictor, bf16_supported, fit_size, image_stats, normalize_image, object_scale,
-                             pad_target, pad_to, resize, resolve_device, scaled_size, soft_target,
+from model.inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, normalize_image,
+                             object_scale, pad_target, pad_to, resize, resolve_device, scaled_size, soft_target,
                              vqvae_from_checkpoint)
+from model.postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
+                               scale_boxes)
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,12 @@ class TrainConfig:
     code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
                                      # so the code predictor learns against fixed codes
+    # regions kept (model/postprocess.py)
+    box_shrink: float = 1.0          # < 1: samples are box-labelled, their label maps hold box centres this size
+    precision_target: float = 0.0    # > 0: the learned region cut reaches this precision at the best recall,
+                                     # else it maximises F1
+    patience: int = 0                # > 0: stop after this many evaluations without a better validation
+                                     # (from the vq_phase on); max_iters / time_budget_s stay the cap
 
     @classmethod
     def from_args(cls, argv: list[str]) -> "TrainConfig":
@@ -214,34 +222,68 @@ def estimate(model: VQVAE, val, batch_size: int, device, edge_weight: float = 1.
     return {"val_loss": ce / n, "val_iou_r": inter / max(union, 1), "val_code_acc": acc / n}
 
 
-def evaluate(predictor_or_ckpt, samples: list[Sample], batch_size: int = 8) -> dict:
-    """Metrics at each image's own size: fg IoU (mean per image and pooled), mIoU, instance recall /
-    precision / F1 at IoU 0.5, DSB-style instance AP, and how the task score tracks the real IoU."""
+def raw_predictions(predictor, samples: list[Sample], batch_size: int = 8) -> list:
+    """Every region the predictor finds on the samples, before any region cut (a stand-in without a
+    region cut: what its predict() returns)."""
+    out = []
+    for i in range(0, len(samples), batch_size):
+        images = [s.image for s in samples[i:i + batch_size]]
+        out += predictor.predict(images, cut=False) if hasattr(predictor, "cut") else predictor.predict(images)
+    return out
+
+
+def learn_cut(predictor: Predictor, samples: list[Sample], raws: list | None = None,
+              precision_target: float = 0.0) -> dict:
+    """Learn the predictor's region cut on held-back samples (sets predictor.cut, and for a box model
+    predictor.box_grow; `raws` are rescaled to it) and return what the checkpoint keeps:
+    {"chosen", "grid", "nms_iou", "match", "box_grow"}."""
+    raws = raw_predictions(predictor, samples) if raws is None else raws
+    box_grow = None
+    if predictor.box_shrink < 1.0:     # a box model: calibrate how far centres grow back into boxes first
+        f = fit_box_scale(raws, samples)
+        box_grow = predictor.box_grow * f
+        predictor.box_grow = box_grow
+        for p in raws:
+            p.boxes = scale_boxes(p.boxes, f, *p.instances.shape)
+    grid = cut_grid([image_record(p, s) for p, s in zip(raws, samples)], predictor.cut.nms_iou)
+    predictor.cut = choose_cut(grid, precision_target, predictor.cut.nms_iou)
+    return {"chosen": predictor.cut.to_dict(), "grid": grid, "nms_iou": predictor.cut.nms_iou,
+            "match": "box" if any(s.boxes is not None for s in samples) else "mask", "box_grow": box_grow}
+
+
+def evaluate(predictor_or_ckpt, samples: list[Sample], batch_size: int = 8, raws: list | None = None) -> dict:
+    """Metrics at each image's own size, after the predictor's region cut: fg IoU (mean per image and
+    pooled), mIoU, instance recall / precision / F1 at IoU 0.5, DSB-style instance AP, box AP50 (per
+    class and mean), regions per image, classes missed, and how the task score tracks the real IoU."""
     predictor = Predictor.from_checkpoint(predictor_or_ckpt) if isinstance(predictor_or_ckpt, (str, Path)) \
         else predictor_or_ckpt            # a Predictor, or anything with its n_classes and predict()
     C = predictor.n_classes
+    cut = getattr(predictor, "cut", None) or RegionCut()     # a stand-in's predict() made its own choice
+    raws = raw_predictions(predictor, samples, batch_size) if raws is None else raws
     ious, mious, aps, scores = [], [], [], []
     inter = union = matched = n_true = n_pred = 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        for s, p in zip(chunk, predictor.predict([s.image for s in chunk])):
-            pf, tf = p.classes > 0, s.classes > 0
-            ious.append(metrics.iou(pf, tf))
-            inter += int((pf & tf).sum())
-            union += int((pf | tf).sum())
-            mious.append(metrics.mean_iou(p.classes, s.classes, C))
-            m = metrics.instance_match(p.instances, s.instances)
-            matched, n_true, n_pred = matched + m["matched"], n_true + m["n_true"], n_pred + m["n_pred"]
-            aps.append(metrics.instance_ap(p.instances, s.instances))
-            scores.append(p.score)
+    for s, raw in zip(samples, raws):
+        p = cut_regions(raw, cut)
+        pf, tf = p.classes > 0, s.classes > 0
+        ious.append(metrics.iou(pf, tf))
+        inter += int((pf & tf).sum())
+        union += int((pf | tf).sum())
+        mious.append(metrics.mean_iou(p.classes, s.classes, C))
+        m = metrics.instance_match(p.instances, s.instances)
+        matched, n_true, n_pred = matched + m["matched"], n_true + m["n_true"], n_pred + m["n_pred"]
+        aps.append(metrics.instance_ap(p.instances, s.instances))
+        scores.append(p.score)
     if not ious:
         raise ValueError("evaluate needs at least one sample")
     recall, precision = matched / max(n_true, 1), matched / max(n_pred, 1)
-    return {"fg_iou": float(np.mean(ious)), "fg_iou_pooled": inter / max(union, 1),
-            "miou": float(np.mean(mious)), "instance_recall": recall, "instance_precision": precision,
-            "instance_f1": 2 * recall * precision / max(recall + precision, 1e-9),
-            "instance_ap": float(np.mean(aps)), "score_iou_spearman": metrics.spearman(scores, ious),
-            "mean_score": float(np.mean(scores)), "n_images": len(ious)}
+    out = {"fg_iou": float(np.mean(ious)), "fg_iou_pooled": inter / max(union, 1),
+           "miou": float(np.mean(mious)), "instance_recall": recall, "instance_precision": precision,
+           "instance_f1": 2 * recall * precision / max(recall + precision, 1e-9),
+           "instance_ap": float(np.mean(aps)), "score_iou_spearman": metrics.spearman(scores, ious),
+           "mean_score": float(np.mean(scores)), "n_images": len(ious)}
+    out.update(detection_metrics(raws, cut, samples, C, getattr(predictor, "label_names", None)))
+    out["region_cut"] = cut.to_dict()
+    return out
 
 
 def get_lr(it: int, frac: float, cfg: TrainConfig) -> float:
@@ -317,7 +359,7 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
     amp = cfg.bf16 and _bf16_ok(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
 
-    best, best_state, history = -1.0, None, []
+    best, best_state, history, stale = -1.0, None, [], 0
     t_start = time.time()
     t0 = t_start
     it = 0
@@ -333,11 +375,16 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
             logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f", it, est["val_loss"],
                         est["val_iou_r"], est["val_code_acc"])
             if (frac >= cfg.vq_phase or last) and est["val_iou_r"] >= best:  # only states with a trained predictor
-                best, best_state = est["val_iou_r"], copy.deepcopy(model.state_dict())
+                best, best_state, stale = est["val_iou_r"], copy.deepcopy(model.state_dict()), 0
+            elif frac >= cfg.vq_phase:
+                stale += 1
             if progress:
                 progress({"phase": "eval", "iter": it, "max_iters": cfg.max_iters, "loss": est["val_loss"],
                           "eta_s": 0.0 if last else _eta(elapsed, frac)})
         if last:
+            break
+        if cfg.patience and stale >= cfg.patience:
+            logger.info("iter %d: no better validation in %d evaluations: stopping", it, stale)
             break
         frozen = frac >= cfg.vq_phase
         freeze_codes(model, frozen)
@@ -371,9 +418,13 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
     model.eval()
     train_s = time.time() - t_start
     result = {"iter_num": iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": scale}
+    region_cut = None
     if val:
-        result.update(evaluate(Predictor(model, label_names, device=str(device), edge_weight=cfg.boundary_weight,
-                                         scale=scale), val))
+        predictor = Predictor(model, label_names, device=str(device), edge_weight=cfg.boundary_weight,
+                              scale=scale, box_shrink=cfg.box_shrink)
+        raws = raw_predictions(predictor, val)
+        region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
+        result.update(evaluate(predictor, val, raws=raws))
         result.update({"best_val_iou_r": best})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
@@ -383,7 +434,7 @@ def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
                "model_config": asdict(mc), "train_config": asdict(cfg), "iter_num": iter0 + it,
                "best_val_loss": min((h["val_loss"] for h in history), default=None),
                "label_names": list(label_names), "metrics": result, "scale": scale,
-               "history": history}
+               "history": history, "region_cut": region_cut}
     save_checkpoint(payload, path)
     if progress:
         progress({"phase": "done", "iter": it, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})

@@ -44,6 +44,7 @@ def _env(ls_server, model_dir: Path, **extra: str) -> dict:
     return {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls_server.url, "LABEL_STUDIO_API_KEY": ls_server.token,
             "TESSERA_DEBOUNCE_S": "2", "TESSERA_MIN_ANNOTATIONS": "4", "TESSERA_TRAIN_ITERS": str(ITERS),
             "TESSERA_GAN_MIN_ANNOTATIONS": str(GAN_MIN), "TESSERA_DEVICE": "cpu", "TESSERA_LOG_LEVEL": "INFO",
+            "TESSERA_FIRST_TRAIN_BUDGET_S": "0",       # the first version trains ITERS too, not until a plateau
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TESSERA_FETCH_THREADS": "4", **extra}
 
 

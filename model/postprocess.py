@@ -1,0 +1,342 @@
+"""Which predicted regions a labeller keeps, and boxes learned as boxes.
+
+Region cut: every version learns, on its held-back images, the region-score threshold and minimum object
+size that maximise F1 (or reach a precision target at the best recall), and boxes that overlap a
+higher-scoring box (IoU >= nms_iou) are dropped as the same object seen twice (greedy NMS, as in
+Faster R-CNN, https://arxiv.org/abs/1506.01497). The grid of (size, score) -> precision / recall is kept
+in the checkpoint, so a precision target set later picks its cut without retraining.
+
+Boxes as boxes: a box-only project paints each box's centre region (the box shrunk by `shrink` about its
+centre) into the label map instead of the whole box, so boxes that overlap keep separate cores (FCOS's
+centre sampling, https://arxiv.org/abs/1904.01355; CenterNet, https://arxiv.org/abs/1904.07850). A
+predicted core's extent, grown back by 1 / shrink, is the predicted box.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from model import metrics
+
+MATCH_IOU = 0.5
+SCORE_GRID = tuple(round(float(s), 2) for s in np.arange(0.0, 0.96, 0.05))
+
+
+@dataclass(frozen=True)
+class RegionCut:
+    """Regions kept in a prediction: score >= min_score, area >= min_area px, not an NMS duplicate."""
+    min_score: float = 0.0
+    min_area: float = 0.0          # pixels at the image's own size
+    nms_iou: float = 0.5           # 1.0 = off
+    precision: float = float("nan")  # measured on the held-back images when the cut was learned
+    recall: float = float("nan")
+    source: str = "default"        # "learned f1", "learned precision>=0.8", "override", "default"
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "RegionCut":
+        d = {k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__ and v is not None}
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# boxes
+
+
+def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray:
+    """Indices of the boxes (N, 4) (x0, y0, x1, y1) kept by greedy NMS, highest score first.
+
+    Hand-written: torchvision's nms does not import beside the CPU torch wheel here (DESIGN.md), and
+    the boxes per image are few (hundreds at most), so one IoU matrix is cheap."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    if iou_thr >= 1.0 or len(order) < 2:
+        return order
+    ious = metrics.box_iou(boxes, boxes)
+    suppressed = np.zeros(len(boxes), bool)
+    keep = []
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= ious[i] >= iou_thr
+    return np.array(keep, np.intp)
+
+
+def instance_boxes(instances: np.ndarray, ids: list[int]) -> np.ndarray:
+    """Half-open pixel boxes (x0, y0, x1, y1) of the given instance ids: (len(ids), 4) float."""
+    from scipy.ndimage import find_objects
+
+    out = np.zeros((len(ids), 4))
+    if not ids:
+        return out
+    found = find_objects(np.asarray(instances), max_label=max(ids))
+    for n, k in enumerate(ids):
+        sl = found[k - 1]
+        if sl is not None:
+            out[n] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+    return out
+
+
+def grow_boxes(core_boxes: np.ndarray, shrink: float, height: int, width: int) -> np.ndarray:
+    """Core boxes (N, 4) -> object boxes: sizes / shrink about the same centres, clipped to the image."""
+    b = np.asarray(core_boxes, np.float64).reshape(-1, 4)
+    c = (b[:, :2] + b[:, 2:]) / 2
+    half = (b[:, 2:] - b[:, :2]) / (2 * shrink)
+    out = np.concatenate([c - half, c + half], axis=1)
+    return out.clip(0, [width, height, width, height])
+
+
+def paint_box_cores(boxes: np.ndarray, labels: np.ndarray, height: int, width: int, shrink: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) (x0, y0, x1, y1, pixel edges) with classes (N,) -> (classes, instances) (H, W) int32
+    of their centre regions. Larger boxes are painted first, so where cores still overlap the smaller
+    object stays visible; every core keeps at least one pixel."""
+    classes = np.zeros((height, width), np.int32)
+    instances = np.zeros((height, width), np.int32)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    order = np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")
+    for k, i in enumerate(order, 1):
+        x0, y0, x1, y1 = b[i]
+        cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * shrink / 2, (y1 - y0) * shrink / 2
+        c0, c1 = int(round(cx - hw)), int(round(cx + hw))
+        r0, r1 = int(round(cy - hh)), int(round(cy + hh))
+        c0, r0 = min(max(c0, 0), width - 1), min(max(r0, 0), height - 1)
+        c1, r1 = min(max(c1, c0 + 1), width), min(max(r1, r0 + 1), height)
+        classes[r0:r1, c0:c1] = int(labels[i])
+        instances[r0:r1, c0:c1] = k
+    return classes, instances
+
+
+# -----------------------------------------------------------------------------
+# applying and learning a cut
+
+
+def scale_boxes(boxes: dict, factor: float, height: int, width: int) -> dict:
+    """Boxes (id -> (x0, y0, x1, y1)) scaled by `factor` about their centres, clipped to the image."""
+    out = {}
+    for k, (x0, y0, x1, y1) in boxes.items():
+        cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * factor / 2, (y1 - y0) * factor / 2
+        out[k] = (max(0.0, cx - hw), max(0.0, cy - hh), min(float(width), cx + hw), min(float(height), cy + hh))
+    return out
+
+
+def fit_box_scale(raws: list, samples: list, factors=tuple(np.round(np.arange(0.6, 1.41, 0.05), 2))) -> float:
+    """The factor by which a box model's boxes are grown about their centres that matches the most true
+    boxes at IoU 0.5 on held-back images (then the highest mean IoU): predicted centre regions come out
+    systematically larger or smaller than the painted ones (blur, outline growth), and that bias shows
+    directly in box IoU."""
+    pairs = [(r, true_objects(s)[0]) for r, s in zip(raws, samples) if r.boxes]
+    if not pairs:
+        return 1.0
+    best, best_key = 1.0, (-1, -1.0)
+    for f in factors:
+        matched, iou_sum = 0, 0.0
+        for r, t in pairs:
+            ids = sorted(r.boxes)
+            b = np.array([r.boxes[k] for k in ids]) * 1.0
+            c, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) * f / 2
+            ious = metrics.box_iou(np.concatenate([c - half, c + half], 1), t)
+            m = metrics.greedy_match(ious, MATCH_IOU)
+            matched += len(m)
+            iou_sum += sum(ious[p, q] for p, q in m)
+        key = (matched, iou_sum)
+        if key > best_key:
+            best, best_key = float(f), key
+    return best
+
+
+def kept_regions(scores: np.ndarray, areas: np.ndarray, boxes: np.ndarray, cut: RegionCut) -> np.ndarray:
+    """Indices of the regions a cut keeps (score and size first, then NMS among the survivors)."""
+    scores, areas = np.asarray(scores, np.float64), np.asarray(areas, np.float64)
+    idx = np.flatnonzero((scores >= cut.min_score) & (areas >= cut.min_area))
+    if len(idx) < 2:
+        return idx
+    return idx[box_nms(np.asarray(boxes)[idx], scores[idx], cut.nms_iou)]
+
+
+@dataclass
+class ImageRecord:
+    """One held-back image's raw (uncut) regions against its true objects, for learning a cut."""
+    scores: np.ndarray    # (P,)
+    areas: np.ndarray     # (P,) px
+    boxes: np.ndarray     # (P, 4) predicted boxes
+    ious: np.ndarray      # (P, T) IoU with each true object (mask or box IoU)
+    true_areas: np.ndarray  # (T,)
+
+
+def count_matches(rec: ImageRecord, keep: np.ndarray) -> int:
+    """True objects matched one-to-one at IoU >= MATCH_IOU by the kept regions."""
+    if not len(keep) or not rec.ious.shape[1]:
+        return 0
+    return len(metrics.greedy_match(rec.ious[keep], MATCH_IOU))
+
+
+def cut_grid(records: list[ImageRecord], nms_iou: float = 0.5) -> list[dict]:
+    """Precision / recall / F1 for every (min_area, min_score) candidate, pooled over the images.
+
+    Size candidates are 0 and fractions of the small true objects' area (the 5th percentile), so a cut
+    never removes objects the people labelled as small."""
+    true_areas = np.concatenate([r.true_areas for r in records]) if records else np.zeros(0)
+    small = float(np.percentile(true_areas, 5)) if true_areas.size else 0.0
+    area_grid = sorted({0.0} | {round(f * small, 1) for f in (0.1, 0.25, 0.5)})
+    n_true = int(true_areas.size)
+    rows = []
+    for a in area_grid:
+        # greedy NMS goes by descending score, so NMS-then-score-cut equals score-cut-then-NMS: one NMS per size
+        kept = [kept_regions(r.scores, r.areas, r.boxes, RegionCut(min_area=a, nms_iou=nms_iou)) for r in records]
+        for s in SCORE_GRID:
+            tp = n_pred = 0
+            for r, k in zip(records, kept):
+                keep = k[r.scores[k] >= s]
+                n_pred += len(keep)
+                tp += count_matches(r, keep)
+            p = tp / n_pred if n_pred else 1.0
+            rc = tp / n_true if n_true else 1.0
+            rows.append({"min_area": a, "min_score": s, "precision": round(p, 4), "recall": round(rc, 4),
+                         "f1": round(2 * p * rc / (p + rc), 4) if p + rc else 0.0, "n_pred": n_pred,
+                         "n_true": n_true})
+    return rows
+
+
+def choose_cut(grid: list[dict], precision_target: float = 0.0, nms_iou: float = 0.5) -> RegionCut:
+    """The cut of a grid: best F1, or with precision_target > 0 the best recall among the cuts that reach
+    it (the most precise cut when none does). Ties go to the lower thresholds (more kept)."""
+    if not grid:
+        return RegionCut(nms_iou=nms_iou)
+    if precision_target > 0:
+        ok = [r for r in grid if r["precision"] >= precision_target]
+        if ok:
+            best = max(ok, key=lambda r: (r["recall"], r["f1"], -r["min_score"], -r["min_area"]))
+            source = f"learned precision>={precision_target:g}"
+        else:
+            best = max(grid, key=lambda r: (r["precision"], r["recall"]))
+            source = f"learned precision>={precision_target:g} (not reached)"
+    else:
+        best = max(grid, key=lambda r: (r["f1"], -r["min_score"], -r["min_area"]))
+        source = "learned f1"
+    return RegionCut(min_score=best["min_score"], min_area=best["min_area"], nms_iou=nms_iou,
+                     precision=best["precision"], recall=best["recall"], source=source)
+
+
+def resolve_cut(stored: dict | None, precision_target: float = 0.0, min_score: float | None = None) -> RegionCut:
+    """The cut a predictor applies: the checkpoint's grid re-chosen for `precision_target` (else its
+    stored choice), with `min_score` (an operator's override) replacing the learned score threshold."""
+    stored = stored or {}
+    nms = float(stored.get("nms_iou", 0.5))
+    if precision_target > 0 and stored.get("grid"):
+        cut = choose_cut(stored["grid"], precision_target, nms)
+    else:
+        cut = RegionCut.from_dict(stored.get("chosen")) if stored.get("chosen") else RegionCut(nms_iou=nms)
+    if min_score is not None and min_score >= 0:
+        cut = replace(cut, min_score=float(min_score), precision=float("nan"), recall=float("nan"),
+                      source="override")
+    return cut
+
+
+# -----------------------------------------------------------------------------
+# held-back evaluation
+
+
+def box_sample(image: np.ndarray, boxes: np.ndarray, shrink: float, id: str = "", synthetic: bool = False):
+    """A box-labelled image -> a Sample whose label map holds the boxes' centre regions.
+
+    boxes: (N, 5) rows (x0, y0, x1, y1, class 1..C) in pixel edges."""
+    from model.data import Sample
+
+    b = np.asarray(boxes, np.float64).reshape(-1, 5)
+    classes, instances = paint_box_cores(b[:, :4], b[:, 4].astype(np.int32), *image.shape[:2], shrink)
+    return Sample(image=image, classes=classes, instances=instances, id=id, synthetic=synthetic, boxes=b)
+
+
+def true_objects(sample) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes (T, 4), classes (T,)) of a sample's true objects: its boxes, else its instances'."""
+    if sample.boxes is not None:
+        b = np.asarray(sample.boxes, np.float64).reshape(-1, 5)
+        return b[:, :4], b[:, 4].astype(np.int32)
+    ids = [int(i) for i in np.unique(sample.instances) if i]
+    cls = _majority_class(sample.instances, sample.classes, ids)
+    return instance_boxes(sample.instances, ids), cls
+
+
+def _majority_class(instances: np.ndarray, classes: np.ndarray, ids: list[int]) -> np.ndarray:
+    if not ids:
+        return np.zeros(0, np.int32)
+    flat_i, flat_c = instances.ravel().astype(np.int64), classes.ravel().astype(np.int64)
+    n_c = int(flat_c.max()) + 1
+    joint = np.bincount(flat_i * n_c + flat_c, minlength=(max(ids) + 1) * n_c).reshape(-1, n_c)
+    joint[:, 0] = 0
+    return joint[ids].argmax(1).astype(np.int32)
+
+
+def pred_objects(pred) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, boxes (P, 4), areas (P,), scores (P,), classes (P,)) of a Prediction's regions."""
+    ids = sorted(pred.instance_label)
+    if pred.boxes is not None:
+        boxes = np.array([pred.boxes[k] for k in ids], np.float64).reshape(-1, 4)
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    else:
+        boxes = instance_boxes(pred.instances, ids)
+        areas = np.bincount(pred.instances.ravel(), minlength=max(ids, default=0) + 1)[ids].astype(np.float64)
+    scores = np.array([pred.instance_score.get(k, 0.0) for k in ids], np.float64)
+    classes = np.array([pred.instance_label[k] for k in ids], np.int32)
+    return ids, boxes, areas, scores, classes
+
+
+def image_record(pred, sample) -> ImageRecord:
+    """Raw regions of one held-back image against its truth: box IoU for box samples, mask IoU else."""
+    ids, boxes, areas, scores, _ = pred_objects(pred)
+    t_boxes, _ = true_objects(sample)
+    if sample.boxes is not None:
+        ious = metrics.box_iou(boxes, t_boxes)
+        t_areas = (t_boxes[:, 2] - t_boxes[:, 0]) * (t_boxes[:, 3] - t_boxes[:, 1])
+    else:
+        full, p_ids, t_ids = metrics.instance_iou_matrix(pred.instances, sample.instances)
+        rows = {int(k): n for n, k in enumerate(p_ids)}
+        ious = np.zeros((len(ids), len(t_ids)))
+        for n, k in enumerate(ids):
+            if k in rows:
+                ious[n] = full[rows[k]]
+        t_areas = np.bincount(sample.instances.ravel())[t_ids].astype(np.float64)
+    return ImageRecord(scores, areas, boxes, ious, t_areas)
+
+
+def detection_metrics(raws: list, cut: RegionCut, samples: list, n_classes: int,
+                      label_names: list[str] | None = None) -> dict:
+    """Box AP50 (all regions after NMS, per class and mean), and after the cut: precision, recall, F1,
+    per-class recall, regions per image against the true count, and the classes no region found."""
+    nms_only = RegionCut(nms_iou=cut.nms_iou)
+    names = label_names or [f"class_{c}" for c in range(1, n_classes + 1)]
+    per_class_p = {c: [] for c in range(1, n_classes + 1)}
+    per_class_t = {c: [] for c in range(1, n_classes + 1)}
+    tp = n_pred = n_true = 0
+    class_tp = np.zeros(n_classes + 1)
+    class_true = np.zeros(n_classes + 1)
+    for raw, s in zip(raws, samples):
+        rec = image_record(raw, s)
+        _, boxes, _, scores, classes = pred_objects(raw)
+        t_boxes, t_cls = true_objects(s)
+        all_keep = kept_regions(scores, rec.areas, boxes, nms_only)
+        for c in per_class_p:
+            k = all_keep[classes[all_keep] == c]
+            per_class_p[c].append(np.concatenate([boxes[k], scores[k, None]], 1))
+            per_class_t[c].append(t_boxes[t_cls == c])
+        keep = kept_regions(scores, rec.areas, boxes, cut)
+        pairs = metrics.greedy_match(rec.ious[keep], MATCH_IOU) if len(keep) and len(t_cls) else []
+        tp, n_pred, n_true = tp + len(pairs), n_pred + len(keep), n_true + len(t_cls)
+        for p, t in pairs:
+            class_tp[t_cls[t]] += classes[keep[p]] == t_cls[t]
+        np.add.at(class_true, t_cls, 1)
+    present = [c for c in per_class_p if class_true[c] > 0]
+    class_ap = {names[c - 1]: metrics.box_ap50_many(per_class_p[c], per_class_t[c]) for c in present}
+    class_recall = {names[c - 1]: float(class_tp[c] / class_true[c]) for c in present}
+    precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
+    return {"box_ap50": float(np.mean(list(class_ap.values()))) if class_ap else 1.0,
+            "class_ap50": class_ap, "class_recall": class_recall,
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(precision + recall, 1e-9),
+            "regions_per_image": n_pred / max(len(samples), 1), "true_per_image": n_true / max(len(samples), 1),
+            "missed_classes": [n for n, r in class_recall.items() if r == 0.0]}

@@ -1,0 +1,131 @@
+"""A box-only project end to end: a real Label Studio 1.23.2 and `tessera serve`. Tasks annotated with the
+generator's boxes (overlapping ones too) train a box model; "Retrieve predictions" on tasks nobody
+annotated gives boxes whose count and placement match the generator's objects, after the version's
+learned region cut."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from model import metrics
+from tests.conftest import TesseraProcess
+
+pytestmark = pytest.mark.e2e
+
+CONFIG_BOXES = """<View><Image name="image" value="$image"/>
+  <RectangleLabels name="bbox" toName="image"><Label value="Red"/><Label value="Green"/></RectangleLabels></View>"""
+LABELS = ["Red", "Green"]
+SIZE = 112
+N_ANNOTATED, N_NEW = 18, 6
+
+
+def make_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy dark image with 3-6 red or green discs, some overlapping their neighbour (their boxes
+    overlap; no disc hides another) -> (image, boxes (N, 5) x0, y0, x1, y1, class)."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    image = rng.normal(30, 8, (SIZE, SIZE, 3))
+    discs: list[tuple[float, float, float]] = []
+    boxes = []
+    for _ in range(int(rng.integers(3, 7))):
+        for _attempt in range(50):
+            r = float(rng.uniform(7, 14))
+            if discs and rng.random() < 0.4:           # beside the previous disc, overlapping it
+                px, py, pr = discs[-1]
+                a = rng.uniform(0, 2 * np.pi)
+                d = rng.uniform(1.5, 1.8) * max(r, pr)
+                cx, cy = px + d * np.cos(a), py + d * np.sin(a)
+            else:
+                cx, cy = rng.uniform(r, SIZE - r), rng.uniform(r, SIZE - r)
+            inside = r <= cx <= SIZE - r and r <= cy <= SIZE - r
+            if inside and all(np.hypot(cx - x, cy - y) >= 1.5 * max(r, q) for x, y, q in discs):
+                break
+        else:
+            continue
+        discs.append((cx, cy, r))
+        c = int(rng.integers(1, 3))
+        disc = (yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 < r * r
+        image[disc] = [200, 60, 50] if c == 1 else [50, 190, 60]
+        image[disc] += rng.normal(0, 10, (int(disc.sum()), 3))
+        boxes.append((cx - r, cy - r, cx + r, cy + r, c))
+    return image.clip(0, 255).astype(np.uint8), np.array(boxes, np.float64).reshape(-1, 5)
+
+
+def box_results(boxes: np.ndarray) -> list[dict]:
+    return [{"from_name": "bbox", "to_name": "image", "type": "rectanglelabels", "original_width": SIZE,
+             "original_height": SIZE, "image_rotation": 0,
+             "value": {"x": x0 / SIZE * 100, "y": y0 / SIZE * 100, "width": (x1 - x0) / SIZE * 100,
+                       "height": (y1 - y0) / SIZE * 100, "rotation": 0, "rectanglelabels": [LABELS[int(c) - 1]]}}
+            for x0, y0, x1, y1, c in boxes]
+
+
+def wait_for(fn, timeout: float, what: str):
+    deadline, value = time.time() + timeout, None
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {value!r}")
+
+
+def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server, ls_api, tmp_path):
+    rng = np.random.default_rng(15)
+    scenes = [make_scene(rng) for _ in range(N_ANNOTATED + N_NEW)]
+    paths = []
+    for i, (image, _) in enumerate(scenes):
+        paths.append(tmp_path / f"scene_{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    env = {"MODEL_DIR": str(tmp_path / "models"), "LABEL_STUDIO_URL": ls_server.url,
+           "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_DEBOUNCE_S": "1", "TESSERA_MIN_ANNOTATIONS": "5",
+           "TESSERA_TRAIN_ITERS": "160", "TESSERA_TRAIN_BUDGET_S": "0", "TESSERA_FIRST_TRAIN_BUDGET_S": "0",
+           "TESSERA_GAN_MIN_ANNOTATIONS": "100000", "TESSERA_DEVICE": "cpu", "TESSERA_LOG_LEVEL": "INFO"}
+    proc = TesseraProcess(env, tmp_path / "tessera.log").wait_up()
+    try:
+        pid = ls_api.create_project("tessera boxes", CONFIG_BOXES)["id"]
+        tasks = ls_api.upload_images(pid, paths)["task_ids"]
+        for tid, (_, boxes) in zip(tasks[:N_ANNOTATED], scenes):   # annotated before connecting: one run
+            ls_api.create_annotation(tid, box_results(boxes))
+        ml = ls_api.connect_ml(pid, proc.url, "Tessera", is_interactive=False)
+        ls_api.ml_train(ml["id"])                          # "Start training"
+
+        def done():
+            st = requests.get(f"{proc.url}/status", params={"project": pid}, timeout=10).json()
+            assert st["job"]["state"] != "failed", st
+            return st if st["job"]["state"] == "done" and st["job"]["last_result"] else None
+        st = wait_for(done, 900, "the training run")       # 160 iterations, not timed: same model on any load
+        result = st["job"]["last_result"]
+        assert result["status"] == "promoted", result
+        m = result["metrics"]
+        print(f"box project: {m.get('train_s')} s training, held-back box AP50 {m.get('box_ap50')}, precision "
+              f"{m.get('precision')}, recall {m.get('recall')}; served: {st['served']}")
+        assert m["box_ap50"] > 0.5, result
+        served = st["served"]
+        assert served["metric"] == "box AP50" and {"precision", "recall", "region_cut"} <= served.keys(), served
+        assert served["region_cut"]["source"].startswith("learned"), served
+
+        ls_api.retrieve_predictions(pid)
+        tp = n_pred = n_true = overlapping = 0
+        for tid, (_, boxes) in zip(tasks[N_ANNOTATED:], scenes[N_ANNOTATED:]):
+            preds = ls_api.predictions(tid)
+            assert len(preds) == 1, preds
+            got = np.array([[r["value"]["x"], r["value"]["y"], r["value"]["x"] + r["value"]["width"],
+                             r["value"]["y"] + r["value"]["height"]] for r in preds[0]["result"]]).reshape(-1, 4)
+            assert all(r["type"] == "rectanglelabels" for r in preds[0]["result"])
+            got = got * SIZE / 100
+            ious = metrics.box_iou(got, boxes[:, :4])
+            tp += len(metrics.greedy_match(ious, 0.5))
+            n_pred, n_true = n_pred + len(got), n_true + len(boxes)
+            among = metrics.box_iou(got, got)
+            overlapping += int((np.triu(among, 1) > 0).sum())
+        precision, recall = tp / max(n_pred, 1), tp / n_true
+        print(f"retrieved: {n_pred} boxes for {n_true} objects, precision {precision:.2f} recall {recall:.2f}, "
+              f"{overlapping} overlapping pairs")
+        assert 0.8 * n_true <= n_pred <= 1.2 * n_true, (n_pred, n_true)
+        assert precision >= 0.8 and recall >= 0.8, (precision, recall)
+        assert overlapping >= 3, "overlapping objects should come back as overlapping boxes"   # 11 true pairs
+    finally:
+        proc.stop()

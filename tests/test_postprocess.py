@@ -1,0 +1,124 @@
+"""Region cut (score, size, NMS), its learning on held-back images, and boxes learned as box centres."""
+import numpy as np
+import pytest
+
+from model.inference import Prediction, cut_regions
+from model.postprocess import (ImageRecord, RegionCut, box_nms, box_sample, choose_cut, cut_grid,
+                               detection_metrics, grow_boxes, image_record, paint_box_cores, resolve_cut)
+
+
+def test_box_nms_drops_overlapping_boxes_of_one_object():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]])
+    keep = box_nms(boxes, np.array([0.9, 0.8, 0.7, 0.95]), 0.5)
+    assert sorted(keep.tolist()) == [2, 3]          # the two lower-scoring copies of the first box go
+    assert sorted(box_nms(boxes, np.ones(4), 1.0).tolist()) == [0, 1, 2, 3]
+
+
+def test_paint_box_cores_keeps_overlapping_boxes_apart_and_grows_back():
+    boxes = np.array([[10, 10, 50, 50], [30, 30, 70, 70]], float)    # IoU 0.14, heavily overlapping
+    classes, inst = paint_box_cores(boxes, np.array([1, 2]), 80, 80, 0.5)
+    assert set(np.unique(inst)) == {0, 1, 2} and set(np.unique(classes)) == {0, 1, 2}
+    from model.postprocess import instance_boxes
+    core = instance_boxes(inst, [1, 2])
+    grown = grow_boxes(core, 0.5, 80, 80)
+    assert np.abs(np.sort(grown, 0) - np.sort(boxes, 0)).max() <= 1.0
+
+
+def _pred(instances, scores):
+    ids = [int(i) for i in np.unique(instances) if i]
+    return Prediction((instances > 0).astype(np.int32), instances.astype(np.int32), {k: 1 for k in ids},
+                      dict(zip(ids, scores)), 0.5)
+
+
+def test_cut_regions_drops_low_scores_and_specks():
+    inst = np.zeros((40, 40), np.int32)
+    inst[2:12, 2:12] = 1          # real, 100 px
+    inst[20:22, 20:22] = 2        # speck, 4 px
+    inst[25:35, 25:35] = 3        # low score
+    out = cut_regions(_pred(inst, [0.9, 0.95, 0.3]), RegionCut(min_score=0.5, min_area=10))
+    assert set(out.instance_label) == {1} and set(np.unique(out.instances)) == {0, 1}
+    assert (out.classes > 0).sum() == 100
+
+
+def test_learned_cut_maximises_f1_and_meets_a_precision_target():
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(20):
+        # 5 true objects found with scores ~0.85, 10 false positives with scores ~0.6 (some high)
+        s_true, s_false = rng.uniform(0.7, 1.0, 5), rng.uniform(0.3, 0.8, 10)
+        ious = np.zeros((15, 5))
+        ious[np.arange(5), np.arange(5)] = 0.8
+        records.append(ImageRecord(np.concatenate([s_true, s_false]), np.full(15, 100.0),
+                                   np.arange(60).reshape(15, 4) * 100.0, ious, np.full(5, 100.0)))
+    grid = cut_grid(records)
+    raw = next(r for r in grid if r["min_score"] == 0 and r["min_area"] == 0)
+    assert raw["precision"] == pytest.approx(1 / 3, abs=1e-3) and raw["recall"] == 1.0
+    f1 = choose_cut(grid)
+    assert f1.min_score >= 0.6 and f1.precision > 0.6 and f1.recall > 0.6
+    strict = choose_cut(grid, precision_target=0.95)
+    assert strict.precision >= 0.95 and strict.min_score >= f1.min_score
+    # the override replaces the learned score threshold; the grid re-chooses for a target at load time
+    stored = {"chosen": f1.to_dict(), "grid": grid, "nms_iou": 0.5}
+    assert resolve_cut(stored).min_score == f1.min_score
+    assert resolve_cut(stored, min_score=0.2).min_score == 0.2
+    assert resolve_cut(stored, precision_target=0.95).min_score == strict.min_score
+
+
+def test_detection_metrics_on_box_samples_count_classes_and_misses():
+    img = np.zeros((60, 60, 3), np.uint8)
+    s = box_sample(img, np.array([[5, 5, 25, 25, 1], [30, 30, 55, 55, 2]]), 0.6)
+    assert s.boxes.shape == (2, 5) and s.instances.max() == 2
+    pred = Prediction(s.classes, s.instances, {1: 2, 2: 2}, {1: 0.9, 2: 0.8}, 0.9,
+                      boxes={1: (30.0, 30.0, 55.0, 55.0), 2: (5.0, 5.0, 25.0, 25.0)})  # both called class 2
+    rec = image_record(pred, s)
+    assert rec.ious.shape == (2, 2)
+    m = detection_metrics([pred], RegionCut(), [s], 2, ["a", "b"])
+    assert m["precision"] == 1.0 and m["recall"] == 1.0
+    assert m["class_recall"] == {"a": 0.0, "b": 1.0} and m["missed_classes"] == ["a"]
+    assert m["class_ap50"]["b"] == 1.0 and m["box_ap50"] == 0.5
+
+
+def test_images_without_predictions_or_objects_count_correctly():
+    img = np.zeros((30, 30, 3), np.uint8)
+    empty_pred = Prediction(np.zeros((30, 30), np.int32), np.zeros((30, 30), np.int32), {}, {}, 1.0, boxes={})
+    with_box = box_sample(img, np.array([[2, 2, 12, 12, 1]]), 0.6)
+    no_box = box_sample(img, np.zeros((0, 5)), 0.6)
+    for s in (with_box, no_box):
+        rec = image_record(empty_pred, s)
+        assert rec.ious.shape == (0, len(s.boxes))
+    m = detection_metrics([empty_pred, empty_pred], RegionCut(), [with_box, no_box], 1)
+    assert m["recall"] == 0.0 and m["regions_per_image"] == 0.0 and m["true_per_image"] == 0.5
+    assert cut_grid([image_record(empty_pred, with_box)])[0]["recall"] == 0.0
+
+
+def test_box_scale_is_learned_from_systematically_too_large_boxes():
+    from model.postprocess import fit_box_scale, scale_boxes
+    img = np.zeros((100, 100, 3), np.uint8)
+    s = box_sample(img, np.array([[10, 10, 30, 30, 1], [50, 50, 80, 70, 1]]), 0.6)
+    too_big = {1: (5.0, 5.0, 35.0, 35.0), 2: (42.5, 45.0, 87.5, 75.0)}       # 1.5x the true sizes
+    pred = Prediction(s.classes, s.instances, {1: 1, 2: 1}, {1: 0.9, 2: 0.9}, 0.9, boxes=too_big)
+    f = fit_box_scale([pred], [s])
+    assert f == pytest.approx(1 / 1.5, abs=0.03)
+    fixed = scale_boxes(too_big, f, 100, 100)
+    assert np.allclose(fixed[1], (10, 10, 30, 30), atol=1.0)
+
+
+def test_a_box_model_predicts_grown_boxes_and_refines_into_a_box(monkeypatch):
+    from model.inference import Predictor
+    from model.vqvae import VQVAE, VQVAEConfig
+
+    model = VQVAE(VQVAEConfig(resolution=32, n_labels=3, codebook_size=16, embed_dim=8, widths=(8, 8, 16, 16)))
+    p = Predictor(model, ["a"], device="cpu", box_shrink=0.5)
+    assert p.box_grow == 2.0
+    probs = np.zeros((3, 40, 48), np.float32)
+    probs[0] = 1.0
+    probs[:, 10:20, 12:22] = [[[0.0]], [[1.0]], [[0.0]]]            # one centre region, 10 x 10 px
+    pred = p._prediction(probs)
+    assert pred.boxes == {1: (7.0, 5.0, 27.0, 25.0)}                 # grown 2x about its centre
+    monkeypatch.setattr(p, "_unletterbox", lambda *a: probs)
+    hint = np.zeros((40, 48), bool)
+    hint[5:25, 7:27] = True                                          # a rough box around the object
+    mask, conf = p.refine(np.zeros((40, 48, 3), np.uint8), hint, [], [], 1)
+    ys, xs = np.nonzero(mask)
+    assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (5, 25, 7, 27) and mask.sum() == 400
+    assert conf == pytest.approx(1.0)
