@@ -257,7 +257,8 @@ def boxes_to_results(boxes: dict[int, tuple[float, float, float, float]], labels
             continue
         value = {"x": _pct(x0, width), "y": _pct(y0, height), "width": _pct(x1 - x0, width),
                  "height": _pct(y1 - y0, height), "rotation": 0, "rectanglelabels": [labels[k]]}
-        results.append(_region(control, value, width, height, scores.get(k, 0.0), f"{id_prefix}{control.from_name}-{k}"))
+        rid = f"{id_prefix}{control.from_name}-{k}"
+        results.append(_region(control, value, width, height, scores.get(k, 0.0), rid))
     return results
 
 
@@ -267,7 +268,8 @@ def results_to_boxes(results: Iterable[dict], to_name: str, height: int, width: 
     even where boxes overlap (a rotated box becomes its axis-aligned bounding box)."""
     rows = []
     for r in results:
-        if not isinstance(r, dict) or r.get("to_name") != to_name or r.get("type") not in ("rectanglelabels", "rectangle"):
+        if not isinstance(r, dict) or r.get("to_name") != to_name \
+                or r.get("type") not in ("rectanglelabels", "rectangle"):
             continue
         label = result_label(r)
         if label not in label_index:
