@@ -115,7 +115,9 @@ def test_a_box_model_predicts_grown_boxes_and_refines_into_a_box(monkeypatch):
     probs[:, 10:20, 12:22] = [[[0.0]], [[1.0]], [[0.0]]]            # one centre region, 10 x 10 px
     pred = p._prediction(probs)
     assert pred.boxes == {1: (7.0, 5.0, 27.0, 25.0)}                 # grown 2x about its centre
-    monkeypatch.setattr(p, "_unletterbox", lambda *a: probs)
+    core = np.zeros((40, 48), bool)
+    core[10:20, 12:22] = True                                        # what the network finds: the centre
+    monkeypatch.setattr(p, "_refine_view", lambda *a: (core, 1.0))
     hint = np.zeros((40, 48), bool)
     hint[5:25, 7:27] = True                                          # a rough box around the object
     mask, conf = p.refine(np.zeros((40, 48, 3), np.uint8), hint, [], [], 1)
