@@ -55,26 +55,28 @@ def test_region_cut_settings(monkeypatch):
         Settings.from_env()
 
 
-def test_cli_iters_train_them_all_unless_a_budget_is_given(monkeypatch):
+def test_cli_iters_train_them_all_unless_a_budget_is_given(monkeypatch, tmp_path):
     seen = {}
 
-    def fake(settings, key, train, val, names, reason, iters, progress, budget_s=0.0, config=None):
+    def fake(settings, key, train, val, names, reason, iters, progress, budget_s=0.0, config=None, **kw):
         seen.update(iters=iters, budget_s=budget_s, box_only=training.is_box_only(config))
-        return {"status": "promoted", "metrics": {}}
+        return {"status": "rejected", "metrics": {}}
 
     from model.data import Sample
     samples = [Sample(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32), np.zeros((8, 8), np.int32),
                       id=f"{i}:image") for i in range(1, 7)]
+    tasks = [{"id": i} for i in range(1, 7)]
     monkeypatch.setattr(training, "LSClient", lambda settings: None)
-    monkeypatch.setattr(training, "project_samples", lambda *a, **k: (
-        samples, ["Cell"], parse_label_config(BOXES), [{"id": i} for i in range(1, 7)]))
+    monkeypatch.setattr(training, "annotated_tasks", lambda *a: (parse_label_config(BOXES), tasks))
+    monkeypatch.setattr(training, "load_samples", lambda *a, **k: (samples, tasks))
+    monkeypatch.setattr(training, "held_back_samples", lambda *a: (samples[:5], samples[5:], None))
     monkeypatch.setattr(training, "_train_and_register", fake)
-    s = Settings(train_budget_s=90.0, gan_min_annotations=1000)
-    training.train_project("3", "cli", settings=s, iters=2400)
+    s = Settings(train_budget_s=90.0, gan_min_annotations=1000, model_dir=tmp_path)
+    training.train_project("3", "cli", settings=s, iters=2400, force=True)
     assert seen == {"iters": 2400, "budget_s": 0.0, "box_only": True}
-    training.train_project("3", "cli", settings=s, iters=2400, budget_s=60.0)
+    training.train_project("3", "cli", settings=s, iters=2400, budget_s=60.0, force=True)
     assert seen["budget_s"] == 60.0
-    training.train_project("3", "webhook", settings=s)
+    training.train_project("3", "webhook", settings=s, force=True)
     assert seen["budget_s"] == 90.0 and seen["iters"] is None
 
 
