@@ -336,7 +336,8 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
                                                        box_only)
                     promote, why = judge(ckpt, served, base_name, val, judged, label_names, settings, metrics,
                                          box_only)
-                    lost = lost_classes(metrics, served_metrics(val))
+                    # a lost class blocks promotion, unless the tolerance says "serve any new version" (>= 1)
+                    lost = lost_classes(metrics, served_metrics(val)) if settings.promote_tolerance < 1 else []
                     if lost:
                         promote, why = False, (f"{why}; loses class {', '.join(lost)} (the served version finds "
                                                f"it, this one finds none)")
