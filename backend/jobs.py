@@ -162,7 +162,7 @@ class ThreadJobRunner:
                             run_at=time.time() + self.debounce_s)
             if not p.running:
                 p.status["state"] = "scheduled"
-            if self._thread is None:        # started lazily: safe under gunicorn's fork
+            if self._thread is None:        # started lazily: safe under a forking server (tessera serve --workers N)
                 self._thread = threading.Thread(target=self._loop, name="tessera-jobs", daemon=True)
                 self._thread.start()
             self._cond.notify_all()

@@ -254,7 +254,7 @@ QUIET_LOGGERS = ("httpx", "httpcore")      # one INFO line per HTTP request (lab
 
 
 def configure_logging(level: str) -> None:
-    """Root logging for the CLI, gunicorn and workers: one format, and no per-request INFO lines from
+    """Root logging for the CLI, the server and workers: one format, and no per-request INFO lines from
     HTTP client libraries."""
     import logging
 

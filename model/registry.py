@@ -1,6 +1,6 @@
 """Versioned model store: root/versions/v0001/{model.pt, info.json} and an atomic root/current.json pointer.
 
-Safe for several processes sharing the directory (gunicorn workers, RQ workers on other hosts sharing
+Safe for several processes sharing the directory (server worker processes, RQ workers on other hosts sharing
 MODEL_DIR): add/rollback hold an fcntl.flock on root/.lock; a version is staged in a hidden tmp dir and
 renamed into place, and current.json is replaced atomically, so a crash at any point (kill -9, disk full)
 leaves either the old or the new state, never a half version or a broken pointer.

@@ -138,7 +138,7 @@ def free_port() -> int:
 
 
 class TesseraProcess:
-    """`tessera serve` (gunicorn, the production entry point) in a subprocess, with its log kept."""
+    """`tessera serve` (waitress, the production entry point) in a subprocess, with its log kept."""
 
     def __init__(self, env: dict, log_path: Path):
         import os

@@ -1,4 +1,4 @@
-"""Learning inside Label Studio, end to end: a real Label Studio 1.23.2, `tessera serve` (gunicorn) and
+"""Learning inside Label Studio, end to end: a real Label Studio 1.23.2, `tessera serve` (waitress) and
 `tessera worker` as separate processes, a real redis-server for the RQ path.
 
 One project is annotated from procedural ground truth and walks through the loop in order (the tests of

@@ -148,7 +148,7 @@ def test_projects_are_independent_and_serialised():
 
 
 def test_lock_dir_keeps_two_processes_off_one_project(tmp_path):
-    rec = Recorder(duration=0.3)             # two runners stand in for two gunicorn workers
+    rec = Recorder(duration=0.3)             # two runners stand in for two server worker processes
     r1 = ThreadJobRunner(rec, debounce_s=0.01, lock_dir=tmp_path)
     r2 = ThreadJobRunner(rec, debounce_s=0.01, lock_dir=tmp_path)
     r1.submit("p", "A")
@@ -260,7 +260,7 @@ def test_rq_burst_runs_once_and_status_is_shared(redis_url, rq_workers):
         for _ in range(5):
             st = runner.submit("p1", "ANNOTATION_CREATED")
         assert st["state"] == "scheduled" and st["backend"] == "rq"
-        other = RQJobRunner(redis_url, run_fn=RUN_FN, debounce_s=2.0)    # e.g. another gunicorn worker
+        other = RQJobRunner(redis_url, run_fn=RUN_FN, debounce_s=2.0)    # e.g. another server worker process
         _wait_for(lambda: other.status("p1")["phase"] == "train", timeout=30)
         st = other.status("p1")
         assert st["state"] == "running" and st["fraction"] == 0.25 and st["loss"] == 0.5
