@@ -394,14 +394,16 @@ def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str,
                     f"tasks people made or changed (served if >= served - {settings.promote_tolerance})")
     new, old = metrics["val_iou"], served(val)
     metrics.update({"current_val_iou": old, "decision": "thin evidence"})
-    ok = new >= THIN_EVIDENCE_RATIO * old
+    tol = settings.promote_tolerance        # loosens every comparison; >= 1 serves any new version
+    ok = new >= THIN_EVIDENCE_RATIO * old - tol
     why = (f"only {n_judged} of {n_tasks} held-back tasks were made or changed by a person ({MIN_EVIDENCE} "
            f"needed to compare): {name} {new:.4f} vs served {served_name} {old:.4f} on all of them (served if "
-           f">= {THIN_EVIDENCE_RATIO} x served")
+           f">= {THIN_EVIDENCE_RATIO} x served - {tol}")
     if mine:
         metrics.update({"person_made_val_iou": new_j, "current_person_made_val_iou": old_j})
-        ok = ok and new_j >= old_j - THIN_TOLERANCE
-        why += f", and {new_j:.4f} vs {old_j:.4f} on the person-made ones, served if >= served - {THIN_TOLERANCE}"
+        ok = ok and new_j >= old_j - max(THIN_TOLERANCE, tol)
+        why += (f", and {new_j:.4f} vs {old_j:.4f} on the person-made ones, served if >= served - "
+                f"{max(THIN_TOLERANCE, tol)}")
     return ok, why + ")"
 
 
