@@ -11,10 +11,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from backend.label_config import parse_label_config
-from backend.lsclient import VERSION_PREFIX, LSClient
+from backend.lsclient import LSClient
 from backend.media import MediaResolver
 from backend.service import ModelCache, predict_tasks
 from backend.settings import Settings
+from backend.store import is_label_version
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +23,10 @@ logger = logging.getLogger(__name__)
 def superseded(task: dict, key: str, served_version: str) -> list[int]:
     """Ids of the task's predictions made by an earlier Tessera label model of this project (or the
     default model): those `--replace` deletes once the served version's prediction is written."""
-    mine = (f"{VERSION_PREFIX}p{key}-", f"{VERSION_PREFIX}default-")
     out = []
     for p in task.get("predictions") or []:
-        version = str((p or {}).get("model_version") or "")
-        if version.startswith(mine) and "-gan-" not in version and version != served_version and p.get("id"):
+        version = (p or {}).get("model_version")
+        if is_label_version(version, key) and version != served_version and p.get("id"):
             out.append(int(p["id"]))
     return out
 

@@ -519,7 +519,11 @@ def make_runner(settings: Any, run_fn: str | RunFn | None = None) -> JobRunner:
     if getattr(settings, "redis_url", ""):
         return RQJobRunner(settings.redis_url, run_fn=run_fn, debounce_s=debounce_s)
     model_dir = getattr(settings, "model_dir", None)
-    return ThreadJobRunner(run_fn, debounce_s=debounce_s, lock_dir=Path(model_dir) / ".jobs" if model_dir else None)
+    if not model_dir:
+        return ThreadJobRunner(run_fn, debounce_s=debounce_s)
+    from backend.store import Store
+
+    return ThreadJobRunner(run_fn, debounce_s=debounce_s, lock_dir=Store(model_dir).jobs_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,13 +19,10 @@ from backend.media import MediaError, MediaResolver
 from backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value, result_label,
                              results_to_maps)
 from backend.settings import Settings
+from backend.store import DEFAULT_KEY, UNTRAINED, Store, project_key, store_key, version_string  # noqa: F401 (re-exported)
 from model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
-
-UNTRAINED = "tessera-untrained"
-DEFAULT_KEY = "default"
-_PROJECT = re.compile(r"([0-9]{1,12})(?:\.[0-9]{1,20})?")
 
 
 class PredictorLike(Protocol):
@@ -37,23 +33,6 @@ class PredictorLike(Protocol):
     def refine(self, image: np.ndarray, hint: np.ndarray | None, positive: list, negative: list,
                label: int) -> tuple[np.ndarray, float]: ...
     def check(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Any, float]: ...
-
-
-def project_key(project: Any) -> str:
-    """LS's project uid "<id>.<created ts>" (or an int id, or a project dict) -> "<id>"."""
-    if isinstance(project, dict):
-        project = project.get("id")
-    if isinstance(project, bool) or project is None:
-        raise ValueError("request has no project id")
-    if isinstance(project, int):
-        project = str(project)
-    # ASCII digits only (str.isdigit takes "١" and "²"), a bounded length, one spelling per id ("0007" -> "7"):
-    # checked before the key names anything on disk
-    m = _PROJECT.fullmatch(project.strip()) if isinstance(project, str) else None
-    if m is None:
-        raise ValueError(f"project must look like '<id>' or '<id>.<timestamp>' (ASCII digits), "
-                         f"got {str(project)[:40]!r}")
-    return str(int(m[1]))
 
 
 @dataclass
@@ -71,25 +50,23 @@ class ModelCache:
         self._loader = loader or (lambda path, device: _load_predictor(path, device, settings))
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[str, PredictorLike]] = {}    # registry key -> (version, predictor)
-        self._registries: dict[str, Registry] = {}
+        self.store = Store(settings.model_dir)
 
     def registry(self, key: str) -> Registry:
-        key = DEFAULT_KEY if key == DEFAULT_KEY else project_key(key)
-        if key not in self._registries:
-            sub = DEFAULT_KEY if key == DEFAULT_KEY else f"project-{key}"
-            self._registries[key] = Registry(self.settings.model_dir / sub)
-        return self._registries[key]
+        """self.store.registry(key), for callers that hold a cache."""
+        return self.store.registry(key)
 
     def source(self, key: str, config: LabelConfig | None, kind: str = "label"
                ) -> tuple[str, Registry, VersionInfo] | None:
         """(registry key, registry, version) of the model of `kind` that serves project `key`: its own
         current version, else the default model's when its label names fit the project's config (None:
         any). Serving, training (the version a new one must beat) and synthetic tasks all ask this."""
-        own = self.registry(key)
+        key = store_key(key)
+        own = self.store.registry(key)
         cur = own.current(kind)
         if cur is not None:
             return key, own, cur
-        default = self.registry(DEFAULT_KEY)
+        default = self.store.registry(DEFAULT_KEY)
         cur = default.current(kind)
         if cur is not None and (config is None or _labels_fit(cur.metrics.get("label_names"), config)):
             return DEFAULT_KEY, default, cur
@@ -114,14 +91,6 @@ class ModelCache:
                 self._loaded[reg_key] = (version, predictor)
                 hit = self._loaded[reg_key]
         return Served(version, hit[1])
-
-
-def version_string(reg_key: str, version: str, kind: str = "label") -> str:
-    """Registry key + stored version -> the model_version LS sees: "tessera-p3-v0002" for a label model,
-    "tessera-p3-gan-v0002" for a generator (the registry numbers both kinds in one sequence; the GAN's
-    name must not read like a newer label model on synthetic tasks)."""
-    owner = "default" if reg_key == DEFAULT_KEY else "p" + reg_key
-    return f"tessera-{owner}-{'gan-' if kind == 'gan' else ''}{version}"
 
 
 def _labels_fit(model_labels: list[str] | None, config: LabelConfig) -> bool:
