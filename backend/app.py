@@ -19,7 +19,8 @@ import backend
 from backend.label_config import LabelConfigError, parse_label_config
 from backend.lsclient import VersionFollower
 from backend.ls_model import TRAIN_EVENTS, TesseraModel
-from backend.service import DEFAULT_KEY, ModelCache, project_key, version_string
+from backend.service import ModelCache
+from backend.store import DEFAULT_KEY, project_key, version_string
 from backend.regions import region_value
 from backend.settings import Settings
 from backend.urls import UnsafeURL, parse_http_url

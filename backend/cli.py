@@ -41,14 +41,14 @@ def cmd_worker(args, settings: Settings) -> int:
 
 
 def _registry(settings: Settings, project: str | None):
-    from backend.service import DEFAULT_KEY, ModelCache
+    from backend.store import DEFAULT_KEY, Store
 
-    return ModelCache(settings).registry(project or DEFAULT_KEY)
+    return Store(settings.model_dir).registry(project or DEFAULT_KEY)
 
 
 def cmd_versions(args, settings: Settings) -> int:
     """List stored versions with their metrics and what each decision rests on."""
-    from backend.service import DEFAULT_KEY, version_string
+    from backend.store import DEFAULT_KEY, version_string
 
     reg = _registry(settings, args.project)
     rows = reg.versions()
@@ -88,9 +88,10 @@ def _figures(m: dict) -> str:
 
 def cmd_rollback(args, settings: Settings) -> int:
     """Serve an earlier version again."""
-    from backend.service import DEFAULT_KEY, version_string
+    from backend.store import DEFAULT_KEY, parse_version, version_string
 
-    version = args.version.rsplit("-", 1)[-1]
+    parsed = parse_version(args.version)
+    version = parsed.version if parsed else args.version
     info = _registry(settings, args.project).rollback(version)
     print(f"current {info.kind} version is now {info.version}")
     if args.project and info.kind == "label":

@@ -54,7 +54,6 @@ LABEL_CONFIG = f"""<View>
 </View>"""
 DESCRIPTION = ("Procedural fluorescence-like nuclei made by Tessera's demo. Predictions come from the "
                "Tessera ML backend (Settings > Model).")
-STAGING_KEY = "0"        # registry key the first version is trained under before the project id is known
 DATA_SEED = 2024
 LS_PORT, TESSERA_PORT = 8080, 9090
 
@@ -262,11 +261,11 @@ def train_label_model(settings: Settings, key: str, samples: list, plan: Plan, c
 
 def train_gan(settings: Settings, key: str, samples: list, plan: Plan, console: Console) -> str:
     """The mask GAN for synthetic tasks, trained for plan.gan_seconds and registered as the current "gan"."""
-    from backend.service import ModelCache
+    from backend.store import Store
     from model.train_maskgan import GANTrainConfig, train
 
-    registry = ModelCache(settings).registry(key)
-    work = registry.root / ".work"
+    store = Store(settings.model_dir)
+    registry, work = store.registry(key), store.work_dir(key)
     work.mkdir(parents=True, exist_ok=True)
     cfg = GANTrainConfig(max_iters=100_000, time_budget_s=plan.gan_seconds, device=settings.device,
                          log_interval=50)
@@ -292,10 +291,10 @@ def _gan_progress(console: Console, budget: float, t0: float) -> Callable[[dict]
 
 def move_store(settings: Settings, src_model_dir: Path, dst_key: str) -> None:
     """Move the staging store (trained before the project existed) to the project's store."""
-    from backend.service import ModelCache
+    from backend.store import STAGING_KEY, Store
 
-    src = ModelCache(dataclasses.replace(settings, model_dir=src_model_dir)).registry(STAGING_KEY).root
-    dst = ModelCache(settings).registry(dst_key).root
+    src = Store(src_model_dir).registry(STAGING_KEY).root
+    dst = Store(settings.model_dir).registry(dst_key).root
     if dst.exists():
         shutil.rmtree(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -467,10 +466,10 @@ def run_demo(args) -> int:
         # 2. demo images (seeded) and, unless the last run's project already has a model, the first version
         samples = write_images(images_dir, plan)
         console.step(f"{len(samples)} demo images ({plan.size}x{plan.size}, procedural nuclei) in {images_dir}")
-        from backend.service import ModelCache
+        from backend.store import STAGING_KEY, Store, version_string
 
         prev_pid = str((previous.get("project") or {}).get("id") or "")
-        have_model = bool(prev_pid) and ModelCache(settings).registry(prev_pid).current("label") is not None
+        have_model = bool(prev_pid) and Store(settings.model_dir).registry(prev_pid).current("label") is not None
         want_gan = plan.gan_seconds > 0
         staged: dict[str, Any] = {}
         if have_model:
@@ -497,7 +496,7 @@ def run_demo(args) -> int:
         summary.update({"project": {"id": pid, "title": TITLE, "created": created},
                         "suspect_task": previous.get("suspect_task")})
         _write_json(state_file, summary)
-        registry = ModelCache(settings).registry(str(pid))
+        registry = Store(settings.model_dir).registry(str(pid))
         trained = False
         if registry.current("label") is None:
             if staged:
@@ -559,7 +558,7 @@ def run_demo(args) -> int:
         timings["predict_s"] = round(time.monotonic() - t0, 1)
         stats = task_stats(api, pid)
         current = registry.current("label")
-        version = f"tessera-p{pid}-{current.version}" if current else ""
+        version = version_string(str(pid), current.version) if current else ""
         console.step(f"{stats['with_prediction']}/{stats['tasks']} tasks have predictions "
                      f"(model version {version}) in {timings['predict_s']} s")
 

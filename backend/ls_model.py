@@ -7,7 +7,8 @@ from label_studio_ml.model import LabelStudioMLBase
 
 from backend.label_config import LabelConfig, parse_label_config
 from backend.media import MediaResolver
-from backend.service import ModelCache, predict_tasks, project_key
+from backend.service import ModelCache, predict_tasks
+from backend.store import project_key
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)

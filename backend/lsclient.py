@@ -16,10 +16,10 @@ from typing import Any, Iterator
 import requests
 
 from backend.settings import Settings
+from backend.store import VERSION_PREFIX
 
 logger = logging.getLogger(__name__)
 
-VERSION_PREFIX = "tessera-"     # every model_version Tessera reports starts with this (service.version_string)
 
 
 class LabelStudioUnavailable(RuntimeError):

@@ -22,8 +22,9 @@ from PIL import Image
 from backend.label_config import LabelConfig, parse_label_config
 from backend.lsclient import LabelStudioUnavailable, LSClient
 from backend.regions import instances_to_results
-from backend.service import ModelCache, label_mapping, version_string
+from backend.service import ModelCache, label_mapping
 from backend.settings import Settings
+from backend.store import version_string
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -29,11 +28,12 @@ import numpy as np
 
 from backend.jobs import pid_alive
 from backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
-from backend.lsclient import VERSION_PREFIX, LabelStudioUnavailable, LSClient
+from backend.lsclient import LabelStudioUnavailable, LSClient
 from backend.media import MediaError, MediaResolver
 from backend.regions import results_to_boxes, results_to_maps
-from backend.service import DEFAULT_KEY, ModelCache, label_mapping, latest_annotation, task_image, version_string
+from backend.service import ModelCache, label_mapping, latest_annotation, task_image
 from backend.settings import Settings
+from backend.store import DEFAULT_KEY, Store, is_label_version, version_string
 from model.data import Sample, load_folder, split_ids
 from model.postprocess import box_sample
 from model.registry import Registry, VersionInfo
@@ -51,7 +51,6 @@ MIN_EVIDENCE = 3             # held-back tasks a person made or changed that a c
 THIN_EVIDENCE_RATIO = 0.5    # with fewer: the candidate must keep this share of the served score on all held-back tasks
 THIN_TOLERANCE = 0.05        # ... and on the one or two person-made ones be at most this much below the served one
 ECHO_IOU = 0.98              # an annotation this close to a Tessera prediction on its task is that prediction accepted
-LABEL_VERSION = re.compile(rf"{VERSION_PREFIX}(default|p\d+)-v\d+")   # service.version_string of a label model
 BOX_SHRINK = 0.6             # box-only projects learn each box's centre region, this share of its size
 CLASS_RECALL_FLOOR = 0.0     # a class whose held-back recall falls to this (from > 0) blocks promotion
 FIRST_RUN_ITERS_FACTOR = 4   # a project's first version may train this many times TESSERA_TRAIN_ITERS ...
@@ -183,7 +182,7 @@ def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[s
     h, w = sample.classes.shape
     started = str((latest_annotation(task) or {}).get("created_at") or "")
     for pred in task.get("predictions") or []:
-        if not LABEL_VERSION.fullmatch(str((pred or {}).get("model_version") or "")):
+        if not is_label_version((pred or {}).get("model_version")):
             continue        # not a label model's output (a GAN layout, an edited image's masks, someone else's)
         if started and str(pred.get("created_at") or "") > started:
             continue        # predicted after the annotation existed (Tessera refines annotations): not its start
@@ -431,7 +430,7 @@ def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: 
     real = [s for s in samples if not s.synthetic]       # a GAN must not learn from its own output
     if not real:
         return {"status": "skipped", "reason": "no annotated real (non-synthetic) images"}
-    registry = ModelCache(settings).registry(key)
+    registry = Store(settings.model_dir).registry(key)
     cur = registry.current("gan")
     init_from = registry.path(cur.version) if cur is not None else None
     tmp = _work_dir(registry)
@@ -468,7 +467,7 @@ def _gan_up_to_date(settings: Settings, key: str, samples: list[Sample]) -> str:
     """'' if the GAN should train in this run, else why not: it retrains once the real annotated images
     grew by GAN_RETRAIN_GROWTH (at least 5) since its current version, so that a run for a new annotation
     is not held up by the GAN every time."""
-    cur = ModelCache(settings).registry(key).current("gan")
+    cur = Store(settings.model_dir).registry(key).current("gan")
     n_real = sum(not s.synthetic for s in samples)
     n_prev = int((cur.metrics if cur else {}).get("n_train") or 0)
     if cur is None or n_real >= n_prev + max(5, round(n_prev * GAN_RETRAIN_GROWTH)):
@@ -524,7 +523,7 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
                  ) -> tuple[list[Sample], list[dict]]:
     """Annotated tasks -> (Samples, the task of each sample): images fetched concurrently (disk cache)."""
     index = {n: i + 1 for i, n in enumerate(config.label_names)}
-    media = MediaResolver(settings, cache_dir=settings.model_dir / "cache" / "media")
+    media = MediaResolver(settings, cache_dir=Store(settings.model_dir).media_cache_dir)
     jobs = [(task, img) for task in tasks for img in config.images]
 
     def load(job: tuple[dict, ImageObject]) -> np.ndarray | MediaError:
@@ -575,7 +574,7 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
     settings = settings or Settings.from_env()
     t_start = time.time()
     _phase(progress, "fetch")
-    registry = ModelCache(settings).registry(project_key)
+    registry = Store(settings.model_dir).registry(project_key)
     try:
         client = LSClient(settings)
         config, listed = annotated_tasks(settings, client, project_key)

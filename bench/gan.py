@@ -182,7 +182,7 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
     from backend.label_config import Control
     from backend.lsserver import LabelStudioServer, build_template
     from backend.regions import instances_to_results
-    from backend.service import ModelCache
+    from backend.store import Store
     from backend.settings import Settings
     from backend.synthetic import generate_into_project
 
@@ -203,7 +203,7 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
             api.create_annotation(tid, instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
         settings = Settings(label_studio_url=ls.url, label_studio_api_key=ls.token, model_dir=work / "models",
                             device="cpu", synth_min_iou=min_iou)
-        reg = ModelCache(settings).registry(str(pid))
+        reg = Store(settings.model_dir).registry(str(pid))
         for ckpt, kind in ((label_ckpt, "label"), (gan_ckpt, "gan")):
             copy = work / f"{kind}_for_ls.pt"
             shutil.copy(ckpt, copy)  # add() moves the file into the store

@@ -139,7 +139,7 @@ def main() -> None:
                     help="big-image request with polygons and boxes only: a 7000x7000 brush RLE costs ~1 GB and "
                          "minutes per object in label-studio-sdk's encoder, whatever the decoding does")
     args = ap.parse_args()
-    from backend.service import DEFAULT_KEY
+    from backend.store import DEFAULT_KEY
     from backend.settings import Settings
     from backend.training import _train_and_register
     from model.data import make_nuclei
