@@ -3,7 +3,7 @@
 `ThreadJobRunner` (default) runs jobs on a background thread of the serving process. `RQJobRunner`
 (REDIS_URL set) enqueues them on the RQ queue "tessera"; `tessera worker` / `python -m backend.jobs worker`
 processes run them, with the debounce waited out inside the job (no rq scheduler: its lock outlives a
-killed worker by a minute and a restarted worker takes it over only after 10), a Redis lock (TTL +
+killed worker by a minute and a restarted worker takes it over only after 10), redis-py's Lock (TTL +
 heartbeat) per project and status in a Redis hash that any process can read. A lock or a waiting job whose
 process died on this host (kill -9, OOM) is taken over at once; on other hosts when its TTL runs out.
 The training itself is a function `run(project_key, reason, progress) -> dict` given as a callable or a
@@ -412,19 +412,41 @@ class RQJobRunner:
             time.sleep(0.1)
 
 
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-_EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+def _project_lock(conn, project_key: str):
+    """redis-py's Lock on tessera:lock:<key>, held while a run runs: TTL LOCK_TTL_S, renewed by a
+    heartbeat, non-blocking (a busy project re-queues its job), shared by the heartbeat thread."""
+    return conn.lock(_KEY.format("lock", project_key), timeout=LOCK_TTL_S, blocking=False, thread_local=False)
 
 
-def _take_lock(conn, key: str, token: str) -> bool:
-    """SET NX the project lock; a lock whose holder died on this host is released first."""
-    if conn.set(key, token, nx=True, ex=LOCK_TTL_S):
+def _take_lock(lock) -> bool:
+    """Acquire the project lock with a token naming this process; a lock whose holder died on this host
+    (kill -9, OOM: no release, and the TTL is a minute away) is released first and taken over."""
+    from redis.exceptions import LockNotOwnedError
+
+    token = _token()
+    if lock.acquire(token=token):
         return True
-    holder = conn.get(key)
-    if _holder_dead(holder) and conn.eval(_RELEASE, 1, key, holder):
-        logger.warning("%s: the process holding it died; taking it over", key)
-        return bool(conn.set(key, token, nx=True, ex=LOCK_TTL_S))
-    return False
+    holder = lock.redis.get(lock.name)
+    if not _holder_dead(holder):
+        return False
+    try:
+        lock.do_release(holder)                 # only while it still holds the dead process's token
+    except LockNotOwnedError:
+        return False
+    logger.warning("%s: the process holding it died; taking it over", lock.name)
+    return lock.acquire(token=token)
+
+
+def _heartbeat(lock, stop: threading.Event) -> None:
+    """Reset the lock's TTL every LOCK_TTL_S / 4 until `stop` is set (or the lock was lost)."""
+    from redis.exceptions import LockError
+
+    while not stop.wait(LOCK_TTL_S / 4):
+        try:
+            lock.reacquire()
+        except LockError as e:                  # expired (e.g. a long stall) and perhaps taken: say so
+            logger.warning("%s: lost while the run goes on: %s", lock.name, e)
+            return
 
 
 def _rq_job(project_key: str, debounce_s: float, run_fn: str) -> None:
@@ -434,26 +456,22 @@ def _rq_job(project_key: str, debounce_s: float, run_fn: str) -> None:
     job = get_current_job()
     conn = job.connection
     k = lambda what: _KEY.format(what, project_key)  # noqa: E731
-    token = _token()
+    token = _token()                               # names this job's process in the waiting marker
     while True:                                    # newer events push the run back until they settle
         settle = float(conn.hget(k("status"), "submitted") or 0) + debounce_s - time.time()
         if settle <= 0.05:
             break
         conn.set(k("waiting"), f"{job.id}#{token}", ex=WAIT_TTL_S)
         time.sleep(min(settle, WAIT_TTL_S / 3))
-    if not _take_lock(conn, k("lock"), token):
+    lock = _project_lock(conn, project_key)
+    if not _take_lock(lock):
         # another worker is training this project: queue again (this job stays the one follow-up)
         conn.set(k("waiting"), f"{job.id}#{token}", ex=WAIT_TTL_S)
         time.sleep(LOCK_RETRY_S)
         _enqueue(conn, project_key, debounce_s, run_fn)
         return
     stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.wait(LOCK_TTL_S / 4):
-            conn.eval(_EXTEND, 1, k("lock"), token, LOCK_TTL_S * 1000)
-
-    threading.Thread(target=heartbeat, daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(lock, stop), daemon=True).start()
     try:
         pipe = conn.pipeline()                     # atomically: the pending job is now this run
         pipe.delete(k("pending"))
@@ -468,7 +486,16 @@ def _rq_job(project_key: str, debounce_s: float, run_fn: str) -> None:
         _execute(conn, project_key, reason, run_fn)
     finally:
         stop.set()
-        conn.eval(_RELEASE, 1, k("lock"), token)
+        _release(lock)
+
+
+def _release(lock) -> None:
+    from redis.exceptions import LockError
+
+    try:
+        lock.release()
+    except LockError as e:                      # it expired during the run: nothing of ours to release
+        logger.warning("%s: not released: %s", lock.name, e)
 
 
 def _execute(conn, project_key: str, reason: str, run_fn: str) -> None:

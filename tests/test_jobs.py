@@ -300,3 +300,34 @@ def test_rq_failure_recorded_then_next_succeeds(redis_url, rq_workers):
     assert runner.status("p3")["state"] == "scheduled" and runner.status("p3")["phase"] is None
     st = runner.wait_idle("p3", 30)
     assert st["state"] == "done" and st["last_error"] is None and st["runs"] == 2
+
+
+@pytest.mark.redis
+def test_rq_project_lock_is_taken_over_only_from_a_dead_holder(redis_url, monkeypatch):
+    from redis import Redis
+
+    from backend import jobs
+
+    conn = Redis.from_url(redis_url)
+    gone = subprocess.run([sys.executable, "-c", "from backend.jobs import _token; print(_token())"],
+                          capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+    lock = jobs._project_lock(conn, "lk1")
+    conn.set(lock.name, gone, ex=60)                        # a worker of this host killed with -9
+    assert jobs._take_lock(lock) and not jobs._holder_dead(conn.get(lock.name))
+    assert not jobs._take_lock(jobs._project_lock(conn, "lk1")), "a live holder keeps its lock"
+    jobs._release(lock)
+    elsewhere = gone.replace(gone.split("|")[0], "otherhost/pid:[1]")
+    conn.set(lock.name, elsewhere, ex=60)                   # can't judge another host's pids: wait for the TTL
+    assert not jobs._take_lock(jobs._project_lock(conn, "lk1")) and conn.get(lock.name).decode() == elsewhere
+    conn.delete(lock.name)
+
+    monkeypatch.setattr(jobs, "LOCK_TTL_S", 0.8)            # the heartbeat keeps a long run's lock
+    lock = jobs._project_lock(conn, "lk2")
+    stop = threading.Event()
+    assert jobs._take_lock(lock)
+    threading.Thread(target=jobs._heartbeat, args=(lock, stop), daemon=True).start()
+    time.sleep(2.0)
+    assert lock.owned() and conn.pttl(lock.name) > 0
+    stop.set()
+    jobs._release(lock)
+    assert conn.get(lock.name) is None
