@@ -8,6 +8,7 @@ followed; no path escapes the media root; the token is only ever sent to the Lab
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import logging
@@ -119,6 +120,68 @@ def deadline_session(pool_size: int = 10) -> requests.Session:
     return session
 
 
+class MediaCache:
+    """Downloaded media on disk, a file per key, at most `max_bytes` in all; the least recently used go first.
+
+    Hand-written (about 40 lines) rather than diskcache: diskcache keeps an SQLite index beside the files and
+    pickles what it stores by default, and its last release is from 2023. Here a file's mtime is its recency
+    (set to the nanosecond on every write and hit), writes are atomic renames and an eviction tolerates a
+    file another process removed first, so several processes sharing MODEL_DIR share the cache safely.
+    Each write lists the directory to evict (a few ms for thousands of images, beside a download)."""
+
+    def __init__(self, root: Path, max_bytes: int):
+        if max_bytes < 1:
+            raise ValueError(f"media cache size must be >= 1 byte, got {max_bytes}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+
+    def get(self, key: str) -> bytes | None:
+        path = self.root / key
+        try:
+            data = path.read_bytes()
+            _touch(path)
+        except FileNotFoundError:        # never cached, or evicted (perhaps by another process) meanwhile
+            return None
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:   # would evict everything and still not fit
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / key
+        tmp = self.root / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        with contextlib.suppress(FileNotFoundError):
+            _touch(path)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Remove the least recently used files until the total fits max_bytes."""
+        entries, total = [], 0
+        with os.scandir(self.root) as it:
+            for e in it:
+                if e.name.startswith("."):           # another writer's file in flight
+                    continue
+                try:
+                    st = e.stat()
+                except FileNotFoundError:
+                    continue
+                entries.append((st.st_mtime_ns, e.path, st.st_size))
+                total += st.st_size
+        for _, path, size in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            total -= size
+
+
+def _touch(path: Path) -> None:
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
 class MediaResolver:
     """Fetch images for tasks. One per request context.
 
@@ -149,7 +212,8 @@ class MediaResolver:
             if ls_url and self.ls_origin is None:
                 _warn_once(f"Label Studio host {_redact(ls_url)} from a request is not a usable URL; ignored")
         self.allowed = [(h, None) if h == "*" else parse_host_entry(h) for h in settings.allowed_hosts]
-        self.cache_dir = cache_dir
+        cache_bytes = settings.media_cache_mb * 2**20          # downloads kept under cache_dir (None: none)
+        self.cache = MediaCache(cache_dir, cache_bytes) if cache_dir is not None and cache_bytes else None
         self.session = session or deadline_session(max(10, settings.fetch_threads))
 
     def is_allowed(self, origin: Origin) -> bool:
@@ -229,16 +293,15 @@ class MediaResolver:
         if not self.is_allowed(origin):
             raise MediaError(f"host {origin.authority!r} is not allowed for media ({_redact(url)}); add it to "
                              "TESSERA_ALLOWED_HOSTS if it is trusted")
-        cached = self._cache_path(url)
-        if cached is not None and cached.is_file():
-            return cached.read_bytes()
+        key = hashlib.sha256(url.encode()).hexdigest()
+        cached = self.cache.get(key) if self.cache is not None else None
+        if cached is not None:
+            return cached
         # the token goes only to the origin it is bound to (Label Studio's), never to an allowed other host
         headers = {"Authorization": f"Token {self.token}"} if self.token and origin == self.ls_origin else {}
         data = self._download(url, headers)
-        if cached is not None:
-            tmp = cached.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, cached)
+        if self.cache is not None:
+            self.cache.put(key, data)
         return data
 
     def _download(self, url: str, headers: dict) -> bytes:
@@ -282,12 +345,6 @@ class MediaResolver:
         if watch.get("cut"):
             raise MediaError(f"{_redact(url)} took longer than {budget:g} s to download (TESSERA_FETCH_TIMEOUT_S)")
         return bytes(buf)
-
-    def _cache_path(self, url: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return self.cache_dir / hashlib.sha256(url.encode()).hexdigest()
 
     # ------------------------------------------------------------------------------------------ pixels
     def load_image(self, ref: str) -> np.ndarray:

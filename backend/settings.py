@@ -28,6 +28,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "TESSERA_MAX_PREDICT_TASKS": ("1000", "Most tasks one /predict request may carry (413 above it: use "
                                           "`tessera predict --project N` for a whole project)."),
     "TESSERA_FETCH_TIMEOUT_S": ("30", "Deadline, in seconds, for downloading one image (connect + all reads)."),
+    "TESSERA_MEDIA_CACHE_MB": ("1024", "Size cap of the training runs' image cache under MODEL_DIR/cache/media; "
+                                       "least recently used images go first (0 = no cache)."),
     "TESSERA_BASIC_AUTH_USER": ("", "If set with TESSERA_BASIC_AUTH_PASS, every route but /health needs "
                                     "HTTP basic auth (set the same in LS: Model > Authentication). "
                                     "BASIC_AUTH_USER is read too. Setting only one of the two is an error."),
@@ -182,6 +184,7 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     max_predict_tasks: int = 1000
     fetch_timeout_s: float = 30.0
+    media_cache_mb: int = 1024
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
     debounce_s: float = 10.0
@@ -224,6 +227,7 @@ class Settings:
             max_request_bytes=_int("TESSERA_MAX_REQUEST_BYTES", 1),
             max_predict_tasks=_int("TESSERA_MAX_PREDICT_TASKS", 1),
             fetch_timeout_s=_float("TESSERA_FETCH_TIMEOUT_S", 0.1),
+            media_cache_mb=_int("TESSERA_MEDIA_CACHE_MB", 0),
             basic_auth_user=user,
             basic_auth_pass=password,
             debounce_s=_float("TESSERA_DEBOUNCE_S", 0.0),

@@ -1,15 +1,14 @@
 """Media resolver: allowed and denied hosts, the token only for LS, caps, corrupt bytes, path traversal."""
 import base64
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from backend.media import MediaError, MediaResolver
+from backend.media import MediaCache, MediaError, MediaResolver
 from backend.settings import Settings
+from tests.standin import ok, start
 
 
 def png_bytes(w=40, h=30, value=200, mode="RGB"):
@@ -18,73 +17,66 @@ def png_bytes(w=40, h=30, value=200, mode="RGB"):
     return buf.getvalue()
 
 
-class Handler(BaseHTTPRequestHandler):
-    files: dict = {}
-    seen: list = []
+FILES: dict = {}      # path -> body the stand-in Label Studio serves
 
-    def do_GET(self):
-        Handler.seen.append((self.path, self.headers.get("Authorization")))
-        if self.path.startswith("/data/redirect"):
-            self.send_response(302)
-            self.send_header("Location", "http://example.com/x.png")
-            self.end_headers()
-            return
-        body = Handler.files.get(self.path.split("?")[0])
-        if body is None:
-            self.send_response(404)
-            self.end_headers()
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, *a):
-        pass
+def _answer(path: str):
+    if path.startswith("/data/redirect"):
+        return 302, {"Location": "http://example.com/x.png"}, b""
+    body = FILES.get(path.split("?")[0])
+    return (404, {}, b"") if body is None else ok(body)
+
+
+def _serve(files: dict) -> None:
+    FILES.clear()
+    FILES.update(files)
 
 
 @pytest.fixture(scope="module")
-def http_server():
+def server():
     """A real HTTP server on 127.0.0.1 that plays Label Studio's /data/upload."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv = start(_answer)
+    yield srv
     srv.shutdown()
 
 
 @pytest.fixture
+def http_server(server):
+    server.seen.clear()
+    return server.url
+
+
+@pytest.fixture
 def ls(http_server, settings):
-    Handler.files = {"/data/upload/1/a.png": png_bytes(), "/big.png": png_bytes(3000, 2000),
-                     "/data/upload/junk.png": b"\x89PNG this is not an image"}
-    Handler.seen.clear()
+    _serve({"/data/upload/1/a.png": png_bytes(), "/big.png": png_bytes(3000, 2000),
+            "/data/upload/junk.png": b"\x89PNG this is not an image"})
     return MediaResolver(settings, ls_url=http_server, token="secret-token")
 
 
-def test_ls_upload_path_uses_the_token(ls):
+def test_ls_upload_path_uses_the_token(ls, server):
     img = ls.load_image("/data/upload/1/a.png")
     assert img.shape == (30, 40, 3) and img.dtype == np.uint8 and img[0, 0, 0] == 200
-    assert Handler.seen[-1] == ("/data/upload/1/a.png", "Token secret-token")
+    assert server.seen[-1] == ("/data/upload/1/a.png", "Token secret-token")
 
 
 def test_absolute_url_on_ls_host_is_allowed(ls, http_server):
     assert ls.load_image(http_server + "/data/upload/1/a.png").shape == (30, 40, 3)
 
 
-def test_other_hosts_are_denied_unless_allowed(settings, http_server):
+def test_other_hosts_are_denied_unless_allowed(settings, http_server, server):
     r = MediaResolver(settings, ls_url="http://label-studio:8080", token="t")
     with pytest.raises(MediaError, match="not allowed"):
         r.fetch(http_server + "/data/upload/1/a.png")
     allowed = Settings(model_dir=settings.model_dir, allowed_hosts=("127.0.0.1",))
-    Handler.files = {"/x.png": png_bytes()}
+    _serve({"/x.png": png_bytes()})
     r = MediaResolver(allowed, ls_url="http://label-studio:8080", token="t")
     assert r.load_image(http_server + "/x.png").shape == (30, 40, 3)
-    assert Handler.seen[-1][1] is None, "the LS token must not be sent to another host"
+    assert server.seen[-1][1] is None, "the LS token must not be sent to another host"
 
 
 def test_byte_and_pixel_caps(http_server, settings, tmp_path):
     small = Settings(model_dir=tmp_path, max_image_bytes=1000, max_pixels=10_000)
-    Handler.files = {"/data/upload/big.png": png_bytes(3000, 2000)}
+    _serve({"/data/upload/big.png": png_bytes(3000, 2000)})
     r = MediaResolver(small, ls_url=http_server)
     with pytest.raises(MediaError, match="byte cap"):
         r.fetch("/data/upload/big.png")
@@ -175,3 +167,38 @@ def test_served_images_decode_as_training_folders_do(settings, tmp_path, arr):
     uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     served = MediaResolver(settings).load_image(uri)
     assert served.shape == (48, 64, 3) and np.array_equal(served, read_image(path))
+
+
+# ------------------------------------------------------------------------------------------- the disk cache
+
+def test_the_cache_keeps_the_newest_within_its_byte_limit(tmp_path):
+    cache = MediaCache(tmp_path / "c", max_bytes=3500)
+    for i in range(10):                                 # 10 x 1000 bytes into 3500: three fit
+        cache.put(f"k{i}", bytes([i]) * 1000)
+        assert sum(f.stat().st_size for f in (tmp_path / "c").iterdir()) <= 3500
+    assert [cache.get(f"k{i}") is not None for i in range(10)] == [False] * 7 + [True] * 3
+    assert cache.get("k9") == bytes([9]) * 1000
+    assert cache.get("k7") is not None                  # a hit makes k7 the most recent: k8 goes next
+    cache.put("k10", b"x" * 1000)
+    assert {f.name for f in (tmp_path / "c").iterdir()} == {"k7", "k9", "k10"}
+    cache.put("huge", b"x" * 4000)                      # bigger than the whole cache: not kept, nothing evicted
+    assert cache.get("huge") is None and {f.name for f in (tmp_path / "c").iterdir()} == {"k7", "k9", "k10"}
+
+
+def test_downloads_are_cached_and_bounded(server, http_server, tmp_path):
+    images = {f"/data/upload/{i}.png": png_bytes(value=10 * i) for i in range(6)}
+    _serve(images)
+    s = Settings(model_dir=tmp_path, media_cache_mb=1)
+    r = MediaResolver(s, ls_url=http_server, cache_dir=tmp_path / "media")
+    r.cache.max_bytes = sum(len(b) for b in list(images.values())[3:])     # room for the last three
+    for path in images:
+        assert r.load_image(path)[0, 0, 0] == int(path.split("/")[-1][0]) * 10
+    assert len(server.seen) == 6 and len(list((tmp_path / "media").iterdir())) == 3
+    for path in list(images)[3:]:                       # the newest three come from the cache
+        r.fetch(path)
+    assert len(server.seen) == 6
+    r.fetch("/data/upload/0.png")                       # the oldest was evicted: downloaded again
+    assert len(server.seen) == 7
+    off = MediaResolver(Settings(model_dir=tmp_path, media_cache_mb=0), ls_url=http_server,
+                        cache_dir=tmp_path / "off")
+    assert off.cache is None and off.fetch("/data/upload/1.png") and not (tmp_path / "off").exists()
