@@ -6,9 +6,6 @@ are hosts that are not allowed (127.0.0.1 on another port, ::1). Every URL form 
 IPv6) is tried against a resolver that holds the key; the key must never reach another listener.
 """
 import io
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from backend.media import MediaError, MediaResolver
 from backend.service import ModelCache
 from backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, register_stub
+from tests.standin import has_ipv6, ok, start
 
 KEY = "secret-ls-key-0123456789abcdef01234567"
 ENV_KEY = "env-ls-key-fedcba9876543210fedcba98765"
@@ -30,46 +28,15 @@ def png_bytes(w=16, h=12):
     return buf.getvalue()
 
 
-class Recorder(BaseHTTPRequestHandler):
-    """Answers every GET with a small PNG and records (path, Authorization)."""
-
-    def do_GET(self):
-        self.server.seen.append((self.path, self.headers.get("Authorization")))
-        body = png_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-class V6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-
-def _start(cls, host):
-    srv = cls((host, 0), Recorder)
-    srv.seen = []
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
-
-
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+def _png(path: str):
+    return ok(png_bytes())
 
 
 @pytest.fixture(scope="module")
 def servers():
     """Label Studio on 127.0.0.1, another (not allowed) host on 127.0.0.1 and, if the machine has it, on ::1."""
-    ls, other = _start(ThreadingHTTPServer, "127.0.0.1"), _start(ThreadingHTTPServer, "127.0.0.1")
-    v6 = _start(V6Server, "::1") if _has_ipv6() else None
+    ls, other = start(_png), start(_png)
+    v6 = start(_png, "::1") if has_ipv6() else None
     yield ls, other, v6
     for s in (ls, other, v6):
         if s is not None:

@@ -8,10 +8,8 @@ import base64
 import io
 import json
 import os
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from backend.regions import mask_to_rle, region_to_mask
 from backend.service import ModelCache
 from backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, free_port, register_stub
+from tests.standin import ok, start
 
 
 def png(h=12, w=16, fmt="PNG", boxes=((2, 2, 6, 8),)):
@@ -42,24 +41,11 @@ def data_uri(data: bytes) -> str:
 GOOD = data_uri(png())
 
 
-class Recorder(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = png() if "good" in self.path else b"not an image"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
 @pytest.fixture(scope="module")
 def ls_url():
     """A stand-in Label Studio on 127.0.0.1 that serves a PNG for paths with 'good', junk otherwise."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv = start(lambda path: ok(png() if "good" in path else b"not an image"))
+    yield srv.url
     srv.shutdown()
 
 
@@ -312,14 +298,13 @@ class Trickle(BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("path", ["/data/upload/slow-body.png", "/headers/slow.png"])
 def test_a_trickling_host_is_cut_off_at_the_deadline(tmp_path, path):
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = start(handler=Trickle)
     try:
         s = Settings(model_dir=tmp_path, fetch_timeout_s=1.5, allowed_hosts=("127.0.0.1",))
-        r = MediaResolver(s, ls_url=f"http://127.0.0.1:{srv.server_address[1]}")
+        r = MediaResolver(s, ls_url=srv.url)
         t0 = time.perf_counter()
         with pytest.raises(MediaError, match="TESSERA_FETCH_TIMEOUT_S"):
-            r.fetch(f"http://127.0.0.1:{srv.server_address[1]}{path}")
+            r.fetch(srv.url + path)
         assert time.perf_counter() - t0 < 4
     finally:
         srv.shutdown()
