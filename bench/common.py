@@ -1,10 +1,12 @@
-"""Shared benchmark helpers: machine description, result files, the shared data sets."""
+"""Shared benchmark helpers: machine description, result files, the shared data sets, the memory of a
+process group and stopping one."""
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +56,34 @@ def write_result(name: str, payload: dict) -> Path:
     out.write_text(json.dumps(payload, indent=1, default=float))
     print(f"wrote {out}")
     return out
+
+
+def group_peak_rss_kb(pgid: int) -> int:
+    """Largest peak RSS (VmHWM of /proc/<pid>/status) of the processes in a process group, in kB: the
+    server and the workers it forked."""
+    best = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.getpgid(int(pid)) != pgid:
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    best = max(best, int(line.split()[1]))
+        except (OSError, ProcessLookupError):
+            continue
+    return best
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group `proc` leads (started with start_new_session=True), SIGKILL it if it
+    has not exited after `timeout` s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)

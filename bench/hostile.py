@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
-from bench.common import write_result
+from bench.common import group_peak_rss_kb, stop_group, write_result
 from bench.speed import CONFIG, serve_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,23 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def group_hwm_kb(pgid: int) -> int:
-    """Largest peak RSS (VmHWM) of the processes in a process group, in kB."""
-    best = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.getpgid(int(pid)) != pgid:
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    best = max(best, int(line.split()[1]))
-        except (OSError, ProcessLookupError):
-            continue
-    return best
 
 
 def big_png(path: Path, side: int = 7000, seed: int = 0) -> None:
@@ -86,13 +68,7 @@ class Server:
         raise RuntimeError(f"server from {src} did not start; see {log}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc)
         self.log.close()
 
 
@@ -179,7 +155,7 @@ def main() -> None:
                 print(f"{key:40s} {value}", flush=True)
 
             predict([{"id": 0, "data": {"image": f"{base}/b0.png"}}])            # loads the model
-            before = group_hwm_kb(srv.proc.pid)
+            before = group_peak_rss_kb(srv.proc.pid)
             config = NO_BRUSH if args.no_brush else CONFIG
             note("big3_config", "polygons+boxes" if args.no_brush else "brush+polygons+boxes")
             r, took = predict([{"id": i, "data": {"image": f"{base}/big{i}.png"}} for i in range(3)])
@@ -187,7 +163,7 @@ def main() -> None:
             note("big3_s", round(took, 2))
             note("big3_regions", [len(x["result"]) for x in r.json()["results"]] if r is not None and r.ok else None)
             note("rss_mb_before_big3", round(before / 1024))
-            note("peak_rss_growth_mb_big3", round((group_hwm_kb(srv.proc.pid) - before) / 1024))
+            note("peak_rss_growth_mb_big3", round((group_peak_rss_kb(srv.proc.pid) - before) / 1024))
             config = CONFIG
 
             batch = [{"id": i, "data": {"image": f"{base}/b{i}.png"}} for i in range(64)]
