@@ -56,7 +56,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class Registry:
-    """Model versions of one project (one MODEL_DIR/<project key> directory)."""
+    """Model versions of one project, in one directory (backend.store names one per project)."""
 
     def __init__(self, root: Path, keep_n: int = 10):
         if keep_n < 1:
@@ -94,15 +94,6 @@ class Registry:
         """The served version of `kind`, or None before the first promotion (one small JSON read)."""
         info = self._read_current().get(kind)
         return VersionInfo(**{**info, "status": "current"}) if info else None
-
-    def current_token(self, kind: str = "label") -> tuple[str | None, int]:
-        """(version, mtime_ns of current.json): changes whenever any current pointer is switched."""
-        try:
-            mtime = os.stat(self._current_file).st_mtime_ns
-        except FileNotFoundError:
-            return None, 0
-        cur = self.current(kind)
-        return (cur.version if cur else None), mtime
 
     def _load_info(self, version: str, current: dict) -> VersionInfo:
         data = json.loads((self._versions_dir / version / "info.json").read_text())
