@@ -21,7 +21,6 @@ from backend.store import VERSION_PREFIX
 logger = logging.getLogger(__name__)
 
 
-
 class LabelStudioUnavailable(RuntimeError):
     """Label Studio cannot be reached or refuses the token; the message says which and what to set."""
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from model.registry import Registry
+if TYPE_CHECKING:
+    from model.registry import Registry
 
 DEFAULT_KEY = "default"
 STAGING_KEY = "0"               # store a first version is trained under before its LS project id is known
@@ -97,6 +98,8 @@ class Store:
     def registry(self, key: str) -> Registry:
         """The Registry of project `key` ("default": the default model's); one object per key and Store,
         so its parsed current.json is shared."""
+        from model.registry import Registry     # imported late: model.registry loads torch; naming needs none
+
         key = store_key(key)
         with self._lock:
             if key not in self._registries:
