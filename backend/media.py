@@ -157,15 +157,20 @@ class MediaCache:
         self._evict()
 
     def _evict(self) -> None:
-        """Remove the least recently used files until the total fits max_bytes."""
+        """Remove the least recently used files until the total fits max_bytes (and the tmp files of
+        writers that died, once they are an hour old)."""
         entries, total = [], 0
+        stale = time.time_ns() - 3600 * 10**9
         with os.scandir(self.root) as it:
             for e in it:
-                if e.name.startswith("."):           # another writer's file in flight
-                    continue
                 try:
                     st = e.stat()
                 except FileNotFoundError:
+                    continue
+                if e.name.startswith("."):           # another writer's file in flight, or a dead one's
+                    if st.st_mtime_ns < stale:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(e.path)
                     continue
                 entries.append((st.st_mtime_ns, e.path, st.st_size))
                 total += st.st_size

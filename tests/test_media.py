@@ -1,6 +1,9 @@
-"""Media resolver: allowed and denied hosts, the token only for LS, caps, corrupt bytes, path traversal."""
+"""Media resolver: allowed and denied hosts, the token only for LS, caps, corrupt bytes, path traversal, the
+bounded disk cache."""
 import base64
 import io
+import os
+import time
 
 import numpy as np
 import pytest
@@ -183,6 +186,12 @@ def test_the_cache_keeps_the_newest_within_its_byte_limit(tmp_path):
     assert {f.name for f in (tmp_path / "c").iterdir()} == {"k7", "k9", "k10"}
     cache.put("huge", b"x" * 4000)                      # bigger than the whole cache: not kept, nothing evicted
     assert cache.get("huge") is None and {f.name for f in (tmp_path / "c").iterdir()} == {"k7", "k9", "k10"}
+    dead, live = tmp_path / "c" / ".k11.1.2.tmp", tmp_path / "c" / ".k12.3.4.tmp"   # writers' tmp files
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    cache.put("k13", b"x")
+    assert not dead.exists() and live.exists()
 
 
 def test_downloads_are_cached_and_bounded(server, http_server, tmp_path):
