@@ -190,24 +190,34 @@ def test_the_cache_keeps_the_newest_within_its_byte_limit(tmp_path):
     dead.write_bytes(b"x")
     live.write_bytes(b"x")
     os.utime(dead, (time.time() - 7200, time.time() - 7200))
-    cache.put("k13", b"x")
+    MediaCache(tmp_path / "c", max_bytes=3500).put("k13", b"x")      # a new process lists the cache
     assert not dead.exists() and live.exists()
 
 
 def test_downloads_are_cached_and_bounded(server, http_server, tmp_path):
-    images = {f"/data/upload/{i}.png": png_bytes(value=10 * i) for i in range(6)}
-    _serve(images)
-    s = Settings(model_dir=tmp_path, media_cache_mb=1)
-    r = MediaResolver(s, ls_url=http_server, cache_dir=tmp_path / "media")
-    r.cache.max_bytes = sum(len(b) for b in list(images.values())[3:])     # room for the last three
-    for path in images:
-        assert r.load_image(path)[0, 0, 0] == int(path.split("/")[-1][0]) * 10
+    files = {f"/data/upload/{i}.png": bytes([i]) * 1000 for i in range(6)}
+    _serve(files)
+    r = MediaResolver(Settings(model_dir=tmp_path, media_cache_mb=1), ls_url=http_server,
+                      cache_dir=tmp_path / "media")
+    r.cache.max_bytes = 3500                            # room for three of the six
+    for path, body in files.items():
+        assert r.fetch(path) == body
     assert len(server.seen) == 6 and len(list((tmp_path / "media").iterdir())) == 3
-    for path in list(images)[3:]:                       # the newest three come from the cache
-        r.fetch(path)
+    for path in list(files)[3:]:                        # the newest three come from the cache
+        assert r.fetch(path) == files[path]
     assert len(server.seen) == 6
     r.fetch("/data/upload/0.png")                       # the oldest was evicted: downloaded again
     assert len(server.seen) == 7
     off = MediaResolver(Settings(model_dir=tmp_path, media_cache_mb=0), ls_url=http_server,
                         cache_dir=tmp_path / "off")
     assert off.cache is None and off.fetch("/data/upload/1.png") and not (tmp_path / "off").exists()
+
+
+def test_the_cache_counts_other_processes_writes(tmp_path):
+    cache = MediaCache(tmp_path, max_bytes=10_000)
+    cache.put("mine", b"x" * 1000)
+    for i in range(20):                                 # another process fills the directory meanwhile
+        (tmp_path / f"other{i}").write_bytes(b"y" * 1000)
+    for i in range(MediaCache.RESCAN_EVERY):
+        cache.put(f"k{i}", b"z")
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= 10_000
