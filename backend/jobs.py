@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from backend.store import Store
 from model.lockfile import file_lock
 
 logger = logging.getLogger(__name__)
@@ -546,11 +547,7 @@ def make_runner(settings: Any, run_fn: str | RunFn | None = None) -> JobRunner:
     if getattr(settings, "redis_url", ""):
         return RQJobRunner(settings.redis_url, run_fn=run_fn, debounce_s=debounce_s)
     model_dir = getattr(settings, "model_dir", None)
-    if not model_dir:
-        return ThreadJobRunner(run_fn, debounce_s=debounce_s)
-    from backend.store import Store
-
-    return ThreadJobRunner(run_fn, debounce_s=debounce_s, lock_dir=Store(model_dir).jobs_dir)
+    return ThreadJobRunner(run_fn, debounce_s=debounce_s, lock_dir=Store(model_dir).jobs_dir if model_dir else None)
 
 
 def main(argv: list[str] | None = None) -> int:
