@@ -70,13 +70,44 @@ def serve_dir(root: Path):
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
+def stages(pred, images: dict, reps: int) -> dict:
+    """Median ms per stage (bench.speed_native.stage_times: decode, resize, forward, upsample, instance
+    split, each region type, JSON) of each image, encoded as PNG."""
+    import io
+
+    from bench.speed_native import stage_times
+
+    out = {}
+    for name, img in images.items():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        runs = [stage_times(pred, buf.getvalue()) for _ in range(reps + 1)][1:]
+        out[name] = {k: statistics.median(r[k] for r in runs) * (1 if k == "n_regions" else 1000) for k in runs[0]}
+    return out
+
+
+def bench_model(work: Path) -> Path:
+    """A label model trained for a few iterations on procedural nuclei, registered under work/models: the
+    checkpoint both speed modes time (speed does not depend on what the weights learned, only on the
+    architecture and the object scale they were trained at)."""
+    from backend.service import DEFAULT_KEY
+    from backend.settings import Settings
+    from backend.training import _train_and_register
+    from model.data import make_nuclei
+
+    samples = make_nuclei(12, size=256, seed=3)
+    _train_and_register(Settings(model_dir=work / "models"), DEFAULT_KEY, samples[:10], samples[10:], ["Nucleus"],
+                        "speed bench", iters=20, progress=lambda i: None)
+    return next((work / "models" / "default" / "versions").glob("v*/model.pt"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--native", action="store_true", help="native-size mode (bench/speed_native.py): "
                     "per-stage breakdown and HTTP latency at 256 px, 520x696 and 2048x2048, before and after")
-    ap.add_argument("--before", default="bf45012", help="--native: git revision served as 'before' ('none': skip)")
+    ap.add_argument("--before", default="main", help="--native: git revision timed as 'before' ('none': skip)")
     ap.add_argument("--reps", type=int, default=5, help="--native: repetitions per measurement")
     ap.add_argument("--big", type=int, default=1000, help="--native: tasks in the one-request measurement")
     args = ap.parse_args()
@@ -87,9 +118,6 @@ def main() -> None:
             args.reps, args.big = 2, 64
         return speed_native.main(args)
     torch.set_num_threads(args.threads)
-    from backend.service import DEFAULT_KEY
-    from backend.settings import Settings
-    from backend.training import _train_and_register
     from model.data import make_nuclei
     from model.inference import Predictor
     from tests.conftest import TesseraProcess
@@ -98,11 +126,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tessera-speed-"))
     try:
         samples = make_nuclei(12, size=256, seed=3)
-        settings = Settings(model_dir=work / "models")
-        _train_and_register(settings, DEFAULT_KEY, samples[:10], samples[10:], ["Nucleus"], "speed bench",
-                            iters=20, progress=lambda i: None)
-        reg_path = next((work / "models" / "default" / "versions").glob("v*/model.pt"))
-        pred = Predictor.from_checkpoint(reg_path, device="cpu")
+        pred = Predictor.from_checkpoint(bench_model(work), device="cpu")
         R = pred.model.config.resolution
         img256 = samples[0].image
         img1024 = np.array(Image.fromarray(img256).resize((1024, 1024)))
@@ -118,6 +142,7 @@ def main() -> None:
         t = timed(lambda: pred.refine(img256, hint, [], [], 1), n)
         res["refine_256_p50_ms"], res["refine_256_p95_ms"] = pct(t, 50), pct(t, 95)
 
+        res["stages_ms"] = stages(pred, {"256": img256, "1024": img1024}, n)
         x = torch.zeros(1, 3, R, R)
         with FlopCounterMode(display=False) as fc:
             pred.predict([img256])

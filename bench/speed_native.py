@@ -3,11 +3,12 @@ per-task latency over HTTP at 256 px, 520x696 (~100 objects) and 2048x2048 (~500
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.speed --native [--threads 2] [--quick] [--before REV]
 
-"before" = the letterbox model path and the whole-image brush encoder (label_studio_sdk's mask2rle on a
-full-size mask per region), kept callable here only; over HTTP, the code of git revision REV (default:
-the commit before native-size work) served from an archive of that revision beside the current code, on
-the same model store. The model is trained for a few iterations on procedural nuclei: speed does not
-depend on what the weights learned, only on the object scale they were trained at.
+"before" = the code of git revision REV (default: main), unpacked from an archive of that revision beside
+the current code and run on the same checkpoint: its stage breakdown in a child process per repetition
+(alternating with the current code's, so load drifts hit both alike), its /predict as a second server on
+the same model store. The model is trained for a few iterations on procedural nuclei (bench.speed's
+bench_model): speed does not depend on what the weights learned, only on the object scale they were
+trained at.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -26,7 +28,6 @@ from PIL import Image
 
 from bench.common import REPO
 
-BEFORE_REV = "bf45012"
 SIZES = {"256": (256, 256), "520x696": (520, 696), "2048": (2048, 2048)}
 
 
@@ -38,24 +39,11 @@ def mosaic(h: int, w: int, tile: int, seed: int):
     return s.image, int(len(np.unique(s.instances)) - 1)
 
 
-def old_brush_results(instances, labels, scores, control):
-    """The encoder before this work: a full-size mask and the SDK's mask2rle per region."""
-    from label_studio_sdk.converter.brush import mask2rle
-    from scipy import ndimage
+def stage_times(pred, png: bytes) -> dict:
+    """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON.
 
-    out = []
-    ids = [int(i) for i in np.unique(instances) if i and int(i) in labels]
-    found = ndimage.find_objects(instances)
-    for k in ids:
-        mask = np.zeros(instances.shape, bool)
-        mask[found[k - 1]] = instances[found[k - 1]] == k
-        out.append({"value": {"format": "rle", "rle": mask2rle(np.where(mask, 255, 0).astype(np.uint8)),
-                              "brushlabels": [labels[k]]}, "score": scores.get(k, 0.0)})
-    return out
-
-
-def stage_times(pred, png: bytes, shape, old: bool) -> dict:
-    """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON."""
+    Written against the Predictor internals both revisions share (_prepare, _forward, _tiled_logits,
+    _unletterbox, _prediction), so the same loop times the code before and after."""
     import torch
 
     from backend.label_config import parse_label_config
@@ -67,6 +55,7 @@ def stage_times(pred, png: bytes, shape, old: bool) -> dict:
     t = {}
     t0 = time.perf_counter()
     image = decode_image(png, 10 ** 9)
+    image = image[0] if isinstance(image, tuple) else image        # (pixels, original size) since issue 9
     t["decode"] = time.perf_counter() - t0
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -86,10 +75,7 @@ def stage_times(pred, png: bytes, shape, old: bool) -> dict:
     results = []
     for kind in ("brushlabels", "polygonlabels", "rectanglelabels"):
         t0 = time.perf_counter()
-        if kind == "brushlabels" and old:
-            results += old_brush_results(p.instances, labels, p.instance_score, controls[kind])
-        else:
-            results += instances_to_results(p.instances, labels, p.instance_score, controls[kind])
+        results += instances_to_results(p.instances, labels, p.instance_score, controls[kind])
         t[kind.replace("labels", "")] = time.perf_counter() - t0
     t0 = time.perf_counter()
     json.dumps({"results": [{"result": results, "score": p.score}]})
@@ -99,18 +85,39 @@ def stage_times(pred, png: bytes, shape, old: bool) -> dict:
     return t
 
 
-def breakdown(pred_after, pred_before, pngs: dict, reps: int) -> dict:
-    """Median ms per stage, after and before, alternating the two so load drifts hit both alike."""
+def stages_child(ckpt: str, media: str, threads: int) -> None:
+    """One repetition (after one warm-up pass) of stage_times per image in `media`, as one JSON line on stdout:
+    run with the revision under test first on PYTHONPATH."""
+    import torch
+
+    from model.inference import Predictor
+
+    torch.set_num_threads(threads)
+    pred = Predictor.from_checkpoint(ckpt, device="cpu")
     out = {}
-    for name, png in pngs.items():
-        runs = {"after": [], "before": []}
-        for r in range(reps + 1):
-            for variant, pred in (("after", pred_after), ("before", pred_before)):
-                times = stage_times(pred, png, None, old=variant == "before")
-                if r:                                                  # the first round warms up
-                    runs[variant].append(times)
-        out[name] = {v: {k: (statistics.median(x[k] for x in rs) * (1 if k == "n_regions" else 1000))
-                         for k in rs[0]} for v, rs in runs.items()}
+    for name in SIZES:
+        png = (Path(media) / f"{name}.png").read_bytes()
+        stage_times(pred, png)
+        out[name] = stage_times(pred, png)
+    print(json.dumps(out))
+
+
+def breakdown(ckpt: Path, media: Path, paths: dict, reps: int, threads: int) -> dict:
+    """Median ms per stage and variant ({variant: PYTHONPATH head}), one child process per variant and
+    repetition, the variants alternating."""
+    runs: dict = {v: [] for v in paths}
+    for _ in range(reps):
+        for variant, head in paths.items():
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(head), str(REPO)]),
+                   "OMP_NUM_THREADS": str(threads)}
+            cmd = [sys.executable, "-c", f"from bench.speed_native import stages_child; "
+                   f"stages_child({str(ckpt)!r}, {str(media)!r}, {threads})"]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=REPO)
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out: dict = {}
+    for name in SIZES:
+        out[name] = {v: {k: statistics.median(r[name][k] for r in rs) * (1 if k == "n_regions" else 1000)
+                         for k in rs[0][name]} for v, rs in runs.items()}
         print(name, json.dumps({v: {k: round(x, 1) for k, x in d.items()} for v, d in out[name].items()}),
               flush=True)
     return out
@@ -203,40 +210,32 @@ def main(args) -> None:
 
     import torch
 
-    from backend.service import DEFAULT_KEY
-    from backend.settings import Settings
-    from backend.training import _train_and_register
     from bench.common import write_result
-    from bench.speed import serve_dir
+    from bench.speed import bench_model, serve_dir
     from model.data import make_nuclei
     from model.inference import Predictor
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tessera-speed-native-"))
     try:
-        samples = make_nuclei(12, size=256, seed=3)
-        settings = Settings(model_dir=work / "models")
-        _train_and_register(settings, DEFAULT_KEY, samples[:10], samples[10:], ["Nucleus"], "speed bench",
-                            iters=20, progress=lambda i: None)
-        ckpt = next((work / "models" / "default" / "versions").glob("v*/model.pt"))
+        ckpt = bench_model(work)
         after = Predictor.from_checkpoint(ckpt, device="cpu")
-        before = Predictor(after.model, after.label_names, after.version, "cpu", edge_weight=after.edge_weight,
-                           bf16=False)                # the letterbox path as it was: float32, R x R
         media = work / "media"
         media.mkdir()
-        pngs, objects = {}, {}
+        objects = {}
         for name, (h, w) in SIZES.items():
-            img, objects[name] = (samples[0].image, int(samples[0].instances.max())) if name == "256" else \
-                mosaic(h, w, 256 if h < 1024 else 512, seed=11)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, "PNG")
-            pngs[name] = buf.getvalue()
-            (media / f"{name}.png").write_bytes(pngs[name])
+            if name == "256":
+                s = make_nuclei(1, size=256, seed=3)[0]
+                img, objects[name] = s.image, int(s.instances.max())
+            else:
+                img, objects[name] = mosaic(h, w, 256 if h < 1024 else 512, seed=11)
+            Image.fromarray(img).save(media / f"{name}.png")
         print("objects per image", objects, "scale", after.scale, flush=True)
         res = {"threads": args.threads, "scale": after.scale, "tile": after.tile, "objects_per_image": objects,
                "load_average_start": os.getloadavg()}
-        res["stages_ms"] = breakdown(after, before, pngs, args.reps)
         before_path = None if args.before == "none" else before_tree(args.before, work / "before")
+        paths = {"after": REPO, **({"before": before_path} if before_path else {})}
+        res["stages_ms"] = breakdown(ckpt, media, paths, args.reps, args.threads)
         srv, base = serve_dir(media)
         try:
             res["http"] = http_runs(work, base, before_path, args)

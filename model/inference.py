@@ -13,6 +13,7 @@ DSB 2018 entries; U-Net's separation borders, https://arxiv.org/abs/1505.04597).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model.checkpoint import load_checkpoint
 from model.data import relabel, semantic_instances
@@ -50,6 +52,23 @@ def vqvae_from_checkpoint(ckpt: dict) -> VQVAE:
     cfg["widths"] = tuple(cfg["widths"])       # a list once it went through JSON
     model = VQVAE(VQVAEConfig(**cfg))
     model.load_state_dict(ckpt["model"], strict=True)
+    return model
+
+
+def _fold_batchnorm(model: VQVAE) -> VQVAE:
+    """An inference copy of the model with every BatchNorm folded into the convolution before it (the
+    ConvBlocks of the image encoder and the code predictor): the same function in eval mode, one pass over
+    the activations fewer per norm. torch's fuse_conv_bn_eval does the arithmetic; the caller's model is
+    left as it was."""
+    from model.vqvae import ConvBlock
+
+    model = copy.deepcopy(model).eval()
+    for block in model.modules():
+        if isinstance(block, ConvBlock):
+            for conv, norm in (("conv1", "norm1"), ("conv2", "norm2")):
+                if isinstance(getattr(block, norm), torch.nn.BatchNorm2d):
+                    setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, norm)))
+                    setattr(block, norm, torch.nn.Identity())
     return model
 
 
@@ -301,7 +320,7 @@ class Predictor:
         # channels-last + bfloat16 autocast (as in training): ~2.5x faster convolutions on CPUs with bf16
         # kernels, measured at 312x424 on this project's 2-core VM
         self.bf16 = bf16 and bf16_supported(self.device)
-        self.model = model.to(self.device).eval()
+        self.model = _fold_batchnorm(model).to(self.device).eval()
         if self.bf16:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.config: VQVAEConfig = model.config
@@ -380,20 +399,48 @@ class Predictor:
         return F.softmax(crop[0], dim=0).cpu().numpy()
 
     def _forward(self, x: torch.Tensor):
-        """(B, 3, H, W) -> image features, code logits, label logits (float32 whatever ran inside)."""
+        """(B, 3, H, W) -> image features (as computed: bfloat16 under autocast), code queries, label logits
+        (float32); the code logits, when needed, are _code_logits(queries). The decoder's input, the expected code embedding, is computed as two plain matrix
+        products over the cells (_expected_codes), not through the (B, K, h, w) code logits."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.bf16:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = self.model.features(x)
-            code_logits = self.model.predict_codes(feats=feats)
-            logits = self.model.decoder(self.model.embed_codes(code_logits), feats)
-        return [f.float() for f in feats], code_logits.float(), logits.float()
+            query = self._query(feats)
+            logits = self.model.decoder(self._expected_codes(query).to(feats[-1].dtype), feats)
+        return feats, query, logits.float()
+
+    def _query(self, feats) -> torch.Tensor:
+        """The code predictor's query vector per latent cell (B, D, h, w), float32."""
+        cp = self.model.code_predictor
+        x = torch.cat([feats[-1], F.avg_pool2d(feats[-2], 2)], dim=1)
+        return cp.out(cp.blocks(cp.inp(x))).float()
+
+    def _code_logits(self, query: torch.Tensor) -> torch.Tensor:
+        """Code logits (B, K, h, w) exactly as CodePredictor.forward computes them from its query."""
+        with torch.autocast(query.device.type, enabled=False):
+            book = self.model.quantizer.embed
+            dist = (query.pow(2).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", query, book)
+                    + book.pow(2).sum(1)[None, :, None, None])
+            return -dist * self.model.code_predictor.log_scale.exp()
+
+    def _expected_codes(self, query: torch.Tensor) -> torch.Tensor:
+        """VQVAE.embed_codes(code_logits) from the query: softmax over codes of s (2 q.c - |c|^2) (the |q|^2
+        term of the distance is the same for every code, so it drops out of the softmax), times the
+        codebook; (cells, D) @ (D, K) and (cells, K) @ (K, D) instead of einsums over (B, K, h, w)."""
+        with torch.autocast(query.device.type, enabled=False):
+            B, D, h, w = query.shape
+            book = self.model.quantizer.embed
+            s = self.model.code_predictor.log_scale.exp()
+            flat = query.permute(0, 2, 3, 1).reshape(-1, D)                 # (B, D, h, w) -> (B*h*w, D)
+            probs = torch.softmax(torch.addmm(-s * book.pow(2).sum(1), flat, book.t(), alpha=2 * s), dim=1)
+            return (probs @ book).view(B, h, w, D).permute(0, 3, 1, 2)     # -> (B, D, h, w)
 
     @torch.inference_mode()
     def _run(self, images: list[np.ndarray]):
         x, sizes = self._prepare(images)
-        feats, code_logits, logits = self._forward(x)
-        return x, feats, code_logits, logits, sizes
+        feats, query, logits = self._forward(x)
+        return x, feats, query, logits, sizes
 
     @torch.inference_mode()
     def _tiled_logits(self, x: torch.Tensor, batch: int = 4) -> torch.Tensor:
@@ -401,17 +448,17 @@ class Predictor:
         overlapping by `overlap`, blended with weights that fall off linearly towards tile edges (a tile's
         border pixels see zero padding the whole image does not have). Memory stays bounded by the tile."""
         _, _, H, W = x.shape
-        th, tw = min(self.tile, H), min(self.tile, W)
+        (th, ys), (tw, xs) = _starts(H, self.tile, self.overlap), _starts(W, self.tile, self.overlap)
         ramp_h = _ramp(th, self.overlap, x.device)
         ramp_w = _ramp(tw, self.overlap, x.device)
         weight = ramp_h[:, None] * ramp_w[None, :]  # (th, tw)
         out = torch.zeros(1, self.config.n_labels, H, W, device=x.device)
         total = torch.zeros(1, 1, H, W, device=x.device)
-        spots = [(y, x0) for y in _starts(H, th, self.overlap) for x0 in _starts(W, tw, self.overlap)]
+        spots = [(y, x0) for y in ys for x0 in xs]
         for i in range(0, len(spots), batch):
             group = spots[i:i + batch]
             tiles = torch.cat([x[:, :, y:y + th, x0:x0 + tw] for y, x0 in group])  # (b, 3, th, tw)
-            logits = self._forward(tiles)[2].float()
+            logits = self._forward(tiles)[2]
             for (y, x0), lg in zip(group, logits):
                 out[0, :, y:y + th, x0:x0 + tw] += lg * weight
                 total[0, 0, y:y + th, x0:x0 + tw] += weight
@@ -471,6 +518,7 @@ class Predictor:
         Returns (logits (1, L, R, R), log p_pred of the label map's codes (1, h, w)).
         """
         q = self.model.quantizer
+        feats = [f.float() for f in feats]
         z = self.model.label_encoder(onehot)
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (1, D, h, w) -> (h*w, D)
         dist = torch.cdist(flat, q.embed).pow(2)  # (h*w, K)
@@ -532,7 +580,7 @@ class Predictor:
         h_v = hint[vy0:vy1, vx0:vx1]
         p_v = [(y - vy0, x - vx0) for y, x in pos if vy0 <= y < vy1 and vx0 <= x < vx1]
         n_v = [(y - vy0, x - vx0) for y, x in neg if vy0 <= y < vy1 and vx0 <= x < vx1]
-        feats, code_logits, logits, size = self._run_view(crop, stats)
+        feats, query, logits, size = self._run_view(crop, stats)
         scale = max(H / size[0], W / size[1])                # view pixels per model pixel
         margin = max(16, round(12 * scale))
         win = _window(h_v, p_v, H, W, margin)
@@ -548,7 +596,8 @@ class Predictor:
             for y, x in p_v:
                 cv2.circle(seed.view(np.uint8), (x, y), max(3, round(2 * scale)), 1, -1)
             classes = np.where(seed, label, 0).astype(np.int32)
-            lg, _ = self._combined(self._onehot(classes, seed.astype(np.int32), size), feats, code_logits)
+            lg, _ = self._combined(self._onehot(classes, seed.astype(np.int32), size), feats,
+                                   self._code_logits(query))
             win = _window(seed, [], H, W, margin)
             probs = self._window_probs(lg[0], size, (H, W), win)
             mask = self._hinted(probs, win, h_v, p_v, n_v)
@@ -561,14 +610,14 @@ class Predictor:
     @torch.inference_mode()
     def _run_view(self, view: np.ndarray, stats):
         """Network pass over one view at the model's geometry (its learned scale, or letterboxed into R),
-        normalised with the whole image's stats: (feats, code_logits, logits, size)."""
+        normalised with the whole image's stats: (feats, code queries, logits, size)."""
         if view.ndim == 2:
             view = np.repeat(view[..., None], 3, axis=2)
         nh, nw = self._geometry(*view.shape[:2])
         x = pad_to(normalize_image(resize(view, nh, nw), stats), self._pad_shape([(nh, nw)]))
         x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)  # (H, W, 3) -> (1, 3, H, W)
-        feats, code_logits, logits = self._forward(x)
-        return feats, code_logits, logits, (nh, nw)
+        feats, query, logits = self._forward(x)
+        return feats, query, logits, (nh, nw)
 
     def _window_probs(self, logits: torch.Tensor, size: tuple[int, int], shape: tuple[int, int],
                       win: tuple[int, int, int, int]) -> np.ndarray:
@@ -624,7 +673,8 @@ class Predictor:
             raise ValueError(f"classes {classes.shape} / instances {instances.shape} must match the image {(H, W)}")
         classes = classes.astype(np.int32)
         instances = np.where(classes > 0, instances, 0).astype(np.int32)
-        x, feats, code_logits, logits, sizes = self._run([image])
+        x, feats, query, logits, sizes = self._run([image])
+        code_logits = self._code_logits(query)
         probs = self._unletterbox(logits[0], sizes[0], (H, W))
         # mislabeling: disagreement with the annotation where the model is confident
         model_cls = np.where(probs[0] >= 0.5, 0, probs[1:self.n_classes + 1].argmax(0) + 1)
@@ -672,11 +722,15 @@ class Predictor:
         return self.model.decode_code(code_map.to(self.device))
 
 
-def _starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Tile offsets covering [0, n) with tiles of `tile` overlapping by at least `overlap`."""
+def _starts(n: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(side, offsets) of the fewest tiles of at most `tile` px that cover [0, n) overlapping by at least
+    `overlap`, made equal (a multiple of 8) rather than full tiles plus a last one that mostly re-covers
+    its neighbour: 1229 px at tile 512 is 3 x 432 px, not 3 x 512 px."""
     if n <= tile:
-        return [0]
-    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+        return n, [0]
+    k = -(-(n - overlap) // (tile - overlap))
+    side = min(n, ceil8(-(-(n + (k - 1) * overlap) // k)))
+    return side, [(i * (n - side)) // (k - 1) for i in range(k)]
 
 
 def _ramp(n: int, overlap: int, device) -> torch.Tensor:
