@@ -164,7 +164,7 @@ def _r(x) -> float:
 def cached_train(name: str, cfg: TrainConfig, train_set: list[Sample], val: list[Sample], labels: list[str],
                  cache: Path) -> tuple[Path, float]:
     """Train once per (name, config, data): a later run with the same inputs reuses the checkpoint."""
-    key = hashlib.sha1(repr((cfg.max_iters, cfg.seed, tuple(cfg.widths), cfg.resolution, cfg.batch_size,
+    key = hashlib.sha1(repr((sorted(dataclasses.asdict(cfg).items()),       # every setting: object_px too
                              [s.id for s in train_set])).encode()).hexdigest()[:12]
     path = cache / f"{name}-{key}.pt"
     if path.exists():
