@@ -255,3 +255,35 @@ def test_brush_rle_of_empty_crop_is_an_empty_mask():
     rle = crop_to_rle(np.zeros((4, 5), bool), 3, 3, 20, 30)
     assert rle == _sdk_rle(np.zeros((20, 30), bool))
     assert not _decoded(rle, 20, 30).any()
+
+
+def test_a_prediction_on_a_capped_image_comes_back_at_the_original_size():
+    """TESSERA_MAX_SIDE decodes a 4000x3000 photo to 2048x1536: its regions must still be at 4000x3000 in
+    what LS receives (original_width/height, percent coordinates, a brush RLE of 4000 x 3000 pixels)."""
+    from backend.label_config import parse_label_config
+    from backend.service import _regions_at_size
+    from model.inference import Prediction
+
+    H, W, h, w = 3000, 4000, 1536, 2048
+    config = parse_label_config(
+        '<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image"><Label value="A"/>'
+        '</BrushLabels><PolygonLabels name="poly" toName="image"><Label value="A"/></PolygonLabels>'
+        '<RectangleLabels name="bbox" toName="image"><Label value="A"/></RectangleLabels></View>')
+    truth = np.zeros((H, W), np.uint8)
+    cv2.ellipse(truth, (3000, 700), (400, 250), 30, 0, 360, 1, -1)
+    cv2.rectangle(truth, (0, 2600), (300, 2999), 1, -1)                       # one touches the border
+    inst = cv2.resize(ndimage.label(truth)[0].astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
+    pred = Prediction(np.where(inst > 0, 1, 0).astype(np.int32), inst, {1: 1, 2: 1}, {1: 0.9, 2: 0.8}, 0.9)
+    items = _regions_at_size(pred, config, "image", ["A"], (H, W))
+    assert sorted(i["type"] for i in items) == ["brushlabels"] * 2 + ["polygonlabels"] * 2 + ["rectanglelabels"] * 2
+    full = ndimage.label(truth)[0]
+    for item in items:
+        assert (item["original_width"], item["original_height"]) == (W, H)
+        m = region_to_mask(item, H, W)                          # a brush RLE of another size raises here
+        k = np.bincount(full[m]).argmax()
+        obj = full == k
+        if item["type"] == "rectanglelabels":                  # a box is the object's bounding box
+            ys, xs = np.nonzero(obj)
+            obj = np.zeros_like(obj)
+            obj[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+        assert k > 0 and (m & obj).sum() / (m | obj).sum() > 0.97, item["type"]
