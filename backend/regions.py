@@ -291,7 +291,9 @@ def _object_slices(instances: np.ndarray, ids: list[int]) -> dict[int, tuple[sli
     from scipy import ndimage
 
     max_id = max(ids)
-    found = ndimage.find_objects(np.where(instances > max_id, 0, instances).astype(np.int64), max_label=max_id)
+    if not np.issubdtype(instances.dtype, np.integer) or instances.max() > max_id:  # else no full-size copy
+        instances = np.where(instances > max_id, 0, instances).astype(np.int64)
+    found = ndimage.find_objects(instances, max_label=max_id)
     return {k: found[k - 1] for k in ids if found[k - 1] is not None}
 
 

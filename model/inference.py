@@ -241,11 +241,13 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
         inst = grow.astype(np.int32)
         n_rest, extra = cv2.connectedComponents((rest & (inst == 0)).astype(np.uint8), connectivity=8)
         inst[extra > 0] = extra[extra > 0] + n_core - 1
-    flat = inst.ravel().astype(np.intp)
-    counts = np.bincount(flat)
-    n = len(counts)
-    mass = np.stack([np.bincount(flat, p.ravel(), minlength=n) for p in p_cls])  # (C, n)
-    fg_mass = np.bincount(flat, (1 - p_bg).ravel(), minlength=n)
+    # per-object sums over the object pixels only: objects cover a fraction of the image
+    where = np.flatnonzero(inst)
+    ids = inst.ravel()[where]
+    n = int(ids.max()) + 1 if ids.size else 1
+    counts = np.bincount(ids, minlength=n)
+    mass = np.stack([np.bincount(ids, p.ravel()[where], minlength=n) for p in p_cls])  # (C, n)
+    fg_mass = np.bincount(ids, 1 - p_bg.ravel()[where], minlength=n)
     # drop specks, renumber 1..K
     keep = counts >= min_area
     keep[0] = False
@@ -255,8 +257,8 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
     label_of = np.where(keep, mass.argmax(0) + 1, 0).astype(np.int32)
     score_of = (fg_mass / np.maximum(counts, 1))[keep]
     labels = label_of[keep]
-    instances = remap[flat].reshape(inst.shape)
-    classes = label_of[flat].reshape(inst.shape)
+    instances = remap[inst]
+    classes = label_of[inst]
     return (classes, instances, {i + 1: int(c) for i, c in enumerate(labels)},
             {i + 1: float(v) for i, v in enumerate(score_of)})
 
@@ -434,7 +436,7 @@ class Predictor:
         with torch.autocast(query.device.type, enabled=False):
             B, D, h, w = query.shape
             book = self.model.quantizer.embed
-            s = self.model.code_predictor.log_scale.exp()
+            s = float(self.model.code_predictor.log_scale.detach().exp())
             flat = query.permute(0, 2, 3, 1).reshape(-1, D)                 # (B, D, h, w) -> (B*h*w, D)
             probs = torch.softmax(torch.addmm(-s * book.pow(2).sum(1), flat, book.t(), alpha=2 * s), dim=1)
             return (probs @ book).view(B, h, w, D).permute(0, 3, 1, 2)     # -> (B, D, h, w)

@@ -79,3 +79,38 @@ def test_training_crops_are_at_the_object_scale():
     assert target.shape[:2] == (32, 32) and fg_model <= fg_scaled + 1
     val_x, val_t = letterbox_set([big], VQVAEConfig(resolution=64, n_labels=3), 1, scale)
     assert val_x.shape == (1, 3, 64, 64) and val_t.shape == (1, 3, 64, 64)
+
+
+def test_equal_tiles_cover_the_image_with_the_overlap():
+    from model.inference import _starts
+
+    assert _starts(300, 512, 32) == (300, [0])
+    for n, tile, overlap in [(1232, 512, 32), (520, 512, 32), (2048, 512, 32), (150, 64, 24), (1000, 96, 8)]:
+        side, starts = _starts(n, tile, overlap)
+        assert side <= tile and side % 8 == 0 and starts[0] == 0 and starts[-1] + side == n
+        assert all(b - a <= side - overlap for a, b in zip(starts, starts[1:]))     # every seam overlaps
+        k = -(-(n - overlap) // (tile - overlap))
+        assert len(starts) == k                                                    # the fewest tiles
+    assert _starts(1232, 512, 32)[0] == 432                                        # not 3 x 512
+
+
+def test_inference_copy_computes_what_the_trained_model_does():
+    """BatchNorm folded into the convolutions and the expected code embedding as matrix products give
+    the trained model's own segment() logits (float32), and leave the caller's model untouched."""
+    model = _tiny_model(3)
+    with torch.no_grad():                                              # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    pred = Predictor(model, ["nucleus"], device="cpu", scale=1.0, bf16=False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in pred.model.modules())
+    x = torch.rand(2, 3, 48, 64)
+    want, want_codes = model.segment(x)
+    _, query, got = pred._forward(x)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(pred._code_logits(query), want_codes, atol=1e-3)
