@@ -37,9 +37,10 @@ logger = logging.getLogger(__name__)
 CONFIDENT = 0.9  # pixel probability above which check() trusts the model over the annotation
 REFINE_ZOOM = 1.0  # refine()'s view of the image, this much closer than the whole: 1 = the scale the model
                    # was trained at (2x tried: clump clicks fell from 0.65 to 0.48 IoU, bench/interactive.py)
-REFINE_CONTEXT = 64  # model px of image refine() shows the network on each side of the hint, at the learned
-                     # scale (about the receptive field of the x8 encoder + code predictor): a crop, not the
-                     # whole image, so a smart-tool call costs the object's neighbourhood, not the image
+# A crop around the hint instead of the whole view was tried (64 / 96 / 128 model px of context at the learned
+# scale): 3.5x faster, but clicks fell from 0.59 to 0.38 / 0.46 / 0.56 median IoU on a 520x696 demo image
+# (bench/interactive.py's hints): the decoder's GroupNorm statistics are the whole view's, so a crop
+# changes what the network says about the object itself, not only at the crop's edges.
 # _cut_necks: a concavity counts from max(depth_abs px, depth_rel x sqrt(area)) deep; a cut is at most
 # len_ratio x the smaller part's equivalent diameter long and leaves it >= min_share of the region
 # (chosen on fresh procedural images, bench/interactive.py: clump clicks 0.64 -> 0.69, scribbles 0.77 -> 0.83)
@@ -541,9 +542,8 @@ class Predictor:
                negative: list[tuple[float, float]], label: int) -> tuple[np.ndarray, float]:
         """A clean (H, W) bool mask of the one object a rough hint (stroke / box / points) points at.
 
-        The model looks at a view around the hint at its learned scale, REFINE_CONTEXT model px of
-        context on each side (a letterboxing checkpoint: REFINE_ZOOM x closer than the whole image),
-        widened while the object is cut by it, and makes its
+        The model looks at a view around the hint, REFINE_ZOOM x closer than the whole image (1: the
+        whole image, the scale it was trained at), widened while the object is cut by it, and makes its
         instances in a window around the hint only (latency follows the object, not the image). The instance the hint
         points at is taken whole; one the model merged with a neighbour is cut at the necks of its
         outline (`_separate`), keeping the part(s) the hint is on. Where the model sees nothing at the
@@ -560,11 +560,7 @@ class Predictor:
             return np.zeros((H, W), bool), 0.0
         stats = image_stats(resize(image if image.ndim == 3 else np.repeat(image[..., None], 3, 2),
                                    *self._geometry(H, W)), self.config.invert_bright)
-        if self.scale is None:
-            side = max(H, W) / REFINE_ZOOM
-        else:
-            y0, y1, x0, x1 = _window(hint, pos, H, W, 0)
-            side = max(y1 - y0, x1 - x0) + 2 * REFINE_CONTEXT / self.scale
+        side = max(H, W) / REFINE_ZOOM
         for _ in range(3):                                    # widen the view while the object is cut by it
             view = _view(hint, pos, H, W, side)
             mask, conf = self._refine_view(image, stats, view, hint, pos, neg, label)
