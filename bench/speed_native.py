@@ -4,9 +4,9 @@ per-task latency over HTTP at 256 px, 520x696 (~100 objects) and 2048x2048 (~500
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.speed --native [--threads 2] [--quick] [--before REV]
 
 "before" = the code of git revision REV (default: main), unpacked from an archive of that revision beside
-the current code and run on the same checkpoint: its stage breakdown in a child process per repetition
-(alternating with the current code's, so load drifts hit both alike), its /predict as a second server on
-the same model store. The model is trained for a few iterations on procedural nuclei (bench.speed's
+the current code and run on the same checkpoint: its model/inference.py loaded beside the current one for
+the stage breakdown (the two alternate image by image in one process; region encoding is the current
+code's for both), its whole backend as a second /predict server on the same model store. The model is trained for a few iterations on procedural nuclei (bench.speed's
 bench_model): speed does not depend on what the weights learned, only on the object scale they were
 trained at.
 """
@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ def stage_times(pred, png: bytes) -> dict:
     """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON.
 
     Written against the Predictor internals both revisions share (_prepare, _forward, _tiled_logits,
-    _unletterbox, _prediction), so the same loop times the code before and after."""
+    _unletterbox, _prediction), so the same loop times the Predictor before and after."""
     import torch
 
     from backend.label_config import parse_label_config
@@ -85,39 +84,39 @@ def stage_times(pred, png: bytes) -> dict:
     return t
 
 
-def stages_child(ckpt: str, media: str, threads: int) -> None:
-    """One repetition (after one warm-up pass) of stage_times per image in `media`, as one JSON line on stdout:
-    run with the revision under test first on PYTHONPATH."""
-    import torch
+def predictor_class(tree: Path | None):
+    """model.inference.Predictor, or (tree given) the Predictor of tree/model/inference.py loaded beside it
+    under another module name, so both revisions run in one process, alternating call by call. The old
+    module imports its helpers (model.vqvae, model.data, ...) from the current package: fine while those
+    keep their names."""
+    import importlib.util
 
     from model.inference import Predictor
 
-    torch.set_num_threads(threads)
-    pred = Predictor.from_checkpoint(ckpt, device="cpu")
-    out = {}
-    for name in SIZES:
-        png = (Path(media) / f"{name}.png").read_bytes()
-        stage_times(pred, png)
-        out[name] = stage_times(pred, png)
-    print(json.dumps(out))
+    if tree is None:
+        return Predictor
+    spec = importlib.util.spec_from_file_location("before_inference", tree / "model" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Predictor
 
 
-def breakdown(ckpt: Path, media: Path, paths: dict, reps: int, threads: int) -> dict:
-    """Median ms per stage and variant ({variant: PYTHONPATH head}), one child process per variant and
-    repetition, the variants alternating."""
-    runs: dict = {v: [] for v in paths}
-    for _ in range(reps):
-        for variant, head in paths.items():
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(head), str(REPO)]),
-                   "OMP_NUM_THREADS": str(threads)}
-            cmd = [sys.executable, "-c", f"from bench.speed_native import stages_child; "
-                   f"stages_child({str(ckpt)!r}, {str(media)!r}, {threads})"]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=REPO)
-            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+def breakdown(ckpt: Path, media: Path, trees: dict, reps: int) -> dict:
+    """Median ms per stage, image and variant ({variant: source tree, None = the current code}); within each
+    repetition every image goes through every variant in turn, so load drifts hit both alike."""
+    preds = {v: predictor_class(tree).from_checkpoint(ckpt, device="cpu") for v, tree in trees.items()}
+    pngs = {name: (media / f"{name}.png").read_bytes() for name in SIZES}
+    runs: dict = {name: {v: [] for v in preds} for name in SIZES}
+    for r in range(reps + 1):
+        for name, png in pngs.items():
+            for v, pred in preds.items():
+                t = stage_times(pred, png)
+                if r:                                                  # the first round warms up
+                    runs[name][v].append(t)
     out: dict = {}
     for name in SIZES:
-        out[name] = {v: {k: statistics.median(r[name][k] for r in rs) * (1 if k == "n_regions" else 1000)
-                         for k in rs[0][name]} for v, rs in runs.items()}
+        out[name] = {v: {k: statistics.median(x[k] for x in rs) * (1 if k == "n_regions" else 1000)
+                         for k in rs[0]} for v, rs in runs[name].items()}
         print(name, json.dumps({v: {k: round(x, 1) for k, x in d.items()} for v, d in out[name].items()}),
               flush=True)
     return out
@@ -234,8 +233,8 @@ def main(args) -> None:
         res = {"threads": args.threads, "scale": after.scale, "tile": after.tile, "objects_per_image": objects,
                "load_average_start": os.getloadavg()}
         before_path = None if args.before == "none" else before_tree(args.before, work / "before")
-        paths = {"after": REPO, **({"before": before_path} if before_path else {})}
-        res["stages_ms"] = breakdown(ckpt, media, paths, args.reps, args.threads)
+        trees = {"after": None, **({"before": before_path} if before_path else {})}
+        res["stages_ms"] = breakdown(ckpt, media, trees, args.reps)
         srv, base = serve_dir(media)
         try:
             res["http"] = http_runs(work, base, before_path, args)
