@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -97,6 +98,7 @@ def predictor_class(tree: Path | None):
         return Predictor
     spec = importlib.util.spec_from_file_location("before_inference", tree / "model" / "inference.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                       # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.Predictor
 
