@@ -153,12 +153,18 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bars_are_quiet_off_a_terminal():
+    """No bar, no carriage returns: one line per counted phase when it ends."""
     out = io.StringIO()
     bars = ProgressBars(out)
-    for i in range(5):
+    for i in range(1, 6):
         bars({"phase": "train", "iter": i, "max_iters": 5, "loss": 0.5, "eta_s": 1.0})
+    bars({"phase": "compare"})
+    for i in range(1, 5):
+        bars({"phase": "predict", "iter": i, "max_iters": 4})
     bars({"phase": "done", "iter": 1, "max_iters": 1})
-    assert out.getvalue() == ""
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 2
+    assert lines[0].startswith("train: 5/5 it in ") and lines[1].startswith("predict: 4/4 tasks in ")
 
 
 def test_progress_bars_follow_the_progress_dicts_on_a_terminal():
