@@ -483,8 +483,7 @@ def run_demo(args) -> int:
         # 3. Label Studio: the project, its tasks, ground-truth annotations on a few
         ls_server = ls_job.result()
         api = ls_server.client(timeout=120)
-        settings = settings.replace(label_studio_url=ls_server.url,
-                                       label_studio_api_key=ls_server.token)
+        settings = settings.replace(label_studio_url=ls_server.url, label_studio_api_key=ls_server.token)
         project = find_project(api, TITLE)
         created = project is None
         if created:
