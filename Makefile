@@ -19,6 +19,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
 	@echo "[3/3] installing Tessera and its dependencies into $(VENV)"
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	# label-studio-ml is no longer a dependency; left in a reused venv, its Flask 1.1.2 pin fails `pip check`
+	$(VENV)/bin/pip uninstall $(PIP_FLAGS) -y label-studio-ml
 	touch $@
 
 $(LS_VENV)/.installed:

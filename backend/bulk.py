@@ -32,7 +32,7 @@ def superseded(task: dict, key: str, served_version: str) -> list[int]:
 
 
 def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bool = False,
-                    replace: bool = False, out=sys.stderr) -> dict:
+                    replace: bool = False, out=sys.stderr, progress=None) -> dict:
     client = LSClient(settings)
     config = parse_label_config(client.project(key).get("label_config") or "")
     served = ModelCache(settings).served(key, config)
@@ -84,11 +84,15 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
             pending = [writer.submit(write, task, item) for task, item in zip(chunk, items)]
             done = start + len(chunk)
             rate = done / max(time.time() - t0, 1e-6)
+            if progress is not None:     # the progress-dict protocol (the CLI's tqdm bar)
+                progress({"phase": "predict", "iter": done, "max_iters": len(todo)})
+                continue
             print(f"\rpredict project {key}: {done}/{len(todo)} tasks, {rate:.1f}/s, "
                   f"eta {(len(todo) - done) / max(rate, 1e-6):.0f}s", end="", file=out, flush=True)
         for f in pending:
             f.result()
-    print(file=out)
+    if progress is None:
+        print(file=out)
     if replace:                          # tasks that already had the served version's prediction
         todo_ids = {t["id"] for t in todo}
         for task in tasks:

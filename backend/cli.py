@@ -5,12 +5,12 @@ import argparse
 import errno
 import json
 import logging
-import os
 import sys
+import time
 from pathlib import Path
 
 from backend.lsclient import NotFound
-from backend.settings import Settings
+from backend.settings import Settings, apply_thread_policy
 
 logger = logging.getLogger("tessera")
 
@@ -25,7 +25,11 @@ def cmd_serve(args, settings: Settings) -> int:
     """Run the HTTP backend (waitress: request bodies are read in full before a thread runs the app)."""
     from backend.serving import serve
 
-    return serve(settings, args.host, args.port, workers=args.workers, threads=args.threads)
+    def given(value, default):
+        return default if value is None else value
+
+    return serve(settings, args.host, given(args.port, settings.port), workers=given(args.workers, settings.workers),
+                 threads=given(args.threads, settings.threads))
 
 
 def cmd_worker(args, settings: Settings) -> int:
@@ -111,17 +115,53 @@ def _follow_in_label_studio(settings: Settings, project: str, version: str) -> N
               "/setup when it has LABEL_STUDIO_URL", file=sys.stderr)
 
 
-_progress_line = {"open": False}     # a progress line without its newline is on stderr
+class ProgressBars:
+    """The training and prediction progress-dict protocol ({"phase", "iter", "max_iters", "loss", "eta_s"}) as
+    tqdm bars on stderr, one per phase. Off a terminal (logs, CI, pipes) no bar is drawn: each counted phase
+    leaves one line when it ends ("predict: 4/4 tasks in 2.1s")."""
 
+    UNITS = {"fetch": "tasks", "predict": "tasks"}         # other phases count iterations
 
-def _print_progress(info: dict) -> None:
-    _progress_line["open"] = info.get("phase") != "done"
-    total = info.get("max_iters") or 0
-    frac = f"{info.get('iter', 0)}/{total}" if total else ""
-    loss = f" loss {info['loss']:.4f}" if info.get("loss") else ""
-    eta = f" eta {info['eta_s']:.0f}s" if info.get("eta_s") else ""
-    print(f"\r{info.get('phase', '')} {frac}{loss}{eta}      ", end="\n" if info.get("phase") == "done" else "",
-          file=sys.stderr, flush=True)
+    def __init__(self, file=sys.stderr):
+        self.file, self.bar = file, None
+        self.phase, self.total, self.n, self.t0 = None, None, 0, 0.0
+
+    def __call__(self, info: dict) -> None:
+        phase, total = info.get("phase", ""), info.get("max_iters") or None
+        if phase == "done":
+            self.close()
+            return
+        if self.bar is None or phase != self.phase or total != self.total:
+            from tqdm import tqdm
+
+            self.close()
+            self.bar = tqdm(total=total, desc=phase, unit=self.UNITS.get(phase, "it"), file=self.file,
+                            disable=None, dynamic_ncols=True, leave=False)
+            self.phase, self.total, self.t0 = phase, total, time.monotonic()
+        self.n = self.bar.n = info.get("iter") or 0
+        if info.get("loss") and not self.bar.disable:
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
+        self.bar.refresh()
+
+    def __enter__(self) -> "ProgressBars":
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._logs = logging_redirect_tqdm()       # log lines print above the bar, not through it
+        self._logs.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        self._logs.__exit__(*exc)
+
+    def close(self) -> None:
+        bar, self.bar = self.bar, None
+        if bar is None:
+            return
+        if bar.disable and self.total:
+            print(f"{self.phase}: {self.n}/{self.total} {self.UNITS.get(self.phase, 'it')} in "
+                  f"{time.monotonic() - self.t0:.1f}s", file=self.file, flush=True)
+        bar.close()
 
 
 def cmd_train(args, settings: Settings) -> int:
@@ -131,12 +171,13 @@ def cmd_train(args, settings: Settings) -> int:
     if bool(args.data) == bool(args.project):
         print("give exactly one of --data DIR or --project N", file=sys.stderr)
         return 2
-    if args.data:
-        result = training.train_from_folder(settings, Path(args.data), project=args.into,
-                                            iters=args.iters, labels=args.labels, progress=_print_progress)
-    else:
-        result = training.train_project(str(args.project), "cli", settings=settings, iters=args.iters,
-                                        progress=_print_progress, force=args.force, budget_s=args.budget_s)
+    with ProgressBars() as bars:
+        if args.data:
+            result = training.train_from_folder(settings, Path(args.data), project=args.into,
+                                                iters=args.iters, labels=args.labels, progress=bars)
+        else:
+            result = training.train_project(str(args.project), "cli", settings=settings, iters=args.iters,
+                                            progress=bars, force=args.force, budget_s=args.budget_s)
     print(json.dumps(result, indent=1))
     return 0 if result.get("status") in ("promoted", "rejected", "skipped") else 1
 
@@ -146,8 +187,9 @@ def cmd_predict(args, settings: Settings) -> int:
     limit); needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY."""
     from backend.bulk import predict_project
 
-    result = predict_project(settings, str(args.project), batch=args.batch, overwrite=args.overwrite,
-                             replace=args.replace)
+    with ProgressBars() as bars:
+        result = predict_project(settings, str(args.project), batch=args.batch, overwrite=args.overwrite,
+                                 replace=args.replace, progress=bars)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -161,8 +203,9 @@ def cmd_generate(args, settings: Settings) -> int:
         raise ValueError(f"--count must be between 1 and 10000, got {args.count}")
     if not 0.0 <= args.share <= 1.0:
         raise ValueError(f"--share must be between 0 and 1, got {args.share}")
-    result = generate_into_project(settings, str(args.project), count=args.count, label=args.label,
-                                   share=args.share, seed=args.seed, kind=args.kind)
+    with ProgressBars() as bars:
+        result = generate_into_project(settings, str(args.project), count=args.count, label=args.label,
+                                       share=args.share, seed=args.seed, kind=args.kind, progress=bars)
     print(json.dumps(result, indent=1))
     return 0 if not result.get("failed") else 1
 
@@ -174,22 +217,25 @@ def cmd_demo(args, settings: Settings) -> int:
     return run_demo(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def _project_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
 
+
+def _add_server_commands(sub) -> None:
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)))
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 1)),
-                   help="processes; each keeps its own model cache (default 1)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 8)))
+    p.add_argument("--port", type=int, default=None, help="default PORT (9090)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes; each keeps its own model cache (default WORKERS, 1)")
+    p.add_argument("--threads", type=int, default=None, help="request threads per process (default THREADS, 8)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("worker", help=cmd_worker.__doc__)
     p.add_argument("--redis-url", default="", help="Redis to take runs from (default REDIS_URL)")
     p.set_defaults(fn=cmd_worker)
 
+
+def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help=cmd_train.__doc__)
     p.add_argument("--data", help="folder dataset: images/ + labels/ (instances) or masks/ + classes.json")
     p.add_argument("--project", type=int, help="train from this Label Studio project's annotations (needs "
@@ -206,8 +252,23 @@ def main(argv: list[str] | None = None) -> int:
                                                         "since the newest version")
     p.set_defaults(fn=cmd_train)
 
+
+def _add_store_commands(sub) -> None:
+    p = sub.add_parser("versions", help=cmd_versions.__doc__, description=cmd_versions.__doc__)
+    p.add_argument("--project", default=None, help="project id (default: the default model); reads MODEL_DIR")
+    p.add_argument("--json", action="store_true", help="print every field as JSON")
+    p.set_defaults(fn=cmd_versions)
+
+    p = sub.add_parser("rollback", help=cmd_rollback.__doc__)
+    p.add_argument("version", help="e.g. v0002 or tessera-p3-v0002")
+    p.add_argument("--project", default=None, help="project id (default: the default model); reads MODEL_DIR, "
+                                                   "and renames the LS connection with LABEL_STUDIO_URL/_API_KEY")
+    p.set_defaults(fn=cmd_rollback)
+
+
+def _add_project_commands(sub) -> None:
     p = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
-    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    _project_arg(p)
     p.add_argument("--batch", type=int, default=32, help="tasks per inference batch and progress step")
     p.add_argument("--overwrite", action="store_true", help="also redo tasks that have a prediction of the "
                                                              "served version")
@@ -216,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
-    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    _project_arg(p)
     p.add_argument("--count", type=int, default=8, help="tasks to create (1-10000; default 8)")
     p.add_argument("--label", default=None, help="paste (edited) or raise the share of (generated) this label")
     p.add_argument("--kind", choices=["edited", "generated"], default="edited",
@@ -233,56 +294,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-wait", action="store_true", help="exit when ready instead of serving until Ctrl-C")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("versions", help=cmd_versions.__doc__, description=cmd_versions.__doc__)
-    p.add_argument("--project", default=None, help="project id (default: the default model); reads MODEL_DIR")
-    p.add_argument("--json", action="store_true", help="print every field as JSON")
-    p.set_defaults(fn=cmd_versions)
 
-    p = sub.add_parser("rollback", help=cmd_rollback.__doc__)
-    p.add_argument("version", help="e.g. v0002 or tessera-p3-v0002")
-    p.add_argument("--project", default=None, help="project id (default: the default model); reads MODEL_DIR, "
-                                                   "and renames the LS connection with LABEL_STUDIO_URL/_API_KEY")
-    p.set_defaults(fn=cmd_rollback)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_server_commands(sub)
+    _add_train_command(sub)
+    _add_project_commands(sub)
+    _add_store_commands(sub)
+    return p
 
-    args = parser.parse_args(argv)
-    # OpenMP threads that spin while waiting make torch ~10x slower when training and serving share a
-    # small CPU (measured on 2 cores); must be set before torch is first imported
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _failure(cmd: str, e: Exception) -> str:
+    """One line for a command that failed unexpectedly; the traceback goes to the log at DEBUG."""
+    from backend.lsclient import LabelStudioUnavailable
+
+    if isinstance(e, LabelStudioUnavailable):
+        reason = str(e)
+    elif isinstance(e, OSError):
+        reason = f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}" + \
+            (": the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+    elif "unexpected pos" in str(e) or "file write failed" in str(e):   # torch.save on a full disk
+        reason = "writing a checkpoint failed: is the disk full?"
+    else:
+        reason = f"{type(e).__name__}: {str(e)[:300]}"
+    unchanged = " The served model is unchanged." if cmd == "train" else ""
+    return f"tessera {cmd} failed: {reason}.{unchanged} Run with TESSERA_LOG_LEVEL=DEBUG for the traceback."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 2
+    apply_thread_policy(settings)         # before anything imports torch
     _setup_logging(settings)
     try:
         return args.fn(args, settings)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tessera {args.cmd}: {e}", file=sys.stderr)
-        return 2
-    except NotFound as e:                    # a project or task id the user gave that LS does not have
+    except (ValueError, FileNotFoundError, NotFound) as e:    # NotFound: a project or task id LS does not have
         print(f"tessera {args.cmd}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tessera {args.cmd}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:            # one clear line; the traceback goes to the log at DEBUG
-        from backend.lsclient import LabelStudioUnavailable
-
+    except Exception as e:
         logger.debug("tessera %s failed", args.cmd, exc_info=True)
-        if isinstance(e, LabelStudioUnavailable):
-            reason = str(e)
-        elif isinstance(e, OSError):
-            reason = f"{e.strerror or type(e).__name__}{f' ({e.filename})' if e.filename else ''}" + \
-                (": the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
-        elif "unexpected pos" in str(e) or "file write failed" in str(e):   # torch.save on a full disk
-            reason = "writing a checkpoint failed: is the disk full?"
-        else:
-            reason = f"{type(e).__name__}: {str(e)[:300]}"
-        if _progress_line["open"]:
-            print(file=sys.stderr)
-        unchanged = " The served model is unchanged." if args.cmd == "train" else ""
-        print(f"tessera {args.cmd} failed: {reason}.{unchanged} Run with TESSERA_LOG_LEVEL=DEBUG for the "
-              "traceback.", file=sys.stderr)
+        print(_failure(args.cmd, e), file=sys.stderr)
         return 1
 
 

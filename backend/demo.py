@@ -79,10 +79,11 @@ QUICK = Plan(n_images=12, size=128, iters=60, gan_seconds=15, n_synthetic=3, n_a
 
 def plan_for(quick: bool) -> Plan:
     plan = QUICK if quick else FULL
-    if os.environ.get("TESSERA_DEMO_ITERS"):
-        plan = dataclasses.replace(plan, iters=int(os.environ["TESSERA_DEMO_ITERS"]))
-    if os.environ.get("TESSERA_DEMO_GAN_S"):
-        plan = dataclasses.replace(plan, gan_seconds=float(os.environ["TESSERA_DEMO_GAN_S"]))
+    env = Settings.from_env()
+    if env.demo_iters:
+        plan = dataclasses.replace(plan, iters=env.demo_iters)
+    if env.demo_gan_s is not None:
+        plan = dataclasses.replace(plan, gan_seconds=env.demo_gan_s)
     return plan
 
 
@@ -423,7 +424,7 @@ def run_demo(args) -> int:
         previous = json.loads(state_file.read_text()) if state_file.exists() else {}
     except ValueError:
         previous = {}
-    settings = dataclasses.replace(Settings.from_env(), model_dir=model_dir)
+    settings = Settings.from_env().replace(model_dir=model_dir)
     summary: dict[str, Any] = {"ready": False, "running": True, "pid": os.getpid(), "quick": bool(args.quick),
                                "no_wait": bool(getattr(args, "no_wait", False)),
                                "data_dir": str(data_dir), "plan": dataclasses.asdict(plan), "timings": {}}
@@ -476,14 +477,13 @@ def run_demo(args) -> int:
             console.step(f"project {prev_pid} of the last run has a model: no training while Label Studio starts")
         else:
             shutil.rmtree(staging_dir, ignore_errors=True)
-            staging = dataclasses.replace(settings, model_dir=staging_dir)
+            staging = settings.replace(model_dir=staging_dir)
             staged = _train_models(staging, STAGING_KEY, samples, plan, want_gan, console, timings)
 
         # 3. Label Studio: the project, its tasks, ground-truth annotations on a few
         ls_server = ls_job.result()
         api = ls_server.client(timeout=120)
-        settings = dataclasses.replace(settings, label_studio_url=ls_server.url,
-                                       label_studio_api_key=ls_server.token)
+        settings = settings.replace(label_studio_url=ls_server.url, label_studio_api_key=ls_server.token)
         project = find_project(api, TITLE)
         created = project is None
         if created:
@@ -647,7 +647,7 @@ def _synthetic(settings: Settings, pid: int, plan: Plan, stats: dict, console: C
     from backend.synthetic import generate_into_project
 
     if plan.synth_min_iou is not None:
-        settings = dataclasses.replace(settings, synth_min_iou=plan.synth_min_iou)
+        settings = settings.replace(synth_min_iou=plan.synth_min_iou)
         console.step(f"synthetic tasks: quick mode keeps images the label model agrees with at IoU >= "
                      f"{plan.synth_min_iou} (TESSERA_SYNTH_MIN_IOU is {Settings.from_env().synth_min_iou})")
     t0 = time.monotonic()

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping
 
 import requests
 
+from backend.settings import Settings
 from model.lockfile import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,11 +75,11 @@ class LSApiError(RuntimeError):
 
 
 def default_ls_venv() -> Path:
-    return Path(os.environ.get("TESSERA_LS_VENV") or REPO_ROOT / ".venv-ls")
+    return Path(Settings.from_env().ls_venv or REPO_ROOT / ".venv-ls")
 
 
 def default_template_dir() -> Path:
-    return Path(os.environ.get("TESSERA_LS_TEMPLATE") or REPO_ROOT / ".cache" / "ls-template")
+    return Path(Settings.from_env().ls_template or REPO_ROOT / ".cache" / "ls-template")
 
 
 def ls_executable(ls_venv: Path) -> Path:

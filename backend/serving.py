@@ -62,8 +62,8 @@ def _run(sock: socket.socket, settings: Settings, threads: int) -> None:
         app, sockets=[sock], threads=threads, ident="tessera",
         max_request_body_size=settings.max_request_bytes,   # larger bodies: 413 before they are read
         max_request_header_size=64 * 1024,
-        connection_limit=200,            # open connections (slow or not) before new ones wait in the backlog
-        channel_timeout=60,              # seconds a connection may send nothing at all
+        connection_limit=settings.connection_limit,     # open connections (slow or not) before the backlog
+        channel_timeout=settings.channel_timeout_s,     # seconds a connection may send nothing at all
         asyncore_use_poll=True,          # select() breaks past 1024 file descriptors
         clear_untrusted_proxy_headers=True)
     logger.info("tessera serving on %s with %d threads (pid %d)", sock.getsockname()[:2], threads, os.getpid())

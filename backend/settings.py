@@ -1,163 +1,284 @@
-"""Tessera settings: every environment variable is read once, here, into a frozen dataclass."""
+"""Tessera settings: one typed object (pydantic-settings), every environment variable read here and only here.
+
+`Settings.from_env()` reads the environment once; `Settings(**values)` takes exactly the values given (tests,
+benchmarks) and never looks at the environment. A bad value raises ValueError naming the variable and what is
+valid. Secrets are `SecretStr`: repr, logs and dumps show `**********`.
+"""
 from __future__ import annotations
 
-import math
+import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.urls import UnsafeURL, parse_host_entry, parse_http_url
 
-# name -> (default, help); the README's configuration table is this list
-ENV_VARS: dict[str, tuple[str, str]] = {
-    "LABEL_STUDIO_URL": ("", "Label Studio's URL as this backend reaches it (e.g. http://label-studio:8080). "
-                             "Needed for training, `tessera predict/generate` and media outside a request."),
-    "LABEL_STUDIO_API_KEY": ("", "Label Studio legacy API token (Account & Settings). Never logged."),
-    "MODEL_DIR": ("./models", "Model store: versioned checkpoints per project, `current` pointers."),
-    "REDIS_URL": ("", "If set, training runs go to an RQ queue on this Redis and `tessera worker` runs them."),
-    "TESSERA_ALLOWED_HOSTS": ("", "Extra hosts media may be downloaded from, comma-separated "
-                                  "(the Label Studio host is always allowed). `*` allows any host."),
-    "TESSERA_MEDIA_ROOT": ("", "Local directory that task paths (and LS local-files URLs) may be read from."),
-    "TESSERA_MAX_IMAGE_BYTES": ("52428800", "Largest image download accepted, in bytes (default 50 MB)."),
-    "TESSERA_MAX_PIXELS": ("50000000", "Largest image accepted, in pixels (decompression-bomb guard)."),
-    "TESSERA_MAX_SIDE": ("2048", "Images are decoded straight to at most this many pixels on their longer side "
-                                 "for prediction (the model works at 128-256); regions come back at full size."),
-    "TESSERA_MAX_REQUEST_BYTES": ("33554432", "Largest HTTP request body accepted (default 32 MB)."),
-    "TESSERA_MAX_PREDICT_TASKS": ("1000", "Most tasks one /predict request may carry (413 above it: use "
-                                          "`tessera predict --project N` for a whole project)."),
-    "TESSERA_FETCH_TIMEOUT_S": ("30", "Deadline, in seconds, for downloading one image (connect + all reads)."),
-    "TESSERA_MEDIA_CACHE_MB": ("1024", "Size cap of the training runs' image cache under MODEL_DIR/cache/media; "
-                                       "least recently used images go first (0 = no cache)."),
-    "TESSERA_BASIC_AUTH_USER": ("", "If set with TESSERA_BASIC_AUTH_PASS, every route but /health needs "
-                                    "HTTP basic auth (set the same in LS: Model > Authentication). "
-                                    "BASIC_AUTH_USER is read too. Setting only one of the two is an error."),
-    "TESSERA_BASIC_AUTH_PASS": ("", "Password for basic auth (or BASIC_AUTH_PASS). Never logged."),
-    "TESSERA_DEBOUNCE_S": ("10", "Seconds a burst of annotation events must settle before one training run."),
-    "TESSERA_DEVICE": ("auto", "torch device for training and inference: auto, cpu, cuda or cuda:N."),
-    "TESSERA_PREDICT_BATCH": ("16", "Images per forward pass in /predict."),
-    "TESSERA_FETCH_THREADS": ("16", "Concurrent image downloads per /predict request."),
-    "TESSERA_MIN_ANNOTATIONS": ("5", "Annotated tasks a project needs before a training run trains."),
-    "TESSERA_GAN_MIN_ANNOTATIONS": ("20", "Annotated tasks a project needs before runs also train the GAN."),
-    "TESSERA_TRAIN_ITERS": ("600", "Training iterations of a run started from Label Studio."),
-    "TESSERA_TRAIN_BUDGET_S": ("90", "Wall-clock cap, in seconds, of the label-model training in a run started from "
-                                     "Label Studio (runs warm-start, so training adds up over runs; 0 = no cap)."),
-    "TESSERA_TRAIN_THREADS": ("0", "torch threads for training; 0 = half the CPU cores (the rest keep answering "
-                                   "/predict)."),
-    "TESSERA_EXCLUDE_SYNTHETIC": ("false", "Leave annotations of synthetic (generated) tasks out of training."),
-    "TESSERA_SYNTH_MIN_IOU": ("0.5", "A generated image is kept only if the label model's prediction on it agrees "
-                                     "with its layout at least this much (IoU)."),
-    "TESSERA_PROMOTE_TOLERANCE": ("0.01", "A new version is served if, on the held-back tasks people made or changed, "
-                                          "it scores at least the served version's score minus this (the score: box AP50 for box-only "
-                                          "projects, (mask IoU + instance F1) / 2 otherwise)."),
-    "TESSERA_MISLABELING_COLUMN": ("false", "Also write each annotated task's mislabeling score into task data as "
-                                            "the column `tessera_mislabeling` (sortable in the Data Manager; it "
-                                            "then appears in exports). Off: only `task.meta`."),
-    "TESSERA_LOG_LEVEL": ("INFO", "Logging level (or LOG_LEVEL): DEBUG, INFO, WARNING, ERROR."),
-    # regions kept and how long a first version trains (issue 15)
-    "TESSERA_MIN_REGION_SCORE": ("", "Keep only predicted regions scoring at least this (0-1), instead of the "
-                                     "threshold each version learns on its held-back tasks; empty = learned."),
-    "TESSERA_PRECISION_TARGET": ("0", "> 0 (e.g. 0.9): the learned region cut keeps the most regions that still "
-                                      "reach this precision on the held-back tasks; 0 = the cut with the best F1."),
-    "TESSERA_FIRST_TRAIN_BUDGET_S": ("300", "Cap, in seconds, of a project's first version: it trains until its "
-                                            "held-back score stops improving, at most this long (0 = it trains "
-                                            "like any other run)."),
-}
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-# the names upstream label-studio-ml backends read; the TESSERA_ spelling wins when both are set
-ALIASES = {"TESSERA_BASIC_AUTH_USER": "BASIC_AUTH_USER", "TESSERA_BASIC_AUTH_PASS": "BASIC_AUTH_PASS",
-           "TESSERA_LOG_LEVEL": "LOG_LEVEL"}
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+def env(name: str, default: Any, doc: str, *upstream: str, **constraints: Any) -> Any:
+    """A field read from the variable `name` (the TESSERA_ spelling wins), then from the upstream names
+    label-studio-ml backends read; `doc` is its line in the README's configuration table."""
+    return Field(default, validation_alias=AliasChoices(name, *upstream), description=doc, **constraints)
 
 
-def _env(name: str) -> str:
-    return os.environ.get(name, ENV_VARS[name][0]).strip()
+class Settings(BaseSettings):
+    """Everything configurable; `Settings.from_env()` in the server, the CLI and workers."""
 
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", populate_by_name=True, case_sensitive=True,
+                                      env_ignore_empty=True, str_strip_whitespace=True, allow_inf_nan=False)
 
-def _env_alias(name: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value or os.environ.get(ALIASES[name], ENV_VARS[name][0]).strip()
+    # Label Studio and the model store
+    label_studio_url: str = env("LABEL_STUDIO_URL", "", "Label Studio's URL as this backend reaches it (e.g. "
+                                "http://label-studio:8080). Needed for training, `tessera predict/generate` and "
+                                "media outside a request.")
+    ls_api_key: SecretStr = env("LABEL_STUDIO_API_KEY", SecretStr(""), "Label Studio legacy API token (Account & "
+                                "Settings); upstream name LABEL_STUDIO_ACCESS_TOKEN is read too. Never printed.",
+                                "LABEL_STUDIO_ACCESS_TOKEN")
+    model_dir: Path = env("MODEL_DIR", Path("./models"), "Model store: versioned checkpoints per project, "
+                          "`current` pointers.")
+    redis_url: str = env("REDIS_URL", "", "If set, training runs go to an RQ queue on this Redis and `tessera "
+                         "worker` runs them (its password, if any, is never printed).", repr=False, exclude=True)
+    # media
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = env(
+        "TESSERA_ALLOWED_HOSTS", (), "Extra hosts media may be downloaded from, comma-separated host or host:port "
+        "(the Label Studio host is always allowed; the token is never sent to these). `*` allows any host.")
+    media_root: Path | None = env("TESSERA_MEDIA_ROOT", None, "Local directory that task paths (and LS "
+                                  "local-files URLs) may be read from.")
+    max_image_bytes: int = env("TESSERA_MAX_IMAGE_BYTES", 50 * 1024 * 1024, "Largest image download accepted, "
+                               "in bytes (50 MB).", ge=1)
+    max_pixels: int = env("TESSERA_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels "
+                          "(decompression-bomb guard).", ge=1)
+    max_side: int = env("TESSERA_MAX_SIDE", 2048, "Images are decoded straight to at most this many pixels on "
+                        "their longer side for prediction (the model works at 128-256); regions come back at "
+                        "full size.", ge=64)
+    fetch_timeout_s: float = env("TESSERA_FETCH_TIMEOUT_S", 30.0, "Deadline, in seconds, for downloading one "
+                                 "image (connect + all reads).", ge=0.1)
+    fetch_threads: int = env("TESSERA_FETCH_THREADS", 16, "Concurrent image downloads per /predict request.", ge=1)
+    media_cache_mb: int = env("TESSERA_MEDIA_CACHE_MB", 1024, "Size cap of the training runs' image cache under "
+                              "MODEL_DIR/cache/media; least recently used images go first (0 = no cache).", ge=0)
+    # the HTTP server
+    port: int = env("PORT", 9090, "`tessera serve --port` default.", ge=1, le=65535)
+    workers: int = env("WORKERS", 1, "`tessera serve --workers` default: processes, each with its own model "
+                       "cache; with more than 1 set LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY (a /setup reaches one "
+                       "process) and REDIS_URL (run status is per process otherwise).", ge=1)
+    threads: int = env("THREADS", 8, "`tessera serve --threads` default: request threads per process.", ge=1)
+    max_request_bytes: int = env("TESSERA_MAX_REQUEST_BYTES", 32 * 1024 * 1024, "Largest HTTP request body "
+                                 "accepted (32 MB).", ge=1)
+    max_predict_tasks: int = env("TESSERA_MAX_PREDICT_TASKS", 1000, "Most tasks one /predict request may carry "
+                                 "(413 above it: use `tessera predict --project N` for a whole project).", ge=1)
+    channel_timeout_s: float = env("TESSERA_CHANNEL_TIMEOUT_S", 60.0, "Seconds a connection may send nothing at "
+                                   "all before the server closes it.", ge=1.0)
+    connection_limit: int = env("TESSERA_CONNECTION_LIMIT", 200, "Open connections (slow or not) per process "
+                                "before new ones wait in the listen backlog.", ge=1)
+    basic_auth_user: str = env("TESSERA_BASIC_AUTH_USER", "", "If set with TESSERA_BASIC_AUTH_PASS, every route "
+                               "but /health needs HTTP basic auth (set the same in LS: Model > Authentication). "
+                               "BASIC_AUTH_USER is read too. Setting only one of the two is an error.",
+                               "BASIC_AUTH_USER")
+    basic_auth_pass: SecretStr = env("TESSERA_BASIC_AUTH_PASS", SecretStr(""), "Password for basic auth (or "
+                                     "BASIC_AUTH_PASS). Never printed.", "BASIC_AUTH_PASS")
+    log_level: LogLevel = env("TESSERA_LOG_LEVEL", "INFO", "Logging level (or LOG_LEVEL): DEBUG, INFO, "
+                              "WARNING, ERROR.", "LOG_LEVEL")
+    # prediction and training
+    device: str = env("TESSERA_DEVICE", "auto", "torch device for training and inference: auto, cpu, cuda or "
+                      "cuda:N.")
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = env(
+        "OMP_WAIT_POLICY", "PASSIVE", "OpenMP threads that spin while waiting (ACTIVE) make torch ~10x slower when "
+        "training and serving share a small CPU (measured on 2 cores); the CLI sets it before torch is imported.")
+    predict_batch: int = env("TESSERA_PREDICT_BATCH", 16, "Images per forward pass in /predict.", ge=1)
+    debounce_s: float = env("TESSERA_DEBOUNCE_S", 10.0, "Seconds a burst of annotation events must settle before "
+                            "one training run.", ge=0.0)
+    min_annotations: int = env("TESSERA_MIN_ANNOTATIONS", 5, "Annotated tasks a project needs before a training "
+                               "run trains.", ge=1)
+    gan_min_annotations: int = env("TESSERA_GAN_MIN_ANNOTATIONS", 20, "Annotated tasks a project needs before "
+                                   "runs also train the GAN.", ge=1)
+    train_iters: int = env("TESSERA_TRAIN_ITERS", 600, "Training iterations of a run started from Label Studio.",
+                           ge=1)
+    train_budget_s: float = env("TESSERA_TRAIN_BUDGET_S", 90.0, "Wall-clock cap, in seconds, of the label-model "
+                                "training in a run started from Label Studio (runs warm-start, so training adds "
+                                "up over runs; 0 = no cap).", ge=0.0)
+    first_train_budget_s: float = env("TESSERA_FIRST_TRAIN_BUDGET_S", 300.0, "Cap, in seconds, of a project's "
+                                      "first version: it trains until its held-back score stops improving, at "
+                                      "most this long (0 = it trains like any other run).", ge=0.0)
+    gan_budget_s: float = env("TESSERA_GAN_BUDGET_S", 120.0, "Wall-clock cap, in seconds, of the GAN part of a "
+                              "run (it warm-starts, so it keeps improving over runs).", ge=0.0)
+    mislabeling_budget_s: float = env("TESSERA_MISLABELING_BUDGET_S", 20.0, "Seconds a run spends scoring "
+                                      "annotations for mislabeling after a promotion.", ge=0.0)
+    train_threads: int = env("TESSERA_TRAIN_THREADS", 0, "torch threads for training; 0 = half the CPU cores "
+                             "(the rest keep answering /predict).", ge=0)
+    exclude_synthetic: bool = env("TESSERA_EXCLUDE_SYNTHETIC", False, "Leave annotations of synthetic "
+                                  "(generated) tasks out of training.")
+    synth_min_iou: float = env("TESSERA_SYNTH_MIN_IOU", 0.5, "A generated image is kept only if the label model's "
+                               "prediction on it agrees with its layout at least this much (IoU).", ge=0.0)
+    promote_tolerance: float = env("TESSERA_PROMOTE_TOLERANCE", 0.01, "A new version is served if, on the "
+                                   "held-back tasks people made or changed, it scores at least the served "
+                                   "version's score minus this.", ge=0.0)
+    mislabeling_column: bool = env("TESSERA_MISLABELING_COLUMN", False, "Also write each annotated task's "
+                                   "mislabeling score into task data as the column `tessera_mislabeling`. Off: "
+                                   "only `task.meta`.")
+    min_region_score: float | None = env("TESSERA_MIN_REGION_SCORE", None, "Keep only predicted regions scoring "
+                                         "at least this (0-1), instead of the threshold each version learns on its "
+                                         "held-back tasks; empty = learned.", ge=0.0, le=1.0)
+    precision_target: float = env("TESSERA_PRECISION_TARGET", 0.0, "> 0 (e.g. 0.9): the learned region cut keeps "
+                                  "the most regions that still reach this precision on the held-back tasks; 0 = "
+                                  "the cut with the best F1.", ge=0.0, le=1.0)
+    # the Label Studio that tests and `tessera demo` start, and the demo's size
+    ls_venv: Path | None = env("TESSERA_LS_VENV", None, "Virtualenv with label-studio 1.23.2 that `tessera demo` "
+                               "and the tests start (default .venv-ls in the repository).")
+    ls_template: Path | None = env("TESSERA_LS_TEMPLATE", None, "Initialised Label Studio data dir copied for "
+                                   "each start (default .cache/ls-template in the repository).")
+    demo_iters: int | None = env("TESSERA_DEMO_ITERS", None, "`tessera demo`: training iterations of the first "
+                                 "model (default by --quick).", ge=1)
+    demo_gan_s: float | None = env("TESSERA_DEMO_GAN_S", None, "`tessera demo`: seconds the GAN trains (default "
+                                   "by --quick).", ge=0.0)
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Settings(...) holds what the caller gives: a test never picks up the shell's environment
+        return (init_settings,)
 
-def _bad(name: str, value: str, expected: str) -> ValueError:
-    return ValueError(f"{name}={value[:60]!r} is not valid: expected {expected} (see the README's configuration table)")
-
-
-def _int(name: str, minimum: int) -> int:
-    value = _env(name)
-    try:
-        out = int(value)
-    except ValueError:
-        raise _bad(name, value, f"an integer >= {minimum}") from None
-    if out < minimum:
-        raise _bad(name, value, f"an integer >= {minimum}")
-    return out
-
-
-def _float(name: str, minimum: float) -> float:
-    value = _env(name)
-    try:
-        out = float(value)
-    except ValueError:
-        raise _bad(name, value, f"a number >= {minimum}") from None
-    if not math.isfinite(out) or out < minimum:
-        raise _bad(name, value, f"a number >= {minimum}")
-    return out
-
-
-def _device(name: str) -> str:
-    value = _env(name).lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
-        raise _bad(name, value, "auto, cpu, cuda or cuda:N")
-    return value
-
-
-def _log_level(name: str) -> str:
-    value = _env_alias(name).upper()
-    if value not in _LOG_LEVELS:
-        raise _bad(name, value, ", ".join(_LOG_LEVELS))
-    return value
-
-
-def _url(name: str) -> str:
-    value = _env(name).rstrip("/")
-    if value:
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Read the environment; raises ValueError naming the variable for any invalid value."""
         try:
-            parse_http_url(value)
-        except UnsafeURL as e:
-            raise _bad(name, value, f"an http(s) URL such as http://label-studio:8080 ({e})") from None
-    return value
+            return cls(**dict(_Environment()))
+        except ValidationError as e:
+            raise ValueError(_explain(e)) from None
 
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with `changes`, validated like the original (what dataclasses.replace did)."""
+        return Settings(**{**dict(self), **changes})
 
-def _hosts(name: str) -> tuple[str, ...]:
-    out = []
-    for entry in (h.strip().lower() for h in _env(name).split(",")):
-        if not entry:
-            continue
-        if entry != "*":
+    @property
+    def label_studio_api_key(self) -> str:
+        """The key in clear, for the one place it goes: the Authorization header of requests to Label Studio."""
+        return self.ls_api_key.get_secret_value()
+
+    @property
+    def basic_auth(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass.get_secret_value())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_key_by_its_public_name(cls, data: Any) -> Any:
+        # `Settings(label_studio_api_key=...)`, the name every caller knows, fills the SecretStr field
+        if isinstance(data, dict) and "label_studio_api_key" in data:
+            data = {**data, "ls_api_key": data["label_studio_api_key"]}
+            del data["label_studio_api_key"]
+        return data
+
+    @field_validator("label_studio_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if value:
             try:
-                parse_host_entry(entry)
+                parse_http_url(value)
             except UnsafeURL as e:
-                raise _bad(name, entry, f"comma-separated host, host:port or * ({e})") from None
-        out.append(entry)
-    return tuple(out)
+                raise ValueError(f"expected an http(s) URL such as http://label-studio:8080 ({e})") from None
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> tuple[str, ...]:
+        entries = value.split(",") if isinstance(value, str) else value
+        out = []
+        for entry in (str(h).strip().lower() for h in entries):
+            if entry and entry != "*":
+                try:
+                    parse_host_entry(entry)
+                except UnsafeURL as e:
+                    raise ValueError(f"expected comma-separated host, host:port or * ({entry[:60]!r}: {e})") from None
+            if entry:
+                out.append(entry)
+        return tuple(out)
+
+    @field_validator("model_dir", "media_root", "ls_venv", "ls_template")
+    @classmethod
+    def _user_path(cls, value: Path | None, info) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        return value.resolve() if info.field_name == "media_root" else value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _torch_device(cls, value: Any) -> str:
+        value = str(value).strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("log_level", "omp_wait_policy", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _auth_pair(self) -> "Settings":
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass.get_secret_value()):
+            raise ValueError("basic auth needs both a user and a password: set TESSERA_BASIC_AUTH_USER and "
+                             "TESSERA_BASIC_AUTH_PASS (or BASIC_AUTH_USER and BASIC_AUTH_PASS), or neither")
+        return self
 
 
-def _fraction(name: str) -> float:
-    value = _env(name)
-    try:
-        out = float(value)
-    except ValueError:
-        raise _bad(name, value, "a number between 0 and 1") from None
-    if not 0.0 <= out <= 1.0:
-        raise _bad(name, value, "a number between 0 and 1")
-    return out
+class _Environment(Settings):
+    """The environment as a source: only `Settings.from_env()` uses it."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (env_settings,)
 
 
-def _bool(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes", "on")
+def env_names(field: str) -> tuple[str, ...]:
+    """The variables a field is read from, the TESSERA_ spelling first."""
+    return tuple(Settings.model_fields[field].validation_alias.choices)
+
+
+def _explain(error: ValidationError) -> str:
+    """'TESSERA_PREDICT_BATCH='sixteen' is not valid: ...': the first problem, by the variable's name."""
+    by_name = {name: field for field in Settings.model_fields for name in env_names(field)}
+    lines = []
+    for e in error.errors():
+        loc = str(e["loc"][0]) if e["loc"] else ""
+        field = by_name.get(loc, loc)
+        reason = e["msg"].removeprefix("Value error, ")
+        if field in Settings.model_fields:
+            names = env_names(field)
+            shown = names[0] + (f" (or {', '.join(names[1:])})" if len(names) > 1 else "")
+            lines.append(f"{shown}={str(e.get('input', ''))[:60]!r} is not valid: {reason} "
+                         "(see the README's configuration table)")
+        else:
+            lines.append(reason)
+    return "; ".join(lines)
+
+
+def _shown(default: Any) -> str:
+    """A default as the README and docker-compose write it: '90' not '90.0', './models', 'false', ''."""
+    if default is None or default == ():
+        return ""
+    if isinstance(default, SecretStr):
+        return default.get_secret_value()
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    if isinstance(default, Path) and not default.is_absolute():
+        return f"./{default}"
+    return str(default)
+
+
+# variable -> (default, help): what the README's configuration table and docker-compose's defaults are
+# checked against (tests/test_docker.py)
+ENV_VARS: dict[str, tuple[str, str]] = {env_names(name)[0]: (_shown(f.default), f.description or "")
+                                        for name, f in Settings.model_fields.items()}
 
 
 def host_of(url: str) -> str:
@@ -169,89 +290,10 @@ def host_of(url: str) -> str:
     return netloc.rsplit("@", 1)[-1]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything configurable, read from the environment by `Settings.from_env()`."""
-    label_studio_url: str = ""
-    label_studio_api_key: str = field(default="", repr=False)
-    model_dir: Path = Path("./models")
-    redis_url: str = field(default="", repr=False)
-    allowed_hosts: tuple[str, ...] = ()
-    media_root: Path | None = None
-    max_image_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_side: int = 2048
-    max_request_bytes: int = 32 * 1024 * 1024
-    max_predict_tasks: int = 1000
-    fetch_timeout_s: float = 30.0
-    media_cache_mb: int = 1024
-    basic_auth_user: str = ""
-    basic_auth_pass: str = field(default="", repr=False)
-    debounce_s: float = 10.0
-    device: str = "auto"
-    predict_batch: int = 16
-    fetch_threads: int = 16
-    min_annotations: int = 5
-    gan_min_annotations: int = 20
-    train_iters: int = 600
-    train_budget_s: float = 90.0
-    train_threads: int = 0
-    exclude_synthetic: bool = False
-    promote_tolerance: float = 0.01
-    mislabeling_column: bool = False
-    synth_min_iou: float = 0.5
-    log_level: str = "INFO"
-    # regions kept and how long a first version trains (issue 15)
-    min_region_score: float | None = None
-    precision_target: float = 0.0
-    first_train_budget_s: float = 300.0
-
-    @classmethod
-    def from_env(cls) -> "Settings":
-        """Read the environment; raises ValueError naming the variable for any invalid value."""
-        media_root = _env("TESSERA_MEDIA_ROOT")
-        user, password = _env_alias("TESSERA_BASIC_AUTH_USER"), _env_alias("TESSERA_BASIC_AUTH_PASS")
-        if bool(user) != bool(password):
-            raise ValueError("basic auth needs both a user and a password: set TESSERA_BASIC_AUTH_USER and "
-                             "TESSERA_BASIC_AUTH_PASS (or BASIC_AUTH_USER and BASIC_AUTH_PASS), or neither")
-        return cls(
-            label_studio_url=_url("LABEL_STUDIO_URL"),
-            label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
-            model_dir=Path(_env("MODEL_DIR")).expanduser(),
-            redis_url=_env("REDIS_URL"),
-            allowed_hosts=_hosts("TESSERA_ALLOWED_HOSTS"),
-            media_root=Path(media_root).expanduser().resolve() if media_root else None,
-            max_image_bytes=_int("TESSERA_MAX_IMAGE_BYTES", 1),
-            max_pixels=_int("TESSERA_MAX_PIXELS", 1),
-            max_side=_int("TESSERA_MAX_SIDE", 64),
-            max_request_bytes=_int("TESSERA_MAX_REQUEST_BYTES", 1),
-            max_predict_tasks=_int("TESSERA_MAX_PREDICT_TASKS", 1),
-            fetch_timeout_s=_float("TESSERA_FETCH_TIMEOUT_S", 0.1),
-            media_cache_mb=_int("TESSERA_MEDIA_CACHE_MB", 0),
-            basic_auth_user=user,
-            basic_auth_pass=password,
-            debounce_s=_float("TESSERA_DEBOUNCE_S", 0.0),
-            device=_device("TESSERA_DEVICE"),
-            predict_batch=_int("TESSERA_PREDICT_BATCH", 1),
-            fetch_threads=_int("TESSERA_FETCH_THREADS", 1),
-            min_annotations=_int("TESSERA_MIN_ANNOTATIONS", 1),
-            gan_min_annotations=_int("TESSERA_GAN_MIN_ANNOTATIONS", 1),
-            train_iters=_int("TESSERA_TRAIN_ITERS", 1),
-            train_budget_s=_float("TESSERA_TRAIN_BUDGET_S", 0.0),
-            train_threads=_int("TESSERA_TRAIN_THREADS", 0),
-            exclude_synthetic=_bool(_env("TESSERA_EXCLUDE_SYNTHETIC")),
-            promote_tolerance=_float("TESSERA_PROMOTE_TOLERANCE", 0.0),
-            mislabeling_column=_bool(_env("TESSERA_MISLABELING_COLUMN")),
-            synth_min_iou=_float("TESSERA_SYNTH_MIN_IOU", 0.0),
-            log_level=_log_level("TESSERA_LOG_LEVEL"),
-            min_region_score=_fraction("TESSERA_MIN_REGION_SCORE") if _env("TESSERA_MIN_REGION_SCORE") else None,
-            precision_target=_fraction("TESSERA_PRECISION_TARGET"),
-            first_train_budget_s=_float("TESSERA_FIRST_TRAIN_BUDGET_S", 0.0),
-        )
-
-    @property
-    def basic_auth(self) -> bool:
-        return bool(self.basic_auth_user and self.basic_auth_pass)
+def apply_thread_policy(settings: Settings) -> None:
+    """OMP_WAIT_POLICY into this process's environment, where OpenMP reads it when torch loads: call before
+    torch is imported (the CLI and backend/wsgi.py do; the Docker image runs the CLI)."""
+    os.environ["OMP_WAIT_POLICY"] = settings.omp_wait_policy
 
 
 QUIET_LOGGERS = ("httpx", "httpcore")      # one INFO line per HTTP request (label-studio-sdk's client)
@@ -260,8 +302,6 @@ QUIET_LOGGERS = ("httpx", "httpcore")      # one INFO line per HTTP request (lab
 def configure_logging(level: str) -> None:
     """Root logging for the CLI, the server and workers: one format, and no per-request INFO lines from
     HTTP client libraries."""
-    import logging
-
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))

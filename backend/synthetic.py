@@ -159,7 +159,7 @@ def import_tasks(client: LSClient, key: str, tasks: list[dict]) -> list[int]:
 
 def generate_into_project(settings: Settings, key: str, count: int = 8, label: str | None = None,
                           share: float = 0.3, seed: int = 0, client: LSClient | None = None,
-                          kind: str = "edited") -> dict:
+                          kind: str = "edited", progress=None) -> dict:
     """Make `count` synthetic tasks of `kind` in project `key`; returns what was created and what failed."""
     from backend.training import project_samples
 
@@ -170,7 +170,7 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
     config = parse_label_config(client.project(key).get("label_config") or "")
     cache = ModelCache(settings)
     predictor = cache.served(key, config).predictor
-    samples, names, _, _ = project_samples(settings, client, key)
+    samples, names, _, _ = project_samples(settings, client, key, progress or (lambda info: None))
     samples = [s for s in samples if not s.synthetic] or samples
     if not samples:
         raise ValueError(f"project {key} has no annotated tasks to take layouts or objects from")

@@ -42,9 +42,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 VAL_FRACTION = 0.2
-TRAIN_BUDGET_S = 90.0        # wall-clock cap of a run's label training (LS runs); see train_config
-GAN_TIME_BUDGET_S = 120.0    # the GAN part of one run; it warm-starts, so it keeps improving over runs
-MISLABELING_BUDGET_S = 20.0  # seconds a run spends scoring annotations for mislabeling after a promotion
 GAN_RETRAIN_GROWTH = 0.2     # the GAN retrains when a project's annotated images grew by this share
 GAN_PROGRESS_EVERY = 20      # iterations between the GAN's progress steps (status + one log line each)
 MIN_EVIDENCE = 3             # held-back tasks a person made or changed that a comparison with the served version needs
@@ -90,15 +87,15 @@ def train_config(settings: Settings, iters: int | None = None, budget_s: float =
 def run_budget_s(settings: Settings) -> float:
     """Wall-clock cap of one LS-started run's training: a new annotation is served within ~2 minutes on
     2 cores, and as runs warm-start from the served version, training adds up over runs."""
-    return float(getattr(settings, "train_budget_s", TRAIN_BUDGET_S))
+    return settings.train_budget_s
 
 
 def gan_config(settings: Settings, iters: int | None = None):
     """The GANTrainConfig of a run's GAN part: as many iterations as the label model gets, at most
-    GAN_TIME_BUDGET_S seconds (on 2 CPU cores a GAN iteration costs several label-model iterations)."""
+    TESSERA_GAN_BUDGET_S seconds (on 2 CPU cores a GAN iteration costs several label-model iterations)."""
     from model.train_maskgan import GANTrainConfig
 
-    return GANTrainConfig(max_iters=iters or settings.train_iters, time_budget_s=GAN_TIME_BUDGET_S,
+    return GANTrainConfig(max_iters=iters or settings.train_iters, time_budget_s=settings.gan_budget_s,
                           device=settings.device)
 
 
@@ -652,7 +649,7 @@ def _after_promotion(settings: Settings, client: LSClient, key: str, config: Lab
 
 
 def write_mislabeling(settings: Settings, client: LSClient, key: str, config: LabelConfig, tasks: list[dict],
-                      samples: list[Sample], budget_s: float = MISLABELING_BUDGET_S) -> int:
+                      samples: list[Sample], budget_s: float | None = None) -> int:
     """Score annotated tasks' latest annotations under the served model and store the score on the task as
     `meta.tessera_mislabeling` (with TESSERA_MISLABELING_COLUMN also as the data column
     `tessera_mislabeling`, sortable and filterable in the Data Manager of LS Community, but then part of
@@ -671,7 +668,7 @@ def write_mislabeling(settings: Settings, client: LSClient, key: str, config: La
             (t.get("meta") or {}).get("tessera_model_version") != served.version]
     todo.sort(key=lambda t: ("tessera_mislabeling" in (t.get("meta") or {}),
                              str((t.get("meta") or {}).get("tessera_model_version") or "")))
-    end = time.monotonic() + budget_s
+    end = time.monotonic() + (settings.mislabeling_budget_s if budget_s is None else budget_s)
     written = 0
     for task in todo:
         if time.monotonic() > end:

@@ -235,3 +235,33 @@ def test_basic_auth(settings):
 def test_unknown_route_and_method(client):
     assert client.get("/nope").status_code == 404
     assert client.get("/predict").status_code == 405
+
+
+def test_the_routes_go_through_the_hooks(client, monkeypatch):
+    """/setup, /predict and /webhook answer what TesseraModel.setup / predict / fit return: the hooks are the flow."""
+    from backend.ls_model import TesseraModel
+
+    calls = []
+    for hook in ("setup", "predict", "fit"):
+        real = getattr(TesseraModel, hook)
+        monkeypatch.setattr(TesseraModel, hook, lambda self, *a, _real=real, _hook=hook, **kw:
+                            calls.append(_hook) or _real(self, *a, **kw))
+    client.post("/setup", json=setup_body())
+    client.post("/predict", json=predict_body([{"id": 1, "data": {"image": data_uri(blobs_png())}}]))
+    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    assert calls == ["setup", "predict", "fit"]
+
+
+def test_the_hooks_called_directly_answer_as_the_routes_do(client):
+    """Called without HTTP, as a reader of upstream backends would: same predictions, same training run."""
+    from backend.ls_model import TesseraModel
+
+    state = client.application.extensions["tessera"]
+    task = {"id": 1, "data": {"image": data_uri(blobs_png())}}
+    model = TesseraModel(state, "7", CONFIG_ALL)
+    assert model.setup() == model.model_version == client.post("/setup", json=setup_body()).json["model_version"]
+    assert model.predict([task]) == client.post("/predict", json=predict_body([task])).json["results"]
+    reply, scheduled = TesseraModel(state).fit("START_TRAINING", {"project": {"id": 7}})
+    assert scheduled and reply["status"] == "scheduled" and client.runner.submitted == [("7", "START_TRAINING")]
+    reply, scheduled = TesseraModel(state).fit("TASKS_CREATED", {"project": {"id": 7}})
+    assert not scheduled and reply["status"] == "ignored"

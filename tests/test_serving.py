@@ -124,40 +124,7 @@ def test_serve_with_two_worker_processes(tmp_path):
         log.close()
 
 
-# ----------------------------------------------------------------------------------------- settings
-
-@pytest.mark.parametrize("name,value", [("TESSERA_PREDICT_BATCH", "sixteen"), ("TESSERA_PREDICT_BATCH", "0"),
-                                        ("TESSERA_DEVICE", "gpu"), ("TESSERA_DEVICE", "cuda:x"),
-                                        ("TESSERA_DEBOUNCE_S", "nan"), ("TESSERA_MAX_PIXELS", "1e9"),
-                                        ("TESSERA_LOG_LEVEL", "loud"), ("LOG_LEVEL", "loud"),
-                                        ("LABEL_STUDIO_URL", "http://127.0.0.1:1\\@ls:8080"),
-                                        ("TESSERA_ALLOWED_HOSTS", "ls:8080,u@evil")])
-def test_a_bad_setting_names_its_variable(monkeypatch, name, value):
-    monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError) as e:
-        Settings.from_env()
-    shown = name if name != "LOG_LEVEL" else "TESSERA_LOG_LEVEL"
-    assert shown in str(e.value)
-
-
-@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "CUDA:0"])
-def test_devices_that_are_accepted(monkeypatch, device):
-    monkeypatch.setenv("TESSERA_DEVICE", device)
-    assert Settings.from_env().device == device.lower()
-
-
-def test_upstream_names_are_aliases_and_tessera_names_win(monkeypatch):
-    for k in ("TESSERA_BASIC_AUTH_USER", "TESSERA_BASIC_AUTH_PASS", "TESSERA_LOG_LEVEL"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("BASIC_AUTH_USER", "up")
-    monkeypatch.setenv("BASIC_AUTH_PASS", "pw")
-    monkeypatch.setenv("LOG_LEVEL", "warning")
-    s = Settings.from_env()
-    assert (s.basic_auth_user, s.basic_auth_pass, s.log_level, s.basic_auth) == ("up", "pw", "WARNING", True)
-    monkeypatch.setenv("TESSERA_BASIC_AUTH_USER", "mine")
-    monkeypatch.setenv("TESSERA_BASIC_AUTH_PASS", "secret")
-    assert (Settings.from_env().basic_auth_user, Settings.from_env().basic_auth_pass) == ("mine", "secret")
-
+# ----------------------------------------------------------------------------------------- basic auth
 
 @pytest.mark.parametrize("raw", [b"\xc3\xa9l\xc3\xa8ve:pw", b"ls:\xff\xfe", "ls:pw-\u00e9".encode(), b"\xff:\xff",
                                  b"no-colon", b"", b"ls:pw:extra"])
