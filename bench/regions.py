@@ -1,9 +1,14 @@
 """Predictions a labeller keeps: box AP50 and precision / recall after the learned region cut, on real data.
 
     .venv/bin/python -m bench.regions --task dsb_boxes [--budget 180 | --iters 300] [--max-val 40] [--name N]
+        [--methods head centres] [--seeds 0 1 2] [--curve]
     tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld),
            dsb_masks (DSB 2018 instance masks: the brush / polygon region types),
            pets_heads (Oxford-IIIT Pet head boxes, cat / dog)
+    methods (box tasks): head (the CenterNet detection head, model/boxhead.py), centres (box centres painted
+           into the label map and grown back into boxes, the method before it)
+    --curve: box AP50 on the validation images at every evaluation of the run, against training seconds
+           (evaluation time excluded), for "first useful version" (AP50 within 5 points of the run's best)
 
 Split as a project is: the fixed 80/20 split by id hash gives the validation images the figures are
 measured on; 20% of the training ids (by the same hash) play the project's held-back tasks, on which the
@@ -26,6 +31,8 @@ from model.checkpoint import load_checkpoint
 from model.data import Sample, load_folder, read_image, split_ids
 from model.inference import Predictor
 from model.postprocess import RegionCut, box_sample
+from model import train_vqvae as tv
+from model.postprocess import detection_metrics
 from model.train_vqvae import TrainConfig, evaluate, raw_predictions, train as train_vqvae
 
 BOX_SHRINK = 0.6
@@ -55,7 +62,8 @@ def pets_heads() -> tuple[list[Sample], list[str]]:
     return out, names
 
 
-def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0) -> dict:
+def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0,
+        method: str = "head", seed: int = 0, curve: bool = False) -> dict:
     samples, names = {"dsb_boxes": lambda: dsb(True), "dsb_masks": lambda: dsb(False),
                       "pets_heads": pets_heads}[task]()
     by_id = {s.id: s for s in samples}
@@ -66,12 +74,16 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     if max_val:
         held, val = held[:max_val], val[:max_val]
     box = task != "dsb_masks"
-    print(f"{task}: {len(fit)} train, {len(held)} held back (cut), {len(val)} validation; labels {names}", flush=True)
+    print(f"{task} {method} seed {seed}: {len(fit)} train, {len(held)} held back (cut), {len(val)} validation; "
+          f"labels {names}", flush=True)
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s,
-                      eval_interval=max(50, iters // 4) if iters else 150, device="cpu",
-                      box_shrink=BOX_SHRINK if box else 1.0, precision_target=precision_target)
+                      eval_interval=(25 if curve else max(50, iters // 4)) if iters else 150, device="cpu",
+                      box_shrink=BOX_SHRINK if box else 1.0, precision_target=precision_target,
+                      box_head=method == "head", seed=seed)
+    points = []
     t0 = time.time()
-    ckpt = train_vqvae(cfg, fit, held, names, work / f"{task}.pt")
+    with _curve(points, val, names) if curve else _nothing():
+        ckpt = train_vqvae(cfg, fit, held, names, work / f"{task}_{method}_{seed}.pt")
     wall = time.time() - t0
     done_iters = int(load_checkpoint(ckpt, "vqvae")["iter_num"])
     pred = Predictor.from_checkpoint(ckpt, device="cpu")
@@ -84,14 +96,66 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     before = evaluate(pred, val, raws=raws)
     keys = ("box_ap50", "class_ap50", "precision", "recall", "f1", "regions_per_image", "true_per_image",
             "class_recall", "missed_classes", "fg_iou", "miou", "instance_ap")
-    row = {"task": task, "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
+    row = {"task": task, "method": method if box else "masks", "seed": seed, "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
            "n_train": len(fit), "n_held_back": len(held), "n_val": len(val), "budget_s": 0.0 if iters else budget_s,
            "train_wall_s": round(wall, 1), "train_iters": done_iters, "load_avg_1min_after": os.getloadavg()[0],
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
            "no_cut": {k: before[k] for k in keys if k in ("precision", "recall", "f1", "regions_per_image")}}
+    if curve:
+        row["curve"] = points
     print(json.dumps(row), flush=True)
     return row
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _curve:
+    """While training: after every validation, the box AP50 (all regions after NMS, no cut) of the model
+    as it is on the validation images, with the training seconds so far (this evaluation's time excluded)."""
+
+    def __init__(self, points: list, val: list[Sample], names: list[str]):
+        self.points, self.val, self.names, self.eval_s = points, val, names, 0.0
+        self.original = tv._validate
+
+    def __enter__(self):
+        def validate(run, frac, last):
+            self.original(run, frac, last)
+            t0 = time.time()
+            pred = Predictor(run.model, self.names, device="cpu", edge_weight=run.cfg.boundary_weight,
+                             scale=run.scale, box_shrink=run.cfg.box_shrink)
+            raws = raw_predictions(pred, self.val)
+            ap = detection_metrics(raws, RegionCut(), self.val, len(self.names), self.names)["box_ap50"]
+            run.model.train()
+            tv.freeze_codes(run.model, frac >= run.cfg.vq_phase)
+            self.eval_s += time.time() - t0
+            self.points.append({"iter": run.it, "train_s": round(time.time() - run.t_start - self.eval_s, 1),
+                                "box_ap50": round(ap, 4)})
+            print(f"curve: iter {run.it} train {self.points[-1]['train_s']}s AP50 {ap:.3f}", flush=True)
+        tv._validate = validate
+        return self
+
+    def __exit__(self, *exc):
+        tv._validate = self.original
+        return False
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean and std over seeds per task and method of the headline figures."""
+    out = {}
+    for key in sorted({(r["task"], r["method"]) for r in rows}):
+        group = [r for r in rows if (r["task"], r["method"]) == key]
+        for k in ("box_ap50", "precision", "recall", "regions_per_image", "true_per_image"):
+            v = [r["after_cut"][k] for r in group]
+            out[f"{key[0]}_{key[1]}_{k}"] = {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4),
+                                             "n": len(v)}
+    return out
 
 
 def main() -> None:
@@ -103,16 +167,21 @@ def main() -> None:
     ap.add_argument("--max-val", type=int, default=0, help="cap the held-back and validation images (0 = all)")
     ap.add_argument("--precision-target", type=float, default=0.0, help="0 = the cut maximises F1")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["head"], choices=["head", "centres"],
+                    help="how box tasks learn boxes (mask tasks ignore it)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--curve", action="store_true", help="AP50 against training time at every evaluation")
     ap.add_argument("--name", default="", help="results file bench/results/<name>.json (default regions_<task>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path("/tmp/tessera-bench-regions")
     work.mkdir(exist_ok=True)
-    rows = [run(t, args.budget, args.precision_target, work, args.iters, args.max_val) for t in args.task]
-    summary = {f"{r['task']}_{k}": r["after_cut"][k] for r in rows
-               for k in ("box_ap50", "precision", "recall", "regions_per_image", "true_per_image")}
+    load_before = os.getloadavg()[0]
+    rows = [run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m, seed, args.curve)
+            for t in args.task for m in (args.methods if t != "dsb_masks" else ["head"]) for seed in args.seeds]
     write_result(args.name or f"regions_{'_'.join(args.task)}", {
-        "summary": summary, "rows": rows, "box_shrink": BOX_SHRINK,
+        "summary": summarize(rows), "rows": rows, "box_shrink": BOX_SHRINK, "threads": args.threads,
+        "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0],
         "targets": {"dsb_boxes_box_ap50": ">= 0.80", "pets_heads_box_ap50": ">= 0.85",
                     "precision_recall": "precision >= 0.80 at recall >= 0.80 after the learned cut",
                     "regions_per_image": "within 1.2x of the true count"}})

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from model.boxhead import decode_boxes
 from model.checkpoint import load_checkpoint
 from model.data import relabel, semantic_instances
 from model.postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, resolve_cut
@@ -345,6 +346,7 @@ class Predictor:
         self.cut = cut or RegionCut()   # regions predict() keeps (learned per version, see model/postprocess.py)
         self.box_shrink = box_shrink    # < 1: a box model, its objects are box centres ...
         self.box_grow = box_grow or 1.0 / box_shrink   # ... grown back by this (learned, else 1 / shrink)
+        self.has_box_head = model.box_head is not None  # boxes from the detection head (model/boxhead.py)
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
 
@@ -449,10 +451,20 @@ class Predictor:
         return x, feats, query, logits, sizes
 
     @torch.inference_mode()
-    def _tiled_logits(self, x: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    def _detections(self, feats) -> list[np.ndarray]:
+        """The box head's boxes on a batch's features: per image (N, 6) (x0, y0, x1, y1, score, class)
+        in model input px."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            heat, size, offset = self.model.detect(feats)
+        return decode_boxes(heat.float().sigmoid(), size, offset, self.model.box_head.stride)
+
+    @torch.inference_mode()
+    def _tiled_logits(self, x: torch.Tensor, batch: int = 4, dets: list | None = None) -> torch.Tensor:
         """Sliding window over one large input (1, 3, H, W) -> logits (1, L, H, W): tiles of `tile` px
         overlapping by `overlap`, blended with weights that fall off linearly towards tile edges (a tile's
-        border pixels see zero padding the whole image does not have). Memory stays bounded by the tile."""
+        border pixels see zero padding the whole image does not have). Memory stays bounded by the tile.
+        With `dets` (a list), the box head's boxes of every tile are appended to it in the input's px
+        (an object seen by two tiles twice: the region cut's NMS keeps one)."""
         _, _, H, W = x.shape
         (th, ys), (tw, xs) = _starts(H, self.tile, self.overlap), _starts(W, self.tile, self.overlap)
         ramp_h = _ramp(th, self.overlap, x.device)
@@ -464,13 +476,18 @@ class Predictor:
         for i in range(0, len(spots), batch):
             group = spots[i:i + batch]
             tiles = torch.cat([x[:, :, y:y + th, x0:x0 + tw] for y, x0 in group])  # (b, 3, th, tw)
-            logits = self._forward(tiles)[2]
+            feats, _, logits = self._forward(tiles)
+            if dets is not None:
+                for (y, x0), d in zip(group, self._detections(feats)):
+                    dets.append(d + [x0, y, x0, y, 0, 0])
             for (y, x0), lg in zip(group, logits):
                 out[0, :, y:y + th, x0:x0 + tw] += lg * weight
                 total[0, 0, y:y + th, x0:x0 + tw] += weight
         return out / total
 
-    def _prediction(self, probs: np.ndarray) -> Prediction:
+    def _prediction(self, probs: np.ndarray, dets: np.ndarray | None = None) -> Prediction:
+        if dets is not None:
+            return _box_prediction(dets, probs)
         classes, inst, labels, scores = split_instances(probs, self.n_classes, self.min_area, self.edge_weight)
         score = task_score(1 - probs[0], inst > 0)
         boxes = None
@@ -480,9 +497,10 @@ class Predictor:
             boxes = {k: tuple(float(v) for v in b) for k, b in zip(ids, grown)}
         return Prediction(classes, inst, labels, scores, score, boxes)
 
-    def _probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def _probabilities(self, images: list[np.ndarray], dets: list | None = None) -> list[np.ndarray]:
         """Label probabilities (L, H, W) per image: images of one input shape share a batch; inputs larger
-        than a tile go through the sliding window one by one."""
+        than a tile go through the sliding window one by one. With `dets` (a list of len(images)), a box
+        head model also fills in each image's boxes (N, 6) in image px."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault(self._pad_shape([self._geometry(*im.shape[:2])]), []).append(i)
@@ -490,14 +508,20 @@ class Predictor:
         for (ph, pw), idx in groups.items():
             if self.scale is not None and ph * pw > self.tile ** 2:
                 for i in idx:
+                    tiles = [] if dets is not None else None
                     with torch.inference_mode():
                         x, sizes = self._prepare([images[i]])
-                        logits = self._tiled_logits(x)
+                        logits = self._tiled_logits(x, dets=tiles)
                     out[i] = self._unletterbox(logits[0], sizes[0], images[i].shape[:2])
+                    if dets is not None:
+                        dets[i] = _to_image_px(np.concatenate(tiles), sizes[0], images[i].shape[:2])
                 continue
-            _, _, _, logits, sizes = self._run([images[i] for i in idx])
-            for i, lg, size in zip(idx, logits, sizes):
+            _, feats, _, logits, sizes = self._run([images[i] for i in idx])
+            found = self._detections(feats) if dets is not None else [None] * len(idx)
+            for i, lg, size, d in zip(idx, logits, sizes, found):
                 out[i] = self._unletterbox(lg, size, images[i].shape[:2])
+                if dets is not None:
+                    dets[i] = _to_image_px(d, size, images[i].shape[:2])
         return out
 
     def predict(self, images: list[np.ndarray], cut: bool = True) -> list[Prediction]:
@@ -505,7 +529,9 @@ class Predictor:
         the version's region cut keeps."""
         if not images:
             return []
-        preds = [self._prediction(p) for p in self._probabilities(images)]
+        dets = [None] * len(images) if self.has_box_head else None
+        probs = self._probabilities(images, dets)
+        preds = [self._prediction(p, d) for p, d in zip(probs, dets or [None] * len(images))]
         return [cut_regions(p, self.cut) for p in preds] if cut else preds
 
     # --- codes of a label map and the prior-weighted decode ---------------------------------------
@@ -726,6 +752,32 @@ class Predictor:
     def decode_codes(self, code_map: torch.Tensor) -> torch.Tensor:
         """Code maps (B, h, w) -> label logits (B, L, R, R) without an image; the last channel is the boundary class."""
         return self.model.decode_code(code_map.to(self.device))
+
+
+def _to_image_px(dets: np.ndarray, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Boxes (N, 6) in model input px of an image seen at `size` (h', w') -> px of the image (H, W),
+    clipped to it; boxes left empty are dropped."""
+    (nh, nw), (H, W) = size, shape
+    d = np.asarray(dets, np.float64).reshape(-1, 6).copy()
+    d[:, [0, 2]] = (d[:, [0, 2]] * W / nw).clip(0, W)
+    d[:, [1, 3]] = (d[:, [1, 3]] * H / nh).clip(0, H)
+    return d[(d[:, 2] > d[:, 0]) & (d[:, 3] > d[:, 1])]
+
+
+def _box_prediction(dets: np.ndarray, probs: np.ndarray) -> Prediction:
+    """A box head's boxes (N, 6) in image px -> a Prediction: the boxes, their scores and classes, and a
+    label map with the boxes painted (larger first, so a smaller box over a larger one stays visible).
+    The task score is the segmentation's, as for every model."""
+    H, W = probs.shape[1:]
+    classes, instances = np.zeros((H, W), np.int32), np.zeros((H, W), np.int32)
+    d = dets[np.argsort(-dets[:, 4], kind="stable")]             # ids 1..N by descending score
+    for k in np.argsort(-(d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1]), kind="stable"):
+        x0, y0, x1, y1 = (int(round(v)) for v in d[k, :4])
+        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+        classes[y0:y1, x0:x1], instances[y0:y1, x0:x1] = int(d[k, 5]), k + 1
+    ids = range(1, len(d) + 1)
+    return Prediction(classes, instances, {k: int(d[k - 1, 5]) for k in ids}, {k: float(d[k - 1, 4]) for k in ids},
+                      task_score(1 - probs[0], probs[0] < 0.5), {k: tuple(float(v) for v in d[k - 1, :4]) for k in ids})
 
 
 def _starts(n: int, tile: int, overlap: int) -> tuple[int, list[int]]:

@@ -35,7 +35,8 @@ from model.inference import (Predictor, bf16_supported, cut_regions, fit_size, i
                              object_scale, pad_target, pad_to, resize, resolve_device, scaled_size, soft_target,
                              vqvae_from_checkpoint)
 from model.postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
-                               scale_boxes)
+                               scale_boxes, true_objects)
+from model.boxhead import box_losses, encode_boxes
 from model.vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ class TrainConfig:
                                      # so the code predictor learns against fixed codes
     # regions kept (model/postprocess.py)
     box_shrink: float = 1.0          # < 1: samples are box-labelled, their label maps hold box centres this size
+    box_head: bool = True            # box-labelled (box_shrink < 1): also learn a detection head whose boxes
+                                     # are the predictions (model/boxhead.py); False: centres grown into boxes
+    box_weight: float = 1.0          # weight of the detection head's loss
+    box_object_px: float = 16.0      # object_px of a model with a box head: its cells are 2 px, so an object
+                                     # spans ~8 of them (a whole Pets image at 6.5 px would be ~25 x 34 px)
     precision_target: float = 0.0    # > 0: the learned region cut reaches this precision at the best recall,
                                      # else it maximises F1
     patience: int = 0                # > 0: stop after this many evaluations without a better validation
@@ -103,20 +109,36 @@ class Batcher:
     -> (images (B, 3, S, S), targets (B, L, S, S))."""
 
     def __init__(self, samples: list[Sample], cfg: TrainConfig, n_classes: int, seed: int,
-                 invert_bright: bool = True, scale: float | None = None):
+                 invert_bright: bool = True, scale: float | None = None, with_boxes: bool = False):
         if not samples:
             raise ValueError("training needs at least one labelled sample")
         self.samples, self.cfg, self.n_classes, self.scale = samples, cfg, n_classes, scale
         self.rng = np.random.default_rng(seed)
         self.stats = [image_stats(s.image, invert_bright) for s in samples]  # whole-image stretch per sample
+        self.boxes = None       # with boxes: each sample's objects as boxes (N, 5), for a box head
+        if with_boxes:
+            self.boxes = [np.concatenate([b, c[:, None]], 1) for b, c in map(true_objects, samples)]
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sample_boxes(i)[:2]
+
+    def sample_boxes(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One augmented crop: (image (S, S, 3), target (S, S, L), its objects' boxes (N, 5) in crop px
+        (x0, y0, x1, y1, class), or None when the batcher keeps no boxes)."""
         cfg, rng, R, S = self.cfg, self.rng, self.cfg.resolution, self.cfg.crop
         s = self.samples[i]
         img, cls, inst = s.image, s.classes, s.instances
+        boxes = None if self.boxes is None else self.boxes[i]
         if cfg.rot90 and (k := int(rng.integers(4))):
+            H, W = img.shape[:2]
+            for _ in range(k if boxes is not None else 0):   # np.rot90 (counter-clockwise): (x, y) -> (y, W - x)
+                boxes = np.stack([boxes[:, 1], W - boxes[:, 2], boxes[:, 3], W - boxes[:, 0], boxes[:, 4]], 1)
+                H, W = W, H
             img, cls, inst = np.rot90(img, k), np.rot90(cls, k), np.rot90(inst, k)
         if cfg.flips and rng.random() < 0.5:
+            if boxes is not None:
+                W = img.shape[1]
+                boxes = np.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3], boxes[:, 4]], 1)
             img, cls, inst = img[:, ::-1], cls[:, ::-1], inst[:, ::-1]
         img, cls, inst = (np.ascontiguousarray(a) for a in (img, cls, inst))
         H, W = img.shape[:2]
@@ -137,14 +159,29 @@ class Batcher:
             x = x.clip(0, 1).astype(np.float32)
         target = soft_target(cls[oy0:oy1, ox0:ox1], inst[oy0:oy1, ox0:ox1], self.n_classes, ch, cw,
                              cfg.boundary_width)
-        return pad_to(x, S), pad_target(target, S)
+        if boxes is not None:
+            boxes = crop_boxes(boxes, ox0, oy0, cw / (ox1 - ox0), ch / (oy1 - oy0), cw, ch)
+        return pad_to(x, S), pad_target(target, S), boxes
 
-    def get_batch(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor, list | None]:
+        """(images (B, 3, S, S), targets (B, L, S, S), per image boxes (N, 5) in crop px or None)."""
         idx = self.rng.integers(0, len(self.samples), batch_size)
-        xs, ts = zip(*(self.sample(int(i)) for i in idx))
+        xs, ts, bs = zip(*(self.sample_boxes(int(i)) for i in idx))
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)  # (B, S, S, 3) -> (B, 3, S, S)
         t = torch.from_numpy(np.stack(ts)).permute(0, 3, 1, 2)  # (B, S, S, L) -> (B, L, S, S)
-        return x.to(device), t.to(device)
+        return x.to(device), t.to(device), None if self.boxes is None else list(bs)
+
+
+def crop_boxes(boxes: np.ndarray, x0: float, y0: float, sx: float, sy: float, width: int, height: int,
+               min_visible: float = 0.25) -> np.ndarray:
+    """Boxes (N, 5) in image px -> in a crop from (x0, y0) scaled by (sx, sy), clipped to it; boxes with
+    less than min_visible of their area inside are dropped (a sliver says little about its object)."""
+    b = (np.asarray(boxes, np.float64).reshape(-1, 5) - [x0, y0, x0, y0, 0]) * [sx, sy, sx, sy, 1]
+    c = b.copy()
+    c[:, [0, 2]] = c[:, [0, 2]].clip(0, width)
+    c[:, [1, 3]] = c[:, [1, 3]].clip(0, height)
+    area = lambda a: (a[:, 2] - a[:, 0]).clip(0) * (a[:, 3] - a[:, 1]).clip(0)  # noqa: E731
+    return c[area(c) >= min_visible * np.maximum(area(b), 1e-9)]
 
 
 def letterbox_set(samples: list[Sample], config: VQVAEConfig, n_classes: int, scale: float | None = None):
@@ -173,8 +210,10 @@ def letterbox_set(samples: list[Sample], config: VQVAEConfig, n_classes: int, sc
 # losses, evaluation, schedule
 
 
-def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code_weight: float) -> dict:
-    """One decoder pass over a batch split into reconstruction and prediction samples."""
+def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code_weight: float,
+                   boxes: list | None = None) -> dict:
+    """One decoder pass over a batch split into reconstruction and prediction samples (+ the box head's
+    losses on the same image features when the model has one and the batch has boxes)."""
     B = x.shape[0]
     feats = model.features(x)
     z_q, commit_loss, indices = model.encode(target)
@@ -195,6 +234,11 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
     r = recon.view(B)
     out = {"pix": pix.mean(), "code": F.cross_entropy(ce_logits, indices), "commit": commit_loss}
     out["loss"] = out["pix"] + code_weight * out["code"] + out["commit"]
+    if model.box_head is not None and boxes is not None:
+        heads = model.detect(feats)
+        targets = encode_boxes(boxes, model.config.box_classes, heads[0].shape[-2:], model.box_head.stride)
+        out["box"] = box_losses(heads, {k: v.to(x.device) for k, v in targets.items()})["box"]
+        out["loss"] = out["loss"] + cfg.box_weight * out["box"]
     out["rec"] = pix[r].mean() if r.any() else pix.new_zeros(())
     out["seg"] = pix[~r].mean() if (~r).any() else pix.new_zeros(())
     return out
@@ -239,7 +283,7 @@ def learn_cut(predictor: Predictor, samples: list[Sample], raws: list | None = N
     {"chosen", "grid", "nms_iou", "match", "box_grow"}."""
     raws = raw_predictions(predictor, samples) if raws is None else raws
     box_grow = None
-    if predictor.box_shrink < 1.0:     # a box model: calibrate how far centres grow back into boxes first
+    if predictor.box_shrink < 1.0 and not predictor.has_box_head:   # centres: calibrate how far they grow back
         f = fit_box_scale(raws, samples)
         box_grow = predictor.box_grow * f
         predictor.box_grow = box_grow
@@ -306,18 +350,26 @@ def freeze_codes(model: VQVAE, frozen: bool) -> None:
 
 
 def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None) -> tuple[VQVAE, int]:
-    """A fresh model from cfg, or the init_from checkpoint's when its label names match (warm start)."""
+    """A fresh model from cfg, or the init_from checkpoint's when its label names match (warm start).
+    Box-labelled runs (box_shrink < 1 with box_head) get a detection head, added to a warm start without."""
+    box_classes = len(label_names) if cfg.box_head and cfg.box_shrink < 1.0 else 0
     if init_from is not None:
         ckpt = load_checkpoint(Path(init_from), kind="vqvae")
         if list(ckpt["label_names"]) == list(label_names):
             model = vqvae_from_checkpoint(ckpt)
             logger.info("warm start from %s (iter %s)", init_from, ckpt.get("iter_num"))
+            if model.config.box_classes != box_classes:      # the head comes or goes; the rest is kept
+                warm = VQVAE(dataclasses.replace(model.config, box_classes=box_classes))
+                warm.load_state_dict({k: v for k, v in model.state_dict().items()
+                                      if not k.startswith("box_head.")}, strict=False)
+                model = warm
             return model, int(ckpt.get("iter_num", 0))
         logger.warning("init_from %s has labels %s, not %s: training from scratch",
                        init_from, ckpt["label_names"], label_names)
     config = VQVAEConfig(resolution=cfg.resolution, n_labels=len(label_names) + 2, widths=tuple(cfg.widths),
                          codebook_size=cfg.codebook_size, embed_dim=cfg.embed_dim,
-                         image_dropout=cfg.image_dropout, boundary_width=cfg.boundary_width)
+                         image_dropout=cfg.image_dropout, boundary_width=cfg.boundary_width,
+                         box_classes=box_classes)
     return VQVAE(config), 0
 
 
@@ -342,103 +394,157 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
         torch.set_num_threads(threads)
 
 
-def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
+@dataclass
+class Run:
+    """What one training run carries from step to step."""
+    cfg: TrainConfig
+    model: VQVAE
+    iter0: int
+    device: torch.device
+    scale: float | None
+    batcher: Batcher
+    val_set: tuple | None
+    class_weight: torch.Tensor
+    amp: bool
+    opt: torch.optim.Optimizer
+    progress: Callable[[dict], None] | None
+    best: float = -1.0
+    best_state: dict | None = None
+    history: list = dataclasses.field(default_factory=list)
+    stale: int = 0
+    it: int = 0
+    t_start: float = dataclasses.field(default_factory=time.time)
+
+
+def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
+    """The model (fresh or warm), its scale, the batcher, the validation set and the optimiser."""
     n_classes = len(label_names)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, iter0 = build_model(cfg, label_names, init_from)
     model.to(device).train()
     mc = model.config
-    scale = object_scale([s.instances for s in train], cfg.object_px, cfg.max_scale) if cfg.object_px > 0 else None
+    object_px = cfg.box_object_px if model.box_head is not None and cfg.box_object_px > 0 else cfg.object_px
+    scale = object_scale([s.instances for s in train], object_px, cfg.max_scale) if object_px > 0 else None
     logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
     batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
-                      n_classes, cfg.seed, mc.invert_bright, scale)
+                      n_classes, cfg.seed, mc.invert_bright, scale, with_boxes=model.box_head is not None)
     val_set = letterbox_set(val, mc, n_classes, scale) if val else None
     class_weight = torch.ones(mc.n_labels, device=device)
     class_weight[-1] = cfg.boundary_weight
-    amp = cfg.bf16 and _bf16_ok(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    return Run(cfg, model, iter0, device, scale, batcher, val_set, class_weight,
+               cfg.bf16 and _bf16_ok(device), opt, progress)
 
-    best, best_state, history, stale = -1.0, None, [], 0
-    t_start = time.time()
-    t0 = t_start
-    it = 0
+
+def _validate(run: Run, frac: float, last: bool) -> None:
+    """Estimate on the validation set; keep the best state once the code predictor trains."""
+    cfg, it = run.cfg, run.it
+    est = estimate(run.model, run.val_set, cfg.batch_size, run.device, cfg.boundary_weight)
+    run.history.append({"iter": it, **est})
+    logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f", it, est["val_loss"],
+                est["val_iou_r"], est["val_code_acc"])
+    if (frac >= cfg.vq_phase or last) and est["val_iou_r"] >= run.best:  # only states with a trained predictor
+        run.best, run.best_state, run.stale = est["val_iou_r"], copy.deepcopy(run.model.state_dict()), 0
+    elif frac >= cfg.vq_phase:
+        run.stale += 1
+    if run.progress:
+        run.progress({"phase": "eval", "iter": it, "max_iters": cfg.max_iters, "loss": est["val_loss"],
+                      "eta_s": 0.0 if last else _eta(time.time() - run.t_start, frac)})
+
+
+def _step(run: Run, frac: float) -> dict:
+    """One optimisation step at the schedule's point `frac`; returns the batch's losses."""
+    cfg, model = run.cfg, run.model
+    frozen = frac >= cfg.vq_phase
+    freeze_codes(model, frozen)
+    lr = get_lr(run.it, frac, cfg)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    x, t, boxes = run.batcher.get_batch(cfg.batch_size, run.device)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+        losses = compute_losses(model, x, t, cfg, run.class_weight, cfg.code_weight if frozen else 0.0, boxes)
+    run.opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    run.it += 1
+    losses["lr"] = lr
+    return losses
+
+
+def _log_step(run: Run, losses: dict, frac: float, dt: float) -> None:
+    cfg, it = run.cfg, run.it
+    eta = _eta(time.time() - run.t_start, max(it / cfg.max_iters, frac))
+    box = f" box {losses['box'].item():.3f}" if "box" in losses else ""
+    logger.info("iter %d: loss %.4f (seg %.4f rec %.4f code %.3f%s) lr %.2e time %.0fms eta %.0fs", it,
+                losses["loss"].item(), losses["seg"].item(), losses["rec"].item(), losses["code"].item(), box,
+                losses["lr"], dt * 1000, eta)
+    if run.progress:
+        run.progress({"phase": "train", "iter": it, "max_iters": cfg.max_iters,
+                      "loss": losses["loss"].item(), "loss_pix": losses["pix"].item(),
+                      "loss_code": losses["code"].item(), "eta_s": eta})
+
+
+def _loop(run: Run) -> None:
+    """Train to max_iters (or the time budget, or patience), validating every eval_interval."""
+    cfg = run.cfg
+    t0 = run.t_start
     while True:
-        elapsed = time.time() - t_start
-        frac = it / cfg.max_iters
+        elapsed = time.time() - run.t_start
+        frac = run.it / cfg.max_iters
         if cfg.time_budget_s > 0:
             frac = max(frac, elapsed / cfg.time_budget_s)
-        last = it >= cfg.max_iters or frac >= 1.0
-        if val_set is not None and (it % cfg.eval_interval == 0 and it > 0 or last):
-            est = estimate(model, val_set, cfg.batch_size, device, cfg.boundary_weight)
-            history.append({"iter": it, **est})
-            logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f", it, est["val_loss"],
-                        est["val_iou_r"], est["val_code_acc"])
-            if (frac >= cfg.vq_phase or last) and est["val_iou_r"] >= best:  # only states with a trained predictor
-                best, best_state, stale = est["val_iou_r"], copy.deepcopy(model.state_dict()), 0
-            elif frac >= cfg.vq_phase:
-                stale += 1
-            if progress:
-                progress({"phase": "eval", "iter": it, "max_iters": cfg.max_iters, "loss": est["val_loss"],
-                          "eta_s": 0.0 if last else _eta(elapsed, frac)})
+        last = run.it >= cfg.max_iters or frac >= 1.0
+        if run.val_set is not None and (run.it % cfg.eval_interval == 0 and run.it > 0 or last):
+            _validate(run, frac, last)
         if last:
             break
-        if cfg.patience and stale >= cfg.patience:
-            logger.info("iter %d: no better validation in %d evaluations: stopping", it, stale)
+        if cfg.patience and run.stale >= cfg.patience:
+            logger.info("iter %d: no better validation in %d evaluations: stopping", run.it, run.stale)
             break
-        frozen = frac >= cfg.vq_phase
-        freeze_codes(model, frozen)
-        lr = get_lr(it, frac, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, t = batcher.get_batch(cfg.batch_size, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            losses = compute_losses(model, x, t, cfg, class_weight, cfg.code_weight if frozen else 0.0)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        it += 1
-        if it % cfg.log_interval == 0 or it == 1:
+        losses = _step(run, frac)
+        if run.it % cfg.log_interval == 0 or run.it == 1:
             t1 = time.time()
-            dt = (t1 - t0) / (cfg.log_interval if it > 1 else 1)
+            _log_step(run, losses, frac, (t1 - t0) / (cfg.log_interval if run.it > 1 else 1))
             t0 = t1
-            eta = _eta(time.time() - t_start, max(it / cfg.max_iters, frac))
-            logger.info("iter %d: loss %.4f (seg %.4f rec %.4f code %.3f) lr %.2e time %.0fms eta %.0fs", it,
-                        losses["loss"].item(), losses["seg"].item(), losses["rec"].item(), losses["code"].item(),
-                        lr, dt * 1000, eta)
-            if progress:
-                progress({"phase": "train", "iter": it, "max_iters": cfg.max_iters,
-                          "loss": losses["loss"].item(), "loss_pix": losses["pix"].item(),
-                          "loss_code": losses["code"].item(), "eta_s": eta})
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+
+def _finish(run: Run, val, label_names, out: Path) -> Path:
+    """Best state, the region cut learned on `val`, metrics, and the checkpoint."""
+    cfg, model, it = run.cfg, run.model, run.it
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     model.eval()
-    train_s = time.time() - t_start
-    result = {"iter_num": iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": scale}
+    train_s = time.time() - run.t_start
+    result = {"iter_num": run.iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": run.scale}
     region_cut = None
     if val:
-        predictor = Predictor(model, label_names, device=str(device), edge_weight=cfg.boundary_weight,
-                              scale=scale, box_shrink=cfg.box_shrink)
+        predictor = Predictor(model, label_names, device=str(run.device), edge_weight=cfg.boundary_weight,
+                              scale=run.scale, box_shrink=cfg.box_shrink)
         raws = raw_predictions(predictor, val)
         region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
         result.update(evaluate(predictor, val, raws=raws))
-        result.update({"best_val_iou_r": best})
+        result.update({"best_val_iou_r": run.best})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
-    out = Path(out)
-    path = out if out.suffix == ".pt" else out / f"ckpt_{iter0 + it:07d}.pt"
+    path = out if out.suffix == ".pt" else out / f"ckpt_{run.iter0 + it:07d}.pt"
     payload = {"kind": "vqvae", "model": {k: v.cpu() for k, v in model.state_dict().items()},
-               "model_config": asdict(mc), "train_config": asdict(cfg), "iter_num": iter0 + it,
-               "best_val_loss": min((h["val_loss"] for h in history), default=None),
-               "label_names": list(label_names), "metrics": result, "scale": scale,
-               "history": history, "region_cut": region_cut}
+               "model_config": asdict(model.config), "train_config": asdict(cfg), "iter_num": run.iter0 + it,
+               "best_val_loss": min((h["val_loss"] for h in run.history), default=None),
+               "label_names": list(label_names), "metrics": result, "scale": run.scale,
+               "history": run.history, "region_cut": region_cut}
     save_checkpoint(payload, path)
-    if progress:
-        progress({"phase": "done", "iter": it, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
+    if run.progress:
+        run.progress({"phase": "done", "iter": it, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
     return path
+
+
+def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
+    run = _setup(cfg, train, val, label_names, init_from, progress)
+    _loop(run)
+    return _finish(run, val, label_names, Path(out))
 
 
 def _bf16_ok(device: torch.device) -> bool:

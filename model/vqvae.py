@@ -5,7 +5,8 @@ A one-hot label map is encoded (x8 down) and quantized with an EMA codebook (VQ-
 in lucidrains/vector-quantize-pytorch). The decoder also sees U-Net skip features of the image (dropped at
 random in training so it can decode a layout alone). The code predictor is a small CNN head over the same
 image features that predicts, per latent cell, a distribution over the codebook; the decoder then turns
-the predicted codes plus the image features into label logits at the working resolution R.
+the predicted codes plus the image features into label logits at the working resolution R. Box-only
+projects add a detection head on the same features (model/boxhead.py), so boxes are learned as boxes.
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.boxhead import BoxHead
 
 # -----------------------------------------------------------------------------
 
@@ -244,6 +247,8 @@ class VQVAEConfig:
     n_predictor_layers: int = 1
     invert_bright: bool = True              # invert images with a bright median (objects bright on dark)
     boundary_width: int = 1                 # object outline width in pixels at R
+    box_classes: int = 0                    # > 0: a box detection head for this many classes (model/boxhead.py)
+    box_level: int = 1                      # the head's finest feature level: cells of 2 ** box_level px
 
     def __post_init__(self):
         if self.resolution % 2 ** (len(self.widths) - 1):
@@ -269,6 +274,7 @@ class VQVAE(nn.Module):
                                    dead_threshold=config.dead_threshold)
         self.decoder = Decoder(config.n_labels, w, config.embed_dim)
         self.code_predictor = CodePredictor(w, config.embed_dim, config.n_predictor_layers)
+        self.box_head = BoxHead(w, config.box_classes, config.box_level) if config.box_classes else None
 
     def features(self, image):
         """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8."""
@@ -315,6 +321,11 @@ class VQVAE(nn.Module):
         if self.training and image is not None and self.config.image_dropout > 0:
             feats = self.drop_features(feats, self.config.image_dropout)
         return self.decode(z_q, feats=feats), commit_loss, indices
+
+    def detect(self, feats):
+        """Box head outputs (heat logits (B, C, h, w), log size, offset) from the image features."""
+        assert self.box_head is not None, "this model has no box head (box_classes=0)"
+        return self.box_head(feats)
 
     @torch.no_grad()
     def segment(self, image, temperature=1.0):

@@ -1,0 +1,130 @@
+"""A detection head on the label model's image features: boxes learned as boxes.
+
+CenterNet ("Objects as Points", Zhou et al. 2019, https://arxiv.org/abs/1904.07850): per class a heatmap
+with a Gaussian at every box centre, trained with the penalty-reduced focal loss of CornerNet
+(https://arxiv.org/abs/1808.01244), plus the box size and the centre's sub-cell offset regressed at the
+centre cell. Boxes come back as the heatmap's local maxima (3x3 max-pool), so two boxes that overlap keep
+their two peaks as long as their centres are a cell apart. The Gaussians are elliptical, sigma = alpha x
+the box's side / 6 (TTFNet, https://arxiv.org/abs/1909.00700), and sizes are regressed as logs, so objects of
+very different sizes weigh alike. The head reads the encoder's features from R/2 down (the finest level
+plus the coarser ones upsampled and added, a small FPN), so objects a few model pixels wide get cells.
+
+Boxes are (x0, y0, x1, y1) in pixel edges of the head's input; a head cell covers `stride` pixels.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GAUSS_ALPHA = 0.54     # TTFNet's Gaussian size relative to the box
+MIN_SIGMA = 0.4        # cells: a box a cell or two wide still gets a peak its neighbours see
+PRIOR = 0.01           # initial heatmap probability (RetinaNet's prior): the focal loss starts small
+
+
+class BoxHead(nn.Module):
+    """Encoder features at R, R/2, ... -> (heat logits (B, C, h, w), log size (B, 2, h, w), offset (B, 2, h, w))
+    at h = H / stride, stride = 2 ** level."""
+
+    def __init__(self, widths, n_classes: int, level: int = 1, channels: int = 32):
+        super().__init__()
+        self.level = level
+        self.lateral = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths[level:])
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
+        self.heat = nn.Conv2d(channels, n_classes, 1)
+        self.size = nn.Conv2d(channels, 2, 1)
+        self.offset = nn.Conv2d(channels, 2, 1)
+        nn.init.constant_(self.heat.bias, -math.log((1 - PRIOR) / PRIOR))
+
+    @property
+    def stride(self) -> int:
+        return 2 ** self.level
+
+    def forward(self, feats):
+        fs = feats[self.level:]
+        h = self.lateral[0](fs[0])
+        for lat, f in zip(self.lateral[1:], fs[1:]):
+            h = h + F.interpolate(lat(f), size=h.shape[-2:], mode="nearest")
+        h = self.body(h)
+        return self.heat(h), self.size(h), self.offset(h)
+
+
+# -----------------------------------------------------------------------------
+# targets
+
+
+def encode_boxes(boxes: list[np.ndarray], n_classes: int, shape: tuple[int, int], stride: int) -> dict:
+    """Per image boxes (N, 5) rows (x0, y0, x1, y1, class 1..C) in input px -> training targets at the
+    head's cells (h, w) = shape: {"heat" (B, C, h, w) in [0, 1], "size" (B, 2, h, w) log(w, h / stride),
+    "offset" (B, 2, h, w) in [0, 1), "mask" (B, 1, h, w) 1 at box centres}. Where two centres share a
+    cell the smaller box's size is kept (larger boxes are written first)."""
+    h, w = shape
+    heat = np.zeros((len(boxes), n_classes, h, w), np.float32)
+    size = np.zeros((len(boxes), 2, h, w), np.float32)
+    offset = np.zeros((len(boxes), 2, h, w), np.float32)
+    mask = np.zeros((len(boxes), 1, h, w), np.float32)
+    ys, xs = np.arange(h, dtype=np.float32)[:, None] + 0.5, np.arange(w, dtype=np.float32)[None, :] + 0.5
+    for i, b in enumerate(boxes):
+        b = np.asarray(b, np.float64).reshape(-1, 5) / [stride, stride, stride, stride, 1]
+        order = np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")
+        for x0, y0, x1, y1, c in b[order]:
+            bw, bh = x1 - x0, y1 - y0
+            if bw <= 0 or bh <= 0:
+                continue
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            j, k = min(int(cx), w - 1), min(int(cy), h - 1)
+            sx, sy = max(GAUSS_ALPHA * bw / 6, MIN_SIGMA), max(GAUSS_ALPHA * bh / 6, MIN_SIGMA)
+            # the peak sits on the centre cell's middle, so the cell the decoder reads gets exactly 1
+            g = np.exp(-((xs - j - 0.5) ** 2) / (2 * sx ** 2) - ((ys - k - 0.5) ** 2) / (2 * sy ** 2))
+            np.maximum(heat[i, int(c) - 1], g, out=heat[i, int(c) - 1])
+            size[i, :, k, j] = np.log(bw), np.log(bh)
+            offset[i, :, k, j] = cx - j, cy - k
+            mask[i, 0, k, j] = 1.0
+    return {key: torch.from_numpy(v) for key, v in
+            (("heat", heat), ("size", size), ("offset", offset), ("mask", mask))}
+
+
+def box_losses(outputs, targets: dict) -> dict:
+    """Focal loss on the heatmap + L1 on log size and offset at the centres, each per object."""
+    heat_logits, size, offset = (o.float() for o in outputs)
+    t, m = targets["heat"], targets["mask"]
+    n = m.sum().clamp(min=1.0)
+    p = heat_logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    pos = t.eq(1).float()
+    focal = -(pos * (1 - p) ** 2 * torch.log(p)
+              + (1 - pos) * (1 - t) ** 4 * p ** 2 * torch.log(1 - p)).sum() / n
+    l_size = (F.l1_loss(size, targets["size"], reduction="none") * m).sum() / n
+    l_off = (F.l1_loss(offset, targets["offset"], reduction="none") * m).sum() / n
+    return {"heat": focal, "size": l_size, "offset": l_off, "box": focal + l_size + l_off}
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+
+@torch.no_grad()
+def decode_boxes(heat: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, stride: int,
+                 max_boxes: int = 300, min_score: float = 0.05) -> list[np.ndarray]:
+    """Heat probabilities (B, C, h, w) (sigmoid of the logits), log size and offset -> per image an array
+    (N, 6) rows (x0, y0, x1, y1, score, class 1..C) in input px, highest score first: the heatmap's 3x3
+    local maxima scoring >= min_score, at most max_boxes."""
+    heat, size, offset = heat.float(), size.float(), offset.float()
+    peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+    B, C, h, w = heat.shape
+    scores, idx = peaks.reshape(B, -1).topk(min(max_boxes, C * h * w))
+    out = []
+    for b in range(B):
+        keep = scores[b] >= min_score
+        s, i = scores[b][keep], idx[b][keep]
+        c, cell = i // (h * w), i % (h * w)
+        k, j = cell // w, cell % w
+        cx = (j.float() + offset[b, 0, k, j]) * stride
+        cy = (k.float() + offset[b, 1, k, j]) * stride
+        bw, bh = size[b, 0, k, j].exp() * stride, size[b, 1, k, j].exp() * stride
+        rows = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2, s, (c + 1).float()], 1)
+        out.append(rows.cpu().numpy().astype(np.float64))
+    return out

@@ -1,0 +1,66 @@
+"""The detection head's targets and decoding: boxes -> heatmaps -> boxes, overlapping boxes kept."""
+import numpy as np
+import torch
+
+from model import metrics
+from model.boxhead import BoxHead, box_losses, decode_boxes, encode_boxes
+from model.vqvae import VQVAE, VQVAEConfig
+
+
+def _round_trip(boxes, n_classes=2, shape=(40, 48), stride=2):
+    t = encode_boxes([boxes], n_classes, shape, stride)
+    return decode_boxes(t["heat"], t["size"], t["offset"], stride, min_score=0.5)[0]
+
+
+def test_overlapping_boxes_survive_encode_and_decode():
+    boxes = np.array([[10, 10, 50, 50, 1],       # three boxes overlapping pairwise (IoU 0.39 and 0.22) ...
+                      [20, 14, 60, 54, 1],
+                      [30, 30, 70, 70, 2],
+                      [4, 60, 13, 71, 2]], float)  # ... and a small one apart
+    out = _round_trip(boxes)
+    assert len(out) == 4
+    ious = metrics.box_iou(out[:, :4], boxes[:, :4])
+    pairs = metrics.greedy_match(ious, 0.99)
+    assert len(pairs) == 4                              # every box back, in place and size
+    for p, q in pairs:
+        assert out[p, 5] == boxes[q, 4] and out[p, 4] == 1.0   # its class, at the peak's full score
+
+
+def test_decoded_boxes_follow_the_stride_and_classes_do_not_suppress_each_other():
+    same_centre = np.array([[8, 8, 24, 24, 1], [8, 8, 24, 24, 2]], float)   # one spot, two classes
+    for stride in (1, 2, 4):
+        out = _round_trip(same_centre, shape=(32 // stride, 32 // stride), stride=stride)
+        assert sorted(out[:, 5].tolist()) == [1.0, 2.0]
+        assert np.abs(out[:, :4] - same_centre[:, :4]).max() < 1e-4
+
+
+def test_empty_image_has_no_targets_and_no_boxes():
+    t = encode_boxes([np.zeros((0, 5))], 1, (8, 8), 2)
+    assert float(t["heat"].sum()) == 0 and float(t["mask"].sum()) == 0
+    assert decode_boxes(t["heat"], t["size"], t["offset"], 2)[0].shape == (0, 6)
+
+
+def test_head_learns_boxes_on_the_vqvae_features():
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(resolution=32, n_labels=3, widths=(8, 16, 16, 16), box_classes=1))
+    x = torch.rand(2, 3, 32, 32)
+    boxes = [np.array([[4, 4, 14, 12, 1], [8, 6, 20, 16, 1]], float), np.zeros((0, 5))]
+    t = encode_boxes(boxes, 1, (16, 16), model.box_head.stride)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    first = None
+    for _ in range(60):
+        loss = box_losses(model.detect(model.features(x)), t)["box"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 4
+    heat, size, offset = model.detect(model.features(x))
+    out = decode_boxes(heat.sigmoid(), size, offset, model.box_head.stride, min_score=0.3)
+    assert len(metrics.greedy_match(metrics.box_iou(out[0][:, :4], boxes[0][:, :4]), 0.5)) == 2
+
+
+def test_models_without_a_head_keep_their_parameters():
+    plain = VQVAE(VQVAEConfig(resolution=32, widths=(8, 16, 16, 16)))
+    assert plain.box_head is None and not any(k.startswith("box_head") for k in plain.state_dict())
+    assert isinstance(VQVAE(VQVAEConfig(resolution=32, widths=(8, 16, 16, 16), box_classes=2)).box_head, BoxHead)
