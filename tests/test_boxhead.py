@@ -64,3 +64,29 @@ def test_models_without_a_head_keep_their_parameters():
     plain = VQVAE(VQVAEConfig(resolution=32, widths=(8, 16, 16, 16)))
     assert plain.box_head is None and not any(k.startswith("box_head") for k in plain.state_dict())
     assert isinstance(VQVAE(VQVAEConfig(resolution=32, widths=(8, 16, 16, 16), box_classes=2)).box_head, BoxHead)
+
+
+def test_batcher_boxes_follow_rotations_flips_zoom_and_crops():
+    from model.data import Sample
+    from model.train_vqvae import Batcher, TrainConfig
+
+    image = np.zeros((64, 80, 3), np.uint8)
+    image[10:30, 20:50] = 255                                    # the object: x 20..50, y 10..30
+    classes = np.zeros((64, 80), np.int32)
+    sample = Sample(image=image, classes=classes, instances=classes.copy(), id="a",
+                    boxes=np.array([[20, 10, 50, 30, 1]], float))
+    cfg = TrainConfig(resolution=64, crop=48, jitter=0.0, scale_min=0.8, scale_max=1.25)
+    batcher = Batcher([sample], cfg, 1, seed=0, invert_bright=False, scale=1.0, with_boxes=True)
+    checked = 0
+    for _ in range(40):
+        x, _, boxes = batcher.sample_boxes(0)
+        ys, xs = np.nonzero(x[..., 0] > 0.5)
+        if len(boxes) == 0:
+            assert len(ys) < 0.25 * 600 * 1.25 ** 2 + 20, "a box mostly inside the crop was dropped"
+            continue
+        assert len(boxes) == 1 and boxes[0, 4] == 1
+        seen = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        assert np.abs(seen - boxes[0, :4]).max() <= 1.5, (seen, boxes)
+        checked += 1
+    assert checked >= 20
+    assert Batcher([sample], cfg, 1, seed=0).get_batch(2, "cpu")[2] is None     # no boxes unless asked
