@@ -177,8 +177,16 @@ def main() -> None:
     work = Path("/tmp/tessera-bench-regions")
     work.mkdir(exist_ok=True)
     load_before = os.getloadavg()[0]
-    rows = [run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m, seed, args.curve)
-            for t in args.task for m in (args.methods if t != "dsb_masks" else ["head"]) for seed in args.seeds]
+    rows = []
+    for seed in args.seeds:            # every method once before the next seed; the file is rewritten per row
+        for t in args.task:
+            for m in (args.methods if t != "dsb_masks" else ["head"]):
+                rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m, seed,
+                                args.curve))
+                _write(args, rows, load_before)
+
+
+def _write(args, rows: list[dict], load_before: float) -> None:
     write_result(args.name or f"regions_{'_'.join(args.task)}", {
         "summary": summarize(rows), "rows": rows, "box_shrink": BOX_SHRINK, "threads": args.threads,
         "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0],
