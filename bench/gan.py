@@ -323,6 +323,136 @@ def synthetic_parts(args, threads: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------- realism (issue #12 part 2)
+
+def realism_cnn() -> torch.nn.Module:
+    """Small real-vs-fake classifier: four stride-2 convs, global average pool, one logit."""
+    nn = torch.nn
+    layers, c_in = [], 3
+    for c in (16, 32, 64, 64):
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 1))
+
+
+def _tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images).astype(np.float32) / 255).permute(0, 3, 1, 2)  # (B,H,W,3)->(B,3,H,W)
+
+
+def classify_real_fake(real_tr, fake_tr, real_te, fake_te, iters: int, seed: int) -> dict:
+    """Train realism_cnn on real (label 0) vs fake (label 1) images for `iters` steps of batch 32 (random
+    flips and rot90); test accuracy on the held-out pairs (0.5 = indistinguishable)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x, y = _tensor(real_tr + fake_tr), torch.tensor([0.0] * len(real_tr) + [1.0] * len(fake_tr))
+    net, t0 = realism_cnn(), time.time()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(iters):
+        idx = torch.from_numpy(rng.integers(0, len(x), 32))
+        xb = torch.rot90(x[idx], int(rng.integers(4)), dims=(2, 3))
+        xb = xb.flip(3) if rng.random() < 0.5 else xb
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(xb)[:, 0], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(_tensor(b)) for b in (real_te, fake_te)])[:, 0]
+    truth = torch.tensor([0.0] * len(real_te) + [1.0] * len(fake_te))
+    acc = float(((logits > 0).float() == truth).float().mean())
+    return {"test_accuracy": acc, "n_train": len(x), "n_test": len(truth), "iters": iters, "batch": 32,
+            "final_train_loss": loss.item(), "train_s": round(time.time() - t0, 1)}
+
+
+def encoder_features(predictor: Predictor, images: list[np.ndarray]) -> np.ndarray:
+    """(N, D) label-model encoder features: mean and std over space of its deepest feature map (the
+    predictor's own normalisation and scale; _run is its forward pass)."""
+    out = []
+    for i in range(0, len(images), 16):
+        _, feats, _, _, _ = predictor._run(images[i:i + 16])
+        f = feats[-1]
+        out.append(torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], dim=1).numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 50, subset_size: int = 50, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018) on given features: unbiased MMD^2 with the cubic
+    polynomial kernel (x.y / d + 1)^3, mean and sd over random subsets. Hand-written (20 lines) because
+    torchmetrics' KID is tied to Inception features; here the features are the label model's."""
+    rng = np.random.default_rng(seed)
+    d, m = a.shape[1], min(subset_size, len(a), len(b))
+    vals = []
+    for _ in range(subsets):
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+        off = 1 - np.eye(m)
+        vals.append((kxx * off).sum() / (m * (m - 1)) + (kyy * off).sum() / (m * (m - 1)) - 2 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def realism(args, threads: int) -> None:
+    """Real vs generated and real vs edited: a small CNN's test accuracy at equal iterations, KID on the
+    label model's encoder features against the KID between two halves of the held-out real images, and the
+    grid real | generated | edited. Disjoint DSB training-split images: A (GAN training, layouts and edit
+    sources for the classifier's training fakes), B (layouts and edit sources of the test fakes), C and D
+    (real images of the classifier's training and test sets; D and C's first half are the KID halves)."""
+    from model.edit import Editor
+
+    t_start, work = time.time(), Path(tempfile.mkdtemp(prefix="tessera-bench-realism-"))
+    samples, names = load_folder(dataset("dsb2018"))
+    train_ids, _ = split_ids([s.id for s in samples], 0.2)
+    by_id = {s.id: s for s in samples}
+    pool = [by_id[i] for i in np.random.default_rng(0).permutation(train_ids)]
+    n, nt = args.n_real_train, args.n_real_test
+    A, B, C, D = pool[:30], pool[30:60], pool[60:60 + n], pool[60 + n:60 + n + nt]
+    crop = [centre_crop(s, 128) for s in pool[:60 + n + nt]]
+    cA, cB, cC, cD = crop[:30], crop[30:60], crop[60:60 + n], crop[60 + n:]
+    log(f"realism: A {len(A)}, B {len(B)}, C {len(C)}, D {len(D)}; GAN {args.gan_iters} iters, classifier "
+        f"{args.cls_iters} iters; load {load1():.1f}")
+    gan_ckpt, gan_info = fit_gan_iters(A, names, args.gan_iters, work / "gan.pt", threads, upsample="bilinear",
+                                       grey_flag=True)
+    synth = Synthesizer.from_checkpoint(gan_ckpt, device="cpu")
+    fakes = {"generated": (synth.render(LayoutSampler(A, resolution=128).sample(n, seed=1), seed=1),
+                           synth.render(LayoutSampler(B, resolution=128).sample(nt, seed=2), seed=2)),
+             "edited": ([e.sample.image for e in Editor(cA, len(names), max_objects=4).edit(n, seed=3)],
+                        [e.sample.image for e in Editor(cB, len(names), max_objects=4).edit(nt, seed=4)])}
+    label_ckpt, label_t = fit_label(A, names, args.iters, AUG_ON, work / "label.pt", threads)
+    predictor = Predictor.from_checkpoint(label_ckpt, device="cpu")
+    real_tr, real_te = [s.image for s in cC], [s.image for s in cD]
+    f_c, f_d = encoder_features(predictor, real_tr), encoder_features(predictor, real_te)
+    half = min(len(f_c), len(f_d))
+    kid_ref = kid(f_c[:half], f_d[:half])
+    res = {"kid_real_halves": {"mean": kid_ref[0], "std": kid_ref[1], "n": half}}
+    for kind, (tr, te) in fakes.items():
+        cls = classify_real_fake(real_tr, tr, real_te, te, args.cls_iters, seed=0)
+        k = kid(encoder_features(predictor, te), f_d)
+        res[kind] = {"classifier": cls, "kid": {"mean": k[0], "std": k[1], "n": len(te)},
+                     "kid_ratio_vs_real_halves": k[0] / max(kid_ref[0], 1e-12)}
+        log(f"{kind}: classifier test accuracy {cls['test_accuracy']:.3f}; KID {k[0]:.4g} (real halves "
+            f"{kid_ref[0]:.4g})")
+    rows = [[real_te[i], fakes["generated"][1][i], fakes["edited"][1][i]] for i in range(6)]
+    grid = RESULTS / ("gan_realism_grid_quick.png" if args.quick else "gan_realism_grid.png")
+    save_compare_grid(rows, ["real (held out)", f"generated (GAN, {args.gan_iters} it)", "edited (real + pasted)"],
+                      grid)
+    log(f"wrote {grid} ({grid.stat().st_size // 1024} KB)")
+    summary = {"realism_classifier_acc_generated": res["generated"]["classifier"]["test_accuracy"],
+               "realism_classifier_acc_edited": res["edited"]["classifier"]["test_accuracy"],
+               "kid_generated": res["generated"]["kid"]["mean"], "kid_edited": res["edited"]["kid"]["mean"],
+               "kid_real_halves": kid_ref[0], "wall_s": round(time.time() - t_start, 1)}
+    write_result("gan_realism_quick" if args.quick else "gan_realism", {
+        "summary": summary, "realism": res, "gan_training": gan_info,
+        "label_model": {"iters": args.iters, "train_s": round(label_t, 1), "trained_on": "A (30 images)"},
+        "setup": {"dataset": "dsb2018, training split only; 128 px (short side to 128, centre crop)",
+                  "sets": {"A": len(A), "B": len(B), "C_real_train": len(C), "D_real_test": len(D)},
+                  "classifier": "4 stride-2 convs + BN + GAP + linear, Adam 1e-3, batch 32, flips/rot90, "
+                                "same iterations for each kind",
+                  "kid": "cubic polynomial kernel, 50 subsets of 50, label-model encoder deepest features "
+                         "(mean+std pooled); reference: real C vs real D",
+                  "torch_threads": threads, "load1_end": round(load1(), 2), "grid": grid.name},
+        "targets": {"classifier_accuracy": "<= 0.75", "kid": "reported against the real-halves KID"}})
+    shutil.rmtree(work, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 def main() -> None:
@@ -342,6 +472,10 @@ def main() -> None:
     ap.add_argument("--synthetic-parts", action="store_true",
                     help="only the quality grid, render speed and LS throughput (edited and generated tasks)")
     ap.add_argument("--gan-iters", type=int, default=300, help="with --synthetic-parts: GAN iterations per variant")
+    ap.add_argument("--realism", action="store_true", help="only the realism classifier, KID and the realism grid")
+    ap.add_argument("--cls-iters", type=int, default=300, help="with --realism: classifier iterations per kind")
+    ap.add_argument("--n-real-train", type=int, default=150, help="with --realism: real images, classifier train")
+    ap.add_argument("--n-real-test", type=int, default=100, help="with --realism: real images, classifier test")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.iters, args.gan_budget, args.max_val = [10], 30, 15.0, 10
@@ -353,6 +487,10 @@ def main() -> None:
                            capture_output=True, text=True).stdout.split()[1::2]
     threads = args.threads or (2 if load1() < 1.0 else 1)
     torch.set_num_threads(threads)
+    if args.realism:
+        if args.quick:
+            args.gan_iters, args.cls_iters, args.iters, args.n_real_train, args.n_real_test = 4, 10, 10, 20, 12
+        return realism(args, threads)
     if args.synthetic_parts:
         if args.quick:
             args.gan_iters = 10

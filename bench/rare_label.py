@@ -117,7 +117,7 @@ def summarize(rows: list[dict], arms: list[str], rare: str) -> dict:
         if arm == "real_only":
             continue
         for base in ("real_only", "classic"):
-            if base == arm:
+            if base == arm or base not in arms:
                 continue
             d = np.array([100 * (r[arm][f"iou_{rare}"] - r[base][f"iou_{rare}"]) for r in rows])
             out[f"{arm}_rare_gain_vs_{base}_points_mean"] = float(d.mean())
@@ -126,6 +126,19 @@ def summarize(rows: list[dict], arms: list[str], rare: str) -> dict:
                     for r in rows])) for b in BREEDS if b != rare)
         out[f"{arm}_worst_other_breed_vs_real_only_points"] = float(worst)
     return out
+
+
+def curve(summary: dict, counts: list[int], rare: str) -> list[dict]:
+    """Gain curve rows: edited images n -> rare-breed gain over real_only and the worst other breed's change."""
+    rows = [{"n_edited": 0, "rare_gain_points_mean": 0.0, "rare_gain_points_std": 0.0,
+             "worst_other_breed_points": 0.0, "rare_iou_mean": summary[f"real_only_iou_{rare}_mean"]}]
+    for n in counts:
+        arm = f"edited_{n}"
+        rows.append({"n_edited": n, "rare_gain_points_mean": summary[f"{arm}_rare_gain_vs_real_only_points_mean"],
+                     "rare_gain_points_std": summary[f"{arm}_rare_gain_vs_real_only_points_std"],
+                     "worst_other_breed_points": summary[f"{arm}_worst_other_breed_vs_real_only_points"],
+                     "rare_iou_mean": summary[f"{arm}_iou_{rare}_mean"]})
+    return rows
 
 
 def main() -> None:
@@ -138,10 +151,17 @@ def main() -> None:
     ap.add_argument("--val-per-breed", type=int, default=30)
     ap.add_argument("--arms", nargs="+", default=["real_only", "classic", "edited", "edited_os"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--curve", type=int, nargs="+", default=[],
+                    help="gain curve: arms edited_<n> (real + the first n edited images, augmentation ON) for "
+                         "each n; writes rare_label_curve.json")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 iters, 1 seed, 5 val per breed")
     args = ap.parse_args()
     if args.quick:
         args.iters, args.seeds, args.val_per_breed, args.n_edited = 20, [0], 5, 6
+        args.curve = [min(n, 6) for n in args.curve]
+    if args.curve:
+        args.n_edited = max(args.curve)
+        args.arms = ["real_only"] + [f"edited_{n}" for n in args.curve]
     torch.set_num_threads(args.threads)
     t_start, work = time.time(), Path(tempfile.mkdtemp(prefix="tessera-bench-rare-"))
     samples, names = load_pets(dataset("pets"))
@@ -165,7 +185,8 @@ def main() -> None:
         grid = grid or (rare_real, edited[:3])
         oversampled = train + rare_real * (COMMON_N // RARE_N - 1)
         sets = {"real_only": (train, AUG_OFF), "classic": (oversampled, AUG_ON), "edited": (train + edited, AUG_ON),
-                "edited_os": (oversampled + edited, AUG_ON)}
+                "edited_os": (oversampled + edited, AUG_ON),
+                **{f"edited_{n}": (train + edited[:n], AUG_ON) for n in args.curve}}
         row = {"seed": seed, "train_ids": [s.id for s in train], "edit_s": round(edit_s, 2),
                "n_edited": len(edited), "load1_start": round(os.getloadavg()[0], 2)}
         for arm in args.arms:
@@ -176,11 +197,14 @@ def main() -> None:
                 f"fg {row[arm]['fg_iou']:.4f} ({dt:.0f}s)")
         rows.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if grid is not None and not args.quick:
+    if grid is not None and not args.quick and not args.curve:
         save_grid(*grid, RESULTS / "rare_label_grid.png")
     summary = summarize(rows, args.arms, args.rare)
     summary["wall_s"] = round(time.time() - t_start, 1)
-    write_result("rare_label" + ("_quick" if args.quick else ""), {
+    if args.curve:
+        summary["curve"] = curve(summary, args.curve, args.rare)
+    name = "rare_label" + ("_curve" if args.curve else "") + ("_quick" if args.quick else "")
+    write_result(name, {
         "summary": summary, "rows": rows,
         "setup": {"dataset": "pets (Oxford-IIIT Pet, 3 breeds)", "rare": args.rare, "rare_n": RARE_N,
                   "common_n": COMMON_N, "n_val": len(val), "label_iters": args.iters,

@@ -104,10 +104,19 @@ def get_batch(data, batch_size: int, resolution: int, rng: np.random.Generator, 
     return real.to(device), mask.to(device), torch.tensor(grey, device=device)
 
 
-def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_from: Path | None = None,
-          progress: Callable[[dict], None] | None = None) -> Path:
-    """Train G and D; write a "gan" checkpoint (to `out` if it ends in .pt, else into the directory `out`
-    as ckpt_<iter>.pt) and return its path. Stops at max_iters or after time_budget_s seconds."""
+@dataclass
+class _Models:
+    """What a GAN run trains and saves."""
+    config: MaskGANConfig
+    generator: Generator
+    discriminator: Discriminator
+    generator_ema: Generator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    iter0: int = 0  # iterations done before this run (resumed from init_from)
+
+
+def _check_inputs(samples, label_names: list[str]) -> None:
     if not samples:
         raise ValueError("train_maskgan needs at least one labelled sample")
     if not label_names:
@@ -115,101 +124,112 @@ def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_
     n_max = max(int(s.classes.max()) for s in samples)
     if n_max > len(label_names):
         raise ValueError(f"samples use class index {n_max} but only {len(label_names)} label names are given")
+
+
+def _build(cfg: GANTrainConfig, label_names: list[str], device: torch.device, init_from: Path | None) -> _Models:
+    """G, D, the weight average and their optimisers, fresh or resumed from a "gan" checkpoint."""
+    config = MaskGANConfig(resolution=cfg.resolution, n_labels=len(label_names) + 1, boundary=cfg.boundary,
+                           z_dim=cfg.z_dim, g_channels=cfg.g_channels, g_hidden=cfg.g_hidden,
+                           d_channels=cfg.d_channels, d_layers=cfg.d_layers, upsample=cfg.upsample,
+                           grey_flag=cfg.grey_flag)
+    generator, discriminator = Generator(config).to(device), Discriminator(config).to(device)
+    m = _Models(config, generator, discriminator, Generator(config).to(device).eval().requires_grad_(False),
+                torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2)),
+                torch.optim.Adam(discriminator.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2)))
+    if init_from is None:
+        m.generator_ema.load_state_dict(generator.state_dict())
+        return m
+    ckpt = load_checkpoint(Path(init_from), "gan")
+    if ckpt["model_config"] != asdict(config):
+        raise ValueError(f"{init_from}: its model config {ckpt['model_config']} differs from this run's "
+                         f"{asdict(config)} (labels or sizes changed); train from scratch instead")
+    generator.load_state_dict(ckpt["generator"])
+    discriminator.load_state_dict(ckpt["discriminator"])
+    m.opt_g.load_state_dict(ckpt["opt_g"])
+    m.opt_d.load_state_dict(ckpt["opt_d"])
+    m.generator_ema.load_state_dict(ckpt.get("generator_ema", ckpt["generator"]))
+    m.iter0 = int(ckpt["iter_num"])
+    return m
+
+
+def _step(cfg: GANTrainConfig, m: _Models, real, mask, grey, it: int) -> dict[str, float]:
+    """One D step on fake.detach(), one G step, the EMA update; -> the losses."""
+    fake = m.generator(mask, torch.randn(real.size(0), cfg.z_dim, device=real.device), grey=grey)
+    # one augmentation draw per iteration, shared by real and fake, so D features stay comparable
+    aug_seed = int(torch.randint(2 ** 31, ()))
+
+    def augment(x):
+        if not cfg.diffaug:
+            return x, mask
+        return diff_augment(x, mask, cfg.diffaug, torch.Generator(real.device).manual_seed(aug_seed))
+
+    logits_real, feats_real = m.discriminator(*augment(real))
+    logits_fake, _ = m.discriminator(*augment(fake.detach()))
+    d_real, d_fake = d_hinge_loss(logits_real, logits_fake)
+    losses_d = {"d_real": d_real, "d_fake": d_fake}
+    m.opt_d.zero_grad(set_to_none=True)
+    sum(losses_d.values()).backward()
+    m.opt_d.step()
+    # G step (feature matching against the real features of the D step, held fixed)
+    logits_fake, feats_fake = m.discriminator(*augment(fake))
+    losses_g = {"g_adv": g_hinge_loss(logits_fake),
+                "g_fm": cfg.lambda_fm * feature_matching_loss(feats_real, feats_fake)}
+    if cfg.lambda_l1 > 0:
+        low_fake, low_real = F.avg_pool2d(fake, cfg.l1_pool), F.avg_pool2d(real, cfg.l1_pool)
+        losses_g["g_l1"] = cfg.lambda_l1 * F.l1_loss(low_fake, low_real)
+    m.opt_g.zero_grad(set_to_none=True)
+    sum(losses_g.values()).backward()
+    m.opt_g.step()
+    with torch.no_grad():  # warm-up ramp so short runs are not dominated by the random init
+        decay = min(cfg.ema_decay, (1 + m.iter0 + it) / (10 + m.iter0 + it))
+        for p_ema, p in zip(m.generator_ema.parameters(), m.generator.parameters()):
+            p_ema.lerp_(p, 1 - decay)
+    return {k: v.item() for k, v in {**losses_d, **losses_g}.items()}
+
+
+def _save(cfg: GANTrainConfig, m: _Models, label_names: list[str], grey_share: float, out: Path, i: int) -> Path:
+    return save_checkpoint({
+        "kind": "gan", "generator": m.generator.state_dict(), "generator_ema": m.generator_ema.state_dict(),
+        "discriminator": m.discriminator.state_dict(), "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(),
+        "model_config": asdict(m.config), "train_config": asdict(cfg), "label_names": list(label_names),
+        "iter_num": m.iter0 + i, "grey_share": grey_share},
+        out if out.suffix == ".pt" else out / f"ckpt_{m.iter0 + i:07d}.pt")
+
+
+def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_from: Path | None = None,
+          progress: Callable[[dict], None] | None = None) -> Path:
+    """Train G and D; write a "gan" checkpoint (to `out` if it ends in .pt, else into the directory `out`
+    as ckpt_<iter>.pt) and return its path. Stops at max_iters or after time_budget_s seconds."""
+    _check_inputs(samples, label_names)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = Path(out)
-    model_config = MaskGANConfig(resolution=cfg.resolution, n_labels=len(label_names) + 1, boundary=cfg.boundary,
-                                 z_dim=cfg.z_dim, g_channels=cfg.g_channels, g_hidden=cfg.g_hidden,
-                                 d_channels=cfg.d_channels, d_layers=cfg.d_layers, upsample=cfg.upsample,
-                                 grey_flag=cfg.grey_flag)
-    generator, discriminator = Generator(model_config).to(device), Discriminator(model_config).to(device)
-    generator_ema = Generator(model_config).to(device).eval().requires_grad_(False)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-    iter0 = 0
-    if init_from is not None:
-        ckpt = load_checkpoint(Path(init_from), "gan")
-        if ckpt["model_config"] != asdict(model_config):
-            raise ValueError(f"{init_from}: its model config {ckpt['model_config']} differs from this run's "
-                             f"{asdict(model_config)} (labels or sizes changed); train from scratch instead")
-        generator.load_state_dict(ckpt["generator"])
-        discriminator.load_state_dict(ckpt["discriminator"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        generator_ema.load_state_dict(ckpt.get("generator_ema", ckpt["generator"]))
-        iter0 = int(ckpt["iter_num"])
-    else:
-        generator_ema.load_state_dict(generator.state_dict())
+    device, out = resolve_device(cfg.device), Path(out)
+    m = _build(cfg, label_names, device, init_from)
     data = _prepare(samples, cfg.resolution)
     grey_share = float(np.mean([d[3] for d in data]))  # generation draws grey images at this rate
-
-    def save(i: int) -> Path:
-        return save_checkpoint({
-            "kind": "gan", "generator": generator.state_dict(), "generator_ema": generator_ema.state_dict(),
-            "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "model_config": asdict(model_config), "train_config": asdict(cfg), "label_names": list(label_names),
-            "iter_num": iter0 + i, "grey_share": grey_share},
-            out if out.suffix == ".pt" else out / f"ckpt_{iter0 + i:07d}.pt")
-
     t0 = t_last = time.time()
     iter_num = 0
     while iter_num < cfg.max_iters and not (cfg.time_budget_s > 0 and time.time() - t0 >= cfg.time_budget_s):
-        i = iter_num
-        real, mask, grey = get_batch(data, cfg.batch_size, cfg.resolution, rng, model_config.n_labels, cfg.boundary,
-                                     device)
-        fake = generator(mask, torch.randn(real.size(0), cfg.z_dim, device=device), grey=grey)
-        # one augmentation draw per iteration, shared by real and fake, so D features stay comparable
-        aug_seed = int(torch.randint(2 ** 31, ()))
-
-        def augment(x):
-            if not cfg.diffaug:
-                return x, mask
-            return diff_augment(x, mask, cfg.diffaug, torch.Generator(device).manual_seed(aug_seed))
-
-        # D step on fake.detach()
-        logits_real, feats_real = discriminator(*augment(real))
-        logits_fake, _ = discriminator(*augment(fake.detach()))
-        d_real, d_fake = d_hinge_loss(logits_real, logits_fake)
-        losses_d = {"d_real": d_real, "d_fake": d_fake}
-        opt_d.zero_grad(set_to_none=True)
-        sum(losses_d.values()).backward()
-        opt_d.step()
-        # G step (feature matching against the real features of the D step, held fixed)
-        logits_fake, feats_fake = discriminator(*augment(fake))
-        losses_g = {"g_adv": g_hinge_loss(logits_fake),
-                    "g_fm": cfg.lambda_fm * feature_matching_loss(feats_real, feats_fake)}
-        if cfg.lambda_l1 > 0:
-            low_fake, low_real = F.avg_pool2d(fake, cfg.l1_pool), F.avg_pool2d(real, cfg.l1_pool)
-            losses_g["g_l1"] = cfg.lambda_l1 * F.l1_loss(low_fake, low_real)
-        opt_g.zero_grad(set_to_none=True)
-        sum(losses_g.values()).backward()
-        opt_g.step()
-        with torch.no_grad():  # warm-up ramp so short runs are not dominated by the random init
-            decay = min(cfg.ema_decay, (1 + iter0 + i) / (10 + iter0 + i))
-            for p_ema, p in zip(generator_ema.parameters(), generator.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-
-        iter_num = i + 1
+        batch = get_batch(data, cfg.batch_size, cfg.resolution, rng, m.config.n_labels, cfg.boundary, device)
+        losses = _step(cfg, m, *batch, iter_num)
+        iter_num += 1
         if cfg.eval_interval and iter_num % cfg.eval_interval == 0 and iter_num < cfg.max_iters:
-            save(iter_num)
-        losses = {k: v.item() for k, v in {**losses_d, **losses_g}.items()}
+            _save(cfg, m, label_names, grey_share, out, iter_num)
         elapsed = time.time() - t0
         frac = max(iter_num / cfg.max_iters, elapsed / cfg.time_budget_s if cfg.time_budget_s > 0 else 0.0)
-        eta = elapsed * (1 - frac) / frac
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             dt = (time.time() - t_last) * 1000 / cfg.log_interval
             t_last = time.time()
             logger.info("iter %d: %s time %.0fms", iter_num, " ".join(f"{k} {v:.3f}" for k, v in losses.items()), dt)
         if progress is not None:
             progress({"phase": "train", "iter": iter_num, "max_iters": cfg.max_iters,
-                      "loss": sum(losses.values()), "eta_s": eta})
+                      "loss": sum(losses.values()), "eta_s": elapsed * (1 - frac) / frac})
         if not all(math.isfinite(v) for v in losses.values()):
             raise RuntimeError(f"GAN training diverged at iter {iter_num}: {losses}; lower lr_g / lr_d")
     logger.info("trained the mask GAN %d iters in %.0fs", iter_num, time.time() - t0)
-    path = save(iter_num)
+    path = _save(cfg, m, label_names, grey_share, out, iter_num)
     if progress is not None:
         progress({"phase": "done", "iter": iter_num, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
     return path
