@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--curve", type=int, nargs="+", default=[],
                     help="gain curve: arms edited_<n> (real + the first n edited images, augmentation ON) for "
                          "each n; writes rare_label_curve.json")
+    ap.add_argument("--reuse", default="", help="a results JSON of this benchmark whose arms (same seeds, training "
+                                                "images and iterations) are taken instead of retrained")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 iters, 1 seed, 5 val per breed")
     args = ap.parse_args()
     if args.quick:
@@ -174,6 +176,14 @@ def main() -> None:
     log(f"pets: pool {len(pool)}, val {len(val)}; rare {args.rare} ({RARE_N} vs {COMMON_N}); "
         f"iters {args.iters}, threads {args.threads}, load {os.getloadavg()[0]:.1f}")
     rows, grid = [], None
+    reused = {}
+    if args.reuse:
+        import json
+        old = json.loads(Path(args.reuse).read_text())
+        for r in old["rows"]:
+            reused[r["seed"]] = {**r, "iters": old["setup"]["label_iters"]}
+            if "edited" in r and old["setup"]["max_objects"] == args.max_objects:  # its edits are a prefix of ours
+                reused[r["seed"]][f"edited_{old['setup']['n_edited']}"] = r["edited"]
     for seed in args.seeds:
         train = pick_train(pool, args.rare, seed)
         rare_real = [s for s in train if breed_of(s) == args.rare]
@@ -191,6 +201,11 @@ def main() -> None:
                "n_edited": len(edited), "load1_start": round(os.getloadavg()[0], 2)}
         for arm in args.arms:
             data, aug = sets[arm]
+            if arm in reused.get(seed, {}):  # same seed, same training ids, same iterations: a finished run
+                if reused[seed]["train_ids"] != row["train_ids"] or reused[seed]["iters"] != args.iters:
+                    raise SystemExit(f"--reuse: seed {seed}'s {arm} was trained on other images or iterations")
+                row[arm] = {**reused[seed][arm], "reused_from": args.reuse}
+                continue
             ckpt, dt = fit(data, args.iters, aug, work / f"{arm}_{seed}.pt", args.threads, seed)
             row[arm] = {**score(ckpt, val), "train_s": round(dt, 1), "n_train": len(data)}
             log(f"seed {seed} {arm:10s} {args.rare} IoU {row[arm][f'iou_{args.rare}']:.4f} "
