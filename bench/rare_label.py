@@ -179,7 +179,14 @@ def main() -> None:
     reused = {}
     if args.reuse:
         import json
+        import subprocess
         old = json.loads(Path(args.reuse).read_text())
+        # another model/ gives other models from the same seed: only a run of the same model/ code is reused
+        changed = subprocess.run(["git", "diff", "--name-only", old["machine"]["commit"], "--", "model"],
+                                 cwd=RESULTS.parents[1], capture_output=True, text=True)
+        if changed.returncode or changed.stdout.strip():
+            raise SystemExit(f"--reuse {args.reuse}: model/ changed since its commit {old['machine']['commit']}: "
+                             f"{changed.stdout.split() or changed.stderr.strip()}; rerun those arms")
         for r in old["rows"]:
             reused[r["seed"]] = {**r, "iters": old["setup"]["label_iters"]}
             if "edited" in r and old["setup"]["max_objects"] == args.max_objects:  # its edits are a prefix of ours
