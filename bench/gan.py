@@ -393,7 +393,7 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 50, subset_size: int = 50, 
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def write_realism(args, part: dict) -> None:
+def write_realism(args, part: dict, key: str = "realism_part") -> None:
     """The realism part goes into bench/results/gan.json under "realism_part" (the file's other parts kept),
     its summary keys into the file's summary."""
     import sys
@@ -401,10 +401,27 @@ def write_realism(args, part: dict) -> None:
     path = RESULTS / ("gan_quick.json" if args.quick else "gan.json")
     doc = json.loads(path.read_text()) if path.exists() else {"benchmark": "gan", "summary": {}}
     doc["summary"] = {**doc.get("summary", {}), **part["summary"]}
-    doc["realism_part"] = {"machine": machine(), "command": " ".join(["python", "-m", "bench.gan"] + sys.argv[1:]),
+    doc[key] = {"machine": machine(), "command": " ".join(["python", "-m", "bench.gan"] + sys.argv[1:]),
                            **part}
     path.write_text(json.dumps(doc, indent=1, default=float))
-    print(f"wrote {path} (realism_part)")
+    print(f"wrote {path} ({key})")
+
+
+def speed_only(args) -> None:
+    """Generation speed alone: the default generator (GANTrainConfig's sizes, bilinear, grey flag; speed does not
+    depend on the weights, so it is left untrained) renders DSB layouts at R=128, batch 32, 1 and 2 threads."""
+    from model.maskgan import Generator, MaskGANConfig
+    cfg = GANTrainConfig()
+    gen = Generator(MaskGANConfig(resolution=128, n_labels=2, boundary=cfg.boundary, z_dim=cfg.z_dim,
+                                  g_channels=cfg.g_channels, g_hidden=cfg.g_hidden, upsample=cfg.upsample,
+                                  grey_flag=cfg.grey_flag))
+    samples, names = load_folder(dataset("dsb2018"))
+    synth = Synthesizer(gen, names, grey_share=0.5)
+    speed = [render_speed(synth, LayoutSampler(samples[:30], resolution=128), t, 8) for t in (1, 2)]
+    log("render: " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads (load {s['load1_before']})"
+                               for s in speed))
+    write_realism(args, {"summary": {f"gen_images_per_s_untrained_{s['threads']}threads": s["images_per_s"]
+                                     for s in speed}, "speed": speed}, key="speed_part")
 
 
 def realism(args, threads: int) -> None:
@@ -490,6 +507,7 @@ def main() -> None:
     ap.add_argument("--synthetic-parts", action="store_true",
                     help="only the quality grid, render speed and LS throughput (edited and generated tasks)")
     ap.add_argument("--gan-iters", type=int, default=300, help="with --synthetic-parts: GAN iterations per variant")
+    ap.add_argument("--speed", action="store_true", help="only generation speed (untrained default generator)")
     ap.add_argument("--realism", action="store_true", help="only the realism classifier, KID and the realism grid")
     ap.add_argument("--cls-iters", type=int, default=300, help="with --realism: classifier iterations per kind")
     ap.add_argument("--n-real-train", type=int, default=150, help="with --realism: real images, classifier train")
@@ -505,6 +523,8 @@ def main() -> None:
                            capture_output=True, text=True).stdout.split()[1::2]
     threads = args.threads or (2 if load1() < 1.0 else 1)
     torch.set_num_threads(threads)
+    if args.speed:
+        return speed_only(args)
     if args.realism:
         if args.quick:
             args.gan_iters, args.cls_iters, args.iters, args.n_real_train, args.n_real_test = 4, 10, 10, 20, 12
