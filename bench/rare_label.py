@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -227,6 +228,7 @@ def main() -> None:
         summary["curve"] = curve(summary, args.curve, args.rare)
     name = "rare_label" + ("_curve" if args.curve else "") + ("_quick" if args.quick else "")
     write_result(name, {
+        "command": " ".join(["python", "-m", "bench.rare_label"] + sys.argv[1:]),
         "summary": summary, "rows": rows,
         "setup": {"dataset": "pets (Oxford-IIIT Pet, 3 breeds)", "rare": args.rare, "rare_n": RARE_N,
                   "common_n": COMMON_N, "n_val": len(val), "label_iters": args.iters,
