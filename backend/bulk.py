@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from backend.label_config import parse_label_config
-from backend.lsclient import LSClient
+from backend import lsclient
 from backend.media import MediaResolver
 from backend.service import ModelCache, predict_tasks
 from backend.settings import Settings
@@ -33,13 +33,13 @@ def superseded(task: dict, key: str, served_version: str) -> list[int]:
 
 def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bool = False,
                     replace: bool = False, out=sys.stderr, progress=None) -> dict:
-    client = LSClient(settings)
-    config = parse_label_config(client.project(key).get("label_config") or "")
+    client = lsclient.from_settings(settings)
+    config = parse_label_config(lsclient.project(client, key).label_config or "")
     served = ModelCache(settings).served(key, config)
     if served.predictor is None:
         return {"status": "skipped", "reason": "no trained model serves this project yet", "written": 0}
     media = MediaResolver(settings)
-    tasks = list(client.tasks(key))
+    tasks = list(lsclient.tasks(client, key))
     todo = [t for t in tasks if overwrite or not any(
         (p.get("model_version") if isinstance(p, dict) else None) == served.version
         for p in t.get("predictions") or [])]
@@ -50,7 +50,7 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
     def delete_superseded(task: dict) -> None:
         for pid in superseded(task, key, served.version):
             try:
-                client.request("DELETE", f"/api/predictions/{pid}/")
+                client.predictions.delete(pid)
             except Exception as e:
                 logger.warning("task %s: superseded prediction %s not deleted: %s", task["id"], pid, e)
                 continue
@@ -59,8 +59,9 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
 
     def write(task: dict, item: dict) -> None:
         try:
-            client.create_prediction(task["id"], item["result"], item["score"], item["model_version"],
-                                     item.get("mislabeling"))
+            extra = {} if item.get("mislabeling") is None else {"mislabeling": float(item["mislabeling"])}
+            client.predictions.create(task=int(task["id"]), result=item["result"], score=float(item["score"]),
+                                      model_version=item["model_version"], **extra)
             ok = True
         except Exception as e:           # one task's write failing must not stop the project
             ok = False
@@ -99,7 +100,7 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
             if task["id"] not in todo_ids:
                 delete_superseded(task)
     try:                                 # so that "Prediction score" sorts by these predictions
-        client.follow_version(key, served.version)
+        lsclient.follow_version(client, key, served.version)
     except Exception as e:
         logger.warning("project %s: Label Studio connection not renamed to %s: %s", key, served.version, e)
     return {"status": "done", "model_version": served.version, "tasks": len(tasks),

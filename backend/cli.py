@@ -104,12 +104,12 @@ def cmd_rollback(args, settings: Settings) -> int:
 
 
 def _follow_in_label_studio(settings: Settings, project: str, version: str) -> None:
-    """Name the project's Tessera connection in LS after `version` (see LSClient.follow_version); without
+    """Name the project's Tessera connection in LS after `version` (see lsclient.follow_version); without
     LS settings the next /setup from Label Studio does it."""
-    from backend.lsclient import LabelStudioUnavailable, LSClient
+    from backend.lsclient import LabelStudioUnavailable, follow_version, from_settings
 
     try:
-        LSClient(settings).follow_version(project, version)
+        follow_version(from_settings(settings), project, version)
     except LabelStudioUnavailable as e:
         print(f"Label Studio not updated ({e}); `tessera serve` renames the connection on LS's next call to "
               "/setup when it has LABEL_STUDIO_URL", file=sys.stderr)

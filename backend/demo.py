@@ -37,7 +37,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from label_studio_sdk.client import LabelStudio
 
+from backend import lsclient
+from backend.progress import TqdmProgress
 from backend.settings import Settings
 from model.lockfile import file_lock
 
@@ -105,28 +108,11 @@ class Console:
         with self._lock:
             print(f"[{self.elapsed():5.0f}s] {msg}", flush=True)
 
-    def progress(self, what: str) -> Callable[[dict], None]:
-        """A progress callback for model training ({"phase", "iter", "max_iters", "loss", "eta_s"})."""
-        def show(info: dict) -> None:
-            phase, it, total = info.get("phase", ""), int(info.get("iter") or 0), int(info.get("max_iters") or 0)
-            done = phase == "done"
-            now = time.monotonic()
-            if not done and not self.tty and now - self._last_print < 15:
-                return
-            self._last_print = now
-            bar = ""
-            if total:
-                frac = min(it / total, 1.0)
-                bar = f"[{'#' * int(frac * 24):24s}] {it}/{total}"
-            loss = f" loss {info['loss']:.3f}" if info.get("loss") else ""
-            eta = f" ~{info['eta_s']:.0f}s left" if info.get("eta_s") and not done else ""
-            line = f"[{self.elapsed():5.0f}s]   {what}: {phase} {bar}{loss}{eta}"
-            with self._lock:
-                if self.tty:
-                    print(f"\r{line:100s}", end="\n" if done else "", flush=True)
-                else:
-                    print(line, flush=True)
-        return show
+    def progress(self, what: str) -> TqdmProgress:
+        """A tqdm bar per phase for a progress-dict callback ({"phase", "iter", "max_iters", "loss", "eta_s"});
+        off a terminal it redraws every 15 s at most."""
+        return TqdmProgress(f"[{self.elapsed():5.0f}s]   {what}:", mininterval=0.2 if self.tty else 15.0,
+                            file=sys.stdout, leave=True, ncols=100)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -178,7 +164,7 @@ class TesseraServer:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_up(self, timeout: float = 120.0) -> None:
-        import requests
+        import httpx
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -186,9 +172,9 @@ class TesseraServer:
                 raise RuntimeError(f"tessera serve exited with code {self.proc.returncode}; log {self.log_path}:\n"
                                    f"{_tail(self.log_path)}")
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
-            except requests.RequestException:
+            except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"tessera serve did not answer on {self.url} in {timeout:.0f} s; log {self.log_path}")
@@ -320,16 +306,15 @@ def ground_truth_annotation(sample, drop_half: bool) -> list[dict]:
 
 # -------------------------------------------------------------------------------------- Label Studio side
 
-def find_project(api, title: str) -> dict | None:
-    reply = api.get("/api/projects/", page_size=1000, title=title)
-    rows = reply.get("results", []) if isinstance(reply, dict) else reply
-    rows = [p for p in rows if p.get("title") == title]
-    return min(rows, key=lambda p: p["id"]) if rows else None
+def find_project(ls: LabelStudio, title: str):
+    """The oldest project titled `title` (the SDK's model), or None."""
+    rows = [p for p in ls.projects.list(title=title, page_size=1000).items if p.title == title]   # one page
+    return min(rows, key=lambda p: p.id) if rows else None
 
 
-def task_stats(api, project: int) -> dict:
+def task_stats(ls: LabelStudio, project: int) -> dict:
     """Counts over the project's tasks (all fields)."""
-    tasks = api.tasks(project)
+    tasks = list(lsclient.tasks(ls, project))
     preds = [t for t in tasks if t.get("predictions")]
     return {"tasks": len(tasks), "annotated": sum(1 for t in tasks if t.get("annotations")),
             "synthetic": [t["id"] for t in tasks if (t.get("meta") or {}).get("synthetic")],
@@ -338,27 +323,26 @@ def task_stats(api, project: int) -> dict:
             "ids": [t["id"] for t in tasks]}
 
 
-def connect_backend(api, project: int, url: str) -> dict:
+def connect_backend(ls: LabelStudio, project: int, url: str):
     """The project's ML backend at `url` (interactive); a stale one (other port) is replaced."""
-    for ml in api.ml_backends(project):
-        if ml.get("url", "").rstrip("/") == url:
+    for ml in ls.ml.list(project=project):
+        if (ml.url or "").rstrip("/") == url:
             return ml
-        api.delete(f"/api/ml/{ml['id']}")
-        for hook in api.webhooks(project):
-            if hook.get("url", "").startswith(ml.get("url", "").rstrip("/") + "/"):
-                api.delete(f"/api/webhooks/{hook['id']}/")
-    return api.connect_ml(project, url, "Tessera", is_interactive=True)
+        ls.ml.delete(ml.id)
+        for hook in ls.webhooks.list(project=str(project)):
+            if (hook.url or "").startswith((ml.url or "").rstrip("/") + "/"):
+                ls.webhooks.delete(hook.id)
+    return ls.ml.create(project=project, url=url, title="Tessera", is_interactive=True)
 
 
 def _follow_served_version(settings: Settings, pid: int) -> None:
     """Name the connection after the served version now (tessera serve also does it on /setup), so that
     "Prediction score" sorts by the predictions retrieved next."""
-    from backend.lsclient import LSClient
     from backend.service import ModelCache
 
     version = ModelCache(settings).version(str(pid))
     try:
-        LSClient(settings).follow_version(pid, version)
+        lsclient.follow_version(lsclient.from_settings(settings), pid, version)
     except Exception as e:  # the demo goes on; /setup retries
         logging.getLogger(__name__).warning("could not name the connection %s: %s", version, e)
 
@@ -400,195 +384,269 @@ def _keep_serving(ls_server, backends: list["TesseraServer"], env: dict[str, str
 
 # ------------------------------------------------------------------------------------------------- main
 
-def run_demo(args) -> int:
-    """`tessera demo`: see the module docstring. Returns the process exit code."""
-    from backend.lsserver import LabelStudioError, LabelStudioServer, build_template, default_ls_venv
+@dataclass
+class DemoRun:
+    """What the demo's steps share: where things live, what the last run left, what this run did."""
+    plan: Plan
+    console: Console
+    settings: Settings
+    data_dir: Path
+    previous: dict
+    summary: dict
+    threads: int
+    backends: list = dataclasses.field(default_factory=list)    # tessera serve and any restart of it
+    starting: list = dataclasses.field(default_factory=list)    # Label Studio servers being started
+    ls_server: Any = None
 
-    console = Console()
-    if logging.getLogger().level >= logging.INFO:   # the demo shows its own progress lines
-        for name in ("model", "backend.training"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    @property
+    def timings(self) -> dict:
+        return self.summary["timings"]
+
+    def path(self, name: str) -> Path:
+        return self.data_dir / {"ls": "ls", "models": "models", "images": "images", "staging": "models-staging",
+                                "state": "demo.json", "log": "tessera.log"}[name]
+
+    def save(self) -> None:
+        _write_json(self.path("state"), self.summary)
+
+
+def start_label_studio(run: DemoRun) -> Background:
+    """Label Studio in the background (template build ~30-70 s once, then ~10 s from a copy)."""
+    from backend.lsserver import LabelStudioServer, build_template, default_ls_venv
+
+    ls_dir, ls_port = run.path("ls"), _pick_port(LS_PORT)
+    fresh = not (ls_dir / "label_studio.sqlite3").exists()
+    run.console.step(f"starting Label Studio on port {ls_port} ({'new data dir ' if fresh else 'reusing '}{ls_dir})")
+
+    def start() -> LabelStudioServer:
+        t0 = time.monotonic()
+        template = build_template(default_ls_venv())
+        run.timings["ls_template_s"] = round(time.monotonic() - t0, 1)
+        server = LabelStudioServer(default_ls_venv(), ls_dir, port=ls_port, template=template)
+        run.starting.append(server)      # so that Ctrl-C during training still stops it
+        server.start(timeout=300)
+        run.timings["ls_ready_s"] = round(run.console.elapsed(), 1)
+        run.console.step(f"Label Studio is up at {server.url} (template ready in {run.timings['ls_template_s']} s, "
+                         f"started in {server.start_seconds:.0f} s)")
+        return server
+    return Background(start)
+
+
+def stage_first_model(run: DemoRun, samples: list) -> dict:
+    """Unless the last run's project already has a model, train the first version into a staging store
+    while Label Studio starts (the project id is not known yet)."""
+    from backend.store import STAGING_KEY, Store
+
+    prev_pid = str((run.previous.get("project") or {}).get("id") or "")
+    if prev_pid and Store(run.settings.model_dir).registry(prev_pid).current("label") is not None:
+        run.console.step(f"project {prev_pid} of the last run has a model: no training while Label Studio starts")
+        return {}
+    shutil.rmtree(run.path("staging"), ignore_errors=True)
+    staging = run.settings.replace(model_dir=run.path("staging"))
+    return _train_models(staging, STAGING_KEY, samples, run.plan, run.plan.gan_seconds > 0, run.console, run.timings)
+
+
+def open_project(run: DemoRun, ls: LabelStudio) -> tuple[int, bool]:
+    """The demo project, found by title or created -> (id, created); remembered in demo.json at once."""
+    project = find_project(ls, TITLE)
+    created = project is None
+    if created:
+        project = ls.projects.create(title=TITLE, label_config=LABEL_CONFIG, description=DESCRIPTION,
+                                     show_collab_predictions=True, request_options={"additional_body_parameters": {
+                                         "start_training_on_annotation_update": True}})  # Settings > Model toggle
+    pid = int(project.id)
+    run.console.step(f"project {pid} {TITLE!r} {'created' if created else 'found (reused)'}")
+    # a run interrupted from here on is resumed without training again
+    run.summary.update({"project": {"id": pid, "title": TITLE, "created": created},
+                        "suspect_task": run.previous.get("suspect_task")})
+    run.save()
+    return pid, created
+
+
+def place_models(run: DemoRun, pid: int, samples: list, staged: dict) -> bool:
+    """The project's store gets the staged first version (or trains one now); returns whether it trained."""
+    from backend.store import Store
+
+    registry = Store(run.settings.model_dir).registry(str(pid))
+    trained = False
+    if registry.current("label") is None:
+        if staged:
+            move_store(run.settings, run.path("staging"), str(pid))
+        else:  # e.g. the project was deleted or demo.json lost: train now
+            _train_models(run.settings, str(pid), samples, run.plan, run.plan.gan_seconds > 0, run.console,
+                          run.timings)
+        trained = True
+    else:
+        run.console.step(f"model: project {pid} already serves {registry.current('label').version} (training "
+                         "skipped)")
+    shutil.rmtree(run.path("staging"), ignore_errors=True)
+    if run.plan.gan_seconds > 0 and registry.current("gan") is None:
+        _train_models(run.settings, str(pid), samples, run.plan, True, run.console, run.timings, label=False)
+    return trained
+
+
+def fill_project(run: DemoRun, ls: LabelStudio, pid: int, samples: list) -> dict:
+    """Upload the images as tasks and annotate a few, unless the project has tasks; returns task_stats."""
+    stats = task_stats(ls, pid)
+    if stats["tasks"]:
+        run.console.step(f"project has {stats['tasks']} tasks ({stats['annotated']} annotated): nothing uploaded")
+        return stats
+    t0 = time.monotonic()
+    paths = image_paths(run.path("images"), run.plan)
+    task_ids = lsclient.upload_images(ls, pid, [(p.name, p.read_bytes()) for p in paths])
+    run.timings["upload_s"] = round(time.monotonic() - t0, 1)
+    run.console.step(f"uploaded {len(task_ids)} images as tasks")
+    if run.plan.n_annotated and task_ids:
+        # the LAST tasks get ground truth (the first task stays unannotated: it shows predictions)
+        chosen = list(range(len(task_ids)))[-run.plan.n_annotated:]
+        for n, i in enumerate(chosen):
+            ls.annotations.create(task_ids[i], result=ground_truth_annotation(samples[i], drop_half=(n == 0)))
+        run.summary["suspect_task"] = task_ids[chosen[0]]
+        run.save()
+        run.console.step(f"{len(chosen)} tasks annotated with their exact labels; task {task_ids[chosen[0]]} "
+                         "has half its nuclei left out on purpose (a suspect label to find)")
+    return stats
+
+
+def start_tessera(run: DemoRun, ls: LabelStudio, pid: int) -> tuple[TesseraServer, Any, dict]:
+    """`tessera serve`, connected as the project's interactive ML backend -> (server, ML backend, its env)."""
+    server = run.ls_server
+    env = {**os.environ, "MODEL_DIR": str(run.path("models")), "LABEL_STUDIO_URL": server.url,
+           "LABEL_STUDIO_API_KEY": server.token, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TESSERA_TRAIN_ITERS", str(run.plan.retrain_iters))
+    env.setdefault("TESSERA_MISLABELING_COLUMN", "true")    # the demo's step 6 sorts by that column
+    env.setdefault("OMP_NUM_THREADS", str(run.threads))
+    t0 = time.monotonic()
+    tessera = TesseraServer(_pick_port(TESSERA_PORT), env, run.path("log"))
+    run.backends.append(tessera)
+    atexit.register(tessera.stop)
+    tessera.wait_up()
+    ml = connect_backend(ls, pid, tessera.url)
+    run.timings["tessera_up_s"] = round(time.monotonic() - t0, 1)
+    run.console.step(f"tessera serve is up at {tessera.url} and connected (ML backend {ml.id}, "
+                     f"state {ml.state}); log {run.path('log')}")
+    _follow_served_version(run.settings, pid)
+    return tessera, ml, env
+
+
+def retrieve_predictions(run: DemoRun, ls: LabelStudio, pid: int) -> tuple[dict, str]:
+    """Predictions for every task (one batched /predict, as the Data Manager action does) -> (task_stats,
+    the served version)."""
+    from backend.store import Store, version_string
+
+    t0 = time.monotonic()
+    run.console.step("retrieving predictions for all tasks (Data Manager > Retrieve predictions)...")
+    ls.actions.create(id="retrieve_tasks_predictions", project=pid, selected_items={"all": True, "excluded": []},
+                      request_options={"timeout_in_seconds": 300})
+    run.timings["predict_s"] = round(time.monotonic() - t0, 1)
+    stats = task_stats(ls, pid)
+    current = Store(run.settings.model_dir).registry(str(pid)).current("label")
+    version = version_string(str(pid), current.version) if current else ""
+    run.console.step(f"{stats['with_prediction']}/{stats['tasks']} tasks have predictions "
+                     f"(model version {version}) in {run.timings['predict_s']} s")
+    return stats, version
+
+
+def ready_summary(run: DemoRun, pid: int, created: bool, trained: bool, ml: Any, stats: dict, version: str) -> None:
+    """What the run made, in demo.json (written by the caller) and on screen."""
+    from backend.store import Store
+
+    ls_server, tessera = run.ls_server, run.backends[-1]
+    registry = Store(run.settings.model_dir).registry(str(pid))
+    current = registry.current("label")
+    run.timings["total_s"] = round(run.console.elapsed(), 1)
+    ls_url = f"http://localhost:{ls_server.port}"
+    run.summary.update({
+        "ready": True,
+        "label_studio": {"url": ls_url, "api_url": ls_server.url, "port": ls_server.port,
+                         "username": ls_server.username, "password": ls_server.password,
+                         "token": ls_server.token, "data_dir": str(run.path("ls")), "log": str(ls_server.log_path)},
+        "tessera": {"url": tessera.url, "port": tessera.port, "model_dir": str(run.path("models")),
+                    "log": str(run.path("log"))},
+        "project": {"id": pid, "title": TITLE, "created": created, "ml_backend": ml.id,
+                    "url": f"{ls_url}/projects/{pid}/data", "tasks": stats["tasks"],
+                    "annotated": stats["annotated"], "synthetic": len(stats["synthetic"]),
+                    "with_prediction": stats["with_prediction"], "model_versions": stats["model_versions"],
+                    "first_task": min(stats["ids"]) if stats["ids"] else None},
+        "model": {"version": version, "trained": trained, "versions": len(registry.versions("label")),
+                  "val_iou": (current.metrics.get("val_iou") if current else None),
+                  "gan": (registry.current("gan").version if registry.current("gan") else None)},
+    })
+    run.save()
+    _print_ready(run.summary, run.settings)
+
+
+def run_steps(run: DemoRun) -> int:
+    """The demo's steps in order; returns the exit code (waits while Label Studio runs unless --no-wait)."""
+    ls_job = start_label_studio(run)
+    samples = write_images(run.path("images"), run.plan)
+    run.console.step(f"{len(samples)} demo images ({run.plan.size}x{run.plan.size}, procedural nuclei) in "
+                     f"{run.path('images')}")
+    staged = stage_first_model(run, samples)
+    run.ls_server = ls_job.result()
+    ls = lsclient.connect(run.ls_server.url, run.ls_server.token, timeout=120)
+    run.settings = run.settings.replace(label_studio_url=run.ls_server.url, label_studio_api_key=run.ls_server.token)
+    pid, created = open_project(run, ls)
+    trained = place_models(run, pid, samples, staged)
+    stats = fill_project(run, ls, pid, samples)
+    _, ml, env = start_tessera(run, ls, pid)
+    run.summary["synthetic"] = _synthetic(run.settings, pid, run.plan, stats, run.console, run.timings)
+    stats, version = retrieve_predictions(run, ls, pid)
+    ready_summary(run, pid, created, trained, ml, stats, version)
+    if run.summary["no_wait"]:
+        return 0
+    _keep_serving(run.ls_server, run.backends, env, run.path("log"))
+    print(f"\nLabel Studio stopped unexpectedly; see {run.ls_server.log_path}:\n{_tail(Path(run.ls_server.log_path))}",
+          file=sys.stderr)
+    return 1
+
+
+def _new_run(args) -> DemoRun:
     plan = plan_for(bool(getattr(args, "quick", False)))
     data_dir = Path(getattr(args, "data_dir", None) or ".demo").expanduser().absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
-    ls_dir, model_dir, images_dir = data_dir / "ls", data_dir / "models", data_dir / "images"
-    staging_dir, state_file, log_path = data_dir / "models-staging", data_dir / "demo.json", data_dir / "tessera.log"
-    lock = contextlib.ExitStack()               # held until this function returns
-    try:
-        lock.enter_context(file_lock(data_dir / ".demo.lock", blocking=False))
-    except OSError:
-        print(f"tessera demo: another demo is running on {data_dir}; stop it first (Ctrl-C in its terminal)",
-              file=sys.stderr)
-        return 1
+    state_file = data_dir / "demo.json"
     try:
         previous = json.loads(state_file.read_text()) if state_file.exists() else {}
     except ValueError:
         previous = {}
-    settings = Settings.from_env().replace(model_dir=model_dir)
     summary: dict[str, Any] = {"ready": False, "running": True, "pid": os.getpid(), "quick": bool(args.quick),
                                "no_wait": bool(getattr(args, "no_wait", False)),
                                "data_dir": str(data_dir), "plan": dataclasses.asdict(plan), "timings": {}}
-    timings = summary["timings"]
-    ls_server: LabelStudioServer | None = None
-    tessera: TesseraServer | None = None
-    backends: list[TesseraServer] = []          # tessera serve and any restart of it
-    starting: list[LabelStudioServer] = []
+    # one torch thread per process: Label Studio, its init and the browser share the cores
+    # (two torch threads on a busy 2-core machine run ~5x slower than one)
+    threads = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) // 2)
+    settings = Settings.from_env().replace(model_dir=data_dir / "models")
+    return DemoRun(plan, Console(), settings, data_dir, previous, summary, threads)
+
+
+def run_demo(args) -> int:
+    """`tessera demo`: see the module docstring. Returns the process exit code."""
+    from backend.lsserver import LabelStudioError
+
+    if logging.getLogger().level >= logging.INFO:   # the demo shows its own progress lines
+        for name in ("model", "backend.training"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    run = _new_run(args)
+    lock = contextlib.ExitStack()               # held until this function returns
+    try:
+        lock.enter_context(file_lock(run.data_dir / ".demo.lock", blocking=False))
+    except OSError:
+        print(f"tessera demo: another demo is running on {run.data_dir}; stop it first (Ctrl-C in its terminal)",
+              file=sys.stderr)
+        return 1
 
     def on_term(signum, frame):  # SIGTERM ends the demo like Ctrl-C
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
-    # one torch thread per process: Label Studio, its init and the browser share the cores
-    # (two torch threads on a busy 2-core machine run ~5x slower than one)
-    threads = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) // 2)
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(run.threads)
     try:
-        # 1. Label Studio in the background (template build ~30-70 s once, then ~10 s from a copy)
-        ls_port = _pick_port(LS_PORT)
-        fresh_ls = not (ls_dir / "label_studio.sqlite3").exists()
-        console.step(f"starting Label Studio on port {ls_port} ({'new data dir ' if fresh_ls else 'reusing '}{ls_dir})")
-
-        def start_ls() -> LabelStudioServer:
-            t0 = time.monotonic()
-            template = build_template(default_ls_venv())
-            timings["ls_template_s"] = round(time.monotonic() - t0, 1)
-            server = LabelStudioServer(default_ls_venv(), ls_dir, port=ls_port, template=template)
-            starting.append(server)      # so that Ctrl-C during training still stops it
-            server.start(timeout=300)
-            timings["ls_ready_s"] = round(console.elapsed(), 1)
-            console.step(f"Label Studio is up at {server.url} (template ready in {timings['ls_template_s']} s, "
-                         f"started in {server.start_seconds:.0f} s)")
-            return server
-
-        ls_job = Background(start_ls)
-
-        # 2. demo images (seeded) and, unless the last run's project already has a model, the first version
-        samples = write_images(images_dir, plan)
-        console.step(f"{len(samples)} demo images ({plan.size}x{plan.size}, procedural nuclei) in {images_dir}")
-        from backend.store import STAGING_KEY, Store, version_string
-
-        prev_pid = str((previous.get("project") or {}).get("id") or "")
-        have_model = bool(prev_pid) and Store(settings.model_dir).registry(prev_pid).current("label") is not None
-        want_gan = plan.gan_seconds > 0
-        staged: dict[str, Any] = {}
-        if have_model:
-            console.step(f"project {prev_pid} of the last run has a model: no training while Label Studio starts")
-        else:
-            shutil.rmtree(staging_dir, ignore_errors=True)
-            staging = settings.replace(model_dir=staging_dir)
-            staged = _train_models(staging, STAGING_KEY, samples, plan, want_gan, console, timings)
-
-        # 3. Label Studio: the project, its tasks, ground-truth annotations on a few
-        ls_server = ls_job.result()
-        api = ls_server.client(timeout=120)
-        settings = settings.replace(label_studio_url=ls_server.url, label_studio_api_key=ls_server.token)
-        project = find_project(api, TITLE)
-        created = project is None
-        if created:
-            project = api.create_project(TITLE, LABEL_CONFIG, description=DESCRIPTION,
-                                         show_collab_predictions=True,
-                                         start_training_on_annotation_update=True)   # Settings > Model toggle
-        pid = int(project["id"])
-        console.step(f"project {pid} {TITLE!r} {'created' if created else 'found (reused)'}")
-        # remember the project now: a run interrupted from here on is resumed without training again
-        summary.update({"project": {"id": pid, "title": TITLE, "created": created},
-                        "suspect_task": previous.get("suspect_task")})
-        _write_json(state_file, summary)
-        registry = Store(settings.model_dir).registry(str(pid))
-        trained = False
-        if registry.current("label") is None:
-            if staged:
-                move_store(settings, staging_dir, str(pid))
-            else:  # e.g. the project was deleted or demo.json lost: train now
-                _train_models(settings, str(pid), samples, plan, want_gan, console, timings)
-            trained = True
-        else:
-            console.step(f"model: project {pid} already serves {registry.current('label').version} (training "
-                         "skipped)")
-        shutil.rmtree(staging_dir, ignore_errors=True)
-        if want_gan and registry.current("gan") is None:
-            _train_models(settings, str(pid), samples, plan, True, console, timings, label=False)
-
-        stats = task_stats(api, pid)
-        if stats["tasks"] == 0:
-            t0 = time.monotonic()
-            reply = api.upload_images(pid, image_paths(images_dir, plan))
-            task_ids = reply.get("task_ids") or []
-            timings["upload_s"] = round(time.monotonic() - t0, 1)
-            console.step(f"uploaded {len(task_ids)} images as tasks")
-            if plan.n_annotated and task_ids:
-                # the LAST tasks get ground truth (the first task stays unannotated: it shows predictions)
-                chosen = list(range(len(task_ids)))[-plan.n_annotated:]
-                for n, i in enumerate(chosen):
-                    api.create_annotation(task_ids[i], ground_truth_annotation(samples[i], drop_half=(n == 0)))
-                summary["suspect_task"] = task_ids[chosen[0]]
-                _write_json(state_file, summary)
-                console.step(f"{len(chosen)} tasks annotated with their exact labels; task {task_ids[chosen[0]]} "
-                             "has half its nuclei left out on purpose (a suspect label to find)")
-        else:
-            console.step(f"project has {stats['tasks']} tasks ({stats['annotated']} annotated): nothing uploaded")
-
-        # 4. tessera serve, connected as the project's interactive ML backend
-        tessera_port = _pick_port(TESSERA_PORT)
-        env = {**os.environ, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls_server.url,
-               "LABEL_STUDIO_API_KEY": ls_server.token, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("TESSERA_TRAIN_ITERS", str(plan.retrain_iters))
-        env.setdefault("TESSERA_MISLABELING_COLUMN", "true")    # the demo's step 6 sorts by that column
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        t0 = time.monotonic()
-        tessera = TesseraServer(tessera_port, env, log_path)
-        backends.append(tessera)
-        atexit.register(tessera.stop)
-        tessera.wait_up()
-        ml = connect_backend(api, pid, tessera.url)
-        timings["tessera_up_s"] = round(time.monotonic() - t0, 1)
-        console.step(f"tessera serve is up at {tessera.url} and connected (ML backend {ml['id']}, "
-                     f"state {ml.get('state')}); log {log_path}")
-        _follow_served_version(settings, pid)
-
-        # 5. synthetic tasks (GAN images with their layout as prediction)
-        summary["synthetic"] = _synthetic(settings, pid, plan, stats, console, timings)
-
-        # 6. predictions for every task (one batched /predict, as the Data Manager action does)
-        t0 = time.monotonic()
-        console.step("retrieving predictions for all tasks (Data Manager > Retrieve predictions)...")
-        api.retrieve_predictions(pid, timeout=300)
-        timings["predict_s"] = round(time.monotonic() - t0, 1)
-        stats = task_stats(api, pid)
-        current = registry.current("label")
-        version = version_string(str(pid), current.version) if current else ""
-        console.step(f"{stats['with_prediction']}/{stats['tasks']} tasks have predictions "
-                     f"(model version {version}) in {timings['predict_s']} s")
-
-        timings["total_s"] = round(console.elapsed(), 1)
-        ls_url = f"http://localhost:{ls_server.port}"
-        summary.update({
-            "ready": True,
-            "label_studio": {"url": ls_url, "api_url": ls_server.url, "port": ls_server.port,
-                             "username": ls_server.username, "password": ls_server.password,
-                             "token": ls_server.token, "data_dir": str(ls_dir), "log": str(ls_server.log_path)},
-            "tessera": {"url": tessera.url, "port": tessera.port, "model_dir": str(model_dir), "log": str(log_path)},
-            "project": {"id": pid, "title": TITLE, "created": created, "ml_backend": ml["id"],
-                        "url": f"{ls_url}/projects/{pid}/data", "tasks": stats["tasks"],
-                        "annotated": stats["annotated"], "synthetic": len(stats["synthetic"]),
-                        "with_prediction": stats["with_prediction"], "model_versions": stats["model_versions"],
-                        "first_task": min(stats["ids"]) if stats["ids"] else None},
-            "model": {"version": version, "trained": trained, "versions": len(registry.versions("label")),
-                      "val_iou": (current.metrics.get("val_iou") if current else None),
-                      "gan": (registry.current("gan").version if registry.current("gan") else None)},
-        })
-        _write_json(state_file, summary)
-        _print_ready(summary, settings)
-        if args.no_wait:
-            return 0
-        _keep_serving(ls_server, backends, env, log_path)
-        print(f"\nLabel Studio stopped unexpectedly; see {ls_server.log_path}:\n{_tail(Path(ls_server.log_path))}",
-              file=sys.stderr)
-        return 1
+        return run_steps(run)
     except KeyboardInterrupt:
-        print(f"\nstopping Label Studio and Tessera (data kept in {data_dir})...", flush=True)
+        print(f"\nstopping Label Studio and Tessera (data kept in {run.data_dir})...", flush=True)
         return 130
     except LabelStudioError as e:
         print(f"tessera demo: Label Studio failed: {e}", file=sys.stderr)
@@ -597,19 +655,23 @@ def run_demo(args) -> int:
         print(f"tessera demo: {e}", file=sys.stderr)
         return 1
     finally:
-        if threading.current_thread() is threading.main_thread():   # a second Ctrl-C must not cut this short
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for server in (*backends, ls_server, *starting):
-            if server is not None:
-                server.stop()
-        if summary.get("project"):          # demo.json was written by this run: it is over now
-            summary["running"] = False
-            _write_json(state_file, summary)
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        _shut_down(run, old_term)
         lock.close()
+
+
+def _shut_down(run: DemoRun, old_term) -> None:
+    if threading.current_thread() is threading.main_thread():   # a second Ctrl-C must not cut this short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for server in (*run.backends, run.ls_server, *run.starting):
+        if server is not None:
+            server.stop()
+    if run.summary.get("project"):          # demo.json was written by this run: it is over now
+        run.summary["running"] = False
+        run.save()
+    if old_term is not None:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _train_models(settings: Settings, key: str, samples: list, plan: Plan, gan: bool, console: Console,

@@ -1,151 +1,222 @@
-"""Label Studio REST client for training runs, `tessera predict`, `tessera generate` and the connection's name.
+"""Label Studio's REST API: label-studio-sdk's `LabelStudio` client, and the few calls it lacks or gets wrong.
 
-Plain requests with the legacy token: label-studio-sdk 2.1.2's task pager asks for one page past the
-end (Label Studio logs an ERROR with a traceback for each listing) and its httpx client logs every
-request at INFO, so the few calls Tessera makes are written here.
+Every Tessera part that talks to Label Studio (training runs, `tessera predict` and `generate`, the demo, the
+tests and the benchmarks) uses the SDK client made by `connect`. Written here, measured against Label Studio
+1.23.2 with label-studio-sdk 2.1.2:
+- `connect`: errors come out as `LabelStudioUnavailable` / `NotFound` naming the call and status; no retries
+  (a retried POST /api/predictions writes the prediction twice); redirects are not followed, so the key is
+  only ever sent to the URL given; httpx's one INFO line per request is turned down to WARNING.
+- `tasks`: the SDK's pager asks for one page past the end, and Label Studio logs an ERROR with a traceback
+  ("Invalid page") for every listing; this one stops at the `total` the first page reports, and yields the
+  tasks as Label Studio sent them (dicts with annotations and predictions).
+- `upload_images` / `upload_files`: the multipart import, absent from the SDK.
+- `interactive`: the SDK's `ml.predict_interactive` drops the reply (`{"data": ...}`).
+- `download`: bytes of a `/data/upload/...` file (needs the key).
 """
 from __future__ import annotations
 
-import io
+import json
 import logging
 import math
 import threading
 import time
 from typing import Any, Iterator
 
-import requests
+import httpx
+from label_studio_sdk.client import LabelStudio
 
 from backend.settings import Settings
 from backend.store import VERSION_PREFIX
 
 logger = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)    # else one INFO line per request in every log
 
 
 class LabelStudioUnavailable(RuntimeError):
-    """Label Studio cannot be reached or refuses the token; the message says which and what to set."""
+    """Label Studio cannot be reached or refuses a call; the message says which and what to set."""
+
+    def __init__(self, message: str, status: int = 0, body: str = ""):
+        super().__init__(message)
+        self.status, self.body = status, body
 
 
 class NotFound(LabelStudioUnavailable):
-    """Label Studio answered 404: the project (or task) does not exist, or the token can't see it."""
+    """Label Studio answered 404: the project (or task) does not exist, or the key can't see it."""
 
 
-class LSClient:
-    """A project-level view of Label Studio's API with the legacy token (LABEL_STUDIO_API_KEY)."""
+class _Transport(httpx.HTTPTransport):
+    """Connection failures -> LabelStudioUnavailable naming Label Studio's URL."""
 
-    def __init__(self, settings: Settings, url: str = "", api_key: str = "", timeout: float = 60.0):
-        self.url = (url or settings.label_studio_url).rstrip("/")
-        self.api_key = api_key or settings.label_studio_api_key
-        if not self.url or not self.api_key:
-            raise LabelStudioUnavailable("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the legacy token from "
-                                         "Account & Settings) so Tessera can read the project")
-        self.timeout = timeout
-        self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Token {self.api_key}"
-
-    def request(self, method: str, path: str, **kwargs) -> Any:
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            r = self.http.request(method, f"{self.url}/{path.lstrip('/')}", timeout=self.timeout, **kwargs)
-        except requests.RequestException as e:
-            raise LabelStudioUnavailable(f"Label Studio at {self.url} is unreachable: {type(e).__name__}") from e
-        if r.status_code == 404:
-            raise NotFound(f"{method} {path.split('?', 1)[0]} -> HTTP 404 from Label Studio at {self.url}")
-        if r.status_code >= 400:
-            raise LabelStudioUnavailable(f"{method} {path} -> HTTP {r.status_code}: {r.text[:300]}")
-        return r.json() if r.content else None
+            return super().handle_request(request)
+        except httpx.TransportError as e:
+            origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+            raise LabelStudioUnavailable(f"Label Studio at {origin} is unreachable: {type(e).__name__}") from e
 
-    # ------------------------------------------------------------------------------------------ reads
-    def project(self, project: int | str) -> dict:
-        try:
-            return self.request("GET", f"/api/projects/{int(project)}/")
-        except NotFound:
-            raise NotFound(f"project {project} not found in Label Studio at {self.url} (or the token "
-                           "LABEL_STUDIO_API_KEY can't see it)") from None
 
-    def tasks(self, project: int | str, only_annotated: bool = False, page_size: int = 100) -> Iterator[dict]:
-        """Every task of the project with annotations and predictions, page by page.
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    response.read()
+    req = response.request
+    where = f"{req.method} {req.url.path}"
+    if response.status_code == 404:
+        raise NotFound(f"{where} -> HTTP 404 from Label Studio at {req.url.scheme}://{req.url.netloc.decode()}",
+                       404, response.text)
+    body = response.text
+    if body.lstrip()[:15].lower().startswith(("<!doctype", "<html")):   # LS's 170 KB HTML error page
+        body = f"<HTML page, {len(body)} bytes>"
+    raise LabelStudioUnavailable(f"{where} -> HTTP {response.status_code}: {body[:300]}", response.status_code,
+                                 response.text)
 
-        Hand-written rather than label-studio-sdk's pager: that one asks for one page past the end, and
-        Label Studio logs an ERROR with a traceback ("Invalid page") for each listing. This loop stops
-        at the `total` the first page reports."""
-        seen, page, total = 0, 1, None
-        while total is None or seen < total:
-            out = self.request("GET", "/api/tasks/", params={"project": int(project), "page": page,
-                                                               "page_size": page_size, "fields": "all"})
-            batch = (out or {}).get("tasks") or []
-            total = int((out or {}).get("total") or 0)
-            for task in batch:
-                if not only_annotated or task.get("annotations"):
-                    yield task
-            seen += len(batch)
-            page += 1
-            if not batch:
-                break
 
-    def ml_backends(self, project: int | str) -> list[dict]:
-        return self.request("GET", "/api/ml/", params={"project": int(project)}) or []
+def connect(url: str, api_key: str, timeout: float = 60.0) -> LabelStudio:
+    """The SDK client for Label Studio at `url` with `api_key` (a legacy token, or a personal access token,
+    which the SDK exchanges for access tokens at `url`)."""
+    if not url or not api_key:
+        raise LabelStudioUnavailable("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the access token from "
+                                     "Account & Settings) so Tessera can read the project")
+    http = httpx.Client(timeout=timeout, follow_redirects=False, transport=_Transport(),
+                        event_hooks={"response": [_raise_for_status]})
+    return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=0,
+                       httpx_client=http)
 
-    def follow_version(self, project: int | str, version: str) -> list[int]:
-        """Name the project's Tessera connections (ML backends whose title or model version is a Tessera
-        version) after `version`, and point project.model_version at it; returns the ids of the
-        connections that carry that name now (empty: Tessera is not connected to the project).
 
-        Label Studio 1.23 sorts by "Prediction score" (and samples by uncertainty) over the predictions
-        whose model_version equals project.model_version, which it sets to the connection's TITLE when a
-        model is connected and moves along when that title changes (ml/models.py MLBackend.save). Tessera's
-        predictions carry the served version, so the title must be that version too: then the score column
-        is filled, the project stays in "live model" mode (a task opened without a prediction of that
-        version gets one) and superseded versions' predictions drop out of the score. A project whose
-        model_version a user pointed at other predictions (Settings > Annotation) is left alone."""
-        ours, old_titles = [], set()
-        for ml in self.ml_backends(project):
-            if not any(str(ml.get(k) or "").startswith(VERSION_PREFIX) for k in ("title", "model_version")):
-                continue
-            ours.append(int(ml["id"]))
-            if ml.get("title") == version:
-                continue
-            old_titles.add(ml.get("title") or "")
-            body = {"url": ml["url"], "project": int(project), "title": version}
-            if ml.get("auth_method") == "BASIC_AUTH":        # an empty password keeps the stored one
-                body.update(auth_method="BASIC_AUTH", basic_auth_user=ml.get("basic_auth_user") or "",
-                            basic_auth_pass="")
-            self.request("PATCH", f"/api/ml/{int(ml['id'])}", json=body)
-        if not ours:
-            return []
-        current = self.project(project).get("model_version") or ""
-        if current != version and (not current or current in old_titles or current.startswith(VERSION_PREFIX)):
-            # LS moves it with the title, except when the title changed before LS first set it (a race
-            # with the connection being created)
-            self.request("PATCH", f"/api/projects/{int(project)}/", json={"model_version": version})
-        if old_titles:
-            logger.info("project %s: Label Studio connection(s) %s now named %s", project, ours, version)
-        return ours
+def from_settings(settings: Settings, timeout: float = 60.0) -> LabelStudio:
+    """`connect` to LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY."""
+    return connect(settings.label_studio_url, settings.label_studio_api_key, timeout)
 
-    # ----------------------------------------------------------------------------------------- writes
-    def create_prediction(self, task: int, result: list[dict], score: float, model_version: str,
-                          mislabeling: float | None = None) -> dict:
-        body = {"task": int(task), "result": result, "score": float(score), "model_version": model_version}
-        if mislabeling is not None:
-            body["mislabeling"] = float(mislabeling)
-        return self.request("POST", "/api/predictions/", json=body)
 
-    def update_task_meta(self, task: int, meta: dict) -> dict:
-        return self.request("PATCH", f"/api/tasks/{int(task)}/", json={"meta": meta})
+def _request(ls: LabelStudio, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """A request through the SDK's own HTTP client (its base URL, auth headers and error hooks)."""
+    return ls._client_wrapper.httpx_client.request(path.lstrip("/"), method=method, **kwargs)
 
-    def upload_images(self, project: int | str, images: list[tuple[str, bytes]]) -> list[int]:
-        """PNG files -> new tasks; returns their ids in upload order. Each file gets its own field name
-        (LS keeps only the last of same-named parts)."""
-        files = {f"file{i}": (name, io.BytesIO(data), "image/png") for i, (name, data) in enumerate(images)}
-        out = self.request("POST", f"/api/projects/{int(project)}/import", files=files,
-                           params={"return_task_ids": "true"})
-        ids = (out or {}).get("task_ids") or []
-        if len(ids) != len(images):
-            raise LabelStudioUnavailable(f"uploaded {len(images)} images, Label Studio reported {len(ids)} tasks")
-        return ids
+
+def _json(response: httpx.Response) -> Any:
+    return response.json() if response.content else None
+
+
+# ------------------------------------------------------------------------------------------------- reads
+def tasks(ls: LabelStudio, project: int | str, only_annotated: bool = False, page_size: int = 100) -> Iterator[dict]:
+    """Every task of the project with annotations and predictions, as Label Studio sent them, page by page,
+    stopping at the `total` the first page reports (see the module docstring)."""
+    seen, page, total = 0, 1, None
+    while total is None or seen < total:
+        out = _json(_request(ls, "GET", "api/tasks/", params={"project": int(project), "page": page,
+                                                              "page_size": page_size, "fields": "all"})) or {}
+        batch = out.get("tasks") or []
+        total = int(out.get("total") or 0)
+        for task in batch:
+            if not only_annotated or task.get("annotations"):
+                yield task
+        seen += len(batch)
+        page += 1
+        if not batch:
+            break
+
+
+def project(ls: LabelStudio, project_id: int | str) -> Any:
+    """The project (the SDK's model), with a NotFound that says which project and what to check."""
+    try:
+        return ls.projects.get(int(project_id))
+    except NotFound as e:
+        raise NotFound(f"project {project_id} not found in Label Studio (or the key LABEL_STUDIO_API_KEY "
+                       f"can't see it): {e}", 404) from None
+
+
+def download(ls: LabelStudio, path: str) -> bytes:
+    """Bytes of a file Label Studio serves, e.g. `/data/upload/1/abc.png` (the key is needed)."""
+    return _request(ls, "GET", path).content
+
+
+def interactive(ls: LabelStudio, ml_id: int, task: int, context: dict | None, timeout: float = 150.0) -> Any:
+    """Interactive pre-annotation: LS calls the backend's /predict for one task with params.context and
+    stores nothing; returns LS's reply `{"data": <first result>}`."""
+    return _json(_request(ls, "POST", f"api/ml/{int(ml_id)}/interactive-annotating",
+                          json={"task": int(task), "context": context}, request_options={"timeout_in_seconds": timeout}))
+
+
+# ------------------------------------------------------------------------------------------------ uploads
+def _multipart(images: list[tuple[str, bytes]]) -> dict:
+    # each file gets its own field name: Label Studio keeps only the last of same-named parts
+    return {f"file{i}": (name, data, "image/png" if name.endswith(".png") else "application/octet-stream")
+            for i, (name, data) in enumerate(images)}
+
+
+def upload_images(ls: LabelStudio, project_id: int | str, images: list[tuple[str, bytes]]) -> list[int]:
+    """Image files -> one new task each (one multipart request); returns the task ids in upload order."""
+    if not images:
+        raise ValueError("upload_images: no files")
+    out = _json(_request(ls, "POST", f"api/projects/{int(project_id)}/import", files=_multipart(images),
+                         params={"return_task_ids": "true"},
+                         request_options={"timeout_in_seconds": 120})) or {}
+    ids = out.get("task_ids") or []
+    if len(ids) != len(images):
+        raise LabelStudioUnavailable(f"uploaded {len(images)} images, Label Studio reported {len(ids)} tasks")
+    return ids
+
+
+def upload_files(ls: LabelStudio, project_id: int | str, images: list[tuple[str, bytes]]) -> list[str]:
+    """Image files uploaded without creating tasks (one multipart request) -> their /data/upload/... URLs,
+    in order, for a JSON import of tasks with predictions (`ls.projects.import_tasks`)."""
+    pid = int(project_id)
+    out = _json(_request(ls, "POST", f"api/projects/{pid}/import", files=_multipart(images),
+                         params={"commit_to_project": "false"},
+                         request_options={"timeout_in_seconds": 120})) or {}
+    ids = out.get("file_upload_ids") or []
+    uploads = _json(_request(ls, "GET", f"api/projects/{pid}/file-uploads", params={"ids": json.dumps(ids)})) or []
+    by_name = {}
+    for u in uploads:  # LS stores "upload/<project>/<random>-<name>": match on the (unique) name we sent
+        path = str(u.get("file", ""))
+        by_name[path.rsplit("/", 1)[-1].split("-", 1)[-1]] = "/data/" + path.lstrip("/")
+    urls = [by_name.get(name) for name, _ in images]
+    if len(ids) != len(images) or None in urls:
+        raise LabelStudioUnavailable(f"uploaded {len(images)} images, Label Studio listed {len(by_name)} of them")
+    return urls
+
+
+# --------------------------------------------------------------------------------- the connection's name
+def follow_version(ls: LabelStudio, project_id: int | str, version: str) -> list[int]:
+    """Name the project's Tessera connections (ML backends whose title or model version is a Tessera
+    version) after `version`, and point project.model_version at it; returns the ids of the
+    connections that carry that name now (empty: Tessera is not connected to the project).
+
+    Label Studio 1.23 sorts by "Prediction score" (and samples by uncertainty) over the predictions
+    whose model_version equals project.model_version, which it sets to the connection's TITLE when a
+    model is connected and moves along when that title changes (ml/models.py MLBackend.save). Tessera's
+    predictions carry the served version, so the title must be that version too: then the score column
+    is filled, the project stays in "live model" mode (a task opened without a prediction of that
+    version gets one) and superseded versions' predictions drop out of the score. A project whose
+    model_version a user pointed at other predictions (Settings > Annotation) is left alone."""
+    pid = int(project_id)
+    ours, old_titles = [], set()
+    for ml in ls.ml.list(project=pid):
+        if not any(str(v or "").startswith(VERSION_PREFIX) for v in (ml.title, ml.model_version)):
+            continue
+        ours.append(int(ml.id))
+        if ml.title == version:
+            continue
+        old_titles.add(ml.title or "")
+        extra = {}
+        if ml.auth_method == "BASIC_AUTH":        # an empty password keeps the stored one
+            extra = {"auth_method": "BASIC_AUTH", "basic_auth_user": ml.basic_auth_user or "", "basic_auth_pass": ""}
+        ls.ml.update(int(ml.id), url=ml.url, project=pid, title=version, **extra)   # LS needs url and project
+    if not ours:
+        return []
+    current = project(ls, pid).model_version or ""
+    if current != version and (not current or current in old_titles or current.startswith(VERSION_PREFIX)):
+        # LS moves it with the title, except when the title changed before LS first set it (a race
+        # with the connection being created)
+        ls.projects.update(pid, model_version=version)
+    if old_titles:
+        logger.info("project %s: Label Studio connection(s) %s now named %s", project_id, ours, version)
+    return ours
 
 
 class VersionFollower:
     """Keeps each project's Tessera connection in Label Studio named after the served version
-    (LSClient.follow_version), driven by /setup: LS calls /setup before nearly every action, so a new
+    (`follow_version`), driven by /setup: LS calls /setup before nearly every action, so a new
     connection, a promotion or a rollback done elsewhere is followed within a call or two.
 
     Works on a background thread after a short delay: LS's /setup timeout is 3 s, the connection being
@@ -184,7 +255,7 @@ class VersionFollower:
     def _follow(self, project: str, version: str, url: str, api_key: str) -> None:
         time.sleep(self.DELAY_S)
         try:
-            ours = LSClient(self.settings, url=url, api_key=api_key, timeout=10).follow_version(project, version)
+            ours = follow_version(connect(url, api_key, timeout=10), project, version)
         except Exception as e:          # LS unreachable or refusing: log, retry after RETRY_S
             logger.warning("project %s: could not name the Label Studio connection %s: %s", project, version, e)
             return

@@ -11,7 +11,6 @@ with their predictions and meta in one JSON import (one transaction: no task is 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,10 @@ import numpy as np
 from PIL import Image
 
 from backend.label_config import LabelConfig, parse_label_config
-from backend.lsclient import LabelStudioUnavailable, LSClient
+from label_studio_sdk.client import LabelStudio
+
+from backend import lsclient
+from backend.lsclient import LabelStudioUnavailable
 from backend.regions import instances_to_results
 from backend.service import ModelCache, label_mapping
 from backend.settings import Settings
@@ -130,44 +132,25 @@ def _results(item: Item, config: LabelConfig, names: list[str]) -> list[dict]:
     return result
 
 
-def upload_files(client: LSClient, key: str, pngs: list[tuple[str, bytes]]) -> list[str]:
-    """Upload PNGs without creating tasks (one multipart request) -> their /data/upload/... URLs, in order."""
-    files = {f"file{i}": (name, io.BytesIO(data), "image/png") for i, (name, data) in enumerate(pngs)}
-    out = client.request("POST", f"/api/projects/{int(key)}/import", files=files,
-                         params={"commit_to_project": "false"})
-    ids = (out or {}).get("file_upload_ids") or []
-    uploads = client.request("GET", f"/api/projects/{int(key)}/file-uploads",
-                             params={"ids": json.dumps(ids)}) or []
-    by_name = {}
-    for u in uploads:  # LS stores "upload/<project>/<random>-<name>": match on the (unique) name we sent
-        path = str(u.get("file", ""))
-        by_name[path.rsplit("/", 1)[-1].split("-", 1)[-1]] = "/data/" + path.lstrip("/")
-    urls = [by_name.get(name) for name, _ in pngs]
-    if len(ids) != len(pngs) or None in urls:
-        raise LabelStudioUnavailable(f"uploaded {len(pngs)} images, Label Studio listed {len(by_name)} of them")
-    return urls
-
-
-def import_tasks(client: LSClient, key: str, tasks: list[dict]) -> list[int]:
+def import_tasks(client: LabelStudio, key: str, tasks: list[dict]) -> list[int]:
     """Create tasks (data, meta, predictions) in one JSON import -> their ids, in order."""
-    out = client.request("POST", f"/api/projects/{int(key)}/import", json=tasks, params={"return_task_ids": "true"})
-    ids = (out or {}).get("task_ids") or []
+    ids = client.projects.import_tasks(int(key), request=tasks, return_task_ids=True).task_ids or []
     if len(ids) != len(tasks):
         raise LabelStudioUnavailable(f"imported {len(tasks)} tasks, Label Studio reported {len(ids)}")
     return ids
 
 
 def generate_into_project(settings: Settings, key: str, count: int = 8, label: str | None = None,
-                          share: float = 0.3, seed: int = 0, client: LSClient | None = None,
+                          share: float = 0.3, seed: int = 0, client: LabelStudio | None = None,
                           kind: str = "edited", progress=None) -> dict:
     """Make `count` synthetic tasks of `kind` in project `key`; returns what was created and what failed."""
-    from backend.training import project_samples
+    from backend.dataset import project_samples
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     t0 = time.time()
-    client = client or LSClient(settings)
-    config = parse_label_config(client.project(key).get("label_config") or "")
+    client = client or lsclient.from_settings(settings)
+    config = parse_label_config(lsclient.project(client, key).label_config or "")
     cache = ModelCache(settings)
     predictor = cache.served(key, config).predictor
     samples, names, _, _ = project_samples(settings, client, key, progress or (lambda info: None))
@@ -189,7 +172,7 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
         buf = io.BytesIO()
         Image.fromarray(item.image).save(buf, "PNG", compress_level=1)
         pngs.append((f"{kind}_s{seed}_{n:03d}.png", buf.getvalue()))
-    urls = upload_files(client, key, pngs)
+    urls = lsclient.upload_files(client, key, pngs)
     data_key = config.images[0].data_key
     tasks = [{"data": {data_key: url},
               "meta": {"synthetic": True, "seed": seed, **item.meta},

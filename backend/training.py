@@ -1,65 +1,47 @@
-"""Training runs: Label Studio annotations (or a folder dataset) -> a new registered model version.
+"""Training runs: a Label Studio project (or a folder dataset) -> a new registered label-model version.
 
-`train_project` is the job runner's run function: it reads the project's latest non-cancelled annotations
-through the LS API, loads their images through MediaResolver (with a disk cache), builds label maps from
-brush / polygon / rectangle results, holds back tasks by a stable hash of the task id, warm-starts from the
-served version, trains with model.train_vqvae, evaluates the new AND the served version on the same
-held-back tasks, and promotes only if new >= served - TESSERA_PROMOTE_TOLERANCE (else the version is kept
-as "rejected" with the reason). Once a project has TESSERA_GAN_MIN_ANNOTATIONS annotated tasks the mask GAN
-is trained in the same run and registered as kind "gan". Nothing is promoted when anything fails on the way.
+`train_project` is the job runner's run function: the project's annotated tasks become Samples and a
+held-back split (backend/dataset.py); the new version warm-starts from the served one, trains with
+model.train_vqvae, and is evaluated with the served version on the same held-back tasks; it is promoted only
+if new >= served - TESSERA_PROMOTE_TOLERANCE (else it is kept as "rejected" with the reason). After a
+promotion the results go back to Label Studio (backend/writeback.py); once a project has
+TESSERA_GAN_MIN_ANNOTATIONS annotated tasks the mask GAN trains in the same run (backend/gan_runs.py).
+Nothing is promoted when anything fails on the way.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
 import shutil
-import socket
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from backend.jobs import pid_alive
-from backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
-from backend.lsclient import LabelStudioUnavailable, LSClient
-from backend.media import MediaError, MediaResolver
-from backend.regions import results_to_boxes, results_to_maps
-from backend.service import ModelCache, label_mapping, latest_annotation, task_image
+from backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, folder_config,
+                             held_back_samples, is_box_only, load_samples, nothing_new)
+from backend.gan_runs import gan_part
+from backend.label_config import LabelConfig
+from backend.lsclient import LabelStudioUnavailable, from_settings
+from backend.progress import Progress, noop, phase
+from backend.service import ModelCache, label_mapping
 from backend.settings import Settings
-from backend.store import DEFAULT_KEY, Store, is_label_version, version_string
+from backend.store import DEFAULT_KEY, Store, version_string
+from backend.workdir import work_dir
+from backend.writeback import after_promotion
 from model.data import Sample, load_folder, split_ids
-from model.postprocess import box_sample
-from model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[dict], None]
-VAL_FRACTION = 0.2
-GAN_RETRAIN_GROWTH = 0.2     # the GAN retrains when a project's annotated images grew by this share
-GAN_PROGRESS_EVERY = 20      # iterations between the GAN's progress steps (status + one log line each)
 MIN_EVIDENCE = 3             # held-back tasks a person made or changed that a comparison with the served version needs
 THIN_EVIDENCE_RATIO = 0.5    # with fewer: the candidate must keep this share of the served score on all held-back tasks
 THIN_TOLERANCE = 0.05        # ... and on the one or two person-made ones be at most this much below the served one
-ECHO_IOU = 0.98              # an annotation this close to a Tessera prediction on its task is that prediction accepted
-BOX_SHRINK = 0.6             # box-only projects learn each box's centre region, this share of its size
 CLASS_RECALL_FLOOR = 0.0     # a class whose held-back recall falls to this (from > 0) blocks promotion
 FIRST_RUN_ITERS_FACTOR = 4   # a project's first version may train this many times TESSERA_TRAIN_ITERS ...
 PLATEAU_EVALS = 2            # ... but stops when this many evaluations in a row did not improve it
-
-
-def _noop(info: dict) -> None:
-    pass
-
-
-def _phase(progress: Progress, phase: str, done: int = 0, total: int = 0) -> None:
-    progress({"phase": phase, "iter": done, "max_iters": total, "loss": None, "eta_s": None})
 
 
 def train_config(settings: Settings, iters: int | None = None, budget_s: float = 0.0, box_only: bool = False,
@@ -90,15 +72,6 @@ def run_budget_s(settings: Settings) -> float:
     return settings.train_budget_s
 
 
-def gan_config(settings: Settings, iters: int | None = None):
-    """The GANTrainConfig of a run's GAN part: as many iterations as the label model gets, at most
-    TESSERA_GAN_BUDGET_S seconds (on 2 CPU cores a GAN iteration costs several label-model iterations)."""
-    from model.train_maskgan import GANTrainConfig
-
-    return GANTrainConfig(max_iters=iters or settings.train_iters, time_budget_s=settings.gan_budget_s,
-                          device=settings.device)
-
-
 def val_score(metrics: dict, n_labels: int, box_only: bool = False) -> float:
     """The number promotion compares, the project's own measure: box AP50 (mean over classes) for a
     box-only project; for masks the mean of mask IoU (foreground IoU for one label, mean IoU for several)
@@ -120,112 +93,6 @@ def lost_classes(new: dict, old: dict) -> list[str]:
     all: such a version is not promoted, whatever its mean."""
     old_r, new_r = old.get("class_recall") or {}, new.get("class_recall") or {}
     return [c for c, r in old_r.items() if r and r > 0 and float(new_r.get(c, 0.0) or 0.0) <= CLASS_RECALL_FLOOR]
-
-
-def is_box_only(config: LabelConfig) -> bool:
-    """A project whose only spatial control is RectangleLabels: it learns boxes as boxes."""
-    types = {c.type for c in config.controls}
-    return types == {"rectanglelabels"}
-
-
-def split_tasks(task_ids: list[str], previous: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
-    """(train, held-back) task ids. A task is held back when a stable hash of its id says so
-    (model.data.split_ids) or when an earlier version of the project held it back (`previous`): once
-    held back, always held back, so a growing project never trains on a task it validated on before.
-    (split_ids alone is not enough: with no id under the hash threshold it holds back the smallest-hash
-    id, which leaves the held-back set as soon as the project grows one that is.)"""
-    ids = [str(t) for t in task_ids]
-    held = {t for t in ids if split_ids([t], VAL_FRACTION)[1]} | (set(previous) & set(ids))   # one id: hash only
-    if not held:                           # the smallest hash; recorded in the version, so kept from then on
-        held = set(split_ids(ids, VAL_FRACTION)[1])
-    return [t for t in ids if t not in held], [t for t in ids if t in held]
-
-
-def previous_held_back(registry: Registry) -> set[str]:
-    """Task ids any stored label version of the project held back (each records its `val_task_ids`)."""
-    out: set[str] = set()
-    for v in registry.versions("label"):
-        out.update(str(t) for t in v.metrics.get("val_task_ids") or [])
-    return out
-
-
-def data_fingerprint(tasks: list[dict]) -> str:
-    """What a run would train on: each task's training annotation (id and result). Equal fingerprints =
-    nothing new to learn from."""
-    rows = []
-    for task in {str(t["id"]): t for t in tasks}.values():
-        ann = latest_annotation(task)
-        if ann is None:
-            continue
-        body = json.dumps(ann.get("result"), sort_keys=True, default=str).encode()
-        rows.append(f"{task['id']}:{ann.get('id')}:{hashlib.sha1(body).hexdigest()}")
-    return hashlib.sha1("\n".join(sorted(rows)).encode()).hexdigest()
-
-
-def nothing_new(registry: Registry, fingerprint: str) -> VersionInfo | None:
-    """The project's newest label version when it was trained on exactly this data (whatever became of
-    it: served, kept or rejected), else None."""
-    latest = next(iter(registry.versions("label")), None)
-    return latest if latest is not None and latest.metrics.get("data_fingerprint") == fingerprint else None
-
-
-def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[str, int]) -> bool:
-    """Whether a task's training annotation on one image is a person's judgement rather than a Tessera
-    label-model prediction accepted as it was. An accepted prediction's label map IS the served model's
-    output, so a held-back set of them scores the served model ~1.0 and no candidate could ever win.
-    Compared as label maps (boxes, polygons and masks of one object count once), so re-encoded RLE or
-    regions re-saved by the editor still match; only predictions made before the annotation count (LS's
-    ISO timestamps compare as strings)."""
-    h, w = sample.classes.shape
-    started = str((latest_annotation(task) or {}).get("created_at") or "")
-    for pred in task.get("predictions") or []:
-        if not is_label_version((pred or {}).get("model_version")):
-            continue        # not a label model's output (a GAN layout, an edited image's masks, someone else's)
-        if started and str(pred.get("created_at") or "") > started:
-            continue        # predicted after the annotation existed (Tessera refines annotations): not its start
-        try:
-            classes, instances = results_to_maps(pred.get("result") or [], image_name, h, w, label_index)
-        except (ValueError, KeyError, TypeError):
-            continue
-        same = (classes == sample.classes) & (sample.classes > 0)
-        either = (classes > 0) | (sample.classes > 0)
-        agreement = float(same.sum()) / max(int(either.sum()), 1) if either.any() else 1.0
-        if agreement >= ECHO_IOU and len(np.unique(instances)) == len(np.unique(sample.instances)):
-            return False
-    return True
-
-
-# ------------------------------------------------------------------------------------------- registry
-
-def _work_dir(registry: Registry) -> Path:
-    """A fresh scratch dir under <registry>/.work, after removing those of dead runs of this host
-    (a run killed with -9 leaves its half-written checkpoint behind)."""
-    work = registry.root / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    me = _process_space()
-    for d in work.iterdir():
-        owner, _, rest = d.name.rpartition("-pid")
-        pid = rest.split("-", 1)[0]
-        if owner == me and pid.isdigit() and not pid_alive(int(pid)):
-            logger.info("removing %s left by an interrupted run", d)
-            shutil.rmtree(d, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=work, prefix=f"{me}-pid{os.getpid()}-"))
-
-
-def _process_space() -> str:
-    """Where a pid means something, as a file-name part: host name + pid namespace (containers sharing a
-    host name and MODEL_DIR must not judge each other's pids)."""
-    try:
-        ns = "".join(ch for ch in os.readlink("/proc/self/ns/pid") if ch.isdigit())
-    except OSError:
-        ns = "0"
-    return f"{socket.gethostname()}.{ns}"
-
-
-def folder_config(label_names: list[str]) -> LabelConfig:
-    """The label config a folder dataset stands for: one control with its class names (which model serves
-    it, and how that model's classes map onto them, is then decided as for a Label Studio project)."""
-    return LabelConfig(images=(), controls=(Control("brushlabels", "", "", tuple(label_names)),))
 
 
 class _AsServed:
@@ -306,7 +173,7 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     first = base is None and bool(val) and iters is None and first_cap > 0
     if first and budget_s > 0:
         budget_s = max(budget_s, first_cap)
-    tmp = _work_dir(registry)
+    tmp = work_dir(registry)
     timings: dict[str, float] = {}
     try:
         t0 = time.time()
@@ -320,32 +187,10 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
                         "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val}),
                         "metric": "box AP50" if box_only else "(mask IoU + instance F1) / 2",
                         "train_budget_s": budget_s, "train_max_iters": cfg.max_iters, **(record or {})})
-        promote, why = True, "first version"
-        if val:
-            metrics["mask_iou"] = val_iou(metrics, len(label_names))
-            metrics["val_iou"] = metrics["val_score"] = val_score(metrics, len(label_names), box_only)
-            if base is not None:
-                _phase(progress, "compare")
-                try:
-                    served_metrics = _served_metrics_fn(init_from, config, label_names, settings.device)
-                    served = lambda samples: val_score(served_metrics(samples), len(label_names),  # noqa: E731
-                                                       box_only)
-                    promote, why = judge(ckpt, served, base_name, val, judged, label_names, settings, metrics,
-                                         box_only)
-                    # a lost class blocks promotion, unless the tolerance says "serve any new version" (>= 1)
-                    lost = lost_classes(metrics, served_metrics(val)) if settings.promote_tolerance < 1 else []
-                    if lost:
-                        promote, why = False, (f"{why}; loses class {', '.join(lost)} (the served version finds "
-                                               f"it, this one finds none)")
-                except Exception as e:   # an unreadable served version can't be served either: replace it
-                    logger.exception("project %s: could not evaluate the served %s", key, base_name)
-                    promote, why = True, f"served {base_name} could not be evaluated ({type(e).__name__}: {e})"[:300]
-        elif base is not None:
-            promote, why = False, "no held-back tasks to compare against the served version"
-        if metrics.get("missed_classes"):
-            why += f"; finds no object of class {', '.join(metrics['missed_classes'])} on the held-back tasks"
+        served = None if base is None else (init_from, base_name)
+        promote, why = _decide(settings, key, ckpt, served, val, judged, config, label_names, metrics, progress)
         timings["compare_s"] = time.time() - t0
-        _phase(progress, "register")
+        phase(progress, "register")
         metrics.update({k: round(v, 2) for k, v in timings.items()})
         info = registry.add(ckpt, metrics, promote=promote, reason=f"{reason}: {why}", kind="label")
     finally:
@@ -356,6 +201,38 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
             "decision": metrics.get("decision"), "promoted_at": time.time() if promote else None,
             "missed_classes": metrics.get("missed_classes") or [],
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+
+
+def _decide(settings: Settings, key: str, ckpt: Path, served: tuple[Path, str] | None, val: list[Sample],
+            judged: set[str] | None, config: LabelConfig, label_names: list[str], metrics: dict,
+            progress: Progress) -> tuple[bool, str]:
+    """Promote the new checkpoint or not, and why. `served`: (path, version name) of what serves the
+    project now, None when nothing does; writes the held-back scores into `metrics`."""
+    box_only = is_box_only(config)
+    promote, why = True, "first version"
+    if val:
+        metrics["mask_iou"] = val_iou(metrics, len(label_names))
+        metrics["val_iou"] = metrics["val_score"] = val_score(metrics, len(label_names), box_only)
+        if served is not None:
+            phase(progress, "compare")
+            path, name = served
+            try:
+                served_metrics = _served_metrics_fn(path, config, label_names, settings.device)
+                score = lambda samples: val_score(served_metrics(samples), len(label_names), box_only)  # noqa: E731
+                promote, why = judge(ckpt, score, name, val, judged, label_names, settings, metrics, box_only)
+                # a lost class blocks promotion, unless the tolerance says "serve any new version" (>= 1)
+                lost = lost_classes(metrics, served_metrics(val)) if settings.promote_tolerance < 1 else []
+                if lost:
+                    promote, why = False, (f"{why}; loses class {', '.join(lost)} (the served version finds "
+                                           f"it, this one finds none)")
+            except Exception as e:   # an unreadable served version can't be served either: replace it
+                logger.exception("project %s: could not evaluate the served %s", key, name)
+                promote, why = True, f"served {name} could not be evaluated ({type(e).__name__}: {e})"[:300]
+    elif served is not None:
+        promote, why = False, "no held-back tasks to compare against the served version"
+    if metrics.get("missed_classes"):
+        why += f"; finds no object of class {', '.join(metrics['missed_classes'])} on the held-back tasks"
+    return promote, why
 
 
 def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str, val: list[Sample],
@@ -417,66 +294,10 @@ def _model_progress(progress: Progress) -> Progress:
     return report
 
 
-def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: list[str], reason: str,
-              iters: int | None, progress: Progress) -> dict:
-    """Train the mask GAN on the project's real samples and register it as kind "gan" (promoted when the
-    run ends with finite losses: there is no held-back score for a generator yet). Warm-starts from the
-    current GAN when its config still fits."""
-    from model import train_maskgan
-
-    real = [s for s in samples if not s.synthetic]       # a GAN must not learn from its own output
-    if not real:
-        return {"status": "skipped", "reason": "no annotated real (non-synthetic) images"}
-    registry = Store(settings.model_dir).registry(key)
-    cur = registry.current("gan")
-    init_from = registry.path(cur.version) if cur is not None else None
-    tmp = _work_dir(registry)
-
-    def gan_progress(info: dict) -> None:
-        if info.get("phase") == "train":           # train_maskgan reports every iteration: pass on every 20th
-            if info.get("iter", 0) % GAN_PROGRESS_EVERY and info.get("iter") != 1:
-                return
-            progress({**info, "phase": "gan"})
-        else:                                        # e.g. "done" with loss 0.0: not a loss
-            progress({**info, "phase": f"gan-{info.get('phase')}", "loss": None})
-
-    try:
-        t0 = time.time()
-        cfg = gan_config(settings, iters)
-        try:
-            ckpt = train_maskgan.train(cfg, real, label_names, tmp / "gan.pt", init_from=init_from,
-                                       progress=gan_progress)
-        except ValueError as e:
-            if init_from is None:
-                raise
-            logger.warning("project %s: GAN warm start from %s impossible (%s); training from scratch",
-                           key, cur.version, e)
-            ckpt = train_maskgan.train(cfg, real, label_names, tmp / "gan.pt", progress=gan_progress)
-        metrics = {"label_names": label_names, "n_train": len(real), "train_s": round(time.time() - t0, 2),
-                   "max_iters": cfg.max_iters}
-        info = registry.add(ckpt, metrics, promote=True, reason=f"{reason}: GAN on {len(real)} images", kind="gan")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"status": "promoted", "version": version_string(key, info.version, "gan"), "metrics": metrics}
-
-
-def _gan_up_to_date(settings: Settings, key: str, samples: list[Sample]) -> str:
-    """'' if the GAN should train in this run, else why not: it retrains once the real annotated images
-    grew by GAN_RETRAIN_GROWTH (at least 5) since its current version, so that a run for a new annotation
-    is not held up by the GAN every time."""
-    cur = Store(settings.model_dir).registry(key).current("gan")
-    n_real = sum(not s.synthetic for s in samples)
-    n_prev = int((cur.metrics if cur else {}).get("n_train") or 0)
-    if cur is None or n_real >= n_prev + max(5, round(n_prev * GAN_RETRAIN_GROWTH)):
-        return ""
-    return f"the current GAN {cur.version} was trained on {n_prev} images, now {n_real}: it retrains at " \
-           f"{n_prev + max(5, round(n_prev * GAN_RETRAIN_GROWTH))}"
-
-
 # ----------------------------------------------------------------------------------- folder datasets
 
 def train_from_folder(settings: Settings, data: Path, project: str | None = None, iters: int | None = None,
-                      labels: list[str] | None = None, progress: Progress = _noop) -> dict:
+                      labels: list[str] | None = None, progress: Progress = noop) -> dict:
     """`tessera train --data DIR`: register into the default model (or project `project`)."""
     samples, names = load_folder(data)
     if labels:
@@ -491,77 +312,8 @@ def train_from_folder(settings: Settings, data: Path, project: str | None = None
 
 # ----------------------------------------------------------------------------- Label Studio projects
 
-def annotated_tasks(settings: Settings, client: LSClient, key: str) -> tuple[LabelConfig, list[dict]]:
-    """The project's config and its tasks that have a training annotation (synthetic ones left out with
-    TESSERA_EXCLUDE_SYNTHETIC)."""
-    project = client.project(key)
-    config = parse_label_config(project.get("label_config") or "")
-    tasks = []
-    for task in client.tasks(key, only_annotated=True):
-        if latest_annotation(task) is None:
-            continue
-        if settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
-            continue
-        tasks.append(task)
-    return config, tasks
 
-
-def project_samples(settings: Settings, client: LSClient, key: str, progress: Progress = _noop
-                    ) -> tuple[list[Sample], list[str], LabelConfig, list[dict]]:
-    """The project's annotated tasks -> Samples (one per task and image tag), its label names, its config
-    and the tasks used. Raises LabelStudioUnavailable when LS can't be read, and RuntimeError when not one
-    image of the annotated tasks could be loaded (a broken media setup must not look like "no data")."""
-    config, tasks = annotated_tasks(settings, client, key)
-    samples, used = load_samples(settings, config, tasks, progress)
-    return samples, config.label_names, config, used
-
-
-def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], progress: Progress = _noop
-                 ) -> tuple[list[Sample], list[dict]]:
-    """Annotated tasks -> (Samples, the task of each sample): images fetched concurrently (disk cache)."""
-    index = {n: i + 1 for i, n in enumerate(config.label_names)}
-    media = MediaResolver(settings, cache_dir=Store(settings.model_dir).media_cache_dir)
-    jobs = [(task, img) for task in tasks for img in config.images]
-
-    def load(job: tuple[dict, ImageObject]) -> np.ndarray | MediaError:
-        return task_image(*job, media)
-
-    images: list[np.ndarray | MediaError] = []
-    step = max(1, len(jobs) // 10)
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(jobs) or 1))) as pool:
-        for n, image in enumerate(pool.map(load, jobs), 1):          # in order, as they arrive
-            images.append(image)
-            if n % step == 0 or n == len(jobs):
-                _phase(progress, "fetch", n, len(jobs))
-    failed = [(task, im) for (task, _), im in zip(jobs, images) if isinstance(im, MediaError)]
-    for task, e in failed[:5]:
-        logger.warning("task %s: skipped for training: %s", task.get("id"), e)
-    if jobs and len(failed) == len(jobs):
-        raise RuntimeError(f"none of the {len(jobs)} images of {len(tasks)} annotated tasks could be loaded; "
-                           f"first error: {failed[0][1]}")
-    samples, used = [], []
-    box_only = is_box_only(config)
-    for (task, img), image in zip(jobs, images):
-        if isinstance(image, MediaError):
-            continue
-        h, w = image.shape[:2]
-        meta = task.get("meta") or {}
-        sid, synthetic = f"{task['id']}:{img.name}", bool(meta.get("synthetic"))
-        try:
-            if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
-                boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)
-                samples.append(box_sample(image, boxes, BOX_SHRINK, sid, synthetic))
-            else:
-                classes, instances = results_to_maps(latest_annotation(task)["result"], img.name, h, w, index)
-                samples.append(Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic))
-        except (ValueError, KeyError, TypeError) as e:
-            logger.warning("task %s: annotation not usable: %s", task.get("id"), e)
-            continue
-        used.append(task)
-    return samples, used
-
-
-def train_project(project_key: str, reason: str, progress: Progress = _noop, settings: Settings | None = None,
+def train_project(project_key: str, reason: str, progress: Progress = noop, settings: Settings | None = None,
                   iters: int | None = None, force: bool = False, budget_s: float | None = None) -> dict:
     """The job runner's run function: train project `project_key` from its LS annotations. Without
     `force`, a project whose annotations are those its newest version was trained on is not trained
@@ -570,15 +322,15 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
     given too."""
     settings = settings or Settings.from_env()
     t_start = time.time()
-    _phase(progress, "fetch")
+    phase(progress, "fetch")
     registry = Store(settings.model_dir).registry(project_key)
     try:
-        client = LSClient(settings)
+        client = from_settings(settings)
         config, listed = annotated_tasks(settings, client, project_key)
         fingerprint = data_fingerprint(listed)
         same = None if force else nothing_new(registry, fingerprint)
         if same is not None:
-            _phase(progress, "done", 1, 1)
+            phase(progress, "done", 1, 1)
             return {"status": "skipped", "n_annotated_tasks": len(listed),
                     "reason": f"nothing new since {version_string(project_key, same.version)} ({same.status}): "
                               f"the same {len(listed)} annotated tasks; annotate or change a task to train again"}
@@ -601,88 +353,11 @@ def train_project(project_key: str, reason: str, progress: Progress = _noop, set
     result["n_annotated_tasks"] = n_tasks
     result["metrics"]["fetch_s"] = round(fetch_s, 2)
     if result["status"] == "promoted":
-        _after_promotion(settings, client, project_key, config, tasks, samples, result, progress)
+        after_promotion(settings, client, project_key, config, tasks, samples, result, progress)
     if n_tasks >= settings.gan_min_annotations:
-        why_not = _gan_up_to_date(settings, project_key, samples)
-        if why_not:
-            result["gan"] = {"status": "skipped", "reason": why_not}
-        else:
-            try:
-                result["gan"] = train_gan(settings, project_key, samples, names, reason, iters, progress)
-            except Exception as e:    # the label model is registered either way; the GAN is optional
-                logger.exception("project %s: GAN training failed", project_key)
-                result["gan"] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:300]}
+        result["gan"] = gan_part(settings, project_key, samples, names, reason, iters, progress)
     result["run_s"] = round(time.time() - t_start, 2)
-    _phase(progress, "done", 1, 1)
+    phase(progress, "done", 1, 1)
     return result
 
 
-def held_back_samples(samples: list[Sample], tasks: list[dict], config: LabelConfig, registry: Registry
-                      ) -> tuple[list[Sample], list[Sample], set[str]]:
-    """(train, held-back, ids of the held-back samples a person made or changed). Split by task id, so
-    all images of a task land on the same side, and stable as the project grows (split_tasks)."""
-    task_of = {s.id: s.id.split(":", 1)[0] for s in samples}
-    _, val_ids = split_tasks(sorted(set(task_of.values()), key=int), previous_held_back(registry))
-    held = set(val_ids)
-    train = [s for s in samples if task_of[s.id] not in held]
-    val = [s for s in samples if task_of[s.id] in held]
-    by_id = {str(t["id"]): t for t in tasks}
-    index = {n: i + 1 for i, n in enumerate(config.label_names)}
-    judged = {s.id for s in val if person_made(by_id[task_of[s.id]], s, s.id.split(":", 1)[1], index)}
-    return train, val, judged
-
-
-def _after_promotion(settings: Settings, client: LSClient, key: str, config: LabelConfig, tasks: list[dict],
-                     samples: list[Sample], result: dict, progress: Progress) -> None:
-    """Name the LS connection after the new version (so "Prediction score" sorts by its predictions) and
-    score the annotations for mislabeling; the new version is served either way."""
-    try:
-        client.follow_version(key, result["version"])
-    except Exception as e:
-        logger.warning("project %s: could not rename the Label Studio connection to %s: %s", key,
-                       result["version"], e)
-    _phase(progress, "mislabeling")
-    try:
-        result["mislabeling_written"] = write_mislabeling(settings, client, key, config, tasks, samples)
-    except Exception as e:
-        logger.warning("project %s: could not write mislabeling scores: %s", key, e)
-
-
-def write_mislabeling(settings: Settings, client: LSClient, key: str, config: LabelConfig, tasks: list[dict],
-                      samples: list[Sample], budget_s: float | None = None) -> int:
-    """Score annotated tasks' latest annotations under the served model and store the score on the task as
-    `meta.tessera_mislabeling` (with TESSERA_MISLABELING_COLUMN also as the data column
-    `tessera_mislabeling`, sortable and filterable in the Data Manager of LS Community, but then part of
-    the user's data and exports); returns how many tasks were written.
-
-    Tasks with no score yet go first, then those scored by the oldest version; work stops after
-    `budget_s` seconds (100 tasks took ~90 s on 2 busy cores, holding up the next run), so later runs
-    finish the rest."""
-    served = ModelCache(settings).served(key, config)
-    if served.predictor is None:
-        return 0
-    by_task: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_task.setdefault(s.id.split(":", 1)[0], []).append(s)
-    todo = [t for t in {str(t["id"]): t for t in tasks}.values() if str(t["id"]) in by_task and
-            (t.get("meta") or {}).get("tessera_model_version") != served.version]
-    todo.sort(key=lambda t: ("tessera_mislabeling" in (t.get("meta") or {}),
-                             str((t.get("meta") or {}).get("tessera_model_version") or "")))
-    end = time.monotonic() + (settings.mislabeling_budget_s if budget_s is None else budget_s)
-    written = 0
-    for task in todo:
-        if time.monotonic() > end:
-            logger.info("project %s: mislabeling scores written for %d tasks; %d left for later runs",
-                        key, written, len(todo) - written)
-            break
-        tid = str(task["id"])
-        value = round(max(float(served.predictor.check(s.image, s.classes, s.instances)[1])
-                          for s in by_task[tid]), 4)
-        meta = dict(task.get("meta") or {})
-        meta.update({"tessera_mislabeling": value, "tessera_model_version": served.version})
-        body: dict = {"meta": meta}
-        if settings.mislabeling_column:          # opt-in: a sortable Data Manager column, part of the user's data
-            body["data"] = {**(task.get("data") or {}), "tessera_mislabeling": value}
-        client.request("PATCH", f"/api/tasks/{int(tid)}/", json=body)
-        written += 1
-    return written

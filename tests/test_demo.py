@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from backend import lsclient
 from backend.demo import QUICK, TITLE, find_project, plan_for
 from backend.lsserver import LabelStudioServer, default_ls_venv, default_template_dir
 from model.registry import Registry
@@ -84,7 +85,7 @@ def test_project_has_tasks_and_predictions(demo_runs):
         projects = api.get("/api/projects/", page_size=1000)
         rows = projects.get("results", projects) if isinstance(projects, dict) else projects
         assert [p["id"] for p in rows if p["title"] == TITLE] == [pid]
-        assert find_project(api, TITLE)["id"] == pid
+        assert find_project(lsclient.connect(ls.url, ls.token), TITLE).id == pid
         assert api.ml_backends(pid)[0]["is_interactive"]
         # "Prediction score" sorts by the served version's predictions; annotations train (Settings > Model)
         assert api.project(pid)["model_version"] == version

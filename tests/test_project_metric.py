@@ -66,7 +66,7 @@ def test_cli_iters_train_them_all_unless_a_budget_is_given(monkeypatch, tmp_path
     samples = [Sample(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32), np.zeros((8, 8), np.int32),
                       id=f"{i}:image") for i in range(1, 7)]
     tasks = [{"id": i} for i in range(1, 7)]
-    monkeypatch.setattr(training, "LSClient", lambda settings: None)
+    monkeypatch.setattr(training, "from_settings", lambda settings: None)
     monkeypatch.setattr(training, "annotated_tasks", lambda *a: (parse_label_config(BOXES), tasks))
     monkeypatch.setattr(training, "load_samples", lambda *a, **k: (samples, tasks))
     monkeypatch.setattr(training, "held_back_samples", lambda *a: (samples[:5], samples[5:], None))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from backend import training
+from backend import dataset, gan_runs, training, workdir
 from backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
 from backend.label_config import parse_label_config
 from backend.regions import instances_to_results, results_to_maps
@@ -64,17 +64,17 @@ def test_the_annotation_that_counts_skips_cancelled_and_keeps_empty():
 def test_split_is_by_task_id_and_stable_as_the_project_grows():
     small = [str(i) for i in range(1, 41)]
     big = [str(i) for i in range(1, 201)]
-    train_s, val_s = training.split_tasks(small)
-    train_b, val_b = training.split_tasks(big)
+    train_s, val_s = dataset.split_tasks(small)
+    train_b, val_b = dataset.split_tasks(big)
     assert set(val_s) <= set(val_b) and set(train_s) <= set(train_b)
-    assert training.split_tasks(list(reversed(small)))[1] == list(reversed(val_s))
+    assert dataset.split_tasks(list(reversed(small)))[1] == list(reversed(val_s))
     assert 0.1 < len(val_b) / len(big) < 0.3
-    assert training.split_tasks(["7", "8"])[1], "two tasks: one is held back"
+    assert dataset.split_tasks(["7", "8"])[1], "two tasks: one is held back"
 
 
 def test_served_baseline_falls_back_to_a_fitting_default_model(settings):
     cache = ModelCache(settings)
-    folder = training.folder_config
+    folder = dataset.folder_config
     assert cache.source("3", folder(["Nucleus"])) is None
     register_stub(settings, DEFAULT_KEY, labels=("nucleus",))
     key, _, info = cache.source("3", folder(["Nucleus"]))
@@ -96,12 +96,12 @@ def test_work_dirs_of_dead_runs_are_removed(settings):
     pid = int(dead.stdout)
     assert not pid_alive(pid) and pid_alive(os.getpid())
     work = reg.root / ".work"
-    stale = work / f"{training._process_space()}-pid{pid}-abc"
-    mine = work / f"{training._process_space()}-pid{os.getpid()}-def"
+    stale = work / f"{workdir.process_space()}-pid{pid}-abc"
+    mine = work / f"{workdir.process_space()}-pid{os.getpid()}-def"
     elsewhere = work / f"otherhost.1-pid{pid}-ghi"
     for d in (stale, mine, elsewhere):
         d.mkdir(parents=True)
-    fresh = training._work_dir(reg)
+    fresh = workdir.work_dir(reg)
     assert fresh.is_dir() and not stale.exists() and mine.exists() and elsewhere.exists()
 
 
@@ -138,14 +138,14 @@ def test_the_gan_retrains_only_when_the_data_grew(settings):
         img, lab = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32)
         return [Sample(img, lab, lab, id=str(i), synthetic=i < synthetic) for i in range(n)]
 
-    assert training._gan_up_to_date(settings, "4", samples(3)) == ""                 # no GAN yet
+    assert gan_runs.gan_up_to_date(settings, "4", samples(3)) == ""                 # no GAN yet
     reg = ModelCache(settings).registry("4")
     f = settings.model_dir / "gan.pt"
     f.write_bytes(b"stub")
     reg.add(f, {"n_train": 40}, promote=True, kind="gan")
-    assert "retrains at 48" in training._gan_up_to_date(settings, "4", samples(47))
-    assert "retrains at 48" in training._gan_up_to_date(settings, "4", samples(50, synthetic=3))
-    assert training._gan_up_to_date(settings, "4", samples(48)) == ""
+    assert "retrains at 48" in gan_runs.gan_up_to_date(settings, "4", samples(47))
+    assert "retrains at 48" in gan_runs.gan_up_to_date(settings, "4", samples(50, synthetic=3))
+    assert gan_runs.gan_up_to_date(settings, "4", samples(48)) == ""
 
 
 CONFIG_TWO = """<View>
@@ -178,12 +178,12 @@ def test_a_held_back_task_stays_held_back_as_the_project_grows():
     assert first_true > 2, "need a prefix with no id under the hash threshold for this test"
     previous: set[str] = set()
     for n in range(2, 61):
-        train, held = training.split_tasks(ids[:n], previous)
+        train, held = dataset.split_tasks(ids[:n], previous)
         assert previous <= set(held), (n, previous - set(held))        # once held back, always held back
         assert held and not set(train) & set(held)
         previous |= set(held)
-    plain = training.split_tasks(ids[:first_true - 1])[1]               # hash only: the fallback
-    assert plain[0] not in training.split_tasks(ids[:first_true])[1], "the case the previous set fixes"
+    plain = dataset.split_tasks(ids[:first_true - 1])[1]               # hash only: the fallback
+    assert plain[0] not in dataset.split_tasks(ids[:first_true])[1], "the case the previous set fixes"
 
 
 def _registry_with(settings, key, metrics, status_promote=True):
@@ -197,14 +197,14 @@ def _registry_with(settings, key, metrics, status_promote=True):
 def test_nothing_new_since_the_newest_version(settings):
     inst = _two_objects()
     tasks = [{"id": i, "annotations": [{"id": 10 + i, "result": _results(inst, ("brushlabels",))}]} for i in (1, 2)]
-    fp = training.data_fingerprint(tasks)
-    assert fp == training.data_fingerprint(list(reversed(tasks)))
+    fp = dataset.data_fingerprint(tasks)
+    assert fp == dataset.data_fingerprint(list(reversed(tasks)))
     reg = _registry_with(settings, "6", {"label_names": ["Nucleus"], "data_fingerprint": fp}, status_promote=False)
-    assert training.nothing_new(reg, fp).version == "v0001"            # a rejected version counts too
+    assert dataset.nothing_new(reg, fp).version == "v0001"            # a rejected version counts too
     changed = [tasks[0], {"id": 2, "annotations": [{"id": 12, "result": _results(inst, ("polygonlabels",))}]}]
-    assert training.nothing_new(reg, training.data_fingerprint(changed)) is None
-    assert training.nothing_new(reg, training.data_fingerprint(tasks + [{"id": 3, "annotations": []}])) is not None
-    assert training.previous_held_back(_registry_with(settings, "6", {"val_task_ids": ["4", "9"]})) == {"4", "9"}
+    assert dataset.nothing_new(reg, dataset.data_fingerprint(changed)) is None
+    assert dataset.nothing_new(reg, dataset.data_fingerprint(tasks + [{"id": 3, "annotations": []}])) is not None
+    assert dataset.previous_held_back(_registry_with(settings, "6", {"val_task_ids": ["4", "9"]})) == {"4", "9"}
 
 
 def test_an_accepted_prediction_is_not_a_persons_judgement():
@@ -217,21 +217,21 @@ def test_an_accepted_prediction_is_not_a_persons_judgement():
     sample = Sample(np.zeros((*inst.shape, 3), np.uint8), classes, instances, id="1:image")
     accepted = {"predictions": [{"model_version": "tessera-p1-v0002",
                                  "result": _results(inst, ("rectanglelabels", "polygonlabels", "brushlabels"))}]}
-    assert not training.person_made(accepted, sample, "image", index)
+    assert not dataset.person_made(accepted, sample, "image", index)
     from_gan = {"predictions": [{**accepted["predictions"][0], "model_version": "tessera-p1-gan-v0003"}]}
-    assert training.person_made(from_gan, sample, "image", index)     # a generated layout, not the label model
+    assert dataset.person_made(from_gan, sample, "image", index)     # a generated layout, not the label model
     from_edit = {"predictions": [{**accepted["predictions"][0], "model_version": "tessera-edit-1"}]}
-    assert training.person_made(from_edit, sample, "image", index)    # real objects' masks, pasted
-    assert training.person_made({"predictions": []}, sample, "image", index)
+    assert dataset.person_made(from_edit, sample, "image", index)    # real objects' masks, pasted
+    assert dataset.person_made({"predictions": []}, sample, "image", index)
     later = {"annotations": [{"id": 1, "result": brush, "created_at": "2026-11-30T10:00:00Z"}],
              "predictions": [{**accepted["predictions"][0], "created_at": "2026-11-30T11:00:00Z"}]}
-    assert training.person_made(later, sample, "image", index)        # predicted after: can't be its start
+    assert dataset.person_made(later, sample, "image", index)        # predicted after: can't be its start
     later["predictions"][0]["created_at"] = "2026-11-30T09:00:00Z"
-    assert not training.person_made(later, sample, "image", index)
+    assert not dataset.person_made(later, sample, "image", index)
     one_removed = np.where(inst == 1, 1, 0).astype(np.int32)
     c2, i2 = results_to_maps(_results(one_removed, ("brushlabels",)), "image", *inst.shape, index)
     fixed = Sample(sample.image, c2, i2, id="1:image")
-    assert training.person_made(accepted, fixed, "image", index)      # a person deleted an object
+    assert dataset.person_made(accepted, fixed, "image", index)      # a person deleted an object
 
 
 @pytest.mark.parametrize("judged, scores, promote, rule", [

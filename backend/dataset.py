@@ -1,0 +1,197 @@
+"""A Label Studio project as a training set: annotated tasks -> Samples, and which of them are held back.
+
+Reads the project's latest non-cancelled annotations through the LS API, loads their images through
+MediaResolver (with a disk cache), builds label maps from brush / polygon / rectangle results (boxes as boxes
+for a box-only project) and holds back tasks by a stable hash of the task id; tells a person's annotation from
+a Tessera prediction accepted as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from label_studio_sdk.client import LabelStudio
+
+from backend import lsclient
+from backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
+from backend.media import MediaError, MediaResolver
+from backend.progress import Progress, noop, phase
+from backend.regions import results_to_boxes, results_to_maps
+from backend.service import latest_annotation, task_image
+from backend.settings import Settings
+from backend.store import Store, is_label_version
+from model.data import Sample, split_ids
+from model.postprocess import box_sample
+from model.registry import Registry, VersionInfo
+
+logger = logging.getLogger(__name__)
+
+VAL_FRACTION = 0.2
+ECHO_IOU = 0.98              # an annotation this close to a Tessera prediction on its task is that prediction accepted
+BOX_SHRINK = 0.6             # box-only projects learn each box's centre region, this share of its size
+
+
+def is_box_only(config: LabelConfig) -> bool:
+    """A project whose only spatial control is RectangleLabels: it learns boxes as boxes."""
+    types = {c.type for c in config.controls}
+    return types == {"rectanglelabels"}
+
+
+def folder_config(label_names: list[str]) -> LabelConfig:
+    """The label config a folder dataset stands for: one control with its class names (which model serves
+    it, and how that model's classes map onto them, is then decided as for a Label Studio project)."""
+    return LabelConfig(images=(), controls=(Control("brushlabels", "", "", tuple(label_names)),))
+
+
+def split_tasks(task_ids: list[str], previous: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(train, held-back) task ids. A task is held back when a stable hash of its id says so
+    (model.data.split_ids) or when an earlier version of the project held it back (`previous`): once
+    held back, always held back, so a growing project never trains on a task it validated on before.
+    (split_ids alone is not enough: with no id under the hash threshold it holds back the smallest-hash
+    id, which leaves the held-back set as soon as the project grows one that is.)"""
+    ids = [str(t) for t in task_ids]
+    held = {t for t in ids if split_ids([t], VAL_FRACTION)[1]} | (set(previous) & set(ids))   # one id: hash only
+    if not held:                           # the smallest hash; recorded in the version, so kept from then on
+        held = set(split_ids(ids, VAL_FRACTION)[1])
+    return [t for t in ids if t not in held], [t for t in ids if t in held]
+
+
+def previous_held_back(registry: Registry) -> set[str]:
+    """Task ids any stored label version of the project held back (each records its `val_task_ids`)."""
+    out: set[str] = set()
+    for v in registry.versions("label"):
+        out.update(str(t) for t in v.metrics.get("val_task_ids") or [])
+    return out
+
+
+def held_back_samples(samples: list[Sample], tasks: list[dict], config: LabelConfig, registry: Registry
+                      ) -> tuple[list[Sample], list[Sample], set[str]]:
+    """(train, held-back, ids of the held-back samples a person made or changed). Split by task id, so
+    all images of a task land on the same side, and stable as the project grows (split_tasks)."""
+    task_of = {s.id: s.id.split(":", 1)[0] for s in samples}
+    _, val_ids = split_tasks(sorted(set(task_of.values()), key=int), previous_held_back(registry))
+    held = set(val_ids)
+    train = [s for s in samples if task_of[s.id] not in held]
+    val = [s for s in samples if task_of[s.id] in held]
+    by_id = {str(t["id"]): t for t in tasks}
+    index = {n: i + 1 for i, n in enumerate(config.label_names)}
+    judged = {s.id for s in val if person_made(by_id[task_of[s.id]], s, s.id.split(":", 1)[1], index)}
+    return train, val, judged
+
+
+def data_fingerprint(tasks: list[dict]) -> str:
+    """What a run would train on: each task's training annotation (id and result). Equal fingerprints =
+    nothing new to learn from."""
+    rows = []
+    for task in {str(t["id"]): t for t in tasks}.values():
+        ann = latest_annotation(task)
+        if ann is None:
+            continue
+        body = json.dumps(ann.get("result"), sort_keys=True, default=str).encode()
+        rows.append(f"{task['id']}:{ann.get('id')}:{hashlib.sha1(body).hexdigest()}")
+    return hashlib.sha1("\n".join(sorted(rows)).encode()).hexdigest()
+
+
+def nothing_new(registry: Registry, fingerprint: str) -> VersionInfo | None:
+    """The project's newest label version when it was trained on exactly this data (whatever became of
+    it: served, kept or rejected), else None."""
+    latest = next(iter(registry.versions("label")), None)
+    return latest if latest is not None and latest.metrics.get("data_fingerprint") == fingerprint else None
+
+
+def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[str, int]) -> bool:
+    """Whether a task's training annotation on one image is a person's judgement rather than a Tessera
+    label-model prediction accepted as it was. An accepted prediction's label map IS the served model's
+    output, so a held-back set of them scores the served model ~1.0 and no candidate could ever win.
+    Compared as label maps (boxes, polygons and masks of one object count once), so re-encoded RLE or
+    regions re-saved by the editor still match; only predictions made before the annotation count (LS's
+    ISO timestamps compare as strings)."""
+    h, w = sample.classes.shape
+    started = str((latest_annotation(task) or {}).get("created_at") or "")
+    for pred in task.get("predictions") or []:
+        if not is_label_version((pred or {}).get("model_version")):
+            continue        # not a label model's output (a GAN layout, an edited image's masks, someone else's)
+        if started and str(pred.get("created_at") or "") > started:
+            continue        # predicted after the annotation existed (Tessera refines annotations): not its start
+        try:
+            classes, instances = results_to_maps(pred.get("result") or [], image_name, h, w, label_index)
+        except (ValueError, KeyError, TypeError):
+            continue
+        same = (classes == sample.classes) & (sample.classes > 0)
+        either = (classes > 0) | (sample.classes > 0)
+        agreement = float(same.sum()) / max(int(either.sum()), 1) if either.any() else 1.0
+        if agreement >= ECHO_IOU and len(np.unique(instances)) == len(np.unique(sample.instances)):
+            return False
+    return True
+
+
+def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[LabelConfig, list[dict]]:
+    """The project's config and its tasks that have a training annotation (synthetic ones left out with
+    TESSERA_EXCLUDE_SYNTHETIC)."""
+    config = parse_label_config(lsclient.project(client, key).label_config or "")
+    tasks = []
+    for task in lsclient.tasks(client, key, only_annotated=True):
+        if latest_annotation(task) is None:
+            continue
+        if settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
+            continue
+        tasks.append(task)
+    return config, tasks
+
+
+def project_samples(settings: Settings, client: LabelStudio, key: str, progress: Progress = noop
+                    ) -> tuple[list[Sample], list[str], LabelConfig, list[dict]]:
+    """The project's annotated tasks -> Samples (one per task and image tag), its label names, its config
+    and the tasks used. Raises LabelStudioUnavailable when LS can't be read, and RuntimeError when not one
+    image of the annotated tasks could be loaded (a broken media setup must not look like "no data")."""
+    config, tasks = annotated_tasks(settings, client, key)
+    samples, used = load_samples(settings, config, tasks, progress)
+    return samples, config.label_names, config, used
+
+
+def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], progress: Progress = noop
+                 ) -> tuple[list[Sample], list[dict]]:
+    """Annotated tasks -> (Samples, the task of each sample): images fetched concurrently (disk cache)."""
+    index = {n: i + 1 for i, n in enumerate(config.label_names)}
+    media = MediaResolver(settings, cache_dir=Store(settings.model_dir).media_cache_dir)
+    jobs = [(task, img) for task in tasks for img in config.images]
+
+    def load(job: tuple[dict, ImageObject]) -> np.ndarray | MediaError:
+        return task_image(*job, media)
+
+    images: list[np.ndarray | MediaError] = []
+    step = max(1, len(jobs) // 10)
+    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(jobs) or 1))) as pool:
+        for n, image in enumerate(pool.map(load, jobs), 1):          # in order, as they arrive
+            images.append(image)
+            if n % step == 0 or n == len(jobs):
+                phase(progress, "fetch", n, len(jobs))
+    failed = [(task, im) for (task, _), im in zip(jobs, images) if isinstance(im, MediaError)]
+    for task, e in failed[:5]:
+        logger.warning("task %s: skipped for training: %s", task.get("id"), e)
+    if jobs and len(failed) == len(jobs):
+        raise RuntimeError(f"none of the {len(jobs)} images of {len(tasks)} annotated tasks could be loaded; "
+                           f"first error: {failed[0][1]}")
+    samples, used = [], []
+    box_only = is_box_only(config)
+    for (task, img), image in zip(jobs, images):
+        if isinstance(image, MediaError):
+            continue
+        h, w = image.shape[:2]
+        meta = task.get("meta") or {}
+        sid, synthetic = f"{task['id']}:{img.name}", bool(meta.get("synthetic"))
+        try:
+            if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
+                boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)
+                samples.append(box_sample(image, boxes, BOX_SHRINK, sid, synthetic))
+            else:
+                classes, instances = results_to_maps(latest_annotation(task)["result"], img.name, h, w, index)
+                samples.append(Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic))
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("task %s: annotation not usable: %s", task.get("id"), e)
+            continue
+        used.append(task)
+    return samples, used
