@@ -3,7 +3,7 @@
 Version 1 is trained on a few procedural nuclei images with exact labels; more tasks are then "annotated"
 by accepting version 1's predictions unchanged (what a labeller does when they look right), a few more
 with exact labels (what a labeller does when they fix them). A candidate warm-starts from version 1 and
-trains on the non-held-back tasks; the held-back split is the project's (backend.training.split_tasks).
+trains on the non-held-back tasks; the held-back split is the project's (backend.dataset.split_tasks).
 It is judged twice with the same candidate: the old rule (every held-back task is evidence, the
 candidate must reach the served score - 0.01) and the new one (backend.training.judge: accepted
 predictions are no evidence). Both versions are also scored on unseen images with exact labels, which
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from backend.settings import Settings
-from backend.training import judge, split_tasks, train_config, val_score
+from backend.dataset import split_tasks
+from backend.training import judge, train_config, val_score
 from bench.common import write_result
 from model.data import Sample, make_nuclei
 from model.inference import Predictor

@@ -20,11 +20,12 @@ from PIL import Image
 
 from bench.common import write_result
 from backend.label_config import parse_label_config
-from backend.lsclient import LSClient
+from label_studio_sdk.client import LabelStudio
+
+from backend import lsclient
 from backend.lsserver import LabelStudioServer, build_template
 from backend.regions import instances_to_results
-from backend.settings import Settings
-from backend.synthetic import import_tasks, upload_files
+from backend.synthetic import import_tasks
 from bench.gan import LS_CONFIG
 from model.data import make_nuclei
 
@@ -42,18 +43,16 @@ def _payload(count: int, seed: int) -> tuple[list[tuple[str, bytes]], list[list[
     return pngs, results
 
 
-def old_path(client: LSClient, pid: int, pngs, results) -> int:
-    files = {f"file{i}": (n, io.BytesIO(d), "image/png") for i, (n, d) in enumerate(pngs)}
-    ids = client.request("POST", f"/api/projects/{pid}/import", files=files,
-                         params={"return_task_ids": "true"})["task_ids"]
+def old_path(client: LabelStudio, pid: int, pngs, results) -> int:
+    ids = lsclient.upload_images(client, pid, pngs)
     for tid, result in zip(ids, results):
-        client.create_prediction(tid, result, 0.9, "bench")
-        client.update_task_meta(tid, {"synthetic": True, "synthetic_kind": "edited"})
+        client.predictions.create(task=tid, result=result, score=0.9, model_version="bench")
+        client.tasks.update(str(tid), meta={"synthetic": True, "synthetic_kind": "edited"})
     return len(ids)
 
 
-def new_path(client: LSClient, pid: int, pngs, results) -> int:
-    urls = upload_files(client, str(pid), pngs)
+def new_path(client: LabelStudio, pid: int, pngs, results) -> int:
+    urls = lsclient.upload_files(client, pid, pngs)
     tasks = [{"data": {"image": u}, "meta": {"synthetic": True, "synthetic_kind": "edited"},
               "predictions": [{"result": r, "score": 0.9, "model_version": "bench"}]} for u, r in zip(urls, results)]
     return len(import_tasks(client, str(pid), tasks))
@@ -67,23 +66,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tessera-bench-import-"))
     rows = []
     with LabelStudioServer(data_dir=work / "ls-data", template=build_template()) as ls:
-        api = ls.client()
-        client = LSClient(Settings(label_studio_url=ls.url, label_studio_api_key=ls.token))
+        client = lsclient.connect(ls.url, ls.token)
         for rep in range(args.repeats):
             for name, fn in (("old", old_path), ("new", new_path)) if rep % 2 == 0 else \
                     (("new", new_path), ("old", old_path)):
-                pid = api.create_project(f"import {name} {rep}", LS_CONFIG)["id"]
+                pid = client.projects.create(title=f"import {name} {rep}", label_config=LS_CONFIG).id
                 pngs, results = _payload(args.count, seed=rep)
                 load = os.getloadavg()[0]
                 t0 = time.time()
                 n = fn(client, pid, pngs, results)
                 dt = time.time() - t0
-                tasks = api.tasks(pid)
+                tasks = list(lsclient.tasks(client, pid))
                 assert len(tasks) == n == args.count and all(t["predictions"] and t["meta"]["synthetic"] for t in tasks)
                 rows.append({"path": name, "repeat": rep, "tasks": n, "seconds": round(dt, 2),
                              "tasks_per_s": n / dt, "load1": round(load, 2)})
                 print(rows[-1], flush=True)
-        api.close()
     shutil.rmtree(work, ignore_errors=True)
     rate = {p: float(np.mean([r["tasks_per_s"] for r in rows if r["path"] == p])) for p in ("old", "new")}
     write_result("synthetic_import", {

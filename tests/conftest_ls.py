@@ -12,7 +12,11 @@ default ``<repo>/.cache/ls-template``), ``TESSERA_SKIP_LS=1`` skips every test t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -58,3 +62,31 @@ def ls_api(ls_server: LabelStudioServer) -> Iterator[LSApi]:
         yield api
     finally:
         api.close()
+
+
+def wait_for(fn, timeout: float = 30.0, what: str = "condition", every: float = 0.3):
+    """Poll fn() until it returns something truthy (returned); AssertionError after `timeout` seconds."""
+    deadline, value = time.time() + timeout, None
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {value!r}")
+
+
+@contextlib.contextmanager
+def tessera_for(ls_server: LabelStudioServer, model_store: Path, tmp_path: Path, **env: str):
+    """`tessera serve` with a copy of `model_store`, pointed at the real LS (no training from annotations
+    unless `env` says otherwise); yields the started TesseraProcess."""
+    from tests.conftest import TesseraProcess
+
+    models = tmp_path / "models"
+    shutil.copytree(model_store, models)
+    proc = TesseraProcess({"MODEL_DIR": str(models), "LABEL_STUDIO_URL": ls_server.url,
+                           "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_MIN_ANNOTATIONS": "1000",
+                           "TESSERA_LOG_LEVEL": "INFO", **env}, tmp_path / "tessera.log")
+    try:
+        yield proc.wait_up()
+    finally:
+        proc.stop()

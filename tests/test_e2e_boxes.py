@@ -13,6 +13,7 @@ from PIL import Image
 
 from model import metrics
 from tests.conftest import TesseraProcess
+from tests.conftest_ls import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -62,15 +63,6 @@ def box_results(boxes: np.ndarray) -> list[dict]:
             for x0, y0, x1, y1, c in boxes]
 
 
-def wait_for(fn, timeout: float, what: str):
-    deadline, value = time.time() + timeout, None
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {value!r}")
-
 
 def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server, ls_api, tmp_path):
     rng = np.random.default_rng(15)
@@ -96,7 +88,7 @@ def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server,
             st = requests.get(f"{proc.url}/status", params={"project": pid}, timeout=10).json()
             assert st["job"]["state"] != "failed", st
             return st if st["job"]["state"] == "done" and st["job"]["last_result"] else None
-        st = wait_for(done, 900, "the training run")       # 160 iterations, not timed: same model on any load
+        st = wait_for(done, 900, "the training run", every=0.5)       # 160 iterations, not timed: same model on any load
         result = st["job"]["last_result"]
         assert result["status"] == "promoted", result
         m = result["metrics"]

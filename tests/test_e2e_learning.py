@@ -26,10 +26,11 @@ from PIL import Image
 
 from backend.label_config import parse_label_config
 from backend.regions import instances_to_results, mask_to_rle
-from backend.training import previous_held_back, split_tasks
+from backend.dataset import previous_held_back, split_tasks
 from tests.test_e2e_ls import dm_sorted_by_score
 from model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess, free_port
+from tests.conftest_ls import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -85,16 +86,6 @@ def setup_version(url: str, pid: int) -> str:
     return requests.post(f"{url}/setup", json={"project": f"{pid}.0", "schema": CONFIG_ALL},
                          timeout=10).json()["model_version"]
 
-
-def wait_for(fn, timeout: float, what: str):
-    deadline = time.time() + timeout
-    value = None
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {value!r}")
 
 
 def wait_result(url: str, pid: int, statuses: tuple[str, ...], timeout: float = 240.0) -> dict:

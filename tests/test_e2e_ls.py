@@ -2,7 +2,6 @@
 connect, retrieve predictions (no duplicates), annotate -> webhook -> runner, Start training, versions."""
 import io
 import os
-import shutil
 import time
 
 import numpy as np
@@ -12,7 +11,8 @@ from PIL import Image
 
 from backend.regions import region_to_mask
 from model.data import make_nuclei
-from tests.conftest import CONFIG_ALL, TesseraProcess
+from tests.conftest import CONFIG_ALL
+from tests.conftest_ls import tessera_for, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -20,16 +20,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def tessera(ls_server, trained_model_dir, tmp_path):
     """`tessera serve` with a copy of the trained model store, pointed at the real LS."""
-    models = tmp_path / "models"
-    shutil.copytree(trained_model_dir, models)
-    proc = TesseraProcess({"MODEL_DIR": str(models), "LABEL_STUDIO_URL": ls_server.url,
-                           "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_DEBOUNCE_S": "1",
-                           "TESSERA_MIN_ANNOTATIONS": "1000", "TESSERA_LOG_LEVEL": "INFO"},
-                          tmp_path / "tessera.log")
-    try:
-        yield proc.wait_up()
-    finally:
-        proc.stop()
+    with tessera_for(ls_server, trained_model_dir, tmp_path, TESSERA_DEBOUNCE_S="1") as proc:
+        yield proc
 
 
 def upload_nuclei(ls_api, project_id, tmp_path, n=3, size=(96, 128)):
@@ -40,15 +32,6 @@ def upload_nuclei(ls_api, project_id, tmp_path, n=3, size=(96, 128)):
         paths.append(p)
     return ls_api.upload_images(project_id, paths)["task_ids"]
 
-
-def wait_for(fn, timeout=30.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp_path):

@@ -1,7 +1,6 @@
 """End to end at native size: a real Label Studio 1.23.2 holds 520x696 and 1040x1388 images whose objects
 are as small as in training; "Retrieve predictions" must give brush masks of the image's own size that
 land on the objects (the model looks at the learned object scale, not at the whole image squeezed to R)."""
-import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +10,8 @@ from backend.regions import region_to_mask
 from model import metrics
 from model.data import make_nuclei_mosaic
 from model.inference import Predictor
-from tests.conftest import CONFIG_ALL, TesseraProcess
+from tests.conftest import CONFIG_ALL
+from tests.conftest_ls import tessera_for
 
 pytestmark = pytest.mark.e2e
 
@@ -19,15 +19,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def tessera(ls_server, trained_model_dir, tmp_path):
     """`tessera serve` with a copy of the trained model store, pointed at the real LS."""
-    models = tmp_path / "models"
-    shutil.copytree(trained_model_dir, models)
-    proc = TesseraProcess({"MODEL_DIR": str(models), "LABEL_STUDIO_URL": ls_server.url,
-                           "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_MIN_ANNOTATIONS": "1000",
-                           "TESSERA_LOG_LEVEL": "INFO"}, tmp_path / "tessera.log")
-    try:
-        yield proc.wait_up()
-    finally:
-        proc.stop()
+    with tessera_for(ls_server, trained_model_dir, tmp_path) as proc:
+        yield proc
 
 
 def test_native_size_brush_masks_land_on_the_objects(ls_server, ls_api, tessera, trained_model_dir, tmp_path):
