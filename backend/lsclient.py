@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import httpx
 from label_studio_sdk.client import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 
 from backend.settings import Settings
 from backend.store import VERSION_PREFIX
@@ -32,12 +33,17 @@ logger = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)    # else one INFO line per request in every log
 
 
-class LabelStudioUnavailable(RuntimeError):
-    """Label Studio cannot be reached or refuses a call; the message says which and what to set."""
+class LabelStudioUnavailable(ApiError, RuntimeError):
+    """Label Studio cannot be reached or refuses a call; the message says which and what to set. An SDK
+    ApiError too, so the SDK's own handling (its pager ends on a 404) still works."""
 
     def __init__(self, message: str, status: int = 0, body: str = ""):
-        super().__init__(message)
-        self.status, self.body = status, body
+        RuntimeError.__init__(self, message)
+        ApiError.__init__(self, status_code=status or None, body=body)
+        self.message, self.status = message, status
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class NotFound(LabelStudioUnavailable):
@@ -98,13 +104,15 @@ def _json(response: httpx.Response) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- reads
-def tasks(ls: LabelStudio, project: int | str, only_annotated: bool = False, page_size: int = 100) -> Iterator[dict]:
+def tasks(ls: LabelStudio, project: int | str, only_annotated: bool = False, page_size: int = 100,
+          query: str | None = None) -> Iterator[dict]:
     """Every task of the project with annotations and predictions, as Label Studio sent them, page by page,
-    stopping at the `total` the first page reports (see the module docstring)."""
+    stopping at the `total` the first page reports (see the module docstring). `query`: the Data Manager's
+    JSON query (filters, ordering), as the SDK's `tasks.list` takes it."""
     seen, page, total = 0, 1, None
+    params = {"project": int(project), "page_size": page_size, "fields": "all", **({"query": query} if query else {})}
     while total is None or seen < total:
-        out = _json(_request(ls, "GET", "api/tasks/", params={"project": int(project), "page": page,
-                                                              "page_size": page_size, "fields": "all"})) or {}
+        out = _json(_request(ls, "GET", "api/tasks/", params={**params, "page": page})) or {}
         batch = out.get("tasks") or []
         total = int(out.get("total") or 0)
         for task in batch:

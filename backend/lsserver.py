@@ -1,7 +1,7 @@
 """Run a REAL Label Studio (1.23.2) for tests and for the demo.
 
-No pytest dependency here (the fixtures live in ``tests/conftest_ls.py``); stdlib + ``requests`` (and the
-torch-free ``model/lockfile.py``) only.
+No pytest dependency here (the fixtures live in ``tests/conftest_ls.py``); stdlib + ``httpx`` (and the
+torch-free ``model/lockfile.py``) only; ``client()`` is label-studio-sdk's client (``backend/lsclient.py``).
 
 A fresh Label Studio data dir costs ~70 s of migrations, so a data-dir TEMPLATE is made once with
 ``label-studio init`` (user, password, 40-hex user token, legacy API tokens enabled) and cached per
@@ -10,8 +10,8 @@ label-studio version; every server then starts from a copy of it in a few second
     from backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
 
     with LabelStudioServer(default_ls_venv(), "/tmp/ls-data") as ls:      # builds the template if needed
-        api = ls.client()
-        project = api.create_project("Demo", "<View>...</View>")
+        ls_sdk = ls.client()
+        project = ls_sdk.projects.create(title="Demo", label_config="<View>...</View>")
         print(ls.url, ls.username, ls.password)
 
 Environment:
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import atexit
 import json
-import mimetypes
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -36,9 +34,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-import requests
+import httpx
 
 from backend.settings import Settings
 from model.lockfile import file_lock
@@ -56,18 +54,6 @@ _PASSTHROUGH_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SSL_CERT_FILE
 
 class LabelStudioError(RuntimeError):
     """Label Studio could not be installed-checked, initialised or started."""
-
-
-class LSApiError(RuntimeError):
-    """A Label Studio REST call answered with a non-2xx status."""
-
-    def __init__(self, method: str, url: str, status: int, body: str):
-        self.method, self.url, self.status, self.body = method, url, status, body
-        shown = body
-        if body.lstrip()[:15].lower().startswith(("<!doctype", "<html")):  # LS's 170 KB HTML error page
-            title = re.search(r"<title>(.*?)</title>", body, re.S | re.I)
-            shown = f"<HTML page, {len(body)} bytes, title {title.group(1).strip() if title else '?'!r}>"
-        super().__init__(f"{method} {url} -> HTTP {status}: {shown[:2000]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,8 +291,11 @@ class LabelStudioServer:
     def password(self) -> str:
         return self._creds["password"]
 
-    def client(self, timeout: float = 60.0) -> "LSApi":
-        return LSApi(self.url, self.token, timeout=timeout)
+    def client(self, timeout: float = 60.0):
+        """label-studio-sdk's client for this server, with the legacy token (backend/lsclient.py)."""
+        from backend.lsclient import connect
+
+        return connect(self.url, self.token, timeout=timeout)
 
     # -- lifecycle
     def _prepare_data_dir(self) -> None:
@@ -374,13 +363,13 @@ class LabelStudioServer:
                 self.stop()
                 raise _PortMoved(f"port {port} was taken meanwhile; LS moved to {moved}")
             try:
-                r = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
                 if r.status_code == 200 and r.json().get("status") == "UP":
                     if self._moved_port(port):  # our port answered but it is not our LS
                         continue
                     self.start_seconds = time.monotonic() - t0
                     return
-            except (requests.RequestException, ValueError):
+            except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 tail = _tail(self.log_path)
@@ -439,166 +428,8 @@ class _PortMoved(LabelStudioError):
     pass
 
 
-# --------------------------------------------------------------------------------------------------
-# REST helper
-
-
-class LSApi:
-    """A small requests-based Label Studio REST client authenticated with the legacy token.
-    Every method raises :class:`LSApiError` (status code and body) on a non-2xx answer."""
-
-    def __init__(self, url: str, token: str, timeout: float = 60.0):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {token}"
-
-    def close(self) -> None:
-        self.session.close()
-
-    def __enter__(self) -> "LSApi":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # -- generic
-    def request(self, method: str, path: str, *, timeout: float | None = None, raw: bool = False,
-                **kwargs: Any) -> Any:
-        url = path if path.startswith("http") else f"{self.url}/{path.lstrip('/')}"
-        r = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
-        if not 200 <= r.status_code < 300:
-            raise LSApiError(method, url, r.status_code, r.text)
-        if raw:
-            return r
-        if not r.content:
-            return None
-        try:
-            return r.json()
-        except ValueError:
-            return r.text
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params=params or None)
-
-    def post(self, path: str, json: Any = None, **kwargs: Any) -> Any:
-        return self.request("POST", path, json=json, **kwargs)
-
-    def patch(self, path: str, json: Any = None, **kwargs: Any) -> Any:
-        return self.request("PATCH", path, json=json, **kwargs)
-
-    def delete(self, path: str, **kwargs: Any) -> Any:
-        return self.request("DELETE", path, **kwargs)
-
-    def download(self, path_or_url: str) -> bytes:
-        """Bytes of e.g. ``/data/upload/1/abc.png`` (needs the token, which the session carries)."""
-        return self.request("GET", path_or_url, raw=True).content
-
-    # -- projects and tasks
-    def whoami(self) -> dict:
-        return self.get("/api/current-user/whoami")
-
-    def create_project(self, title: str, label_config: str, **fields: Any) -> dict:
-        return self.post("/api/projects/", {"title": title, "label_config": label_config, **fields})
-
-    def project(self, project: int) -> dict:
-        return self.get(f"/api/projects/{project}/")
-
-    def import_tasks(self, project: int, tasks: list[dict]) -> dict:
-        """JSON import (tasks may carry ``predictions``). Reply has ``task_ids``."""
-        return self.post(f"/api/projects/{project}/import", tasks, params={"return_task_ids": "true"})
-
-    def upload_images(self, project: int, paths: Iterable[Path | str]) -> dict:
-        """Multipart upload, one task per file. Each part gets a DISTINCT field name (LS keeps only the
-        last of same-named parts). Reply has ``task_ids`` in upload order."""
-        files = {}
-        handles = []
-        try:
-            for i, p in enumerate(paths):
-                p = Path(p)
-                fh = open(p, "rb")
-                handles.append(fh)
-                mime = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
-                files[f"file{i}"] = (p.name, fh, mime)
-            if not files:
-                raise ValueError("upload_images: no files")
-            return self.request("POST", f"/api/projects/{project}/import",
-                                params={"return_task_ids": "true"}, files=files, timeout=max(self.timeout, 120))
-        finally:
-            for fh in handles:
-                fh.close()
-
-    def tasks(self, project: int, page_size: int = 100) -> list[dict]:
-        """All tasks of a project with all fields (annotations, predictions), following pages."""
-        out: list[dict] = []
-        page = 1
-        while True:
-            reply = self.get("/api/tasks", project=project, fields="all", page=page, page_size=page_size)
-            batch = reply.get("tasks", []) if isinstance(reply, dict) else reply
-            out.extend(batch)
-            total = reply.get("total") if isinstance(reply, dict) else None
-            if not batch or len(batch) < page_size or (total is not None and len(out) >= total):
-                return out
-            page += 1
-
-    def task(self, task: int) -> dict:
-        return self.get(f"/api/tasks/{task}")
-
-    def predictions(self, task: int) -> list[dict]:
-        return self.get("/api/predictions/", task=task)
-
-    def create_prediction(self, task: int, result: list[dict], score: float | None = None,
-                          model_version: str | None = None, **fields: Any) -> dict:
-        body: dict[str, Any] = {"task": task, "result": result, **fields}
-        if score is not None:
-            body["score"] = score
-        if model_version is not None:
-            body["model_version"] = model_version
-        return self.post("/api/predictions/", body)
-
-    def create_annotation(self, task: int, result: list[dict], **fields: Any) -> dict:
-        return self.post(f"/api/tasks/{task}/annotations/", {"result": result, **fields})
-
-    def annotations(self, task: int) -> list[dict]:
-        return self.get(f"/api/tasks/{task}/annotations/")
-
-    # -- ML backends
-    def connect_ml(self, project: int, url: str, title: str, is_interactive: bool = True, **fields: Any) -> dict:
-        return self.post("/api/ml/", {"project": project, "url": url, "title": title,
-                                      "is_interactive": is_interactive, **fields})
-
-    def ml_backends(self, project: int) -> list[dict]:
-        return self.get("/api/ml/", project=project)
-
-    def ml(self, ml_id: int) -> dict:
-        return self.get(f"/api/ml/{ml_id}")
-
-    def ml_train(self, ml_id: int) -> Any:
-        """LS forwards ``START_TRAINING`` to the backend's /webhook; answers 200 with an empty body."""
-        return self.post(f"/api/ml/{ml_id}/train", {})
-
-    def ml_versions(self, ml_id: int) -> Any:
-        return self.get(f"/api/ml/{ml_id}/versions")
-
-    def retrieve_predictions(self, project: int, timeout: float = 150.0) -> Any:
-        """Data Manager action "Retrieve predictions" on all tasks: ONE batched /predict to the backend
-        (LS waits up to 100 s for it)."""
-        return self.request("POST", "/api/dm/actions",
-                            params={"id": "retrieve_tasks_predictions", "project": project},
-                            json={"selectedItems": {"all": True, "excluded": []}}, timeout=timeout)
-
-    def interactive(self, ml_id: int, task: int, context: dict | None, timeout: float = 150.0) -> Any:
-        """Interactive pre-annotation: LS calls /predict for one task with params.context; nothing is
-        stored. Reply ``{"data": <first result>}``."""
-        return self.request("POST", f"/api/ml/{ml_id}/interactive-annotating",
-                            json={"task": task, "context": context}, timeout=timeout)
-
-    def webhooks(self, project: int) -> list[dict]:
-        return self.get("/api/webhooks/", project=project)
-
-
 __all__ = [
-    "LSApi", "LSApiError", "LSTemplate", "LabelStudioError", "LabelStudioServer", "build_template",
+    "LSTemplate", "LabelStudioError", "LabelStudioServer", "build_template",
     "default_ls_venv", "default_template_dir", "free_port", "ls_environment", "ls_version",
 ]
 

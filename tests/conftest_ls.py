@@ -4,7 +4,9 @@ Load from tests/conftest.py with ``pytest_plugins = ["tests.conftest_ls"]``.
 
 - ``ls_server`` (session): one Label Studio for the whole run, started from a copy of the cached data-dir
   template (built once, ~30-70 s; each start ~7-10 s) in a temporary data dir; stopped at the end.
-- ``ls_api`` (function): an :class:`backend.lsserver.LSApi` for it (legacy token auth).
+- ``ls_api`` (function): label-studio-sdk's client for it (``backend.lsclient.connect``, legacy token).
+
+Helpers the e2e tests share: ``create_project``, ``predictions``, ``wait_for``, ``tessera_for``.
 
 Environment: ``TESSERA_LS_VENV`` (default ``<repo>/.venv-ls``), ``TESSERA_LS_TEMPLATE`` (template cache,
 default ``<repo>/.cache/ls-template``), ``TESSERA_SKIP_LS=1`` skips every test that needs the server.
@@ -13,6 +15,7 @@ default ``<repo>/.cache/ls-template``), ``TESSERA_SKIP_LS=1`` skips every test t
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import time
@@ -21,10 +24,12 @@ from typing import Iterator
 
 import pytest
 
+from label_studio_sdk.client import LabelStudio
+
+from backend import lsclient
 from backend.lsserver import (
     LabelStudioError,
     LabelStudioServer,
-    LSApi,
     build_template,
     default_ls_venv,
     default_template_dir,
@@ -56,12 +61,31 @@ def ls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioS
 
 
 @pytest.fixture
-def ls_api(ls_server: LabelStudioServer) -> Iterator[LSApi]:
-    api = ls_server.client()
-    try:
-        yield api
-    finally:
-        api.close()
+def ls_api(ls_server: LabelStudioServer) -> LabelStudio:
+    return ls_server.client()
+
+
+def create_project(ls: LabelStudio, title: str, label_config: str, **fields):
+    """A project (the SDK's model); `fields` may name project settings the SDK's `create` does not know
+    (e.g. start_training_on_annotation_update)."""
+    return ls.projects.create(title=title, label_config=label_config,
+                              request_options={"additional_body_parameters": fields})
+
+
+def predictions(ls: LabelStudio, task: int) -> list[dict]:
+    """The task's predictions as Label Studio sends them (dicts)."""
+    return [p.model_dump(mode="json") for p in ls.predictions.list(task=task)]
+
+
+def retrieve_predictions(ls: LabelStudio, project: int) -> None:
+    """Data Manager > "Retrieve predictions" on all tasks: ONE batched /predict to the backend."""
+    ls.actions.create(id="retrieve_tasks_predictions", project=project, selected_items={"all": True, "excluded": []},
+                      request_options={"timeout_in_seconds": 150})
+
+
+def upload_images(ls: LabelStudio, project: int, paths) -> list[int]:
+    """Image files -> one task each; their ids in order."""
+    return lsclient.upload_images(ls, project, [(Path(p).name, Path(p).read_bytes()) for p in paths])
 
 
 def wait_for(fn, timeout: float = 30.0, what: str = "condition", every: float = 0.3):
@@ -90,3 +114,33 @@ def tessera_for(ls_server: LabelStudioServer, model_store: Path, tmp_path: Path,
         yield proc.wait_up()
     finally:
         proc.stop()
+
+
+def upload_samples(ls: LabelStudio, project: int, images, prefix: str = "img") -> list[int]:
+    """Images (arrays, e.g. model.data samples' .image) uploaded as PNG tasks; their task ids in order."""
+    from PIL import Image
+
+    files = []
+    for i, image in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        files.append((f"{prefix}_{i}.png", buf.getvalue()))
+    return lsclient.upload_images(ls, project, files)
+
+
+def connected_project(ls: LabelStudio, title: str, label_config: str, backend_url: str, samples,
+                      interactive: bool = True) -> dict:
+    """A project with "Start model training on annotation submission" on (Settings > Model), the samples'
+    images as tasks (none annotated) and the backend at `backend_url` connected:
+    {"id", "tasks", "samples", "ml", "api"}."""
+    pid = create_project(ls, title, label_config, start_training_on_annotation_update=True).id
+    tasks = upload_samples(ls, pid, [s.image for s in samples], prefix=f"p{pid}")
+    ml = ls.ml.create(project=pid, url=backend_url, title=title, is_interactive=interactive)
+    assert ml.state == "CO", ml
+    return {"id": pid, "tasks": tasks, "samples": samples, "ml": ml.id, "api": ls}
+
+
+def set_train_on_annotation(ls: LabelStudio, project: int, on: bool) -> None:
+    """Settings > Model > "Start model training on annotation submission" (a field the SDK's update lacks)."""
+    ls.projects.update(project, request_options={"additional_body_parameters": {
+        "start_training_on_annotation_update": on}})

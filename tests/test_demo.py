@@ -82,15 +82,14 @@ def test_project_has_tasks_and_predictions(demo_runs):
     assert version == f"tessera-p{pid}-v0001"
     with LabelStudioServer(default_ls_venv(), data_dir / "ls") as ls:
         api = ls.client()
-        projects = api.get("/api/projects/", page_size=1000)
-        rows = projects.get("results", projects) if isinstance(projects, dict) else projects
-        assert [p["id"] for p in rows if p["title"] == TITLE] == [pid]
-        assert find_project(lsclient.connect(ls.url, ls.token), TITLE).id == pid
-        assert api.ml_backends(pid)[0]["is_interactive"]
+        rows = api.projects.list(page_size=1000).items
+        assert [p.id for p in rows if p.title == TITLE] == [pid]
+        assert find_project(api, TITLE).id == pid
+        assert api.ml.list(project=pid)[0].is_interactive
         # "Prediction score" sorts by the served version's predictions; annotations train (Settings > Model)
-        assert api.project(pid)["model_version"] == version
-        assert api.project(pid)["start_training_on_annotation_update"] is True
-        tasks = api.tasks(pid)
+        assert api.projects.get(pid).model_version == version
+        assert api.projects.get(pid).start_training_on_annotation_update is True
+        tasks = list(lsclient.tasks(api, pid))
         real = [t for t in tasks if not (t.get("meta") or {}).get("synthetic")]
         synthetic = [t for t in tasks if (t.get("meta") or {}).get("synthetic")]
         assert len(real) == QUICK.n_images

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from model import metrics
 from tests.conftest import TesseraProcess
-from tests.conftest_ls import wait_for
+from tests.conftest_ls import predictions, retrieve_predictions, upload_images, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -77,15 +77,15 @@ def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server,
            "TESSERA_GAN_MIN_ANNOTATIONS": "100000", "TESSERA_DEVICE": "cpu", "TESSERA_LOG_LEVEL": "INFO"}
     proc = TesseraProcess(env, tmp_path / "tessera.log").wait_up()
     try:
-        pid = ls_api.create_project("tessera boxes", CONFIG_BOXES)["id"]
-        tasks = ls_api.upload_images(pid, paths)["task_ids"]
+        pid = ls_api.projects.create(title="tessera boxes", label_config=CONFIG_BOXES).id
+        tasks = upload_images(ls_api, pid, paths)
         for tid, (_, boxes) in zip(tasks[:N_ANNOTATED], scenes):   # annotated before connecting: one run
-            ls_api.create_annotation(tid, box_results(boxes))
-        ml = ls_api.connect_ml(pid, proc.url, "Tessera", is_interactive=False)
-        ls_api.ml_train(ml["id"])                          # "Start training"
+            ls_api.annotations.create(tid, result=box_results(boxes))
+        ml = ls_api.ml.create(project=pid, url=proc.url, title="Tessera", is_interactive=False)
+        ls_api.ml.train(ml.id)                             # "Start training"
 
         def done():
-            st = requests.get(f"{proc.url}/status", params={"project": pid}, timeout=10).json()
+            st = httpx.get(f"{proc.url}/status", params={"project": pid}, timeout=10).json()
             assert st["job"]["state"] != "failed", st
             return st if st["job"]["state"] == "done" and st["job"]["last_result"] else None
         st = wait_for(done, 900, "the training run", every=0.5)       # 160 iterations, not timed: same model on any load
@@ -99,10 +99,10 @@ def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server,
         assert served["metric"] == "box AP50" and {"precision", "recall", "region_cut"} <= served.keys(), served
         assert served["region_cut"]["source"].startswith("learned"), served
 
-        ls_api.retrieve_predictions(pid)
+        retrieve_predictions(ls_api, pid)
         tp = n_pred = n_true = overlapping = 0
         for tid, (_, boxes) in zip(tasks[N_ANNOTATED:], scenes[N_ANNOTATED:]):
-            preds = ls_api.predictions(tid)
+            preds = predictions(ls_api, tid)
             assert len(preds) == 1, preds
             got = np.array([[r["value"]["x"], r["value"]["y"], r["value"]["x"] + r["value"]["width"],
                              r["value"]["y"] + r["value"]["height"]] for r in preds[0]["result"]]).reshape(-1, 4)

@@ -19,18 +19,19 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-import requests
-from PIL import Image
 
+from backend import lsclient
 from backend.label_config import parse_label_config
 from backend.regions import instances_to_results, mask_to_rle
 from backend.dataset import previous_held_back, split_tasks
 from tests.test_e2e_ls import dm_sorted_by_score
 from model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess, free_port
-from tests.conftest_ls import wait_for
+from tests.conftest_ls import (connected_project, predictions, retrieve_predictions, set_train_on_annotation,
+                               wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -69,22 +70,13 @@ def inverted_results(sample) -> list[dict]:
              "value": {"format": "rle", "rle": mask_to_rle(sample.instances == 0), "brushlabels": ["Nucleus"]}}]
 
 
-def upload(ls_api, pid: int, tmp: Path, samples) -> list[int]:
-    paths = []
-    for i, s in enumerate(samples):
-        p = tmp / f"p{pid}_{i}.png"
-        Image.fromarray(s.image).save(p)
-        paths.append(p)
-    return ls_api.upload_images(pid, paths)["task_ids"]
-
-
 def job(url: str, pid: int) -> dict:
-    return requests.get(f"{url}/status", params={"project": pid}, timeout=10).json()["job"]
+    return httpx.get(f"{url}/status", params={"project": pid}, timeout=10).json()["job"]
 
 
 def setup_version(url: str, pid: int) -> str:
-    return requests.post(f"{url}/setup", json={"project": f"{pid}.0", "schema": CONFIG_ALL},
-                         timeout=10).json()["model_version"]
+    return httpx.post(f"{url}/setup", json={"project": f"{pid}.0", "schema": CONFIG_ALL},
+                      timeout=10).json()["model_version"]
 
 
 
@@ -124,17 +116,10 @@ def tessera(ls_server, models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project(ls_server, tessera, tmp_path_factory):
+def project(ls_server, tessera):
     """A project connected to `tessera`, with procedural images uploaded (none annotated yet)."""
-    api = ls_server.client()
-    # "Start model training on annotation submission" on (Settings > Model): annotations train
-    pid = api.create_project("tessera learning", CONFIG_ALL, start_training_on_annotation_update=True)["id"]
-    samples = make_nuclei(N_TASKS, size=SIZE, seed=21)
-    tasks = upload(api, pid, tmp_path_factory.mktemp("images"), samples)
-    ml = api.connect_ml(pid, tessera.url, "Tessera", is_interactive=True)
-    assert ml["state"] == "CO", ml
-    yield {"id": pid, "tasks": tasks, "samples": samples, "ml": ml["id"], "api": api}
-    api.close()
+    return connected_project(ls_server.client(), "tessera learning", CONFIG_ALL, tessera.url,
+                             make_nuclei(N_TASKS, size=SIZE, seed=21))
 
 
 def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
@@ -142,9 +127,9 @@ def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
     assert setup_version(tessera.url, pid) == "tessera-untrained"
     t0 = time.time()
     for i in range(6):        # two of them with the same nuclei also as polygons and boxes (an accepted prediction)
-        api.create_annotation(tasks[i], gt_results(samples[i], ("brushlabels", "polygonlabels", "rectanglelabels")
-                                                   if i < 2 else ("brushlabels",)))
-    api.create_annotation(tasks[6], gt_results(samples[6]), was_cancelled=True)     # skipped by training
+        api.annotations.create(tasks[i], result=gt_results(samples[i], ("brushlabels", "polygonlabels",
+                                                                         "rectanglelabels") if i < 2 else ("brushlabels",)))
+    api.annotations.create(tasks[6], result=gt_results(samples[6]), was_cancelled=True)     # skipped by training
     st = wait_result(tessera.url, pid, ("promoted",))
     print(f"6 annotations -> promoted version in {time.time() - t0:.1f} s: {st['last_result']['metrics']}")
     result = st["last_result"]
@@ -154,16 +139,16 @@ def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
     assert setup_version(tessera.url, pid) == result["version"]
 
     # Retrieve predictions: every task gets exactly one prediction, of the new version; again: no duplicates
-    api.retrieve_predictions(pid)
+    retrieve_predictions(api, pid)
     for tid in tasks:
-        preds = api.predictions(tid)
+        preds = predictions(api, tid)
         assert [p["model_version"] for p in preds] == [result["version"]], (tid, preds)
-    api.retrieve_predictions(pid)
-    assert all(len(api.predictions(tid)) == 1 for tid in tasks)
+    retrieve_predictions(api, pid)
+    assert all(len(predictions(api, tid)) == 1 for tid in tasks)
 
     # the run named the LS connection after the version, so "Prediction score" sorts by its predictions
-    assert api.project(pid)["model_version"] == result["version"]
-    scores = {tid: api.predictions(tid)[0]["score"] for tid in tasks}
+    assert api.projects.get(pid).model_version == result["version"]
+    scores = {tid: predictions(api, tid)[0]["score"] for tid in tasks}
     listed = dm_sorted_by_score(api, pid)
     assert all(t["predictions_score"] is not None for t in listed), listed
     assert listed[0]["id"] == min(scores, key=scores.get), (listed[:3], scores)
@@ -180,7 +165,7 @@ def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
 def test_start_training_with_nothing_new_says_so(project, tessera):
     pid = project["id"]
     before = job(tessera.url, pid)
-    project["api"].ml_train(project["ml"])            # LS -> START_TRAINING webhook; no annotation changed
+    project["api"].ml.train(project["ml"])            # LS -> START_TRAINING webhook; no annotation changed
     st = wait_runs(tessera.url, pid, before["runs"] + 1)
     assert st["state"] == "done" and st["last_result"]["status"] == "skipped", st
     assert st["last_result"]["reason"].startswith(f"nothing new since tessera-p{pid}-v0001"), st["last_result"]
@@ -188,11 +173,11 @@ def test_start_training_with_nothing_new_says_so(project, tessera):
 
 def test_annotations_do_not_train_when_the_ls_toggle_is_off(project, tessera):
     api, pid = project["api"], project["id"]
-    api.patch(f"/api/projects/{pid}/", {"start_training_on_annotation_update": False})
-    assert api.project(pid)["start_training_on_annotation_update"] is False
+    set_train_on_annotation(api, pid, False)
+    assert api.projects.get(pid).start_training_on_annotation_update is False
     before = job(tessera.url, pid)
-    ann = next(a for a in api.annotations(project["tasks"][0]) if not a["was_cancelled"])
-    api.patch(f"/api/annotations/{ann['id']}/", {"result": gt_results(project["samples"][0])})   # brush only now
+    ann = next(a for a in api.annotations.list(project["tasks"][0]) if not a.was_cancelled)
+    api.annotations.update(ann.id, result=gt_results(project["samples"][0]))   # brush only now
     time.sleep(4)                                      # twice the debounce
     after = job(tessera.url, pid)
     assert (after["events"], after["runs"], after["state"]) == (before["events"], before["runs"], before["state"])
@@ -202,7 +187,7 @@ def test_annotations_do_not_train_when_the_ls_toggle_is_off(project, tessera):
 def test_start_training_in_ls_runs(project, tessera):
     pid = project["id"]
     before = job(tessera.url, pid)
-    project["api"].ml_train(project["ml"])            # LS -> START_TRAINING webhook (trains with the toggle off)
+    project["api"].ml.train(project["ml"])            # LS -> START_TRAINING webhook (trains with the toggle off)
     seen = []                                          # what /status showed while the run ran
 
     def finished():
@@ -222,7 +207,7 @@ def test_start_training_in_ls_runs(project, tessera):
     # the annotation changed above (toggle off) is in this run's data: a second Start training has nothing new
     served = setup_version(tessera.url, pid)
     assert project["api"].project(pid)["model_version"] == served      # promoted or not, LS follows the served one
-    project["api"].patch(f"/api/projects/{pid}/", {"start_training_on_annotation_update": True})
+    set_train_on_annotation(project["api"], pid, True)
 
 
 def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, models):
@@ -230,7 +215,7 @@ def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, mod
     before = job(tessera.url, pid)
     assert before["state"] == "done" and not before["pending"], before
     for i in range(7, 12):
-        api.create_annotation(tasks[i], gt_results(samples[i]))
+        api.annotations.create(tasks[i], result=gt_results(samples[i]))
     st = wait_runs(tessera.url, pid, before["runs"] + 1, timeout=240)
     # with the toggle on, LS sends START_TRAINING for each annotation besides ANNOTATION_CREATED: one run
     assert st["runs"] == before["runs"] + 1 and st["events"] == before["events"] + 10, st
@@ -249,7 +234,7 @@ def test_a_worse_run_is_rejected(project, tessera, models):
     api, pid, samples = project["api"], project["id"], project["samples"]
     served = setup_version(tessera.url, pid)
     before = job(tessera.url, pid)
-    annotated = {t["id"]: t for t in api.tasks(pid) if any(not a["was_cancelled"] for a in t["annotations"])}
+    annotated = {t["id"]: t for t in lsclient.tasks(api, pid) if any(not a["was_cancelled"] for a in t["annotations"])}
     # the held-back set the run will use: by hash of the task id, plus every task held back before
     train_ids, val_ids = split_tasks(sorted(str(t) for t in annotated),
                                      previous_held_back(Registry(models / f"project-{pid}")))
@@ -257,7 +242,7 @@ def test_a_worse_run_is_rejected(project, tessera, models):
     for tid in train_ids:                 # corrupt what the next run trains on; the held-back tasks stay true
         ann = next(a for a in annotated[int(tid)]["annotations"] if not a["was_cancelled"])
         bad = inverted_results(samples[project["tasks"].index(int(tid))])
-        api.patch(f"/api/annotations/{ann['id']}/", {"result": bad})
+        api.annotations.update(ann["id"], result=bad)
     st = wait_runs(tessera.url, pid, before["runs"] + 1, timeout=240)
     result = st["last_result"]
     print(f"corrupted run: val IoU {result['metrics'].get('val_iou')} vs served "
@@ -265,7 +250,7 @@ def test_a_worse_run_is_rejected(project, tessera, models):
     assert st["state"] == "done" and result["status"] == "rejected", st
     assert result["metrics"]["val_iou"] < result["metrics"]["current_val_iou"] - 0.01, result
     assert setup_version(tessera.url, pid) == served
-    versions = requests.get(f"{tessera.url}/versions", params={"project": pid}, timeout=10).json()
+    versions = httpx.get(f"{tessera.url}/versions", params={"project": pid}, timeout=10).json()
     listed = {v["version"]: v for v in versions["projects"][str(pid)]}
     assert listed[result["version"]]["status"] == "rejected" and "vs served" in listed[result["version"]]["reason"]
     assert listed[served]["status"] == "current"
@@ -278,7 +263,7 @@ def test_ls_unreachable_fails_clearly(ls_server, project, tessera, models, tmp_p
     proc = TesseraProcess(_env(ls_server, models, LABEL_STUDIO_URL=dead, TESSERA_DEBOUNCE_S="0.2"),
                           tmp_path / "tessera-dead-ls.log").wait_up()
     try:
-        r = requests.post(f"{proc.url}/webhook", json={"action": "START_TRAINING", "project": {"id": pid}}, timeout=10)
+        r = httpx.post(f"{proc.url}/webhook", json={"action": "START_TRAINING", "project": {"id": pid}}, timeout=10)
         assert r.status_code == 201, r.text
         st = wait_runs(proc.url, pid, 1, timeout=60)
         assert st["state"] == "failed", st
@@ -341,10 +326,10 @@ def test_rollback_is_followed_in_ls_and_adds_no_duplicate_predictions(ls_server,
         assert run.returncode == 0, run.stderr
         version = setup_version(tessera.url, pid)
         assert version == f"tessera-p{pid}-{target.rsplit('-', 1)[-1]}"
-        assert api.project(pid)["model_version"] == version          # "Prediction score" follows the rollback
-        api.retrieve_predictions(pid)
+        assert api.projects.get(pid).model_version == version          # "Prediction score" follows the rollback
+        retrieve_predictions(api, pid)
         for tid in tasks:
-            versions = [p["model_version"] for p in api.predictions(tid)]
+            versions = [p["model_version"] for p in predictions(api, tid)]
             assert version in versions and len(versions) == len(set(versions)), (tid, versions)
         listed = dm_sorted_by_score(api, pid)
         assert all(t["predictions_score"] is not None for t in listed)
@@ -410,23 +395,18 @@ def rq_stack(ls_server, redis_url, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rq_project(ls_server, rq_stack, tmp_path_factory):
-    api = ls_server.client()
-    pid = api.create_project("tessera learning rq", CONFIG_ALL, start_training_on_annotation_update=True)["id"]
-    samples = make_nuclei(6, size=SIZE, seed=33)
-    tasks = upload(api, pid, tmp_path_factory.mktemp("rq-images"), samples)
-    ml = api.connect_ml(pid, rq_stack["serve"].url, "Tessera RQ", is_interactive=False)
-    yield {"id": pid, "tasks": tasks, "samples": samples, "ml": ml["id"], "api": api}
-    api.close()
+def rq_project(ls_server, rq_stack):
+    return connected_project(ls_server.client(), "tessera learning rq", CONFIG_ALL, rq_stack["serve"].url,
+                             make_nuclei(6, size=SIZE, seed=33), interactive=False)
 
 
 def test_rq_worker_trains_and_the_http_process_serves(rq_stack, rq_project):
     api, pid, tasks, samples = rq_project["api"], rq_project["id"], rq_project["tasks"], rq_project["samples"]
     url = rq_stack["serve"].url
-    assert requests.get(f"{url}/health", timeout=5).json()["training"] == "redis"
+    assert httpx.get(f"{url}/health", timeout=5).json()["training"] == "redis"
     t0 = time.time()
     for i in range(5):
-        api.create_annotation(tasks[i], gt_results(samples[i]))
+        api.annotations.create(tasks[i], result=gt_results(samples[i]))
     st = wait_result(url, pid, ("promoted",))
     print(f"RQ: 5 annotations -> {st['last_result'].get('status')} in {time.time() - t0:.1f} s")
     assert st["backend"] == "rq" and st["last_result"]["status"] == "promoted", st
@@ -443,7 +423,7 @@ def test_rq_worker_killed_mid_training_then_the_next_event_retries(rq_stack, rq_
     served = setup_version(url, pid)
     assert served.endswith("-v0001"), served
     before = job(url, pid)
-    api.create_annotation(rq_project["tasks"][5], gt_results(rq_project["samples"][5]))    # something new
+    api.annotations.create(rq_project["tasks"][5], result=gt_results(rq_project["samples"][5]))    # something new
     wait_for(lambda: (s := job(url, pid))["state"] == "running" and s["phase"] == "train", 120, "training to start")
     rq_stack["workers"][0].kill9()
     st = wait_for(lambda: (s := job(url, pid))["state"] != "running" and s, 10, "the status to notice")
@@ -455,7 +435,7 @@ def test_rq_worker_killed_mid_training_then_the_next_event_retries(rq_stack, rq_
     assert any((reg.root / ".work").iterdir()), "the killed run should have left its scratch dir"
 
     rq_stack["workers"].append(WorkerProcess(rq_stack["env"], d / "worker2.log"))
-    api.ml_train(rq_project["ml"])                     # the next event
+    api.ml.train(rq_project["ml"])                     # the next event
     st = wait_runs(url, pid, before["runs"] + 1, timeout=240)     # the killed run never finished
     assert st["state"] == "done" and st["last_error"] is None, st
     assert st["last_result"]["status"] in ("promoted", "rejected"), st

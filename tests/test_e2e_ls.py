@@ -1,18 +1,17 @@
 """End to end with a real Label Studio 1.23.2 and `tessera serve` (gunicorn) as separate processes:
 connect, retrieve predictions (no duplicates), annotate -> webhook -> runner, Start training, versions."""
-import io
 import os
 import time
 
-import numpy as np
+import httpx
 import pytest
-import requests
-from PIL import Image
 
+from backend import lsclient
 from backend.regions import region_to_mask
 from model.data import make_nuclei
 from tests.conftest import CONFIG_ALL
-from tests.conftest_ls import tessera_for, wait_for
+from tests.conftest_ls import (create_project, predictions, retrieve_predictions, tessera_for, upload_samples,
+                               wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -25,38 +24,32 @@ def tessera(ls_server, trained_model_dir, tmp_path):
 
 
 def upload_nuclei(ls_api, project_id, tmp_path, n=3, size=(96, 128)):
-    paths = []
-    for i, s in enumerate(make_nuclei(n, size=size, seed=5)):
-        p = tmp_path / f"nuclei_{i}.png"
-        Image.fromarray(s.image).save(p)
-        paths.append(p)
-    return ls_api.upload_images(project_id, paths)["task_ids"]
-
+    return upload_samples(ls_api, project_id, [s.image for s in make_nuclei(n, size=size, seed=5)], "nuclei")
 
 
 def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp_path):
     # "Start model training on annotation submission" on: annotations reach the runner (off: only Start training)
-    project = ls_api.create_project("tessera e2e", CONFIG_ALL, start_training_on_annotation_update=True)
-    pid = project["id"]
+    project = create_project(ls_api, "tessera e2e", CONFIG_ALL, start_training_on_annotation_update=True)
+    pid = project.id
     task_ids = upload_nuclei(ls_api, pid, tmp_path)
 
-    ml = ls_api.connect_ml(pid, tessera.url, "Tessera", is_interactive=True)
-    assert ml["state"] == "CO", ml
-    hooks = ls_api.webhooks(pid)
-    assert any(h["url"].rstrip("/") == tessera.url + "/webhook" for h in hooks), hooks
-    version = requests.post(tessera.url + "/setup", json={"project": f"{pid}.0", "schema": CONFIG_ALL},
+    ml = ls_api.ml.create(project=pid, url=tessera.url, title="Tessera", is_interactive=True)
+    assert ml.state == "CO", ml
+    hooks = ls_api.webhooks.list(project=str(pid))
+    assert any(h.url.rstrip("/") == tessera.url + "/webhook" for h in hooks), hooks
+    version = httpx.post(tessera.url + "/setup", json={"project": f"{pid}.0", "schema": CONFIG_ALL},
                             timeout=5).json()["model_version"]
     assert version.startswith("tessera-default-v")
 
     # LS named project.model_version after the connection's title ("Tessera"); Tessera renames the
     # connection after the served version (from /setup, in the background), and LS moves it along
-    wait_for(lambda: ls_api.project(pid)["model_version"] == version, what="project.model_version to follow")
-    assert ls_api.ml(ml["id"])["title"] == version
+    wait_for(lambda: ls_api.projects.get(pid).model_version == version, what="project.model_version to follow")
+    assert ls_api.ml.get(ml.id).title == version
 
     # Retrieve predictions: one batched /predict; every task gets exactly one prediction of that version
-    ls_api.retrieve_predictions(pid)
+    retrieve_predictions(ls_api, pid)
     for tid in task_ids:
-        preds = ls_api.predictions(tid)
+        preds = predictions(ls_api, tid)
         assert len(preds) == 1, preds
         assert preds[0]["model_version"] == version
         types = {r["type"] for r in preds[0]["result"]}
@@ -66,21 +59,21 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
             assert region_to_mask(r, 96, 128).any()
         assert 0 < preds[0]["score"] <= 1
     # a second retrieve adds nothing: the version from /setup equals what predictions carry
-    ls_api.retrieve_predictions(pid)
-    assert all(len(ls_api.predictions(tid)) == 1 for tid in task_ids)
+    retrieve_predictions(ls_api, pid)
+    assert all(len(predictions(ls_api, tid)) == 1 for tid in task_ids)
 
     # "Sort by Prediction score": the Data Manager's predictions_score is filled, lowest first
-    scores = {tid: ls_api.predictions(tid)[0]["score"] for tid in task_ids}
+    scores = {tid: predictions(ls_api, tid)[0]["score"] for tid in task_ids}
     listed = dm_sorted_by_score(ls_api, pid)
     assert all(t["predictions_score"] is not None for t in listed), listed
     assert listed[0]["id"] == min(scores, key=scores.get), (listed, scores)
     assert [round(t["predictions_score"], 4) for t in listed] == sorted(round(v, 4) for v in scores.values())
 
     # an annotation reaches the backend as ANNOTATION_CREATED and is handed to the runner
-    brush = next(r for r in ls_api.predictions(task_ids[0])[0]["result"] if r["type"] == "brushlabels")
+    brush = next(r for r in predictions(ls_api, task_ids[0])[0]["result"] if r["type"] == "brushlabels")
     result = [{k: brush[k] for k in ("from_name", "to_name", "type", "value", "original_width",
                                      "original_height")}]
-    ls_api.create_annotation(task_ids[0], result)
+    ls_api.annotations.create(task_ids[0], result=result)
     status = wait_for(lambda: _job(tessera, pid).get("events", 0) >= 1 and _job(tessera, pid),
                       what="the webhook to schedule a run")
     assert status["state"] in ("scheduled", "running", "done"), status
@@ -92,30 +85,30 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
     assert "webhook ANNOTATION_CREATED" in tessera.log_text()
 
     # Start training in LS -> START_TRAINING webhook -> runner
-    ls_api.ml_train(ml["id"])
+    ls_api.ml.train(ml.id)
     wait_for(lambda: "START_TRAINING" in str(_job(tessera, pid)), what="START_TRAINING to reach the runner")
 
     # LS asks the backend for versions with GET
-    versions = ls_api.ml_versions(ml["id"])
-    assert version in versions["versions"], versions
+    versions = ls_api.ml.list_model_versions(ml.id)
+    assert version in versions.versions, versions
 
     # interactive pre-annotation: a positive keypoint on an object -> one clean region, nothing stored
-    pred = ls_api.predictions(task_ids[1])[0]
+    pred = predictions(ls_api, task_ids[1])[0]
     box = next(r for r in pred["result"] if r["type"] == "rectanglelabels")["value"]
     point = {"x": box["x"] + box["width"] / 2, "y": box["y"] + box["height"] / 2, "width": 0.5,
              "keypointlabels": ["Nucleus"]}
     context = {"result": [{"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True,
                            "original_width": 128, "original_height": 96, "value": point}]}
-    reply = ls_api.interactive(ml["id"], task_ids[1], context)
+    reply = lsclient.interactive(ls_api, ml.id, task_ids[1], context)
     regions = reply["data"]["result"]
     assert [r["type"] for r in regions] == ["brushlabels"], reply      # ONE region: LS's smart tools place one
-    assert len(ls_api.predictions(task_ids[1])) == 1
+    assert len(predictions(ls_api, task_ids[1])) == 1
     # a smart box from the RectangleLabels control comes back as one box of that control
     context = {"result": [{"type": "rectanglelabels", "from_name": "bbox", "to_name": "image",
                            "original_width": 128, "original_height": 96,
                            "value": {**{k: box[k] for k in ("x", "y", "width", "height")}, "rotation": 0,
                                      "rectanglelabels": ["Nucleus"]}}]}
-    regions = ls_api.interactive(ml["id"], task_ids[1], context)["data"]["result"]
+    regions = lsclient.interactive(ls_api, ml.id, task_ids[1], context)["data"]["result"]
     assert [(r["type"], r["from_name"]) for r in regions] == [("rectanglelabels", "bbox")], regions
 
 
@@ -126,33 +119,32 @@ def test_bulk_predict_writes_through_the_api_and_skips_done_tasks(ls_server, ls_
     import sys
     from pathlib import Path
 
-    project = ls_api.create_project("tessera bulk", CONFIG_ALL)
-    task_ids = upload_nuclei(ls_api, project["id"], tmp_path, n=4)
+    project = ls_api.projects.create(title="tessera bulk", label_config=CONFIG_ALL)
+    task_ids = upload_nuclei(ls_api, project.id, tmp_path, n=4)
     env = {"MODEL_DIR": str(trained_model_dir), "LABEL_STUDIO_URL": ls_server.url,
            "LABEL_STUDIO_API_KEY": ls_server.token, "PATH": "/usr/bin:/bin",
            "PYTHONPATH": os.environ.get("PYTHONPATH", "")}        # the code under test, as the fixture runs it
     exe = str(Path(sys.executable).with_name("tessera"))
-    run = subprocess.run([exe, "predict", "--project", str(project["id"])], env=env, capture_output=True,
+    run = subprocess.run([exe, "predict", "--project", str(project.id)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     first = json.loads(run.stdout)
     assert first["written"] == 4 and first["failed"] == 0, first
     assert "4/4 tasks" in run.stderr               # progress is shown
     for tid in task_ids:
-        preds = ls_api.predictions(tid)
+        preds = predictions(ls_api, tid)
         assert len(preds) == 1 and preds[0]["model_version"] == first["model_version"] and preds[0]["result"]
-    again = json.loads(subprocess.run([exe, "predict", "--project", str(project["id"])], env=env,
+    again = json.loads(subprocess.run([exe, "predict", "--project", str(project.id)], env=env,
                                       capture_output=True, text=True, timeout=300).stdout)
     assert again["written"] == 0 and again["skipped_existing"] == 4, again
 
     # --replace deletes Tessera's superseded label-model predictions, keeps anyone else's and GAN layouts
-    old = ls_api.create_prediction(task_ids[0], [], 0.5, model_version="tessera-default-v0000")
-    gan = ls_api.create_prediction(task_ids[0], [], 0.5, model_version="tessera-default-gan-v0000")
-    theirs = ls_api.create_prediction(task_ids[0], [], 0.5, model_version="someone-else-1")
-    replaced = json.loads(subprocess.run([exe, "predict", "--project", str(project["id"]), "--replace"], env=env,
+    old, gan, theirs = (ls_api.predictions.create(task=task_ids[0], result=[], score=0.5, model_version=v).model_dump()
+                        for v in ("tessera-default-v0000", "tessera-default-gan-v0000", "someone-else-1"))
+    replaced = json.loads(subprocess.run([exe, "predict", "--project", str(project.id), "--replace"], env=env,
                                          capture_output=True, text=True, timeout=300).stdout)
     assert replaced["superseded_deleted"] == 1 and replaced["written"] == 0, replaced
-    left = {p["id"] for p in ls_api.predictions(task_ids[0])}
+    left = {p["id"] for p in predictions(ls_api, task_ids[0])}
     assert old["id"] not in left and {gan["id"], theirs["id"]} <= left, left
 
     # a project that does not exist: one clear line, no traceback
@@ -166,10 +158,8 @@ def dm_sorted_by_score(ls_api, pid: int) -> list[dict]:
     """The Data Manager's task list sorted by "Prediction score", ascending (what the column header does)."""
     import json
 
-    reply = ls_api.get("/api/tasks", project=pid, fields="all",
-                       query=json.dumps({"ordering": ["tasks:predictions_score"]}))
-    return reply["tasks"] if isinstance(reply, dict) else reply
+    return list(lsclient.tasks(ls_api, pid, query=json.dumps({"ordering": ["tasks:predictions_score"]})))
 
 
 def _job(tessera, pid):
-    return requests.get(f"{tessera.url}/status", params={"project": pid}, timeout=5).json()["job"]
+    return httpx.get(f"{tessera.url}/status", params={"project": pid}, timeout=5).json()["job"]

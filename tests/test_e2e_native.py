@@ -11,7 +11,7 @@ from model import metrics
 from model.data import make_nuclei_mosaic
 from model.inference import Predictor
 from tests.conftest import CONFIG_ALL
-from tests.conftest_ls import tessera_for
+from tests.conftest_ls import predictions, retrieve_predictions, tessera_for, upload_images
 
 pytestmark = pytest.mark.e2e
 
@@ -34,15 +34,14 @@ def test_native_size_brush_masks_land_on_the_objects(ls_server, ls_api, tessera,
         truths.append(sample.instances)
         paths.append(tmp_path / f"native_{i}.png")
         Image.fromarray(sample.image).save(paths[-1])
-    project = ls_api.create_project("tessera native", CONFIG_ALL)
-    pid = project["id"]
-    task_ids = ls_api.upload_images(pid, paths)["task_ids"]
-    assert ls_api.connect_ml(pid, tessera.url, "Tessera")["state"] == "CO"
-    ls_api.retrieve_predictions(pid)
+    pid = ls_api.projects.create(title="tessera native", label_config=CONFIG_ALL).id
+    task_ids = upload_images(ls_api, pid, paths)
+    assert ls_api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
+    retrieve_predictions(ls_api, pid)
 
     for tid, inst in zip(task_ids, truths):
         h, w = inst.shape
-        preds = ls_api.predictions(tid)
+        preds = predictions(ls_api, tid)
         assert len(preds) == 1, preds
         brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
         assert brushes and all(r["original_width"] == w and r["original_height"] == h for r in brushes)

@@ -5,16 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-import requests
 
+from backend import lsclient
 from backend.regions import instances_to_results, region_to_mask
 from backend.label_config import Control
 from backend.service import DEFAULT_KEY, ModelCache
 from backend.settings import Settings
 from model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess
+from tests.conftest_ls import predictions, upload_images, upload_samples
 
 pytestmark = pytest.mark.e2e
 REPO = str(Path(__file__).resolve().parents[1])  # the tessera subprocess runs this checkout's code
@@ -36,24 +38,17 @@ def gan_model_dir(trained_model_dir, tmp_path_factory):
 
 def annotate(ls_api, pid, tmp_path, n=2):
     """Upload procedural images and annotate them with their exact brush masks (layouts to sample from)."""
-    from PIL import Image
-
-    paths = []
     samples = make_nuclei(n, size=128, seed=8)
-    for i, s in enumerate(samples):
-        paths.append(tmp_path / f"real{i}.png")
-        Image.fromarray(s.image).save(paths[-1])
-    ids = ls_api.upload_images(pid, paths)["task_ids"]
+    ids = upload_samples(ls_api, pid, [s.image for s in samples], "real")
     brush = Control("brushlabels", "mask", "image", ("Nucleus",))
     for tid, s in zip(ids, samples):
         k = [int(i) for i in np.unique(s.instances) if i]
-        ls_api.create_annotation(tid, instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
+        ls_api.annotations.create(tid, result=instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
     return ids
 
 
 def test_generate_puts_predicted_synthetic_tasks_into_the_project(ls_server, ls_api, gan_model_dir, tmp_path):
-    project = ls_api.create_project("tessera synthetic", CONFIG_ALL)
-    pid = project["id"]
+    pid = ls_api.projects.create(title="tessera synthetic", label_config=CONFIG_ALL).id
     real_ids = annotate(ls_api, pid, tmp_path)
     env = {"MODEL_DIR": str(gan_model_dir), "LABEL_STUDIO_URL": ls_server.url,
            "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_SYNTH_MIN_IOU": "0", "PATH": "/usr/bin:/bin",
@@ -65,18 +60,18 @@ def test_generate_puts_predicted_synthetic_tasks_into_the_project(ls_server, ls_
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
     assert len(out["created"]) == 4 and not out["failed"], out
-    tasks = {t["id"]: t for t in ls_api.tasks(pid)}
+    tasks = {t["id"]: t for t in lsclient.tasks(ls_api, pid)}
     synthetic = [tasks[c["task"]] for c in out["created"]]
     for t in synthetic:
         assert t["meta"]["synthetic"] is True and t["meta"]["seed"] == 7
         assert t["meta"]["synthetic_kind"] == "generated"
         assert t["meta"]["generator_version"] == out["generator_version"]
-        preds = ls_api.predictions(t["id"])
+        preds = predictions(ls_api, t["id"])
         assert len(preds) == 1 and preds[0]["model_version"] == out["generator_version"]
         types = {r["type"] for r in preds[0]["result"]}
         assert types == {"brushlabels", "polygonlabels", "rectanglelabels"}
         assert all(region_to_mask(r, 128, 128).any() for r in preds[0]["result"])
-        png = ls_api.download(t["data"]["image"])            # the image loads through LS
+        png = lsclient.download(ls_api, t["data"]["image"])            # the image loads through LS
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not any((tasks[i].get("meta") or {}).get("synthetic") for i in real_ids)
 
@@ -85,9 +80,9 @@ def test_generate_puts_predicted_synthetic_tasks_into_the_project(ls_server, ls_
                           "--kind", "generated"], env=env,
                            capture_output=True, text=True, timeout=300)
     second = json.loads(again.stdout)["created"]
-    tasks = {t["id"]: t for t in ls_api.tasks(pid)}
+    tasks = {t["id"]: t for t in lsclient.tasks(ls_api, pid)}
     for a, b in zip(out["created"], second):
-        assert ls_api.download(tasks[a["task"]]["data"]["image"]) == ls_api.download(tasks[b["task"]]["data"]["image"])
+        assert lsclient.download(ls_api, tasks[a["task"]]["data"]["image"]) == lsclient.download(ls_api, tasks[b["task"]]["data"]["image"])
 
     # a filter nobody passes creates nothing and says why
     strict = subprocess.run([exe, "generate", "--project", str(pid), "--count", "2", "--kind",
@@ -101,11 +96,11 @@ def test_generate_route_validates_input(ls_server, gan_model_dir, tmp_path):
     proc = TesseraProcess({"MODEL_DIR": str(gan_model_dir), "LABEL_STUDIO_URL": ls_server.url,
                            "LABEL_STUDIO_API_KEY": ls_server.token}, tmp_path / "serve.log").wait_up()
     try:
-        r = requests.post(proc.url + "/generate", json={"project": 1, "count": 0}, timeout=10)
+        r = httpx.post(proc.url + "/generate", json={"project": 1, "count": 0}, timeout=10)
         assert r.status_code == 400 and "count" in r.json()["error"]
-        r = requests.post(proc.url + "/generate", json={"count": 2}, timeout=10)
+        r = httpx.post(proc.url + "/generate", json={"count": 2}, timeout=10)
         assert r.status_code == 400 and "project" in r.json()["error"]
-        r = requests.post(proc.url + "/generate", json={"project": 1, "count": 2, "kind": "painted"}, timeout=10)
+        r = httpx.post(proc.url + "/generate", json={"project": 1, "count": 2, "kind": "painted"}, timeout=10)
         assert r.status_code == 400 and "kind" in r.json()["error"]
     finally:
         proc.stop()
@@ -124,18 +119,18 @@ def test_generate_edited_tasks_for_a_rare_label(ls_server, ls_api, tmp_path):
     pasted in; labels exact (pixels outside the predicted regions are the source task's), source task in meta."""
     from PIL import Image
 
-    pid = ls_api.create_project("tessera edited", CONFIG_RARE)["id"]
+    pid = ls_api.projects.create(title="tessera edited", label_config=CONFIG_RARE).id
     samples = make_nuclei(3, size=128, seed=8)
-    paths, ids = [], []
+    paths = []
     for i, s in enumerate(samples):
         paths.append(tmp_path / f"real{i}.png")
         Image.fromarray(s.image).save(paths[-1])
-    ids = ls_api.upload_images(pid, paths)["task_ids"]
+    ids = upload_images(ls_api, pid, paths)
     brush = Control("brushlabels", "mask", "image", ("Nucleus", "Mitotic"))
     for n, (tid, s) in enumerate(zip(ids, samples)):
         k = [int(i) for i in np.unique(s.instances) if i]
         rare = {k[0]} if n == 0 else set()  # one rare object in the whole project
-        ls_api.create_annotation(tid, instances_to_results(
+        ls_api.annotations.create(tid, result=instances_to_results(
             s.instances, {i: "Mitotic" if i in rare else "Nucleus" for i in k}, {}, brush))
     env = {"MODEL_DIR": str(tmp_path / "models"), "LABEL_STUDIO_URL": ls_server.url,
            "LABEL_STUDIO_API_KEY": ls_server.token, "PATH": "/usr/bin:/bin", "PYTHONPATH": REPO}
@@ -145,7 +140,7 @@ def test_generate_edited_tasks_for_a_rare_label(ls_server, ls_api, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
     assert out["kind"] == "edited" and len(out["created"]) == 5 and not out["failed"], out
-    tasks = {t["id"]: t for t in ls_api.tasks(pid)}
+    tasks = {t["id"]: t for t in lsclient.tasks(ls_api, pid)}
     images = {tid: np.asarray(Image.open(p).convert("RGB")) for tid, p in zip(ids, paths)}
     for c in out["created"]:
         t = tasks[c["task"]]
@@ -161,7 +156,7 @@ def test_generate_edited_tasks_for_a_rare_label(ls_server, ls_api, tmp_path):
         labelled = np.zeros((128, 128), bool)
         for r in brushes:
             labelled |= region_to_mask(r, 128, 128)
-        png = np.asarray(Image.open(__import__("io").BytesIO(ls_api.download(t["data"]["image"]))).convert("RGB"))
+        png = np.asarray(Image.open(__import__("io").BytesIO(lsclient.download(ls_api, t["data"]["image"]))).convert("RGB"))
         source = images[meta["source_task"]]
         assert (png != source).any(-1).any()                            # something was pasted
         assert not ((png != source).any(-1) & ~labelled).any()          # only where the labels say so

@@ -7,10 +7,12 @@ import struct
 import zlib
 from pathlib import Path
 
+import httpx
 import pytest
-import requests
 
-from backend.lsserver import LSApiError
+from backend import lsclient
+from backend.lsclient import LabelStudioUnavailable, NotFound
+from tests.conftest_ls import predictions
 
 pytestmark = pytest.mark.e2e  # fixtures ls_server / ls_api come from tests/conftest_ls.py
 
@@ -49,31 +51,31 @@ def write_png(path: Path, width: int = 24, height: int = 16) -> bytes:
 
 
 def test_health_and_legacy_token(ls_server, ls_api):
-    assert requests.get(f"{ls_server.url}/health", timeout=5).json() == {"status": "UP"}
+    assert httpx.get(f"{ls_server.url}/health", timeout=5).json() == {"status": "UP"}
     assert len(ls_server.token) == 40 and int(ls_server.token, 16) >= 0
-    assert ls_api.whoami()["email"] == ls_server.username
-    r = requests.get(f"{ls_server.url}/api/projects/", headers={"Authorization": "Token " + "0" * 40}, timeout=10)
+    assert ls_api.users.whoami().email == ls_server.username
+    r = httpx.get(f"{ls_server.url}/api/projects/", headers={"Authorization": "Token " + "0" * 40}, timeout=10)
     assert r.status_code == 401
 
 
 def test_project_upload_and_media(ls_server, ls_api, tmp_path):
-    project = ls_api.create_project("fixture check", LABEL_CONFIG)
-    assert project["id"] > 0
-    assert {"mask", "bbox", "poly"} <= set(project["parsed_label_config"])
+    project = ls_api.projects.create(title="fixture check", label_config=LABEL_CONFIG)
+    assert project.id > 0
+    assert {"mask", "bbox", "poly"} <= set(project.parsed_label_config)
 
     png = write_png(tmp_path / "tile.png")
     second = write_png(tmp_path / "tile2.png", 8, 8)
-    reply = ls_api.upload_images(project["id"], [tmp_path / "tile.png", tmp_path / "tile2.png"])
-    assert len(reply["task_ids"]) == 2  # distinct multipart field names: both files kept
+    task_ids = lsclient.upload_images(ls_api, project.id, [("tile.png", png), ("tile2.png", second)])
+    assert len(task_ids) == 2  # distinct multipart field names: both files kept
 
-    tasks = ls_api.tasks(project["id"], page_size=1)  # also exercises pagination
-    assert sorted(t["id"] for t in tasks) == sorted(reply["task_ids"])
+    tasks = list(lsclient.tasks(ls_api, project.id, page_size=1))  # also exercises pagination
+    assert sorted(t["id"] for t in tasks) == sorted(task_ids)
     by_id = {t["id"]: t for t in tasks}
-    url = by_id[reply["task_ids"][0]]["data"]["image"]
+    url = by_id[task_ids[0]]["data"]["image"]
     assert url.startswith("/data/upload/"), url
-    assert ls_api.download(url) == png
-    assert ls_api.download(by_id[reply["task_ids"][1]]["data"]["image"]) == second
-    anonymous = requests.get(ls_server.url + url, timeout=10, allow_redirects=False)
+    assert lsclient.download(ls_api, url) == png
+    assert lsclient.download(ls_api, by_id[task_ids[1]]["data"]["image"]) == second
+    anonymous = httpx.get(ls_server.url + url, timeout=10, follow_redirects=False)
     assert anonymous.status_code == 401, anonymous.status_code
 
     # JSON import with a prediction attached, read back per task
@@ -81,17 +83,31 @@ def test_project_upload_and_media(ls_server, ls_api, tmp_path):
                "original_height": 16, "image_rotation": 0,
                "value": {"x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0,
                          "rectanglelabels": ["Cat"]}}]
-    imported = ls_api.import_tasks(project["id"], [{"data": {"image": url},
-                                                    "predictions": [{"result": result, "score": 0.5,
-                                                                     "model_version": "t"}]}])
-    (task_id,) = imported["task_ids"]
-    (pred,) = ls_api.predictions(task_id)
+    imported = ls_api.projects.import_tasks(project.id, request=[{"data": {"image": url},
+                                                                  "predictions": [{"result": result, "score": 0.5,
+                                                                                   "model_version": "t"}]}],
+                                            return_task_ids=True)
+    (task_id,) = imported.task_ids
+    (pred,) = predictions(ls_api, task_id)
     assert pred["score"] == 0.5 and pred["model_version"] == "t"
-    assert ls_api.webhooks(project["id"]) == []
+    assert ls_api.webhooks.list(project=str(project.id)) == []
 
-    with pytest.raises(LSApiError) as err:
-        ls_api.create_project("bad", "<View><Image name=")  # not XML
+    with pytest.raises(LabelStudioUnavailable) as err:
+        ls_api.projects.create(title="bad", label_config="<View><Image name=")  # not XML
     assert err.value.status == 400
-    with pytest.raises(LSApiError) as err:
-        ls_api.ml_train(10**6)
+    with pytest.raises(NotFound) as err:
+        ls_api.ml.train(10**6)
     assert err.value.status == 404 and len(str(err.value)) < 500  # LS answers a huge HTML page
+
+
+def test_task_listing_stops_at_the_last_page(ls_server, ls_api):
+    """label-studio-sdk's pager asks for one page past the end, which Label Studio logs as an ERROR with a
+    traceback; lsclient.tasks stops at the total the first page reports."""
+    pid = ls_api.projects.create(title="paging check", label_config=LABEL_CONFIG).id
+    ls_api.projects.import_tasks(pid, request=[{"data": {"image": f"/x/{i}.png"}} for i in range(5)])
+    log = ls_server.log_path
+    before = log.read_text(errors="replace").count("Invalid page")
+    assert len(list(lsclient.tasks(ls_api, pid, page_size=2))) == 5
+    assert log.read_text(errors="replace").count("Invalid page") == before
+    assert len(list(ls_api.tasks.list(project=pid, page_size=2))) == 5          # the SDK's pager ...
+    assert log.read_text(errors="replace").count("Invalid page") > before       # ... costs an ERROR in LS's log
