@@ -59,9 +59,8 @@ def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bo
 
     def write(task: dict, item: dict) -> None:
         try:
-            extra = {} if item.get("mislabeling") is None else {"mislabeling": float(item["mislabeling"])}
-            client.predictions.create(task=int(task["id"]), result=item["result"], score=float(item["score"]),
-                                      model_version=item["model_version"], **extra)
+            lsclient.create_prediction(client, task["id"], item["result"], item["score"], item["model_version"],
+                                       item.get("mislabeling"))
             ok = True
         except Exception as e:           # one task's write failing must not stop the project
             ok = False

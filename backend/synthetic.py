@@ -22,7 +22,6 @@ from backend.label_config import LabelConfig, parse_label_config
 from label_studio_sdk.client import LabelStudio
 
 from backend import lsclient
-from backend.lsclient import LabelStudioUnavailable
 from backend.regions import instances_to_results
 from backend.service import ModelCache, label_mapping
 from backend.settings import Settings
@@ -132,14 +131,6 @@ def _results(item: Item, config: LabelConfig, names: list[str]) -> list[dict]:
     return result
 
 
-def import_tasks(client: LabelStudio, key: str, tasks: list[dict]) -> list[int]:
-    """Create tasks (data, meta, predictions) in one JSON import -> their ids, in order."""
-    ids = client.projects.import_tasks(int(key), request=tasks, return_task_ids=True).task_ids or []
-    if len(ids) != len(tasks):
-        raise LabelStudioUnavailable(f"imported {len(tasks)} tasks, Label Studio reported {len(ids)}")
-    return ids
-
-
 def generate_into_project(settings: Settings, key: str, count: int = 8, label: str | None = None,
                           share: float = 0.3, seed: int = 0, client: LabelStudio | None = None,
                           kind: str = "edited", progress=None) -> dict:
@@ -179,7 +170,7 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
               "predictions": [{"result": _results(item, config, names), "score": round(item.score, 4),
                                "model_version": version}]}
              for url, item in zip(urls, items)]
-    ids = import_tasks(client, key, tasks)
+    ids = lsclient.import_tasks(client, key, tasks)
     created = [{"task": tid, "score": round(item.score, 4), "regions": len(task["predictions"][0]["result"]),
                 **{k: v for k, v in item.meta.items() if k in ("source_task", "layout_source")}}
                for tid, item, task in zip(ids, items, tasks)]

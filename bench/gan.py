@@ -185,6 +185,7 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
     from backend.label_config import Control
     from backend.lsserver import LabelStudioServer, build_template
     from backend.regions import instances_to_results
+    from backend import lsclient
     from backend.store import Store
     from backend.settings import Settings
     from backend.synthetic import generate_into_project
@@ -194,16 +195,16 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
     with LabelStudioServer(data_dir=work / "ls-data", template=template) as ls:
         api = ls.client()
         start_s = time.time() - t0
-        pid = api.create_project("tessera gan bench", LS_CONFIG)["id"]
+        pid = api.projects.create(title="tessera gan bench", label_config=LS_CONFIG).id
         paths = []
         for s in real:
             paths.append(work / f"{s.id}.png")
             Image.fromarray(s.image).save(paths[-1])
-        ids = api.upload_images(pid, paths)["task_ids"]
+        ids = lsclient.upload_images(api, pid, [(p.name, p.read_bytes()) for p in paths])
         brush = Control("brushlabels", "mask", "image", ("Nucleus",))
         for tid, s in zip(ids, real):
             k = [int(i) for i in np.unique(s.instances) if i]
-            api.create_annotation(tid, instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
+            api.annotations.create(tid, result=instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
         settings = Settings(label_studio_url=ls.url, label_studio_api_key=ls.token, model_dir=work / "models",
                             device="cpu", synth_min_iou=min_iou)
         reg = Store(settings.model_dir).registry(str(pid))
@@ -213,11 +214,11 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
             reg.add(copy, {"label_names": list(names)}, promote=True, kind=kind)
         res = {}
         for kind in kinds:
-            before = {t["id"] for t in api.tasks(pid)}
+            before = {t["id"] for t in lsclient.tasks(api, pid)}
             t1 = time.time()
             out = generate_into_project(settings, str(pid), count=count, seed=7, kind=kind)
             dt = time.time() - t1
-            synthetic = [t for t in api.tasks(pid) if t["id"] not in before and (t.get("meta") or {}).get("synthetic")]
+            synthetic = [t for t in lsclient.tasks(api, pid) if t["id"] not in before and (t.get("meta") or {}).get("synthetic")]
             n_pred = sum(len(t.get("predictions") or []) for t in synthetic)
             res[kind] = {"requested": count, "created": len(out["created"]), "failed": out["failed"],
                          "seconds": round(dt, 2), "make_seconds": out.get("make_seconds"),

@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-from PIL import Image
+import httpx
 
 from bench.common import RESULTS, write_result
 
@@ -30,12 +29,12 @@ TARGET_S = 120.0
 
 
 def _status(url: str, pid: int) -> dict:
-    return requests.get(f"{url}/status", params={"project": pid}, timeout=10).json()["job"]
+    return httpx.get(f"{url}/status", params={"project": pid}, timeout=10).json()["job"]
 
 
 def _version(url: str, pid: int, schema: str) -> str:
-    return requests.post(f"{url}/setup", json={"project": f"{pid}.0", "schema": schema},
-                         timeout=10).json()["model_version"]
+    return httpx.post(f"{url}/setup", json={"project": f"{pid}.0", "schema": schema},
+                      timeout=10).json()["model_version"]
 
 
 def _wait_settled(url: str, pid: int, timeout: float) -> dict:
@@ -66,6 +65,7 @@ def main() -> None:
     from backend.training import run_budget_s, train_config
     from model.data import make_nuclei
     from tests.conftest import CONFIG_ALL, TesseraProcess
+    from tests.conftest_ls import upload_samples
     from tests.test_e2e_learning import gt_results
 
     work = Path(tempfile.mkdtemp(prefix="tessera-latency-"))
@@ -94,20 +94,16 @@ def main() -> None:
         env.update({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token})
         tessera = TesseraProcess(env, work / "tessera.log").wait_up()
         api = ls.client()
-        pid = api.create_project("latency", CONFIG_ALL)["id"]
+        pid = api.projects.create(title="latency", label_config=CONFIG_ALL).id
         samples = make_nuclei(args.n, size=args.size, seed=7)
-        paths = []
-        for i, s in enumerate(samples):
-            paths.append(work / f"img{i:03d}.png")
-            Image.fromarray(s.image).save(paths[-1])
         tasks = []
-        for start in range(0, len(paths), 25):
-            tasks += api.upload_images(pid, paths[start:start + 25])["task_ids"]
-        api.connect_ml(pid, tessera.url, "Tessera", is_interactive=False)
+        for start in range(0, len(samples), 25):
+            tasks += upload_samples(api, pid, [s.image for s in samples[start:start + 25]], f"img{start:03d}")
+        api.ml.create(project=pid, url=tessera.url, title="Tessera", is_interactive=False)
 
         t0 = time.time()
         for i in range(args.n - 1):
-            api.create_annotation(tasks[i], gt_results(samples[i]))
+            api.annotations.create(tasks[i], result=gt_results(samples[i]))
         t_annotated = time.time()
         st = _wait_settled(tessera.url, pid, 3600)
         first = st["last_result"] or {}
@@ -122,10 +118,10 @@ def main() -> None:
             runs = _status(tessera.url, pid)["runs"]
             t0 = time.time()
             if attempt == 0:
-                api.create_annotation(tasks[-1], gt_results(samples[-1]))
+                api.annotations.create(tasks[-1], result=gt_results(samples[-1]))
             else:                         # an updated annotation is the same event for the loop
-                ann = api.annotations(tasks[attempt])[0]
-                api.patch(f"/api/annotations/{ann['id']}/", {"result": gt_results(samples[attempt])})
+                ann = api.annotations.list(tasks[attempt])[0]
+                api.annotations.update(ann.id, result=gt_results(samples[attempt]))
             t_sent = time.time()
             while True:
                 now = _version(tessera.url, pid, CONFIG_ALL)
@@ -156,7 +152,6 @@ def main() -> None:
         out["meets_target"] = bool(served) and served[0] <= TARGET_S
         out["load_avg_before"] = [round(x, 2) for x in load_before]
         out["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-        api.close()
     finally:
         if tessera is not None:
             tessera.stop()

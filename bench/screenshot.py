@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import requests
+from backend import lsclient
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -82,13 +82,7 @@ def pick_task(summary: dict, wanted: int | None) -> tuple[int, int]:
     """(task id, regions in its Tessera prediction): the given task, else the unannotated real task whose
     prediction has the most regions (a full picture), capped so the sidebar stays readable."""
     ls, pid = summary["label_studio"], summary["project"]["id"]
-    api = requests.Session()
-    api.headers["Authorization"] = f"Token {ls['token']}"
-    reply = api.get(f"{ls['api_url']}/api/tasks", params={"project": pid, "fields": "all", "page_size": 1000},
-                    timeout=60)
-    reply.raise_for_status()
-    tasks = reply.json()
-    tasks = tasks.get("tasks", tasks) if isinstance(tasks, dict) else tasks
+    tasks = list(lsclient.tasks(lsclient.connect(ls["api_url"], ls["token"]), pid))
     version = summary["model"]["version"]
 
     def regions(t: dict) -> int:

@@ -25,7 +25,6 @@ from label_studio_sdk.client import LabelStudio
 from backend import lsclient
 from backend.lsserver import LabelStudioServer, build_template
 from backend.regions import instances_to_results
-from backend.synthetic import import_tasks
 from bench.gan import LS_CONFIG
 from model.data import make_nuclei
 
@@ -46,7 +45,7 @@ def _payload(count: int, seed: int) -> tuple[list[tuple[str, bytes]], list[list[
 def old_path(client: LabelStudio, pid: int, pngs, results) -> int:
     ids = lsclient.upload_images(client, pid, pngs)
     for tid, result in zip(ids, results):
-        client.predictions.create(task=tid, result=result, score=0.9, model_version="bench")
+        lsclient.create_prediction(client, tid, result, 0.9, "bench")
         client.tasks.update(str(tid), meta={"synthetic": True, "synthetic_kind": "edited"})
     return len(ids)
 
@@ -55,7 +54,7 @@ def new_path(client: LabelStudio, pid: int, pngs, results) -> int:
     urls = lsclient.upload_files(client, pid, pngs)
     tasks = [{"data": {"image": u}, "meta": {"synthetic": True, "synthetic_kind": "edited"},
               "predictions": [{"result": r, "score": 0.9, "model_version": "bench"}]} for u, r in zip(urls, results)]
-    return len(import_tasks(client, str(pid), tasks))
+    return len(lsclient.import_tasks(client, pid, tasks))
 
 
 def main() -> None:

@@ -24,7 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from backend.lsserver import LSApi, LSApiError, free_port  # noqa: E402
+from backend import lsclient  # noqa: E402
+from backend.lsclient import LabelStudioUnavailable  # noqa: E402
+from backend.lsserver import free_port  # noqa: E402
 
 PROJECT = "tessera-e2e"
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
@@ -106,11 +108,12 @@ class Stack:
     def exec(self, service: str, *args: str, **kw) -> subprocess.CompletedProcess:
         return self("exec", "-T", service, *args, **kw)
 
-    def up(self) -> LSApi:
+    def up(self):
+        """The stack started; returns label-studio-sdk's client for its Label Studio."""
         t = time.time()
         self("up", "-d", timeout=900)
-        api = LSApi(f"http://127.0.0.1:{self.ls_port}", self.token)
-        wait_for("Label Studio answering with the token", api.whoami, 900)  # first start: migrations
+        api = lsclient.connect(f"http://127.0.0.1:{self.ls_port}", self.token)
+        wait_for("Label Studio answering with the token", api.users.whoami, 900)  # first start: migrations
         wait_for("tessera healthy", lambda: self.health("tessera") == "healthy", 180)
         wait_for("worker healthy", lambda: self.health("worker") == "healthy", 180)
         say(f"stack up and healthy in {time.time() - t:.0f} s")
@@ -139,22 +142,24 @@ def run(stack: Stack, workdir: Path) -> None:
 
     images = workdir / "upload"
     sh(sys.executable, "-", str(images), "4", "9", input=MAKE_DATA, cwd=REPO)
-    project = api.create_project("Tessera compose e2e", CONFIG)["id"]
-    tasks = api.upload_images(project, sorted((images / "images").glob("*.png")))["task_ids"]
-    ml = api.connect_ml(project, "http://tessera:9090", "Tessera")
-    say(f"project {project}: {len(tasks)} uploaded tasks, model connected at http://tessera:9090 (ml {ml['id']})")
+    project = api.projects.create(title="Tessera compose e2e", label_config=CONFIG).id
+    tasks = lsclient.upload_images(api, project, [(p.name, p.read_bytes())
+                                                  for p in sorted((images / "images").glob("*.png"))])
+    ml = api.ml.create(project=project, url="http://tessera:9090", title="Tessera")
+    say(f"project {project}: {len(tasks)} uploaded tasks, model connected at http://tessera:9090 (ml {ml.id})")
 
     t = time.time()
-    api.retrieve_predictions(project)
-    stored = {task: [p for p in api.predictions(task) if p["result"]] for task in tasks}
-    n_regions = sum(len(p[0]["result"]) for p in stored.values() if p)
+    api.actions.create(id="retrieve_tasks_predictions", project=project, selected_items={"all": True, "excluded": []},
+                       request_options={"timeout_in_seconds": 150})
+    stored = {task: [p for p in api.predictions.list(task=task) if p.result] for task in tasks}
+    n_regions = sum(len(p[0].result) for p in stored.values() if p)
     assert all(stored.values()), f"tasks without stored regions: {[k for k, v in stored.items() if not v]}"
     say(f"Retrieve predictions: {n_regions} regions stored on {len(tasks)} tasks in {time.time() - t:.0f} s")
 
     for task in tasks[:3]:  # accept the predictions as annotations
-        api.create_annotation(task, stored[task][0]["result"])
+        api.annotations.create(task, result=stored[task][0].result)
     t = time.time()
-    api.ml_train(ml["id"])
+    api.ml.train(ml.id)
     key = str(project)
     wait_for("the worker training the project from Start training",
              lambda: "v0001" in versions(stack, key), 600, every=5)
@@ -168,8 +173,8 @@ def run(stack: Stack, workdir: Path) -> None:
     stack("down", timeout=300)
     api = stack.up()
     assert (versions(stack), versions(stack, key)) == before, "models changed across down/up"
-    assert api.project(project)["title"] == "Tessera compose e2e", "Label Studio's data lost across down/up"
-    assert len(api.tasks(project)) == len(tasks)
+    assert api.projects.get(project).title == "Tessera compose e2e", "Label Studio's data lost across down/up"
+    assert len(list(lsclient.tasks(api, project))) == len(tasks)
     say(f"down + up: models and Label Studio data kept ({time.time() - t:.0f} s)")
 
 
@@ -179,7 +184,7 @@ def main() -> int:
     stack = Stack(docker, workdir)
     try:
         run(stack, workdir)
-    except (SystemExit, AssertionError, LSApiError) as e:
+    except (SystemExit, AssertionError, LabelStudioUnavailable) as e:
         for service in ("label-studio", "tessera", "worker"):
             print(f"---- {service} log\n{stack.logs(service)}")
         print(f"docker-e2e FAILED: {e}")
