@@ -4,8 +4,6 @@ annotated gives boxes whose count and placement match the generator's objects, a
 learned region cut."""
 from __future__ import annotations
 
-import time
-
 import httpx
 import numpy as np
 import pytest

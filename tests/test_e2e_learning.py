@@ -206,7 +206,7 @@ def test_start_training_in_ls_runs(project, tessera):
     assert st["last_result"]["decision"] in ("compared", "thin evidence"), st["last_result"]
     # the annotation changed above (toggle off) is in this run's data: a second Start training has nothing new
     served = setup_version(tessera.url, pid)
-    assert project["api"].project(pid)["model_version"] == served      # promoted or not, LS follows the served one
+    assert project["api"].projects.get(pid).model_version == served      # promoted or not, LS follows the served one
     set_train_on_annotation(project["api"], pid, True)
 
 

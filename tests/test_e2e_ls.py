@@ -1,7 +1,6 @@
 """End to end with a real Label Studio 1.23.2 and `tessera serve` (gunicorn) as separate processes:
 connect, retrieve predictions (no duplicates), annotate -> webhook -> runner, Start training, versions."""
 import os
-import time
 
 import httpx
 import pytest
