@@ -127,8 +127,8 @@ def test_annotations_train_a_version_that_ls_predicts_with(project, tessera):
     assert setup_version(tessera.url, pid) == "tessera-untrained"
     t0 = time.time()
     for i in range(6):        # two of them with the same nuclei also as polygons and boxes (an accepted prediction)
-        api.annotations.create(tasks[i], result=gt_results(samples[i], ("brushlabels", "polygonlabels",
-                                                                         "rectanglelabels") if i < 2 else ("brushlabels",)))
+        types = ("brushlabels", "polygonlabels", "rectanglelabels") if i < 2 else ("brushlabels",)
+        api.annotations.create(tasks[i], result=gt_results(samples[i], types))
     api.annotations.create(tasks[6], result=gt_results(samples[6]), was_cancelled=True)     # skipped by training
     st = wait_result(tessera.url, pid, ("promoted",))
     print(f"6 annotations -> promoted version in {time.time() - t0:.1f} s: {st['last_result']['metrics']}")
