@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend import bulk, training
+from backend import bulk, workdir
 from backend.jobs import make_runner
 from backend.service import ModelCache
 from backend.store import (DEFAULT_KEY, STAGING_KEY, UNTRAINED, ParsedVersion, Store, is_label_version, parse_version,
@@ -21,7 +21,7 @@ def test_serving_and_training_find_one_store_per_project(settings):
     for key in ("3", DEFAULT_KEY):
         assert cache.registry(key).root == store.registry(key).root
     # the training run's scratch sits beside the versions it is added to (a hard link, not a copy)
-    assert training._work_dir(store.registry("3")).parent == store.work_dir("3")
+    assert workdir.work_dir(store.registry("3")).parent == store.work_dir("3")
     assert make_runner(SimpleNamespace(redis_url="", debounce_s=1.0, model_dir=settings.model_dir),
                        run_fn=lambda *a: {}).lock_dir == store.jobs_dir
     with pytest.raises(ValueError, match="ASCII digits"):
