@@ -155,16 +155,16 @@ class TesseraProcess:
                                      start_new_session=True)
 
     def wait_up(self, timeout: float = 60.0) -> "TesseraProcess":
-        import requests
+        import httpx
 
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tessera serve exited {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
-            except requests.RequestException:
+            except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"tessera serve did not answer in {timeout}s:\n{self.log_text()[-3000:]}")
