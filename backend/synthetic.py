@@ -54,7 +54,7 @@ def _gan_source(cache: ModelCache, key: str, config: LabelConfig):
 
 
 def _task_of(sample_id: str) -> int | str:
-    """Sample ids of project tasks are "<task id>:<image tag>" (backend.training.project_samples)."""
+    """Sample ids of project tasks are "<task id>:<image tag>" (backend.dataset.project_samples)."""
     head = str(sample_id).split(":", 1)[0]
     return int(head) if head.isdigit() else head
 
