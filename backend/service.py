@@ -19,8 +19,7 @@ from backend.media import MediaError, MediaResolver
 from backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value, result_label,
                              results_to_maps)
 from backend.settings import Settings
-from backend.store import DEFAULT_KEY, UNTRAINED, Store, project_key, store_key, version_string  # noqa: F401
-# (project_key and the rest stay importable from here for callers not yet moved to backend.store)
+from backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
 from model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)

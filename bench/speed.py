@@ -90,7 +90,7 @@ def bench_model(work: Path) -> Path:
     """A label model trained for a few iterations on procedural nuclei, registered under work/models: the
     checkpoint both speed modes time (speed does not depend on what the weights learned, only on the
     architecture and the object scale they were trained at)."""
-    from backend.service import DEFAULT_KEY
+    from backend.store import DEFAULT_KEY
     from backend.settings import Settings
     from backend.training import _train_and_register
     from model.data import make_nuclei

@@ -190,7 +190,7 @@ class TesseraProcess:
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory):
     """A MODEL_DIR whose default model is a small label model trained here on procedural nuclei."""
-    from backend.service import DEFAULT_KEY
+    from backend.store import DEFAULT_KEY
     from backend.training import _train_and_register
     from model.data import make_nuclei
 

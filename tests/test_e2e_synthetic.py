@@ -12,7 +12,8 @@ import pytest
 from backend import lsclient
 from backend.regions import instances_to_results, region_to_mask
 from backend.label_config import Control
-from backend.service import DEFAULT_KEY, ModelCache
+from backend.service import ModelCache
+from backend.store import DEFAULT_KEY
 from backend.settings import Settings
 from model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess

@@ -9,7 +9,7 @@ import pytest
 
 from backend.lsclient import VersionFollower
 from backend.regions import region_to_mask
-from backend.service import version_string
+from backend.store import version_string
 from backend.settings import Settings
 from tests.test_app import blobs_png, data_uri, predict_body
 

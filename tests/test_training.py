@@ -11,7 +11,8 @@ from backend import dataset, gan_runs, training, workdir
 from backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
 from backend.label_config import parse_label_config
 from backend.regions import instances_to_results, results_to_maps
-from backend.service import DEFAULT_KEY, ModelCache, latest_annotation
+from backend.service import ModelCache, latest_annotation
+from backend.store import DEFAULT_KEY
 from tests.conftest import CONFIG_ALL, register_stub
 
 CONTROLS = {c.type: c for c in parse_label_config(CONFIG_ALL).controls}
