@@ -16,14 +16,14 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, LengthRequired, RequestEntityTooLarge
 
-import backend
-from backend.ls_model import BackendState, BadRequest, ProjectState, TesseraModel, key_of
-from backend.lsclient import VersionFollower
-from backend.regions import region_value
-from backend.service import ModelCache
-from backend.store import DEFAULT_KEY, version_string
-from backend.settings import Settings
-from backend.urls import UnsafeURL, parse_http_url
+from tessera import backend
+from tessera.backend.ls_model import BackendState, BadRequest, ProjectState, TesseraModel, key_of
+from tessera.backend.lsclient import VersionFollower
+from tessera.backend.regions import region_value
+from tessera.backend.predictions import ModelCache
+from tessera.backend.store import DEFAULT_KEY, version_string
+from tessera.backend.settings import Settings
+from tessera.backend.urls import UnsafeURL, parse_http_url
 
 __all__ = ["create_app", "BadRequest", "ProjectState", "BackendState"]
 
@@ -36,9 +36,9 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
     """App factory: `tessera serve` (backend/serving.py) in production, `create_app(...).test_client()` in tests."""
     settings = settings or Settings.from_env()
     if runner is None:
-        from backend.jobs import make_runner
+        from tessera.backend.jobs import make_runner
         runner = make_runner(settings)
-    app = Flask("tessera")
+    app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False
     app.extensions["tessera"] = BackendState(settings=settings, cache=cache or ModelCache(settings), runner=runner,
@@ -235,8 +235,8 @@ synthetic = Blueprint("synthetic", __name__)
 
 @synthetic.post("/generate")
 def generate():
-    """Synthetic, pre-annotated tasks into a project (see backend/synthetic.py)."""
-    from backend.synthetic import KINDS, generate_into_project
+    """Synthetic, pre-annotated tasks into a project (see backend/synthetic_tasks.py)."""
+    from tessera.backend.synthetic_tasks import KINDS, generate_into_project
 
     data = _json_body(("project",))
     key = key_of(data["project"])

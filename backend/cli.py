@@ -9,21 +9,21 @@ import sys
 import time
 from pathlib import Path
 
-from backend.lsclient import NotFound
-from backend.settings import Settings, apply_thread_policy
+from tessera.backend.lsclient import NotFound
+from tessera.backend.settings import Settings, apply_thread_policy
 
 logger = logging.getLogger("tessera")
 
 
 def _setup_logging(settings: Settings) -> None:
-    from backend.settings import configure_logging
+    from tessera.backend.settings import configure_logging
 
     configure_logging(settings.log_level)
 
 
 def cmd_serve(args, settings: Settings) -> int:
     """Run the HTTP backend (waitress: request bodies are read in full before a thread runs the app)."""
-    from backend.serving import serve
+    from tessera.backend.serving import serve
 
     def given(value, default):
         return default if value is None else value
@@ -34,7 +34,7 @@ def cmd_serve(args, settings: Settings) -> int:
 
 def cmd_worker(args, settings: Settings) -> int:
     """Process training runs from the RQ queue (needs REDIS_URL)."""
-    from backend.jobs import worker_main
+    from tessera.backend.jobs import worker_main
 
     url = args.redis_url or settings.redis_url
     if not url:
@@ -45,14 +45,14 @@ def cmd_worker(args, settings: Settings) -> int:
 
 
 def _registry(settings: Settings, project: str | None):
-    from backend.store import DEFAULT_KEY, Store
+    from tessera.backend.store import DEFAULT_KEY, Store
 
     return Store(settings.model_dir).registry(project or DEFAULT_KEY)
 
 
 def cmd_versions(args, settings: Settings) -> int:
     """List stored versions with their metrics and what each decision rests on."""
-    from backend.store import DEFAULT_KEY, version_string
+    from tessera.backend.store import DEFAULT_KEY, version_string
 
     reg = _registry(settings, args.project)
     rows = reg.versions()
@@ -92,7 +92,7 @@ def _figures(m: dict) -> str:
 
 def cmd_rollback(args, settings: Settings) -> int:
     """Serve an earlier version again."""
-    from backend.store import DEFAULT_KEY, parse_version, version_string
+    from tessera.backend.store import DEFAULT_KEY, parse_version, version_string
 
     parsed = parse_version(args.version)
     version = parsed.version if parsed else args.version
@@ -106,7 +106,7 @@ def cmd_rollback(args, settings: Settings) -> int:
 def _follow_in_label_studio(settings: Settings, project: str, version: str) -> None:
     """Name the project's Tessera connection in LS after `version` (see lsclient.follow_version); without
     LS settings the next /setup from Label Studio does it."""
-    from backend.lsclient import LabelStudioUnavailable, follow_version, from_settings
+    from tessera.backend.lsclient import LabelStudioUnavailable, follow_version, from_settings
 
     try:
         follow_version(from_settings(settings), project, version)
@@ -166,7 +166,7 @@ class ProgressBars:
 
 def cmd_train(args, settings: Settings) -> int:
     """Train the label model from a folder dataset or a Label Studio project and register a version."""
-    from backend import training
+    from tessera.backend import training
 
     if bool(args.data) == bool(args.project):
         print("give exactly one of --data DIR or --project N", file=sys.stderr)
@@ -185,7 +185,7 @@ def cmd_train(args, settings: Settings) -> int:
 def cmd_predict(args, settings: Settings) -> int:
     """Compute predictions for a whole project and write them through Label Studio's REST API (no 100 s
     limit); needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY."""
-    from backend.bulk import predict_project
+    from tessera.backend.predict_project import predict_project
 
     with ProgressBars() as bars:
         result = predict_project(settings, str(args.project), batch=args.batch, overwrite=args.overwrite,
@@ -197,7 +197,7 @@ def cmd_predict(args, settings: Settings) -> int:
 def cmd_generate(args, settings: Settings) -> int:
     """Generate synthetic, pre-annotated tasks into a Label Studio project; needs LABEL_STUDIO_URL and
     LABEL_STUDIO_API_KEY, and MODEL_DIR with the project's label model (and generator, for --kind generated)."""
-    from backend.synthetic import generate_into_project
+    from tessera.backend.synthetic_tasks import generate_into_project
 
     if not 1 <= args.count <= 10_000:
         raise ValueError(f"--count must be between 1 and 10000, got {args.count}")
@@ -212,7 +212,7 @@ def cmd_generate(args, settings: Settings) -> int:
 
 def cmd_demo(args, settings: Settings) -> int:
     """Start Label Studio and Tessera on localhost with a demo project (see backend/demo.py)."""
-    from backend.demo import run_demo
+    from tessera.backend.demo import run_demo
 
     return run_demo(args)
 
@@ -307,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _failure(cmd: str, e: Exception) -> str:
     """One line for a command that failed unexpectedly; the traceback goes to the log at DEBUG."""
-    from backend.lsclient import LabelStudioUnavailable
+    from tessera.backend.lsclient import LabelStudioUnavailable
 
     if isinstance(e, LabelStudioUnavailable):
         reason = str(e)

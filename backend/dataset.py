@@ -15,17 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from label_studio_sdk.client import LabelStudio
 
-from backend import lsclient
-from backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
-from backend.media import MediaError, MediaResolver
-from backend.progress import Progress, noop, phase
-from backend.regions import results_to_boxes, results_to_maps
-from backend.service import latest_annotation, task_image
-from backend.settings import Settings
-from backend.store import Store, is_label_version
-from model.data import Sample, split_ids
-from model.postprocess import box_sample
-from model.registry import Registry, VersionInfo
+from tessera.backend import lsclient
+from tessera.backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
+from tessera.backend.media import MediaError, MediaResolver
+from tessera.backend.progress import Progress, noop, phase
+from tessera.backend.regions import results_to_boxes, results_to_maps
+from tessera.backend.predictions import latest_annotation, task_image
+from tessera.backend.settings import Settings
+from tessera.backend.store import Store, is_label_version
+from tessera.model.data import Sample, split_ids
+from tessera.model.postprocess import box_sample
+from tessera.model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
 

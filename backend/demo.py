@@ -7,7 +7,7 @@ trained on their exact labels (into a staging store, moved into the project's st
 given the project an id); the project "Tessera demo: nuclei" gets the images as tasks and a few tasks
 get ground-truth annotations (one with half its nuclei left out on purpose, for "find suspect labels");
 `tessera serve` starts and is connected as the project's interactive ML backend; a few synthetic tasks
-are generated when backend.synthetic is there; predictions are retrieved for every task.
+are generated when backend.synthetic_tasks is there; predictions are retrieved for every task.
 
 Everything lives under --data-dir (default .demo): ls/ (Label Studio's data), models/ (MODEL_DIR),
 images/, tessera.log and demo.json (URLs, login, token, project id; what this run did). A second run
@@ -39,10 +39,10 @@ from typing import Any, Callable
 import numpy as np
 from label_studio_sdk.client import LabelStudio
 
-from backend import lsclient
-from backend.progress import TqdmProgress
-from backend.settings import Settings
-from model.lockfile import file_lock
+from tessera.backend import lsclient
+from tessera.backend.progress import TqdmProgress
+from tessera.backend.settings import Settings
+from tessera.model.lockfile import file_lock
 
 TITLE = "Tessera demo: nuclei"
 LABEL = "Nucleus"
@@ -118,7 +118,7 @@ class Console:
 # --------------------------------------------------------------------------------------------- helpers
 
 def _pick_port(preferred: int) -> int:
-    from backend.lsserver import free_port, port_in_use
+    from tessera.backend.lsserver import free_port, port_in_use
 
     # LS moves to port+1 when its port is busy, so the next one must be free too
     return preferred if not (port_in_use(preferred) or port_in_use(preferred + 1)) else free_port()
@@ -156,7 +156,7 @@ class TesseraServer:
         self.log_path = log_path
         exe = Path(sys.executable).with_name("tessera")
         cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)] if exe.exists() else \
-              [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+              [sys.executable, "-m", "tessera.backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         with open(log_path, "ab") as log:
             log.write(f"\n==== tessera demo: {' '.join(cmd)} ====\n".encode())
             log.flush()
@@ -218,7 +218,7 @@ def write_images(images_dir: Path, plan: Plan) -> list:
     """The demo's samples (seeded, so every run makes the same ones); PNGs written where missing."""
     from PIL import Image
 
-    from model.data import make_nuclei
+    from tessera.model.data import make_nuclei
 
     samples = make_nuclei(plan.n_images, size=plan.size, seed=DATA_SEED)
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -237,8 +237,8 @@ def image_paths(images_dir: Path, plan: Plan) -> list[Path]:
 
 def train_label_model(settings: Settings, key: str, samples: list, plan: Plan, console: Console) -> dict:
     """The first version, trained on the demo images' exact labels (20% held back for validation)."""
-    from backend.training import _train_and_register
-    from model.data import split_ids
+    from tessera.backend.training import _train_and_register
+    from tessera.model.data import split_ids
 
     train_ids, val_ids = split_ids([s.id for s in samples], 0.2)
     by_id = {s.id: s for s in samples}
@@ -248,8 +248,8 @@ def train_label_model(settings: Settings, key: str, samples: list, plan: Plan, c
 
 def train_gan(settings: Settings, key: str, samples: list, plan: Plan, console: Console) -> str:
     """The mask GAN for synthetic tasks, trained for plan.gan_seconds and registered as the current "gan"."""
-    from backend.store import Store
-    from model.train_maskgan import GANTrainConfig, train
+    from tessera.backend.store import Store
+    from tessera.model.train_maskgan import GANTrainConfig, train
 
     store = Store(settings.model_dir)
     registry, work = store.registry(key), store.work_dir(key)
@@ -278,9 +278,9 @@ def _gan_progress(console: Console, budget: float, t0: float) -> Callable[[dict]
 
 def move_store(settings: Settings, src_model_dir: Path, dst_key: str) -> None:
     """Move the staging store (trained before the project existed) to the project's store."""
-    from backend.store import STAGING_KEY, Store
+    from tessera.backend.store import BEFORE_PROJECT_KEY, Store
 
-    src = Store(src_model_dir).registry(STAGING_KEY).root
+    src = Store(src_model_dir).registry(BEFORE_PROJECT_KEY).root
     dst = Store(settings.model_dir).registry(dst_key).root
     if dst.exists():
         shutil.rmtree(dst)
@@ -291,8 +291,8 @@ def move_store(settings: Settings, src_model_dir: Path, dst_key: str) -> None:
 
 def ground_truth_annotation(sample, drop_half: bool) -> list[dict]:
     """A brush annotation of every nucleus (or of every other one, to be found as a suspect label)."""
-    from backend.label_config import parse_label_config
-    from backend.regions import instances_to_results
+    from tessera.backend.label_config import parse_label_config
+    from tessera.backend.regions import instances_to_results
 
     control = next(c for c in parse_label_config(LABEL_CONFIG).controls if c.type == "brushlabels")
     ids = [int(k) for k in np.unique(sample.instances) if k != 0]
@@ -338,7 +338,7 @@ def connect_backend(ls: LabelStudio, project: int, url: str):
 def _follow_served_version(settings: Settings, pid: int) -> None:
     """Name the connection after the served version now (tessera serve also does it on /setup), so that
     "Prediction score" sorts by the predictions retrieved next."""
-    from backend.service import ModelCache
+    from tessera.backend.predictions import ModelCache
 
     version = ModelCache(settings).version(str(pid))
     try:
@@ -412,7 +412,7 @@ class DemoRun:
 
 def start_label_studio(run: DemoRun) -> Background:
     """Label Studio in the background (template build ~30-70 s once, then ~10 s from a copy)."""
-    from backend.lsserver import LabelStudioServer, build_template, default_ls_venv
+    from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv
 
     ls_dir, ls_port = run.path("ls"), _pick_port(LS_PORT)
     fresh = not (ls_dir / "label_studio.sqlite3").exists()
@@ -435,7 +435,7 @@ def start_label_studio(run: DemoRun) -> Background:
 def stage_first_model(run: DemoRun, samples: list) -> dict:
     """Unless the last run's project already has a model, train the first version into a staging store
     while Label Studio starts (the project id is not known yet)."""
-    from backend.store import STAGING_KEY, Store
+    from tessera.backend.store import BEFORE_PROJECT_KEY, Store
 
     prev_pid = str((run.previous.get("project") or {}).get("id") or "")
     if prev_pid and Store(run.settings.model_dir).registry(prev_pid).current("label") is not None:
@@ -443,7 +443,7 @@ def stage_first_model(run: DemoRun, samples: list) -> dict:
         return {}
     shutil.rmtree(run.path("staging"), ignore_errors=True)
     staging = run.settings.replace(model_dir=run.path("staging"))
-    return _train_models(staging, STAGING_KEY, samples, run.plan, run.plan.gan_seconds > 0, run.console, run.timings)
+    return _train_models(staging, BEFORE_PROJECT_KEY, samples, run.plan, run.plan.gan_seconds > 0, run.console, run.timings)
 
 
 def open_project(run: DemoRun, ls: LabelStudio) -> tuple[int, bool]:
@@ -465,7 +465,7 @@ def open_project(run: DemoRun, ls: LabelStudio) -> tuple[int, bool]:
 
 def place_models(run: DemoRun, pid: int, samples: list, staged: dict) -> bool:
     """The project's store gets the staged first version (or trains one now); returns whether it trained."""
-    from backend.store import Store
+    from tessera.backend.store import Store
 
     registry = Store(run.settings.model_dir).registry(str(pid))
     trained = False
@@ -532,7 +532,7 @@ def start_tessera(run: DemoRun, ls: LabelStudio, pid: int) -> tuple[TesseraServe
 def retrieve_predictions(run: DemoRun, ls: LabelStudio, pid: int) -> tuple[dict, str]:
     """Predictions for every task (one batched /predict, as the Data Manager action does) -> (task_stats,
     the served version)."""
-    from backend.store import Store, version_string
+    from tessera.backend.store import Store, version_string
 
     t0 = time.monotonic()
     run.console.step("retrieving predictions for all tasks (Data Manager > Retrieve predictions)...")
@@ -549,7 +549,7 @@ def retrieve_predictions(run: DemoRun, ls: LabelStudio, pid: int) -> tuple[dict,
 
 def ready_summary(run: DemoRun, pid: int, created: bool, trained: bool, ml: Any, stats: dict, version: str) -> None:
     """What the run made, in demo.json (written by the caller) and on screen."""
-    from backend.store import Store
+    from tessera.backend.store import Store
 
     ls_server, tessera = run.ls_server, run.backends[-1]
     registry = Store(run.settings.model_dir).registry(str(pid))
@@ -622,10 +622,10 @@ def _new_run(args) -> DemoRun:
 
 def run_demo(args) -> int:
     """`tessera demo`: see the module docstring. Returns the process exit code."""
-    from backend.lsserver import LabelStudioError
+    from tessera.backend.lsserver import LabelStudioError
 
     if logging.getLogger().level >= logging.INFO:   # the demo shows its own progress lines
-        for name in ("model", "backend.training"):
+        for name in ("tessera.model", "tessera.backend.training"):
             logging.getLogger(name).setLevel(logging.WARNING)
     run = _new_run(args)
     lock = contextlib.ExitStack()               # held until this function returns
@@ -706,7 +706,7 @@ def _synthetic(settings: Settings, pid: int, plan: Plan, stats: dict, console: C
         msg = "skipped: TESSERA_DEMO_GAN_S=0 (no GAN trained)"
         console.step(f"synthetic tasks: {msg}")
         return {"status": "skipped", "reason": msg}
-    from backend.synthetic import generate_into_project
+    from tessera.backend.synthetic_tasks import generate_into_project
 
     if plan.synth_min_iou is not None:
         settings = settings.replace(synth_min_iou=plan.synth_min_iou)

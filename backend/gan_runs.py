@@ -5,11 +5,11 @@ import logging
 import shutil
 import time
 
-from backend.progress import Progress
-from backend.settings import Settings
-from backend.store import Store, version_string
-from backend.workdir import work_dir
-from model.data import Sample
+from tessera.backend.progress import Progress
+from tessera.backend.settings import Settings
+from tessera.backend.store import Store, version_string
+from tessera.backend.workdir import work_dir
+from tessera.model.data import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ GAN_PROGRESS_EVERY = 20      # iterations between the GAN's progress steps (stat
 def gan_config(settings: Settings, iters: int | None = None):
     """The GANTrainConfig of a run's GAN part: as many iterations as the label model gets, at most
     TESSERA_GAN_BUDGET_S seconds (on 2 CPU cores a GAN iteration costs several label-model iterations)."""
-    from model.train_maskgan import GANTrainConfig
+    from tessera.model.train_maskgan import GANTrainConfig
 
     return GANTrainConfig(max_iters=iters or settings.train_iters, time_budget_s=settings.gan_budget_s,
                           device=settings.device)
@@ -31,7 +31,7 @@ def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: 
     """Train the mask GAN on the project's real samples and register it as kind "gan" (promoted when the
     run ends with finite losses: there is no held-back score for a generator yet). Warm-starts from the
     current GAN when its config still fits."""
-    from model import train_maskgan
+    from tessera.model import train_maskgan
 
     real = [s for s in samples if not s.synthetic]       # a GAN must not learn from its own output
     if not real:

@@ -1,7 +1,7 @@
 """Training job runners: debounced, one run per project at a time, status readable while it runs.
 
 `ThreadJobRunner` (default) runs jobs on a background thread of the serving process. `RQJobRunner`
-(REDIS_URL set) enqueues them on the RQ queue "tessera"; `tessera worker` / `python -m backend.jobs worker`
+(REDIS_URL set) enqueues them on the RQ queue "tessera"; `tessera worker` / `python -m tessera.backend.jobs worker`
 processes run them, with the debounce waited out inside the job (no rq scheduler: its lock outlives a
 killed worker by a minute and a restarted worker takes it over only after 10), redis-py's Lock (TTL +
 heartbeat) per project and status in a Redis hash that any process can read. A lock or a waiting job whose
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from backend.store import Store
-from model.lockfile import file_lock
+from tessera.backend.store import Store
+from tessera.model.lockfile import file_lock
 
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[str, str, Callable[[dict], None]], dict]
-DEFAULT_RUN_FN = "backend.training:train_project"
+DEFAULT_RUN_FN = "tessera.backend.training:train_project"
 QUEUE = "tessera"
 LOCK_TTL_S = 60                 # a dead worker's project lock frees itself after this (other hosts)
 WAIT_TTL_S = 15                 # a job waiting out the debounce refreshes its marker within this
@@ -551,14 +551,14 @@ def make_runner(settings: Any, run_fn: str | RunFn | None = None) -> JobRunner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m backend.jobs worker --redis-url URL [--burst]`."""
-    p = argparse.ArgumentParser(prog="python -m backend.jobs")
+    """`python -m tessera.backend.jobs worker --redis-url URL [--burst]`."""
+    p = argparse.ArgumentParser(prog="python -m tessera.backend.jobs")
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker", help="run an RQ worker on queue 'tessera'")
     w.add_argument("--redis-url", required=True)
     w.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     args = p.parse_args(argv)
-    from backend.settings import configure_logging
+    from tessera.backend.settings import configure_logging
 
     configure_logging("INFO")
     worker_main(args.redis_url, burst=args.burst)

@@ -15,13 +15,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backend.label_config import LabelConfig, LabelConfigError, parse_label_config
-from backend.lsclient import VersionFollower
-from backend.media import MediaResolver
-from backend.service import ModelCache, predict_tasks
-from backend.store import project_key
-from backend.settings import Settings
-from backend.urls import UnsafeURL, parse_http_url
+from tessera.backend.label_config import LabelConfig, LabelConfigError, parse_label_config
+from tessera.backend.lsclient import VersionFollower
+from tessera.backend.media import MediaResolver
+from tessera.backend.predictions import ModelCache, predict_tasks
+from tessera.backend.store import project_key
+from tessera.backend.settings import Settings
+from tessera.backend.urls import UnsafeURL, parse_http_url
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class BadRequest(ValueError):
 
 
 class Runner(Protocol):
-    """backend.jobs' ThreadJobRunner / RQJobRunner: one debounced training run per project."""
+    """tessera.backend.jobs' ThreadJobRunner / RQJobRunner: one debounced training run per project."""
 
     def submit(self, project_key: str, reason: str) -> dict: ...
     def status(self, project_key: str) -> dict: ...

@@ -29,8 +29,8 @@ import httpx
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.settings import Settings
-from backend.store import VERSION_PREFIX
+from tessera.backend.settings import Settings
+from tessera.backend.store import VERSION_PREFIX
 
 logger = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)    # else one INFO line per request in every log

@@ -7,7 +7,7 @@ A fresh Label Studio data dir costs ~70 s of migrations, so a data-dir TEMPLATE 
 ``label-studio init`` (user, password, 40-hex user token, legacy API tokens enabled) and cached per
 label-studio version; every server then starts from a copy of it in a few seconds::
 
-    from backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
+    from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
 
     with LabelStudioServer(default_ls_venv(), "/tmp/ls-data") as ls:      # builds the template if needed
         ls_sdk = ls.client()
@@ -38,8 +38,8 @@ from typing import Any, Mapping
 
 import httpx
 
-from backend.settings import Settings
-from model.lockfile import file_lock
+from tessera.backend.settings import Settings
+from tessera.model.lockfile import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_USERNAME = "admin@example.com"
@@ -293,7 +293,7 @@ class LabelStudioServer:
 
     def client(self, timeout: float = 60.0):
         """label-studio-sdk's client for this server, with the legacy token (backend/lsclient.py)."""
-        from backend.lsclient import connect
+        from tessera.backend.lsclient import connect
 
         return connect(self.url, self.token, timeout=timeout)
 
@@ -433,7 +433,7 @@ __all__ = [
     "default_ls_venv", "default_template_dir", "free_port", "ls_environment", "ls_version",
 ]
 
-if __name__ == "__main__":  # python -m backend.lsserver [DATA_DIR]: build the template, run LS until Ctrl-C
+if __name__ == "__main__":  # python -m tessera.backend.lsserver [DATA_DIR]: build the template, run LS until Ctrl-C
     import argparse
     import tempfile
 

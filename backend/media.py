@@ -28,9 +28,9 @@ import urllib3
 import urllib3.connection
 from PIL import Image, UnidentifiedImageError
 
-from backend.settings import Settings
-from backend.urls import Origin, UnsafeURL, parse_host_entry, parse_http_url
-from model.data import image_to_rgb
+from tessera.backend.settings import Settings
+from tessera.backend.urls import Origin, UnsafeURL, parse_host_entry, parse_http_url
+from tessera.model.data import image_to_rgb
 
 logger = logging.getLogger(__name__)
 

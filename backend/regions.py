@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
-from backend.label_config import Control
+from tessera.backend.label_config import Control
 
 
 

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from backend.settings import Settings
+from tessera.backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("tessera.access")
@@ -55,7 +55,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def _run(sock: socket.socket, settings: Settings, threads: int) -> None:
     from waitress import create_server
 
-    from backend.app import create_app
+    from tessera.backend.app import create_app
 
     app = AccessLog(create_app(settings))
     server = create_server(

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from model.registry import Registry
+    from tessera.model.registry import Registry
 
 DEFAULT_KEY = "default"
-STAGING_KEY = "0"               # store a first version is trained under before its LS project id is known
+BEFORE_PROJECT_KEY = "0"               # store a first version is trained under before its LS project id is known
 VERSION_PREFIX = "tessera-"     # every model_version Tessera reports starts with this
 UNTRAINED = f"{VERSION_PREFIX}untrained"
 
@@ -98,7 +98,7 @@ class Store:
     def registry(self, key: str) -> Registry:
         """The Registry of project `key` ("default": the default model's); one object per key and Store,
         so its parsed current.json is shared."""
-        from model.registry import Registry     # imported late: model.registry loads torch; naming needs none
+        from tessera.model.registry import Registry     # imported late: model.registry loads torch; naming needs none
 
         key = store_key(key)
         with self._lock:

@@ -21,18 +21,18 @@ from typing import Callable
 
 import numpy as np
 
-from backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, folder_config,
+from tessera.backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, folder_config,
                              held_back_samples, is_box_only, load_samples, nothing_new)
-from backend.gan_runs import gan_part
-from backend.label_config import LabelConfig
-from backend.lsclient import LabelStudioUnavailable, from_settings
-from backend.progress import Progress, noop, phase
-from backend.service import ModelCache, label_mapping
-from backend.settings import Settings
-from backend.store import DEFAULT_KEY, Store, version_string
-from backend.workdir import work_dir
-from backend.writeback import after_promotion
-from model.data import Sample, load_folder, split_ids
+from tessera.backend.gan_runs import gan_part
+from tessera.backend.label_config import LabelConfig
+from tessera.backend.lsclient import LabelStudioUnavailable, from_settings
+from tessera.backend.progress import Progress, noop, phase
+from tessera.backend.predictions import ModelCache, label_mapping
+from tessera.backend.settings import Settings
+from tessera.backend.store import DEFAULT_KEY, Store, version_string
+from tessera.backend.workdir import work_dir
+from tessera.backend.writeback import after_promotion
+from tessera.model.data import Sample, load_folder, split_ids
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def train_config(settings: Settings, iters: int | None = None, budget_s: float =
     aims at TESSERA_PRECISION_TARGET. `until_plateau` (a project's first version): up to
     FIRST_RUN_ITERS_FACTOR x the iterations, stopping PLATEAU_EVALS evaluations after the held-back
     score last improved."""
-    from model.train_vqvae import TrainConfig
+    from tessera.model.train_vqvae import TrainConfig
 
     n = iters or settings.train_iters
     if until_plateau:
@@ -97,7 +97,7 @@ def lost_classes(new: dict, old: dict) -> list[str]:
 
 class _AsServed:
     """A served predictor whose classes are renumbered into a project's labels the way Label Studio
-    shows its predictions (service.label_mapping): the default model may know fewer or other names."""
+    shows its predictions (predictions.label_mapping): the default model may know fewer or other names."""
 
     def __init__(self, predictor, config: LabelConfig, label_names: list[str]):
         self.predictor, self.n_classes, self.label_names = predictor, len(label_names), list(label_names)
@@ -124,8 +124,8 @@ def _served_metrics_fn(path: Path, config: LabelConfig, label_names: list[str], 
                        ) -> Callable[[list[Sample]], dict]:
     """samples -> the served version's held-back metrics on them, counting what Label Studio shows of it
     (each sample set evaluated once)."""
-    from model.inference import Predictor
-    from model.train_vqvae import evaluate
+    from tessera.model.inference import Predictor
+    from tessera.model.train_vqvae import evaluate
 
     served, done = _AsServed(Predictor.from_checkpoint(path, device=device), config, label_names), {}
 
@@ -139,8 +139,8 @@ def _served_metrics_fn(path: Path, config: LabelConfig, label_names: list[str], 
 
 def _metrics_of(ckpt: Path, val: list[Sample]) -> dict:
     """The new checkpoint's held-back metrics (computed by train(); evaluated here if it did not)."""
-    from model.checkpoint import load_checkpoint
-    from model.train_vqvae import evaluate
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.model.train_vqvae import evaluate
 
     metrics = dict(load_checkpoint(ckpt, kind="vqvae").get("metrics") or {})
     if val and not {"fg_iou", "miou"} <= metrics.keys():
@@ -160,7 +160,7 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     config is judged by box AP50. A project's first version (nothing served to warm-start from) trains
     until its held-back score stops improving, within TESSERA_FIRST_TRAIN_BUDGET_S when the run has a
     budget (0: like any run)."""
-    from model.train_vqvae import train as train_vqvae
+    from tessera.model.train_vqvae import train as train_vqvae
 
     cache = ModelCache(settings)
     registry = cache.registry(key)
@@ -249,7 +249,7 @@ def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str,
     which learned from annotations the served version has not seen, is then served unless it looks
     broken: it must keep THIN_EVIDENCE_RATIO of the served version's score on all held-back tasks, and
     on the one or two person-made ones (if any) be no more than THIN_TOLERANCE below it."""
-    from model.train_vqvae import evaluate
+    from tessera.model.train_vqvae import evaluate
 
     n_labels = len(label_names)
     name = "box AP50" if box_only else "val score"
@@ -281,7 +281,7 @@ def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str,
 
 
 def _model_progress(progress: Progress) -> Progress:
-    """model.train_vqvae's progress as a run reports it: "loss" is the pixel loss, the one that is
+    """tessera.model.train_vqvae's progress as a run reports it: "loss" is the pixel loss, the one that is
     comparable over the whole run (the code loss joins later and would make the total jump ~10x; it is
     reported apart as "loss_code"), and the training's own "done" (loss 0.0) is not the run's."""
     def report(info: dict) -> None:

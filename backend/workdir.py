@@ -8,8 +8,8 @@ import socket
 import tempfile
 from pathlib import Path
 
-from backend.jobs import pid_alive
-from model.registry import Registry
+from tessera.backend.jobs import pid_alive
+from tessera.model.registry import Registry
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ import time
 
 from label_studio_sdk.client import LabelStudio
 
-from backend import lsclient
-from backend.label_config import LabelConfig
-from backend.progress import Progress, phase
-from backend.service import ModelCache
-from backend.settings import Settings
-from model.data import Sample
+from tessera.backend import lsclient
+from tessera.backend.label_config import LabelConfig
+from tessera.backend.progress import Progress, phase
+from tessera.backend.predictions import ModelCache
+from tessera.backend.settings import Settings
+from tessera.model.data import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def write_mislabeling(settings: Settings, client: LabelStudio, key: str, config:
                         key, written, len(todo) - written)
             break
         tid = str(task["id"])
-        value = round(max(float(served.predictor.check(s.image, s.classes, s.instances)[1])
+        value = round(max(float(served.predictor.review(s.image, s.classes, s.instances)[1])
                           for s in by_task[tid]), 4)
         meta = dict(task.get("meta") or {})
         meta.update({"tessera_mislabeling": value, "tessera_model_version": served.version})

@@ -4,13 +4,13 @@
 buffers request bodies before dispatch; a server in front that does not buffer them can be starved by slow
 clients.
 """
-from backend.settings import Settings, apply_thread_policy, configure_logging
+from tessera.backend.settings import Settings, apply_thread_policy, configure_logging
 
 settings = Settings.from_env()
 apply_thread_policy(settings)           # before backend.app imports torch
 
-from backend.app import create_app      # noqa: E402
-from backend.serving import AccessLog   # noqa: E402
+from tessera.backend.app import create_app      # noqa: E402
+from tessera.backend.serving import AccessLog   # noqa: E402
 
 configure_logging(settings.log_level)
 app = AccessLog(create_app(settings))

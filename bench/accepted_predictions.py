@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from backend.settings import Settings
-from backend.dataset import split_tasks
-from backend.training import judge, train_config, val_score
+from tessera.backend.settings import Settings
+from tessera.backend.dataset import split_tasks
+from tessera.backend.training import judge, train_config, val_score
 from bench.common import write_result
-from model.data import Sample, make_nuclei
-from model.inference import Predictor
-from model.registry import Registry
-from model.train_vqvae import evaluate, train
+from tessera.model.data import Sample, make_nuclei
+from tessera.model.inference import Predictor
+from tessera.model.registry import Registry
+from tessera.model.train_vqvae import evaluate, train
 
 LABELS = ["Nucleus"]
 

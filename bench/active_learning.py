@@ -77,7 +77,7 @@ class Sim:
     """Training, evaluation and selection for one benchmark run."""
 
     def __init__(self, args, by_id: dict, test: dict[str, list], names: list[str], work: Path):
-        from model.train_vqvae import TrainConfig
+        from tessera.model.train_vqvae import TrainConfig
 
         self.args, self.by_id, self.test, self.names, self.work = args, by_id, test, names, work
         self.cfg = TrainConfig(max_iters=args.iters, device="cpu", threads=args.threads, eval_interval=10 ** 9,
@@ -86,9 +86,9 @@ class Sim:
         self.n_fit = 0
 
     def fit(self, ids: list[str], init: Path | None, name: str, seed: int, iters: int | None = None):
-        from model import metrics
-        from model.inference import Predictor
-        from model.train_vqvae import train
+        from tessera.model import metrics
+        from tessera.model.inference import Predictor
+        from tessera.model.train_vqvae import train
 
         cfg = dataclasses.replace(self.cfg, seed=seed, max_iters=iters or self.cfg.max_iters)
         t0 = time.time()
@@ -104,7 +104,7 @@ class Sim:
                                  "eval_s": round(time.time() - t1, 1)}
 
     def pick(self, strategy: str, predictor, labelled: list[str], pool: list[str], k: int, rng) -> list[str]:
-        from model import acquisition
+        from tessera.model import acquisition
 
         if strategy == "random":
             return rng.sample(pool, k)
@@ -155,7 +155,7 @@ def _short(p: dict) -> dict:
 
 def _load(args) -> tuple[dict, dict[str, list], list[str], list[str], dict]:
     """(samples by id, balanced test set by modality, label names, pool ids, pool modality counts)."""
-    from model.data import load_folder, split_ids
+    from tessera.model.data import load_folder, split_ids
 
     samples, names = load_folder(args.data)
     by_id = {s.id: s for s in samples}

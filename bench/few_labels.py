@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from bench.common import dataset, write_result
-from model.data import Sample, load_folder, split_ids
-from model.edit import Editor
-from model.inference import Predictor
-from model.self_train import mix, pseudo_label
-from model.train_vqvae import TrainConfig, evaluate, train as train_label
+from tessera.model.data import Sample, load_folder, split_ids
+from tessera.model.edit import Editor
+from tessera.model.inference import Predictor
+from tessera.model.self_train import mix, pseudo_label
+from tessera.model.train_vqvae import TrainConfig, evaluate, train as train_label
 
 ARMS = ("real_only", "self_train", "edited", "both")
 KEYS = ("fg_iou", "recall", "precision", "instance_f1")

@@ -16,7 +16,7 @@
    (unfiltered), against the same judge's IoU on real validation images. The judge is trained on ALL
    training images (augmentation ON, same iterations).
 3. Speed: generated images/s at R=128 (batch 32) at 1 and 2 torch threads, and synthetic tasks/s into a
-   real Label Studio (backend.synthetic.generate_into_project, end to end).
+   real Label Studio (backend.synthetic_tasks.generate_into_project, end to end).
 Writes bench/results/gan.json and bench/results/gan_grid.png (layout | generated | re-segmentation).
 4. Realism (--realism, issue #12): a small real-vs-fake CNN's test accuracy and KID on the label model's encoder
    features, for generated and for edited images, against the KID between two sets of real images; the grid
@@ -37,13 +37,13 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS, dataset, write_result
-from model.data import Sample, load_folder, split_ids
-from model.inference import Predictor
-from model.layouts import LayoutSampler, fit_short_side
-from model.metrics import mean_iou
-from model.synth import Synthesizer
-from model.train_maskgan import GANTrainConfig, train as train_gan
-from model.train_vqvae import TrainConfig, evaluate, train as train_label
+from tessera.model.data import Sample, load_folder, split_ids
+from tessera.model.inference import Predictor
+from tessera.model.layouts import LayoutSampler, fit_short_side
+from tessera.model.metrics import mean_iou
+from tessera.model.synthesizer import Synthesizer
+from tessera.model.train_maskgan import GANTrainConfig, train as train_gan
+from tessera.model.train_vqvae import TrainConfig, evaluate, train as train_label
 
 AUG_OFF = dict(flips=False, rot90=False, scale_min=1.0, scale_max=1.0, jitter=0.0)
 AUG_ON = {}  # TrainConfig defaults: flips, rot90, scale 0.8-1.25, jitter 0.2
@@ -182,13 +182,13 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
     tasks of each kind (one project per kind); -> {kind: measurements}."""
     from PIL import Image
 
-    from backend.label_config import Control
-    from backend.lsserver import LabelStudioServer, build_template
-    from backend.regions import instances_to_results
-    from backend import lsclient
-    from backend.store import Store
-    from backend.settings import Settings
-    from backend.synthetic import generate_into_project
+    from tessera.backend.label_config import Control
+    from tessera.backend.lsserver import LabelStudioServer, build_template
+    from tessera.backend.regions import instances_to_results
+    from tessera.backend import lsclient
+    from tessera.backend.store import Store
+    from tessera.backend.settings import Settings
+    from tessera.backend.synthetic_tasks import generate_into_project
 
     t0 = time.time()
     template = build_template()
@@ -273,7 +273,7 @@ def synthetic_parts(args, threads: int) -> None:
     """The image-quality grid (real | layout | GAN before/after the quality fixes at equal iterations | edited),
     render speed and synthetic tasks/s into a real Label Studio for both kinds, without the (20 min)
     usefulness study; the previous usefulness figures are carried over, marked as such."""
-    from model.edit import Editor
+    from tessera.model.edit import Editor
 
     t_start, work = time.time(), Path(tempfile.mkdtemp(prefix="tessera-bench-gan-"))
     samples, names = load_folder(dataset("dsb2018"))
@@ -411,7 +411,7 @@ def write_realism(args, part: dict, key: str = "realism_part") -> None:
 def speed_only(args) -> None:
     """Generation speed alone: the default generator (GANTrainConfig's sizes, bilinear, grey flag; speed does not
     depend on the weights, so it is left untrained) renders DSB layouts at R=128, batch 32, 1 and 2 threads."""
-    from model.maskgan import Generator, MaskGANConfig
+    from tessera.model.maskgan import Generator, MaskGANConfig
     cfg = GANTrainConfig()
     gen = Generator(MaskGANConfig(resolution=128, n_labels=2, boundary=cfg.boundary, z_dim=cfg.z_dim,
                                   g_channels=cfg.g_channels, g_hidden=cfg.g_hidden, upsample=cfg.upsample,
@@ -431,7 +431,7 @@ def realism(args, threads: int) -> None:
     grid real | generated | edited. Disjoint DSB training-split images: A (GAN training, layouts and edit
     sources for the classifier's training fakes), B (layouts and edit sources of the test fakes), C and D
     (real images of the classifier's training and test sets; D and C's first half are the KID halves)."""
-    from model.edit import Editor
+    from tessera.model.edit import Editor
 
     t_start, work = time.time(), Path(tempfile.mkdtemp(prefix="tessera-bench-realism-"))
     samples, names = load_folder(dataset("dsb2018"))

@@ -49,13 +49,13 @@ def big_png(path: Path, side: int = 7000, seed: int = 0) -> None:
 
 
 class Server:
-    """`python -m backend.cli serve` from `src`, in its own process group."""
+    """`python -m tessera.backend.cli serve` from `src`, in its own process group."""
 
     def __init__(self, src: Path, env: dict, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "tessera.backend.cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(self.port)], cwd=src, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": str(src), **env}, start_new_session=True)
         deadline = time.time() + 90
@@ -115,10 +115,10 @@ def main() -> None:
                     help="big-image request with polygons and boxes only: a 7000x7000 brush RLE costs ~1 GB and "
                          "minutes per object in label-studio-sdk's encoder, whatever the decoding does")
     args = ap.parse_args()
-    from backend.store import DEFAULT_KEY
-    from backend.settings import Settings
-    from backend.training import _train_and_register
-    from model.data import make_nuclei
+    from tessera.backend.store import DEFAULT_KEY
+    from tessera.backend.settings import Settings
+    from tessera.backend.training import _train_and_register
+    from tessera.model.data import make_nuclei
 
     work = Path(tempfile.mkdtemp(prefix="tessera-hostile-"))
     res: dict = {"src": "this checkout" if Path(args.src).resolve() == REPO else "other tree", "label": args.label}

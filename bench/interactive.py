@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS, SHARED_DATA, write_result
-from model import metrics
-from model.checkpoint import load_checkpoint
-from model.data import Sample, load_folder, make_nuclei, read_image, split_ids
-from model.inference import Predictor
-from model.train_vqvae import TrainConfig, train
+from tessera.model import metrics
+from tessera.model.checkpoint import load_checkpoint
+from tessera.model.data import Sample, load_folder, make_nuclei, read_image, split_ids
+from tessera.model.inference import Predictor
+from tessera.model.train_vqvae import TrainConfig, train
 
 DEMO_SEED = 2024          # backend/demo.py's DATA_SEED: the demo's own images
 HINTS = ("scribble", "disk", "click_clump", "click", "box")

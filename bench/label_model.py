@@ -22,10 +22,10 @@ import torch
 from scipy import ndimage
 
 from bench.common import dataset, write_result
-from model import metrics
-from model.checkpoint import load_checkpoint
-from model.data import Sample, load_folder, read_image, semantic_instances, split_ids
-from model.inference import Predictor, fit_size, normalize_image, pad_to, resize, scaled_size
+from tessera.model import metrics
+from tessera.model.checkpoint import load_checkpoint
+from tessera.model.data import Sample, load_folder, read_image, semantic_instances, split_ids
+from tessera.model.inference import Predictor, fit_size, normalize_image, pad_to, resize, scaled_size
 
 BREEDS = ["Abyssinian", "Bengal", "american_bulldog"]
 
@@ -174,7 +174,7 @@ def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> d
 def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None,
                 iters: int = 0):
     """Train by wall-clock budget, or (iters > 0) by iterations: fair between arms on a loaded machine."""
-    from model.train_vqvae import TrainConfig, train as train_vqvae
+    from tessera.model.train_vqvae import TrainConfig, train as train_vqvae
 
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s, eval_interval=10_000,
                       seed=seed, device="cpu")
@@ -255,7 +255,7 @@ def run_edits(pred: Predictor, val: list[Sample], seed: int = 0) -> dict:
             if not (s.classes > 0).any():
                 continue
             c, i = corrupt(s, kind, rng)
-            refined, m = pred.check(s.image, c, i)
+            refined, m = pred.review(s.image, c, i)
             before.append(metrics.iou(c > 0, s.classes > 0))
             after.append(metrics.iou(refined.classes > 0, s.classes > 0))
             mis.append(m)

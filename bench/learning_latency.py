@@ -60,10 +60,10 @@ def main() -> None:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))        # so that `finally` stops LS and Tessera
 
-    from backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
-    from backend.settings import Settings
-    from backend.training import run_budget_s, train_config
-    from model.data import make_nuclei
+    from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
+    from tessera.backend.settings import Settings
+    from tessera.backend.training import run_budget_s, train_config
+    from tessera.model.data import make_nuclei
     from tests.conftest import CONFIG_ALL, TesseraProcess
     from tests.conftest_ls import upload_samples
     from tests.test_e2e_learning import gt_results

@@ -28,7 +28,7 @@ def _rq_submit_times(n: int) -> list[float] | None:
     exe = shutil.which("redis-server")
     if exe is None:
         return None
-    from backend.jobs import RQJobRunner
+    from tessera.backend.jobs import RQJobRunner
     from tests.conftest import free_port
 
     port = free_port()
@@ -55,9 +55,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from backend.jobs import ThreadJobRunner
-    from model.data import make_nuclei
-    from model.metrics import instance_match
+    from tessera.backend.jobs import ThreadJobRunner
+    from tessera.model.data import make_nuclei
+    from tessera.model.metrics import instance_match
 
     n = 5 if args.quick else 30
     times: dict[str, list[float]] = {}

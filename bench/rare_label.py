@@ -30,11 +30,11 @@ import torch
 
 from bench.common import RESULTS, dataset, write_result
 from bench.label_model import BREEDS, load_pets
-from model import metrics
-from model.data import Sample, split_ids
-from model.edit import Editor
-from model.inference import Predictor
-from model.train_vqvae import TrainConfig, train as train_label
+from tessera.model import metrics
+from tessera.model.data import Sample, split_ids
+from tessera.model.edit import Editor
+from tessera.model.inference import Predictor
+from tessera.model.train_vqvae import TrainConfig, train as train_label
 
 AUG_OFF = dict(flips=False, rot90=False, scale_min=1.0, scale_max=1.0, jitter=0.0)
 AUG_ON: dict = {}  # TrainConfig defaults: flips, rot90, zoom 0.8-1.25, jitter 0.2

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 from bench.common import dataset, write_result
-from model import metrics
-from model.checkpoint import load_checkpoint
-from model.data import Sample, load_folder, read_image, split_ids
-from model.inference import Predictor
-from model.postprocess import RegionCut, box_sample
-from model import train_vqvae as tv
-from model.postprocess import detection_metrics
-from model.train_vqvae import TrainConfig, evaluate, raw_predictions, train as train_vqvae
+from tessera.model import metrics
+from tessera.model.checkpoint import load_checkpoint
+from tessera.model.data import Sample, load_folder, read_image, split_ids
+from tessera.model.inference import Predictor
+from tessera.model.postprocess import RegionCut, box_sample
+from tessera.model import train_vqvae as tv
+from tessera.model.postprocess import detection_metrics
+from tessera.model.train_vqvae import TrainConfig, evaluate, raw_predictions, train as train_vqvae
 
 BOX_SHRINK = 0.6
 

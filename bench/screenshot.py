@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend import lsclient
+from tessera.backend import lsclient
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

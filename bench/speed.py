@@ -90,10 +90,10 @@ def bench_model(work: Path) -> Path:
     """A label model trained for a few iterations on procedural nuclei, registered under work/models: the
     checkpoint both speed modes time (speed does not depend on what the weights learned, only on the
     architecture and the object scale they were trained at)."""
-    from backend.store import DEFAULT_KEY
-    from backend.settings import Settings
-    from backend.training import _train_and_register
-    from model.data import make_nuclei
+    from tessera.backend.store import DEFAULT_KEY
+    from tessera.backend.settings import Settings
+    from tessera.backend.training import _train_and_register
+    from tessera.model.data import make_nuclei
 
     samples = make_nuclei(12, size=256, seed=3)
     _train_and_register(Settings(model_dir=work / "models"), DEFAULT_KEY, samples[:10], samples[10:], ["Nucleus"],
@@ -118,8 +118,8 @@ def main() -> None:
             args.reps, args.big = 2, 64
         return speed_native.main(args)
     torch.set_num_threads(args.threads)
-    from model.data import make_nuclei
-    from model.inference import Predictor
+    from tessera.model.data import make_nuclei
+    from tessera.model.inference import Predictor
     from tests.conftest import TesseraProcess
 
     n = 5 if args.quick else 30

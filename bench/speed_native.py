@@ -33,7 +33,7 @@ SIZES = {"256": (256, 256), "520x696": (520, 696), "2048": (2048, 2048)}
 
 def mosaic(h: int, w: int, tile: int, seed: int):
     """A (h, w) image of procedural nuclei at the training scale, and its object count."""
-    from model.data import make_nuclei_mosaic
+    from tessera.model.data import make_nuclei_mosaic
 
     s = make_nuclei_mosaic(h, w, tile, seed)
     return s.image, int(len(np.unique(s.instances)) - 1)
@@ -46,9 +46,9 @@ def stage_times(pred, png: bytes) -> dict:
     _unletterbox, _prediction), so the same loop times the Predictor before and after."""
     import torch
 
-    from backend.label_config import parse_label_config
-    from backend.media import decode_image
-    from backend.regions import instances_to_results
+    from tessera.backend.label_config import parse_label_config
+    from tessera.backend.media import decode_image
+    from tessera.backend.regions import instances_to_results
     from bench.speed import CONFIG
 
     controls = {c.type: c for c in parse_label_config(CONFIG).controls}
@@ -86,13 +86,13 @@ def stage_times(pred, png: bytes) -> dict:
 
 
 def predictor_class(tree: Path | None):
-    """model.inference.Predictor, or (tree given) the Predictor of tree/model/inference.py loaded beside it
+    """tessera.model.inference.Predictor, or (tree given) the Predictor of tree/model/inference.py loaded beside it
     under another module name, so both revisions run in one process, alternating call by call. The old
     module imports its helpers (model.vqvae, model.data, ...) from the current package: fine while those
     keep their names."""
     import importlib.util
 
-    from model.inference import Predictor
+    from tessera.model.inference import Predictor
 
     if tree is None:
         return Predictor
@@ -213,8 +213,8 @@ def main(args) -> None:
 
     from bench.common import write_result
     from bench.speed import bench_model, serve_dir
-    from model.data import make_nuclei
-    from model.inference import Predictor
+    from tessera.model.data import make_nuclei
+    from tessera.model.inference import Predictor
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tessera-speed-native-"))

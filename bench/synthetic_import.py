@@ -1,6 +1,6 @@
 """How fast synthetic tasks enter a real Label Studio, side by side (issue #12): the old path (multipart import
 that creates the tasks, then one POST /api/predictions and one PATCH of the meta per task) against the one
-backend.synthetic uses now (one multipart upload with commit_to_project=false, one JSON import of all tasks
+backend.synthetic_tasks uses now (one multipart upload with commit_to_project=false, one JSON import of all tasks
 with predictions and meta). Only the Label Studio part is timed (the same PNGs and the same regions).
 
     nice -n 10 .venv/bin/python -m bench.synthetic_import [--count 40] [--repeats 2]
@@ -19,14 +19,14 @@ import numpy as np
 from PIL import Image
 
 from bench.common import write_result
-from backend.label_config import parse_label_config
+from tessera.backend.label_config import parse_label_config
 from label_studio_sdk.client import LabelStudio
 
-from backend import lsclient
-from backend.lsserver import LabelStudioServer, build_template
-from backend.regions import instances_to_results
+from tessera.backend import lsclient
+from tessera.backend.lsserver import LabelStudioServer, build_template
+from tessera.backend.regions import instances_to_results
 from bench.gan import LS_CONFIG
-from model.data import make_nuclei
+from tessera.model.data import make_nuclei
 
 
 def _payload(count: int, seed: int) -> tuple[list[tuple[str, bytes]], list[list[dict]]]:

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from model.boxhead import decode_boxes
-from model.checkpoint import load_checkpoint
-from model.data import relabel, semantic_instances
-from model.postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, resolve_cut
-from model.vqvae import VQVAE, VQVAEConfig
+from .boxhead import decode_boxes
+from .checkpoint import load_checkpoint
+from .data import relabel, semantic_instances
+from .postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, resolve_cut
+from .vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _fold_batchnorm(model: VQVAE) -> VQVAE:
     ConvBlocks of the image encoder and the code predictor): the same function in eval mode, one pass over
     the activations fewer per norm. torch's fuse_conv_bn_eval does the arithmetic; the caller's model is
     left as it was."""
-    from model.vqvae import ConvBlock
+    from .vqvae import ConvBlock
 
     model = copy.deepcopy(model).eval()
     for block in model.modules():
@@ -698,7 +698,7 @@ class Predictor:
         chosen -= {int(inst[y, x]) for y, x in neg}
         return np.isin(inst, list(chosen)) if chosen else np.zeros(inst.shape, bool)
 
-    def check(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Prediction, float]:
+    def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Prediction, float]:
         """Refined annotation (model wins where it is confident) + mislabeling in [0, 1] (1 = very unlikely)."""
         H, W = image.shape[:2]
         if classes.shape != (H, W) or instances.shape != (H, W):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from model import metrics
+from . import metrics
 
 MATCH_IOU = 0.5
 SCORE_GRID = tuple(round(float(s), 2) for s in np.arange(0.0, 0.96, 0.05))
@@ -245,7 +245,7 @@ def box_sample(image: np.ndarray, boxes: np.ndarray, shrink: float, id: str = ""
     """A box-labelled image -> a Sample whose label map holds the boxes' centre regions.
 
     boxes: (N, 5) rows (x0, y0, x1, y1, class 1..C) in pixel edges."""
-    from model.data import Sample
+    from .data import Sample
 
     b = np.asarray(boxes, np.float64).reshape(-1, 5)
     classes, instances = paint_box_cores(b[:, :4], b[:, 4].astype(np.int32), *image.shape[:2], shrink)

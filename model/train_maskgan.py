@@ -1,7 +1,7 @@
 """Train the mask-conditional GAN on labelled samples (or procedural demo nuclei).
 
 Flat loop in the manner of nanoGPT's train.py with pytorch/examples dcgan's order (D step on fake.detach(),
-then the G step) and SPADE's loss dicts. Run: python -m model.train_maskgan --data=DIR --max_iters=2
+then the G step) and SPADE's loss dicts. Run: python -m tessera.model.train_maskgan --data=DIR --max_iters=2
 """
 
 import logging

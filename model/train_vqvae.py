@@ -7,7 +7,7 @@ the image (the inference path). One decoder pass trains both. Two phases in one 
 codebook moves (EMA, dead-code restarts); then it and the label encoder freeze and the code predictor head
 also learns cross-entropy against the (now fixed) true codes. Losses: class-weighted cross-entropy on
 area-averaged (soft) label maps + foreground soft Dice + commitment.
-Run: python -m model.train_vqvae --data=DIR --time_budget_s=60
+Run: python -m tessera.model.train_vqvae --data=DIR --time_budget_s=60
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import metrics
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import from_args
-from model.data import Sample
-from model.inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, normalize_image,
+from . import metrics
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import from_args
+from .data import Sample
+from .inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, normalize_image,
                              object_scale, pad_target, pad_to, resize, resolve_device, scaled_size, soft_target,
                              vqvae_from_checkpoint)
-from model.postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
+from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
                                scale_boxes, true_objects)
-from model.boxhead import box_losses, encode_boxes
-from model.vqvae import VQVAE, VQVAEConfig
+from .boxhead import box_losses, encode_boxes
+from .vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -556,9 +556,9 @@ def _eta(elapsed: float, frac: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """python -m model.train_vqvae --data=DIR [--out=DIR] [--n_train=N] [--val_fraction=0.2] [--init_from=CKPT]
+    """python -m tessera.model.train_vqvae --data=DIR [--out=DIR] [--n_train=N] [--val_fraction=0.2] [--init_from=CKPT]
     [--<TrainConfig field>=value ...]; without --data it trains on procedural nuclei."""
-    from model.data import load_folder, make_nuclei, split_ids
+    from .data import load_folder, make_nuclei, split_ids
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv

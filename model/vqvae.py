@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.boxhead import BoxHead
+from .boxhead import BoxHead
 
 # -----------------------------------------------------------------------------
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from backend.app import create_app
-from backend.service import ModelCache
-from backend.settings import Settings
+from tessera.backend.app import create_app
+from tessera.backend.predictions import ModelCache
+from tessera.backend.settings import Settings
 
 pytest_plugins = ["tests.conftest_ls"]
 
@@ -63,7 +63,7 @@ class ThresholdPredictor:
         keep -= {int(inst[int(y), int(x)]) for x, y in negative} | {0}
         return np.isin(inst, list(keep)), 0.8
 
-    def check(self, image, classes, instances):
+    def review(self, image, classes, instances):
         pred = self.predict([image])[0]
         agree = ((pred.classes > 0) == (classes > 0)).mean()
         return pred, float(1.0 - agree)
@@ -190,9 +190,9 @@ class TesseraProcess:
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory):
     """A MODEL_DIR whose default model is a small label model trained here on procedural nuclei."""
-    from backend.store import DEFAULT_KEY
-    from backend.training import _train_and_register
-    from model.data import make_nuclei
+    from tessera.backend.store import DEFAULT_KEY
+    from tessera.backend.training import _train_and_register
+    from tessera.model.data import make_nuclei
 
     d = tmp_path_factory.mktemp("trained-models")
     samples = make_nuclei(24, size=128, seed=11)

@@ -26,8 +26,8 @@ import pytest
 
 from label_studio_sdk.client import LabelStudio
 
-from backend import lsclient
-from backend.lsserver import (
+from tessera.backend import lsclient
+from tessera.backend.lsserver import (
     LabelStudioError,
     LabelStudioServer,
     build_template,

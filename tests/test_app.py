@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.app import create_app
-from backend.regions import region_to_mask, results_to_maps
-from backend.service import ModelCache, latest_annotation
-from backend.settings import Settings
+from tessera.backend.app import create_app
+from tessera.backend.regions import region_to_mask, results_to_maps
+from tessera.backend.predictions import ModelCache, latest_annotation
+from tessera.backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, register_stub
 
 
@@ -173,7 +173,7 @@ def test_predict_scores_the_annotation_that_training_uses(client, stub_predictor
     assert ann["id"] == 3
     classes, instances = results_to_maps(ann["result"], "image", 48, 64, {"Nucleus": 1})
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    assert item["mislabeling"] == round(stub_predictor.check(image, classes, instances)[1], 4) > 0.1
+    assert item["mislabeling"] == round(stub_predictor.review(image, classes, instances)[1], 4) > 0.1
 
 
 @pytest.mark.parametrize("action", ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"])
@@ -239,7 +239,7 @@ def test_unknown_route_and_method(client):
 
 def test_the_routes_go_through_the_hooks(client, monkeypatch):
     """/setup, /predict and /webhook answer what TesseraModel.setup / predict / fit return: the hooks are the flow."""
-    from backend.ls_model import TesseraModel
+    from tessera.backend.ls_model import TesseraModel
 
     calls = []
     for hook in ("setup", "predict", "fit"):
@@ -254,7 +254,7 @@ def test_the_routes_go_through_the_hooks(client, monkeypatch):
 
 def test_the_hooks_called_directly_answer_as_the_routes_do(client):
     """Called without HTTP, as a reader of upstream backends would: same predictions, same training run."""
-    from backend.ls_model import TesseraModel
+    from tessera.backend.ls_model import TesseraModel
 
     state = client.application.extensions["tessera"]
     task = {"id": 1, "data": {"image": data_uri(blobs_png())}}

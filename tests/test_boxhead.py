@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-from model import metrics
-from model.boxhead import BoxHead, box_losses, decode_boxes, encode_boxes
-from model.vqvae import VQVAE, VQVAEConfig
+from tessera.model import metrics
+from tessera.model.boxhead import BoxHead, box_losses, decode_boxes, encode_boxes
+from tessera.model.vqvae import VQVAE, VQVAEConfig
 
 
 def _round_trip(boxes, n_classes=2, shape=(40, 48), stride=2):
@@ -67,8 +67,8 @@ def test_models_without_a_head_keep_their_parameters():
 
 
 def test_batcher_boxes_follow_rotations_flips_zoom_and_crops():
-    from model.data import Sample
-    from model.train_vqvae import Batcher, TrainConfig
+    from tessera.model.data import Sample
+    from tessera.model.train_vqvae import Batcher, TrainConfig
 
     image = np.zeros((64, 80, 3), np.uint8)
     image[10:30, 20:50] = 255                                    # the object: x 20..50, y 10..30

@@ -1,6 +1,6 @@
 """`tessera demo --quick --no-wait` end to end, twice on one data dir, then checked through a Label Studio
 started again on the data it left: one project with tasks, predictions of the trained version (no
-duplicates after the second run), synthetic tasks when backend.synthetic exists, no retraining."""
+duplicates after the second run), synthetic tasks when backend.synthetic_tasks exists, no retraining."""
 import json
 import os
 import socket
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from backend import lsclient
-from backend.demo import QUICK, TITLE, find_project, plan_for
-from backend.lsserver import LabelStudioServer, default_ls_venv, default_template_dir
-from model.registry import Registry
+from tessera.backend import lsclient
+from tessera.backend.demo import QUICK, TITLE, find_project, plan_for
+from tessera.backend.lsserver import LabelStudioServer, default_ls_venv, default_template_dir
+from tessera.model.registry import Registry
 
 pytestmark = pytest.mark.e2e
 
@@ -113,4 +113,4 @@ def test_project_has_tasks_and_predictions(demo_runs):
                 assert any(p["result"] for p in t["predictions"]), t["id"]
         else:
             assert first["synthetic"]["status"] == "skipped" and not synthetic
-            assert "backend.synthetic" in first["synthetic"]["reason"]
+            assert "tessera.backend.synthetic_tasks" in first["synthetic"]["reason"]

@@ -1,5 +1,5 @@
 """docker/: the compose file, the Dockerfile, the entrypoint and the health check, checked by reading and by
-running the entrypoint with a stand-in `tessera` and with the real CLI (`python -m backend.cli`). The image
+running the entrypoint with a stand-in `tessera` and with the real CLI (`python -m tessera.backend.cli`). The image
 itself is built and run by tests/test_docker_image.py."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_every_compose_variable_is_documented(env_example):
 
 
 def test_backend_env_matches_settings(compose):
-    from backend.settings import ENV_VARS
+    from tessera.backend.settings import ENV_VARS
 
     env = compose["services"]["tessera"]["environment"]
     unknown = sorted(set(env) - set(ENV_VARS) - {"PORT", "WORKERS", "THREADS"})
@@ -252,7 +252,7 @@ def _healthcheck_module():
     (["/opt/venv/bin/python", "/opt/venv/bin/tessera", "worker"], "worker"),
     (["/opt/venv/bin/python", "/opt/venv/bin/tessera", "train", "--data", "d"], "one-off"),
     (["/opt/venv/bin/python", "/opt/venv/bin/tessera", "serve", "--port", "9090"], "serve"),
-    (["/opt/venv/bin/python", "-m", "gunicorn", "--bind", "0.0.0.0:9090", "backend.wsgi:app"], "serve"),
+    (["/opt/venv/bin/python", "-m", "gunicorn", "--bind", "0.0.0.0:9090", "tessera.backend.wsgi:app"], "serve"),
     ([], "serve"),
 ])
 def test_healthcheck_follows_the_role(monkeypatch, capsys, argv, role):
@@ -291,7 +291,7 @@ def test_healthcheck_probes(monkeypatch):
 
 def run_entrypoint(tmp_path: Path, *args: str, env: dict | None = None, fake: bool = True):
     """Run docker/entrypoint.sh with `tessera` on PATH: a stand-in that prints its argv (fake=True), or a
-    shim that runs the real CLI (`python -m backend.cli`) from this checkout."""
+    shim that runs the real CLI (`python -m tessera.backend.cli`) from this checkout."""
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     shim = bindir / "tessera"
@@ -299,7 +299,7 @@ def run_entrypoint(tmp_path: Path, *args: str, env: dict | None = None, fake: bo
         shim.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "tessera" "$@"\n')
     else:
         shim.write_text(f'#!/usr/bin/env bash\ncd {shlex.quote(str(REPO))} && exec '
-                        f'{shlex.quote(sys.executable)} -m backend.cli "$@"\n')
+                        f'{shlex.quote(sys.executable)} -m tessera.backend.cli "$@"\n')
     shim.chmod(0o755)
     full_env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path)}
     full_env.update(env or {})

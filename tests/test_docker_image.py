@@ -33,7 +33,7 @@ MAKE_DATA = """
 import sys
 from pathlib import Path
 from PIL import Image
-from model.data import make_nuclei
+from tessera.model.data import make_nuclei
 root = Path(sys.argv[1])
 for sub in ("images", "labels"):
     (root / sub).mkdir(parents=True, exist_ok=True)

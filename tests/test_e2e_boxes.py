@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import metrics
+from tessera.model import metrics
 from tests.conftest import TesseraProcess
 from tests.conftest_ls import predictions, retrieve_predictions, upload_images, wait_for
 

@@ -23,12 +23,12 @@ import httpx
 import numpy as np
 import pytest
 
-from backend import lsclient
-from backend.label_config import parse_label_config
-from backend.regions import instances_to_results, mask_to_rle
-from backend.dataset import previous_held_back, split_tasks
+from tessera.backend import lsclient
+from tessera.backend.label_config import parse_label_config
+from tessera.backend.regions import instances_to_results, mask_to_rle
+from tessera.backend.dataset import previous_held_back, split_tasks
 from tests.test_e2e_ls import dm_sorted_by_score
-from model.data import make_nuclei
+from tessera.model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess, free_port
 from tests.conftest_ls import (connected_project, predictions, retrieve_predictions, set_train_on_annotation,
                                wait_for)
@@ -224,12 +224,12 @@ def test_burst_of_annotations_is_one_run_and_the_gan_joins(project, tessera, mod
     assert result["n_annotated_tasks"] == 11, result
     gan = result["gan"]
     assert gan["status"] == "promoted", gan
-    from model.registry import Registry
+    from tessera.model.registry import Registry
     assert Registry(models / f"project-{pid}").current("gan") is not None
 
 
 def test_a_worse_run_is_rejected(project, tessera, models):
-    from model.registry import Registry
+    from tessera.model.registry import Registry
 
     api, pid, samples = project["api"], project["id"], project["samples"]
     served = setup_version(tessera.url, pid)
@@ -278,10 +278,10 @@ def test_a_failing_save_keeps_the_served_version(ls_server, project, tessera, mo
     """Through a whole run (in this process): the disk fills up while the new version is switched in."""
     import torch
 
-    from backend import training
-    from backend.settings import Settings
-    from model import registry as registry_mod
-    from model.inference import Predictor
+    from tessera.backend import training
+    from tessera.backend.settings import Settings
+    from tessera.model import registry as registry_mod
+    from tessera.model.inference import Predictor
 
     pid = project["id"]
     store = tmp_path / "models"
@@ -312,7 +312,7 @@ def test_a_failing_save_keeps_the_served_version(ls_server, project, tessera, mo
 
 
 def test_rollback_is_followed_in_ls_and_adds_no_duplicate_predictions(ls_server, project, tessera, models):
-    from model.registry import Registry
+    from tessera.model.registry import Registry
 
     api, pid, tasks = project["api"], project["id"], project["tasks"]
     served = setup_version(tessera.url, pid)
@@ -415,8 +415,8 @@ def test_rq_worker_trains_and_the_http_process_serves(rq_stack, rq_project):
 
 
 def test_rq_worker_killed_mid_training_then_the_next_event_retries(rq_stack, rq_project):
-    from model.inference import Predictor
-    from model.registry import Registry
+    from tessera.model.inference import Predictor
+    from tessera.model.registry import Registry
 
     api, pid = rq_project["api"], rq_project["id"]
     url, d = rq_stack["serve"].url, rq_stack["dir"]

@@ -5,9 +5,9 @@ import os
 import httpx
 import pytest
 
-from backend import lsclient
-from backend.regions import region_to_mask
-from model.data import make_nuclei
+from tessera.backend import lsclient
+from tessera.backend.regions import region_to_mask
+from tessera.model.data import make_nuclei
 from tests.conftest import CONFIG_ALL
 from tests.conftest_ls import (create_project, predictions, retrieve_predictions, tessera_for, upload_samples,
                                wait_for)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.regions import region_to_mask
-from model import metrics
-from model.data import make_nuclei_mosaic
-from model.inference import Predictor
+from tessera.backend.regions import region_to_mask
+from tessera.model import metrics
+from tessera.model.data import make_nuclei_mosaic
+from tessera.model.inference import Predictor
 from tests.conftest import CONFIG_ALL
 from tests.conftest_ls import predictions, retrieve_predictions, tessera_for, upload_images
 

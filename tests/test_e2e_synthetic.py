@@ -9,13 +9,13 @@ import httpx
 import numpy as np
 import pytest
 
-from backend import lsclient
-from backend.regions import instances_to_results, region_to_mask
-from backend.label_config import Control
-from backend.service import ModelCache
-from backend.store import DEFAULT_KEY
-from backend.settings import Settings
-from model.data import make_nuclei
+from tessera.backend import lsclient
+from tessera.backend.regions import instances_to_results, region_to_mask
+from tessera.backend.label_config import Control
+from tessera.backend.predictions import ModelCache
+from tessera.backend.store import DEFAULT_KEY
+from tessera.backend.settings import Settings
+from tessera.model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess
 from tests.conftest_ls import predictions, upload_images, upload_samples
 
@@ -26,7 +26,7 @@ REPO = str(Path(__file__).resolve().parents[1])  # the tessera subprocess runs t
 @pytest.fixture(scope="session")
 def gan_model_dir(trained_model_dir, tmp_path_factory):
     """The trained label model plus a small GAN trained here, both in the default registry."""
-    from model.train_maskgan import GANTrainConfig, train
+    from tessera.model.train_maskgan import GANTrainConfig, train
 
     d = tmp_path_factory.mktemp("gan-models")
     shutil.copytree(trained_model_dir, d, dirs_exist_ok=True)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.app import create_app
-from backend.media import MediaError, MediaResolver
-from backend.service import ModelCache
-from backend.settings import Settings
+from tessera.backend.app import create_app
+from tessera.backend.media import MediaError, MediaResolver
+from tessera.backend.predictions import ModelCache
+from tessera.backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, register_stub
 from tests.standin import has_ipv6, ok, start
 

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 from PIL import Image
 
-from backend.app import ProjectState, create_app
-from backend.media import MediaError, MediaResolver, decode_image
-from backend.regions import mask_to_rle, region_to_mask
-from backend.service import ModelCache
-from backend.settings import Settings
+from tessera.backend.app import ProjectState, create_app
+from tessera.backend.media import MediaError, MediaResolver, decode_image
+from tessera.backend.regions import mask_to_rle, region_to_mask
+from tessera.backend.predictions import ModelCache
+from tessera.backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, free_port, register_stub
 from tests.standin import ok, start
 

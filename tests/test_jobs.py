@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.jobs import RQJobRunner, ThreadJobRunner, make_runner, resolve_run_fn
+from tessera.backend.jobs import RQJobRunner, ThreadJobRunner, make_runner, resolve_run_fn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,12 +197,12 @@ def rq_recording_run(project_key, reason, progress):
 
 @pytest.fixture(scope="module")
 def rq_workers(redis_url, tmp_path_factory):
-    """Two real `python -m backend.jobs worker` processes; yields the runs file they append to."""
+    """Two real `python -m tessera.backend.jobs worker` processes; yields the runs file they append to."""
     runs = tmp_path_factory.mktemp("rq") / "runs.jsonl"
     runs.touch()
     env = {**os.environ, RUNS_ENV: str(runs), "PYTHONPATH": str(REPO), "TESSERA_TEST_RUN_S": "0.6"}
     logs = [open(runs.with_name(f"worker{i}.log"), "w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "backend.jobs", "worker", "--redis-url", redis_url],
+    procs = [subprocess.Popen([sys.executable, "-m", "tessera.backend.jobs", "worker", "--redis-url", redis_url],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
     _wait_workers_registered(redis_url, procs, logs)
     yield runs
@@ -306,10 +306,10 @@ def test_rq_failure_recorded_then_next_succeeds(redis_url, rq_workers):
 def test_rq_project_lock_is_taken_over_only_from_a_dead_holder(redis_url, monkeypatch):
     from redis import Redis
 
-    from backend import jobs
+    from tessera.backend import jobs
 
     conn = Redis.from_url(redis_url)
-    gone = subprocess.run([sys.executable, "-c", "from backend.jobs import _token; print(_token())"],
+    gone = subprocess.run([sys.executable, "-c", "from tessera.backend.jobs import _token; print(_token())"],
                           capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
     lock = jobs._project_lock(conn, "lk1")
     conn.set(lock.name, gone, ex=60)                        # a worker of this host killed with -9

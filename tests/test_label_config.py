@@ -1,7 +1,7 @@
 """Label config parsing: what Tessera serves, and clear errors naming the tag for what it does not."""
 import pytest
 
-from backend.label_config import LabelConfigError, parse_label_config
+from tessera.backend.label_config import LabelConfigError, parse_label_config
 from tests.conftest import CONFIG_ALL
 
 GOOD = [

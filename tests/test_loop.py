@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.lsclient import VersionFollower
-from backend.regions import region_to_mask
-from backend.store import version_string
-from backend.settings import Settings
+from tessera.backend.lsclient import VersionFollower
+from tessera.backend.regions import region_to_mask
+from tessera.backend.store import version_string
+from tessera.backend.settings import Settings
 from tests.test_app import blobs_png, data_uri, predict_body
 
 HINTS = {   # one rough hint per control of CONFIG_ALL, on the first blob (rows 5-15, columns 5-20 of 48x64)
@@ -37,7 +37,7 @@ def test_a_smart_tool_hint_gets_one_region_of_its_own_control(client, from_name,
 def test_a_brush_hint_gets_one_brush_region(client):
     import numpy as np
 
-    from backend.regions import mask_to_rle
+    from tessera.backend.regions import mask_to_rle
 
     stroke = np.zeros((48, 64), bool)
     stroke[9:11, 8:14] = True
@@ -102,7 +102,7 @@ def test_help_names_the_environment_each_command_needs():
 
 
 def test_versions_say_what_a_decision_rests_on(tmp_path):
-    from backend.service import ModelCache
+    from tessera.backend.predictions import ModelCache
 
     reg = ModelCache(Settings(model_dir=tmp_path)).registry("4")
     f = tmp_path / "stub.pt"
@@ -122,7 +122,7 @@ def test_versions_say_what_a_decision_rests_on(tmp_path):
 def test_the_demo_restarts_a_dead_backend_in_place(monkeypatch, tmp_path, capsys):
     from types import SimpleNamespace
 
-    from backend import demo
+    from tessera.backend import demo
 
     class Proc:
         def __init__(self, alive):

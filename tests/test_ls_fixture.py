@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend import lsclient
-from backend.lsclient import LabelStudioUnavailable, NotFound
+from tessera.backend import lsclient
+from tessera.backend.lsclient import LabelStudioUnavailable, NotFound
 from tests.conftest_ls import predictions
 
 pytestmark = pytest.mark.e2e  # fixtures ls_server / ls_api come from tests/conftest_ls.py

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.media import MediaCache, MediaError, MediaResolver
-from backend.settings import Settings
+from tessera.backend.media import MediaCache, MediaError, MediaResolver
+from tessera.backend.settings import Settings
 from tests.standin import ok, start
 
 
@@ -163,7 +163,7 @@ def test_sixteen_bit_grey_is_stretched(settings):
 def test_served_images_decode_as_training_folders_do(settings, tmp_path, arr):
     """One decoder (model.data.image_to_rgb): an image seen through Label Studio has the same pixels as
     the same file in a folder dataset (the grey stretch differed before)."""
-    from model.data import read_image
+    from tessera.model.data import read_image
 
     path = tmp_path / "x.png"
     Image.fromarray(arr).save(path)

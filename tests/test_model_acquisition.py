@@ -4,10 +4,10 @@ trained label model."""
 import numpy as np
 import torch
 
-from model import acquisition
-from model.data import make_nuclei
-from model.inference import Predictor
-from model.train_vqvae import TrainConfig, train
+from tessera.model import acquisition
+from tessera.model.data import make_nuclei
+from tessera.model.inference import Predictor
+from tessera.model.train_vqvae import TrainConfig, train
 
 
 def _unit(x):

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from model.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from tessera.model.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 
 class _Unpicklable:

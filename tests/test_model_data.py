@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.data import Sample, load_folder, make_nuclei, split_ids
+from tessera.model.data import Sample, load_folder, make_nuclei, split_ids
 
 DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
 
@@ -163,8 +163,8 @@ def test_split_ids_stable():
 def test_semantic_labels_become_the_same_objects_everywhere(tmp_path):
     """Folder loading, the GAN's layouts and the label model's targets share one semantic -> instances rule:
     per class, 8-connected (corner-touching pixels are one object, as OpenCV outlines them)."""
-    from model.inference import label_map
-    from model.layouts import ensure_instances
+    from tessera.model.inference import label_map
+    from tessera.model.layouts import ensure_instances
 
     classes = np.zeros((16, 16), np.uint8)
     classes[2:5, 2:5] = 1
@@ -183,8 +183,8 @@ def test_semantic_labels_become_the_same_objects_everywhere(tmp_path):
 
 
 def test_one_relabel_for_layouts_and_refined_annotations():
-    from model import inference, layouts
-    from model.data import relabel
+    from tessera.model import inference, layouts
+    from tessera.model.data import relabel
 
     inst = np.array([[0, 7, 7, 3], [0, 0, 9, 3]], np.int32)
     assert relabel(inst).tolist() == [[0, 2, 2, 1], [0, 0, 3, 1]]

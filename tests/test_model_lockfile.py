@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from backend import demo, jobs, lsserver
-from model import registry
-from model.lockfile import file_lock
+from tessera.backend import demo, jobs, lsserver
+from tessera.model import registry
+from tessera.model.lockfile import file_lock
 
 
 def test_every_lock_is_the_one_helper():

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import Sample, make_nuclei
-from model.inference import Predictor
-from model.layouts import LayoutSampler, augment_layout, ensure_instances, logits_to_layout, share_of
-from model.maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
+from tessera.model.data import Sample, make_nuclei
+from tessera.model.inference import Predictor
+from tessera.model.layouts import LayoutSampler, augment_layout, ensure_instances, logits_to_layout, share_of
+from tessera.model.maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
                            feature_matching_loss, g_hinge_loss, label_maps_to_mask)
-from model.synth import Synthesizer
-from model.train_maskgan import GANTrainConfig, train
-from model.vqvae import VQVAE, VQVAEConfig
+from tessera.model.synthesizer import Synthesizer
+from tessera.model.train_maskgan import GANTrainConfig, train
+from tessera.model.vqvae import VQVAE, VQVAEConfig
 
 torch.set_num_threads(1)
 
@@ -249,7 +249,7 @@ def test_train_two_iters_then_synthesize(tmp_path):
 # ----------------------------------------------------------------------------------------- edited images
 
 def test_edited_images_have_exact_labels_and_paste_the_rare_label_first():
-    from model.edit import Editor
+    from tessera.model.edit import Editor
 
     samples = _two_class(make_nuclei(6, size=96, seed=4), p=0.1)
     editor = Editor(samples, n_labels=2, max_objects=3)
@@ -274,7 +274,7 @@ def test_edited_images_have_exact_labels_and_paste_the_rare_label_first():
 
 
 def test_edit_with_a_label_pastes_only_that_label():
-    from model.edit import Editor
+    from tessera.model.edit import Editor
 
     samples = _two_class(make_nuclei(4, size=96, seed=5), p=0.3)
     editor = Editor(samples, n_labels=2)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from model.metrics import (box_ap50, box_ap50_many, box_iou, boxes_from_instances, instance_ap,
+from tessera.model.metrics import (box_ap50, box_ap50_many, box_iou, boxes_from_instances, instance_ap,
                            instance_match, iou, mean_iou, pearson, per_class_iou, spearman)
 
 

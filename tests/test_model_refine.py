@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import metrics
-from model.inference import Predictor, _cut_necks
-from model.vqvae import VQVAE, VQVAEConfig
+from tessera.model import metrics
+from tessera.model.inference import Predictor, _cut_necks
+from tessera.model.vqvae import VQVAE, VQVAEConfig
 
 R = 128
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import model.registry as registry
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.registry import Registry
+import tessera.model.registry as registry
+from tessera.model.checkpoint import load_checkpoint, save_checkpoint
+from tessera.model.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,8 +102,8 @@ _ADD_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    import model.registry as registry
-    from model.checkpoint import save_checkpoint
+    import tessera.model.registry as registry
+    from tessera.model.checkpoint import save_checkpoint
     root, stop_at, n, go = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
     def hook(step):
         if step == stop_at:

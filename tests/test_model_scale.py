@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
-from model.data import make_nuclei
-from model.inference import Predictor, object_scale, scaled_size
-from model.train_vqvae import Batcher, TrainConfig, letterbox_set, train
-from model.vqvae import VQVAE, VQVAEConfig
+from tessera.model.checkpoint import load_checkpoint
+from tessera.model.data import make_nuclei
+from tessera.model.inference import Predictor, object_scale, scaled_size
+from tessera.model.train_vqvae import Batcher, TrainConfig, letterbox_set, train
+from tessera.model.vqvae import VQVAE, VQVAEConfig
 
 
 def _tiny_model(seed=0):
@@ -82,7 +82,7 @@ def test_training_crops_are_at_the_object_scale():
 
 
 def test_equal_tiles_cover_the_image_with_the_overlap():
-    from model.inference import _starts
+    from tessera.model.inference import _starts
 
     assert _starts(300, 512, 32) == (300, [0])
     for n, tile, overlap in [(1232, 512, 32), (520, 512, 32), (2048, 512, 32), (150, 64, 24), (1000, 96, 8)]:

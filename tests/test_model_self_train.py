@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import make_nuclei
-from model.inference import Predictor
-from model.self_train import mix, pseudo_label
-from model.train_vqvae import TrainConfig, train
+from tessera.model.data import make_nuclei
+from tessera.model.inference import Predictor
+from tessera.model.self_train import mix, pseudo_label
+from tessera.model.train_vqvae import TrainConfig, train
 
 torch.set_num_threads(1)
 

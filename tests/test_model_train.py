@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import metrics
-from model.data import make_nuclei
-from model.inference import Prediction, Predictor, soft_target, split_instances
-from model.train_vqvae import TrainConfig, evaluate, train
+from tessera.model import metrics
+from tessera.model.data import make_nuclei
+from tessera.model.inference import Prediction, Predictor, soft_target, split_instances
+from tessera.model.train_vqvae import TrainConfig, evaluate, train
 
 torch.set_num_threads(1)
 
@@ -53,7 +53,7 @@ def test_from_args():
 @pytest.mark.parametrize("word, value", [("true", True), ("1", True), ("Yes", True), ("FALSE", False), ("0", False),
                                          ("no", False)])
 def test_both_training_scripts_read_the_same_boolean_words(word, value):
-    from model.train_maskgan import GANTrainConfig
+    from tessera.model.train_maskgan import GANTrainConfig
 
     assert TrainConfig.from_args([f"--flips={word}"]).flips is value
     assert GANTrainConfig.from_args([f"--boundary={word}"]).boundary is value
@@ -64,7 +64,7 @@ def test_both_training_scripts_read_the_same_boolean_words(word, value):
 
 def test_both_training_loops_resolve_the_device_the_same_way(monkeypatch, data):
     """device='cuda' without CUDA is a clear ValueError in both loops (the GAN's used to fail inside torch)."""
-    from model import train_maskgan
+    from tessera.model import train_maskgan
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA is not available"):
@@ -83,7 +83,7 @@ def test_train_smoke(data, tmp_path):
 
 def test_checkpoints_with_the_old_labels_key_still_load(trained, tmp_path):
     """Checkpoints no longer duplicate label_names as "labels"; those written before still serve."""
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from tessera.model.checkpoint import load_checkpoint, save_checkpoint
 
     payload = load_checkpoint(trained[0], "vqvae")
     assert "labels" not in payload
@@ -221,10 +221,10 @@ def test_refine_points_and_fallback(trained, data):
 def test_check_flags_bad_annotations(trained, data):
     _, predictor, _ = trained
     s = data[1][1]
-    good_pred, good = predictor.check(s.image, s.classes, s.instances)
-    _, empty = predictor.check(s.image, np.zeros_like(s.classes), np.zeros_like(s.instances))
+    good_pred, good = predictor.review(s.image, s.classes, s.instances)
+    _, empty = predictor.review(s.image, np.zeros_like(s.classes), np.zeros_like(s.instances))
     shifted = np.roll(s.instances, (15, 15), axis=(0, 1))
-    _, bad = predictor.check(s.image, (shifted > 0).astype(np.int32), shifted)
+    _, bad = predictor.review(s.image, (shifted > 0).astype(np.int32), shifted)
     assert 0.0 <= good < empty <= 1.0 and good < bad, (good, empty, bad)
     assert good_pred.classes.shape == s.classes.shape
     assert metrics.iou(good_pred.classes > 0, s.classes > 0) > 0.7
@@ -246,8 +246,8 @@ def test_layout_codes_round_trip(trained, data):
 
 def test_three_class_model_predicts_refines_and_checks():
     """Label maps with more than 4 channels (3 classes + background + outline) go through every path."""
-    from model.inference import Predictor
-    from model.vqvae import VQVAE, VQVAEConfig
+    from tessera.model.inference import Predictor
+    from tessera.model.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(0)
     names = ["cat", "dog", "bird"]
@@ -260,7 +260,7 @@ def test_three_class_model_predicts_refines_and_checks():
     instances = (classes > 0).astype(np.int32) + (classes == 3)
     p = pred.predict([image])[0]
     assert p.classes.shape == (90, 70) and p.classes.max() <= 3
-    refined, mislabeling = pred.check(image, classes, instances)
+    refined, mislabeling = pred.review(image, classes, instances)
     assert refined.classes.shape == (90, 70) and 0.0 <= mislabeling <= 1.0
     mask, score = pred.refine(image, classes == 1, [], [], 1)
     assert mask.shape == (90, 70) and 0.0 <= score <= 1.0

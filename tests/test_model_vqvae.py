@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.vqvae import VQVAE, Quantizer, VQVAEConfig
+from tessera.model.vqvae import VQVAE, Quantizer, VQVAEConfig
 
 torch.set_num_threads(1)
 

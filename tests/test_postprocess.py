@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from model.inference import Prediction, cut_regions
-from model.postprocess import (ImageRecord, RegionCut, box_nms, box_sample, choose_cut, cut_grid,
+from tessera.model.inference import Prediction, cut_regions
+from tessera.model.postprocess import (ImageRecord, RegionCut, box_nms, box_sample, choose_cut, cut_grid,
                                detection_metrics, grow_boxes, image_record, paint_box_cores, resolve_cut)
 
 
@@ -18,7 +18,7 @@ def test_paint_box_cores_keeps_overlapping_boxes_apart_and_grows_back():
     boxes = np.array([[10, 10, 50, 50], [30, 30, 70, 70]], float)    # IoU 0.14, heavily overlapping
     classes, inst = paint_box_cores(boxes, np.array([1, 2]), 80, 80, 0.5)
     assert set(np.unique(inst)) == {0, 1, 2} and set(np.unique(classes)) == {0, 1, 2}
-    from model.postprocess import instance_boxes
+    from tessera.model.postprocess import instance_boxes
     core = instance_boxes(inst, [1, 2])
     grown = grow_boxes(core, 0.5, 80, 80)
     assert np.abs(np.sort(grown, 0) - np.sort(boxes, 0)).max() <= 1.0
@@ -92,7 +92,7 @@ def test_images_without_predictions_or_objects_count_correctly():
 
 
 def test_box_scale_is_learned_from_systematically_too_large_boxes():
-    from model.postprocess import fit_box_scale, scale_boxes
+    from tessera.model.postprocess import fit_box_scale, scale_boxes
     img = np.zeros((100, 100, 3), np.uint8)
     s = box_sample(img, np.array([[10, 10, 30, 30, 1], [50, 50, 80, 70, 1]]), 0.6)
     too_big = {1: (5.0, 5.0, 35.0, 35.0), 2: (42.5, 45.0, 87.5, 75.0)}       # 1.5x the true sizes
@@ -104,8 +104,8 @@ def test_box_scale_is_learned_from_systematically_too_large_boxes():
 
 
 def test_a_box_model_predicts_grown_boxes_and_refines_into_a_box(monkeypatch):
-    from model.inference import Predictor
-    from model.vqvae import VQVAE, VQVAEConfig
+    from tessera.model.inference import Predictor
+    from tessera.model.vqvae import VQVAE, VQVAEConfig
 
     model = VQVAE(VQVAEConfig(resolution=32, n_labels=3, codebook_size=16, embed_dim=8, widths=(8, 8, 16, 16)))
     p = Predictor(model, ["a"], device="cpu", box_shrink=0.5)

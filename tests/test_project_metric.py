@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from backend import training
-from backend.label_config import parse_label_config
-from backend.regions import boxes_to_results, results_to_boxes
-from backend.settings import Settings
+from tessera.backend import training
+from tessera.backend.label_config import parse_label_config
+from tessera.backend.regions import boxes_to_results, results_to_boxes
+from tessera.backend.settings import Settings
 
 BOXES = """<View><Image name="image" value="$image"/>
   <RectangleLabels name="bbox" toName="image"><Label value="Cell"/><Label value="Platelet"/></RectangleLabels></View>"""
@@ -62,7 +62,7 @@ def test_cli_iters_train_them_all_unless_a_budget_is_given(monkeypatch, tmp_path
         seen.update(iters=iters, budget_s=budget_s, box_only=training.is_box_only(config))
         return {"status": "rejected", "metrics": {}}
 
-    from model.data import Sample
+    from tessera.model.data import Sample
     samples = [Sample(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32), np.zeros((8, 8), np.int32),
                       id=f"{i}:image") for i in range(1, 7)]
     tasks = [{"id": i} for i in range(1, 7)]
@@ -81,9 +81,9 @@ def test_cli_iters_train_them_all_unless_a_budget_is_given(monkeypatch, tmp_path
 
 
 def test_status_and_versions_say_plainly_when_a_class_is_missed(settings, capsys):
-    from backend.app import create_app
-    from backend.cli import cmd_versions
-    from backend.service import ModelCache
+    from tessera.backend.app import create_app
+    from tessera.backend.cli import cmd_versions
+    from tessera.backend.predictions import ModelCache
     from tests.conftest import RecordingRunner
 
     f = settings.model_dir / "stub.pt"

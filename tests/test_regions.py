@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from backend.label_config import Control
-from backend.regions import (box_to_mask, crop_to_rle, instances_to_results, mask_to_box, mask_to_polygons,
+from tessera.backend.label_config import Control
+from tessera.backend.regions import (box_to_mask, crop_to_rle, instances_to_results, mask_to_box, mask_to_polygons,
                              mask_to_rle, polygon_to_mask, region_to_mask, results_to_maps, rle_to_mask)
 
 BRUSH = Control("brushlabels", "mask", "image", ("A", "B"))
@@ -260,9 +260,9 @@ def test_brush_rle_of_empty_crop_is_an_empty_mask():
 def test_a_prediction_on_a_capped_image_comes_back_at_the_original_size():
     """TESSERA_MAX_SIDE decodes a 4000x3000 photo to 2048x1536: its regions must still be at 4000x3000 in
     what LS receives (original_width/height, percent coordinates, a brush RLE of 4000 x 3000 pixels)."""
-    from backend.label_config import parse_label_config
-    from backend.service import _regions_at_size
-    from model.inference import Prediction
+    from tessera.backend.label_config import parse_label_config
+    from tessera.backend.predictions import _regions_at_size
+    from tessera.model.inference import Prediction
 
     H, W, h, w = 3000, 4000, 1536, 2048
     config = parse_label_config(

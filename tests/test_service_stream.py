@@ -3,10 +3,10 @@ import threading
 
 import numpy as np
 
-from backend.label_config import parse_label_config
-from backend.media import MediaError
-from backend.service import Served, predict_tasks
-from backend.settings import Settings
+from tessera.backend.label_config import parse_label_config
+from tessera.backend.media import MediaError
+from tessera.backend.predictions import Served, predict_tasks
+from tessera.backend.settings import Settings
 from tests.conftest import CONFIG_ALL, ThresholdPredictor
 
 

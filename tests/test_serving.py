@@ -18,8 +18,8 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.app import create_app
-from backend.settings import Settings
+from tessera.backend.app import create_app
+from tessera.backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, TesseraProcess, free_port
 
 TESSERA = str(Path(sys.executable).with_name("tessera"))
@@ -146,7 +146,7 @@ def test_non_ascii_credentials_that_match_are_accepted(settings):
 # ------------------------------------------------------------------------------------------ CLI
 
 def _tiny_dataset(root: Path) -> Path:
-    from model.data import make_nuclei
+    from tessera.model.data import make_nuclei
 
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from backend.cli import ProgressBars
-from backend.settings import ENV_VARS, Settings, apply_thread_policy, env_names
+from tessera.backend.cli import ProgressBars
+from tessera.backend.settings import ENV_VARS, Settings, apply_thread_policy, env_names
 
 REPO = Path(__file__).resolve().parents[1]
 KEY, PASSWORD = "0123456789abcdef0123456789abcdef01234567", "pw-never-printed"
@@ -121,7 +121,7 @@ def test_secrets_never_print(caplog, settings):
 
 
 def test_status_and_health_carry_no_secret(settings):
-    from backend.app import create_app
+    from tessera.backend.app import create_app
     from tests.conftest import RecordingRunner
 
     s = settings.replace(label_studio_api_key=KEY, redis_url=f"redis://:{PASSWORD}@127.0.0.1:1/0")

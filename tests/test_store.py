@@ -1,12 +1,12 @@
-"""backend.store: one layout of MODEL_DIR and one spelling of model versions, shared by serving and training."""
+"""tessera.backend.store: one layout of MODEL_DIR and one spelling of model versions, shared by serving and training."""
 from types import SimpleNamespace
 
 import pytest
 
-from backend import bulk, workdir
-from backend.jobs import make_runner
-from backend.service import ModelCache
-from backend.store import (DEFAULT_KEY, STAGING_KEY, UNTRAINED, ParsedVersion, Store, is_label_version, parse_version,
+from tessera.backend import predict_project, workdir
+from tessera.backend.jobs import make_runner
+from tessera.backend.predictions import ModelCache
+from tessera.backend.store import (DEFAULT_KEY, BEFORE_PROJECT_KEY, UNTRAINED, ParsedVersion, Store, is_label_version, parse_version,
                            version_string)
 from tests.conftest import register_stub
 
@@ -16,7 +16,7 @@ def test_serving_and_training_find_one_store_per_project(settings):
     assert store.registry("3").root == settings.model_dir / "project-3"
     assert store.registry("3.1700000000").root == store.registry("0003").root       # LS uid, padded id: one store
     assert store.registry(DEFAULT_KEY).root == settings.model_dir / "default"
-    assert store.registry(STAGING_KEY).root == settings.model_dir / "project-0"
+    assert store.registry(BEFORE_PROJECT_KEY).root == settings.model_dir / "project-0"
     cache = ModelCache(settings)
     for key in ("3", DEFAULT_KEY):
         assert cache.registry(key).root == store.registry(key).root
@@ -42,7 +42,7 @@ def test_serving_names_the_version_training_registered(settings):
     task = {"predictions": [{"id": 1, "model_version": "tessera-p4-v0000"}, {"id": 2, "model_version": served},
                             {"id": 3, "model_version": gan}, {"id": 4, "model_version": "tessera-default-v0003"},
                             {"id": 5, "model_version": "tessera-p41-v0001"}, {"id": 6, "model_version": "yolo-v1"}]}
-    assert bulk.superseded(task, "4", served) == [1, 4]
+    assert predict_project.superseded(task, "4", served) == [1, 4]
 
 
 @pytest.mark.parametrize("key, version, kind, text", [

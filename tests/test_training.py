@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from backend import dataset, gan_runs, training, workdir
-from backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
-from backend.label_config import parse_label_config
-from backend.regions import instances_to_results, results_to_maps
-from backend.service import ModelCache, latest_annotation
-from backend.store import DEFAULT_KEY
+from tessera.backend import dataset, gan_runs, training, workdir
+from tessera.backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
+from tessera.backend.label_config import parse_label_config
+from tessera.backend.regions import instances_to_results, results_to_maps
+from tessera.backend.predictions import ModelCache, latest_annotation
+from tessera.backend.store import DEFAULT_KEY
 from tests.conftest import CONFIG_ALL, register_stub
 
 CONTROLS = {c.type: c for c in parse_label_config(CONFIG_ALL).controls}
@@ -108,7 +108,7 @@ def test_work_dirs_of_dead_runs_are_removed(settings):
 
 def test_lock_tokens_name_their_process():
     assert not _holder_dead(_token())
-    gone = subprocess.run([sys.executable, "-c", "from backend.jobs import _token; print(_token())"],
+    gone = subprocess.run([sys.executable, "-c", "from tessera.backend.jobs import _token; print(_token())"],
                           capture_output=True, text=True, check=True, cwd=os.getcwd()).stdout.strip()
     assert _holder_dead(gone) and _holder_dead(gone.encode())
     assert not _holder_dead(gone.replace(gone.split("|")[0], "otherhost/pid:[1]"))   # can't judge: wait TTL
@@ -123,7 +123,7 @@ def test_every_progress_step_is_one_log_line(caplog):
         return {"status": "promoted"}
 
     runner = ThreadJobRunner(run, debounce_s=0.01)
-    with caplog.at_level(logging.INFO, logger="backend.jobs"):
+    with caplog.at_level(logging.INFO, logger="tessera.backend.jobs"):
         runner.submit("9", "START_TRAINING")
         st = runner.wait_idle("9", 10)
     runner.close()
@@ -133,7 +133,7 @@ def test_every_progress_step_is_one_log_line(caplog):
 
 
 def test_the_gan_retrains_only_when_the_data_grew(settings):
-    from model.data import Sample
+    from tessera.model.data import Sample
 
     def samples(n, synthetic=0):
         img, lab = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32)
@@ -158,7 +158,7 @@ CONFIG_TWO = """<View>
 def test_a_first_version_must_beat_the_default_model_that_serves_the_project(settings):
     """Serving and training agree on which model serves a project: a default model for ["Nucleus"] serves
     a ["Nucleus", "Cell"] project, so the project's first version is compared with it."""
-    from model.data import make_nuclei
+    from tessera.model.data import make_nuclei
 
     samples = make_nuclei(6, size=64, seed=3)
     quiet = lambda info: None  # noqa: E731
@@ -209,7 +209,7 @@ def test_nothing_new_since_the_newest_version(settings):
 
 
 def test_an_accepted_prediction_is_not_a_persons_judgement():
-    from model.data import Sample
+    from tessera.model.data import Sample
 
     inst = _two_objects()
     index = {"Nucleus": 1}
@@ -244,7 +244,7 @@ def test_an_accepted_prediction_is_not_a_persons_judgement():
     ({"a"}, {"new": {"abcd": 0.62, "a": 0.50}, "old": {"abcd": 0.99, "a": 0.72}}, False, "thin evidence"),
 ])
 def test_promotion_rests_on_what_people_made(monkeypatch, settings, judged, scores, promote, rule):
-    import model.train_vqvae as tv
+    import tessera.model.train_vqvae as tv
 
     val = [types_sample(t) for t in "abcd"]
 
@@ -262,7 +262,7 @@ def test_promotion_rests_on_what_people_made(monkeypatch, settings, judged, scor
 
 
 def types_sample(task: str):
-    from model.data import Sample
+    from tessera.model.data import Sample
 
     z = np.zeros((4, 4), np.int32)
     return Sample(np.zeros((4, 4, 3), np.uint8), z, z, id=f"{task}:image")

@@ -24,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from backend import lsclient  # noqa: E402
-from backend.lsclient import LabelStudioUnavailable  # noqa: E402
-from backend.lsserver import free_port  # noqa: E402
+from tessera.backend import lsclient  # noqa: E402
+from tessera.backend.lsclient import LabelStudioUnavailable  # noqa: E402
+from tessera.backend.lsserver import free_port  # noqa: E402
 
 PROJECT = "tessera-e2e"
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
@@ -38,7 +38,7 @@ MAKE_DATA = """
 import sys
 from pathlib import Path
 from PIL import Image
-from model.data import make_nuclei
+from tessera.model.data import make_nuclei
 root = Path(sys.argv[1]); n = int(sys.argv[2]); seed = int(sys.argv[3])
 for sub in ("images", "labels"):
     (root / sub).mkdir(parents=True, exist_ok=True)

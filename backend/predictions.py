@@ -14,13 +14,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from backend.label_config import Control, ImageObject, LabelConfig
-from backend.media import MediaError, MediaResolver
-from backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value, result_label,
+from tessera.backend.label_config import Control, ImageObject, LabelConfig
+from tessera.backend.media import MediaError, MediaResolver
+from tessera.backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value, result_label,
                              results_to_maps)
-from backend.settings import Settings
-from backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
-from model.registry import Registry, VersionInfo
+from tessera.backend.settings import Settings
+from tessera.backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
+from tessera.model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class PredictorLike(Protocol):
     def predict(self, images: list[np.ndarray]) -> list[Any]: ...
     def refine(self, image: np.ndarray, hint: np.ndarray | None, positive: list, negative: list,
                label: int) -> tuple[np.ndarray, float]: ...
-    def check(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Any, float]: ...
+    def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Any, float]: ...
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _labels_fit(model_labels: list[str] | None, config: LabelConfig) -> bool:
 def _load_predictor(path: Path, device: str, settings: Settings | None = None) -> PredictorLike:
     """The version's predictor with its learned region cut, re-chosen for TESSERA_PRECISION_TARGET and
     with TESSERA_MIN_REGION_SCORE replacing its score threshold when those are set."""
-    from model.inference import Predictor     # imported late: torch start-up stays off the /health path
+    from tessera.model.inference import Predictor     # imported late: torch start-up stays off the /health path
 
     if settings is None:
         return Predictor.from_checkpoint(path, device=device)
@@ -255,7 +255,7 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
     for img, image, size, pred in per_image:
         if ann is not None:
             try:
-                pred, m = _check(served.predictor, image, ann, config, img.name, size)
+                pred, m = _review(served.predictor, image, ann, config, img.name, size)
                 mislabel.append(m)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
                 logger.info("task %s: annotation not checked, it is malformed: %s", _task_id(task), e)
@@ -299,7 +299,7 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, dict) else None
 
 
-def _check(predictor: PredictorLike, image: np.ndarray, ann: dict, config: LabelConfig, image_name: str,
+def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: LabelConfig, image_name: str,
            size: tuple[int, int] | None = None):
     h, w = size or image.shape[:2]          # annotations (brush RLE) are at the original size
     index = {n: c + 1 for c, n in enumerate(predictor.label_names)}
@@ -315,7 +315,7 @@ def _check(predictor: PredictorLike, image: np.ndarray, ann: dict, config: Label
         wh = (image.shape[1], image.shape[0])
         classes = cv2.resize(classes, wh, interpolation=cv2.INTER_NEAREST)
         instances = cv2.resize(instances, wh, interpolation=cv2.INTER_NEAREST)
-    return predictor.check(image, classes, instances)
+    return predictor.review(image, classes, instances)
 
 
 def interactive(task: dict, config: LabelConfig, served: Served, media: MediaResolver, context: dict) -> dict:

@@ -10,12 +10,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from backend.label_config import parse_label_config
-from backend import lsclient
-from backend.media import MediaResolver
-from backend.service import ModelCache, predict_tasks
-from backend.settings import Settings
-from backend.store import is_label_version
+from tessera.backend.label_config import parse_label_config
+from tessera.backend import lsclient
+from tessera.backend.media import MediaResolver
+from tessera.backend.predictions import ModelCache, predict_tasks
+from tessera.backend.settings import Settings
+from tessera.backend.store import is_label_version
 
 logger = logging.getLogger(__name__)
 

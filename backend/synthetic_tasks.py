@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from backend.label_config import LabelConfig, parse_label_config
+from tessera.backend.label_config import LabelConfig, parse_label_config
 from label_studio_sdk.client import LabelStudio
 
-from backend import lsclient
-from backend.regions import instances_to_results
-from backend.service import ModelCache, label_mapping
-from backend.settings import Settings
-from backend.store import version_string
+from tessera.backend import lsclient
+from tessera.backend.regions import instances_to_results
+from tessera.backend.predictions import ModelCache, label_mapping
+from tessera.backend.settings import Settings
+from tessera.backend.store import version_string
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _label_index(label: str | None, names: list[str], what: str) -> int | None:
 
 
 def _edited(samples, names: list[str], count: int, label: str | None, seed: int, predictor) -> list[Item]:
-    from model.edit import Editor
+    from tessera.model.edit import Editor
 
     editor = Editor(samples, len(names))
     label_idx = _label_index(label, names, "project's label config")
@@ -78,7 +78,7 @@ def _edited(samples, names: list[str], count: int, label: str | None, seed: int,
     edits = editor.edit(count, label=label_idx, seed=seed)
     scores = [1.0] * len(edits)
     if predictor is not None:  # the label model's agreement: low = a task the model has most to learn from
-        from model.metrics import mean_iou
+        from tessera.model.metrics import mean_iou
         preds = predictor.predict([e.sample.image for e in edits])
         scores = [mean_iou(np.asarray(p.classes, np.int32), e.sample.classes, len(names)) for p, e in zip(preds, edits)]
     return [Item(e.sample.image, e.sample.classes, e.sample.instances, float(s),
@@ -91,8 +91,8 @@ def _edited(samples, names: list[str], count: int, label: str | None, seed: int,
 def _generated(settings: Settings, cache: ModelCache, key: str, config: LabelConfig, samples, count: int,
                label: str | None, share: float, seed: int, predictor) -> tuple[list[Item], str, list[dict], list[str]]:
     """-> (items, generator version, failures, the generator's label names: the layouts' class order)."""
-    from model.layouts import LayoutSampler
-    from model.synth import Synthesizer
+    from tessera.model.layouts import LayoutSampler
+    from tessera.model.synthesizer import Synthesizer
 
     reg_key, reg, gan_info = _gan_source(cache, key, config)
     synth = Synthesizer.from_checkpoint(reg.path(gan_info.version), device=settings.device)
@@ -135,7 +135,7 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
                           share: float = 0.3, seed: int = 0, client: LabelStudio | None = None,
                           kind: str = "edited", progress=None) -> dict:
     """Make `count` synthetic tasks of `kind` in project `key`; returns what was created and what failed."""
-    from backend.dataset import project_samples
+    from tessera.backend.dataset import project_samples
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
