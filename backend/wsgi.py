@@ -1,4 +1,4 @@
-"""WSGI entry point for other servers (`waitress-serve backend.wsgi:app`, `gunicorn backend.wsgi:app`).
+"""WSGI entry point for other servers (`waitress-serve tessera.backend.wsgi:app`, `gunicorn tessera.backend.wsgi:app`).
 
 `tessera serve` (and the Docker image) run the app under waitress through backend/serving.py instead, which
 buffers request bodies before dispatch; a server in front that does not buffer them can be starved by slow

@@ -1,4 +1,4 @@
-"""Inference with the label VQ-VAE: predict label maps, refine a rough hint, check an annotation.
+"""Inference with the label VQ-VAE: predict label maps, refine a rough hint, review an annotation.
 
 Images are seen at one scale learned in training from the objects' sizes (`scale`, model pixels per image
 pixel, stored in the checkpoint), so detail follows the objects and not the image size: an input up to
