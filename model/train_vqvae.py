@@ -31,9 +31,9 @@ from . import metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_args
 from .data import Sample
-from .inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, normalize_image,
-                             object_scale, pad_target, pad_to, resize, resolve_device, scaled_size, soft_target,
-                             vqvae_from_checkpoint)
+from .inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, letterbox_floor,
+                        normalize_image, object_scale, pad_target, pad_to, resize, resolve_device, scaled_size,
+                        soft_target, vqvae_from_checkpoint)
 from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
                                scale_boxes, true_objects)
 from .boxhead import box_losses, encode_boxes
@@ -425,7 +425,10 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     model.to(device).train()
     mc = model.config
     object_px = cfg.box_object_px if model.box_head is not None and cfg.box_object_px > 0 else cfg.object_px
-    scale = object_scale([s.instances for s in train], object_px, cfg.max_scale) if object_px > 0 else None
+    scale = None
+    if object_px > 0:   # never below the letterbox's scale of a typical image (never above max_scale)
+        floor = min(letterbox_floor([s.image.shape[:2] for s in train], mc.resolution), cfg.max_scale)
+        scale = object_scale([s.instances for s in train], object_px, cfg.max_scale, min_scale=max(floor, 1 / 32))
     logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
     batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
                       n_classes, cfg.seed, mc.invert_bright, scale, with_boxes=model.box_head is not None)

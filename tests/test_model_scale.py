@@ -5,7 +5,7 @@ import torch
 
 from tessera.model.checkpoint import load_checkpoint
 from tessera.model.data import make_nuclei
-from tessera.model.inference import Predictor, object_scale, scaled_size
+from tessera.model.inference import Predictor, letterbox_floor, object_scale, scaled_size
 from tessera.model.train_vqvae import Batcher, TrainConfig, letterbox_set, train
 from tessera.model.vqvae import VQVAE, VQVAEConfig
 
@@ -114,3 +114,31 @@ def test_inference_copy_computes_what_the_trained_model_does():
     _, query, got = pred._forward(x)
     assert torch.allclose(got, want, atol=1e-4)
     assert torch.allclose(pred._code_logits(query), want_codes, atol=1e-3)
+
+
+def test_one_big_object_per_image_is_not_shrunk_below_the_letterbox(tmp_path):
+    """A photo of one animal (object ~ the image) at object_px would be a few px across and its class never
+    predicted (bench.rare_label: Bengal 0.0 IoU): the learned scale stops at the letterbox's scale of a typical
+    training image."""
+    samples = make_nuclei(4, size=(96, 128), seed=3)
+    for s in samples:                                       # one object filling most of the image
+        s.classes[:] = 0
+        s.instances[:] = 0
+        s.classes[8:88, 8:120], s.instances[8:88, 8:120] = 1, 1
+    assert object_scale([s.instances for s in samples], 3.0) < 0.05       # what the objects alone would give
+    assert letterbox_floor([s.image.shape[:2] for s in samples], 64) == pytest.approx(0.5)
+    cfg = TrainConfig(max_iters=1, batch_size=2, device="cpu", eval_interval=10, resolution=64, crop=32,
+                      widths=(8, 16, 16, 16), codebook_size=16, embed_dim=8, object_px=3.0)
+    payload = load_checkpoint(train(cfg, samples, [], ["animal"], tmp_path / "m.pt"), "vqvae")
+    assert payload["scale"] == pytest.approx(0.5)           # 128 px -> 64 = R, as letterboxing showed it
+    assert letterbox_floor([(300, 200), (100, 400), (256, 256)], 120) == pytest.approx(0.4)   # median long side
+
+
+def test_small_objects_keep_their_learned_scale():
+    """Where the objects are small the floor does not bind (dsb2018: 0.49 learned, floor 0.5 ... at 256 px
+    it would; here 20 px objects in 400 px images)."""
+    inst = np.zeros((400, 400), np.int32)
+    inst[0:20, 0:20], inst[50:70, 50:70] = 1, 2
+    floor = letterbox_floor([(400, 400)], 64)                                  # 0.16
+    assert object_scale([inst], object_px=10.0, min_scale=floor) == pytest.approx(0.5)
+    assert object_scale([inst], object_px=1.0, min_scale=floor) == pytest.approx(0.16)
