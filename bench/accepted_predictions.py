@@ -28,7 +28,6 @@ from tessera.backend.training import judge, train_config, val_score
 from bench.common import write_result
 from tessera.model.data import Sample, make_nuclei
 from tessera.model.inference import Predictor
-from tessera.model.registry import Registry
 from tessera.model.train_vqvae import evaluate, train
 
 LABELS = ["Nucleus"]

@@ -47,6 +47,17 @@ def dataset(name: str) -> Path:
     return path
 
 
+def fixed_split(name: str, max_val: int | None = None) -> tuple[list, list, list[str]]:
+    """(train samples, validation samples, label names) of ../shared/data/<name> on the fixed 20 % split by
+    id hash (model.data.split_ids); the first max_val validation samples when max_val is given."""
+    from tessera.model.data import load_folder, split_ids
+
+    samples, names = load_folder(dataset(name))
+    train_ids, val_ids = split_ids([s.id for s in samples], 0.2)
+    by_id = {s.id: s for s in samples}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids][:max_val], names
+
+
 def write_result(name: str, payload: dict) -> Path:
     """bench/results/<name>.json with the machine and the command line added."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import dataset, write_result
-from tessera.model.data import Sample, load_folder, split_ids
+from bench.common import fixed_split, write_result
+from tessera.model.data import Sample
 from tessera.model.edit import Editor
 from tessera.model.inference import Predictor
 from tessera.model.self_train import mix, pseudo_label
@@ -118,10 +118,7 @@ def main() -> None:
         args.iters, args.seeds, args.pool, args.max_val, args.n_edited = 10, [0], 8, 5, 4
     torch.set_num_threads(args.threads)
     t_start, work = time.time(), Path(tempfile.mkdtemp(prefix="tessera-bench-few-"))
-    samples, names = load_folder(dataset("dsb2018"))
-    train_ids, val_ids = split_ids([s.id for s in samples], 0.2)
-    by_id = {s.id: s for s in samples}
-    train_pool, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids][:args.max_val]
+    train_pool, val, names = fixed_split("dsb2018", args.max_val)
     log(f"dsb2018: {len(train_pool)} train, {len(val)} val; {args.n_labelled} labelled, pool {args.pool}; "
         f"iters {args.iters}, threads {args.threads}")
     rows = [run_seed(seed, train_pool, val, names, args, work) for seed in args.seeds]

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import RESULTS, dataset, write_result
+from bench.common import RESULTS, dataset, fixed_split, write_result
 from tessera.model.data import Sample, load_folder, split_ids
 from tessera.model.inference import Predictor
 from tessera.model.layouts import LayoutSampler, fit_short_side
@@ -537,10 +537,7 @@ def main() -> None:
     t_start = time.time()
     work = Path(tempfile.mkdtemp(prefix="tessera-bench-gan-"))
 
-    samples, names = load_folder(dataset("dsb2018"))
-    train_ids, val_ids = split_ids([s.id for s in samples], 0.2)
-    by_id = {s.id: s for s in samples}
-    train_all, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids][:args.max_val]
+    train_all, val, names = fixed_split("dsb2018", args.max_val)
     log(f"dsb2018: {len(train_all)} train, {len(val)} val (capped), labels {names}; torch threads {threads}, "
         f"load {load1():.1f}")
 
