@@ -31,7 +31,7 @@ from tests.test_e2e_ls import dm_sorted_by_score
 from tessera.model.data import make_nuclei
 from tests.conftest import CONFIG_ALL, TesseraProcess, free_port
 from tests.conftest_ls import (connected_project, predictions, retrieve_predictions, set_train_on_annotation,
-                               wait_for)
+                               upload_samples, wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -333,6 +333,52 @@ def test_rollback_is_followed_in_ls_and_adds_no_duplicate_predictions(ls_server,
             assert version in versions and len(versions) == len(set(versions)), (tid, versions)
         listed = dm_sorted_by_score(api, pid)
         assert all(t["predictions_score"] is not None for t in listed)
+
+
+def test_accepting_predictions_as_they_are_still_gives_new_versions(ls_server, tessera):
+    """A labeller who mostly accepts predictions (the annotation is the served model's output, started from
+    its prediction) still gets a new version: the held-back tasks that are accepted predictions are not
+    a person's judgement, so the decision does not rest on the served model scoring 1.0 on its own output."""
+    p = connected_project(ls_server.client(), "tessera accepting", CONFIG_ALL, tessera.url,
+                          make_nuclei(20, size=SIZE, seed=44))
+    api, pid, tasks, samples = p["api"], p["id"], p["tasks"], p["samples"]
+    for seed in range(45, 50):       # task ids depend on what the LS holds already: make sure two are held back
+        if sum(split_tasks([str(t)])[1] != [] for t in tasks) >= 2:
+            break
+        more = make_nuclei(10, size=SIZE, seed=seed)
+        tasks, samples = tasks + upload_samples(api, pid, [s.image for s in more], f"more{seed}"), samples + more
+    _, val = split_tasks([str(t) for t in tasks])          # held back by a hash of the task id, from the start
+    held = [i for i, t in enumerate(tasks) if str(t) in val]
+    kept = [i for i, t in enumerate(tasks) if str(t) not in val]
+    assert len(held) >= 2 and len(kept) >= 8, (held, kept)
+    drawn, accepted = kept[:4] + held[:1], kept[4:8] + held[1:]   # a person drew 5; 5+ are accepted predictions
+    for i in drawn:
+        api.annotations.create(tasks[i], result=gt_results(samples[i]))
+    first = wait_result(tessera.url, pid, ("promoted",))["last_result"]
+    assert setup_version(tessera.url, pid) == first["version"]
+
+    retrieve_predictions(api, pid)
+    for i in accepted:                                     # "accept" in the editor: the prediction, unchanged
+        pred = predictions(api, tasks[i])[0]
+        assert pred["model_version"] == first["version"]
+        api.annotations.create(tasks[i], result=pred["result"], parent_prediction=pred["id"])
+    n = len(drawn) + len(accepted)
+
+    def trained_on_all():
+        st = job(tessera.url, pid)
+        last = st["last_result"] or {}
+        done = st["state"] in ("done", "failed") and not st["pending"]
+        return st if done and last.get("n_annotated_tasks") == n else None
+    st = wait_for(trained_on_all, 240, f"a run of project {pid} on all {n} annotated tasks")
+    result, metrics = st["last_result"], st["last_result"]["metrics"]
+    print(f"accepted predictions: {result['status']} ({result['decision']}): {result['reason']}")
+    assert metrics["n_val_tasks"] == len(held[:1]) + len(held[1:]), metrics
+    assert metrics["n_val_judged"] == 1, metrics           # only the drawn held-back task is a person's
+    assert result["decision"] == "thin evidence" and result["status"] == "promoted", result
+    assert setup_version(tessera.url, pid) == result["version"] != first["version"]
+    versions = httpx.get(f"{tessera.url}/versions", params={"project": pid}, timeout=10).json()
+    listed = {v["version"]: v for v in versions["projects"][str(pid)]}
+    assert "1 of" in listed[result["version"]]["reason"], listed[result["version"]]  # what the decision rests on
 
 
 # ------------------------------------------------------------------------------------------ RQ / Redis
