@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.model import metrics
-from tessera.model.inference import Predictor, _cut_necks
+from tessera.model.inference import REFINE_CACHE, Predictor, _cut_necks
 from tessera.model.vqvae import VQVAE, VQVAEConfig
 
 R = 128
@@ -39,7 +39,7 @@ def fixed_predictor(fg: np.ndarray) -> Predictor:
     logits[2][edge] = 8.0
     out = torch.from_numpy(logits)[None]  # (L, R, R) -> (1, L, R, R)
     real = predictor._run_view                # features and codes stay real: the hint-steered fallback needs them
-    predictor._run_view = lambda view, stats: (*real(view, stats)[:2], out, (R, R))
+    predictor._run_view = lambda view, stats, key=None: (*real(view, stats)[:2], out, (R, R))
     return predictor
 
 
@@ -84,3 +84,42 @@ def test_cut_necks_leaves_single_objects_whole():
     pair = disk(40, 28, 12, (80, 80)) | disk(40, 50, 12, (80, 80))
     parts = _cut_necks(pair)
     assert parts.max() == 2 and parts[40, 20] != parts[40, 58]
+
+
+def counting_predictor(monkeypatch) -> tuple[Predictor, list]:
+    """A real (untrained) Predictor whose network passes are counted."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(resolution=R, n_labels=3, widths=(8, 8, 8, 8), codebook_size=16, embed_dim=8))
+    predictor = Predictor(model, ["nucleus"], device="cpu", bf16=False)
+    calls, forward = [], predictor._forward
+    monkeypatch.setattr(predictor, "_forward", lambda x: calls.append(x.shape) or forward(x))
+    return predictor, calls
+
+
+def test_repeat_hints_on_one_image_reuse_the_network_pass(scene, monkeypatch):
+    image, obj = scene
+    cached, calls = counting_predictor(monkeypatch)
+    hints = [(None, [(36.0, 50.0)]), (obj["c"] & disk(100, 96, 4), []), (None, [(68.0, 52.0)])]
+    got = [cached.refine(image, h, p, [], label=1) for h, p in hints]
+    assert len(calls) == 1                                # one pass for three hints on the same image
+    for (h, p), (mask, conf) in zip(hints, got):         # each equals the answer of a cold cache
+        fresh, _ = counting_predictor(monkeypatch)
+        fresh.model.load_state_dict(cached.model.state_dict())
+        mask0, conf0 = fresh.refine(image, h, p, [], label=1)
+        assert np.array_equal(mask, mask0) and conf == conf0
+    changed = image.copy()
+    changed[0, 0] += 1                                    # one pixel differs: a new image, a new pass
+    cached.refine(changed, None, [(36.0, 50.0)], [], label=1)
+    assert len(calls) == 2
+
+
+def test_pass_cache_is_bounded(scene, monkeypatch):
+    image, _ = scene
+    predictor, calls = counting_predictor(monkeypatch)
+    for i in range(3 * REFINE_CACHE):
+        im = image.copy()
+        im[0, 0] = i
+        predictor.refine(im, None, [(36.0, 50.0)], [], label=1)
+    assert len(calls) == 3 * REFINE_CACHE and len(predictor._views) <= REFINE_CACHE
+    predictor.refine(image, None, [(36.0, 50.0)], [], label=1)   # the first image was evicted
+    assert len(calls) == 3 * REFINE_CACHE + 1
