@@ -1,10 +1,11 @@
 """Smart-tool quality and latency: does a rough hint on one object come back as that object?
 
-    .venv/bin/python -m bench.interactive [--iters-demo 300] [--iters-dsb 600] [--model CKPT] [--quick]
+    .venv/bin/python -m bench.interactive [--budgets 150 600] [--model CKPT] [--seed 0] [--quick]
 
-Two label models are trained here (or loaded from --cache when an earlier run left them): the demo's
-(procedural nuclei, model.data.make_nuclei at 256 px with the demo's seed and its 300 iterations) and one
-on the DSB 2018 training split (../shared/data/dsb2018, 80/20 split by id hash, --iters-dsb iterations).
+Per training budget (--budgets: 150 iterations, and 600, the product's default TESSERA_TRAIN_ITERS), two
+label models are trained here (or loaded from --cache when an earlier run left them): the demo's
+(procedural nuclei, model.data.make_nuclei at 256 px with the demo's seed) and one on the DSB 2018
+training split (../shared/data/dsb2018, 80/20 split by id hash).
 `--model CKPT` (e.g. what `tessera train --data DIR` wrote) replaces the DSB model. Hints are simulated
 on held-out images (fresh procedural images; the DSB validation split), one object at a time:
 
@@ -16,7 +17,9 @@ on held-out images (fresh procedural images; the DSB validation split), one obje
 Reported per hint: median / mean IoU of the returned mask with the object, the share below 0.5, and the
 hint's own IoU. Latency: Predictor.refine on a 520x696 image (procedural, and a native-size DSB frame),
 median over repeats, torch threads as given, beside the bare network pass (network_only) timed in the
-same loop: on a loaded machine the ratio is the figure to read. Targets (issue 11): click_clump median >= 0.85 with <= 10%
+same loop: on a loaded machine the ratio is the figure to read. Each hint is timed as a labeller's first on
+the image (one network pass) and as a repeat (the Predictor's pass cache holds it); the latency target is
+read on the repeat. Targets (issue 11): click_clump median >= 0.85 with <= 10%
 below 0.5; scribble median >= 0.8; latency <= 50 ms at 520x696. Writes bench/results/interactive.json.
 """
 from __future__ import annotations
@@ -135,7 +138,9 @@ def evaluate_hints(predictor: Predictor, samples: list[Sample], per_hint: int, s
 
 def latency(predictor: Predictor, image: np.ndarray, repeats: int, seed: int) -> dict:
     """Median / p90 ms of refine() on one image: a click and a scribble on a typical object (the median-sized
-    one the model predicts; a merged blob many times larger takes a few window growths more)."""
+    one the model predicts; a merged blob many times larger takes a few window growths more), each as a
+    labeller's first hint on the image (the Predictor's pass cache emptied: one network pass) and as a
+    repeat hint (the pass cached: Label Studio sends every hint on a task with the same image)."""
     rng = np.random.default_rng(seed)
     preds = predictor.predict([image])[0]
     ids, areas = np.unique(preds.instances, return_counts=True)
@@ -143,9 +148,12 @@ def latency(predictor: Predictor, image: np.ndarray, repeats: int, seed: int) ->
     obj = preds.instances == k if k else np.zeros(image.shape[:2], bool)
     if not obj.any():
         obj[image.shape[0] // 2 - 5:image.shape[0] // 2 + 5, image.shape[1] // 2 - 5:image.shape[1] // 2 + 5] = True
+    cold = lambda fn: (predictor._views.clear(), fn())  # noqa: E731
     calls = {"network_only": lambda: predictor._run([image]),
-             "click": lambda: predictor.refine(image, None, [click(obj, rng)], [], 1),
-             "scribble": lambda: predictor.refine(image, scribble(obj), [], [], 1)}
+             "click_first": lambda: cold(lambda: predictor.refine(image, None, [click(obj, rng)], [], 1)),
+             "click_repeat": lambda: predictor.refine(image, None, [click(obj, rng)], [], 1),
+             "scribble_first": lambda: cold(lambda: predictor.refine(image, scribble(obj), [], [], 1)),
+             "scribble_repeat": lambda: predictor.refine(image, scribble(obj), [], [], 1)}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for i in range(repeats + 2):                # interleaved, so a load change hits every call alike
         for name, fn in calls.items():
@@ -176,79 +184,94 @@ def cached_train(name: str, cfg: TrainConfig, train_set: list[Sample], val: list
     return path, round(time.time() - t0, 1)
 
 
+def run_demo(args, cfg: TrainConfig, iters: int, cache: Path) -> tuple[dict, dict]:
+    """The demo: its 40 images (seed 2024), 20% held back as the demo does; hints on 12 fresh images."""
+    demo = make_nuclei(40, size=256, seed=DEMO_SEED)
+    tr, va = split_ids([s.id for s in demo], 0.2)
+    by_id = {s.id: s for s in demo}
+    c = dataclasses.replace(cfg, max_iters=iters, eval_interval=max(50, iters // 4))
+    path, train_s = cached_train("demo", c, [by_id[i] for i in tr], [by_id[i] for i in va], ["nucleus"], cache)
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    print(f"demo data (fresh procedural images, 256 px), model of {iters} iterations:")
+    result = evaluate_hints(predictor, make_nuclei(4 if args.quick else 12, 256, seed=77), args.per_hint,
+                            args.seed, min_area=30)
+    big = make_nuclei(1, size=(520, 696), seed=78)[0].image
+    result["latency_520x696"] = latency(predictor, big, 5 if args.quick else 20, args.seed)
+    print(f"  latency {result['latency_520x696']}")
+    return result, {"iters": iters, "n_train": len(tr), "train_s": train_s}
+
+
+def run_dsb(args, cfg: TrainConfig, iters: int, cache: Path) -> tuple[dict, dict]:
+    """DSB 2018: training split -> model (or --model); hints on the validation split."""
+    samples, names = load_folder(args.data)
+    by_id = {s.id: s for s in samples}
+    tr, va = split_ids(sorted(by_id), 0.2)
+    if args.model:
+        ckpt = load_checkpoint(Path(args.model), kind="vqvae")
+        path, model = Path(args.model), {"checkpoint": Path(args.model).name, "iters": ckpt.get("iter_num"),
+                                         "n_train": (ckpt.get("metrics") or {}).get("n_train", len(tr))}
+    else:
+        c = dataclasses.replace(cfg, max_iters=iters)
+        path, train_s = cached_train("dsb", c, [by_id[i] for i in tr], [by_id[i] for i in va[:32]], names, cache)
+        model = {"iters": iters, "n_train": len(tr), "train_s": train_s}
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    print(f"DSB 2018 validation split, model of {model['iters']} iterations:")
+    result = evaluate_hints(predictor, [by_id[i] for i in va[:(10 if args.quick else len(va))]],
+                            args.per_hint, args.seed, min_area=30)
+    native = Path(args.data).parent / "dsb2018_native" / "images"
+    frame = next((p for p in sorted(native.glob("*.png")) if read_image(p).shape[:2] == (520, 696)), None) \
+        if native.is_dir() else None
+    if frame is not None:
+        result["latency_520x696"] = latency(predictor, read_image(frame), 5 if args.quick else 20, args.seed)
+        print(f"  latency {result['latency_520x696']}")
+    return result, model
+
+
+def summarise(r: dict) -> dict:
+    lat = r.get("latency_520x696", {})
+    ms = lambda kind: max((v["median_ms"] for k, v in lat.items() if k.endswith(kind)), default=None)  # noqa: E731
+    s = {"click_clump_median_iou": r["click_clump"]["median_iou"],
+         "click_clump_share_below_0.5": r["click_clump"]["share_below_0.5"],
+         "scribble_median_iou": r["scribble"]["median_iou"],
+         "latency_ms_520x696": ms("_repeat"), "first_hint_ms_520x696": ms("_first"),
+         "network_only_ms_520x696": lat.get("network_only", {}).get("median_ms")}
+    # the latency target is read on a repeat hint (a labeller's second and later hints on a task); the
+    # first hint on an image pays the network pass, reported beside it
+    s["meets"] = {k: s[k] is not None and (s[k] <= t if k.startswith(("latency", "click_clump_share")) else s[k] >= t)
+                  for k, t in TARGETS.items()}
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iters-demo", type=int, default=300, help="the demo model's iterations (the demo's own)")
-    ap.add_argument("--iters-dsb", type=int, default=600, help="the DSB model's iterations")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[150, 600],
+                    help="training iterations of the demo and DSB models, one run per budget (600: the "
+                         "product's default, TESSERA_TRAIN_ITERS)")
     ap.add_argument("--model", default="", help="a trained checkpoint to use instead of the DSB model")
     ap.add_argument("--data", default=str(SHARED_DATA / "dsb2018"))
     ap.add_argument("--per-hint", type=int, default=40, help="objects per hint kind and data set")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training and refine)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "tessera-bench-interactive"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=("demo", "dsb"), default=None, help="one data set only")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny training, few hints")
     ap.add_argument("--tag", default="", help="write interactive_<tag>.json")
     args = ap.parse_args()
     if args.quick:
-        args.iters_demo, args.iters_dsb, args.per_hint = 20, 20, 5
+        args.budgets, args.per_hint = [20], 5
     torch.set_num_threads(args.threads)
     t_all, cache = time.time(), Path(args.cache)
     cfg = TrainConfig(device="cpu", threads=args.threads, eval_interval=100, seed=args.seed)
     results, models = {}, {}
-
-    # the demo: its 40 images (seed 2024), 20% held back as the demo does; hints on 12 fresh images
-    demo = make_nuclei(40, size=256, seed=DEMO_SEED)
-    tr, va = split_ids([s.id for s in demo], 0.2)
-    by_id = {s.id: s for s in demo}
-    c = dataclasses.replace(cfg, max_iters=args.iters_demo, eval_interval=max(50, args.iters_demo // 4))
-    path, train_s = cached_train("demo", c, [by_id[i] for i in tr], [by_id[i] for i in va], ["nucleus"], cache)
-    models["demo"] = {"iters": args.iters_demo, "n_train": len(tr), "train_s": train_s}
-    predictor = Predictor.from_checkpoint(path, device="cpu")
-    print("demo data (fresh procedural images, 256 px):")
-    results["demo"] = evaluate_hints(predictor, make_nuclei(4 if args.quick else 12, 256, seed=77), args.per_hint,
-                                     args.seed, min_area=30)
-    big = make_nuclei(1, size=(520, 696), seed=78)[0].image
-    results["demo"]["latency_520x696"] = latency(predictor, big, 5 if args.quick else 20, args.seed)
-    print(f"  latency {results['demo']['latency_520x696']}")
-
-    # DSB 2018: training split -> model (or --model); hints on the validation split
-    samples, names = load_folder(args.data)
-    by_id = {s.id: s for s in samples}
-    tr, va = split_ids(sorted(by_id), 0.2)
-    if args.model:
-        ckpt = load_checkpoint(Path(args.model), kind="vqvae")
-        path, models["dsb"] = Path(args.model), {"checkpoint": Path(args.model).name, "iters": ckpt.get("iter_num"),
-                                                 "n_train": (ckpt.get("metrics") or {}).get("n_train", len(tr))}
-    else:
-        c = dataclasses.replace(cfg, max_iters=args.iters_dsb)
-        path, train_s = cached_train("dsb", c, [by_id[i] for i in tr], [by_id[i] for i in va[:32]], names, cache)
-        models["dsb"] = {"iters": args.iters_dsb, "n_train": len(tr), "train_s": train_s}
-    predictor = Predictor.from_checkpoint(path, device="cpu")
-    print("DSB 2018 validation split:")
-    results["dsb"] = evaluate_hints(predictor, [by_id[i] for i in va[:(10 if args.quick else len(va))]],
-                                    args.per_hint, args.seed, min_area=30)
-    native = Path(args.data).parent / "dsb2018_native" / "images"
-    frame = next((p for p in sorted(native.glob("*.png")) if read_image(p).shape[:2] == (520, 696)), None) \
-        if native.is_dir() else None
-    if frame is not None:
-        results["dsb"]["latency_520x696"] = latency(predictor, read_image(frame), 5 if args.quick else 20, args.seed)
-        print(f"  latency {results['dsb']['latency_520x696']}")
-
-    summary = {}
-    for name, r in results.items():
-        lat = r.get("latency_520x696", {})
-        s = {"click_clump_median_iou": r["click_clump"]["median_iou"],
-             "click_clump_share_below_0.5": r["click_clump"]["share_below_0.5"],
-             "scribble_median_iou": r["scribble"]["median_iou"],
-             "latency_ms_520x696": max((v["median_ms"] for k, v in lat.items() if k != "network_only"), default=None),
-             "network_only_ms_520x696": lat.get("network_only", {}).get("median_ms")}
-        s["meets"] = {k: s[k] is not None and (s[k] <= t if k.startswith(("latency", "click_clump_share")) else s[k] >= t)
-                      for k, t in TARGETS.items()}
-        summary[name] = s
+    for iters in args.budgets:
+        for name, run in (("demo", run_demo), ("dsb", run_dsb)):
+            if args.only in (None, name):
+                results[f"{name}_{iters}"], models[f"{name}_{iters}"] = run(args, cfg, iters, cache)
+    summary = {name: summarise(r) for name, r in results.items()}
     print(summary)
     payload = {"summary": summary, "targets": TARGETS, "models": models, "results": results,
                "setup": {"per_hint": args.per_hint, "threads": args.threads, "seed": args.seed, "quick": args.quick,
-                         "wall_s": round(time.time() - t_all, 1)}}
+                         "budgets": args.budgets, "wall_s": round(time.time() - t_all, 1)}}
     reference = RESULTS / "interactive.json"           # a tagged or quick run keeps the reference file
     kept = reference.read_bytes() if (args.quick or args.tag) and reference.exists() else None
     path = write_result("interactive", payload)
