@@ -50,6 +50,14 @@ REFINE_ZOOM = 1.0  # refine()'s view of the image, this much closer than the who
 # len_ratio x the smaller part's equivalent diameter long and leaves it >= min_share of the region
 # (chosen on fresh procedural images, bench/interactive.py: clump clicks 0.64 -> 0.69, scribbles 0.77 -> 0.83)
 NECK = {"depth_abs": 1.0, "depth_rel": 0.05, "len_ratio": 1.3, "min_share": 0.08}
+# Tried on 600-iteration models (bench/interactive.py's hints, 3 seeds x 30, paired) and not kept: where clump
+# clicks fail, the clicked small nucleus is mostly outline (p_edge ~0.9 at the click) and its outline joins the
+# neighbour's core. The click as a core of its own: clicks 0.86 -> 0.26 (demo; it splits every object's
+# outline ring off); only when > 2.5 model px from its instance's core: clump 0.51 -> 0.52 DSB, 0.81 -> 0.81 demo
+# (within the spread); neck cuts confirmed by the network's not-interior probability along the cut (>= 0.2-0.5):
+# flat or worse; stricter cores (p < 0.1-0.5) grown back by watershed: flat; a distance-transform watershed
+# with the click as a marker: 0.51 -> 0.50; the network at 1.5x / 2x the learned scale: clump 0.81 -> 0.71 /
+# 0.41 (demo); a stricter object threshold (p_bg < 0.2-0.4): scribbles 0.78 -> 0.74-0.59 (DSB).
 # refine()'s network passes kept per Predictor: Label Studio sends every click / stroke of a labeller on a
 # task as a new request with the same image, so the second and later hints reuse the pass (keyed by the
 # view's content, the normalisation and the model's geometry) and cost only the window's post-processing.
