@@ -184,6 +184,21 @@ def cached_train(name: str, cfg: TrainConfig, train_set: list[Sample], val: list
     return path, round(time.time() - t0, 1)
 
 
+def over_seeds(predictor: Predictor, samples: list[Sample], args) -> dict:
+    """evaluate_hints for --seed, plus (with --hint-seeds) the mean and std of each figure over more draws
+    of the hinted objects and points on the same model."""
+    result = evaluate_hints(predictor, samples, args.per_hint, args.seed, min_area=30)
+    seeds = [s for s in args.hint_seeds if s != args.seed]
+    if seeds:
+        runs = [result] + [evaluate_hints(predictor, samples, args.per_hint, s, min_area=30) for s in seeds]
+        result["over_hint_seeds"] = {
+            "seeds": [args.seed] + seeds,
+            **{kind: {f: [_r(np.mean([r[kind][f] for r in runs])), _r(np.std([r[kind][f] for r in runs]))]
+                      for f in ("median_iou", "mean_iou", "share_below_0.5")} for kind in HINTS}}
+        print(f"  over hint seeds (mean, std): {result['over_hint_seeds']}")
+    return result
+
+
 def run_demo(args, cfg: TrainConfig, iters: int, cache: Path) -> tuple[dict, dict]:
     """The demo: its 40 images (seed 2024), 20% held back as the demo does; hints on 12 fresh images."""
     demo = make_nuclei(40, size=256, seed=DEMO_SEED)
@@ -193,8 +208,7 @@ def run_demo(args, cfg: TrainConfig, iters: int, cache: Path) -> tuple[dict, dic
     path, train_s = cached_train("demo", c, [by_id[i] for i in tr], [by_id[i] for i in va], ["nucleus"], cache)
     predictor = Predictor.from_checkpoint(path, device="cpu")
     print(f"demo data (fresh procedural images, 256 px), model of {iters} iterations:")
-    result = evaluate_hints(predictor, make_nuclei(4 if args.quick else 12, 256, seed=77), args.per_hint,
-                            args.seed, min_area=30)
+    result = over_seeds(predictor, make_nuclei(4 if args.quick else 12, 256, seed=77), args)
     big = make_nuclei(1, size=(520, 696), seed=78)[0].image
     result["latency_520x696"] = latency(predictor, big, 5 if args.quick else 20, args.seed)
     print(f"  latency {result['latency_520x696']}")
@@ -216,8 +230,7 @@ def run_dsb(args, cfg: TrainConfig, iters: int, cache: Path) -> tuple[dict, dict
         model = {"iters": iters, "n_train": len(tr), "train_s": train_s}
     predictor = Predictor.from_checkpoint(path, device="cpu")
     print(f"DSB 2018 validation split, model of {model['iters']} iterations:")
-    result = evaluate_hints(predictor, [by_id[i] for i in va[:(10 if args.quick else len(va))]],
-                            args.per_hint, args.seed, min_area=30)
+    result = over_seeds(predictor, [by_id[i] for i in va[:(10 if args.quick else len(va))]], args)
     native = Path(args.data).parent / "dsb2018_native" / "images"
     frame = next((p for p in sorted(native.glob("*.png")) if read_image(p).shape[:2] == (520, 696)), None) \
         if native.is_dir() else None
@@ -252,7 +265,9 @@ def main() -> None:
     ap.add_argument("--per-hint", type=int, default=40, help="objects per hint kind and data set")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training and refine)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "tessera-bench-interactive"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed, and the hints' draw")
+    ap.add_argument("--hint-seeds", type=int, nargs="*", default=[],
+                    help="more draws of hinted objects and points on the same models: mean and std per figure")
     ap.add_argument("--only", choices=("demo", "dsb"), default=None, help="one data set only")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny training, few hints")
     ap.add_argument("--tag", default="", help="write interactive_<tag>.json")
