@@ -39,7 +39,7 @@ def fixed_predictor(fg: np.ndarray) -> Predictor:
     logits[2][edge] = 8.0
     out = torch.from_numpy(logits)[None]  # (L, R, R) -> (1, L, R, R)
     real = predictor._run_view                # features and codes stay real: the hint-steered fallback needs them
-    predictor._run_view = lambda view, stats, key=None: (*real(view, stats)[:2], out, (R, R))
+    predictor._run_view = lambda view, stats, key=None, zoom=1.0: (*real(view, stats)[:2], out, (R, R))
     return predictor
 
 
