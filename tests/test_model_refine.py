@@ -123,3 +123,18 @@ def test_pass_cache_is_bounded(scene, monkeypatch):
     assert len(calls) == 3 * REFINE_CACHE and len(predictor._views) <= REFINE_CACHE
     predictor.refine(image, None, [(36.0, 50.0)], [], label=1)   # the first image was evicted
     assert len(calls) == 3 * REFINE_CACHE + 1
+
+
+def test_small_objects_are_refined_closer(scene):
+    """The network's objects under REFINE_OBJECT_PX model px across -> refine looks closer (at most 2x);
+    objects at or above it -> the model's own scale."""
+    image, obj = scene
+    small = np.zeros((R, R), bool)
+    for cy in range(8, R, 16):
+        for cx in range(8, R, 16):
+            small |= disk(cy, cx, 2)
+    for fg, lo, hi in ((obj["a"] | obj["b"] | obj["c"], 1.0, 1.0), (small, 1.2, 2.0)):
+        predictor = fixed_predictor(fg)
+        predictor.scale = 1.0                             # a learned scale: the closer look applies
+        zoom = predictor._object_zoom(image, (0.0, 1.0, False), "key")
+        assert lo <= zoom <= hi, zoom
