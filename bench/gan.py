@@ -138,11 +138,13 @@ def render_speed(synth: Synthesizer, sampler: LayoutSampler, threads: int, n_bat
     layouts = sampler.sample(32 * (n_batches + 1), seed=99)
     synth.render(layouts[:32], seed=0)  # warm-up (oneDNN primitive cache)
     load = load1()
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     synth.render(layouts[32:], seed=1, batch_size=32)
-    dt = time.time() - t0
+    dt, cpu = time.time() - t0, time.process_time() - c0
+    # images per CPU second (this process's, all threads): less sensitive to other processes than wall time
     return {"threads": threads, "images": 32 * n_batches, "seconds": round(dt, 2),
-            "images_per_s": 32 * n_batches / dt, "load1_before": round(load, 2)}
+            "images_per_s": 32 * n_batches / dt, "images_per_cpu_s": 32 * n_batches / cpu,
+            "load1_before": round(load, 2)}
 
 
 # ------------------------------------------------------------------------------------------------ grid PNG
@@ -408,21 +410,63 @@ def write_realism(args, part: dict, key: str = "realism_part") -> None:
     print(f"wrote {path} ({key})")
 
 
+def _generator_at(rev: str, config, state: dict):
+    """The Generator of model/maskgan.py at git revision `rev` (loaded by path: it imports torch alone),
+    with the given weights: the 'before' of a speed comparison."""
+    import importlib.util
+    src = subprocess.run(["git", "show", f"{rev}:model/maskgan.py"], cwd=RESULTS.parents[1], capture_output=True,
+                         text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="tessera-gan-before-")) / "maskgan_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("maskgan_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    gen = mod.Generator(mod.MaskGANConfig(**{k: getattr(config, k) for k in mod.MaskGANConfig.__dataclass_fields__}))
+    gen.load_state_dict(state)
+    return gen
+
+
 def speed_only(args) -> None:
     """Generation speed alone: the default generator (GANTrainConfig's sizes, bilinear, grey flag; speed does not
-    depend on the weights, so it is left untrained) renders DSB layouts at R=128, batch 32, 1 and 2 threads."""
+    depend on the weights, so it is left untrained, with its z and noise weights made non-zero so that those paths
+    count) renders DSB layouts at R=128, batch 32, 1 and 2 threads. With --before REV, REV's generator renders
+    the same layouts alternately with this one (rounds x before/after, best round of each), and the images are
+    compared (uint8 levels)."""
     from tessera.model.maskgan import Generator, MaskGANConfig
     cfg = GANTrainConfig()
+    torch.manual_seed(0)
     gen = Generator(MaskGANConfig(resolution=128, n_labels=2, boundary=cfg.boundary, z_dim=cfg.z_dim,
                                   g_channels=cfg.g_channels, g_hidden=cfg.g_hidden, upsample=cfg.upsample,
                                   grey_flag=cfg.grey_flag))
+    for name, p in gen.named_parameters():  # trained generators have non-zero z styles and noise scales
+        if "z_gamma_beta.weight" in name or "noise_scale" in name:
+            torch.nn.init.normal_(p, std=0.05)
     samples, names = load_folder(dataset("dsb2018"))
-    synth = Synthesizer(gen, names, grey_share=0.5)
-    speed = [render_speed(synth, LayoutSampler(samples[:30], resolution=128), t, 8) for t in (1, 2)]
-    log("render: " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads (load {s['load1_before']})"
-                               for s in speed))
-    write_realism(args, {"summary": {f"gen_images_per_s_untrained_{s['threads']}threads": s["images_per_s"]
-                                     for s in speed}, "speed": speed}, key="speed_part")
+    sampler = LayoutSampler(samples[:30], resolution=128)
+    gens = {"after": gen}
+    if args.before != "none":
+        gens = {"before": _generator_at(args.before, gen.config, gen.state_dict()), "after": gen}
+    synths = {k: Synthesizer(g, names, grey_share=0.5) for k, g in gens.items()}
+    speed, images = {k: [] for k in synths}, {}
+    for t in (1, 2):
+        rows = {k: [] for k in synths}
+        for _ in range(args.rounds):
+            for k, synth in synths.items():
+                rows[k].append(render_speed(synth, sampler, t, 8))
+        for k in synths:
+            speed[k].append(max(rows[k], key=lambda r: r["images_per_s"]) | {"rounds": args.rounds})
+    layouts = sampler.sample(16, seed=5)
+    for k, synth in synths.items():
+        images[k] = np.stack(synth.render(layouts, seed=3)).astype(np.int16)
+    summary = {f"gen_images_per_s_{k}_{s['threads']}threads": s["images_per_s"] for k, v in speed.items() for s in v}
+    if "before" in images:
+        d = np.abs(images["after"] - images["before"])
+        summary |= {"image_diff_max_levels": int(d.max()), "image_diff_mean_levels": float(d.mean())}
+    log("render: " + "; ".join(f"{k} " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads "
+                                                     f"(load {s['load1_before']})" for s in v)
+                               for k, v in speed.items()))
+    write_realism(args, {"summary": summary, "speed": speed, "before_revision": args.before,
+                         "batch": 32, "resolution": 128}, key="speed_part")
 
 
 def realism(args, threads: int) -> None:
@@ -509,6 +553,8 @@ def main() -> None:
                     help="only the quality grid, render speed and LS throughput (edited and generated tasks)")
     ap.add_argument("--gan-iters", type=int, default=300, help="with --synthetic-parts: GAN iterations per variant")
     ap.add_argument("--speed", action="store_true", help="only generation speed (untrained default generator)")
+    ap.add_argument("--before", default="none", help="--speed: git revision whose generator is timed alongside")
+    ap.add_argument("--rounds", type=int, default=3, help="--speed: alternating rounds (best of each side)")
     ap.add_argument("--realism", action="store_true", help="only the realism classifier, KID and the realism grid")
     ap.add_argument("--cls-iters", type=int, default=300, help="with --realism: classifier iterations per kind")
     ap.add_argument("--n-real-train", type=int, default=150, help="with --realism: real images, classifier train")

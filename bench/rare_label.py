@@ -82,7 +82,13 @@ def score(ckpt: Path, val: list[Sample]) -> dict:
     union = cm.sum(0) + cm.sum(1) - inter
     iou = inter / np.maximum(union, 1)
     return {**{f"iou_{b}": float(iou[c + 1]) for c, b in enumerate(BREEDS)}, "fg_iou": float(np.mean(fg)),
-            "miou": float(iou[1:].mean())}
+            "miou": float(iou[1:].mean()), "confusion_true_by_pred": cm.tolist()}
+
+
+def pixel_share(data: list[Sample]) -> dict:
+    """Share of the labelled training pixels of each breed (what the unweighted loss sees per image drawn)."""
+    n = np.bincount(np.concatenate([s.classes.ravel() for s in data]), minlength=len(BREEDS) + 1)[1:]
+    return {b: round(float(n[c] / max(n.sum(), 1)), 3) for c, b in enumerate(BREEDS)}
 
 
 def save_grid(real: list[Sample], edits: list[Sample], path: Path) -> None:
@@ -123,6 +129,8 @@ def summarize(rows: list[dict], arms: list[str], rare: str) -> dict:
             d = np.array([100 * (r[arm][f"iou_{rare}"] - r[base][f"iou_{rare}"]) for r in rows])
             out[f"{arm}_rare_gain_vs_{base}_points_mean"] = float(d.mean())
             out[f"{arm}_rare_gain_vs_{base}_points_std"] = float(d.std(ddof=1) if len(d) > 1 else 0)
+        if "real_only" not in arms:
+            continue
         worst = min(100 * (np.mean([r[arm][f"iou_{b}"] for r in rows]) - np.mean([r["real_only"][f"iou_{b}"]
                     for r in rows])) for b in BREEDS if b != rare)
         out[f"{arm}_worst_other_breed_vs_real_only_points"] = float(worst)
@@ -149,6 +157,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-edited", type=int, default=30, help="edited images added in the edited arms")
     ap.add_argument("--max-objects", type=int, default=2, help="rare objects pasted per edited image (1..)")
+    ap.add_argument("--fit", type=float, default=1.0,
+                    help="Editor fit: < 1 shrinks a pasted object (down to this share of the scene's scale) to "
+                         "stand beside the photo's animal instead of covering it")
+    ap.add_argument("--balance", action="store_true",
+                    help="Editor balance: objects after an image's first are of the class with the fewest pixels")
+    ap.add_argument("--edited-aug", choices=["on", "off"], default="on", help="augmentation of the edited arms")
     ap.add_argument("--val-per-breed", type=int, default=30)
     ap.add_argument("--arms", nargs="+", default=["real_only", "classic", "edited", "edited_os"])
     ap.add_argument("--threads", type=int, default=1)
@@ -185,26 +199,40 @@ def main() -> None:
         # another model/ gives other models from the same seed: only a run of the same model/ code is reused
         changed = subprocess.run(["git", "diff", "--name-only", old["machine"]["commit"], "--", "model"],
                                  cwd=RESULTS.parents[1], capture_output=True, text=True)
-        if changed.returncode or changed.stdout.strip():
-            raise SystemExit(f"--reuse {args.reuse}: model/ changed since its commit {old['machine']['commit']}: "
-                             f"{changed.stdout.split() or changed.stderr.strip()}; rerun those arms")
+        if changed.returncode:
+            raise SystemExit(f"--reuse {args.reuse}: {changed.stderr.strip()}")
+        # real_only and classic train the label model alone: model/ files they never import may differ
+        label_only = {"model/edit.py", "model/maskgan.py", "model/train_maskgan.py", "model/synthesizer.py",
+                      "model/layouts.py", "model/self_train.py"}
+        for f in changed.stdout.split():
+            if f not in label_only:
+                raise SystemExit(f"--reuse {args.reuse}: {f} changed since its commit {old['machine']['commit']}; "
+                                 f"rerun those arms")
+        edit_changed = bool({"model/edit.py", "model/layouts.py"} & set(changed.stdout.split()))
         for r in old["rows"]:
             reused[r["seed"]] = {**r, "iters": old["setup"]["label_iters"]}
-            if "edited" in r and old["setup"]["max_objects"] == args.max_objects:  # its edits are a prefix of ours
+            same_edits = all(old["setup"].get(k, d) == v for k, d, v in
+                             (("max_objects", None, args.max_objects), ("fit", 1.0, args.fit),
+                              ("balance", False, args.balance), ("edited_augmentation", "on", args.edited_aug)))
+            if edit_changed or not same_edits:  # its edited arms were made by other edit code or options
+                for k in [k for k in r if k.startswith("edited")]:
+                    del reused[r["seed"]][k]
+            elif "edited" in r:  # its edits are a prefix of ours
                 reused[r["seed"]][f"edited_{old['setup']['n_edited']}"] = r["edited"]
     for seed in args.seeds:
         train = pick_train(pool, args.rare, seed)
         rare_real = [s for s in train if breed_of(s) == args.rare]
         t0 = time.time()
-        edits = Editor(train, len(BREEDS), max_objects=args.max_objects).edit(args.n_edited, label=rare_idx,
-                                                                              seed=100 + seed)
+        edits = Editor(train, len(BREEDS), max_objects=args.max_objects, fit=args.fit,
+                       balance=args.balance).edit(args.n_edited, label=rare_idx, seed=100 + seed)
         edit_s = time.time() - t0
         edited = [e.sample for e in edits]
         grid = grid or (rare_real, edited[:3])
         oversampled = train + rare_real * (COMMON_N // RARE_N - 1)
-        sets = {"real_only": (train, AUG_OFF), "classic": (oversampled, AUG_ON), "edited": (train + edited, AUG_ON),
-                "edited_os": (oversampled + edited, AUG_ON),
-                **{f"edited_{n}": (train + edited[:n], AUG_ON) for n in args.curve}}
+        aug_ed = AUG_ON if args.edited_aug == "on" else AUG_OFF
+        sets = {"real_only": (train, AUG_OFF), "classic": (oversampled, AUG_ON), "edited": (train + edited, aug_ed),
+                "edited_os": (oversampled + edited, aug_ed),
+                **{f"edited_{n}": (train + edited[:n], aug_ed) for n in args.curve}}
         row = {"seed": seed, "train_ids": [s.id for s in train], "edit_s": round(edit_s, 2),
                "n_edited": len(edited), "load1_start": round(os.getloadavg()[0], 2)}
         for arm in args.arms:
@@ -215,9 +243,10 @@ def main() -> None:
                 row[arm] = {**reused[seed][arm], "reused_from": args.reuse}
                 continue
             ckpt, dt = fit(data, args.iters, aug, work / f"{arm}_{seed}.pt", args.threads, seed)
-            row[arm] = {**score(ckpt, val), "train_s": round(dt, 1), "n_train": len(data)}
-            log(f"seed {seed} {arm:10s} {args.rare} IoU {row[arm][f'iou_{args.rare}']:.4f} "
-                f"fg {row[arm]['fg_iou']:.4f} ({dt:.0f}s)")
+            row[arm] = {**score(ckpt, val), "train_s": round(dt, 1), "n_train": len(data),
+                        "train_pixel_share": pixel_share(data)}
+            log(f"seed {seed} {arm:10s} " + " ".join(f"{b} {row[arm][f'iou_{b}']:.4f}" for b in BREEDS) +
+                f" fg {row[arm]['fg_iou']:.4f} ({dt:.0f}s)")
         rows.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if grid is not None and not args.quick and not args.curve:
@@ -233,7 +262,8 @@ def main() -> None:
         "setup": {"dataset": "pets (Oxford-IIIT Pet, 3 breeds)", "rare": args.rare, "rare_n": RARE_N,
                   "common_n": COMMON_N, "n_val": len(val), "label_iters": args.iters,
                   "label_batch": TrainConfig.batch_size, "seeds": args.seeds, "n_edited": args.n_edited,
-                  "max_objects": args.max_objects, "torch_threads": args.threads,
+                  "max_objects": args.max_objects, "fit": args.fit, "balance": args.balance,
+                  "edited_augmentation": args.edited_aug, "torch_threads": args.threads,
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                   "equal": "iterations (batch 8, crop 96): every arm sees the same number of training crops"},
         "targets": {"rare_gain_vs_real_only": "+5 IoU points", "rare_gain_vs_classic": "+2 IoU points",

@@ -77,9 +77,10 @@ def _scale_for(cut: Cutout, instances: np.ndarray, rng: np.random.Generator,
     return min(s, 0.9 * H / h, 0.9 * W / w)
 
 
-def _place(free: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+def _place(free: np.ndarray, mask: np.ndarray, rng: np.random.Generator, anywhere: bool = True
+           ) -> tuple[int, int] | None:
     """Top-left corner for `mask` inside an image of free.shape: where it overlaps no object when there is
-    such a place (erosion of the free map by the object's shape), else anywhere."""
+    such a place (erosion of the free map by the object's shape), else anywhere (None when not `anywhere`)."""
     h, w = mask.shape
     H, W = free.shape
     fits = cv2.erode(free.astype(np.uint8), mask.astype(np.uint8), anchor=(0, 0),
@@ -88,27 +89,45 @@ def _place(free: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tupl
     if len(ys):
         j = int(rng.integers(len(ys)))
         return int(ys[j]), int(xs[j])
+    if not anywhere:
+        return None
     return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
 
 
+def _resized(cut: Cutout, s: float, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    h, w = max(1, round(cut.mask.shape[0] * s)), max(1, round(cut.mask.shape[1] * s))
+    obj = cv2.resize(cut.image, (w, h), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    mask = cv2.resize(cut.mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    return (obj[:, ::-1], mask[:, ::-1]) if flip else (obj, mask)
+
+
 def paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cutout, rng: np.random.Generator,
-          scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0) -> bool:
+          scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0, fit: float = 1.0) -> bool:
     """Paste `cut` into (image, classes, instances), in place, at the scene's object scale, flipped at random.
+    fit < 1: where the object overlaps every object of the scene at that scale (a photo filled by one animal),
+    it is shrunk in steps of 0.8 down to `fit` x that scale until it finds a free place, so that it stands
+    beside the scene's objects instead of covering them (their labels and pixel share stay); it covers them
+    only when no scale down to `fit` finds room.
     The label is the object's mask exactly. The image takes the object's pixels with alpha = 2 x (mask blurred by
     `feather` px), clipped to [0, 1] and zero outside the mask: straight edges stay hard, thin parts (tails,
     ears, whiskers) blend with the background, and no pixel outside the label changes."""
     H, W = classes.shape
-    s = _scale_for(cut, instances, rng, scale_jitter)
-    h, w = max(1, round(cut.mask.shape[0] * s)), max(1, round(cut.mask.shape[1] * s))
-    if h > H or w > W:
-        return False
-    obj = cv2.resize(cut.image, (w, h), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    mask = cv2.resize(cut.mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-    if mask.sum() == 0:
-        return False
-    if rng.random() < 0.5:
-        obj, mask = obj[:, ::-1], mask[:, ::-1]
-    y, x = _place(instances == 0, mask, rng)
+    s0 = _scale_for(cut, instances, rng, scale_jitter)
+    flip = bool(rng.random() < 0.5)
+    free = instances == 0
+    obj = mask = at = None
+    s = s0
+    while fit < 1 and s >= fit * s0 and at is None:
+        obj, mask = _resized(cut, s, flip)
+        fits = mask.any() and mask.shape[0] <= H and mask.shape[1] <= W
+        at = _place(free, mask, rng, anywhere=False) if fits else None
+        s *= 0.8
+    if at is None:
+        obj, mask = _resized(cut, s0, flip)
+        if mask.shape[0] > H or mask.shape[1] > W or not mask.any():
+            return False
+        at = _place(free, mask, rng)
+    (y, x), (h, w) = at, mask.shape
     alpha = mask.astype(np.float32)
     if feather > 0:  # blur, then zero outside the mask so that no label-less pixel changes
         alpha = cv2.GaussianBlur(alpha, (0, 0), feather) * mask
@@ -136,13 +155,16 @@ class Editor:
     """Makes edited images from labelled samples: a real background with real objects pasted in."""
 
     def __init__(self, samples: list[Sample], n_labels: int, min_area: int = 16, max_objects: int = 3,
-                 scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0):
+                 scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0, fit: float = 1.0,
+                 balance: bool = False):
         if not samples:
             raise ValueError("Editor needs at least one labelled sample")
         self.samples, self.n_labels = samples, n_labels
         self.bank = cutouts(samples, min_area)
         self.weights = label_weights(self.bank, n_labels)
         self.max_objects, self.scale_jitter, self.feather = max_objects, scale_jitter, feather
+        self.fit = fit          # see paste(): < 1 shrinks an object to stand beside the scene's objects
+        self.balance = balance  # see edit(): pasted classes even out the labelled pixels of every class
 
     def labels(self) -> list[int]:
         """Classes that have an object to paste."""
@@ -157,18 +179,31 @@ class Editor:
                 break
         return pool[int(rng.integers(len(pool)))]
 
+    def _balanced(self, totals: np.ndarray, classes: np.ndarray, rng: np.random.Generator) -> int:
+        """The pasteable class with the fewest labelled pixels so far (the samples, the edits made, and this
+        image as it is now); ties drawn at random."""
+        t = totals + np.bincount(classes.ravel(), minlength=len(totals))[:len(totals)]
+        labels = self.labels()
+        low = [c for c in labels if t[c] == min(t[c] for c in labels)]
+        return low[int(rng.integers(len(low)))]
+
     def edit(self, n: int, label: int | None = None, seed: int = 0) -> list[Edit]:
         """n edited images. With `label`, every pasted object is of that class; without, classes are drawn
-        with label_weights (rare first). Backgrounds are drawn from the samples whose source differs from
-        the pasted objects' where possible, so that an object appears in a new context."""
+        with label_weights (rare first). With `balance`, each object after the first of an image (every
+        object without `label`) is of the class with the fewest labelled pixels so far, counting the samples
+        and the edits before it, so that a rare label is added without making another class the minority
+        (the label model learns one class from its pixel share otherwise: a rare cat breed pasted 30 times
+        became the only cat breed it predicted). Backgrounds are any sample."""
         if label is not None and label not in self.labels():
             raise ValueError(f"no object of class {label} to paste; classes with objects: {self.labels()}")
         rng = np.random.default_rng(seed)
+        totals = np.bincount(np.concatenate([s.classes.ravel() for s in self.samples]).astype(np.int64),
+                             minlength=self.n_labels + 1)[:self.n_labels + 1] if self.balance else None
         out = []
         for _ in range(n):
             k = int(rng.integers(1, self.max_objects + 1))
             picks = [label if label is not None else int(rng.choice(self.n_labels, p=self.weights)) + 1
-                     for _ in range(k)]
+                     for _ in range(k)] if not self.balance else [label] + [None] * (k - 1)
             bg = self.samples[int(rng.integers(len(self.samples)))]
             image = np.ascontiguousarray(bg.image).copy()
             classes = bg.classes.astype(np.int32).copy()
@@ -176,12 +211,15 @@ class Editor:
             grey = is_grey(image)
             objects, labels = [], []
             for c in picks:
+                c = self._balanced(totals, classes, rng) if c is None else c
                 cut = self._pick(c, grey, rng)
-                if paste(image, classes, instances, cut, rng, self.scale_jitter, self.feather):
+                if paste(image, classes, instances, cut, rng, self.scale_jitter, self.feather, self.fit):
                     objects.append(cut.source)
                     labels.append(c)
             instances = relabel(instances)  # covered objects vanish; their visible fragments keep their label
             classes = np.where(instances > 0, classes, 0).astype(np.int32)
+            if totals is not None:
+                totals += np.bincount(classes.ravel(), minlength=len(totals))[:len(totals)]
             sample = Sample(image, classes, instances, id=f"edit:{bg.id}:{len(out)}", synthetic=True)
             out.append(Edit(sample, bg.id, objects, labels))
         return out
