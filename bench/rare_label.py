@@ -11,9 +11,13 @@ time: every arm sees the same number of crops) in each arm:
   edited     the real images + --n-edited edited images (model.edit.Editor: a real training image as the
              background, 1-2 real objects of the rare breed pasted in, exact masks), augmentation ON
   edited_os  edited + the classic oversampling
+--fit F shrinks a pasted object (down to F x the photo's object scale) until it stands beside the photo's
+animal instead of covering it; --balance pastes, after each edit's rare object, the class with the fewest
+pixels not yet in the image; --edited-aug off trains the edited arms without augmentation (model.edit.Editor).
 Scores: pooled per-class IoU of each breed over the val images of all breeds (a rare-breed pixel
-predicted as another breed, or the reverse, costs), and foreground IoU. Writes bench/results/rare_label.json
-and bench/results/rare_label_grid.png (real rare images | edited images | their labels).
+predicted as another breed, or the reverse, costs), and foreground IoU; per arm the pooled confusion matrix
+(rows true bg + breeds, columns predicted) and the training set's pixel share per breed. Writes
+bench/results/rare_label.json and bench/results/rare_label_grid.png (real rare images | edited images | labels).
 """
 from __future__ import annotations
 

@@ -181,9 +181,11 @@ class Editor:
 
     def _balanced(self, totals: np.ndarray, classes: np.ndarray, rng: np.random.Generator) -> int:
         """The pasteable class with the fewest labelled pixels so far (the samples, the edits made, and this
-        image as it is now); ties drawn at random."""
-        t = totals + np.bincount(classes.ravel(), minlength=len(totals))[:len(totals)]
-        labels = self.labels()
+        image as it is now) among those not yet in this image (so that objects of different classes stand side
+        by side in one context, and only their looks tell them apart), else among all; ties at random."""
+        here = np.bincount(classes.ravel(), minlength=len(totals))[:len(totals)]
+        t = totals + here
+        labels = [c for c in self.labels() if here[c] == 0] or self.labels()
         low = [c for c in labels if t[c] == min(t[c] for c in labels)]
         return low[int(rng.integers(len(low)))]
 

@@ -45,8 +45,8 @@ def test_fit_shrinks_the_object_beside_the_photos_object_instead_of_covering_it(
 
 def test_balance_pastes_the_requested_label_first_and_then_the_class_with_fewest_pixels():
     samples = [_photo(1, s, size=128) for s in range(4)] + [_photo(2, 9, size=128, side=20)]
-    plain = Editor(samples, n_labels=2, max_objects=3, fit=0.4).edit(12, label=2, seed=1)
-    balanced = Editor(samples, n_labels=2, max_objects=3, fit=0.4, balance=True).edit(12, label=2, seed=1)
+    plain = Editor(samples, n_labels=2, max_objects=3, fit=0.4).edit(20, label=2, seed=1)
+    balanced = Editor(samples, n_labels=2, max_objects=3, fit=0.4, balance=True).edit(20, label=2, seed=1)
     assert all(set(e.labels) == {2} for e in plain)
     assert all(e.labels[0] == 2 for e in balanced)  # every edit still holds the requested label
     assert any(1 in e.labels for e in balanced)     # once class 2 caught up, class 1 is pasted too
