@@ -446,7 +446,8 @@ def speed_only(args) -> None:
     gens = {"after": gen}
     if args.before != "none":
         gens = {"before": _generator_at(args.before, gen.config, gen.state_dict()), "after": gen}
-    synths = {k: Synthesizer(g, names, grey_share=0.5) for k, g in gens.items()}
+    # before: float32, as every Synthesizer rendered before the bf16 copy (the old module has no dtype casts)
+    synths = {k: Synthesizer(g, names, grey_share=0.5, bf16=False if k == "before" else None) for k, g in gens.items()}
     speed, images = {k: [] for k in synths}, {}
     for t in (1, 2):
         rows = {k: [] for k in synths}

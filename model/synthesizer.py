@@ -3,6 +3,7 @@ the label model agrees with the layout (self-consistency, as in data-synthesis w
 generated pairs by a segmenter's agreement).
 """
 
+import copy
 import logging
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .inference import resolve_device
+from .inference import bf16_supported, resolve_device
 from .maskgan import Generator, MaskGANConfig, label_maps_to_mask
 from .metrics import mean_iou
 
@@ -22,8 +23,12 @@ class Synthesizer:
     """Turns layouts (anything with .classes and .instances, e.g. Layout or Sample) into RGB images."""
 
     def __init__(self, generator: Generator, label_names: list[str], version: str = "maskgan-0",
-                 grey_share: float = 0.0):
+                 grey_share: float = 0.0, bf16: bool | None = None):
         self.generator = generator.eval().to(memory_format=torch.channels_last)  # see Generator.generate
+        device = next(generator.parameters()).device
+        # bf16: render with a bfloat16 copy (None: where the hardware has bf16 kernels; see Generator.generate)
+        self.bf16 = bf16_supported(device) if bf16 is None else bf16
+        self._render = copy.deepcopy(self.generator).to(torch.bfloat16) if self.bf16 else self.generator
         self.config: MaskGANConfig = generator.config
         self.label_names = list(label_names)
         self.version = version
@@ -66,7 +71,7 @@ class Synthesizer:
         grey = torch.tensor([np.random.default_rng(s).random() < self.grey_share for s in seeds])
         images = []
         for i in range(0, len(layouts), batch_size):
-            fake = self.generator.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size],
+            fake = self._render.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size],
                                            grey[i:i + batch_size] if self.config.grey_flag else None)
             fake = ((fake.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
             images.extend(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
