@@ -466,7 +466,11 @@ def speed_only(args) -> None:
     log("render: " + "; ".join(f"{k} " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads "
                                                      f"(load {s['load1_before']})" for s in v)
                                for k, v in speed.items()))
-    write_realism(args, {"summary": summary, "speed": speed, "before_revision": args.before,
+    rev = args.before
+    if rev != "none":  # the commit, not a branch name that moves
+        rev += " (" + subprocess.run(["git", "rev-parse", "--short", rev], cwd=RESULTS.parents[1], capture_output=True,
+                                     text=True).stdout.strip() + ")"
+    write_realism(args, {"summary": summary, "speed": speed, "before_revision": rev,
                          "batch": 32, "resolution": 128}, key="speed_part")
 
 
