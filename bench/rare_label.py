@@ -53,12 +53,12 @@ def breed_of(s: Sample) -> str:
     return s.id.rsplit("_", 1)[0]
 
 
-def pick_train(pool: list[Sample], rare: str, seed: int) -> list[Sample]:
+def pick_train(pool: list[Sample], rare: str, seed: int, rare_n: int = RARE_N) -> list[Sample]:
     rng = np.random.default_rng(seed)
     out = []
     for b in BREEDS:
         mine = [s for s in pool if breed_of(s) == b]
-        n = RARE_N if b == rare else COMMON_N
+        n = rare_n if b == rare else COMMON_N
         out += [mine[i] for i in sorted(rng.choice(len(mine), n, replace=False))]
     return out
 
@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--balance", action="store_true",
                     help="Editor balance: objects after an image's first are of the class with the fewest pixels")
     ap.add_argument("--edited-aug", choices=["on", "off"], default="on", help="augmentation of the edited arms")
+    ap.add_argument("--rare-n", type=int, default=RARE_N,
+                    help="labelled images of the rare breed (COMMON_N: a balanced set, the ceiling of any remedy)")
     ap.add_argument("--val-per-breed", type=int, default=30)
     ap.add_argument("--arms", nargs="+", default=["real_only", "classic", "edited", "edited_os"])
     ap.add_argument("--threads", type=int, default=1)
@@ -192,7 +194,7 @@ def main() -> None:
     pool = [by_id[i] for i in train_ids]
     val = [s for b in BREEDS for s in [by_id[i] for i in val_ids if breed_of(by_id[i]) == b][:args.val_per_breed]]
     rare_idx = BREEDS.index(args.rare) + 1
-    log(f"pets: pool {len(pool)}, val {len(val)}; rare {args.rare} ({RARE_N} vs {COMMON_N}); "
+    log(f"pets: pool {len(pool)}, val {len(val)}; rare {args.rare} ({args.rare_n} vs {COMMON_N}); "
         f"iters {args.iters}, threads {args.threads}, load {os.getloadavg()[0]:.1f}")
     rows, grid = [], None
     reused = {}
@@ -224,7 +226,7 @@ def main() -> None:
             elif "edited" in r:  # its edits are a prefix of ours
                 reused[r["seed"]][f"edited_{old['setup']['n_edited']}"] = r["edited"]
     for seed in args.seeds:
-        train = pick_train(pool, args.rare, seed)
+        train = pick_train(pool, args.rare, seed, args.rare_n)
         rare_real = [s for s in train if breed_of(s) == args.rare]
         t0 = time.time()
         edits = Editor(train, len(BREEDS), max_objects=args.max_objects, fit=args.fit,
@@ -232,7 +234,7 @@ def main() -> None:
         edit_s = time.time() - t0
         edited = [e.sample for e in edits]
         grid = grid or (rare_real, edited[:3])
-        oversampled = train + rare_real * (COMMON_N // RARE_N - 1)
+        oversampled = train + rare_real * (COMMON_N // args.rare_n - 1)
         aug_ed = AUG_ON if args.edited_aug == "on" else AUG_OFF
         sets = {"real_only": (train, AUG_OFF), "classic": (oversampled, AUG_ON), "edited": (train + edited, aug_ed),
                 "edited_os": (oversampled + edited, aug_ed),
@@ -263,7 +265,7 @@ def main() -> None:
     write_result(name, {
         "command": " ".join(["python", "-m", "bench.rare_label"] + sys.argv[1:]),
         "summary": summary, "rows": rows,
-        "setup": {"dataset": "pets (Oxford-IIIT Pet, 3 breeds)", "rare": args.rare, "rare_n": RARE_N,
+        "setup": {"dataset": "pets (Oxford-IIIT Pet, 3 breeds)", "rare": args.rare, "rare_n": args.rare_n,
                   "common_n": COMMON_N, "n_val": len(val), "label_iters": args.iters,
                   "label_batch": TrainConfig.batch_size, "seeds": args.seeds, "n_edited": args.n_edited,
                   "max_objects": args.max_objects, "fit": args.fit, "balance": args.balance,
