@@ -282,14 +282,16 @@ def main() -> None:
                     help="native-size mode: Tessera at its learned object scale beside Tessera letterboxed to R "
                          "(the model before scales were learned) and the MONAI UNet at the same object scale")
     ap.add_argument("--no-edits", action="store_true", help="skip the edit-suggestion part")
+    ap.add_argument("--no-letterbox", action="store_true", help="native mode without the letterboxed Tessera arm")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of every arm")
     ap.add_argument("--iters", type=int, default=0, help="train Tessera for this many iterations instead of "
                     "--budget seconds; the UNet then gets Tessera's training time")
     args = ap.parse_args()
     if args.quick:
         args.budget, args.max_val = 15.0, 20
     torch.set_num_threads(args.threads)
-    work = Path("/tmp/tessera-bench-label")
-    work.mkdir(exist_ok=True)
+    work = Path("/tmp/tessera-bench-label") / f"{args.name}_s{args.seed}"     # checkpoints kept for reuse
+    work.mkdir(parents=True, exist_ok=True)
     rows, edits = [], {}
     for name in args.datasets:
         root = dataset(name)
@@ -303,15 +305,17 @@ def main() -> None:
         for size in args.sizes:
             n = len(train_all) if size == "all" else int(size)
             train = train_all[:n]
-            tess, pred = run_tessera(train, val, names, args.budget, work, iters=args.iters)
+            tess, pred = run_tessera(train, val, names, args.budget, work, seed=args.seed, iters=args.iters)
             budget = tess["train_wall_s"] if args.iters else args.budget
-            row = {"dataset": name, "n_train": n, "budget_s": budget, "iters": args.iters, "tessera": tess}
-            if args.native:
+            row = {"dataset": name, "n_train": n, "budget_s": budget, "iters": args.iters, "seed": args.seed,
+                   "tessera": tess}
+            if args.native and not args.no_letterbox:
                 print(json.dumps(row), flush=True)
                 row["tessera_letterbox"] = run_tessera(train, val, names, args.budget, work, object_px=0.0,
-                                                       iters=args.iters)[0]
+                                                       seed=args.seed, iters=args.iters)[0]
                 print(json.dumps(row), flush=True)
-            row["monai_unet"] = run_unet(train, val, names, budget, scale=pred.scale if args.native else None)
+            row["monai_unet"] = run_unet(train, val, names, budget, seed=args.seed,
+                                         scale=pred.scale if args.native else None)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if size == args.sizes[-1] and not args.no_edits:

@@ -71,6 +71,11 @@ REFINE_CACHE = 8
 REFINE_OBJECT_PX = 6.5
 REFINE_MAX_ZOOM = 2.0
 REFINE_MAX_PX = 1024 * 1024
+BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (4 images of 312x424, 20 of 160x160)
+# The forward pass is eager PyTorch on purpose (issue 10, measured at 312x424 on 1 thread of this 2-core VM):
+# torch.jit.trace + freeze (and optimize_for_inference) under bf16 autocast was no faster (207 vs 186 ms best
+# of 6), the oneDNN graph fuser failed to run the traced model ("could not set attribute to the op"), and
+# torch.compile took 202 s to compile one shape for no gain (169 vs 208 ms best, equal medians).
 
 # -----------------------------------------------------------------------------
 # pre- and post-processing shared with training
@@ -550,12 +555,17 @@ class Predictor:
                     if dets is not None:
                         dets[i] = _to_image_px(np.concatenate(tiles), sizes[0], images[i].shape[:2])
                 continue
-            _, feats, _, logits, sizes = self._run([images[i] for i in idx])
-            found = self._detections(feats) if dets is not None else [None] * len(idx)
-            for i, lg, size, d in zip(idx, logits, sizes, found):
-                out[i] = self._unletterbox(lg, size, images[i].shape[:2])
-                if dets is not None:
-                    dets[i] = _to_image_px(d, size, images[i].shape[:2])
+            # at most BATCH_PX input pixels per pass: a batch of 16 native-size images (2.1 M px) ran at about
+            # half the per-image speed of 1-4 (activations fall out of the caches; measured at 312x424, 1 thread)
+            step = max(1, BATCH_PX // (ph * pw))
+            for s in range(0, len(idx), step):
+                part = idx[s:s + step]
+                _, feats, _, logits, sizes = self._run([images[i] for i in part])
+                found = self._detections(feats) if dets is not None else [None] * len(part)
+                for i, lg, size, d in zip(part, logits, sizes, found):
+                    out[i] = self._unletterbox(lg, size, images[i].shape[:2])
+                    if dets is not None:
+                        dets[i] = _to_image_px(d, size, images[i].shape[:2])
         return out
 
     def predict(self, images: list[np.ndarray], cut: bool = True) -> list[Prediction]:
