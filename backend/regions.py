@@ -94,6 +94,71 @@ def _pack_runs(lengths: np.ndarray, values: np.ndarray, total: int) -> list[int]
     return out
 
 
+def instances_to_rles(instances: np.ndarray, ids: list[int]) -> dict[int, list[int]]:
+    """Every listed object of an (H, W) instance map -> its LS brush RLE (what crop_to_rle gives for its
+    crop), all objects in one vectorised pass: O(H * W + runs) for the lot instead of a Python-level
+    crop_to_rle per object (~0.3 ms each, 14 ms for 50 objects at 520x696). Ids absent from the map get none."""
+    height, width = instances.shape
+    flat = np.ascontiguousarray(instances).ravel()
+    # LS's RLE runs over the flattened image: an object's runs are the maximal segments of its id in
+    # row-major order (a run may wrap from a row's right border onto the next row's left one)
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+    ends = np.append(starts[1:], flat.size)
+    owner = flat[starts].astype(np.int64)
+    wanted = np.flatnonzero(np.isin(owner, np.asarray(ids, np.int64)))
+    order = wanted[np.argsort(owner[wanted], kind="stable")]      # by object, row-major within it
+    owner, starts, ends = owner[order], starts[order].astype(np.int64), ends[order].astype(np.int64)
+    if not owner.size:
+        return {}
+    total = height * width
+    first = np.ones(owner.size, bool)
+    first[1:] = owner[1:] != owner[:-1]
+    last = np.append(first[1:], True)
+    gap_after = np.where(last, total, np.append(starts[1:], 0)) - ends
+    # per object: zeros before its first run, then (ones, zeros after) per run
+    lengths = np.column_stack((ends - starts, gap_after)).ravel()
+    values = np.tile(np.array([255, 0], np.int64), owner.size)
+    owners = np.repeat(owner, 2)
+    at = 2 * np.flatnonzero(first)
+    lengths = np.insert(lengths, at, starts[first])
+    values = np.insert(values, at, 0)
+    owners = np.insert(owners, at, owner[first])
+    keep = lengths > 0
+    return _pack_many(lengths[keep] * 4, values[keep], owners[keep], 4 * total)
+
+
+def _pack_many(lengths: np.ndarray, values: np.ndarray, owners: np.ndarray, total: int) -> dict[int, list[int]]:
+    """_pack_runs for the runs of many objects at once (owners: each run's object, grouped): {id: RLE}."""
+    n_chunks = -(-lengths // _MAX_RUN)
+    idx = np.repeat(np.arange(lengths.size), n_chunks)
+    first = np.cumsum(n_chunks) - n_chunks
+    pos = np.arange(idx.size) - first[idx]
+    chunk = np.minimum(lengths[idx] - pos * _MAX_RUN, _MAX_RUN)
+    field = np.searchsorted(np.array([8, 16, 256]), chunk, side="left")
+    nbits = np.array(_RLE_SIZES)[field]
+    codes = (((4 | field) << nbits | (chunk - 1)) << 8) | values[idx]
+    widths = 3 + nbits + 8
+    chunk_owner = owners[idx]
+    # each object's stream opens with the value count and the header
+    starts = np.flatnonzero(np.append(True, chunk_owner[1:] != chunk_owner[:-1]))
+    objects = chunk_owner[starts]
+    at = np.repeat(starts, 2)
+    codes = np.insert(codes, at, np.tile([total, _RLE_HEADER], starts.size)).astype(np.uint64)
+    widths = np.insert(widths, at, np.tile([32, 21], starts.size))
+    code_owner = np.insert(chunk_owner, at, np.repeat(objects, 2))
+    aligned = (codes << (64 - widths).astype(np.uint64)).astype(">u8")
+    bits = np.unpackbits(aligned.view(np.uint8).reshape(-1, 8), axis=1)[np.arange(64) < widths[:, None]]
+    # every object's bits end on a byte boundary after 1-8 zero bits, as mask2rle's do
+    n_bits = np.bincount(np.searchsorted(objects, code_owner), weights=widths, minlength=objects.size).astype(np.int64)
+    pad = 8 - n_bits % 8
+    shift = np.cumsum(pad) - pad                              # zero bits inserted before each object's stream
+    out = np.zeros(int(n_bits.sum() + pad.sum()), np.uint8)
+    out[np.arange(bits.size) + np.repeat(shift, n_bits)] = bits
+    packed = np.packbits(out)
+    cuts = np.cumsum((n_bits + pad) // 8)
+    return {int(k): part.tolist() for k, part in zip(objects, np.split(packed, cuts[:-1]))}
+
+
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
     """LS brush RLE -> (H, W) bool; raises ValueError when the RLE does not fit the image size."""
     _check_rle(rle)
@@ -214,6 +279,10 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
     ids = sorted(int(i) for i in labels if int(i) > 0)
     if not ids:
         return results
+    if control.type == "brushlabels":                   # every mask in one vectorised pass
+        rles = instances_to_rles(instances, ids)
+        return [_region(control, {"format": "rle", "rle": rles[k], "brushlabels": [labels[k]]}, width, height,
+                        scores.get(k, 0.0), f"{id_prefix}{control.from_name}-{k}") for k in ids if k in rles]
     # one pass for all bounding boxes: (H, W) -> per-id slices; ids absent from the map get none
     slices = _object_slices(instances, ids)
     for k in ids:
@@ -224,15 +293,14 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
         label = labels[k]
         rid = f"{id_prefix}{control.from_name}-{k}"
         oy, ox = sl[0].start, sl[1].start
-        if control.type == "brushlabels":
-            value = {"format": "rle", "rle": crop_to_rle(crop, oy, ox, height, width), "brushlabels": [label]}
-        elif control.type == "polygonlabels":
+        if control.type == "polygonlabels":
             polygons = mask_to_polygons(crop, epsilon=polygon_epsilon)
             if not polygons:
                 continue
-            pts = polygons[0] + (ox, oy)
-            value = {"points": [[_pct(px, width), _pct(py, height)] for px, py in pts], "closed": True,
-                     "polygonlabels": [label]}
+            # percent of the image, rounded to 4 decimals as _pct does, in one numpy pass: Python's round()
+            # on numpy scalars was three quarters of the polygon time (~0.3 ms a region at 520x696)
+            pts = np.round((polygons[0] + (ox, oy)) * (100.0 / width, 100.0 / height), 4)
+            value = {"points": pts.tolist(), "closed": True, "polygonlabels": [label]}
         elif control.type == "rectanglelabels":
             bx, by, bw, bh = mask_to_box(crop)
             value = {"x": _pct(bx + ox, width), "y": _pct(by + oy, height), "width": _pct(bw, width),

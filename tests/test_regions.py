@@ -5,8 +5,8 @@ import pytest
 from scipy import ndimage
 
 from tessera.backend.label_config import Control
-from tessera.backend.regions import (box_to_mask, crop_to_rle, instances_to_results, mask_to_box, mask_to_polygons,
-                             mask_to_rle, polygon_to_mask, region_to_mask, results_to_maps, rle_to_mask)
+from tessera.backend.regions import (box_to_mask, crop_to_rle, instances_to_results, instances_to_rles, mask_to_box,
+                             mask_to_polygons, mask_to_rle, polygon_to_mask, region_to_mask, results_to_maps, rle_to_mask)
 
 BRUSH = Control("brushlabels", "mask", "image", ("A", "B"))
 POLY = Control("polygonlabels", "poly", "image", ("A", "B"))
@@ -287,3 +287,32 @@ def test_a_prediction_on_a_capped_image_comes_back_at_the_original_size():
             obj = np.zeros_like(obj)
             obj[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
         assert k > 0 and (m & obj).sum() / (m | obj).sum() > 0.97, item["type"]
+
+
+def test_all_objects_rle_in_one_pass_matches_sdk_per_object():
+    """instances_to_rles (every object of an instance map at once, as /predict encodes brush regions) gives
+    each object the SDK's mask2rle bytes: random odd sizes, objects touching each other and every border,
+    runs wrapping from one row's right border onto the next row's left one, and ids not asked for."""
+    rng = np.random.default_rng(11)
+    for t in range(60):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        inst = rng.integers(0, 5, (h, w)) * (rng.random((h, w)) < rng.random())
+        if t % 2:                                               # blocky objects: long runs, row wrap-arounds
+            inst = np.repeat(np.repeat(inst, 4, 0), 5, 1)[:h, :w]
+        asked = [1, 2, 4, 9]                                    # 3 present but not asked, 9 absent
+        rles = instances_to_rles(inst.astype(np.int32), asked)
+        for k in asked:
+            mask = inst == k
+            if not mask.any():
+                assert k not in rles, f"case {t}: id {k} is absent"
+                continue
+            assert rles[k] == _sdk_rle(mask), f"case {t}: {h}x{w}, id {k}"
+        assert 3 not in rles
+    big = np.zeros((1040, 1388), np.int32)
+    big[:, -3:] = 1                                             # wraps from row to row
+    big[3:900, :] = 3                                           # one run of over 2**16 values
+    big[500:503, 700:702] = 2                                   # tiny, inside object 3
+    rles = instances_to_rles(big, [1, 2, 3])
+    for k in (1, 2, 3):
+        assert rles[k] == mask_to_rle(big == k)
+        assert np.array_equal(_decoded(rles[k], *big.shape), big == k)
