@@ -439,6 +439,14 @@ class Predictor:
         The boundary class was trained with weight w, which multiplies its odds by w; dividing them
         back (logit - log w) keeps masks from growing by the outline's width."""
         nh, nw = size
+        if logits.device.type == "cpu":
+            # OpenCV's bilinear resize (the same half-pixel convention as align_corners=False) per label:
+            # 1 ms against torch's 17-22 ms at 520x696 on one thread; probabilities within 2e-5
+            crop = logits[:, :nh, :nw].float().numpy().copy()
+            crop[-1] -= math.log(self.edge_weight)
+            if (nh, nw) != tuple(shape):
+                crop = np.stack([cv2.resize(c, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) for c in crop])
+            return F.softmax(torch.from_numpy(crop), dim=0).numpy()
         crop = logits[None, :, :nh, :nw].float().clone()
         crop[:, -1] -= math.log(self.edge_weight)
         if (nh, nw) != tuple(shape):

@@ -35,3 +35,23 @@ def test_forward_batches_stay_under_the_pixel_budget_and_change_no_mask(monkeypa
         assert a.instance_score.keys() == b.instance_score.keys()
         assert all(abs(a.instance_score[k] - b.instance_score[k]) < 1e-4 for k in a.instance_score)
         assert abs(a.score - b.score) < 1e-4
+
+
+def test_upsampled_probabilities_match_torch_bilinear():
+    """_unletterbox's OpenCV resize gives torch's bilinear (align_corners=False) probabilities: odd sizes,
+    up and down, the boundary class's weight undone."""
+    import math
+
+    import torch.nn.functional as F
+
+    pred = _tiny_predictor()
+    pred.edge_weight = 3.0
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40, 56) * 4
+    for size, shape in (((37, 53), (97, 131)), ((40, 56), (40, 56)), ((33, 50), (20, 31)), ((1, 9), (3, 30))):
+        got = pred._unletterbox(logits, size, shape)
+        crop = logits[None, :, :size[0], :size[1]].clone()
+        crop[:, -1] -= math.log(3.0)
+        ref = F.softmax(F.interpolate(crop, size=shape, mode="bilinear", align_corners=False)[0], dim=0).numpy()
+        assert got.shape == (3, *shape)
+        assert np.abs(got - ref).max() < 1e-4, (size, shape)
