@@ -4,11 +4,14 @@ per-task latency over HTTP at 256 px, 520x696 (~100 objects) and 2048x2048 (~500
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.speed --native [--threads 2] [--quick] [--before REV]
 
 "before" = the code of git revision REV (default: main), unpacked from an archive of that revision beside
-the current code and run on the same checkpoint: its model/inference.py loaded beside the current one for
-the stage breakdown (the two alternate image by image in one process; region encoding is the current
-code's for both), its whole backend as a second /predict server on the same model store. The model is trained for a few iterations on procedural nuclei (bench.speed's
-bench_model): speed does not depend on what the weights learned, only on the object scale they were
-trained at.
+the current code and run on the same checkpoint: its model/ and backend/ imported as the package
+before_tessera beside the current tessera for the stage breakdown (each revision's own Predictor and region
+encoder, alternating image by image in one process), and its whole backend as a second /predict server on
+the same model store (PYTHONPATH = a folder whose tessera/backend and tessera/model link to the tree). The
+model is trained for a few iterations on procedural nuclei (bench.speed's bench_model): speed does not depend
+on what the weights learned, only on the object scale they were trained at. Stop 17's before/after HTTP
+rows were measured before the install rename; after it, until this fix, both servers ran the installed
+package (the main checkout's code), so their HTTP columns compared main with itself.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def mosaic(h: int, w: int, tile: int, seed: int):
     return s.image, int(len(np.unique(s.instances)) - 1)
 
 
-def stage_times(pred, png: bytes) -> dict:
+def stage_times(pred, png: bytes, encode=None) -> dict:
     """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON.
 
     Written against the Predictor internals both revisions share (_prepare, _forward, _tiled_logits,
@@ -50,6 +53,8 @@ def stage_times(pred, png: bytes) -> dict:
     from tessera.backend.media import decode_image
     from tessera.backend.regions import instances_to_results
     from bench.speed import CONFIG
+
+    encode = encode or instances_to_results         # a revision's own region encoder, when given
 
     controls = {c.type: c for c in parse_label_config(CONFIG).controls}
     t = {}
@@ -75,7 +80,7 @@ def stage_times(pred, png: bytes) -> dict:
     results = []
     for kind in ("brushlabels", "polygonlabels", "rectanglelabels"):
         t0 = time.perf_counter()
-        results += instances_to_results(p.instances, labels, p.instance_score, controls[kind])
+        results += encode(p.instances, labels, p.instance_score, controls[kind])
         t[kind.replace("labels", "")] = time.perf_counter() - t0
     t0 = time.perf_counter()
     json.dumps({"results": [{"result": results, "score": p.score}]})
@@ -85,34 +90,58 @@ def stage_times(pred, png: bytes) -> dict:
     return t
 
 
+def package_root(tree: Path, dest: Path, name: str = "tessera") -> Path:
+    """A PYTHONPATH entry under which package `name`'s backend and model are tree/backend and tree/model
+    (symlinks). Since the install became `tessera.backend`/`tessera.model`, a checkout's own folders on
+    PYTHONPATH no longer shadow the installed package: this is how a server or an import gets a tree's code."""
+    pkg = dest / name
+    pkg.mkdir(parents=True, exist_ok=True)
+    for part in ("backend", "model"):
+        link = pkg / part
+        if not link.exists():
+            link.symlink_to(tree.resolve() / part, target_is_directory=True)
+    return dest
+
+
 def predictor_class(tree: Path | None):
-    """tessera.model.inference.Predictor, or (tree given) the Predictor of tree/model/inference.py loaded beside it
-    under another module name, so both revisions run in one process, alternating call by call. The old
-    module imports its helpers (model.vqvae, model.data, ...) from the current package: fine while those
-    keep their names."""
-    import importlib.util
+    """tessera.model.inference.Predictor, or (tree given) the Predictor of tree/model/ imported as the
+    package `before_tessera.model`, so both revisions run in one process, alternating call by call, each
+    with its own helpers (vqvae, data, postprocess, ...)."""
+    import importlib
 
     from tessera.model.inference import Predictor
 
     if tree is None:
         return Predictor
-    spec = importlib.util.spec_from_file_location("before_inference", tree / "model" / "inference.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module                       # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.Predictor
+    root = package_root(tree, tree.parent / "before_pkg", "before_tessera")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("before_tessera.model.inference").Predictor
+
+
+def region_encoder(tree: Path | None):
+    """instances_to_results of the current code, or of tree/backend/regions.py (imported as
+    before_tessera.backend.regions; predictor_class(tree) put it on sys.path)."""
+    import importlib
+
+    if tree is None:
+        from tessera.backend.regions import instances_to_results
+
+        return instances_to_results
+    return importlib.import_module("before_tessera.backend.regions").instances_to_results
 
 
 def breakdown(ckpt: Path, media: Path, trees: dict, reps: int) -> dict:
     """Median ms per stage, image and variant ({variant: source tree, None = the current code}); within each
     repetition every image goes through every variant in turn, so load drifts hit both alike."""
     preds = {v: predictor_class(tree).from_checkpoint(ckpt, device="cpu") for v, tree in trees.items()}
+    encoders = {v: region_encoder(tree) for v, tree in trees.items()}
     pngs = {name: (media / f"{name}.png").read_bytes() for name in SIZES}
     runs: dict = {name: {v: [] for v in preds} for name in SIZES}
     for r in range(reps + 1):
         for name, png in pngs.items():
             for v, pred in preds.items():
-                t = stage_times(pred, png)
+                t = stage_times(pred, png, encoders[v])
                 if r:                                                  # the first round warms up
                     runs[name][v].append(t)
     out: dict = {}
@@ -176,9 +205,11 @@ def http_runs(work: Path, base: str, before_path: Path | None, args) -> dict:
     plan = [("256", 16, args.reps), ("520x696", 16, args.reps), ("2048", 4, max(1, args.reps // 2))]
     env = {"MODEL_DIR": str(work / "models"), "TESSERA_LOG_LEVEL": "WARNING", "TESSERA_ALLOWED_HOSTS": "127.0.0.1",
            "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE", "TESSERA_PREDICT_BATCH": "16"}
-    servers = {"after": TesseraProcess({**env, "PYTHONPATH": str(REPO)}, work / "after.log").wait_up()}
+    roots = {"after": package_root(REPO, work / "pp-after")}
     if before_path is not None:
-        servers["before"] = TesseraProcess({**env, "PYTHONPATH": str(before_path)}, work / "before.log").wait_up()
+        roots["before"] = package_root(before_path, work / "pp-before")
+    servers = {v: TesseraProcess({**env, "PYTHONPATH": str(root)}, work / f"{v}.log").wait_up()
+               for v, root in roots.items()}
     out: dict = {v: {} for v in servers}
     try:
         for name, batch, reps in plan:
