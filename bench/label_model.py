@@ -284,6 +284,8 @@ def main() -> None:
     ap.add_argument("--no-edits", action="store_true", help="skip the edit-suggestion part")
     ap.add_argument("--no-letterbox", action="store_true", help="native mode without the letterboxed Tessera arm")
     ap.add_argument("--seed", type=int, default=0, help="training seed of every arm")
+    ap.add_argument("--object-px", type=float, default=None, help="Tessera's object_px (default: TrainConfig's)")
+    ap.add_argument("--no-unet", action="store_true", help="skip the MONAI UNet peer")
     ap.add_argument("--iters", type=int, default=0, help="train Tessera for this many iterations instead of "
                     "--budget seconds; the UNet then gets Tessera's training time")
     args = ap.parse_args()
@@ -305,15 +307,19 @@ def main() -> None:
         for size in args.sizes:
             n = len(train_all) if size == "all" else int(size)
             train = train_all[:n]
-            tess, pred = run_tessera(train, val, names, args.budget, work, seed=args.seed, iters=args.iters)
+            tess, pred = run_tessera(train, val, names, args.budget, work, seed=args.seed, iters=args.iters,
+                                     object_px=args.object_px)
             budget = tess["train_wall_s"] if args.iters else args.budget
             row = {"dataset": name, "n_train": n, "budget_s": budget, "iters": args.iters, "seed": args.seed,
                    "tessera": tess}
+            print(json.dumps(row), flush=True)
             if args.native and not args.no_letterbox:
-                print(json.dumps(row), flush=True)
                 row["tessera_letterbox"] = run_tessera(train, val, names, args.budget, work, object_px=0.0,
                                                        seed=args.seed, iters=args.iters)[0]
                 print(json.dumps(row), flush=True)
+            if args.no_unet:
+                rows.append(row)
+                continue
             row["monai_unet"] = run_unet(train, val, names, budget, seed=args.seed,
                                          scale=pred.scale if args.native else None)
             rows.append(row)
@@ -325,9 +331,9 @@ def main() -> None:
     for r in rows:
         key = f"{r['dataset']}_n{r['n_train']}"
         summary[f"{key}_tessera_fg_iou"] = r["tessera"]["fg_iou"]
-        summary[f"{key}_unet_fg_iou"] = r["monai_unet"]["fg_iou"]
+        summary[f"{key}_unet_fg_iou"] = r["monai_unet"]["fg_iou"] if "monai_unet" in r else None
         summary[f"{key}_tessera_box_recall_50"] = r["tessera"]["box_recall_50"]
-        summary[f"{key}_unet_box_recall_50"] = r["monai_unet"]["box_recall_50"]
+        summary[f"{key}_unet_box_recall_50"] = r["monai_unet"]["box_recall_50"] if "monai_unet" in r else None
         if "tessera_letterbox" in r:
             summary[f"{key}_tessera_letterbox_fg_iou"] = r["tessera_letterbox"]["fg_iou"]
             summary[f"{key}_tessera_letterbox_box_recall_50"] = r["tessera_letterbox"]["box_recall_50"]
