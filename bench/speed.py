@@ -110,12 +110,16 @@ def main() -> None:
     ap.add_argument("--before", default="main", help="--native: git revision timed as 'before' ('none': skip)")
     ap.add_argument("--reps", type=int, default=5, help="--native: repetitions per measurement")
     ap.add_argument("--big", type=int, default=1000, help="--native: tasks in the one-request measurement")
+    ap.add_argument("--ls-tasks", type=int, default=0, help="--native: instead, one /predict of this many "
+                    "520x696 tasks downloaded from a real Label Studio (bench/results/speed_native_ls.json)")
     args = ap.parse_args()
     if args.native:
         from bench import speed_native
 
         if args.quick:
             args.reps, args.big = 2, 64
+        if args.ls_tasks:
+            return speed_native.ls_big_request(args)
         return speed_native.main(args)
     torch.set_num_threads(args.threads)
     from tessera.model.data import make_nuclei

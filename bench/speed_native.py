@@ -287,3 +287,62 @@ def main(args) -> None:
         "http_520x696_batch16_ms_per_task_p50": "<= 60", "http_2048_ms_per_task_p50": "<= 400",
         "ratio_520x696_to_256": "<= 2", "http_1000_tasks_520x696_one_request_s": "<= 60",
         "peak_rss_growth_mb": "< 1500"}})
+
+
+def ls_big_request(args) -> None:
+    """One /predict of `args.ls_tasks` 520x696 tasks whose images Tessera downloads from a real Label Studio
+    (tests/conftest_ls's server: the LS venv and data-dir template), as "Retrieve predictions" sends them:
+    wall time and Tessera's peak RSS growth. 8 distinct uploads, each task names one of them (no cache:
+    every task is one download). Writes bench/results/speed_native_ls.json."""
+    import shutil
+    import tempfile
+
+    from bench.common import write_result
+    from bench.speed import CONFIG, bench_model
+    from tessera.backend import lsclient
+    from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
+    from tests.conftest import TesseraProcess
+
+    work = Path(tempfile.mkdtemp(prefix="tessera-speed-ls-"))
+    venv = default_ls_venv()
+    server = LabelStudioServer(venv, work / "ls-data", template=build_template(venv, default_template_dir()))
+    server.start(timeout=180)
+    proc = None
+    try:
+        bench_model(work)
+        pngs = []
+        for k in range(8):
+            img, _ = mosaic(520, 696, 256, seed=11 + k)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "PNG")
+            pngs.append((f"n{k}.png", buf.getvalue()))
+        ls = server.client(timeout=300)
+        pid = ls.projects.create(title="speed", label_config=CONFIG).id
+        urls = lsclient.upload_files(ls, pid, pngs)
+        lsclient.import_tasks(ls, pid, [{"data": {"image": urls[i % 8]}} for i in range(args.ls_tasks)])
+        tasks = list(lsclient.tasks(ls, pid))
+        proc = TesseraProcess({"MODEL_DIR": str(work / "models"), "LABEL_STUDIO_URL": server.url,
+                               "LABEL_STUDIO_API_KEY": server.token, "TESSERA_LOG_LEVEL": "WARNING",
+                               "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
+                               "PYTHONPATH": str(package_root(REPO, work / "pp"))}, work / "tessera.log").wait_up()
+        body = {"tasks": tasks, "project": f"{pid}.1", "label_config": CONFIG}
+        requests.post(proc.url + "/predict", json={**body, "tasks": tasks[:2]}, timeout=300).raise_for_status()
+        rss0 = rss_mb(proc.proc.pid)
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        r = requests.post(proc.url + "/predict", json=body, timeout=3600)
+        wall = time.perf_counter() - t0
+        r.raise_for_status()
+        results = r.json()["results"]
+        res = {"tasks": len(tasks), "wall_s": wall, "per_task_ms": 1000 * wall / len(tasks),
+               "peak_rss_growth_mb": peak_rss_mb(proc.proc.pid) - rss0,
+               "answered_with_regions": sum(1 for x in results if x["result"]), "threads": args.threads,
+               "load_average_start": load0, "load_average_end": os.getloadavg()}
+    finally:
+        if proc is not None:
+            proc.stop()
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(res), flush=True)
+    write_result("speed_native_ls", {"summary": res, "targets": {"wall_s": "<= 60 for 1,000 tasks",
+                                                                 "peak_rss_growth_mb": "< 1500"}})
