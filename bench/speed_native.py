@@ -178,14 +178,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def http_per_task(url: str, base: str, name: str, batch: int, reps: int, tag: str) -> list[float]:
-    """ms per task of /predict requests of `batch` tasks of image `name` (fresh URLs: no cache)."""
+def http_per_task(url: str, base: str, name: str, batch: int, reps: int, tag: str, warmup: int = 1) -> list[float]:
+    """ms per task of `reps` /predict requests of `batch` tasks of image `name` (fresh URLs: no cache), after
+    `warmup` untimed ones."""
     from bench.speed import CONFIG
 
     s = requests.Session()
     s.post(url + "/setup", json={"project": "1.0", "schema": CONFIG}, timeout=30)
     out = []
-    for r in range(reps + 1):
+    for r in range(reps + warmup):
         tasks = [{"id": i, "data": {"image": f"{base}/{name}.png?{tag}={r}-{i}"}} for i in range(batch)]
         t0 = time.perf_counter()
         res = s.post(url + "/predict", json={"project": "1.0", "label_config": CONFIG, "tasks": tasks}, timeout=600)
@@ -193,7 +194,7 @@ def http_per_task(url: str, base: str, name: str, batch: int, reps: int, tag: st
         ms = (time.perf_counter() - t0) * 1000 / batch               # until the whole answer is here
         results = res.json()["results"]                               # (parsed once, outside the timing)
         assert len(results) == batch and all(x["result"] for x in results)
-        if r:                                                          # the first request warms up
+        if r >= warmup:
             out.append(ms)
     return out
 
@@ -213,24 +214,37 @@ def http_runs(work: Path, base: str, before_path: Path | None, args) -> dict:
     out: dict = {v: {} for v in servers}
     try:
         for name, batch, reps in plan:
-            for variant, proc in servers.items():          # one after the other per size: same load for both
-                ms = http_per_task(proc.url, base, name, batch, reps, variant)
-                out[variant][f"http_{name}_batch{batch}_ms_per_task_p50"] = float(np.median(ms))
-                out[variant][f"http_{name}_batch{batch}_ms_per_task_all"] = ms
-                print(variant, name, f"{np.median(ms):.0f} ms/task", flush=True)
+            ms: dict = {v: [] for v in servers}
+            for variant, proc in servers.items():
+                http_per_task(proc.url, base, name, batch, 0, f"warm{variant}")
+            for r in range(reps):                          # request by request in turn: load drifts hit both
+                for variant, proc in servers.items():
+                    ms[variant] += http_per_task(proc.url, base, name, batch, 1, f"{variant}{r}", warmup=0)
+            for variant in servers:
+                out[variant][f"http_{name}_batch{batch}_ms_per_task_p50"] = float(np.median(ms[variant]))
+                out[variant][f"http_{name}_batch{batch}_ms_per_task_all"] = ms[variant]
+                print(variant, name, f"{np.median(ms[variant]):.0f} ms/task", flush=True)
         big = args.big
+        from bench.speed import CONFIG
+
+        rss0 = {v: rss_mb(p.proc.pid) for v, p in servers.items()}
+        order = list(servers)
+        for rnd in range(2):                               # twice, the order swapped: load drifts hit both
+            for variant in (order if rnd == 0 else order[::-1]):
+                proc = servers[variant]
+                tasks = [{"id": i, "data": {"image": f"{base}/520x696.png?big{variant}{rnd}={i}"}} for i in range(big)]
+                t0 = time.perf_counter()
+                r = requests.post(proc.url + "/predict", json={"project": "1.0", "label_config": CONFIG,
+                                                               "tasks": tasks}, timeout=1200)
+                r.raise_for_status()
+                took = time.perf_counter() - t0
+                out[variant].setdefault(f"http_{big}_tasks_520x696_one_request_s_all", []).append(took)
+                out[variant][f"http_{big}_tasks_all_answered"] = len(r.json()["results"]) == big
         for variant, proc in servers.items():
-            rss0 = rss_mb(proc.proc.pid)
-            tasks = [{"id": i, "data": {"image": f"{base}/520x696.png?big{variant}={i}"}} for i in range(big)]
-            from bench.speed import CONFIG
-            t0 = time.perf_counter()
-            r = requests.post(proc.url + "/predict", json={"project": "1.0", "label_config": CONFIG, "tasks": tasks},
-                              timeout=1200)
-            r.raise_for_status()
-            out[variant][f"http_{big}_tasks_520x696_one_request_s"] = time.perf_counter() - t0
-            out[variant][f"http_{big}_tasks_peak_rss_growth_mb"] = peak_rss_mb(proc.proc.pid) - rss0
-            out[variant][f"http_{big}_tasks_all_answered"] = len(r.json()["results"]) == big
-            print(variant, big, "tasks", json.dumps({k: v for k, v in out[variant].items() if "big" in k or str(big) in k}),
+            out[variant][f"http_{big}_tasks_520x696_one_request_s"] = float(
+                np.mean(out[variant][f"http_{big}_tasks_520x696_one_request_s_all"]))
+            out[variant][f"http_{big}_tasks_peak_rss_growth_mb"] = peak_rss_mb(proc.proc.pid) - rss0[variant]
+            print(variant, big, "tasks", json.dumps({k: v for k, v in out[variant].items() if str(big) in k}),
                   flush=True)
     finally:
         for proc in servers.values():
