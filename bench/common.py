@@ -62,8 +62,10 @@ def write_result(name: str, payload: dict) -> Path:
     """bench/results/<name>.json with the machine and the command line added."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "command": " ".join([Path(sys.executable).name, "-m",
-               f"bench.{name}"] + sys.argv[1:]), **payload}
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)    # the module run with -m, not the file's name
+    module = spec.name if spec is not None else f"bench.{name}"
+    payload = {"benchmark": name, "machine": machine(),
+               "command": " ".join([Path(sys.executable).name, "-m", module] + sys.argv[1:]), **payload}
     out.write_text(json.dumps(payload, indent=1, default=float))
     print(f"wrote {out}")
     return out
