@@ -17,6 +17,7 @@ version picks its best state and learns its region cut. Writes bench/results/<na
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -30,7 +31,7 @@ from tessera.model import metrics
 from tessera.model.checkpoint import load_checkpoint
 from tessera.model.data import Sample, load_folder, read_image, split_ids
 from tessera.model.inference import Predictor
-from tessera.model.postprocess import RegionCut, box_sample
+from tessera.model.postprocess import RegionCut, box_sample, true_objects
 from tessera.model import train_vqvae as tv
 from tessera.model.postprocess import detection_metrics
 from tessera.model.train_vqvae import TrainConfig, evaluate, raw_predictions, train as train_vqvae
@@ -72,7 +73,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     fit_ids, held_ids = [k[5:] for k in fit_keys], [k[5:] for k in held_keys]
     fit, held, val = ([by_id[i] for i in ids] for ids in (fit_ids, held_ids, val_ids))
     if max_val:
-        held, val = held[:max_val], val[:max_val]
+        held, val = spread_subset(held, max_val), spread_subset(val, max_val)
     box = task != "dsb_masks"
     print(f"{task} {method} seed {seed}: {len(fit)} train, {len(held)} held back (cut), {len(val)} validation; "
           f"labels {names}", flush=True)
@@ -96,8 +97,10 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     before = evaluate(pred, val, raws=raws)
     keys = ("box_ap50", "class_ap50", "precision", "recall", "f1", "regions_per_image", "true_per_image",
             "class_recall", "missed_classes", "fg_iou", "miou", "instance_ap")
-    row = {"task": task, "method": method if box else "masks", "seed": seed, "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
-           "n_train": len(fit), "n_held_back": len(held), "n_val": len(val), "budget_s": 0.0 if iters else budget_s,
+    row = {"task": task, "method": method if box else "masks", "seed": seed,
+           "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
+           "n_train": len(fit), "n_held_back": len(held), "n_val": len(val),
+           "val_objects": subset_counts(val, names), "held_back_objects": subset_counts(held, names), "budget_s": 0.0 if iters else budget_s,
            "train_wall_s": round(wall, 1), "train_iters": done_iters, "load_avg_1min_after": os.getloadavg()[0],
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
@@ -106,6 +109,38 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         row["curve"] = points
     print(json.dumps(row), flush=True)
     return row
+
+
+def _hash(i: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"subset:{i}".encode()).digest()[:8], "big")
+
+
+def spread_subset(samples: list[Sample], n: int) -> list[Sample]:
+    """At most n samples spread evenly over the classes (a sample's class: its most frequent object class),
+    in a fixed order by id hash within each class, taken round-robin. Not the first n by name: on Pets
+    those are all one breed of cat."""
+    if len(samples) <= n:
+        return samples
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        cls = true_objects(s)[1]
+        groups.setdefault(int(np.bincount(cls).argmax()) if len(cls) else 0, []).append(s)
+    queues = [sorted(g, key=lambda s: _hash(s.id)) for _, g in sorted(groups.items())]
+    out = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def subset_counts(samples: list[Sample], names: list[str]) -> dict:
+    """Objects per class in a sample list (what the JSON states about its validation subset)."""
+    counts = {n: 0 for n in names}
+    for s in samples:
+        for c in true_objects(s)[1]:
+            counts[names[int(c) - 1]] += 1
+    return counts
 
 
 class _nothing:
@@ -164,7 +199,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=180.0, help="training seconds per task")
     ap.add_argument("--iters", type=int, default=0, help="train this many iterations instead of a time budget "
                                                         "(figures that do not depend on the machine's load)")
-    ap.add_argument("--max-val", type=int, default=0, help="cap the held-back and validation images (0 = all)")
+    ap.add_argument("--max-val", type=int, default=0, help="cap the held-back and validation images (0 = all): spread evenly over the "
+                         "classes, in a fixed order by id hash within each")
     ap.add_argument("--precision-target", type=float, default=0.0, help="0 = the cut maximises F1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["head"], choices=["head", "centres"],
@@ -189,6 +225,8 @@ def main() -> None:
 def _write(args, rows: list[dict], load_before: float) -> None:
     write_result(args.name or f"regions_{'_'.join(args.task)}", {
         "summary": summarize(rows), "rows": rows, "box_shrink": BOX_SHRINK, "threads": args.threads,
+        "val_subset": (f"at most {args.max_val} validation and held-back images, spread evenly over the classes "
+                       "(round-robin; within a class by the SHA-1 of 'subset:<id>')") if args.max_val else "all",
         "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0],
         "targets": {"dsb_boxes_box_ap50": ">= 0.80", "pets_heads_box_ap50": ">= 0.85",
                     "precision_recall": "precision >= 0.80 at recall >= 0.80 after the learned cut",

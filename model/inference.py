@@ -345,7 +345,8 @@ def cut_regions(pred: Prediction, cut: RegionCut) -> Prediction:
         boxes = instance_boxes(pred.instances, ids)
         areas = np.bincount(pred.instances.ravel(), minlength=max(ids) + 1)[ids]
     scores = np.array([pred.instance_score.get(k, 0.0) for k in ids])
-    keep = {ids[i] for i in kept_regions(scores, areas, boxes, cut)}
+    classes = np.array([pred.instance_label[k] for k in ids])
+    keep = {ids[i] for i in kept_regions(scores, areas, boxes, cut, classes)}
     if len(keep) == len(ids):
         return pred
     dropped = np.isin(pred.instances, [k for k in ids if k not in keep])

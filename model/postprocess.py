@@ -2,9 +2,9 @@
 
 Region cut: every version learns, on its held-back images, the region-score threshold and minimum object
 size that maximise F1 (or reach a precision target at the best recall), and boxes that overlap a
-higher-scoring box (IoU >= nms_iou) are dropped as the same object seen twice (greedy NMS, as in
-Faster R-CNN, https://arxiv.org/abs/1506.01497). The grid of (size, score) -> precision / recall is kept
-in the checkpoint, so a precision target set later picks its cut without retraining.
+higher-scoring box of their class (IoU >= nms_iou) are dropped as the same object seen twice (greedy NMS
+per class, as in Faster R-CNN, https://arxiv.org/abs/1506.01497). The grid of (size, score) -> precision /
+recall is kept in the checkpoint, so a precision target set later picks its cut without retraining.
 
 Boxes as boxes: a box-only project paints each box's centre region (the box shrunk by `shrink` about its
 centre) into the label map instead of the whole box, so boxes that overlap keep separate cores (FCOS's
@@ -46,8 +46,11 @@ class RegionCut:
 # boxes
 
 
-def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray:
-    """Indices of the boxes (N, 4) (x0, y0, x1, y1) kept by greedy NMS, highest score first.
+def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float, classes: np.ndarray | None = None
+            ) -> np.ndarray:
+    """Indices of the boxes (N, 4) (x0, y0, x1, y1) kept by greedy NMS, highest score first. With
+    `classes` (N,) a box suppresses only boxes of its own class (torchvision's batched_nms): a dog's box
+    that overlaps a cat's is another object, not a duplicate.
 
     Hand-written: torchvision's nms does not import beside the CPU torch wheel here (DESIGN.md), and
     the boxes per image are few (hundreds at most), so one IoU matrix is cheap."""
@@ -56,6 +59,9 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray
     if iou_thr >= 1.0 or len(order) < 2:
         return order
     ious = metrics.box_iou(boxes, boxes)
+    if classes is not None:
+        c = np.asarray(classes).reshape(-1)
+        ious = np.where(c[:, None] == c[None, :], ious, 0.0)
     suppressed = np.zeros(len(boxes), bool)
     keep = []
     for i in order:
@@ -149,13 +155,16 @@ def fit_box_scale(raws: list, samples: list, factors=tuple(np.round(np.arange(0.
     return best
 
 
-def kept_regions(scores: np.ndarray, areas: np.ndarray, boxes: np.ndarray, cut: RegionCut) -> np.ndarray:
-    """Indices of the regions a cut keeps (score and size first, then NMS among the survivors)."""
+def kept_regions(scores: np.ndarray, areas: np.ndarray, boxes: np.ndarray, cut: RegionCut,
+                 classes: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the regions a cut keeps (score and size first, then NMS among the survivors, per class
+    when `classes` is given)."""
     scores, areas = np.asarray(scores, np.float64), np.asarray(areas, np.float64)
     idx = np.flatnonzero((scores >= cut.min_score) & (areas >= cut.min_area))
     if len(idx) < 2:
         return idx
-    return idx[box_nms(np.asarray(boxes)[idx], scores[idx], cut.nms_iou)]
+    return idx[box_nms(np.asarray(boxes)[idx], scores[idx], cut.nms_iou,
+                       None if classes is None else np.asarray(classes)[idx])]
 
 
 @dataclass
@@ -166,6 +175,7 @@ class ImageRecord:
     boxes: np.ndarray     # (P, 4) predicted boxes
     ious: np.ndarray      # (P, T) IoU with each true object (mask or box IoU)
     true_areas: np.ndarray  # (T,)
+    classes: np.ndarray | None = None  # (P,) predicted classes: NMS per class
 
 
 def count_matches(rec: ImageRecord, keep: np.ndarray) -> int:
@@ -187,7 +197,8 @@ def cut_grid(records: list[ImageRecord], nms_iou: float = 0.5) -> list[dict]:
     rows = []
     for a in area_grid:
         # greedy NMS goes by descending score, so NMS-then-score-cut equals score-cut-then-NMS: one NMS per size
-        kept = [kept_regions(r.scores, r.areas, r.boxes, RegionCut(min_area=a, nms_iou=nms_iou)) for r in records]
+        kept = [kept_regions(r.scores, r.areas, r.boxes, RegionCut(min_area=a, nms_iou=nms_iou), r.classes)
+                for r in records]
         for s in SCORE_GRID:
             tp = n_pred = 0
             for r, k in zip(records, kept):
@@ -288,7 +299,7 @@ def pred_objects(pred) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, n
 
 def image_record(pred, sample) -> ImageRecord:
     """Raw regions of one held-back image against its truth: box IoU for box samples, mask IoU else."""
-    ids, boxes, areas, scores, _ = pred_objects(pred)
+    ids, boxes, areas, scores, classes = pred_objects(pred)
     t_boxes, _ = true_objects(sample)
     if sample.boxes is not None:
         ious = metrics.box_iou(boxes, t_boxes)
@@ -301,7 +312,7 @@ def image_record(pred, sample) -> ImageRecord:
             if k in rows:
                 ious[n] = full[rows[k]]
         t_areas = np.bincount(sample.instances.ravel())[t_ids].astype(np.float64)
-    return ImageRecord(scores, areas, boxes, ious, t_areas)
+    return ImageRecord(scores, areas, boxes, ious, t_areas, classes)
 
 
 def detection_metrics(raws: list, cut: RegionCut, samples: list, n_classes: int,
@@ -319,12 +330,12 @@ def detection_metrics(raws: list, cut: RegionCut, samples: list, n_classes: int,
         rec = image_record(raw, s)
         _, boxes, _, scores, classes = pred_objects(raw)
         t_boxes, t_cls = true_objects(s)
-        all_keep = kept_regions(scores, rec.areas, boxes, nms_only)
+        all_keep = kept_regions(scores, rec.areas, boxes, nms_only, classes)
         for c in per_class_p:
             k = all_keep[classes[all_keep] == c]
             per_class_p[c].append(np.concatenate([boxes[k], scores[k, None]], 1))
             per_class_t[c].append(t_boxes[t_cls == c])
-        keep = kept_regions(scores, rec.areas, boxes, cut)
+        keep = kept_regions(scores, rec.areas, boxes, cut, classes)
         pairs = metrics.greedy_match(rec.ious[keep], MATCH_IOU) if len(keep) and len(t_cls) else []
         tp, n_pred, n_true = tp + len(pairs), n_pred + len(keep), n_true + len(t_cls)
         for p, t in pairs:

@@ -124,3 +124,26 @@ def test_a_box_model_predicts_grown_boxes_and_refines_into_a_box(monkeypatch):
     ys, xs = np.nonzero(mask)
     assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (5, 25, 7, 27) and mask.sum() == 400
     assert conf == pytest.approx(1.0)
+
+
+def test_nms_is_per_class_overlapping_boxes_of_two_classes_both_kept():
+    """A cat's box over a dog's (IoU 0.68) is two objects; the same overlap within one class is one."""
+    inst = np.zeros((40, 40), np.int32)
+    inst[0:20, 0:20], inst[2:20, 2:22] = 1, 2
+    boxes = {1: (0.0, 0.0, 20.0, 20.0), 2: (2.0, 2.0, 22.0, 20.0)}
+    two = Prediction(np.where(inst == 2, 2, (inst > 0).astype(np.int32)), inst, {1: 1, 2: 2}, {1: 0.9, 2: 0.8},
+                     0.5, boxes)
+    assert set(cut_regions(two, RegionCut(nms_iou=0.5)).instance_label) == {1, 2}
+    one = Prediction((inst > 0).astype(np.int32), inst, {1: 1, 2: 1}, {1: 0.9, 2: 0.8}, 0.5, boxes)
+    assert set(cut_regions(one, RegionCut(nms_iou=0.5)).instance_label) == {1}
+    b = np.array(list(boxes.values()))
+    assert sorted(box_nms(b, np.array([0.9, 0.8]), 0.5, np.array([1, 2])).tolist()) == [0, 1]
+    assert box_nms(b, np.array([0.9, 0.8]), 0.5, np.array([2, 2])).tolist() == [0]
+    # the metrics the cut is learned and judged by keep both too
+    from tessera.model.data import Sample
+    truth = Sample(image=np.zeros((40, 40, 3), np.uint8), classes=np.zeros((40, 40), np.int32),
+                   instances=np.zeros((40, 40), np.int32),
+                   boxes=np.array([[0, 0, 20, 20, 1], [2, 2, 22, 20, 2]], float))
+    m = detection_metrics([two], RegionCut(nms_iou=0.5), [truth], 2)
+    assert m["recall"] == 1.0 and m["precision"] == 1.0 and m["box_ap50"] == 1.0
+    assert image_record(two, truth).classes.tolist() == [1, 2]
