@@ -6,7 +6,8 @@
            dsb_masks (DSB 2018 instance masks: the brush / polygon region types),
            pets_heads (Oxford-IIIT Pet head boxes, cat / dog)
     methods (box tasks): head (the CenterNet detection head, model/boxhead.py), centres (box centres painted
-           into the label map and grown back into boxes, the method before it)
+           into the label map and grown back into boxes, the method before it), baseline (no model: one box of
+           the training boxes' median relative size at every image's centre, of the most frequent class)
     --curve: box AP50 on the validation images at every evaluation of the run, against training seconds
            (evaluation time excluded), for "first useful version" (AP50 within 5 points of the run's best)
 
@@ -30,7 +31,7 @@ from bench.common import dataset, write_result
 from tessera.model import metrics
 from tessera.model.checkpoint import load_checkpoint
 from tessera.model.data import Sample, load_folder, read_image, split_ids
-from tessera.model.inference import Predictor
+from tessera.model.inference import Prediction, Predictor
 from tessera.model.postprocess import RegionCut, box_sample, true_objects
 from tessera.model import train_vqvae as tv
 from tessera.model.postprocess import detection_metrics
@@ -75,6 +76,8 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     if max_val:
         held, val = spread_subset(held, max_val), spread_subset(val, max_val)
     box = task != "dsb_masks"
+    if method == "baseline":
+        return baseline(task, fit, val, names, seed)
     print(f"{task} {method} seed {seed}: {len(fit)} train, {len(held)} held back (cut), {len(val)} validation; "
           f"labels {names}", flush=True)
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s,
@@ -95,7 +98,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     learned = pred.cut
     pred.cut = RegionCut(nms_iou=learned.nms_iou, source="none")
     before = evaluate(pred, val, raws=raws)
-    keys = ("box_ap50", "class_ap50", "precision", "recall", "f1", "regions_per_image", "true_per_image",
+    keys = ("box_ap50", "class_ap50", "agnostic_ap50", "precision", "recall", "f1", "regions_per_image", "true_per_image",
             "class_recall", "missed_classes", "fg_iou", "miou", "instance_ap")
     row = {"task": task, "method": method if box else "masks", "seed": seed,
            "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
@@ -107,6 +110,34 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "no_cut": {k: before[k] for k in keys if k in ("precision", "recall", "f1", "regions_per_image")}}
     if curve:
         row["curve"] = points
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def baseline(task: str, fit: list[Sample], val: list[Sample], names: list[str], seed: int) -> dict:
+    """No model: one box per image at the image's centre, of the training boxes' median size relative to
+    their images, of the most frequent training class (what a model must beat to have learned anything)."""
+    rel, classes = [], []
+    for s in fit:
+        b, c = true_objects(s)
+        H, W = s.image.shape[:2]
+        rel += [((x1 - x0) / W, (y1 - y0) / H) for x0, y0, x1, y1 in b]
+        classes += c.tolist()
+    rw, rh = np.median(np.array(rel), 0)
+    cls = int(np.bincount(classes).argmax())
+    raws = []
+    for s in val:
+        H, W = s.image.shape[:2]
+        box = (W * (1 - rw) / 2, H * (1 - rh) / 2, W * (1 + rw) / 2, H * (1 + rh) / 2)
+        zeros = np.zeros((H, W), np.int32)
+        raws.append(Prediction(zeros, zeros, {1: cls}, {1: 1.0}, 1.0, {1: box}))
+    m = detection_metrics(raws, RegionCut(), val, len(names), names)
+    keys = ("box_ap50", "class_ap50", "agnostic_ap50", "precision", "recall", "f1", "regions_per_image",
+            "true_per_image", "class_recall", "missed_classes")
+    row = {"task": task, "method": "baseline", "seed": seed, "region_type": "rectanglelabels",
+           "n_train": len(fit), "n_val": len(val), "val_objects": subset_counts(val, names),
+           "baseline": {"relative_size": [round(float(rw), 4), round(float(rh), 4)], "class": names[cls - 1]},
+           "after_cut": {k: m[k] for k in keys}}
     print(json.dumps(row), flush=True)
     return row
 
@@ -186,7 +217,7 @@ def summarize(rows: list[dict]) -> dict:
     out = {}
     for key in sorted({(r["task"], r["method"]) for r in rows}):
         group = [r for r in rows if (r["task"], r["method"]) == key]
-        for k in ("box_ap50", "precision", "recall", "regions_per_image", "true_per_image"):
+        for k in ("box_ap50", "agnostic_ap50", "precision", "recall", "regions_per_image", "true_per_image"):
             v = [r["after_cut"][k] for r in group]
             out[f"{key[0]}_{key[1]}_{k}"] = {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4),
                                              "n": len(v)}
@@ -203,8 +234,9 @@ def main() -> None:
                          "classes, in a fixed order by id hash within each")
     ap.add_argument("--precision-target", type=float, default=0.0, help="0 = the cut maximises F1")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", nargs="+", default=["head"], choices=["head", "centres"],
-                    help="how box tasks learn boxes (mask tasks ignore it)")
+    ap.add_argument("--methods", nargs="+", default=["head"], choices=["head", "centres", "baseline"],
+                    help="how box tasks learn boxes (mask tasks ignore it); baseline: no model, one box of "
+                         "the median relative size at each image's centre")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--curve", action="store_true", help="AP50 against training time at every evaluation")
     ap.add_argument("--name", default="", help="results file bench/results/<name>.json (default regions_<task>)")

@@ -317,12 +317,13 @@ def image_record(pred, sample) -> ImageRecord:
 
 def detection_metrics(raws: list, cut: RegionCut, samples: list, n_classes: int,
                       label_names: list[str] | None = None) -> dict:
-    """Box AP50 (all regions after NMS, per class and mean), and after the cut: precision, recall, F1,
+    """Box AP50 (all regions after NMS, per class and mean, and with the classes merged), and after the cut: precision, recall, F1,
     per-class recall, regions per image against the true count, and the classes no region found."""
     nms_only = RegionCut(nms_iou=cut.nms_iou)
     names = label_names or [f"class_{c}" for c in range(1, n_classes + 1)]
     per_class_p = {c: [] for c in range(1, n_classes + 1)}
     per_class_t = {c: [] for c in range(1, n_classes + 1)}
+    any_p, any_t = [], []         # every class as one: does it find the objects, whatever it calls them
     tp = n_pred = n_true = 0
     class_tp = np.zeros(n_classes + 1)
     class_true = np.zeros(n_classes + 1)
@@ -331,6 +332,8 @@ def detection_metrics(raws: list, cut: RegionCut, samples: list, n_classes: int,
         _, boxes, _, scores, classes = pred_objects(raw)
         t_boxes, t_cls = true_objects(s)
         all_keep = kept_regions(scores, rec.areas, boxes, nms_only, classes)
+        any_p.append(np.concatenate([boxes[all_keep], scores[all_keep, None]], 1))
+        any_t.append(t_boxes)
         for c in per_class_p:
             k = all_keep[classes[all_keep] == c]
             per_class_p[c].append(np.concatenate([boxes[k], scores[k, None]], 1))
@@ -347,6 +350,7 @@ def detection_metrics(raws: list, cut: RegionCut, samples: list, n_classes: int,
     precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
     return {"box_ap50": float(np.mean(list(class_ap.values()))) if class_ap else 1.0,
             "class_ap50": class_ap, "class_recall": class_recall,
+            "agnostic_ap50": metrics.box_ap50_many(any_p, any_t),
             "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / max(precision + recall, 1e-9),
             "regions_per_image": n_pred / max(len(samples), 1), "true_per_image": n_true / max(len(samples), 1),
