@@ -23,6 +23,7 @@ import torch.nn.functional as F
 GAUSS_ALPHA = 0.54     # TTFNet's Gaussian size relative to the box
 MIN_SIGMA = 0.4        # cells: a box a cell or two wide still gets a peak its neighbours see
 PRIOR = 0.01           # initial heatmap probability (RetinaNet's prior): the focal loss starts small
+REG_REGION = 0.3       # sizes and offsets are regressed where an object's Gaussian is at least this
 
 
 class BoxHead(nn.Module):
@@ -60,8 +61,12 @@ class BoxHead(nn.Module):
 def encode_boxes(boxes: list[np.ndarray], n_classes: int, shape: tuple[int, int], stride: int) -> dict:
     """Per image boxes (N, 5) rows (x0, y0, x1, y1, class 1..C) in input px -> training targets at the
     head's cells (h, w) = shape: {"heat" (B, C, h, w) in [0, 1], "size" (B, 2, h, w) log(w, h / stride),
-    "offset" (B, 2, h, w) in [0, 1), "mask" (B, 1, h, w) 1 at box centres}. Where two centres share a
-    cell the smaller box's size is kept (larger boxes are written first)."""
+    "offset" (B, 2, h, w) the centre from the cell's corner, "mask" (B, 1, h, w) regression weights}.
+
+    Sizes and offsets are regressed at every cell near a centre (where its Gaussian >= REG_REGION),
+    weighted by the Gaussian and summing to 1 per object (TTFNet): a large object, one per image, gives
+    dozens of regression samples instead of one. A cell near two centres goes to the one whose Gaussian
+    is higher there (the smaller box on ties: larger boxes are written first)."""
     h, w = shape
     heat = np.zeros((len(boxes), n_classes, h, w), np.float32)
     size = np.zeros((len(boxes), 2, h, w), np.float32)
@@ -71,6 +76,7 @@ def encode_boxes(boxes: list[np.ndarray], n_classes: int, shape: tuple[int, int]
     for i, b in enumerate(boxes):
         b = np.asarray(b, np.float64).reshape(-1, 5) / [stride, stride, stride, stride, 1]
         order = np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")
+        owner = np.zeros((h, w), np.float32)       # the Gaussian of the object a cell regresses
         for x0, y0, x1, y1, c in b[order]:
             bw, bh = x1 - x0, y1 - y0
             if bw <= 0 or bh <= 0:
@@ -81,18 +87,23 @@ def encode_boxes(boxes: list[np.ndarray], n_classes: int, shape: tuple[int, int]
             # the peak sits on the centre cell's middle, so the cell the decoder reads gets exactly 1
             g = np.exp(-((xs - j - 0.5) ** 2) / (2 * sx ** 2) - ((ys - k - 0.5) ** 2) / (2 * sy ** 2))
             np.maximum(heat[i, int(c) - 1], g, out=heat[i, int(c) - 1])
-            size[i, :, k, j] = np.log(bw), np.log(bh)
-            offset[i, :, k, j] = cx - j, cy - k
-            mask[i, 0, k, j] = 1.0
+            region = (g >= min(REG_REGION, 1.0)) & (g >= owner)
+            region[k, j] = True
+            wgt = np.where(region, g, 0.0)
+            size[i, 0][region], size[i, 1][region] = np.log(bw), np.log(bh)
+            offset[i, 0][region] = np.broadcast_to(cx - (xs - 0.5), (h, w))[region]   # centre - cell corner
+            offset[i, 1][region] = np.broadcast_to(cy - (ys - 0.5), (h, w))[region]
+            mask[i, 0][region] = wgt[region] / wgt.sum()
+            owner[region] = g[region]
     return {key: torch.from_numpy(v) for key, v in
             (("heat", heat), ("size", size), ("offset", offset), ("mask", mask))}
 
 
 def box_losses(outputs, targets: dict) -> dict:
-    """Focal loss on the heatmap + L1 on log size and offset at the centres, each per object."""
+    """Focal loss on the heatmap + L1 on log size and offset near the centres, each per object."""
     heat_logits, size, offset = (o.float() for o in outputs)
     t, m = targets["heat"], targets["mask"]
-    n = m.sum().clamp(min=1.0)
+    n = t.eq(1).sum().float().clamp(min=1.0)      # objects: one peak each
     p = heat_logits.sigmoid().clamp(1e-4, 1 - 1e-4)
     pos = t.eq(1).float()
     focal = -(pos * (1 - p) ** 2 * torch.log(p)

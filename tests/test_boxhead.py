@@ -60,6 +60,28 @@ def test_head_learns_boxes_on_the_vqvae_features():
     assert len(metrics.greedy_match(metrics.box_iou(out[0][:, :4], boxes[0][:, :4]), 0.5)) == 2
 
 
+def test_sizes_and_offsets_are_regressed_around_each_centre():
+    """TTFNet's dense regression: every cell near a centre carries its object's box, the weights sum to 1
+    per object, and a cell near two centres belongs to the nearer one."""
+    boxes = np.array([[4, 4, 44, 36, 1], [30, 20, 46, 36, 1]], float)   # a large box and a small one over it
+    stride = 2
+    t = encode_boxes([boxes], 1, (24, 24), stride)
+    m = t["mask"][0, 0].numpy()
+    assert (m > 0).sum() > 10 and abs(m.sum() - 2.0) < 1e-4
+    ks, js = np.nonzero(m)
+    cx = (js + t["offset"][0, 0].numpy()[ks, js]) * stride
+    cy = (ks + t["offset"][0, 1].numpy()[ks, js]) * stride
+    w, h = (np.exp(t["size"][0, i].numpy()[ks, js]) * stride for i in (0, 1))
+    decoded = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    best = metrics.box_iou(decoded, boxes[:, :4]).max(1)
+    assert best.min() > 0.999                            # each cell decodes to exactly one true box ...
+    owner = metrics.box_iou(decoded, boxes[:, :4]).argmax(1)
+    centres = (boxes[:, :2] + boxes[:, 2:4]) / 2 / stride
+    near = np.hypot(js[:, None] + 0.5 - centres[:, 0], ks[:, None] + 0.5 - centres[:, 1]) / \
+        (boxes[:, 2] - boxes[:, 0])[None] * stride       # distance in units of each box's width
+    assert (owner == near.argmin(1)).mean() > 0.9        # ... mostly the one whose centre is nearer
+
+
 def test_models_without_a_head_keep_their_parameters():
     plain = VQVAE(VQVAEConfig(resolution=32, widths=(8, 16, 16, 16)))
     assert plain.box_head is None and not any(k.startswith("box_head") for k in plain.state_dict())
