@@ -108,6 +108,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
            "no_cut": {k: before[k] for k in keys if k in ("precision", "recall", "f1", "regions_per_image")}}
+    row["recall_by_size"] = recall_by_size(raws, learned, val)
     if curve:
         row["curve"] = points
     print(json.dumps(row), flush=True)
@@ -140,6 +141,30 @@ def baseline(task: str, fit: list[Sample], val: list[Sample], names: list[str], 
            "after_cut": {k: m[k] for k in keys}}
     print(json.dumps(row), flush=True)
     return row
+
+
+def recall_by_size(raws: list, cut: RegionCut, val: list[Sample], edges=(0, 8, 12, 16, 24, 1e9)) -> dict:
+    """Recall at IoU 0.5 after the cut per true box size (sqrt of its area, image px), and the share of
+    true boxes no kept region overlaps at all (IoU < 0.1): where the misses are."""
+    from tessera.model.inference import cut_regions
+    sizes, hit, none = [], [], []
+    for raw, s in zip(raws, val):
+        p = cut_regions(raw, cut)
+        t = true_objects(s)[0]
+        b = np.array([p.boxes[k] for k in sorted(p.boxes or {})]).reshape(-1, 4)
+        iou = metrics.box_iou(t, b) if len(b) else np.zeros((len(t), 0))
+        found = {q for _, q in metrics.greedy_match(iou.T, 0.5)} if len(b) and len(t) else set()
+        sizes += np.sqrt((t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])).tolist()
+        hit += [j in found for j in range(len(t))]
+        none += (iou.max(1) < 0.1 if iou.shape[1] else np.ones(len(t), bool)).tolist()
+    sizes, hit, none = map(np.array, (sizes, hit, none))
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        k = (sizes >= lo) & (sizes < hi)
+        if k.any():
+            out[f"{lo:g}-{hi:g}px" if hi < 1e9 else f">={lo:g}px"] = {
+                "n": int(k.sum()), "recall": round(float(hit[k].mean()), 3), "unseen": round(float(none[k].mean()), 3)}
+    return out
 
 
 def _hash(i: str) -> int:
