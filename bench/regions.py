@@ -65,7 +65,7 @@ def pets_heads() -> tuple[list[Sample], list[str]]:
 
 
 def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0,
-        method: str = "head", seed: int = 0, curve: bool = False) -> dict:
+        method: str = "head", seed: int = 0, curve: bool = False, box_select: bool = True) -> dict:
     samples, names = {"dsb_boxes": lambda: dsb(True), "dsb_masks": lambda: dsb(False),
                       "pets_heads": pets_heads}[task]()
     by_id = {s.id: s for s in samples}
@@ -83,11 +83,11 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s,
                       eval_interval=(25 if curve else max(50, iters // 4)) if iters else 150, device="cpu",
                       box_shrink=BOX_SHRINK if box else 1.0, precision_target=precision_target,
-                      box_head=method == "head", seed=seed)
+                      box_head=method == "head", seed=seed, box_select=box_select)
     points = []
     t0 = time.time()
     with _curve(points, val, names) if curve else _nothing():
-        ckpt = train_vqvae(cfg, fit, held, names, work / f"{task}_{method}_{seed}.pt")
+        ckpt = train_vqvae(cfg, fit, held, names, work / f"{task}_{method}_{seed}_{'ap' if box_select else 'iou'}.pt")
     wall = time.time() - t0
     done_iters = int(load_checkpoint(ckpt, "vqvae")["iter_num"])
     pred = Predictor.from_checkpoint(ckpt, device="cpu")
@@ -101,6 +101,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     keys = ("box_ap50", "class_ap50", "agnostic_ap50", "precision", "recall", "f1", "regions_per_image", "true_per_image",
             "class_recall", "missed_classes", "fg_iou", "miou", "instance_ap")
     row = {"task": task, "method": method if box else "masks", "seed": seed,
+           "select": "box AP50" if box_select else "seg IoU",
            "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
            "n_train": len(fit), "n_held_back": len(held), "n_val": len(val),
            "val_objects": subset_counts(val, names), "held_back_objects": subset_counts(held, names), "budget_s": 0.0 if iters else budget_s,
@@ -263,6 +264,8 @@ def main() -> None:
                     help="how box tasks learn boxes (mask tasks ignore it); baseline: no model, one box of "
                          "the median relative size at each image's centre")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--select", choices=["ap", "iou"], default="ap", help="the state a box model keeps: best "
+                    "held-back box AP50 (the product's default) or best segmentation IoU (before)")
     ap.add_argument("--curve", action="store_true", help="AP50 against training time at every evaluation")
     ap.add_argument("--name", default="", help="results file bench/results/<name>.json (default regions_<task>)")
     args = ap.parse_args()
@@ -275,7 +278,7 @@ def main() -> None:
         for t in args.task:
             for m in (args.methods if t != "dsb_masks" else ["head"]):
                 rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m, seed,
-                                args.curve))
+                                args.curve, args.select == "ap"))
                 _write(args, rows, load_before)
 
 

@@ -87,6 +87,8 @@ class TrainConfig:
     box_head: bool = True            # box-labelled (box_shrink < 1): also learn a detection head whose boxes
                                      # are the predictions (model/boxhead.py); False: centres grown into boxes
     box_weight: float = 1.0          # weight of the detection head's loss
+    box_select: bool = True          # a box model keeps the state with the best held-back box AP50 (what its
+                                     # project is judged by), not the best segmentation IoU of its centre map
     box_object_px: float = 16.0      # object_px of a model with a box head: its cells are 2 px, so an object
                                      # spans ~8 of them (a whole Pets image at 6.5 px would be ~25 x 34 px)
     precision_target: float = 0.0    # > 0: the learned region cut reaches this precision at the best recall,
@@ -404,11 +406,14 @@ class Run:
     scale: float | None
     batcher: Batcher
     val_set: tuple | None
+    val_samples: list
+    label_names: list
     class_weight: torch.Tensor
     amp: bool
     opt: torch.optim.Optimizer
     progress: Callable[[dict], None] | None
     best: float = -1.0
+    best_key: str = "val_iou_r"      # what `best` measures: val_box_ap50 for a box model (cfg.box_select)
     best_state: dict | None = None
     history: list = dataclasses.field(default_factory=list)
     stale: int = 0
@@ -436,7 +441,7 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     class_weight = torch.ones(mc.n_labels, device=device)
     class_weight[-1] = cfg.boundary_weight
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    return Run(cfg, model, iter0, device, scale, batcher, val_set, class_weight,
+    return Run(cfg, model, iter0, device, scale, batcher, val_set, list(val or []), list(label_names), class_weight,
                cfg.bf16 and _bf16_ok(device), opt, progress)
 
 
@@ -444,16 +449,30 @@ def _validate(run: Run, frac: float, last: bool) -> None:
     """Estimate on the validation set; keep the best state once the code predictor trains."""
     cfg, it = run.cfg, run.it
     est = estimate(run.model, run.val_set, cfg.batch_size, run.device, cfg.boundary_weight)
+    key = "val_iou_r"
+    if cfg.box_select and run.model.box_head is not None and (frac >= cfg.vq_phase or last):
+        est["val_box_ap50"], key = _box_ap50(run), "val_box_ap50"
     run.history.append({"iter": it, **est})
-    logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f", it, est["val_loss"],
-                est["val_iou_r"], est["val_code_acc"])
-    if (frac >= cfg.vq_phase or last) and est["val_iou_r"] >= run.best:  # only states with a trained predictor
-        run.best, run.best_state, run.stale = est["val_iou_r"], copy.deepcopy(run.model.state_dict()), 0
+    logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f%s", it, est["val_loss"], est["val_iou_r"],
+                est["val_code_acc"], f" box AP50 {est['val_box_ap50']:.4f}" if "val_box_ap50" in est else "")
+    if (frac >= cfg.vq_phase or last) and est[key] >= run.best:  # only states with a trained predictor
+        run.best, run.best_key, run.stale = est[key], key, 0
+        run.best_state = copy.deepcopy(run.model.state_dict())
     elif frac >= cfg.vq_phase:
         run.stale += 1
     if run.progress:
         run.progress({"phase": "eval", "iter": it, "max_iters": cfg.max_iters, "loss": est["val_loss"],
                       "eta_s": 0.0 if last else _eta(time.time() - run.t_start, frac)})
+
+
+def _box_ap50(run: Run) -> float:
+    """Box AP50 of the model as it is now on the held-back samples, through the inference path (a
+    BatchNorm-folded copy, so the training model is untouched); AP ranks every region, so no cut is needed."""
+    predictor = Predictor(run.model, run.label_names, device=str(run.device), edge_weight=run.cfg.boundary_weight,
+                          scale=run.scale, box_shrink=run.cfg.box_shrink)
+    raws = raw_predictions(predictor, run.val_samples, run.cfg.batch_size)
+    run.model.train()
+    return float(detection_metrics(raws, RegionCut(), run.val_samples, len(run.label_names))["box_ap50"])
 
 
 def _step(run: Run, frac: float) -> dict:
@@ -529,7 +548,7 @@ def _finish(run: Run, val, label_names, out: Path) -> Path:
         raws = raw_predictions(predictor, val)
         region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
         result.update(evaluate(predictor, val, raws=raws))
-        result.update({"best_val_iou_r": run.best})
+        result.update({f"best_{run.best_key}": run.best})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     path = out if out.suffix == ".pt" else out / f"ckpt_{run.iter0 + it:07d}.pt"
