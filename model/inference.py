@@ -739,9 +739,7 @@ class Predictor:
             return 1.0
         H, W = image.shape[:2]
         _, _, logits, (nh, nw) = self._run_view(image, stats, (image_key, (0, H, 0, W)))
-        crop = logits[0, :, :nh, :nw].float().clone()
-        crop[-1] -= math.log(self.edge_weight)
-        probs = F.softmax(crop, dim=0).cpu().numpy()
+        probs = self._unletterbox(logits[0], (nh, nw), (nh, nw))    # at the model's size: no resize
         _, inst, _, _ = split_instances(probs, self.n_classes, 2, self.edge_weight)
         areas = np.bincount(inst.ravel())[1:]
         areas = areas[areas > 0]
