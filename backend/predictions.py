@@ -187,6 +187,8 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
                 pending.append(_fetch_chunk(pool, tasks[nxt:nxt + bs], config, media))
             images = [f.result() for f in futures]
             results += _predict_chunk(tasks[start:start + bs], jobs, images, config, served)
+    if len(tasks) == 1:             # LS asks this when a labeller opens a task: ready its smart tools' passes
+        warm_refine(tasks[0], config, served, media)
     return results
 
 
@@ -316,6 +318,72 @@ def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: Labe
         classes = cv2.resize(classes, wh, interpolation=cv2.INTER_NEAREST)
         instances = cv2.resize(instances, wh, interpolation=cv2.INTER_NEAREST)
     return predictor.review(image, classes, instances)
+
+
+class _Warmer:
+    """One background thread that runs the latest warm-up asked for: a labeller who opens tasks faster
+    than they warm skips the ones left behind, and nothing queues up."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn) -> threading.Thread:
+        with self._lock:
+            self._next = fn
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="tessera-refine-warm", daemon=True)
+                self._thread.start()
+            return self._thread
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until no warm-up runs or waits (tests, benchmarks); False on timeout."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self._thread is None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                fn, self._next = self._next, None
+                if fn is None:
+                    self._thread = None
+                    return
+            try:
+                fn()
+            except Exception:               # a warm-up is a guess: it never fails a request
+                logger.exception("warming the smart tools' passes failed")
+
+
+_WARMER = _Warmer()
+
+
+def warm_refine(task: dict, config: LabelConfig, served: Served, media: MediaResolver
+                ) -> threading.Thread | None:
+    """In the background: the first smart-tool hint on `task` finds its network passes computed. The
+    image is loaded as interactive() loads it (full size), so the pass cache's content key matches.
+    Returns the worker thread (tests join it), None when there is nothing to warm."""
+    warm = getattr(served.predictor, "warm", None)
+    data = task.get("data") if isinstance(task, dict) else None
+    if warm is None or not isinstance(data, dict):
+        return None
+    refs = [data[img.data_key] for img in config.images[:2] if img.data_key in data]
+
+    def run():
+        for ref in refs:
+            try:
+                image = media.load_image(ref)
+            except MediaError:
+                continue
+            warm(image)
+    try:
+        return _WARMER.submit(run) if refs else None
+    except RuntimeError:                # no thread to be had: /predict has answered, the hint will be cold
+        logger.exception("could not start warming the smart tools' passes")
+        return None
 
 
 def interactive(task: dict, config: LabelConfig, served: Served, media: MediaResolver, context: dict) -> dict:

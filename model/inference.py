@@ -637,16 +637,7 @@ class Predictor:
         neg = [(min(max(int(y), 0), H - 1), min(max(int(x), 0), W - 1)) for x, y in negative]
         if not hint.any() and not pos:
             return np.zeros((H, W), bool), 0.0
-        image_key = _content_hash(image)                      # the labeller's later hints on this image hit the cache
-        stats = self._views.get(("stats", image_key, self.config.invert_bright))
-        if stats is None:
-            stats = image_stats(resize(image if image.ndim == 3 else np.repeat(image[..., None], 3, 2),
-                                       *self._geometry(H, W)), self.config.invert_bright)
-            self._views.put(("stats", image_key, self.config.invert_bright), stats)
-        zoom = self._views.get(("zoom", image_key, self.version))
-        if zoom is None:
-            zoom = self._object_zoom(image, stats, image_key)
-            self._views.put(("zoom", image_key, self.version), zoom)
+        image_key, stats, zoom = self._refine_setup(image)
         side = max(H, W) / REFINE_ZOOM
         for _ in range(3):                                    # widen the view while the object is cut by it
             view = _view(hint, pos, H, W, side)
@@ -664,6 +655,32 @@ class Predictor:
             mask = np.zeros((H, W), bool)
             mask[int(y0):math.ceil(y1), int(x0):math.ceil(x1)] = True
         return mask, conf
+
+    def warm(self, image: np.ndarray) -> None:
+        """Compute what a first hint on `image` needs before it comes: the normalisation, the object zoom
+        (the whole-image pass) and refine()'s first view at that zoom, into the pass cache (keyed by the
+        image's content). The backend calls it in the background when Label Studio asks /predict for one
+        task, which it does when a labeller opens a task without a prediction."""
+        H, W = image.shape[:2]
+        image_key, stats, zoom = self._refine_setup(image)
+        view = _view(np.zeros((H, W), bool), [(H // 2, W // 2)], H, W, max(H, W) / REFINE_ZOOM)
+        self._run_view(image[view[0]:view[1], view[2]:view[3]], stats, (image_key, view), zoom)
+
+    def _refine_setup(self, image: np.ndarray) -> tuple[str, tuple, float]:
+        """(content key, normalisation stats, object zoom) of an image, from the pass cache when a hint on
+        the same pixels (or warm()) computed them."""
+        H, W = image.shape[:2]
+        image_key = _content_hash(image)                      # the labeller's later hints on this image hit the cache
+        stats = self._views.get(("stats", image_key, self.config.invert_bright))
+        if stats is None:
+            stats = image_stats(resize(image if image.ndim == 3 else np.repeat(image[..., None], 3, 2),
+                                       *self._geometry(H, W)), self.config.invert_bright)
+            self._views.put(("stats", image_key, self.config.invert_bright), stats)
+        zoom = self._views.get(("zoom", image_key, self.version))
+        if zoom is None:
+            zoom = self._object_zoom(image, stats, image_key)
+            self._views.put(("zoom", image_key, self.version), zoom)
+        return image_key, stats, zoom
 
     def _refine_view(self, image, stats, view, hint, pos, neg, label, view_key=None,
                      zoom: float = 1.0) -> tuple[np.ndarray, float]:
@@ -720,15 +737,14 @@ class Predictor:
         pad = self._pad_shape([(nh, nw)])
         key = (view_key or _content_hash(view), tuple(float(v) for v in stats), self.version, (nh, nw), pad,
                self.bf16)
-        hit = self._views.get(key)
-        if hit is not None:
-            return hit
-        x = pad_to(normalize_image(resize(view, nh, nw), stats), pad)
-        x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)  # (H, W, 3) -> (1, 3, H, W)
-        feats, query, logits = self._forward(x)
-        out = (tuple(feats), query, logits, (nh, nw))
-        self._views.put(key, out)
-        return out
+
+        def run():
+            x = pad_to(normalize_image(resize(view, nh, nw), stats), pad)
+            x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)  # (H, W, 3) -> (1, 3, H, W)
+            feats, query, logits = self._forward(x)
+            return tuple(feats), query, logits, (nh, nw)
+
+        return self._views.compute(key, run)
 
     def _object_zoom(self, image: np.ndarray, stats, image_key: str) -> float:
         """How much closer than the model's scale refine looks at this image: REFINE_OBJECT_PX over the
@@ -1061,6 +1077,7 @@ class PassCache:
     def __init__(self, size: int):
         self.size = size
         self._items: OrderedDict = OrderedDict()
+        self._busy: dict = {}                             # key -> Event set when its computation ends
         self._lock = threading.Lock()
 
     def get(self, key):
@@ -1069,6 +1086,28 @@ class PassCache:
                 return None
             self._items.move_to_end(key)
             return self._items[key]
+
+    def compute(self, key, fn):
+        """The value at key, else fn()'s, stored. A caller that asks for a key another thread is computing
+        waits for that value rather than computing it again (a hint that arrives while warm() runs)."""
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    return self._items[key]
+                busy = self._busy.get(key)
+                if busy is None:
+                    busy = self._busy[key] = threading.Event()
+                    break
+            busy.wait()                                   # then look again: it is cached, or it failed
+        try:
+            value = fn()
+            self.put(key, value)
+            return value
+        finally:
+            with self._lock:
+                del self._busy[key]
+            busy.set()
 
     def put(self, key, value) -> None:
         with self._lock:

@@ -138,3 +138,58 @@ def test_small_objects_are_refined_closer(scene):
         predictor.scale = 1.0                             # a learned scale: the closer look applies
         zoom = predictor._object_zoom(image, (0.0, 1.0, False), "key")
         assert lo <= zoom <= hi, zoom
+
+
+def test_warm_leaves_the_first_hint_no_network_pass(scene, monkeypatch):
+    """What Label Studio's task-open /predict triggers: warm() computes the passes a first hint needs (the
+    whole image, and the closer look at small objects), so the first refine runs no network pass and
+    answers as a cold one would."""
+    image, obj = scene
+    warmed, calls = counting_predictor(monkeypatch)
+    warmed.scale = 1.0                                     # a learned scale: the zoom pass applies too
+    warmed.warm(image)
+    n = len(calls)
+    assert n >= 1
+    hints = [(None, [(36.0, 50.0)]), (obj["c"] & disk(100, 96, 4), [])]
+    got = [warmed.refine(image, h, p, [], label=1) for h, p in hints]
+    assert len(calls) == n                                 # no pass at all on the hints
+    for (h, p), (mask, conf) in zip(hints, got):
+        cold, cold_calls = counting_predictor(monkeypatch)
+        cold.model.load_state_dict(warmed.model.state_dict())
+        cold.scale = 1.0
+        mask0, conf0 = cold.refine(image, h, p, [], label=1)
+        assert len(cold_calls) == n and np.array_equal(mask, mask0) and conf == conf0
+    for i in range(2 * REFINE_CACHE):                     # warming many images keeps the cache bounded
+        im = image.copy()
+        im[0, 0] = i
+        warmed.warm(im)
+    assert len(warmed._views) <= REFINE_CACHE
+
+
+def test_pass_cache_computes_a_key_once_across_threads():
+    """A hint that arrives while warm() computes its pass waits for that pass instead of running another."""
+    import threading
+    import time
+
+    from tessera.model.inference import PassCache
+
+    cache, runs, out = PassCache(4), [], []
+
+    def slow():
+        runs.append(1)
+        time.sleep(0.2)
+        return "pass"
+
+    threads = [threading.Thread(target=lambda: out.append(cache.compute("k", slow))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == ["pass"] * 3 and len(runs) == 1
+
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.compute("bad", broken)
+    assert cache.compute("bad", lambda: "ok") == "ok"     # a failed computation leaves no stale entry
