@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,7 +379,10 @@ def warm_refine(task: dict, config: LabelConfig, served: Served, media: MediaRes
                 image = media.load_image(ref)
             except MediaError:
                 continue
+            t0 = time.perf_counter()
             warm(image)
+            logger.info("task %s: smart tools ready (%dx%d image, %.0f ms)", _task_id(task), image.shape[1],
+                        image.shape[0], 1000 * (time.perf_counter() - t0))
     try:
         return _WARMER.submit(run) if refs else None
     except RuntimeError:                # no thread to be had: /predict has answered, the hint will be cold
