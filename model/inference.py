@@ -58,6 +58,13 @@ NECK = {"depth_abs": 1.0, "depth_rel": 0.05, "len_ratio": 1.3, "min_share": 0.08
 # flat or worse; stricter cores (p < 0.1-0.5) grown back by watershed: flat; a distance-transform watershed
 # with the click as a marker: 0.51 -> 0.50; the network at 1.5x / 2x the learned scale: clump 0.81 -> 0.71 /
 # 0.41 (demo); a stricter object threshold (p_bg < 0.2-0.4): scribbles 0.78 -> 0.74-0.59 (DSB).
+# Stop 18, DSB 600-iteration model, clump clicks 3 x 30 (base 0.625 median, 38% below 0.5; clicks 0.772, 12%):
+# the picked region cut by k-means over its pixels into round(area / the image's median object area) parts
+# when over 1.6 / 2.0 x that area: clump 0.636 / 0.637 (33% / 37%) but clicks 0.709 / 0.768 (21% / 16%);
+# with the 30th percentile area: clump 0.593 / 0.625; a watershed from the h-maxima of the smoothed
+# (object-bright) image, h = 0.15 / 0.3 of the region's range: 0.618 / 0.625 (no split at 0.3); from the
+# h-maxima of the region's distance transform (h 0.2 / 0.4): 0.611, scribbles 0.807 -> 0.773; a closer
+# look (REFINE_OBJECT_PX 8 / 10 / 13 / 16, REFINE_MAX_ZOOM 2-6): 0.629 / 0.631 (0.674 at 10 px, 3x) / 0.629 / 0.586.
 # refine()'s network passes kept per Predictor: Label Studio sends every click / stroke of a labeller on a
 # task as a new request with the same image, so the second and later hints reuse the pass (keyed by the
 # view's content, the normalisation and the model's geometry) and cost only the window's post-processing.
@@ -67,9 +74,14 @@ REFINE_CACHE = 8
 # equivalent diameter) that much closer, at most REFINE_MAX_ZOOM x and REFINE_MAX_PX model px; a second
 # network pass on the first hint. bench/interactive.py, 600-iteration models, 3 x 30 hints, paired:
 # DSB clump clicks 0.51 -> 0.61, scribbles 0.78 -> 0.81, clicks 0.74 -> 0.78; demo unchanged
-# (0.81 -> 0.83, 0.84 -> 0.84, 0.86 -> 0.87). Targets 8 / 10 px: DSB a little higher, demo scribbles lower.
-REFINE_OBJECT_PX = 6.5
-REFINE_MAX_ZOOM = 2.0
+# (0.81 -> 0.83, 0.84 -> 0.84, 0.86 -> 0.87). Stop 18, the same models, 30 hints per draw, paired: 10 px and
+# at most 3x against 6.5 px and 2x, DSB (draws 0-2 / 3-5): clump clicks 0.625 -> 0.674 / 0.577 -> 0.667,
+# scribbles 0.807 -> 0.816 / 0.787 -> 0.809, clicks 0.772 -> 0.772 / 0.792 -> 0.820; demo: clump 0.825 -> 0.828 /
+# 0.784 -> 0.790, scribbles 0.839 -> 0.816 / 0.862 -> 0.864, clicks 0.868 -> 0.866 / 0.866 -> 0.843 (within
+# the spread). 8 px at 3x: DSB clump 0.629; 13 px at 4x: 0.629; 16 px at 6x: 0.586. The price: an image of
+# small objects costs up to 9x the pixels in its first hint's pass (warm() pays it when a task is opened).
+REFINE_OBJECT_PX = 10.0
+REFINE_MAX_ZOOM = 3.0
 REFINE_MAX_PX = 1024 * 1024
 BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (4 images of 312x424, 20 of 160x160)
 # The forward pass is eager PyTorch on purpose (issue 10, measured at 312x424 on 1 thread of this 2-core VM):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.model import metrics
-from tessera.model.inference import REFINE_CACHE, Predictor, _cut_necks
+from tessera.model.inference import REFINE_CACHE, REFINE_MAX_ZOOM, Predictor, _cut_necks
 from tessera.model.vqvae import VQVAE, VQVAEConfig
 
 R = 128
@@ -126,14 +126,15 @@ def test_pass_cache_is_bounded(scene, monkeypatch):
 
 
 def test_small_objects_are_refined_closer(scene):
-    """The network's objects under REFINE_OBJECT_PX model px across -> refine looks closer (at most 2x);
+    """The network's objects under REFINE_OBJECT_PX model px across -> refine looks closer (at most
+    REFINE_MAX_ZOOM x);
     objects at or above it -> the model's own scale."""
     image, obj = scene
     small = np.zeros((R, R), bool)
     for cy in range(8, R, 16):
         for cx in range(8, R, 16):
             small |= disk(cy, cx, 2)
-    for fg, lo, hi in ((obj["a"] | obj["b"] | obj["c"], 1.0, 1.0), (small, 1.2, 2.0)):
+    for fg, lo, hi in ((obj["a"] | obj["b"] | obj["c"], 1.0, 1.0), (small, 1.2, REFINE_MAX_ZOOM)):
         predictor = fixed_predictor(fg)
         predictor.scale = 1.0                             # a learned scale: the closer look applies
         zoom = predictor._object_zoom(image, (0.0, 1.0, False), "key")
