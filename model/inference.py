@@ -70,9 +70,9 @@ NECK = {"depth_abs": 1.0, "depth_rel": 0.05, "len_ratio": 1.3, "min_share": 0.08
 # view's content, the normalisation and the model's geometry) and cost only the window's post-processing.
 # A 520x696 view's pass (features, code queries, logits) is ~10 MB.
 REFINE_CACHE = 8
-# refine() sees an image whose objects the network finds smaller than REFINE_OBJECT_PX model px (median
-# equivalent diameter) that much closer, at most REFINE_MAX_ZOOM x and REFINE_MAX_PX model px; a second
-# network pass on the first hint. bench/interactive.py, 600-iteration models, 3 x 30 hints, paired:
+# refine() sees an image whose objects the network finds smaller than REFINE_SMALL_PX model px (median
+# equivalent diameter) so much closer that they are REFINE_OBJECT_PX, at most REFINE_MAX_ZOOM x and
+# REFINE_MAX_PX model px; a second network pass on the first hint. bench/interactive.py, 600-iteration models, 3 x 30 hints, paired:
 # DSB clump clicks 0.51 -> 0.61, scribbles 0.78 -> 0.81, clicks 0.74 -> 0.78; demo unchanged
 # (0.81 -> 0.83, 0.84 -> 0.84, 0.86 -> 0.87). Stop 18, the same models, 30 hints per draw, paired: 10 px and
 # at most 3x against 6.5 px and 2x, DSB (draws 0-2 / 3-5): clump clicks 0.625 -> 0.674 / 0.577 -> 0.667,
@@ -83,6 +83,10 @@ REFINE_CACHE = 8
 REFINE_OBJECT_PX = 10.0
 REFINE_MAX_ZOOM = 3.0
 REFINE_MAX_PX = 1024 * 1024
+# ... and only when they are under REFINE_SMALL_PX: 10 px for every image took the demo's 520x696 image 1.4x
+# closer (its first hint 138 -> 414 ms) for no gain on the demo; from 5.5 px only, DSB (the same draws):
+# clump 0.666 / 0.669, scribbles 0.808 / 0.803, clicks 0.782 / 0.800, and the demo's images (6-10 px) stay at 1x.
+REFINE_SMALL_PX = 5.5
 BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (4 images of 312x424, 20 of 160x160)
 # The forward pass is eager PyTorch on purpose (issue 10, measured at 312x424 on 1 thread of this 2-core VM):
 # torch.jit.trace + freeze (and optimize_for_inference) under bf16 autocast was no faster (207 vs 186 ms best
@@ -759,9 +763,9 @@ class Predictor:
         return self._views.compute(key, run)
 
     def _object_zoom(self, image: np.ndarray, stats, image_key: str) -> float:
-        """How much closer than the model's scale refine looks at this image: REFINE_OBJECT_PX over the
-        median diameter (model px) of the objects the network sees in it, in [1, REFINE_MAX_ZOOM], within
-        REFINE_MAX_PX. One learned scale serves a whole data set; on DSB 2018 (fluorescence images of small
+        """How much closer than the model's scale refine looks at this image: when the median diameter (model
+        px) of the objects the network sees in it is under REFINE_SMALL_PX, REFINE_OBJECT_PX over it, in
+        [1, REFINE_MAX_ZOOM], within REFINE_MAX_PX; else 1. One learned scale serves a whole data set; on DSB 2018 (fluorescence images of small
         nuclei beside histology of large ones) the small nuclei are a few model px across and merge."""
         if self.scale is None or REFINE_MAX_ZOOM <= 1.0:
             return 1.0
@@ -774,6 +778,8 @@ class Predictor:
         if not len(areas):
             return 1.0
         diameter = 2 * math.sqrt(float(np.median(areas)) / math.pi)
+        if diameter >= REFINE_SMALL_PX:
+            return 1.0
         cap = math.sqrt(REFINE_MAX_PX / (nh * nw))
         return float(np.clip(REFINE_OBJECT_PX / diameter, 1.0, max(1.0, min(REFINE_MAX_ZOOM, cap))))
 
