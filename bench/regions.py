@@ -2,7 +2,9 @@
 
     .venv/bin/python -m bench.regions --task dsb_boxes [--budget 180 | --iters 300] [--max-val 40] [--name N]
         [--methods head centres] [--seeds 0 1 2] [--curve]
-    tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld),
+    tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
+           downsampled to 256 px on their long side, a harder stand-in),
+           dsb_native_boxes (the same at the images' own size, 256x256 to 1388x1040, as a user's photos come),
            dsb_masks (DSB 2018 instance masks: the brush / polygon region types),
            pets_heads (Oxford-IIIT Pet head boxes, cat / dog)
     methods (box tasks): head (the CenterNet detection head, model/boxhead.py), centres (box centres painted
@@ -40,8 +42,10 @@ from tessera.model.train_vqvae import TrainConfig, evaluate, raw_predictions, tr
 BOX_SHRINK = 0.6
 
 
-def dsb(boxes: bool) -> tuple[list[Sample], list[str]]:
-    samples, names = load_folder(dataset("dsb2018"))
+def dsb(boxes: bool, native: bool = False) -> tuple[list[Sample], list[str]]:
+    """DSB 2018 at 256 px (images downsampled from their native size) or at native size (the same ids, so
+    the same fixed split; 256x256 to 1388x1040, evaluated at that size)."""
+    samples, names = load_folder(dataset("dsb2018_native" if native else "dsb2018"))
     if not boxes:
         return samples, names
     out = []
@@ -64,10 +68,14 @@ def pets_heads() -> tuple[list[Sample], list[str]]:
     return out, names
 
 
+TASKS = {"dsb_boxes": lambda: dsb(True), "dsb_native_boxes": lambda: dsb(True, native=True),
+         "dsb_masks": lambda: dsb(False), "pets_heads": lambda: pets_heads()}
+
+
 def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0,
-        method: str = "head", seed: int = 0, curve: bool = False, box_select: bool = True) -> dict:
-    samples, names = {"dsb_boxes": lambda: dsb(True), "dsb_masks": lambda: dsb(False),
-                      "pets_heads": pets_heads}[task]()
+        method: str = "head", seed: int = 0, curve: bool = False, box_select: bool = True,
+        overrides: dict | None = None) -> dict:
+    samples, names = TASKS[task]()
     by_id = {s.id: s for s in samples}
     train_ids, val_ids = split_ids(list(by_id), 0.2)
     fit_keys, held_keys = split_ids([f"held:{i}" for i in train_ids], 0.2)   # another hash than the val split's
@@ -83,7 +91,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s,
                       eval_interval=(25 if curve else max(50, iters // 4)) if iters else 150, device="cpu",
                       box_shrink=BOX_SHRINK if box else 1.0, precision_target=precision_target,
-                      box_head=method == "head", seed=seed, box_select=box_select)
+                      box_head=method == "head", seed=seed, box_select=box_select, **(overrides or {}))
     points = []
     t0 = time.time()
     with _curve(points, val, names) if curve else _nothing():
@@ -105,6 +113,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
            "n_train": len(fit), "n_held_back": len(held), "n_val": len(val),
            "val_objects": subset_counts(val, names), "held_back_objects": subset_counts(held, names), "budget_s": 0.0 if iters else budget_s,
+           "overrides": overrides or {}, "scale": pred.scale,
            "train_wall_s": round(wall, 1), "train_iters": done_iters, "load_avg_1min_after": os.getloadavg()[0],
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
@@ -252,7 +261,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--task", nargs="+", default=["dsb_boxes"], choices=["dsb_boxes", "dsb_masks", "pets_heads"])
+    ap.add_argument("--task", nargs="+", default=["dsb_boxes"], choices=sorted(TASKS))
     ap.add_argument("--budget", type=float, default=180.0, help="training seconds per task")
     ap.add_argument("--iters", type=int, default=0, help="train this many iterations instead of a time budget "
                                                         "(figures that do not depend on the machine's load)")
@@ -266,20 +275,34 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--select", choices=["ap", "iou"], default="ap", help="the state a box model keeps: best "
                     "held-back box AP50 (the product's default) or best segmentation IoU (before)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides, e.g. "
+                    "box_max_scale=2 (recorded in each row)")
     ap.add_argument("--curve", action="store_true", help="AP50 against training time at every evaluation")
     ap.add_argument("--name", default="", help="results file bench/results/<name>.json (default regions_<task>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    work = Path("/tmp/tessera-bench-regions")
-    work.mkdir(exist_ok=True)
+    work = Path("/tmp/tessera-bench-regions") / (args.name or "default")   # runs side by side do not collide
+    work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     rows = []
     for seed in args.seeds:            # every method once before the next seed; the file is rewritten per row
         for t in args.task:
             for m in (args.methods if t != "dsb_masks" else ["head"]):
                 rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m, seed,
-                                args.curve, args.select == "ap"))
+                                args.curve, args.select == "ap", overrides(args.set)))
                 _write(args, rows, load_before)
+
+
+def overrides(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> TrainConfig field overrides, each value typed as the field's default."""
+    defaults, out = TrainConfig(), {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(defaults, key):
+            raise SystemExit(f"--set {pair}: TrainConfig has no field {key!r}")
+        kind = type(getattr(defaults, key))
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
 
 
 def _write(args, rows: list[dict], load_before: float) -> None:

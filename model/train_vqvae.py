@@ -91,6 +91,8 @@ class TrainConfig:
                                      # project is judged by), not the best segmentation IoU of its centre map
     box_object_px: float = 16.0      # object_px of a model with a box head: its cells are 2 px, so an object
                                      # spans ~8 of them (a whole Pets image at 6.5 px would be ~25 x 34 px)
+    box_max_scale: float = 1.0       # max_scale of a model with a box head (> 1: small objects seen closer
+                                     # than the image's own pixels, at s^2 the forward cost)
     precision_target: float = 0.0    # > 0: the learned region cut reaches this precision at the best recall,
                                      # else it maximises F1
     patience: int = 0                # > 0: stop after this many evaluations without a better validation
@@ -430,10 +432,11 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     model.to(device).train()
     mc = model.config
     object_px = cfg.box_object_px if model.box_head is not None and cfg.box_object_px > 0 else cfg.object_px
+    max_scale = cfg.box_max_scale if model.box_head is not None and cfg.box_max_scale > 0 else cfg.max_scale
     scale = None
     if object_px > 0:   # never below the letterbox's scale of a typical image (never above max_scale)
-        floor = min(letterbox_floor([s.image.shape[:2] for s in train], mc.resolution), cfg.max_scale)
-        scale = object_scale([s.instances for s in train], object_px, cfg.max_scale, min_scale=max(floor, 1 / 32))
+        floor = min(letterbox_floor([s.image.shape[:2] for s in train], mc.resolution), max_scale)
+        scale = object_scale([s.instances for s in train], object_px, max_scale, min_scale=max(floor, 1 / 32))
     logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
     batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
                       n_classes, cfg.seed, mc.invert_bright, scale, with_boxes=model.box_head is not None)
