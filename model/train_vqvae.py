@@ -68,7 +68,8 @@ class TrainConfig:
     flips: bool = True
     rot90: bool = True
     scale_min: float = 0.8           # random zoom around the letterbox scale
-    scale_max: float = 1.25
+    scale_max: float = 1.25          # tried 0.5-2.0 for box models (DSB native, 600 iterations, 3 seeds):
+                                     # AP50 0.624 +- 0.010 vs 0.644 +- 0.009, lower on every seed
     jitter: float = 0.2              # brightness / contrast / gamma jitter strength (0 = off)
     # model and losses
     widths: tuple = (16, 32, 64, 96)
