@@ -1,7 +1,7 @@
 """Predictions a labeller keeps: box AP50 and precision / recall after the learned region cut, on real data.
 
     .venv/bin/python -m bench.regions --task dsb_boxes [--budget 180 | --iters 300] [--max-val 40] [--name N]
-        [--methods head centres] [--seeds 0 1 2] [--curve]
+        [--methods head centres] [--seeds 0 1 2] [--curve] [--set box_max_scale=2 ...]
     tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
            downsampled to 256 px on their long side, a harder stand-in),
            dsb_native_boxes (the same at the images' own size, 256x256 to 1388x1040, as a user's photos come),
