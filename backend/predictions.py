@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -178,36 +179,86 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     starts = list(range(0, len(tasks), bs))
     ahead = 2                                      # chunks being fetched beyond the one being inferred
     results: list[dict] = []
+    clock = StageClock()
     workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media) for s in starts[:ahead + 1]]
+    # two stages on the request's own threads: chunk k's regions are encoded (numpy/OpenCV, one thread)
+    # while chunk k+1 runs its forward pass (torch) in this thread; at most one chunk waits to be encoded
+    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as encoder:
+        pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media, clock) for s in starts[:ahead + 1]]
+        encoding = None
         for n, start in enumerate(starts):
             jobs, futures = pending.pop(0)
             if n + ahead + 1 < len(starts):
                 nxt = starts[n + ahead + 1]
-                pending.append(_fetch_chunk(pool, tasks[nxt:nxt + bs], config, media))
-            images = [f.result() for f in futures]
-            results += _predict_chunk(tasks[start:start + bs], jobs, images, config, served)
-    if len(tasks) == 1:             # LS asks this when a labeller opens a task: ready its smart tools' passes
-        warm_refine(tasks[0], config, served, media)
+                pending.append(_fetch_chunk(pool, tasks[nxt:nxt + bs], config, media, clock))
+            with clock("wait_images"):
+                images = [f.result() for f in futures]
+            with clock("inference"):
+                preds = _infer_chunk(images, served)
+            if encoding is not None:
+                with clock("wait_regions"):
+                    results += encoding.result()
+            encoding = encoder.submit(clock.timed("regions", _encode_chunk), tasks[start:start + bs], jobs, images,
+                                      preds, config, served)
+        if encoding is not None:
+            with clock("wait_regions"):
+                results += encoding.result()
+    logger.info("predict: %d tasks in %d chunks of %d: %s", len(tasks), len(starts), bs, clock.summary())
     return results
 
 
-def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfig, media: MediaResolver):
+class StageClock:
+    """Seconds spent per stage of one /predict, summed over the threads that ran it (thread-safe)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def timed(self, stage: str, fn):
+        def run(*args, **kwargs):
+            with self(stage):
+                return fn(*args, **kwargs)
+        return run
+
+    def summary(self) -> str:
+        parts = [f"{k} {v:.2f}s" for k, v in self.seconds.items()]
+        return ", ".join(parts + [f"wall {time.perf_counter() - self.t0:.2f}s"])
+
+
+def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfig, media: MediaResolver,
+                 clock: StageClock | None = None):
     """Start fetching + decoding every (task, image) of a chunk: (jobs, futures of arrays or MediaErrors)."""
     jobs = [(i, img) for i, _ in enumerate(tasks) for img in config.images]
 
     def load(job):
         i, img = job
-        return task_image(tasks[i], img, media, working=True)     # a MediaError is logged once, below
+        t0 = time.perf_counter()
+        try:
+            return task_image(tasks[i], img, media, working=True)     # a MediaError is logged once, below
+        finally:
+            if clock is not None:
+                clock.add("fetch_decode", time.perf_counter() - t0)
 
     return jobs, [pool.submit(load, job) for job in jobs]
 
 
-def _predict_chunk(tasks: list[dict], jobs: list, loaded: list, config: LabelConfig, served: Served) -> list[dict]:
-    """Inference for one chunk's images (one batch, each at most TESSERA_MAX_SIDE px) and its tasks' LS items."""
+def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
+    """Predictions of a chunk's loaded images ({index in the chunk: Prediction}); a model failure on one
+    chunk leaves it empty and fails no other chunk."""
     images = [x[0] if isinstance(x, tuple) else x for x in loaded]
-    sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
     try:
@@ -215,6 +266,14 @@ def _predict_chunk(tasks: list[dict], jobs: list, loaded: list, config: LabelCon
             preds[j] = p
     except Exception:                   # a model failure on one chunk must not fail the whole batch
         logger.exception("inference failed for %d images", len(ok))
+    return preds
+
+
+def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, Any], config: LabelConfig,
+                  served: Served) -> list[dict]:
+    """The LS items of a chunk's tasks from its images' predictions (a bad task gets an empty item)."""
+    images = [x[0] if isinstance(x, tuple) else x for x in loaded]
+    sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     labels = served.predictor.label_names
     results = []
     for i, task in enumerate(tasks):

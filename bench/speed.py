@@ -112,6 +112,11 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=1000, help="--native: tasks in the one-request measurement")
     ap.add_argument("--ls-tasks", type=int, default=0, help="--native: instead, one /predict of this many "
                     "520x696 tasks downloaded from a real Label Studio (bench/results/speed_native_ls.json)")
+    ap.add_argument("--ls-rounds", type=int, default=1, help="--ls-tasks: requests per server (order swapped "
+                    "every round)")
+    ap.add_argument("--ls-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="--ls-tasks: extra environment of the 'after' server (e.g. TESSERA_PREDICT_BATCH=8)")
+    ap.add_argument("--ls-name", default="speed_native_ls", help="--ls-tasks: result file name")
     args = ap.parse_args()
     if args.native:
         from bench import speed_native

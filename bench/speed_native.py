@@ -303,11 +303,35 @@ def main(args) -> None:
         "peak_rss_growth_mb": "< 1500"}})
 
 
+def cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process `root` and every live process below it (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)   # ppid, utime+stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        kids = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in tree]
+        tree.update(kids)
+        frontier += kids
+    return sum(stats[pid][1] for pid in tree if pid in stats)
+
+
 def ls_big_request(args) -> None:
     """One /predict of `args.ls_tasks` 520x696 tasks whose images Tessera downloads from a real Label Studio
     (tests/conftest_ls's server: the LS venv and data-dir template), as "Retrieve predictions" sends them:
-    wall time and Tessera's peak RSS growth. 8 distinct uploads, each task names one of them (no cache:
-    every task is one download). Writes bench/results/speed_native_ls.json."""
+    wall time, Tessera's peak RSS growth, the CPU seconds Tessera and Label Studio spent on it, and Tessera's
+    own per-stage seconds (its "predict:" log line). With --before REV (not 'none'), REV's backend is a second
+    server on the same Label Studio and model store; the two alternate request by request, `--ls-rounds`
+    rounds, the order swapped every round. 8 distinct uploads, each task names one of them (no cache on
+    /predict: every task is one download). Writes bench/results/speed_native_ls.json."""
     import shutil
     import tempfile
 
@@ -321,7 +345,8 @@ def ls_big_request(args) -> None:
     venv = default_ls_venv()
     server = LabelStudioServer(venv, work / "ls-data", template=build_template(venv, default_template_dir()))
     server.start(timeout=180)
-    proc = None
+    procs: dict = {}
+    runs: dict = {}
     try:
         bench_model(work)
         pngs = []
@@ -335,28 +360,53 @@ def ls_big_request(args) -> None:
         urls = lsclient.upload_files(ls, pid, pngs)
         lsclient.import_tasks(ls, pid, [{"data": {"image": urls[i % 8]}} for i in range(args.ls_tasks)])
         tasks = list(lsclient.tasks(ls, pid))
-        proc = TesseraProcess({"MODEL_DIR": str(work / "models"), "LABEL_STUDIO_URL": server.url,
-                               "LABEL_STUDIO_API_KEY": server.token, "TESSERA_LOG_LEVEL": "WARNING",
-                               "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
-                               "PYTHONPATH": str(package_root(REPO, work / "pp"))}, work / "tessera.log").wait_up()
+        env = {"MODEL_DIR": str(work / "models"), "LABEL_STUDIO_URL": server.url,
+               "LABEL_STUDIO_API_KEY": server.token, "TESSERA_LOG_LEVEL": "INFO",
+               "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+        trees = {"after": REPO}
+        if args.before != "none":
+            trees["before"] = before_tree(args.before, work / "before")
         body = {"tasks": tasks, "project": f"{pid}.1", "label_config": CONFIG}
-        requests.post(proc.url + "/predict", json={**body, "tasks": tasks[:2]}, timeout=300).raise_for_status()
-        rss0 = rss_mb(proc.proc.pid)
-        load0 = os.getloadavg()
-        t0 = time.perf_counter()
-        r = requests.post(proc.url + "/predict", json=body, timeout=3600)
-        wall = time.perf_counter() - t0
-        r.raise_for_status()
-        results = r.json()["results"]
-        res = {"tasks": len(tasks), "wall_s": wall, "per_task_ms": 1000 * wall / len(tasks),
-               "peak_rss_growth_mb": peak_rss_mb(proc.proc.pid) - rss0,
-               "answered_with_regions": sum(1 for x in results if x["result"]), "threads": args.threads,
-               "load_average_start": load0, "load_average_end": os.getloadavg()}
+        for v, tree in trees.items():
+            extra = dict(kv.split("=", 1) for kv in args.ls_env) if v == "after" else {}
+            procs[v] = TesseraProcess({**env, **extra, "PYTHONPATH": str(package_root(tree, work / f"pp-{v}"))},
+                                      work / f"tessera-{v}.log").wait_up()
+            requests.post(procs[v].url + "/predict", json={**body, "tasks": tasks[:2]}, timeout=300).raise_for_status()
+        rss0 = {v: rss_mb(p.proc.pid) for v, p in procs.items()}
+        order = list(procs)
+        for rnd in range(args.ls_rounds):
+            for v in (order if rnd % 2 == 0 else order[::-1]):
+                runs.setdefault(v, []).append(_ls_request(procs[v], server, body))
+                print(v, json.dumps(runs[v][-1]), flush=True)
+        res = {"tasks": len(tasks), "threads": args.threads, "env": args.ls_env, "before_rev": args.before}
+        for v, rs in runs.items():
+            res[v] = {"wall_s": float(np.mean([r["wall_s"] for r in rs])), "runs": rs,
+                      "per_task_ms": 1000 * float(np.mean([r["wall_s"] for r in rs])) / len(tasks),
+                      "peak_rss_growth_mb": peak_rss_mb(procs[v].proc.pid) - rss0[v],
+                      "stage_log": [ln.split("predict: ", 1)[1] for ln in procs[v].log_text().splitlines()
+                                    if "predict: " in ln][1:]}
+        if "before" in res:
+            res["ratio_after_to_before"] = res["after"]["wall_s"] / res["before"]["wall_s"]
     finally:
-        if proc is not None:
+        for proc in procs.values():
             proc.stop()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(res), flush=True)
-    write_result("speed_native_ls", {"summary": res, "targets": {"wall_s": "<= 60 for 1,000 tasks",
-                                                                 "peak_rss_growth_mb": "< 1500"}})
+    print(json.dumps(res, indent=1), flush=True)
+    write_result(args.ls_name, {"summary": res, "targets": {"wall_s": "<= 60 for 1,000 tasks",
+                                                            "peak_rss_growth_mb": "< 1500"}})
+
+
+def _ls_request(proc, server, body: dict) -> dict:
+    """One timed /predict: wall s, CPU s of Tessera and of Label Studio (all its processes), load."""
+    load0 = os.getloadavg()
+    cpu0 = {"tessera_cpu_s": cpu_seconds(proc.proc.pid), "ls_cpu_s": cpu_seconds(server.proc.pid)}
+    t0 = time.perf_counter()
+    r = requests.post(proc.url + "/predict", json=body, timeout=3600)
+    wall = time.perf_counter() - t0
+    r.raise_for_status()
+    cpu = {"tessera_cpu_s": cpu_seconds(proc.proc.pid), "ls_cpu_s": cpu_seconds(server.proc.pid)}
+    results = r.json()["results"]
+    return {"wall_s": wall, **{k: cpu[k] - cpu0[k] for k in cpu}, "load_average_start": load0,
+            "load_average_end": os.getloadavg(),
+            "answered_with_regions": sum(1 for x in results if x["result"])}

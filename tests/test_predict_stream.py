@@ -1,0 +1,105 @@
+"""/predict's two-stage stream: chunk k's regions are encoded while chunk k+1 runs inference; the order of the
+items, the isolation of a bad task or chunk and the memory bound hold."""
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tessera.backend import predictions
+from tessera.backend.label_config import parse_label_config
+from tessera.backend.media import MediaError
+from tessera.backend.predictions import Served, predict_tasks
+from tessera.backend.settings import Settings
+from tests.conftest import CONFIG_ALL, ThresholdPredictor
+
+BRUSH_ONLY = """<View><Image name="image" value="$image"/>
+<BrushLabels name="mask" toName="image"><Label value="Nucleus"/></BrushLabels></View>"""
+
+
+class SquaresMedia:
+    """'sq:<n>' -> an image with n separate bright squares, after a random short delay (downloads finish out
+    of order); 'bad' raises MediaError."""
+
+    def load_working(self, ref):
+        time.sleep(random.random() * 0.01)
+        if ref == "bad":
+            raise MediaError("bad image reference")
+        n = int(ref.split(":")[1])
+        img = np.zeros((40, 12 * n + 4, 3), np.uint8)
+        for k in range(n):
+            img[10:20, 4 + 12 * k:12 + 12 * k] = 255
+        return img, img.shape[:2]
+
+
+def _run(tasks, predictor, batch=4, config=BRUSH_ONLY):
+    settings = Settings(predict_batch=batch, fetch_threads=4)
+    return predict_tasks(tasks, parse_label_config(config), Served("v1", predictor), SquaresMedia(), settings)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 16])
+def test_items_come_back_in_task_order(batch):
+    counts = [1 + (i * 7) % 5 for i in range(23)]
+    tasks = [{"id": i, "data": {"image": f"sq:{n}"}} for i, n in enumerate(counts)]
+    out = _run(tasks, ThresholdPredictor(), batch)
+    assert [len(o["result"]) for o in out] == counts
+
+
+def test_a_bad_image_or_a_failing_task_empties_only_its_own_item(monkeypatch):
+    tasks = [{"id": i, "data": {"image": "bad" if i == 5 else "sq:2"}} for i in range(12)]
+    real = predictions._task_item
+
+    def task_item(task, *a, **kw):
+        if task["id"] == 9:
+            raise RuntimeError("encoding bug on one task")
+        return real(task, *a, **kw)
+
+    monkeypatch.setattr(predictions, "_task_item", task_item)
+    out = _run(tasks, ThresholdPredictor(), batch=4)
+    assert [len(o["result"]) for o in out] == [0 if i in (5, 9) else 2 for i in range(12)]
+
+
+class FailingChunkPredictor(ThresholdPredictor):
+    def predict(self, images):
+        if len(self.calls) == 1:                          # the second chunk
+            self.calls.append(len(images))
+            raise RuntimeError("model failure on one chunk")
+        return super().predict(images)
+
+
+def test_a_model_failure_empties_only_its_chunk():
+    tasks = [{"id": i, "data": {"image": "sq:1"}} for i in range(10)]
+    out = _run(tasks, FailingChunkPredictor(), batch=4)
+    assert [len(o["result"]) for o in out] == [1] * 4 + [0] * 4 + [1] * 2
+
+
+def test_regions_of_a_chunk_are_encoded_while_the_next_chunk_is_inferred(monkeypatch):
+    """Chunk 0's encoding waits (up to 5 s) until chunk 1's inference has begun: run one after the other,
+    it would time out. And when inference n starts, chunks 0 .. n-2 are encoded: at most two chunks of
+    predictions (one being encoded, one being inferred) are held at a time."""
+    second_inference = threading.Event()
+    saw_overlap, encoded_at_call = [], []
+    encoded = []
+    real = predictions._encode_chunk
+
+    class Recording(ThresholdPredictor):
+        def predict(self, images):
+            encoded_at_call.append(len(encoded))
+            if len(self.calls) == 1:
+                second_inference.set()
+            return super().predict(images)
+
+    def encode(tasks, *a):
+        if not encoded:
+            saw_overlap.append(second_inference.wait(5.0))
+        out = real(tasks, *a)
+        encoded.append(len(tasks))
+        return out
+
+    monkeypatch.setattr(predictions, "_encode_chunk", encode)
+    tasks = [{"id": i, "data": {"image": "sq:1"}} for i in range(20)]
+    out = _run(tasks, Recording(), batch=4)
+    assert saw_overlap == [True]
+    assert all(len(o["result"]) == 1 for o in out) and sum(encoded) == 20
+    assert all(done >= n - 1 for n, done in enumerate(encoded_at_call)), encoded_at_call
