@@ -55,3 +55,28 @@ def test_upsampled_probabilities_match_torch_bilinear():
         ref = F.softmax(F.interpolate(crop, size=shape, mode="bilinear", align_corners=False)[0], dim=0).numpy()
         assert got.shape == (3, *shape)
         assert np.abs(got - ref).max() < 1e-4, (size, shape)
+
+
+def test_decoder_with_projection_before_upsampling_gives_the_same_logits_and_masks(monkeypatch):
+    """inference._decode (each fine step's 1x1 projection before the nearest 2x upsampling) computes the
+    model's own Decoder: the same logits under bf16 autocast and in float32, on an odd-sized batch, and
+    predict() gives the same masks as with the module's forward."""
+    pred = _tiny_predictor()
+    torch.manual_seed(2)
+    for p in pred.model.decoder.parameters():           # an untrained GroupNorm is the identity: stir it
+        p.data += 0.1 * torch.randn_like(p)
+    x = torch.rand(2, 3, 56, 72)
+    for bf16 in (False, True):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            feats = pred.model.features(x)
+            z = torch.randn(2, 8, 7, 9).to(feats[-1].dtype)
+            ref = pred.model.decoder(z, feats)
+            got = inference._decode(pred.model.decoder, z, feats)
+        assert got.dtype == ref.dtype and got.shape == ref.shape == (2, 3, 56, 72)
+        assert torch.equal(got, ref), (bf16, (got.float() - ref.float()).abs().max())
+    images = [s.image for s in make_nuclei(3, size=(90, 130), seed=5)]
+    fast = pred.predict(images)
+    monkeypatch.setattr(inference, "_decode", lambda decoder, z, feats: decoder(z, feats))
+    slow = pred.predict(images)
+    for a, b in zip(fast, slow):
+        assert np.array_equal(a.instances, b.instances) and np.array_equal(a.classes, b.classes)
