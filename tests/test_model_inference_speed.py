@@ -90,4 +90,6 @@ def test_sliding_window_gives_the_same_logits_one_tile_per_pass_or_four():
     with torch.inference_mode():
         one, four = pred._tiled_logits(x), pred._tiled_logits(x, batch=4)
     assert one.shape == (1, 3, 136, 200)
-    assert (one - four).abs().max() < 1e-3               # bf16 kernels may sum in another order per batch size
+    # bf16 kernels may sum in another order per batch size: within their rounding, and the same labels
+    assert (one - four).abs().max() < 2e-2 * four.abs().max()
+    assert (one.argmax(1) == four.argmax(1)).float().mean() > 0.999
