@@ -83,11 +83,7 @@ REFINE_CACHE = 8
 REFINE_OBJECT_PX = 10.0
 REFINE_MAX_ZOOM = 3.0
 REFINE_MAX_PX = 1024 * 1024
-# ... and only when they are under REFINE_SMALL_PX: 10 px for every image took the demo's 520x696 image 1.4x
-# closer (its first hint 138 -> 414 ms) for no gain on the demo; from 5.5 px only, DSB (the same draws):
-# clump 0.666 / 0.669, scribbles 0.808 / 0.803, clicks 0.782 / 0.800, and the demo's images (6-10 px) stay at 1x.
-REFINE_SMALL_PX = 5.5
-BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (4 images of 312x424, 20 of 160x160)
+BATCH_PX = 160_000  # predict(): input pixels per forward pass (1 image of 312x424, 6 of 160x160)
 # The forward pass is eager PyTorch on purpose (issue 10, measured at 312x424 on 1 thread of this 2-core VM):
 # torch.jit.trace + freeze (and optimize_for_inference) under bf16 autocast was no faster (207 vs 186 ms best
 # of 6), the oneDNN graph fuser failed to run the traced model ("could not set attribute to the op"), and
@@ -583,7 +579,9 @@ class Predictor:
                         dets[i] = _to_image_px(np.concatenate(tiles), sizes[0], images[i].shape[:2])
                 continue
             # at most BATCH_PX input pixels per pass: a batch of 16 native-size images (2.1 M px) ran at about
-            # half the per-image speed of 1-4 (activations fall out of the caches; measured at 312x424, 1 thread)
+            # half the per-image speed of 1-4 (activations fall out of the caches; measured at 312x424, 1 thread);
+            # 160k px rather than 2**19: 1 image of 312x424 per pass took 0.85x / 0.91x the time of 3 per pass
+            # (8 / 14 interleaved reps, load 8.8), 6 of 160x160 0.92x of 20 (10 reps, load 9)
             step = max(1, BATCH_PX // (ph * pw))
             for s in range(0, len(idx), step):
                 part = idx[s:s + step]
