@@ -181,8 +181,9 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     results: list[dict] = []
     clock = StageClock()
     workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
-    # two stages on the request's own threads: chunk k's regions are encoded (numpy/OpenCV, one thread)
-    # while chunk k+1 runs its forward pass (torch) in this thread; at most one chunk waits to be encoded
+    # two stages on the request's own threads: chunk k's predictions are finished (upsampling, instance
+    # split: Predictor.predict_parts) and its regions encoded (numpy/OpenCV) on one thread while chunk k+1
+    # runs its network passes (torch) in this one; at most one chunk waits to be encoded
     with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media, clock) for s in starts[:ahead + 1]]
         encoding = None
@@ -198,8 +199,8 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             if encoding is not None:
                 with clock("wait_regions"):
                     results += encoding.result()
-            encoding = encoder.submit(clock.timed("regions", _encode_chunk), tasks[start:start + bs], jobs, images,
-                                      preds, config, served)
+            encoding = encoder.submit(clock.timed("split_and_regions", _encode_chunk), tasks[start:start + bs],
+                                      jobs, images, preds, config, served)
         if encoding is not None:
             with clock("wait_regions"):
                 results += encoding.result()
@@ -256,13 +257,16 @@ def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfi
 
 
 def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
-    """Predictions of a chunk's loaded images ({index in the chunk: Prediction}); a model failure on one
-    chunk leaves it empty and fails no other chunk."""
+    """Predictions of a chunk's loaded images ({index in the chunk: Prediction, or with a Predictor's
+    predict_parts the function that finishes it}); a model failure on one chunk leaves it empty and fails
+    no other chunk."""
     images = [x[0] if isinstance(x, tuple) else x for x in loaded]
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
+    parts = getattr(served.predictor, "predict_parts", None)   # the network now, the rest on the encoder thread
     try:
-        for j, p in zip(ok, served.predictor.predict([images[j] for j in ok]) if ok else []):
+        batch = [images[j] for j in ok]
+        for j, p in zip(ok, (parts(batch) if parts else served.predictor.predict(batch)) if ok else []):
             preds[j] = p
     except Exception:                   # a model failure on one chunk must not fail the whole batch
         logger.exception("inference failed for %d images", len(ok))
@@ -275,6 +279,13 @@ def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, 
     images = [x[0] if isinstance(x, tuple) else x for x in loaded]
     sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     labels = served.predictor.label_names
+    for j, p in list(preds.items()):
+        if callable(p):
+            try:
+                preds[j] = p()
+            except Exception:           # a failure on one image fails its task alone
+                logger.exception("finishing the prediction of image %d of a chunk failed", j)
+                del preds[j]
     results = []
     for i, task in enumerate(tasks):
         idx = [j for j, (ti, _) in enumerate(jobs) if ti == i]

@@ -93,3 +93,15 @@ def test_sliding_window_gives_the_same_logits_one_tile_per_pass_or_four():
     # bf16 kernels may sum in another order per batch size: within their rounding, and the same labels
     assert (one - four).abs().max() < 2e-2 * four.abs().max()
     assert (one.argmax(1) == four.argmax(1)).float().mean() > 0.999
+
+
+def test_predict_parts_finished_later_give_predicts_masks():
+    pred = _tiny_predictor()
+    pred.tile = 64                                      # the 150x200 image goes through the sliding window
+    images = [s.image for s in make_nuclei(2, size=(90, 130), seed=6)] + [make_nuclei(1, size=(150, 200))[0].image]
+    whole = pred.predict(images)
+    finishers = pred.predict_parts(images)
+    parts = [f() for f in reversed(finishers)][::-1]    # in any order, after all the passes
+    for a, b in zip(whole, parts):
+        assert np.array_equal(a.instances, b.instances) and np.array_equal(a.classes, b.classes)
+        assert a.instance_label == b.instance_label

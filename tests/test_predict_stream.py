@@ -103,3 +103,32 @@ def test_regions_of_a_chunk_are_encoded_while_the_next_chunk_is_inferred(monkeyp
     assert saw_overlap == [True]
     assert all(len(o["result"]) == 1 for o in out) and sum(encoded) == 20
     assert all(done >= n - 1 for n, done in enumerate(encoded_at_call)), encoded_at_call
+
+
+class TwoPartPredictor(ThresholdPredictor):
+    """Has predict_parts, as model.inference.Predictor: the finishing runs later, on the encoder thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.finished_in: set[str] = set()
+
+    def predict_parts(self, images):
+        preds = self.predict(images)
+
+        def finisher(p, im):
+            def finish():
+                self.finished_in.add(threading.current_thread().name)
+                if im.shape[1] == 12 * 3 + 4:                  # the images with 3 squares: a bug in finishing
+                    raise RuntimeError("instance split failed")
+                return p
+            return finish
+
+        return [finisher(p, im) for p, im in zip(preds, images)]
+
+
+def test_finishing_runs_beside_inference_and_a_failure_there_empties_only_its_task():
+    pred = TwoPartPredictor()
+    tasks = [{"id": i, "data": {"image": f"sq:{3 if i == 6 else 2}"}} for i in range(11)]
+    out = _run(tasks, pred, batch=4)
+    assert [len(o["result"]) for o in out] == [0 if i == 6 else 2 for i in range(11)]
+    assert pred.finished_in and threading.current_thread().name not in pred.finished_in
