@@ -209,24 +209,27 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
 
 
 class StageClock:
-    """Seconds spent per stage of one /predict, summed over the threads that ran it (thread-safe)."""
+    """Wall and CPU seconds per stage of one /predict, each summed over the threads that ran it (thread-safe).
+    A stage's wall time above its CPU time is time its thread waited: for a core, the GIL or another stage."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, stage: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            self.add(stage, time.perf_counter() - t0)
+            self.add(stage, time.perf_counter() - t0, time.thread_time() - c0)
 
-    def add(self, stage: str, seconds: float) -> None:
+    def add(self, stage: str, wall: float, cpu: float) -> None:
         with self._lock:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            acc = self.seconds.setdefault(stage, [0.0, 0.0])
+            acc[0] += wall
+            acc[1] += cpu
 
     def timed(self, stage: str, fn):
         def run(*args, **kwargs):
@@ -235,7 +238,7 @@ class StageClock:
         return run
 
     def summary(self) -> str:
-        parts = [f"{k} {v:.2f}s" for k, v in self.seconds.items()]
+        parts = [f"{k} {w:.2f}s (cpu {c:.2f}s)" for k, (w, c) in self.seconds.items()]
         return ", ".join(parts + [f"wall {time.perf_counter() - self.t0:.2f}s"])
 
 
@@ -246,12 +249,10 @@ def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfi
 
     def load(job):
         i, img = job
-        t0 = time.perf_counter()
-        try:
+        if clock is None:
             return task_image(tasks[i], img, media, working=True)     # a MediaError is logged once, below
-        finally:
-            if clock is not None:
-                clock.add("fetch_decode", time.perf_counter() - t0)
+        with clock("fetch_decode"):
+            return task_image(tasks[i], img, media, working=True)
 
     return jobs, [pool.submit(load, job) for job in jobs]
 

@@ -132,3 +132,14 @@ def test_finishing_runs_beside_inference_and_a_failure_there_empties_only_its_ta
     out = _run(tasks, pred, batch=4)
     assert [len(o["result"]) for o in out] == [0 if i == 6 else 2 for i in range(11)]
     assert pred.finished_in and threading.current_thread().name not in pred.finished_in
+
+
+def test_the_predict_log_line_names_every_stage(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="tessera.backend.predictions"):
+        _run([{"id": i, "data": {"image": "sq:1"}} for i in range(6)], ThresholdPredictor(), batch=4)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("predict: "))
+    assert line.startswith("predict: 6 tasks in 2 chunks of 4: ")
+    for stage in ("fetch_decode", "wait_images", "inference", "split_and_regions", "wait_regions", "wall"):
+        assert f"{stage} " in line, line
