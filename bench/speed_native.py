@@ -42,8 +42,23 @@ def mosaic(h: int, w: int, tile: int, seed: int):
     return s.image, int(len(np.unique(s.instances)) - 1)
 
 
+class Laps:
+    """Wall and CPU seconds (time.thread_time: this thread, where torch's one thread runs) of consecutive
+    stages. A stage's CPU seconds are what it costs, less what the machine's load adds by taking the core away."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+        self.w, self.c = time.perf_counter(), time.thread_time()
+
+    def lap(self, name: str) -> None:
+        w, c = time.perf_counter(), time.thread_time()
+        self.t[name], self.t[name + "_cpu"] = w - self.w, c - self.c
+        self.w, self.c = w, c
+
+
 def stage_times(pred, png: bytes, encode=None) -> dict:
-    """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON.
+    """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON:
+    wall ("forward") and CPU ("forward_cpu").
 
     Written against the Predictor internals both revisions share (_prepare, _forward, _tiled_logits,
     _unletterbox, _prediction), so the same loop times the Predictor before and after."""
@@ -57,35 +72,30 @@ def stage_times(pred, png: bytes, encode=None) -> dict:
     encode = encode or instances_to_results         # a revision's own region encoder, when given
 
     controls = {c.type: c for c in parse_label_config(CONFIG).controls}
-    t = {}
-    t0 = time.perf_counter()
+    laps = Laps()
     image = decode_image(png, 10 ** 9)
     image = image[0] if isinstance(image, tuple) else image        # (pixels, original size) since issue 9
-    t["decode"] = time.perf_counter() - t0
+    laps.lap("decode")
     with torch.inference_mode():
-        t0 = time.perf_counter()
         x, sizes = pred._prepare([image])
-        t["resize"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        laps.lap("resize")
         tiled = pred.scale is not None and x.shape[-1] * x.shape[-2] > pred.tile ** 2
         logits = pred._tiled_logits(x) if tiled else pred._forward(x)[2]
-        t["forward"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        laps.lap("forward")
         probs = pred._unletterbox(logits[0], sizes[0], image.shape[:2])
-        t["upsample"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        laps.lap("upsample")
     p = pred._prediction(probs)
-    t["instance_split"] = time.perf_counter() - t0
+    laps.lap("instance_split")
     labels = {k: "Nucleus" for k in p.instance_label}
     results = []
     for kind in ("brushlabels", "polygonlabels", "rectanglelabels"):
-        t0 = time.perf_counter()
         results += encode(p.instances, labels, p.instance_score, controls[kind])
-        t[kind.replace("labels", "")] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        laps.lap(kind.replace("labels", ""))
     json.dumps({"results": [{"result": results, "score": p.score}]})
-    t["json"] = time.perf_counter() - t0
-    t["total"] = sum(t.values())
+    laps.lap("json")
+    t = laps.t
+    t["total"] = sum(v for k, v in t.items() if not k.endswith("_cpu"))
+    t["total_cpu"] = sum(v for k, v in t.items() if k.endswith("_cpu"))
     t["n_regions"] = len(p.instance_label)
     return t
 
@@ -178,9 +188,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def http_per_task(url: str, base: str, name: str, batch: int, reps: int, tag: str, warmup: int = 1) -> list[float]:
+def http_per_task(url: str, base: str, name: str, batch: int, reps: int, tag: str, warmup: int = 1,
+                  pid: int | None = None, cpu: list | None = None) -> list[float]:
     """ms per task of `reps` /predict requests of `batch` tasks of image `name` (fresh URLs: no cache), after
-    `warmup` untimed ones."""
+    `warmup` untimed ones; with `pid` and `cpu`, the server's CPU ms per task of each is appended to `cpu`."""
     from bench.speed import CONFIG
 
     s = requests.Session()
@@ -188,10 +199,13 @@ def http_per_task(url: str, base: str, name: str, batch: int, reps: int, tag: st
     out = []
     for r in range(reps + warmup):
         tasks = [{"id": i, "data": {"image": f"{base}/{name}.png?{tag}={r}-{i}"}} for i in range(batch)]
+        c0 = cpu_seconds(pid) if pid else 0.0
         t0 = time.perf_counter()
         res = s.post(url + "/predict", json={"project": "1.0", "label_config": CONFIG, "tasks": tasks}, timeout=600)
         res.raise_for_status()
         ms = (time.perf_counter() - t0) * 1000 / batch               # until the whole answer is here
+        if pid and cpu is not None and r >= warmup:
+            cpu.append((cpu_seconds(pid) - c0) * 1000 / batch)
         results = res.json()["results"]                               # (parsed once, outside the timing)
         assert len(results) == batch and all(x["result"] for x in results)
         if r >= warmup:
@@ -215,15 +229,20 @@ def http_runs(work: Path, base: str, before_path: Path | None, args) -> dict:
     try:
         for name, batch, reps in plan:
             ms: dict = {v: [] for v in servers}
+            cpu: dict = {v: [] for v in servers}
             for variant, proc in servers.items():
                 http_per_task(proc.url, base, name, batch, 0, f"warm{variant}")
             for r in range(reps):                          # request by request in turn: load drifts hit both
-                for variant, proc in servers.items():
-                    ms[variant] += http_per_task(proc.url, base, name, batch, 1, f"{variant}{r}", warmup=0)
+                for variant, proc in (servers.items() if r % 2 == 0 else list(servers.items())[::-1]):
+                    ms[variant] += http_per_task(proc.url, base, name, batch, 1, f"{variant}{r}", warmup=0,
+                                                 pid=proc.proc.pid, cpu=cpu[variant])
             for variant in servers:
                 out[variant][f"http_{name}_batch{batch}_ms_per_task_p50"] = float(np.median(ms[variant]))
                 out[variant][f"http_{name}_batch{batch}_ms_per_task_all"] = ms[variant]
-                print(variant, name, f"{np.median(ms[variant]):.0f} ms/task", flush=True)
+                out[variant][f"http_{name}_batch{batch}_server_cpu_ms_per_task_p50"] = float(np.median(cpu[variant]))
+                out[variant][f"http_{name}_batch{batch}_server_cpu_ms_per_task_all"] = cpu[variant]
+                print(variant, name, f"{np.median(ms[variant]):.0f} ms/task, server CPU "
+                      f"{np.median(cpu[variant]):.0f} ms/task", flush=True)
         big = args.big
         from bench.speed import CONFIG
 
@@ -233,16 +252,21 @@ def http_runs(work: Path, base: str, before_path: Path | None, args) -> dict:
             for variant in (order if rnd == 0 else order[::-1]):
                 proc = servers[variant]
                 tasks = [{"id": i, "data": {"image": f"{base}/520x696.png?big{variant}{rnd}={i}"}} for i in range(big)]
+                c0 = cpu_seconds(proc.proc.pid)
                 t0 = time.perf_counter()
                 r = requests.post(proc.url + "/predict", json={"project": "1.0", "label_config": CONFIG,
                                                                "tasks": tasks}, timeout=1200)
                 r.raise_for_status()
                 took = time.perf_counter() - t0
                 out[variant].setdefault(f"http_{big}_tasks_520x696_one_request_s_all", []).append(took)
+                out[variant].setdefault(f"http_{big}_tasks_520x696_server_cpu_s_all", []).append(
+                    cpu_seconds(proc.proc.pid) - c0)
                 out[variant][f"http_{big}_tasks_all_answered"] = len(r.json()["results"]) == big
         for variant, proc in servers.items():
             out[variant][f"http_{big}_tasks_520x696_one_request_s"] = float(
                 np.mean(out[variant][f"http_{big}_tasks_520x696_one_request_s_all"]))
+            out[variant][f"http_{big}_tasks_520x696_server_cpu_s"] = float(
+                np.mean(out[variant][f"http_{big}_tasks_520x696_server_cpu_s_all"]))
             out[variant][f"http_{big}_tasks_peak_rss_growth_mb"] = peak_rss_mb(proc.proc.pid) - rss0[variant]
             print(variant, big, "tasks", json.dumps({k: v for k, v in out[variant].items() if str(big) in k}),
                   flush=True)
