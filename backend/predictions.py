@@ -181,12 +181,13 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     results: list[dict] = []
     clock = StageClock()
     workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
-    # two stages on the request's own threads: chunk k's predictions are finished (upsampling, instance
-    # split: Predictor.predict_parts) and its regions encoded (numpy/OpenCV) on one thread while chunk k+1
-    # runs its network passes (torch) in this one; at most one chunk waits to be encoded
-    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as encoder:
+    # Tried and not kept (issue 10): chunk k's finishing (Predictor.predict_parts) and region encoding on a
+    # second thread while chunk k+1 ran its network passes. In the server (1,000 tasks from a real Label Studio,
+    # load 8-9, 1 torch thread) the request thread then waited for the GIL between torch ops: its passes took
+    # 236 s of wall time for 73 s of CPU, and the request 241 s against main's 121 s (load 9 -> 6.6), at +11%
+    # server CPU; in process, without HTTP downloads in the other threads, it was 0.96x. One thread it is.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media, clock) for s in starts[:ahead + 1]]
-        encoding = None
         for n, start in enumerate(starts):
             jobs, futures = pending.pop(0)
             if n + ahead + 1 < len(starts):
@@ -196,14 +197,8 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
                 images = [f.result() for f in futures]
             with clock("inference"):
                 preds = _infer_chunk(images, served)
-            if encoding is not None:
-                with clock("wait_regions"):
-                    results += encoding.result()
-            encoding = encoder.submit(clock.timed("split_and_regions", _encode_chunk), tasks[start:start + bs],
-                                      jobs, images, preds, config, served)
-        if encoding is not None:
-            with clock("wait_regions"):
-                results += encoding.result()
+            with clock("split_and_regions"):
+                results += _encode_chunk(tasks[start:start + bs], jobs, images, preds, config, served)
     logger.info("predict: %d tasks in %d chunks of %d: %s", len(tasks), len(starts), bs, clock.summary())
     return results
 

@@ -605,9 +605,9 @@ class Predictor:
 
     def predict_parts(self, images: list[np.ndarray], cut: bool = True) -> list:
         """predict() in two parts: the network passes of every image now, and per image a function that
-        finishes its Prediction (upsampling, instance split, region cut) when called, from any thread.
-        /predict runs the finishing of one chunk on a second thread while the next chunk's passes run
-        (the passes are ~2/3 of the work at 520x696); predict(images) == [f() for f in predict_parts(images)]."""
+        finishes its Prediction (upsampling, instance split, region cut) when called, from any thread
+        (/predict: a failure there empties only that image's task); predict(images) == [f() for f in
+        predict_parts(images)]."""
         if not images:
             return []
         dets = [None] * len(images) if self.has_box_head else None
