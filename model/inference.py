@@ -83,7 +83,7 @@ REFINE_CACHE = 8
 REFINE_OBJECT_PX = 10.0
 REFINE_MAX_ZOOM = 3.0
 REFINE_MAX_PX = 1024 * 1024
-BATCH_PX = 160_000  # predict(): input pixels per forward pass (1 image of 312x424, 6 of 160x160)
+BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (3 images of 312x424, 20 of 160x160)
 # The forward pass is eager PyTorch on purpose (issue 10, measured at 312x424 on 1 thread of this 2-core VM):
 # torch.jit.trace + freeze (and optimize_for_inference) under bf16 autocast was no faster (207 vs 186 ms best
 # of 6), the oneDNN graph fuser failed to run the traced model ("could not set attribute to the op"), and
@@ -581,8 +581,9 @@ class Predictor:
                 continue
             # at most BATCH_PX input pixels per pass: a batch of 16 native-size images (2.1 M px) ran at about
             # half the per-image speed of 1-4 (activations fall out of the caches; measured at 312x424, 1 thread);
-            # 160k px rather than 2**19: 1 image of 312x424 per pass took 0.85x / 0.91x the time of 3 per pass
-            # (8 / 14 interleaved reps, load 8.8), 6 of 160x160 0.92x of 20 (10 reps, load 9)
+            # 160k px (1 image of 312x424 per pass) was 0.85-0.91x in process (8-14 interleaved reps, load 9) but
+            # not kept: in the server, with download threads holding the GIL, 1,000 LS tasks took 168 s vs main's
+            # 111 s at +13% CPU (each pass re-takes the GIL once per op; fewer, larger passes wait less)
             step = max(1, BATCH_PX // (ph * pw))
             for s in range(0, len(idx), step):
                 part = idx[s:s + step]
