@@ -199,6 +199,8 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
                 preds = _infer_chunk(images, served)
             with clock("split_and_regions"):
                 results += _encode_chunk(tasks[start:start + bs], jobs, images, preds, config, served)
+    if len(tasks) == 1:             # LS asks this when a labeller opens a task: ready its smart tools' passes
+        warm_refine(tasks[0], config, served, media)
     logger.info("predict: %d tasks in %d chunks of %d: %s", len(tasks), len(starts), bs, clock.summary())
     return results
 

@@ -83,6 +83,10 @@ REFINE_CACHE = 8
 REFINE_OBJECT_PX = 10.0
 REFINE_MAX_ZOOM = 3.0
 REFINE_MAX_PX = 1024 * 1024
+# ... and only when they are under REFINE_SMALL_PX: 10 px for every image took the demo's 520x696 image 1.4x
+# closer (its first hint 138 -> 414 ms) for no gain on the demo; from 5.5 px only, DSB (the same draws):
+# clump 0.666 / 0.669, scribbles 0.808 / 0.803, clicks 0.782 / 0.800, and the demo's images (6-10 px) stay at 1x.
+REFINE_SMALL_PX = 5.5
 BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (3 images of 312x424, 20 of 160x160)
 # The forward pass is eager PyTorch on purpose (issue 10, measured at 312x424 on 1 thread of this 2-core VM):
 # torch.jit.trace + freeze (and optimize_for_inference) under bf16 autocast was no faster (207 vs 186 ms best
