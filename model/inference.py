@@ -474,13 +474,13 @@ class Predictor:
         """(B, 3, H, W) -> image features (as computed: bfloat16 under autocast), code queries, label logits
         (float32); the code logits, when needed, are _code_logits(queries). The decoder's input, the expected
         code embedding, is computed as two plain matrix products over the cells (_expected_codes), not
-        through the (B, K, h, w) code logits; the decoder runs through _decode."""
+        through the (B, K, h, w) code logits."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.bf16:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = self.model.features(x)
             query = self._query(feats)
-            logits = _decode(self.model.decoder, self._expected_codes(query).to(feats[-1].dtype), feats)
+            logits = self.model.decoder(self._expected_codes(query).to(feats[-1].dtype), feats)
         return feats, query, logits.float()
 
     def _query(self, feats) -> torch.Tensor:
@@ -934,27 +934,6 @@ def _box_prediction(dets: np.ndarray, probs: np.ndarray) -> Prediction:
     ids = range(1, len(d) + 1)
     return Prediction(classes, instances, {k: int(d[k - 1, 5]) for k in ids}, {k: float(d[k - 1, 4]) for k in ids},
                       task_score(1 - probs[0], probs[0] < 0.5), {k: tuple(float(v) for v in d[k - 1, :4]) for k in ids})
-
-
-def _decode(decoder, z: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
-    """decoder(z, feats) (model/vqvae.py's Decoder) with each fine step's 1x1 projection computed before the
-    2x nearest upsampling instead of after it: a per-pixel map commutes with copying pixels, so the logits
-    are the same, and at 520x696 the full-size level upsamples 16 channels instead of 32 and projects a
-    quarter of the pixels (upsample + projection 5.7 -> 1.3 ms per image on one thread)."""
-    from .vqvae import SkipAdd
-
-    h = F.silu(decoder.inp(z))
-    for step, f in zip(decoder.steps, reversed(feats)):
-        if isinstance(step, SkipAdd):
-            h = step.proj(h)
-            if h.shape[-2:] != f.shape[-2:]:
-                h = F.interpolate(h, size=f.shape[-2:], mode="nearest")
-            h = F.silu(step.norm(step.conv(F.silu(h + f))))
-            continue
-        if h.shape[-1] != f.shape[-1]:
-            h = F.interpolate(h, size=f.shape[-2:], mode="nearest")
-        h = step(h, f)
-    return decoder.out(h)
 
 
 def _starts(n: int, tile: int, overlap: int) -> tuple[int, list[int]]:

@@ -87,6 +87,11 @@ class LabelEncoder(nn.Module):
         return self.mlp(F.pixel_unshuffle(x, self.factor))  # (B, L, R, R) -> (B, L*f*f, R/f, R/f) -> ...
 
 
+def _upsample_to(h, f):
+    """h at f's spatial size (nearest; the decoder's steps are 2x apart)."""
+    return h if h.shape[-2:] == f.shape[-2:] else F.interpolate(h, size=f.shape[-2:], mode="nearest")
+
+
 class SkipAdd(nn.Module):
     """Cheap fine-level decoder step: project the upsampled path, add the image skip, one 3x3 conv."""
 
@@ -97,7 +102,10 @@ class SkipAdd(nn.Module):
         self.norm = _norm(out_channels, "group")
 
     def forward(self, h, f):
-        return F.silu(self.norm(self.conv(F.silu(self.proj(h) + f))))
+        # project before the 2x nearest upsampling: a 1x1 conv commutes with copying pixels, so the result is
+        # the same for a quarter of the projection's pixels and half the upsampled channels (bench/speed.py)
+        h = _upsample_to(self.proj(h), f)
+        return F.silu(self.norm(self.conv(F.silu(h + f))))
 
 
 class SkipCat(nn.Module):
@@ -108,7 +116,7 @@ class SkipCat(nn.Module):
         self.block = ConvBlock(in_channels + skip_channels, out_channels, "group")
 
     def forward(self, h, f):
-        return self.block(torch.cat([h, f], dim=1))
+        return self.block(torch.cat([_upsample_to(h, f), f], dim=1))
 
 
 class Decoder(nn.Module):
@@ -129,9 +137,7 @@ class Decoder(nn.Module):
     def forward(self, z, feats):
         h = F.silu(self.inp(z))
         for step, f in zip(self.steps, reversed(feats)):
-            if h.shape[-1] != f.shape[-1]:
-                h = F.interpolate(h, size=f.shape[-2:], mode="nearest")
-            h = step(h, f)
+            h = step(h, f)      # each step brings the path up to its skip's size
         return self.out(h)
 
 
