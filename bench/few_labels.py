@@ -19,8 +19,10 @@ seeds, and per-seed gains over real_only. Writes bench/results/few_labels.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +34,20 @@ from bench.common import fixed_split, write_result
 from tessera.model.data import Sample
 from tessera.model.edit import Editor
 from tessera.model.inference import Predictor
-from tessera.model.self_train import mix, pseudo_label
+from tessera.model.self_train import mix, predict_pool, pseudo_label
 from tessera.model.train_vqvae import TrainConfig, evaluate, train as train_label
 
-ARMS = ("real_only", "self_train", "edited", "both")
+# self-training variants: name -> (keep_share, min_region_score, inpaint, labelled_share, teacher arm);
+# None = the command line's --keep-share / --region-score
+VARIANTS = {
+    "self_train": (None, 0.0, False, 0.5, "real_only"),     # the images the teacher is most sure of, all regions
+    "st_confident": (None, None, False, 0.5, "real_only"),  # ... only regions scoring >= --region-score
+    "st_inpaint": (None, None, True, 0.5, "real_only"),     # ... the dropped regions inpainted away
+    "st_light": (None, 0.0, False, 0.75, "real_only"),      # pseudo-labels a quarter of each batch, not half
+    "st_all": (1.0, 0.0, False, 0.5, "real_only"),          # every pool image
+    "st_round2": (None, 0.0, False, 0.5, "self_train"),     # a second round: the self_train student teaches
+}
+ARMS = ("real_only", *VARIANTS, "edited", "both")
 KEYS = ("fg_iou", "recall", "precision", "instance_f1")
 
 
@@ -44,43 +56,96 @@ def log(msg: str, t0: list[float] = [time.time()]) -> None:  # noqa: B006 (start
 
 
 def fit(train: list[Sample], names: list[str], iters: int, out: Path, threads: int, seed: int) -> tuple[Path, float]:
+    """A label model trained on `train` for `iters` iterations, or the one a run with the same arguments
+    left in the cache folder (bench --cache)."""
+    if out.exists():
+        return out, float(json.loads(out.with_suffix(".json").read_text())["train_s"])
     cfg = TrainConfig(max_iters=iters, eval_interval=10 * iters, log_interval=10 * iters, seed=seed,
                       device="cpu", threads=threads)
     t0 = time.time()
-    return train_label(cfg, train, [], names, out), time.time() - t0
+    path = train_label(cfg, train, [], names, out.with_suffix(".tmp.pt"))
+    dt = time.time() - t0
+    path.rename(out)
+    out.with_suffix(".json").write_text(json.dumps({"train_s": dt, "n_train": len(train)}))
+    return out, dt
 
 
 def run_seed(seed: int, train_pool: list[Sample], val: list[Sample], names: list[str], args, work: Path) -> dict:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train_pool))
     labelled = [train_pool[i] for i in order[:args.n_labelled]]
-    pool = [train_pool[i] for i in order[args.n_labelled:args.n_labelled + args.pool]]
+    pool = [train_pool[i] for i in order[args.n_labelled:args.n_labelled + (args.pool or len(train_pool))]]
     row: dict = {"seed": seed, "labelled_ids": [s.id for s in labelled], "n_pool": len(pool)}
-    teacher, dt = fit(labelled, names, args.iters, work / f"real_only_{seed}.pt", args.threads, seed)
-    predictor = Predictor.from_checkpoint(teacher, device="cpu")
-    t0 = time.time()
-    pseudo = pseudo_label(predictor, [s.image for s in pool], [s.id for s in pool], keep_share=args.keep_share)
-    truth = {s.id: s for s in pool}
-    # how good the pseudo-labels are (read only for this report, never for training)
-    pl_iou = [float(((p.classes > 0) & (truth[p.id[7:]].classes > 0)).sum()
-                    / max(((p.classes > 0) | (truth[p.id[7:]].classes > 0)).sum(), 1)) for p in pseudo]
-    row["pseudo"] = {"kept": len(pseudo), "seconds": round(time.time() - t0, 1),
-                     "fg_iou_vs_truth_mean": float(np.mean(pl_iou)) if pl_iou else 0.0}
-    edited = [e.sample for e in Editor(labelled, len(names), max_objects=args.max_objects)
-              .edit(args.n_edited, seed=100 + seed)]
-    sets = {"self_train": mix(labelled, pseudo), "edited": mix(labelled, edited),
-            "both": mix(labelled, pseudo + edited)}
-    row["real_only"] = {**pick(evaluate(predictor, val)), "train_s": round(dt, 1), "n_train": len(labelled)}
-    log(f"seed {seed} real_only  fg {row['real_only']['fg_iou']:.4f} recall {row['real_only']['recall']:.4f} "
-        f"({dt:.0f}s); pseudo-labels {row['pseudo']}")
-    for arm in args.arms:
-        if arm == "real_only":
-            continue
-        ckpt, dt = fit(sets[arm], names, args.iters, work / f"{arm}_{seed}.pt", args.threads, seed)
-        row[arm] = {**pick(evaluate(Predictor.from_checkpoint(ckpt, device="cpu"), val)), "train_s": round(dt, 1),
-                    "n_train": len(sets[arm])}
-        log(f"seed {seed} {arm:10s} fg {row[arm]['fg_iou']:.4f} recall {row[arm]['recall']:.4f} ({dt:.0f}s)")
+    work = work / f"{args.data}_it{args.iters}_n{args.n_labelled}_p{len(pool)}_s{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpts = {"real_only": fit(labelled, names, args.iters, work / "real_only.pt", args.threads, seed)}
+    row["real_only"] = score(ckpts["real_only"], val, len(labelled))
+    log(f"seed {seed} real_only    fg {row['real_only']['fg_iou']:.4f} recall {row['real_only']['recall']:.4f}")
+    preds: dict = {}        # teacher arm -> its predictions of the pool
+    for arm in [a for a in args.arms if a != "real_only"]:
+        extra, info = [], {}
+        if arm in VARIANTS:
+            keep, region, inpaint, lab_share, teacher = VARIANTS[arm]
+            keep = args.keep_share if keep is None else keep
+            region = args.region_score if region is None else region
+            if teacher not in ckpts:
+                raise SystemExit(f"arm {arm} needs arm {teacher} before it in --arms")
+            extra = pseudo_label(None, [s.image for s in pool], [s.id for s in pool], keep_share=keep,
+                                 min_region_score=region, inpaint_dropped=inpaint,
+                                 preds=teacher_preds(teacher, ckpts, pool, preds, row))
+            info = {"pseudo": pseudo_quality(extra, pool), "keep_share": keep, "region_score": region,
+                    "inpaint": inpaint, "labelled_share": lab_share, "teacher": teacher}
+        else:
+            lab_share = 0.5
+            if arm in ("edited", "both"):
+                extra = [e.sample for e in Editor(labelled, len(names), max_objects=args.max_objects)
+                         .edit(args.n_edited, seed=100 + seed)]
+            if arm == "both":
+                extra += pseudo_label(None, [s.image for s in pool], [s.id for s in pool],
+                                      keep_share=args.keep_share,
+                                      preds=teacher_preds("real_only", ckpts, pool, preds, row))
+        train = mix(labelled, extra, lab_share)
+        ckpts[arm] = fit(train, names, args.iters, work / f"{arm}.pt", args.threads, seed)
+        row[arm] = {**score(ckpts[arm], val, len(train)), **info}
+        log(f"seed {seed} {arm:12s} fg {row[arm]['fg_iou']:.4f} recall {row[arm]['recall']:.4f} "
+            f"({row[arm]['train_s']:.0f}s) {info.get('pseudo', '')}")
     return row
+
+
+def teacher_preds(teacher: str, ckpts: dict, pool: list[Sample], preds: dict, row: dict) -> list:
+    """The teacher arm's predictions of the pool (made once per seed and teacher)."""
+    if teacher not in preds:
+        t0 = time.time()
+        preds[teacher] = predict_pool(Predictor.from_checkpoint(ckpts[teacher][0], device="cpu"),
+                                      [s.image for s in pool])
+        row[f"predict_pool_s_{teacher}"] = round(time.time() - t0, 1)
+        sc = np.array([p.score for p in preds[teacher]])
+        rs = np.concatenate([list(p.instance_score.values()) for p in preds[teacher]] + [[]])
+        row[f"pool_scores_{teacher}"] = {"task_score_quartiles": np.percentile(sc, [25, 50, 75]).round(3).tolist(),
+                                         "region_score_quartiles": np.percentile(rs, [25, 50, 75]).round(3).tolist()
+                                         if len(rs) else []}
+        log(f"{teacher} on the pool: {row[f'pool_scores_{teacher}']} ({row[f'predict_pool_s_{teacher}']}s)")
+    return preds[teacher]
+
+
+def score(ckpt: tuple[Path, float], val: list[Sample], n_train: int) -> dict:
+    return {**pick(evaluate(Predictor.from_checkpoint(ckpt[0], device="cpu"), val)), "train_s": round(ckpt[1], 1),
+            "n_train": n_train}
+
+
+def pseudo_quality(pseudo: list[Sample], pool: list[Sample]) -> dict:
+    """How good the pseudo-labels are against the pool's hidden truth (read for this report only, never
+    for training): foreground IoU, and the share of true objects they hold a region over."""
+    truth = {s.id: s for s in pool}
+    ious, found = [], []
+    for p in pseudo:
+        t = truth[p.id.split(":", 1)[1]]
+        pf, tf = p.classes > 0, t.classes > 0
+        ious.append(float((pf & tf).sum() / max((pf | tf).sum(), 1)))
+        ids = np.unique(t.instances[t.instances > 0])
+        found += [bool(pf[t.instances == k].mean() > 0.5) for k in ids]
+    return {"kept": len(pseudo), "fg_iou_vs_truth": round(float(np.mean(ious)), 4) if ious else 0.0,
+            "true_objects_covered": round(float(np.mean(found)), 4) if found else 0.0}
 
 
 def pick(m: dict) -> dict:
@@ -102,39 +167,58 @@ def summarize(rows: list[dict], arms: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="dsb2018", choices=["dsb2018", "dsb2018_native"],
+                    help="dsb2018 (256 px) or dsb2018_native (native sizes, seen at the learned object scale)")
     ap.add_argument("--iters", type=int, default=150, help="label-model iterations, every arm (and the teacher)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-labelled", type=int, default=10)
-    ap.add_argument("--pool", type=int, default=120, help="unlabelled images the teacher predicts")
+    ap.add_argument("--pool", type=int, default=120, help="unlabelled images the teacher predicts (0: all the rest)")
     ap.add_argument("--keep-share", type=float, default=0.5, help="share of the pool kept as pseudo-labels")
+    ap.add_argument("--region-score", type=float, default=0.7,
+                    help="st_confident / st_inpaint: regions scoring under this are dropped from pseudo-labels")
     ap.add_argument("--n-edited", type=int, default=30)
     ap.add_argument("--max-objects", type=int, default=4)
-    ap.add_argument("--max-val", type=int, default=60)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--max-val", type=int, default=60, help="validation images (0: all)")
+    ap.add_argument("--arms", nargs="+", default=["real_only", "self_train", "edited", "both"], choices=ARMS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default="", help="folder that keeps each arm's checkpoint for later runs with the "
+                    "same data, iterations, labelled count, pool and seed (default: a temporary folder)")
+    ap.add_argument("--name", default="few_labels", help="results file bench/results/<name>.json")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 iters, 1 seed, pool 8, 5 val")
     args = ap.parse_args()
     if args.quick:
         args.iters, args.seeds, args.pool, args.max_val, args.n_edited = 10, [0], 8, 5, 4
+        args.name += "_quick"
     torch.set_num_threads(args.threads)
-    t_start, work = time.time(), Path(tempfile.mkdtemp(prefix="tessera-bench-few-"))
-    train_pool, val, names = fixed_split("dsb2018", args.max_val)
-    log(f"dsb2018: {len(train_pool)} train, {len(val)} val; {args.n_labelled} labelled, pool {args.pool}; "
+    t_start = time.time()
+    work = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="tessera-bench-few-"))
+    train_pool, val, names = fixed_split(args.data, args.max_val or None)
+    log(f"{args.data}: {len(train_pool)} train, {len(val)} val; {args.n_labelled} labelled, pool {args.pool or 'all'}; "
         f"iters {args.iters}, threads {args.threads}")
     rows = [run_seed(seed, train_pool, val, names, args, work) for seed in args.seeds]
     summary = summarize(rows, ["real_only"] + [a for a in args.arms if a != "real_only"])
     summary["wall_s"] = round(time.time() - t_start, 1)
-    write_result("few_labels" + ("_quick" if args.quick else ""), {
+    if args.cache:      # the recorded command names no folder of this machine
+        sys.argv = [("CACHE_DIR" if a == args.cache else a) for a in sys.argv]
+    write_result(args.name, {
         "summary": summary, "rows": rows,
-        "setup": {"dataset": "dsb2018 (256 px)", "split": "split_ids(ids, 0.2)", "n_val": len(val),
-                  "n_labelled": args.n_labelled, "pool": args.pool, "keep_share": args.keep_share,
+        "setup": {"dataset": args.data + (" (native sizes, learned object scale)" if "native" in args.data
+                                          else " (256 px)"),
+                  "split": "split_ids(ids, 0.2)", "n_val": len(val), "n_labelled": args.n_labelled,
+                  "pool": rows[0]["n_pool"] if rows else 0, "keep_share": args.keep_share,
+                  "region_score": args.region_score, "variants": {k: dict(zip(
+                      ("keep_share", "min_region_score", "inpaint", "labelled_share", "teacher"), v))
+                      for k, v in VARIANTS.items() if k in args.arms},
                   "n_edited": args.n_edited, "label_iters": args.iters, "label_batch": TrainConfig.batch_size,
                   "augmentation": "TrainConfig defaults in every arm", "teacher": "the real_only model of the seed",
                   "torch_threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-                  "equal": "iterations: every arm (student) trains --iters from scratch; self-training also "
-                           "costs the teacher's run and one prediction pass over the pool"},
-        "targets": {"gain_vs_real_only": "+5 points fg IoU and box recall (native size in the issue; 256 px here)"}})
-    shutil.rmtree(work, ignore_errors=True)
+                  "equal": "iterations: every arm (student) trains --iters from scratch, the same batch size; "
+                           "self-training also costs the teacher's run and one prediction pass over the pool "
+                           "(a second round: two of each)",
+                  "train_s_note": "a checkpoint reused from --cache reports the training time of the run that made it"},
+        "targets": {"gain_vs_real_only": "+5 points fg IoU and box recall (DSB2018 native size)"}})
+    if not args.cache:
+        shutil.rmtree(work, ignore_errors=True)
     log(f"done in {time.time() - t_start:.0f}s")
 
 

@@ -55,3 +55,40 @@ def test_mix_keeps_labelled_samples_about_half():
     n_lab = sum(any(m is s for s in labelled) for m in mixed)
     assert n_lab == 9 and mixed[-10:] == extra
     assert mix(labelled, []) == labelled
+
+
+def test_mix_gives_labelled_samples_the_share_asked():
+    labelled, extra = make_nuclei(2, size=32, seed=1), make_nuclei(12, size=32, seed=2)
+    mixed = mix(labelled, extra, labelled_share=0.75)          # 12 extra -> 36 labelled = 18 repeats of 2
+    assert sum(any(m is s for s in labelled) for m in mixed) == 36 and mixed[-12:] == extra
+    with pytest.raises(ValueError, match="labelled_share"):
+        mix(labelled, extra, labelled_share=1.0)
+
+
+def test_only_confident_regions_are_kept_and_dropped_ones_can_be_inpainted(predictor):
+    pool = make_nuclei(4, size=64, seed=7)
+    images, ids = [s.image for s in pool], [f"t{i}" for i in range(len(pool))]
+    preds = predictor.predict(images)
+    scores = sorted(v for p in preds for v in p.instance_score.values())
+    assert len(scores) >= 4
+    floor = scores[len(scores) // 2]                            # about half the regions score under it
+    kept = pseudo_label(None, images, ids, keep_share=1.0, min_region_score=floor, preds=preds)
+    painted = pseudo_label(None, images, ids, keep_share=1.0, min_region_score=floor, inpaint_dropped=True,
+                           preds=preds)
+    n_dropped = 0
+    for s, q, p in zip(kept, painted, sorted(range(4), key=lambda i: -preds[i].score)):
+        pred = preds[p]
+        want = {k for k, v in pred.instance_score.items() if v >= floor}
+        assert set(np.unique(s.instances[s.instances > 0])) == want
+        assert np.array_equal(s.classes > 0, np.isin(s.instances, list(want)))
+        assert s.image is images[p]                             # without inpainting the image is the task's
+        gone = (pred.instances > 0) & ~np.isin(pred.instances, list(want))
+        n_dropped += int(gone.sum())
+        if gone.any():  # inpainted: the dropped objects' pixels now look like the background around them,
+            # the kept regions' pixels are untouched
+            assert q.image is not images[p] and np.array_equal(q.classes, s.classes)
+            bg = np.median(images[p][pred.instances == 0].astype(float), 0)
+            before = np.abs(images[p][gone] - bg).mean()
+            assert np.abs(q.image[gone] - bg).mean() < 0.6 * before
+            assert np.array_equal(q.image[s.instances > 0], images[p][s.instances > 0])
+    assert n_dropped > 0
