@@ -2,8 +2,9 @@
 edited images?
 
     OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python -m bench.few_labels [--iters 150] [--seeds 0 1 2]
+    ... -m bench.few_labels --data dsb2018_native --iters 600 --pool 0 --max-val 0   (the issue's setting)
 
-dsb2018 (256 px), fixed split by id hash (model.data.split_ids, 20 % val; the first --max-val val images
+dsb2018 (256 px) or dsb2018_native, fixed split by id hash (model.data.split_ids, 20 % val; the first --max-val val images
 score every arm). Per seed, --n-labelled images of the training split are labelled (drawn with the seed);
 up to --pool of the others are the unlabelled pool (their labels are never read). Arms, every one trained
 with EQUAL label-model iterations and TrainConfig's default augmentation (the product's):
@@ -13,6 +14,14 @@ with EQUAL label-model iterations and TrainConfig's default augmentation (the pr
               images (repeated to about half of each batch; model.self_train)
   edited      + --n-edited edited images (model.edit.Editor over the labelled images), mixed the same way
   both        + pseudo-labels + edited images
+  oracle      the labelled images + the whole pool WITH its true labels (each image once): what a perfect
+              teacher would give, the bound of any self-training at this budget
+Self-training variants (VARIANTS below): st_confident keeps only the pseudo-labels' regions scoring >=
+--region-score, st_inpaint also inpaints the dropped regions away (model.self_train.confident_sample),
+st_light gives pseudo-labels a quarter of each batch, st_all keeps every pool image, st_round2 is a second
+round (the self_train student is the teacher).
+--data dsb2018_native: the native-size images (seen at the learned object scale, as the product trains);
+--pool 0 makes every other training image unlabelled, --max-val 0 scores on the whole validation split.
 Scores: mean per-image foreground IoU and box recall at IoU 0.5 (model.train_vqvae.evaluate), mean ± sd over
 seeds, and per-seed gains over real_only. Writes bench/results/few_labels.json.
 """
@@ -47,7 +56,7 @@ VARIANTS = {
     "st_all": (1.0, 0.0, False, 0.5, "real_only"),          # every pool image
     "st_round2": (None, 0.0, False, 0.5, "self_train"),     # a second round: the self_train student teaches
 }
-ARMS = ("real_only", *VARIANTS, "edited", "both")
+ARMS = ("real_only", *VARIANTS, "edited", "both", "oracle")
 KEYS = ("fg_iou", "recall", "precision", "instance_f1")
 
 
@@ -95,6 +104,8 @@ def run_seed(seed: int, train_pool: list[Sample], val: list[Sample], names: list
                                  preds=teacher_preds(teacher, ckpts, pool, preds, row))
             info = {"pseudo": pseudo_quality(extra, pool), "keep_share": keep, "region_score": region,
                     "inpaint": inpaint, "labelled_share": lab_share, "teacher": teacher}
+        elif arm == "oracle":       # the bound of any pseudo-label: every pool image with its true labels
+            lab_share, extra = len(labelled) / (len(labelled) + len(pool)), pool
         else:
             lab_share = 0.5
             if arm in ("edited", "both"):
