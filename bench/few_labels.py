@@ -64,11 +64,11 @@ def log(msg: str, t0: list[float] = [time.time()]) -> None:  # noqa: B006 (start
     print(f"[{time.time() - t0[0]:6.0f}s] {msg} (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
-def fit(train: list[Sample], names: list[str], iters: int, out: Path, threads: int, seed: int) -> tuple[Path, float]:
-    """A label model trained on `train` for `iters` iterations, or the one a run with the same arguments
-    left in the cache folder (bench --cache)."""
+def fit(train: list[Sample], names: list[str], iters: int, out: Path, threads: int, seed: int) -> None:
+    """A label model trained on `train` for `iters` iterations into `out`, unless a run with the same
+    arguments left it in the cache folder (bench --cache); out's .json holds its training time."""
     if out.exists():
-        return out, float(json.loads(out.with_suffix(".json").read_text())["train_s"])
+        return
     cfg = TrainConfig(max_iters=iters, eval_interval=10 * iters, log_interval=10 * iters, seed=seed,
                       device="cpu", threads=threads)
     t0 = time.time()
@@ -76,7 +76,6 @@ def fit(train: list[Sample], names: list[str], iters: int, out: Path, threads: i
     dt = time.time() - t0
     path.rename(out)
     out.with_suffix(".json").write_text(json.dumps({"train_s": dt, "n_train": len(train)}))
-    return out, dt
 
 
 def run_seed(seed: int, train_pool: list[Sample], val: list[Sample], names: list[str], args, work: Path) -> dict:
@@ -87,47 +86,58 @@ def run_seed(seed: int, train_pool: list[Sample], val: list[Sample], names: list
     row: dict = {"seed": seed, "labelled_ids": [s.id for s in labelled], "n_pool": len(pool)}
     work = work / f"{args.data}_it{args.iters}_n{args.n_labelled}_p{len(pool)}_s{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    ckpts = {"real_only": fit(labelled, names, args.iters, work / "real_only.pt", args.threads, seed)}
-    row["real_only"] = score(ckpts["real_only"], val, len(labelled))
-    log(f"seed {seed} real_only    fg {row['real_only']['fg_iou']:.4f} recall {row['real_only']['recall']:.4f}")
+    ckpts: dict = {}        # arm -> its checkpoint
     preds: dict = {}        # teacher arm -> its predictions of the pool
-    for arm in [a for a in args.arms if a != "real_only"]:
-        extra, info = [], {}
-        if arm in VARIANTS:
-            keep, region, inpaint, lab_share, teacher = VARIANTS[arm]
-            keep = args.keep_share if keep is None else keep
-            region = args.region_score if region is None else region
-            if teacher not in ckpts:
-                raise SystemExit(f"arm {arm} needs arm {teacher} before it in --arms")
-            extra = pseudo_label(None, [s.image for s in pool], [s.id for s in pool], keep_share=keep,
-                                 min_region_score=region, inpaint_dropped=inpaint,
-                                 preds=teacher_preds(teacher, ckpts, pool, preds, row))
-            info = {"pseudo": pseudo_quality(extra, pool), "keep_share": keep, "region_score": region,
-                    "inpaint": inpaint, "labelled_share": lab_share, "teacher": teacher}
-        elif arm == "oracle":       # the bound of any pseudo-label: every pool image with its true labels
-            lab_share, extra = len(labelled) / (len(labelled) + len(pool)), pool
+    for arm in ["real_only"] + [a for a in args.arms if a != "real_only"]:
+        out = work / (f"{arm}_r{args.region_score:g}.pt" if arm in ("st_confident", "st_inpaint") else f"{arm}.pt")
+        meta = json.loads(out.with_suffix(".json").read_text()) if out.exists() else {}
+        if args.only_cached and not out.exists() and arm != "real_only":
+            continue                              # this seed lacks the arm
+        ckpts[arm] = out
+        if f"row_val{len(val)}" in meta:          # trained and scored by an earlier run (--cache)
+            row[arm] = meta[f"row_val{len(val)}"]
         else:
-            lab_share = 0.5
-            if arm in ("edited", "both"):
-                extra = [e.sample for e in Editor(labelled, len(names), max_objects=args.max_objects)
-                         .edit(args.n_edited, seed=100 + seed)]
-            if arm == "both":
-                extra += pseudo_label(None, [s.image for s in pool], [s.id for s in pool],
-                                      keep_share=args.keep_share,
-                                      preds=teacher_preds("real_only", ckpts, pool, preds, row))
-        train = mix(labelled, extra, lab_share)
-        ckpts[arm] = fit(train, names, args.iters, work / f"{arm}.pt", args.threads, seed)
-        row[arm] = {**score(ckpts[arm], val, len(train)), **info}
+            train, info = arm_set(arm, labelled, pool, names, args, ckpts, preds, row)
+            fit(train, names, args.iters, out, args.threads, seed)
+            row[arm] = {**score(out, val, len(train)), **info}
+            meta = json.loads(out.with_suffix(".json").read_text())
+            out.with_suffix(".json").write_text(json.dumps({**meta, f"row_val{len(val)}": row[arm]}))
         log(f"seed {seed} {arm:12s} fg {row[arm]['fg_iou']:.4f} recall {row[arm]['recall']:.4f} "
-            f"({row[arm]['train_s']:.0f}s) {info.get('pseudo', '')}")
+            f"({row[arm]['train_s']:.0f}s) {row[arm].get('pseudo', '')}")
     return row
+
+
+def arm_set(arm: str, labelled: list[Sample], pool: list[Sample], names: list[str], args, ckpts: dict,
+            preds: dict, row: dict) -> tuple[list[Sample], dict]:
+    """An arm's training samples, and what to report about them."""
+    extra, info, lab_share = [], {}, 0.5
+    if arm in VARIANTS:
+        keep, region, inpaint, lab_share, teacher = VARIANTS[arm]
+        keep = args.keep_share if keep is None else keep
+        region = args.region_score if region is None else region
+        if teacher not in ckpts:
+            raise SystemExit(f"arm {arm} needs arm {teacher} before it in --arms")
+        extra = pseudo_label(None, [s.image for s in pool], [s.id for s in pool], keep_share=keep,
+                             min_region_score=region, inpaint_dropped=inpaint,
+                             preds=teacher_preds(teacher, ckpts, pool, preds, row))
+        info = {"pseudo": pseudo_quality(extra, pool), "keep_share": keep, "region_score": region,
+                "inpaint": inpaint, "labelled_share": lab_share, "teacher": teacher}
+    elif arm == "oracle":       # the bound of any pseudo-label: every pool image with its true labels
+        lab_share, extra = len(labelled) / (len(labelled) + len(pool)), pool
+    elif arm in ("edited", "both"):
+        extra = [e.sample for e in Editor(labelled, len(names), max_objects=args.max_objects)
+                 .edit(args.n_edited, seed=100 + int(row["seed"]))]
+        if arm == "both":
+            extra += pseudo_label(None, [s.image for s in pool], [s.id for s in pool], keep_share=args.keep_share,
+                                  preds=teacher_preds("real_only", ckpts, pool, preds, row))
+    return mix(labelled, extra, lab_share), info
 
 
 def teacher_preds(teacher: str, ckpts: dict, pool: list[Sample], preds: dict, row: dict) -> list:
     """The teacher arm's predictions of the pool (made once per seed and teacher)."""
     if teacher not in preds:
         t0 = time.time()
-        preds[teacher] = predict_pool(Predictor.from_checkpoint(ckpts[teacher][0], device="cpu"),
+        preds[teacher] = predict_pool(Predictor.from_checkpoint(ckpts[teacher], device="cpu"),
                                       [s.image for s in pool])
         row[f"predict_pool_s_{teacher}"] = round(time.time() - t0, 1)
         sc = np.array([p.score for p in preds[teacher]])
@@ -139,8 +149,9 @@ def teacher_preds(teacher: str, ckpts: dict, pool: list[Sample], preds: dict, ro
     return preds[teacher]
 
 
-def score(ckpt: tuple[Path, float], val: list[Sample], n_train: int) -> dict:
-    return {**pick(evaluate(Predictor.from_checkpoint(ckpt[0], device="cpu"), val)), "train_s": round(ckpt[1], 1),
+def score(ckpt: Path, val: list[Sample], n_train: int) -> dict:
+    train_s = float(json.loads(ckpt.with_suffix(".json").read_text())["train_s"])
+    return {**pick(evaluate(Predictor.from_checkpoint(ckpt, device="cpu"), val)), "train_s": round(train_s, 1),
             "n_train": n_train}
 
 
@@ -164,16 +175,48 @@ def pick(m: dict) -> dict:
 
 
 def summarize(rows: list[dict], arms: list[str]) -> dict:
+    """Mean and sd over the seeds that have an arm, and its per-seed gains over real_only in points."""
     out = {}
     for arm in arms:
+        have = [r for r in rows if arm in r]
+        if not have:
+            continue
+        out[f"{arm}_n_seeds"] = len(have)
         for k in KEYS:
-            v = np.array([r[arm][k] for r in rows])
+            v = np.array([r[arm][k] for r in have])
             out[f"{arm}_{k}_mean"], out[f"{arm}_{k}_std"] = float(v.mean()), float(v.std(ddof=1) if len(v) > 1 else 0)
             if arm != "real_only":
-                d = 100 * (v - np.array([r["real_only"][k] for r in rows]))
+                d = 100 * (v - np.array([r["real_only"][k] for r in have]))
                 out[f"{arm}_{k}_gain_points_mean"] = float(d.mean())
                 out[f"{arm}_{k}_gain_points_std"] = float(d.std(ddof=1) if len(d) > 1 else 0)
     return out
+
+
+def save(args, rows: list[dict], n_val: int, t_start: float) -> None:
+    """bench/results/<--name>.json of the seeds done."""
+    summary = summarize(rows, ["real_only"] + [a for a in args.arms if a != "real_only"])
+    summary["wall_s"] = round(time.time() - t_start, 1)
+    argv = sys.argv
+    if args.cache:      # the recorded command names no folder of this machine
+        sys.argv = [("CACHE_DIR" if a == args.cache else a) for a in sys.argv]
+    write_result(args.name, {
+        "summary": summary, "rows": rows,
+        "setup": {"dataset": args.data + (" (native sizes, learned object scale)" if "native" in args.data
+                                          else " (256 px)"),
+                  "split": "split_ids(ids, 0.2)", "n_val": n_val, "n_labelled": args.n_labelled,
+                  "pool": rows[0]["n_pool"] if rows else 0, "keep_share": args.keep_share,
+                  "region_score": args.region_score, "variants": {k: dict(zip(
+                      ("keep_share", "min_region_score", "inpaint", "labelled_share", "teacher"), v))
+                      for k, v in VARIANTS.items() if k in args.arms},
+                  "n_edited": args.n_edited, "label_iters": args.iters, "label_batch": TrainConfig.batch_size,
+                  "augmentation": "TrainConfig defaults in every arm", "teacher": "the real_only model of the seed",
+                  "torch_threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+                  "equal": "iterations: every arm (student) trains --iters from scratch, the same batch size; "
+                           "self-training also costs the teacher's run and one prediction pass over the pool "
+                           "(a second round: two of each)",
+                  "train_s_note": "a checkpoint reused from --cache reports the training time of the run that made it"},
+        "targets": {"gain_vs_real_only": "+5 points fg IoU and box recall (DSB2018 native size)"}})
+    sys.argv = argv
 
 
 def main() -> None:
@@ -194,6 +237,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="", help="folder that keeps each arm's checkpoint for later runs with the "
                     "same data, iterations, labelled count, pool and seed (default: a temporary folder)")
+    ap.add_argument("--only-cached", action="store_true", help="with --cache: collect the arms already trained "
+                    "there (scoring those not yet scored), train nothing but a missing real_only")
     ap.add_argument("--name", default="few_labels", help="results file bench/results/<name>.json")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 iters, 1 seed, pool 8, 5 val")
     args = ap.parse_args()
@@ -206,28 +251,10 @@ def main() -> None:
     train_pool, val, names = fixed_split(args.data, args.max_val or None)
     log(f"{args.data}: {len(train_pool)} train, {len(val)} val; {args.n_labelled} labelled, pool {args.pool or 'all'}; "
         f"iters {args.iters}, threads {args.threads}")
-    rows = [run_seed(seed, train_pool, val, names, args, work) for seed in args.seeds]
-    summary = summarize(rows, ["real_only"] + [a for a in args.arms if a != "real_only"])
-    summary["wall_s"] = round(time.time() - t_start, 1)
-    if args.cache:      # the recorded command names no folder of this machine
-        sys.argv = [("CACHE_DIR" if a == args.cache else a) for a in sys.argv]
-    write_result(args.name, {
-        "summary": summary, "rows": rows,
-        "setup": {"dataset": args.data + (" (native sizes, learned object scale)" if "native" in args.data
-                                          else " (256 px)"),
-                  "split": "split_ids(ids, 0.2)", "n_val": len(val), "n_labelled": args.n_labelled,
-                  "pool": rows[0]["n_pool"] if rows else 0, "keep_share": args.keep_share,
-                  "region_score": args.region_score, "variants": {k: dict(zip(
-                      ("keep_share", "min_region_score", "inpaint", "labelled_share", "teacher"), v))
-                      for k, v in VARIANTS.items() if k in args.arms},
-                  "n_edited": args.n_edited, "label_iters": args.iters, "label_batch": TrainConfig.batch_size,
-                  "augmentation": "TrainConfig defaults in every arm", "teacher": "the real_only model of the seed",
-                  "torch_threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-                  "equal": "iterations: every arm (student) trains --iters from scratch, the same batch size; "
-                           "self-training also costs the teacher's run and one prediction pass over the pool "
-                           "(a second round: two of each)",
-                  "train_s_note": "a checkpoint reused from --cache reports the training time of the run that made it"},
-        "targets": {"gain_vs_real_only": "+5 points fg IoU and box recall (DSB2018 native size)"}})
+    rows = []
+    for seed in args.seeds:     # the results file is rewritten after each seed: a stopped run keeps its seeds
+        rows.append(run_seed(seed, train_pool, val, names, args, work))
+        save(args, rows, len(val), t_start)
     if not args.cache:
         shutil.rmtree(work, ignore_errors=True)
     log(f"done in {time.time() - t_start:.0f}s")
