@@ -214,7 +214,11 @@ def save(args, rows: list[dict], n_val: int, t_start: float) -> None:
                   "equal": "iterations: every arm (student) trains --iters from scratch, the same batch size; "
                            "self-training also costs the teacher's run and one prediction pass over the pool "
                            "(a second round: two of each)",
-                  "train_s_note": "a checkpoint reused from --cache reports the training time of the run that made it"},
+                  "train_s_note": "a checkpoint reused from --cache reports the training time of the run that made it",
+                  **({"collected": "--only-cached: every arm's checkpoint was trained by an earlier run of this "
+                                   "bench with the same data, iterations, labelled count, pool, seed and --cache "
+                                   "(runs of a few seeds and arms side by side, each 1 thread); this run scored "
+                                   "them on the same validation split"} if args.only_cached else {})},
         "targets": {"gain_vs_real_only": "+5 points fg IoU and box recall (DSB2018 native size)"}})
     sys.argv = argv
 
