@@ -228,12 +228,6 @@ class StageClock:
             acc[0] += wall
             acc[1] += cpu
 
-    def timed(self, stage: str, fn):
-        def run(*args, **kwargs):
-            with self(stage):
-                return fn(*args, **kwargs)
-        return run
-
     def summary(self) -> str:
         parts = [f"{k} {w:.2f}s (cpu {c:.2f}s)" for k, (w, c) in self.seconds.items()]
         return ", ".join(parts + [f"wall {time.perf_counter() - self.t0:.2f}s"])
@@ -256,12 +250,12 @@ def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfi
 
 def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
     """Predictions of a chunk's loaded images ({index in the chunk: Prediction, or with a Predictor's
-    predict_parts the function that finishes it}); a model failure on one chunk leaves it empty and fails
+    predict_parts the function that finishes it, so that a failure there fails its task alone}); a model failure on one chunk leaves it empty and fails
     no other chunk."""
     images = [x[0] if isinstance(x, tuple) else x for x in loaded]
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
-    parts = getattr(served.predictor, "predict_parts", None)   # the network now, the rest on the encoder thread
+    parts = getattr(served.predictor, "predict_parts", None)   # the network now, the rest in _encode_chunk
     try:
         batch = [images[j] for j in ok]
         for j, p in zip(ok, (parts(batch) if parts else served.predictor.predict(batch)) if ok else []):
