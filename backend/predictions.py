@@ -250,8 +250,8 @@ def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfi
 
 def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
     """Predictions of a chunk's loaded images ({index in the chunk: Prediction, or with a Predictor's
-    predict_parts the function that finishes it, so that a failure there fails its task alone}); a model failure on one chunk leaves it empty and fails
-    no other chunk."""
+    predict_parts the function that finishes it, so that a failure there fails its task alone}); a model
+    failure on one chunk leaves it empty and fails no other chunk."""
     images = [x[0] if isinstance(x, tuple) else x for x in loaded]
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
