@@ -58,7 +58,7 @@ NECK = {"depth_abs": 1.0, "depth_rel": 0.05, "len_ratio": 1.3, "min_share": 0.08
 # flat or worse; stricter cores (p < 0.1-0.5) grown back by watershed: flat; a distance-transform watershed
 # with the click as a marker: 0.51 -> 0.50; the network at 1.5x / 2x the learned scale: clump 0.81 -> 0.71 /
 # 0.41 (demo); a stricter object threshold (p_bg < 0.2-0.4): scribbles 0.78 -> 0.74-0.59 (DSB).
-# Stop 18, DSB 600-iteration model, clump clicks 3 x 30 (base 0.625 median, 38% below 0.5; clicks 0.772, 12%):
+# Stop 19, DSB 600-iteration model, clump clicks 3 x 30 (base 0.625 median, 38% below 0.5; clicks 0.772, 12%):
 # the picked region cut by k-means over its pixels into round(area / the image's median object area) parts
 # when over 1.6 / 2.0 x that area: clump 0.636 / 0.637 (33% / 37%) but clicks 0.709 / 0.768 (21% / 16%);
 # with the 30th percentile area: clump 0.593 / 0.625; a watershed from the h-maxima of the smoothed
@@ -72,9 +72,10 @@ NECK = {"depth_abs": 1.0, "depth_rel": 0.05, "len_ratio": 1.3, "min_share": 0.08
 REFINE_CACHE = 8
 # refine() sees an image whose objects the network finds smaller than REFINE_SMALL_PX model px (median
 # equivalent diameter) so much closer that they are REFINE_OBJECT_PX, at most REFINE_MAX_ZOOM x and
-# REFINE_MAX_PX model px; a second network pass on the first hint. bench/interactive.py, 600-iteration models, 3 x 30 hints, paired:
+# REFINE_MAX_PX model px; a second network pass on the first hint. bench/interactive.py, 600-iteration models,
+# 3 x 30 hints, paired:
 # DSB clump clicks 0.51 -> 0.61, scribbles 0.78 -> 0.81, clicks 0.74 -> 0.78; demo unchanged
-# (0.81 -> 0.83, 0.84 -> 0.84, 0.86 -> 0.87). Stop 18, the same models, 30 hints per draw, paired: 10 px and
+# (0.81 -> 0.83, 0.84 -> 0.84, 0.86 -> 0.87). Stop 19, the same models, 30 hints per draw, paired: 10 px and
 # at most 3x against 6.5 px and 2x, DSB (draws 0-2 / 3-5): clump clicks 0.625 -> 0.674 / 0.577 -> 0.667,
 # scribbles 0.807 -> 0.816 / 0.787 -> 0.809, clicks 0.772 -> 0.772 / 0.792 -> 0.820; demo: clump 0.825 -> 0.828 /
 # 0.784 -> 0.790, scribbles 0.839 -> 0.816 / 0.862 -> 0.864, clicks 0.868 -> 0.866 / 0.866 -> 0.843 (within
@@ -601,7 +602,8 @@ class Predictor:
 
     def _probabilities(self, images: list[np.ndarray], dets: list | None = None) -> list[np.ndarray]:
         """Label probabilities (L, H, W) per image (see _logits)."""
-        return [self._unletterbox(lg, size, im.shape[:2]) for (lg, size), im in zip(self._logits(images, dets), images)]
+        return [self._unletterbox(lg, size, im.shape[:2])
+                for (lg, size), im in zip(self._logits(images, dets), images)]
 
     def predict(self, images: list[np.ndarray], cut: bool = True) -> list[Prediction]:
         """Label maps for a batch of (H, W, 3) uint8 images of any sizes; with `cut` only the regions
@@ -789,8 +791,9 @@ class Predictor:
     def _object_zoom(self, image: np.ndarray, stats, image_key: str) -> float:
         """How much closer than the model's scale refine looks at this image: when the median diameter (model
         px) of the objects the network sees in it is under REFINE_SMALL_PX, REFINE_OBJECT_PX over it, in
-        [1, REFINE_MAX_ZOOM], within REFINE_MAX_PX; else 1. One learned scale serves a whole data set; on DSB 2018 (fluorescence images of small
-        nuclei beside histology of large ones) the small nuclei are a few model px across and merge."""
+        [1, REFINE_MAX_ZOOM], within REFINE_MAX_PX; else 1. One learned scale serves a whole data set; on DSB
+        2018 (fluorescence images of small nuclei beside histology of large ones) the small nuclei are a few
+        model px across and merge."""
         if self.scale is None or REFINE_MAX_ZOOM <= 1.0:
             return 1.0
         H, W = image.shape[:2]
