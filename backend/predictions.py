@@ -107,9 +107,9 @@ def _load_predictor(path: Path, device: str, settings: Settings | None = None) -
     from tessera.model.inference import Predictor     # imported late: torch start-up stays off the /health path
 
     if settings is None:
-        return Predictor.from_checkpoint(path, device=device)
+        return Predictor.from_checkpoint(path, device=device, trace=True)
     return Predictor.from_checkpoint(path, device=device, precision_target=settings.precision_target,
-                                     min_score=settings.min_region_score)
+                                     min_score=settings.min_region_score, trace=True)
 
 
 def label_mapping(control: Control, model_labels: list[str]) -> dict[int, str]:
@@ -181,13 +181,14 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     results: list[dict] = []
     clock = StageClock()
     workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
-    # Tried and not kept (issue 10): chunk k's finishing (Predictor.predict_parts) and region encoding on a
-    # second thread while chunk k+1 ran its network passes. In the server (1,000 tasks from a real Label Studio,
-    # load 8-9, 1 torch thread) the request thread then waited for the GIL between torch ops: its passes took
-    # 236 s of wall time for 73 s of CPU, and the request 241 s against main's 121 s (load 9 -> 6.6), at +11%
-    # server CPU; in process, without HTTP downloads in the other threads, it was 0.96x. One thread it is.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # Two stages: chunk k's predictions are finished (Predictor.predict_parts: upsampling, instance split) and
+    # its regions encoded on a second thread while chunk k+1 runs its network passes here; at most one chunk
+    # waits to be encoded. This needs passes that take the GIL once, not once per torch op: with eager passes
+    # (stop 19) this thread waited for the encoder's GIL between ops, 1,000 Label Studio tasks took 241 s
+    # against 121 s on one thread. The Predictor traces its passes per shape (model/traced.py).
+    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media, clock) for s in starts[:ahead + 1]]
+        encoding = None
         for n, start in enumerate(starts):
             jobs, futures = pending.pop(0)
             if n + ahead + 1 < len(starts):
@@ -197,8 +198,14 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
                 images = [f.result() for f in futures]
             with clock("inference"):
                 preds = _infer_chunk(images, served)
-            with clock("split_and_regions"):
-                results += _encode_chunk(tasks[start:start + bs], jobs, images, preds, config, served)
+            if encoding is not None:
+                with clock("wait_regions"):
+                    results += encoding.result()
+            encoding = encoder.submit(_timed_encode, clock, tasks[start:start + bs], jobs, images, preds, config,
+                                      served)
+        if encoding is not None:
+            with clock("wait_regions"):
+                results += encoding.result()
     if len(tasks) == 1:             # LS asks this when a labeller opens a task: ready its smart tools' passes
         warm_refine(tasks[0], config, served, media)
     logger.info("predict: %d tasks in %d chunks of %d: %s", len(tasks), len(starts), bs, clock.summary())
@@ -231,6 +238,11 @@ class StageClock:
     def summary(self) -> str:
         parts = [f"{k} {w:.2f}s (cpu {c:.2f}s)" for k, (w, c) in self.seconds.items()]
         return ", ".join(parts + [f"wall {time.perf_counter() - self.t0:.2f}s"])
+
+
+def _timed_encode(clock: StageClock, *args) -> list[dict]:
+    with clock("split_and_regions"):
+        return _encode_chunk(*args)
 
 
 def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfig, media: MediaResolver,

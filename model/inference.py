@@ -35,6 +35,7 @@ from .boxhead import decode_boxes
 from .checkpoint import load_checkpoint
 from .data import relabel, semantic_instances
 from .postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, resolve_cut
+from .traced import TracedPasses
 from .vqvae import VQVAE, VQVAEConfig
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,13 @@ REFINE_MAX_PX = 1024 * 1024
 # clump 0.666 / 0.669, scribbles 0.808 / 0.803, clicks 0.782 / 0.800, and the demo's images (6-10 px) stay at 1x.
 REFINE_SMALL_PX = 5.5
 BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (3 images of 312x424, 20 of 160x160)
-# The forward pass is eager PyTorch on purpose (issue 10, measured at 312x424 on 1 thread of this 2-core VM):
-# torch.jit.trace + freeze (and optimize_for_inference) under bf16 autocast was no faster (207 vs 186 ms best
-# of 6), the oneDNN graph fuser failed to run the traced model ("could not set attribute to the op"), and
-# torch.compile took 202 s to compile one shape for no gain (169 vs 208 ms best, equal medians).
+TRACE_SHAPES = 4    # predict(): traced network passes kept per Predictor, one per input shape (model/traced.py)
+# Speed alone does not justify compiling the forward pass (issue 10, 312x424, 1 thread of this 2-core VM):
+# torch.jit.trace + freeze under bf16 autocast was no faster (207 vs 186 ms best of 6; stop 20, 3 images per
+# pass: 1.11x / 0.92x / 1.14x eager's CPU in three rounds, one image: 0.75-0.85x), the oneDNN graph fuser
+# failed to run the traced model ("could not set attribute to the op"), and torch.compile took 202 s to
+# compile one shape for no gain (169 vs 208 ms best, equal medians). The server's Predictor traces anyway,
+# for the GIL (model/traced.py).
 
 # -----------------------------------------------------------------------------
 # pre- and post-processing shared with training
@@ -379,7 +383,7 @@ class Predictor:
     def __init__(self, model: VQVAE, label_names: list[str], version: str = "", device: str = "auto",
                  min_area: int = 4, edge_weight: float = 1.0, scale: float | None = None, tile: int = 512,
                  overlap: int = 32, bf16: bool = True, cut: RegionCut | None = None, box_shrink: float = 1.0,
-                 box_grow: float | None = None):
+                 box_grow: float | None = None, trace: bool = False):
         self.device = resolve_device(device)
         # channels-last + bfloat16 autocast (as in training): ~2.5x faster convolutions on CPUs with bf16
         # kernels, measured at 312x424 on this project's 2-core VM
@@ -406,12 +410,17 @@ class Predictor:
         self.has_box_head = model.box_head is not None  # boxes from the detection head (model/boxhead.py)
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
+        # predict()'s passes, traced per input shape once it recurs (model/traced.py: one GIL take per pass);
+        # off by default: a trace costs ~1 s per shape, which a short-lived Predictor (training's validation,
+        # benchmarks) never earns back; the server's turns it on
+        self._passes = TracedPasses(_PredictPass(self), size=TRACE_SHAPES) if trace else _PredictPass(self)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision_target: float = 0.0,
-                        min_score: float | None = None) -> "Predictor":
+                        min_score: float | None = None, trace: bool = False) -> "Predictor":
         """Rebuild from a checkpoint alone. The region cut is the one learned with the version, re-chosen
-        for `precision_target` when > 0; `min_score` >= 0 replaces its score threshold."""
+        for `precision_target` when > 0; `min_score` >= 0 replaces its score threshold. `trace`: predict()'s
+        passes traced per recurring shape (the server's Predictor; see model/traced.py)."""
         ckpt = load_checkpoint(Path(path), kind="vqvae")
         model = vqvae_from_checkpoint(ckpt)
         version = ckpt.get("version") or f"vqvae-{ckpt.get('iter_num', 0)}"
@@ -420,7 +429,7 @@ class Predictor:
         cut = resolve_cut(ckpt.get("region_cut"), precision_target, min_score)
         return cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
                    scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
-                   box_grow=(ckpt.get("region_cut") or {}).get("box_grow"))
+                   box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace)
 
     # --- batched network pass --------------------------------------------------------------------
 
@@ -521,8 +530,19 @@ class Predictor:
         """The box head's boxes on a batch's features: per image (N, 6) (x0, y0, x1, y1, score, class)
         in model input px."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            heat, size, offset = self.model.detect(feats)
+            return self._boxes(self.model.detect(feats))
+
+    def _boxes(self, heads) -> list[np.ndarray]:
+        """The box head's outputs (heat logits, log size, offset) -> per image boxes (N, 6) in input px."""
+        heat, size, offset = heads
         return decode_boxes(heat.float().sigmoid(), size, offset, self.model.box_head.stride)
+
+    @torch.inference_mode()
+    def _net(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """predict()'s network pass: (B, 3, H, W) -> label logits (B, L, H, W) float32 and the box head's
+        outputs (None without one), through the trace for x's shape when there is one."""
+        out = self._passes(x)
+        return out[0], (tuple(out[1:]) if self.has_box_head else None)
 
     @torch.inference_mode()
     def _tiled_logits(self, x: torch.Tensor, batch: int = 1, dets: list | None = None) -> torch.Tensor:
@@ -544,9 +564,9 @@ class Predictor:
         for i in range(0, len(spots), batch):
             group = spots[i:i + batch]
             tiles = torch.cat([x[:, :, y:y + th, x0:x0 + tw] for y, x0 in group])  # (b, 3, th, tw)
-            feats, _, logits = self._forward(tiles)
+            logits, heads = self._net(tiles)
             if dets is not None:
-                for (y, x0), d in zip(group, self._detections(feats)):
+                for (y, x0), d in zip(group, self._boxes(heads)):
                     dets.append(d + [x0, y, x0, y, 0, 0])
             for (y, x0), lg in zip(group, logits):
                 out[0, :, y:y + th, x0:x0 + tw] += lg * weight
@@ -592,8 +612,10 @@ class Predictor:
             step = max(1, BATCH_PX // (ph * pw))
             for s in range(0, len(idx), step):
                 part = idx[s:s + step]
-                _, feats, _, logits, sizes = self._run([images[i] for i in part])
-                found = self._detections(feats) if dets is not None else [None] * len(part)
+                with torch.inference_mode():
+                    x, sizes = self._prepare([images[i] for i in part])
+                    logits, heads = self._net(x)
+                found = self._boxes(heads) if dets is not None else [None] * len(part)
                 for i, lg, size, d in zip(part, logits, sizes, found):
                     out[i] = (lg, size)
                     if dets is not None:
@@ -911,6 +933,24 @@ class Predictor:
     def decode_codes(self, code_map: torch.Tensor) -> torch.Tensor:
         """Code maps (B, h, w) -> label logits (B, L, R, R) without an image; the last channel is the boundary class."""
         return self.model.decode_code(code_map.to(self.device))
+
+
+class _PredictPass(torch.nn.Module):
+    """Predictor._forward's label logits, and the box head's outputs when there is one, as one module
+    (what TracedPasses traces): x -> (logits,) or (logits, heat logits, log size, offset)."""
+
+    def __init__(self, predictor: "Predictor"):
+        super().__init__()
+        self.model = predictor.model            # a submodule: its weights are the trace's parameters
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor):
+        p = self.predictor
+        feats, _, logits = p._forward(x)
+        if not p.has_box_head:
+            return (logits,)
+        with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.bf16):
+            return (logits, *p.model.detect(feats))
 
 
 def _to_image_px(dets: np.ndarray, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:

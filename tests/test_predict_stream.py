@@ -1,6 +1,7 @@
 """/predict's stream of chunks: the order of the items, the isolation of a bad task, image or chunk, the memory
 bound and the per-stage log line."""
 import random
+import threading
 import time
 
 import numpy as np
@@ -73,18 +74,24 @@ def test_a_model_failure_empties_only_its_chunk():
     assert [len(o["result"]) for o in out] == [1] * 4 + [0] * 4 + [1] * 2
 
 
-def test_each_chunk_is_encoded_before_the_next_one_is_inferred(monkeypatch):
-    """At most one chunk of predictions is held at a time: when inference n starts, chunks 0 .. n-1 are
-    encoded (the chunk's predictions are dropped once its items are built)."""
-    encoded_at_call, encoded = [], []
+def test_regions_of_a_chunk_are_encoded_while_the_next_chunk_is_inferred(monkeypatch):
+    """Chunk 0's encoding waits (up to 5 s) until chunk 1's inference has begun: run one after the other,
+    it would time out. And when inference n starts, chunks 0 .. n-2 are encoded: at most two chunks of
+    predictions (one being encoded, one being inferred) are held at a time."""
+    second_inference = threading.Event()
+    saw_overlap, encoded_at_call, encoded = [], [], []
     real = predictions._encode_chunk
 
     class Recording(ThresholdPredictor):
         def predict(self, images):
             encoded_at_call.append(len(encoded))
+            if len(encoded_at_call) == 2:
+                second_inference.set()
             return super().predict(images)
 
     def encode(tasks, *a):
+        if not encoded:
+            saw_overlap.append(second_inference.wait(5.0))
         out = real(tasks, *a)
         encoded.append(len(tasks))
         return out
@@ -92,18 +99,24 @@ def test_each_chunk_is_encoded_before_the_next_one_is_inferred(monkeypatch):
     monkeypatch.setattr(predictions, "_encode_chunk", encode)
     tasks = [{"id": i, "data": {"image": "sq:1"}} for i in range(20)]
     out = _run(tasks, Recording(), batch=4)
+    assert saw_overlap == [True]
     assert all(len(o["result"]) == 1 for o in out) and sum(encoded) == 20
-    assert encoded_at_call == [0, 1, 2, 3, 4]
+    assert all(done >= n - 1 for n, done in enumerate(encoded_at_call)), encoded_at_call
 
 
 class TwoPartPredictor(ThresholdPredictor):
-    """Has predict_parts, as model.inference.Predictor: each image's finishing runs when its items are built."""
+    """Has predict_parts, as model.inference.Predictor: the finishing runs later, on the encoder thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.finished_in: set[str] = set()
 
     def predict_parts(self, images):
         preds = self.predict(images)
 
         def finisher(p, im):
             def finish():
+                self.finished_in.add(threading.current_thread().name)
                 if im.shape[1] == 12 * 3 + 4:                  # the images with 3 squares: a bug in finishing
                     raise RuntimeError("instance split failed")
                 return p
@@ -112,10 +125,12 @@ class TwoPartPredictor(ThresholdPredictor):
         return [finisher(p, im) for p, im in zip(preds, images)]
 
 
-def test_a_failure_in_finishing_one_image_empties_only_its_task():
+def test_finishing_runs_beside_inference_and_a_failure_there_empties_only_its_task():
+    pred = TwoPartPredictor()
     tasks = [{"id": i, "data": {"image": f"sq:{3 if i == 6 else 2}"}} for i in range(11)]
-    out = _run(tasks, TwoPartPredictor(), batch=4)
+    out = _run(tasks, pred, batch=4)
     assert [len(o["result"]) for o in out] == [0 if i == 6 else 2 for i in range(11)]
+    assert pred.finished_in and threading.current_thread().name not in pred.finished_in
 
 
 def test_the_predict_log_line_names_every_stage(caplog):
@@ -125,5 +140,5 @@ def test_the_predict_log_line_names_every_stage(caplog):
         _run([{"id": i, "data": {"image": "sq:1"}} for i in range(6)], ThresholdPredictor(), batch=4)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("predict: "))
     assert line.startswith("predict: 6 tasks in 2 chunks of 4: ")
-    for stage in ("fetch_decode", "wait_images", "inference", "split_and_regions", "wall"):
+    for stage in ("fetch_decode", "wait_images", "inference", "wait_regions", "split_and_regions", "wall"):
         assert f"{stage} " in line, line
