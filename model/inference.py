@@ -90,7 +90,7 @@ REFINE_MAX_PX = 1024 * 1024
 # clump 0.666 / 0.669, scribbles 0.808 / 0.803, clicks 0.782 / 0.800, and the demo's images (6-10 px) stay at 1x.
 REFINE_SMALL_PX = 5.5
 BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (3 images of 312x424, 20 of 160x160)
-TRACE_SHAPES = 4    # predict(): traced network passes kept per Predictor, one per input shape (model/traced.py)
+TRACE_SHAPES = 8    # predict(): traced network passes kept per Predictor, one per input shape (model/traced.py)
 # Speed alone does not justify compiling the forward pass (issue 10, 312x424, 1 thread of this 2-core VM):
 # torch.jit.trace + freeze under bf16 autocast was no faster (207 vs 186 ms best of 6; stop 20, 3 images per
 # pass: 1.11x / 0.92x / 1.14x eager's CPU in three rounds, one image: 0.75-0.85x), the oneDNN graph fuser

@@ -11,7 +11,9 @@ recorded under the same autocast (tests/test_model_traced.py compares them bit f
 A trace is only valid for the shape it saw: branches on shapes in Python (the decoder's upsampling to its
 skip's size) are recorded as taken. So a trace is kept per exact input shape, made the second time a shape
 is seen (tracing costs about a second; a one-off shape, a lone image of odd size, stays eager), at most
-`size` of them (least recently used dropped). A shape whose trace fails stays eager.
+`size` of them (least recently used dropped, ~10-20 MB each). A shape whose trace was dropped or failed stays
+eager: a project whose images come in more recurring shapes than that would otherwise trace the same shapes
+over and over.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class TracedPasses:
         self.after, self.size = after, size
         self._traces: OrderedDict = OrderedDict()       # shape -> traced module, or None when tracing failed
         self._seen: dict = {}                           # shape -> passes so far (bounded, see _count)
+        self._dropped: set = set()                      # shapes whose trace was dropped: eager from now on
         self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor):
@@ -44,7 +47,7 @@ class TracedPasses:
                 fn = self._traces[key]
                 trace = False
             else:
-                fn, trace = None, self._count(key) >= self.after
+                fn, trace = None, self._count(key) >= self.after and key not in self._dropped
         if trace:
             fn = self._trace(key, x)
         return fn(x) if fn is not None else self.module(x)
@@ -69,7 +72,7 @@ class TracedPasses:
             self._traces[key] = fn
             self._traces.move_to_end(key)
             while len(self._traces) > self.size:
-                self._traces.popitem(last=False)
+                self._dropped.add(self._traces.popitem(last=False)[0])
         return fn
 
     def __len__(self) -> int:

@@ -77,7 +77,10 @@ def test_a_shape_is_traced_when_it_recurs_and_traces_stay_bounded():
         assert torch.equal(out, m.conv(x[8]))
         for s in (16, 24):
             passes(x[s]), passes(x[s])
-    assert len(passes) == 2                           # the least recently used trace (8) was dropped
+        assert len(passes) == 2                       # the least recently used trace (8) was dropped ...
+        calls = m.calls
+        passes(x[8]), passes(x[8])
+        assert m.calls == calls + 2 and len(passes) == 2   # ... and its shape stays eager: no retracing
 
 
 def test_a_traced_pass_lets_another_thread_run_python():
