@@ -137,12 +137,14 @@ class TesseraModel:
         self.state.follower.notice(self.project, version, self._token_for_configured_ls())
         return version
 
-    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+    def predict(self, tasks: list[dict], context: dict | None = None, as_json: bool = False, **kwargs) -> list:
         """LS tasks -> one prediction item per task, same order; items carry the served model_version. With
-        `context` (a smart tool's hint) the first task gets one refined region (interactive mode)."""
+        `context` (a smart tool's hint) the first task gets one refined region (interactive mode). `as_json`:
+        each item as its JSON text."""
         served = self.state.cache.served(self.project, self.config)
         media = MediaResolver(self.state.settings, ls_url=self.hostname, token=self.access_token)
-        return predict_tasks(tasks, self.config, served, media, self.state.settings, context=context)
+        return predict_tasks(tasks, self.config, served, media, self.state.settings, context=context,
+                             as_json=as_json)
 
     def fit(self, event: str, data: dict, **kwargs) -> tuple[dict, bool]:
         """A webhook: annotation events (when the project trains on them) and START_TRAINING schedule one

@@ -142,3 +142,22 @@ def test_the_predict_log_line_names_every_stage(caplog):
     assert line.startswith("predict: 6 tasks in 2 chunks of 4: ")
     for stage in ("fetch_decode", "wait_images", "inference", "wait_regions", "split_and_regions", "wall"):
         assert f"{stage} " in line, line
+
+
+def test_items_as_json_are_the_items(caplog):
+    """/predict's reply is built from each item's JSON text, made on the encoder thread: the same items (a bad
+    task's empty one too), in order, and the log line times that stage."""
+    import json
+    import logging
+
+    tasks = [{"id": i, "data": {"image": "bad" if i == 3 else f"sq:{1 + i % 3}"}} for i in range(9)]
+    settings = Settings(predict_batch=4, fetch_threads=4)
+    run = lambda as_json: predict_tasks(tasks, parse_label_config(CONFIG_ALL), Served("v1", ThresholdPredictor()),
+                                        SquaresMedia(), settings, as_json=as_json)
+    with caplog.at_level(logging.INFO, logger="tessera.backend.predictions"):
+        texts = run(True)
+    assert all(isinstance(t, str) for t in texts)
+    assert [json.loads(t) for t in texts] == run(False)
+    assert json.loads(texts[3])["result"] == [] and json.loads(texts[0])["result"]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("predict: "))
+    assert " json " in line, line
