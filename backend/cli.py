@@ -269,7 +269,9 @@ def _add_store_commands(sub) -> None:
 def _add_project_commands(sub) -> None:
     p = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
     _project_arg(p)
-    p.add_argument("--batch", type=int, default=32, help="tasks per inference batch and progress step")
+    p.add_argument("--batch", type=int, default=128,
+                   help="tasks per step (progress, resume point); each step streams in chunks of "
+                        "TESSERA_PREDICT_BATCH, its regions encoded beside the next chunk's passes")
     p.add_argument("--overwrite", action="store_true", help="also redo tasks that have a prediction of the "
                                                              "served version")
     p.add_argument("--replace", action="store_true", help="delete Tessera's superseded predictions (older "

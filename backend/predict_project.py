@@ -31,7 +31,7 @@ def superseded(task: dict, key: str, served_version: str) -> list[int]:
     return out
 
 
-def predict_project(settings: Settings, key: str, batch: int = 32, overwrite: bool = False,
+def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: bool = False,
                     replace: bool = False, out=sys.stderr, progress=None) -> dict:
     client = lsclient.from_settings(settings)
     config = parse_label_config(lsclient.project(client, key).label_config or "")
