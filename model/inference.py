@@ -761,11 +761,11 @@ class Predictor:
         scale = max(H / size[0], W / size[1])                # view pixels per model pixel
         margin = max(16, round(12 * scale))
         win = _window(h_v, p_v, H, W, margin)
-        for _ in range(4):                                    # grow the window while the object touches its edge
+        for i in range(4):                                    # grow the window while the object touches its edge
             probs = self._window_probs(logits[0], size, (H, W), win)
             mask = self._hinted(probs, win, h_v, p_v, n_v)
             grown = _grow_window(win, mask, H, W)
-            if grown == win:
+            if grown == win or i == 3:                        # win stays the window probs were made for
                 break
             win = grown
         if not mask.any():  # the model saw nothing there: let the hint steer the codes, then decode

@@ -194,3 +194,18 @@ def test_pass_cache_computes_a_key_once_across_threads():
     with pytest.raises(RuntimeError):
         cache.compute("bad", broken)
     assert cache.compute("bad", lambda: "ok") == "ok"     # a failed computation leaves no stale entry
+
+
+def test_an_object_larger_than_every_window_growth_is_answered():
+    """The window grows at most 4 times; an object still touching its edge then is answered from the last
+    window the probabilities were made for (it used to fail with an IndexError: the window had grown past
+    them)."""
+    n = 600                                               # 33 px around the click, 4 doublings: 528 px < 600
+    predictor = fixed_predictor(np.ones((R, R), bool))
+    real = predictor._run_view
+    logits = torch.full((1, 3, n, n), -8.0)
+    logits[:, 1] = 8.0                                    # object everywhere, at the image's own scale
+    predictor._run_view = lambda view, stats, key=None, zoom=1.0: (*real(view, stats)[:2], logits, (n, n))
+    image = np.full((n, n, 3), 200, np.uint8)
+    mask, conf = predictor.refine(image, None, [(300.0, 300.0)], [], label=1)
+    assert mask.shape == (n, n) and mask[300, 300] and mask.sum() >= 250 * 250 and 0.0 < conf <= 1.0
