@@ -66,6 +66,24 @@ NECK = {"depth_abs": 1.0, "depth_rel": 0.05, "len_ratio": 1.3, "min_share": 0.08
 # (object-bright) image, h = 0.15 / 0.3 of the region's range: 0.618 / 0.625 (no split at 0.3); from the
 # h-maxima of the region's distance transform (h 0.2 / 0.4): 0.611, scribbles 0.807 -> 0.773; a closer
 # look (REFINE_OBJECT_PX 8 / 10 / 13 / 16, REFINE_MAX_ZOOM 2-6): 0.629 / 0.631 (0.674 at 10 px, 3x) / 0.629 / 0.586.
+# Stop 20, the same 600-iteration models, clump clicks 3 x 30 (base: DSB 0.666 median, 31% below 0.5; demo
+# 0.806, 23%), refine's post-processing replayed on the same passes. Why clicks fail (bench.interactive's
+# causes): DSB 21 of 28 failures hold the object and one neighbour (objects ~50 px at 256 px), demo 9 of 21
+# (plus 6 fragments, 6 other objects). Before _separate 51 of 90 DSB regions were merged; it fixes 30. The
+# network's boundary map has no separation inside the rest: the best core of stricter core thresholds (edge
+# share 0.3-0.02, grown back), chosen knowing the truth, gives DSB 0.67 (27%); the best of the region's 2-4-means
+# parts, chosen knowing the truth, 0.72 (4%), demo 0.84 (12%): the 0.85 median is out of reach of any choice
+# among these parts (a click on any DSB object: 0.78). Not kept: 4 flips of the view pass, logits averaged:
+# demo 0.826 (13%) but DSB 0.614 (36%), 4x the first hint's pass; the boundary logit the max over flips: 0.786
+# / 0.641; the 1x pass blended in (0.5): DSB 0.580; the boundary probability x0.7 / 1.5 / 2 / 3 / 5: DSB 0.612
+# / 0.640 / 0.621 / 0.646 / 0.569; NECK len_ratio 1.1-1.8, min_share 0.15 / 0.25, depth_rel 0.03-0.12, 5 cuts,
+# tiny parts absorbed: within +-0.02; a 2-means split gated by area (>= 1.0-1.4x the image's median object)
+# and solidity (<= 0.90-0.94): DSB 0.654-0.674, demo 0.68-0.77; the same gated by the click's offset from the
+# region's centre (>= 0.9 radii, area >= 1.2x): DSB 0.670 (28%), draws 3-5 0.669 -> 0.690 (37% -> 33%), demo
+# flat, within the spread (and it would halve a large object clicked off-centre); choosing split or not by the
+# code predictor's likelihood of each label map (_combined): no correlation with the gain (r 0.08 / -0.18);
+# the region re-decoded with a disk of the median object's size at the click steering the codes (trust 1 /
+# 5): DSB 0.666 / 0.668.
 # refine()'s network passes kept per Predictor: Label Studio sends every click / stroke of a labeller on a
 # task as a new request with the same image, so the second and later hints reuse the pass (keyed by the
 # view's content, the normalisation and the model's geometry) and cost only the window's post-processing.
