@@ -74,9 +74,10 @@ NECK = {"depth_abs": 1.0, "depth_rel": 0.05, "len_ratio": 1.3, "min_share": 0.08
 # share 0.3-0.02, grown back), chosen knowing the truth, gives DSB 0.67 (27%); the best of the region's 2-4-means
 # parts, chosen knowing the truth, 0.72 (4%), demo 0.84 (12%): the 0.85 median is out of reach of any choice
 # among these parts (a click on any DSB object: 0.78). Not kept: 4 flips of the view pass, logits averaged:
-# demo 0.826 (13%) but DSB 0.614 (36%), 4x the first hint's pass; the boundary logit the max over flips: 0.786
-# / 0.641; the 1x pass blended in (0.5): DSB 0.580; the boundary probability x0.7 / 1.5 / 2 / 3 / 5: DSB 0.612
-# / 0.640 / 0.621 / 0.646 / 0.569; NECK len_ratio 1.1-1.8, min_share 0.15 / 0.25, depth_rel 0.03-0.12, 5 cuts,
+# demo 0.826 (13%; draws 3-5 0.786 -> 0.829, 28% -> 23%) but DSB 0.614 (36%: zoomed views 0.669 -> 0.583, clicks
+# at 1x 0.788 -> 0.762), 4x the first hint's pass; the boundary logit the max over flips: demo 0.786, DSB
+# 0.641; the 1x pass blended in (0.5): DSB 0.580; the boundary probability x0.7 / 1.5 / 2 / 3 / 5: DSB 0.612 /
+# 0.640 / 0.621 / 0.646 / 0.569; NECK len_ratio 1.1-1.8, min_share 0.15 / 0.25, depth_rel 0.03-0.12, 5 cuts,
 # tiny parts absorbed: within +-0.02; a 2-means split gated by area (>= 1.0-1.4x the image's median object)
 # and solidity (<= 0.90-0.94): DSB 0.654-0.674, demo 0.68-0.77; the same gated by the click's offset from the
 # region's centre (>= 0.9 radii, area >= 1.2x): DSB 0.670 (28%), draws 3-5 0.669 -> 0.690 (37% -> 33%), demo
