@@ -98,6 +98,8 @@ class TrainConfig:
                                      # 1.79 AP50 0.505 +- 0.021 vs 0.522 +- 0.020 (3 seeds; boxes >= 24 px
                                      # 0.69 -> 0.48 recall), native scale 1.53 0.505 vs 0.633 (seed 0) at 2.3x
                                      # the forward time: not the default
+    box_floor: float = 1.0           # a box model's least scale, as a share of the letterbox floor (the scale
+                                     # that shows the median image R px long)
     precision_target: float = 0.0    # > 0: the learned region cut reaches this precision at the best recall,
                                      # else it maximises F1
     patience: int = 0                # > 0: stop after this many evaluations without a better validation
@@ -441,6 +443,8 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     scale = None
     if object_px > 0:   # never below the letterbox's scale of a typical image (never above max_scale)
         floor = min(letterbox_floor([s.image.shape[:2] for s in train], mc.resolution), max_scale)
+        if model.box_head is not None:
+            floor *= cfg.box_floor
         scale = object_scale([s.instances for s in train], object_px, max_scale, min_scale=max(floor, 1 / 32))
     logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
     batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
