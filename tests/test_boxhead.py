@@ -222,3 +222,48 @@ def test_box_context_is_kept_in_the_model_config_and_old_configs_load_without_it
     assert VQVAE(VQVAEConfig(**old)).box_head.context is None
     mask, _ = build_model(TrainConfig(box_context=True, resolution=64, crop=48), ["cat"], None)
     assert mask.box_head is None and not mask.config.box_context
+
+
+def _boxes_at(rows: list, size: int = 64, seed: int = 0):
+    """Box samples of noise images, one box per row (x0, y0, x1, y1) in share of the image, class 1."""
+    from tessera.model.postprocess import box_sample
+
+    rng = np.random.default_rng(seed)
+    return [box_sample(rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                       np.array([[*(np.array(r) * size), 1]]), 0.5, f"s{i}") for i, r in enumerate(rows)]
+
+
+def test_boxes_that_sit_off_the_middle_mean_the_images_have_an_up():
+    """Heads in the top third of every photo (Pets: 0.37 of the height) -> upright; objects scattered
+    over the whole image (nuclei) -> not; too few images to tell -> not."""
+    from tessera.model.data import make_nuclei
+    from tessera.model.train_vqvae import upright
+
+    rng = np.random.default_rng(1)
+    top = [(x, y, x + 0.3, y + 0.3) for x, y in zip(rng.uniform(0, 0.7, 20), rng.uniform(0.0, 0.25, 20))]
+    spread = [(x, y, x + 0.3, y + 0.3) for x, y in zip(rng.uniform(0, 0.7, 20), rng.uniform(0.0, 0.7, 20))]
+    assert upright(_boxes_at(top))
+    assert not upright(_boxes_at(spread))
+    assert not upright(make_nuclei(20, size=64, seed=0))
+    assert not upright(_boxes_at(top[:2]))
+
+
+def test_a_box_model_of_upright_images_trains_without_quarter_turns(tmp_path):
+    """The run's stored train_config says what the batcher did: rot90 off for a box model whose boxes sit
+    at the top, kept for the same images' mask model and for a box model of scattered boxes."""
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.model.train_vqvae import TrainConfig, train
+
+    rng = np.random.default_rng(1)
+    top = _boxes_at([(x, y, x + 0.3, y + 0.3) for x, y in zip(rng.uniform(0, 0.7, 8), rng.uniform(0, 0.2, 8))])
+    spread = _boxes_at([(x, y, x + 0.3, y + 0.3) for x, y in zip(rng.uniform(0, 0.7, 8), rng.uniform(0, 0.7, 8))])
+    base = dict(max_iters=2, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=2,
+                device="cpu", threads=1, seed=0)
+    rot = {}
+    for name, kw, data in (("box_top", dict(box_shrink=0.5, box_head=True), top),
+                           ("mask_top", dict(), top),
+                           ("box_spread", dict(box_shrink=0.5, box_head=True), spread)):
+        ckpt = load_checkpoint(train(TrainConfig(**base, **kw), data[:6], data[6:], ["head"], tmp_path / f"{name}.pt"),
+                               "vqvae")
+        rot[name] = ckpt["train_config"]["rot90"]
+    assert rot == {"box_top": False, "mask_top": True, "box_spread": True}, rot
