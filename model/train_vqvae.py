@@ -103,7 +103,7 @@ class TrainConfig:
                                      # that shows the median image R px long): large objects (a Pets head, a
                                      # third of the photo) are seen smaller, inside the encoder's ~75 px
                                      # receptive field. Pets heads, 600 iterations, seeds 0-2, 1.0 -> 0.5 (scale
-                                     # 0.5 -> 0.33): AP50 0.159 +- 0.048 -> 0.210 +- 0.010 with quarter turns,
+                                     # 0.5 -> 0.33): AP50 0.159 +- 0.048 -> 0.210 +- 0.009 with quarter turns,
                                      # 0.443 +- 0.081 -> 0.462 +- 0.079 without (within the noise; precision
                                      # after the cut 0.45 -> 0.61). DSB's scale is set by its small nuclei:
                                      # the floor does not bind there
@@ -212,7 +212,7 @@ def upright(samples: list[Sample]) -> bool:
     standard errors off), DSB nuclei at 0.51 / 0.50 (1.5). Quarter turns would then show the model
     heads sideways and upside down, which it never meets: Pets head boxes without them, 600 iterations,
     3 seeds, AP50 0.443 +- 0.081 against 0.159 +- 0.048 (box_floor 1.0), 0.462 +- 0.079 against 0.210 +-
-    0.010 (box_floor 0.5; bench/results/regions_pets_heads_600_*.json). Mask models keep them (unmeasured)."""
+    0.009 (box_floor 0.5; bench/results/regions_pets_heads_600_*.json). Mask models keep them (unmeasured)."""
     centres = []
     for s in samples:
         b, _ = true_objects(s)
