@@ -30,13 +30,10 @@ class BoxHead(nn.Module):
     """Encoder features at R, R/2, ... -> (heat logits (B, C, h, w), log size (B, 2, h, w), offset (B, 2, h, w))
     at h = H / stride, stride = 2 ** level."""
 
-    def __init__(self, widths, n_classes: int, level: int = 1, channels: int = 32, context: bool = False):
+    def __init__(self, widths, n_classes: int, level: int = 1, channels: int = 32):
         super().__init__()
         self.level = level
         self.lateral = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths[level:])
-        # the coarsest features averaged over the image, added at every cell: what kind of object the
-        # image holds (a cat's head or a dog's) is one answer per image, wider than the cells' receptive field
-        self.context = nn.Linear(widths[-1], channels) if context else None
         self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
         self.heat = nn.Conv2d(channels, n_classes, 1)
@@ -53,8 +50,10 @@ class BoxHead(nn.Module):
         h = self.lateral[0](fs[0])
         for lat, f in zip(self.lateral[1:], fs[1:]):
             h = h + F.interpolate(lat(f), size=h.shape[-2:], mode="nearest")
-        if self.context is not None:
-            h = h + self.context(fs[-1].mean((2, 3)))[:, :, None, None]   # (B, C_last) -> (B, channels, 1, 1)
+        # Tried: the coarsest features' mean over the image added at every cell (what the image holds, cat or
+        # dog, is one answer per image): Pets heads, 600 iterations, seeds 0-2, without quarter turns, AP50
+        # 0.450 +- 0.106 against 0.462 +- 0.079 (0.571 / 0.313 / 0.466 vs 0.516 / 0.350 / 0.520; with quarter
+        # turns, seed 0, 0.140 vs 0.200): not kept
         h = self.body(h)
         return self.heat(h), self.size(h), self.offset(h)
 

@@ -98,7 +98,6 @@ class TrainConfig:
                                      # 1.79 AP50 0.505 +- 0.021 vs 0.522 +- 0.020 (3 seeds; boxes >= 24 px
                                      # 0.69 -> 0.48 recall), native scale 1.53 0.505 vs 0.633 (seed 0) at 2.3x
                                      # the forward time: not the default
-    box_context: bool = False        # a new box model's head also sees the image's mean features (boxhead.py)
     box_floor: float = 0.5           # a box model's least scale, as a share of the letterbox floor (the scale
                                      # that shows the median image R px long): large objects (a Pets head, a
                                      # third of the photo) are seen smaller, inside the encoder's ~75 px
@@ -402,8 +401,7 @@ def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None
             model = vqvae_from_checkpoint(ckpt)
             logger.info("warm start from %s (iter %s)", init_from, ckpt.get("iter_num"))
             if model.config.box_classes != box_classes:      # the head comes or goes; the rest is kept
-                warm = VQVAE(dataclasses.replace(model.config, box_classes=box_classes,
-                                                 box_context=cfg.box_context and box_classes > 0))
+                warm = VQVAE(dataclasses.replace(model.config, box_classes=box_classes))
                 warm.load_state_dict({k: v for k, v in model.state_dict().items()
                                       if not k.startswith("box_head.")}, strict=False)
                 model = warm
@@ -413,7 +411,7 @@ def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None
     config = VQVAEConfig(resolution=cfg.resolution, n_labels=len(label_names) + 2, widths=tuple(cfg.widths),
                          codebook_size=cfg.codebook_size, embed_dim=cfg.embed_dim,
                          image_dropout=cfg.image_dropout, boundary_width=cfg.boundary_width,
-                         box_classes=box_classes, box_context=cfg.box_context and box_classes > 0)
+                         box_classes=box_classes)
     return VQVAE(config), 0
 
 

@@ -255,7 +255,6 @@ class VQVAEConfig:
     boundary_width: int = 1                 # object outline width in pixels at R
     box_classes: int = 0                    # > 0: a box detection head for this many classes (model/boxhead.py)
     box_level: int = 1                      # the head's finest feature level: cells of 2 ** box_level px
-    box_context: bool = False               # the head also sees the whole image's mean features (boxhead.py)
 
     def __post_init__(self):
         if self.resolution % 2 ** (len(self.widths) - 1):
@@ -281,8 +280,7 @@ class VQVAE(nn.Module):
                                    dead_threshold=config.dead_threshold)
         self.decoder = Decoder(config.n_labels, w, config.embed_dim)
         self.code_predictor = CodePredictor(w, config.embed_dim, config.n_predictor_layers)
-        self.box_head = BoxHead(w, config.box_classes, config.box_level,
-                                context=config.box_context) if config.box_classes else None
+        self.box_head = BoxHead(w, config.box_classes, config.box_level) if config.box_classes else None
 
     def features(self, image):
         """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8."""

@@ -195,35 +195,6 @@ def test_box_floor_lets_a_box_model_see_large_objects_smaller_than_the_letterbox
     assert scales["box_full"] == 1.0 and scales["mask"] == 1.0, scales
 
 
-def test_box_context_lets_every_cell_see_the_whole_image():
-    """With context, the head's output at a cell changes when the coarsest features change far outside
-    its receptive field (what the image holds is one answer per image); without, it does not."""
-    torch.manual_seed(0)
-    widths = (8, 16, 32, 32)
-    feats = [torch.randn(1, w, 64 // 2 ** i, 64 // 2 ** i) for i, w in enumerate(widths)]
-    far = [f.clone() for f in feats]
-    far[-1][:, :, -1, -1] += 5.0                      # the coarsest level's far corner only
-    for context, changes in ((True, True), (False, False)):
-        head = BoxHead(widths, n_classes=2, context=context).eval()
-        with torch.no_grad():
-            a, b = head(feats)[0][0, :, 0, 0], head(far)[0][0, :, 0, 0]   # heat at the opposite corner
-        assert (not torch.allclose(a, b)) == changes, (context, a, b)
-
-
-def test_box_context_is_kept_in_the_model_config_and_old_configs_load_without_it():
-    from dataclasses import asdict
-
-    from tessera.model.train_vqvae import TrainConfig, build_model
-
-    model, _ = build_model(TrainConfig(box_shrink=0.5, box_head=True, box_context=True, resolution=64, crop=48),
-                           ["cat", "dog"], None)
-    assert model.config.box_context and model.box_head.context is not None
-    old = {k: v for k, v in asdict(model.config).items() if k != "box_context"}
-    assert VQVAE(VQVAEConfig(**old)).box_head.context is None
-    mask, _ = build_model(TrainConfig(box_context=True, resolution=64, crop=48), ["cat"], None)
-    assert mask.box_head is None and not mask.config.box_context
-
-
 def _boxes_at(rows: list, size: int = 64, seed: int = 0):
     """Box samples of noise images, one box per row (x0, y0, x1, y1) in share of the image, class 1."""
     from tessera.model.postprocess import box_sample
