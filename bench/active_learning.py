@@ -1,28 +1,30 @@
-"""Active learning where labels still matter: a nuclei project with mixed imaging modalities.
+"""Active learning where labels still matter: which order of labelling reaches the full-data quality first.
 
-DSB 2018 (../shared/data/dsb2018, 256 px) holds dark-field fluorescence images (~80%) and bright-field
-ones (H&E and other stains, brightfield: ~20%) that look nothing alike. A project like this is labelled
-for every modality, so quality here is the mean over modalities of the foreground IoU per image
-(macro), on a test set with the same number of images of each (the natural-frequency mean is reported
-too). Labelling at random mostly picks the common modality; the question is which ordering reaches 95%
-of the full-data quality with the fewest labels.
+Setting: DSB 2018 at 256 px (../shared/data/dsb2018) holds dark-field fluorescence images (~75%) and
+bright-field ones (H&E and other stains: ~25%) that look nothing alike. A project like this is labelled
+for every modality, so quality is the mean over modalities of the foreground IoU per image (macro), on a
+held-back test set with the same number of images of each (the natural-frequency mean is kept too).
 
-Strategies, each from the same random start set per seed, adding labels in rounds (warm-started
-training of a fixed number of iterations per round, as a Tessera run warm-starts from the served
-version):
-- random;
-- score: lowest Tessera task score first (Predictor.predict(...).score, what "Sort by Prediction score"
-  orders by without a priority);
-- diversity: farthest-first in the label model's image-embedding space (model.acquisition.select);
-- priority: uncertainty (1 - score) x distance to the nearest labelled image in that space
-  (model.acquisition.priority: per task, so predictions can carry it).
-The reference is a model trained from scratch on the whole pool with as many iterations as a curve.
-Per seed: labels each strategy needs to reach 95% of the reference (linear interpolation between
-rounds); reported as mean and standard deviation over seeds, with the saving against random.
+Design (stop 20; the stop-18 run warm-started 30 iterations per round and its curves were noise):
+- Every point of a curve is a model trained FROM SCRATCH on that labelled set for a fixed number of
+  iterations (--iters) with the seed's training seed, so a point depends only on its labelled set and
+  not on the path that led to it. `--noise` measures first how much the quality of one fixed labelled set
+  moves with the training seed alone, which sets the iterations (and says which differences are real).
+- Per seed: a random start set, then rounds up to each --schedule count; every ordering picks from the
+  same pool with the model trained on its own labelled set. The full-pool model (same iterations) is
+  trained per seed too; the goal is 95% of its mean over seeds.
+- Orderings: random; score (lowest Tessera task score first, what "Sort by Prediction score" gives);
+  diversity (greedy k-center on the label model's image embeddings, model.acquisition.select);
+  udiv (uncertainty x diversity: k-center weighted by 1 - score); priority (the per-task form a labeller
+  can sort by: (1 - score) x distance to the nearest labelled image, top-k, model.acquisition.priority).
+- Reported, mean ± std over seeds: labels to 95% of the full-data quality (interpolated between rounds;
+  a curve that never gets there counts as the largest label count, a lower bound), its saving against
+  random (paired per seed), the quality at every label count, and the area under the quality curve
+  (mean quality over the label range, trapezoids) with its paired difference to random.
 
-    .venv/bin/python -m bench.active_learning [--seeds 3] [--pool 300] [--iters 50] [--quick]
+    python -m bench.active_learning [--name NAME] [--seeds 0 1 2] [--iters 150] [--jobs 2] [--noise K ...]
 
-Writes bench/results/active_learning.json and bench/results/active_learning.png.
+Writes bench/results/active_learning_NAME.json (and .png).
 """
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ import torch
 
 from bench.common import RESULTS, SHARED_DATA, write_result
 
-STRATEGIES = ("random", "priority", "score", "diversity")
-LABELS = {"random": "random", "score": "lowest Tessera score first", "diversity": "diversity (image embeddings)",
-          "priority": "priority (uncertainty x novelty)"}
+STRATEGIES = ("random", "score", "diversity", "priority", "udiv")
+LABELS = {"random": "random", "score": "lowest Tessera score first", "diversity": "diversity (k-center, embeddings)",
+          "udiv": "uncertainty x diversity (weighted k-center)", "priority": "priority column (uncertainty x novelty)"}
 
 
 def modality(image: np.ndarray) -> str:
@@ -66,6 +68,13 @@ def labels_to_reach(curve: list[dict], goal: float, key: str = "quality") -> flo
     return None
 
 
+def area(curve: list[dict], key: str = "quality") -> float:
+    """Mean quality over the curve's label range (trapezoids, label counts as x)."""
+    x = np.array([p["labels"] for p in curve], float)
+    y = np.array([p[key] for p in curve], float)
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0])) if len(x) > 1 else float(y[0])
+
+
 def quality(m_by_group: dict[str, list[float]]) -> dict:
     groups = {g: float(np.mean(v)) for g, v in m_by_group.items()}
     allv = [x for v in m_by_group.values() for x in v]
@@ -74,7 +83,7 @@ def quality(m_by_group: dict[str, list[float]]) -> dict:
 
 
 class Sim:
-    """Training, evaluation and selection for one benchmark run."""
+    """Training (from scratch), evaluation and selection for one benchmark process."""
 
     def __init__(self, args, by_id: dict, test: dict[str, list], names: list[str], work: Path):
         from tessera.model.train_vqvae import TrainConfig
@@ -85,14 +94,15 @@ class Sim:
                                embed_dim=32, crop=96, batch_size=args.batch)
         self.n_fit = 0
 
-    def fit(self, ids: list[str], init: Path | None, name: str, seed: int, iters: int | None = None):
+    def fit(self, ids: list[str], name: str, seed: int):
+        """(predictor, point): a model trained from scratch on ids with training seed `seed`, scored."""
         from tessera.model import metrics
         from tessera.model.inference import Predictor
         from tessera.model.train_vqvae import train
 
-        cfg = dataclasses.replace(self.cfg, seed=seed, max_iters=iters or self.cfg.max_iters)
         t0 = time.time()
-        ckpt = train(cfg, [self.by_id[i] for i in ids], [], self.names, self.work / f"{name}.pt", init_from=init)
+        ckpt = train(dataclasses.replace(self.cfg, seed=seed), [self.by_id[i] for i in ids], [], self.names,
+                     self.work / f"{name}.pt")
         t1 = time.time()
         predictor = Predictor.from_checkpoint(ckpt, device="cpu")
         ious = {}
@@ -100,8 +110,12 @@ class Sim:
             preds = predictor.predict([s.image for s in samples])
             ious[g] = [metrics.iou(p.classes > 0, s.classes > 0) for p, s in zip(preds, samples)]
         self.n_fit += 1
-        return ckpt, predictor, {"labels": len(ids), **quality(ious), "train_s": round(t1 - t0, 1),
-                                 "eval_s": round(time.time() - t1, 1)}
+        ckpt.unlink(missing_ok=True)
+        return predictor, {"labels": len(ids), **quality(ious), "train_s": round(t1 - t0, 1),
+                           "eval_s": round(time.time() - t1, 1)}
+
+    def _scores(self, predictor, images: list[np.ndarray]) -> np.ndarray:
+        return np.array([p.score for b in range(0, len(images), 32) for p in predictor.predict(images[b:b + 32])])
 
     def pick(self, strategy: str, predictor, labelled: list[str], pool: list[str], k: int, rng) -> list[str]:
         from tessera.model import acquisition
@@ -110,28 +124,25 @@ class Sim:
             return rng.sample(pool, k)
         images = [self.by_id[i].image for i in pool]
         if strategy == "score":
-            scores = [p.score for b in range(0, len(images), 32) for p in predictor.predict(images[b:b + 32])]
-            return [pool[j] for j in np.argsort(scores, kind="stable")[:k]]
+            return [pool[j] for j in np.argsort(self._scores(predictor, images), kind="stable")[:k]]
         emb = acquisition.embed(predictor, images)
         lab = acquisition.embed(predictor, [self.by_id[i].image for i in labelled])
         if strategy == "diversity":
             return [pool[j] for j in acquisition.select(emb, lab, k)]
-        scores = np.array([p.score for b in range(0, len(images), 32) for p in predictor.predict(images[b:b + 32])])
-        prio = acquisition.priority(emb, lab, scores)
+        scores = self._scores(predictor, images)
+        if strategy == "udiv":
+            return [pool[j] for j in acquisition.select(emb, lab, k, uncertainty=1.0 - scores)]
+        prio = acquisition.priority(emb, lab, scores)                        # "priority": a sortable column
         return [pool[j] for j in np.argsort(-prio, kind="stable")[:k]]
 
-    def curves(self, strategies: list[str], seed: int, start: list[str], start_fit, pool_ids: list[str],
-               deadline: float) -> dict[str, list[dict]]:
-        """Every strategy's curve, round by round (all strategies finish a round before the next starts,
-        so a run stopped at the deadline still compares them at the same label counts)."""
-        state = {s: {"ckpt": start_fit[0], "predictor": start_fit[1], "labelled": list(start),
-                     "curve": [dict(start_fit[2])], "rng": random.Random(seed * 1000 + 1)} for s in strategies}
+    def curves(self, strategies: list[str], seed: int, start: list[str], start_point: tuple,
+               pool_ids: list[str]) -> dict[str, list[dict]]:
+        """Every strategy's curve, round by round, each point trained from scratch with this seed."""
+        state = {s: {"predictor": start_point[0], "labelled": list(start), "curve": [dict(start_point[1])],
+                     "rng": random.Random(seed * 1000 + 1)} for s in strategies}
         for target in self.args.schedule:
             if target <= len(start):
                 continue
-            if time.time() > deadline:
-                print(f"seed {seed}: budget spent, stopping before {target} labels", flush=True)
-                break
             for strategy, st in state.items():
                 t0 = time.time()
                 taken = set(st["labelled"])
@@ -139,11 +150,9 @@ class Sim:
                 picked = self.pick(strategy, st["predictor"], st["labelled"], pool, target - len(taken), st["rng"])
                 select_s = time.time() - t0
                 st["labelled"] += picked
-                st["ckpt"], st["predictor"], point = self.fit(st["labelled"], st["ckpt"],
-                                                              f"s{seed}-{strategy}-{target}", seed)
-                groups = [modality(self.by_id[i].image) for i in picked]
-                point.update({"select_s": round(select_s, 1), "picked_brightfield": groups.count("brightfield"),
-                              "picked": len(picked)})
+                st["predictor"], point = self.fit(st["labelled"], f"s{seed}-{strategy}-{target}", seed)
+                groups = [modality(self.by_id[i].image) for i in st["labelled"]]
+                point.update({"select_s": round(select_s, 1), "labelled_brightfield": groups.count("brightfield")})
                 st["curve"].append(point)
                 print(f"seed {seed} {strategy:9s} {_short(point)}", flush=True)
         return {s: st["curve"] for s, st in state.items()}
@@ -170,8 +179,9 @@ def _load(args) -> tuple[dict, dict[str, list], list[str], list[str], dict]:
     return by_id, test, names, pool_ids, mix
 
 
-def run_job(args, job: int | None, strategies: list[str]) -> dict:
-    """One process's share: the full-pool reference (job None) or every strategy of one seed."""
+def run_job(args, job: tuple, strategies: list[str]) -> dict:
+    """One process's share: ("seed", s) = every strategy's curve of seed s and that seed's full-pool
+    model; ("noise", k, s) = k fixed labelled images (the first k of a fixed random order), seed s."""
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     t0, cpu0 = time.time(), time.process_time()
@@ -179,99 +189,55 @@ def run_job(args, job: int | None, strategies: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="tessera-al-"))
     sim = Sim(args, by_id, test, names, work)
     try:
-        if job is None:
-            rounds = 1 + len([t for t in args.schedule if t > args.start])
-            _, _, full = sim.fit(pool_ids, None, "full", 0, iters=rounds * args.iters)
-            full["iters"] = rounds * args.iters
-            print(f"full pool: {_short(full)}", flush=True)
-            return {"full": full, "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0, "trainings": 1}
-        start = random.Random(job).sample(pool_ids, args.start)
-        start_fit = sim.fit(start, None, f"s{job}-start", job)
-        print(f"seed {job} start     {_short(start_fit[2])}", flush=True)
-        curves = sim.curves(strategies, job, start, start_fit, pool_ids, t0 + args.budget_s)
-        return {"curves": curves, "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0,
-                "trainings": sim.n_fit}
+        if job[0] == "noise":
+            ids = random.Random(12345).sample(pool_ids, len(pool_ids))[:job[1]] if job[1] else pool_ids
+            _, point = sim.fit(ids, f"noise-{job[1]}-{job[2]}", job[2])
+            print(f"noise {len(ids)} labels seed {job[2]}: {_short(point)}", flush=True)
+            return {"noise": point, "k": len(ids), "seed": job[2]}
+        seed = job[1]
+        full = None
+        if not args.full_from:
+            _, full = sim.fit(pool_ids, f"s{seed}-full", seed)
+            print(f"seed {seed} full pool {_short(full)}", flush=True)
+        start = random.Random(seed).sample(pool_ids, args.start)
+        start_point = sim.fit(start, f"s{seed}-start", seed)
+        print(f"seed {seed} start     {_short(start_point[1])}", flush=True)
+        curves = sim.curves(strategies, seed, start, start_point, pool_ids)
+        return {"seed": seed, "full": full, "curves": curves, "wall_s": time.time() - t0,
+                "cpu_s": time.process_time() - cpu0, "trainings": sim.n_fit}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(SHARED_DATA / "dsb2018"))
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--pool", type=int, default=150, help="unlabelled pool: this many training-split images")
-    ap.add_argument("--test-per-modality", type=int, default=12)
-    ap.add_argument("--start", type=int, default=4, help="labelled images at the start (random)")
-    ap.add_argument("--schedule", default="8,12,16,24", help="labelled images after each round")
-    ap.add_argument("--iters", type=int, default=40, help="training iterations per round (warm-started)")
-    ap.add_argument("--batch", type=int, default=6, help="training batch size")
-    ap.add_argument("--widths", default="8,16,32,48", help="label-model widths (a small model keeps it fast)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--jobs", type=int, default=0, help="processes (seeds and the reference run side by side); "
-                                                        "0 = seeds + 1")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of {STRATEGIES}")
-    ap.add_argument("--budget-s", type=float, default=3600.0,
-                    help="wall seconds per seed after which no new round starts (rounds finished so far count)")
-    ap.add_argument("--tag", default="", help="write active_learning_<tag>.json/.png instead")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds, a few iterations")
-    args = ap.parse_args()
-    args.schedule = [int(x) for x in args.schedule.split(",")]
-    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
-    if not strategies or any(x not in STRATEGIES for x in strategies):
-        ap.error(f"--strategies takes a comma-separated subset of {STRATEGIES}")
-    if args.quick:
-        args.seeds, args.schedule, args.iters, args.pool, args.test_per_modality = 1, args.schedule[:2], 4, 40, 4
-
-    from concurrent.futures import ProcessPoolExecutor
-
-    t_all = time.time()
-    _, test, _, pool_ids, mix = _load(args)
-    n_test = len(next(iter(test.values())))
-    print(f"pool {len(pool_ids)} images {mix}; test {n_test} per modality; {args.iters} iters per round")
-    jobs = [None] + list(range(args.seeds))
-    with ProcessPoolExecutor(max_workers=args.jobs or len(jobs)) as ex:
-        done = list(ex.map(run_job, [args] * len(jobs), jobs, [strategies] * len(jobs)))
-    full = done[0]["full"]
-    n_points = min(len(d["curves"][s]) for d in done[1:] for s in strategies)   # rounds every seed finished
-    curves = {s: [d["curves"][s][:n_points] for d in done[1:]] for s in strategies}
-    summary = summarise(curves, full)
-    print(summary)
-    setup = {"data": Path(args.data).name, "pool": len(pool_ids), "pool_modalities": mix,
-             "test_per_modality": n_test, "start": args.start, "schedule": args.schedule,
-             "iters_per_round": args.iters, "batch": args.batch, "full_iters": full["iters"], "widths": args.widths,
-             "threads_per_process": args.threads, "processes": args.jobs or len(jobs), "seeds": args.seeds,
-             "budget_s_per_seed": args.budget_s, "quick": args.quick, "trainings": sum(d["trainings"] for d in done),
-             "wall_s": round(time.time() - t_all, 1), "cpu_s": round(sum(d["cpu_s"] for d in done), 1),
-             "load_avg_1min_at_end": round(os.getloadavg()[0], 1)}
-    name = "active_learning" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    reference = RESULTS / "active_learning.json"          # the untagged files hold the reference run
-    kept = reference.read_bytes() if name != "active_learning" and reference.exists() else None
-    path = write_result("active_learning", {"summary": summary, "setup": setup, "full_data": full, "curves": curves})
-    if name != "active_learning":
-        path.rename(path.with_name(f"{name}.json"))
-        if kept is not None:
-            reference.write_bytes(kept)
-    plot(curves, full, summary["goal_quality_95pct"], RESULTS / f"{name}.png", setup)
+def _ms(values) -> dict:
+    v = [float(x) for x in values]
+    return {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
 
 
-def summarise(curves: dict[str, list[list[dict]]], full: dict) -> dict:
-    goal = 0.95 * full["quality"]
+def summarise(curves: dict[str, list[list[dict]]], fulls: list[dict]) -> dict:
+    """curves: strategy -> per seed -> points. Labels to 95% of the mean full-pool quality, savings against
+    random (paired per seed), quality per label count and area under the curve, mean ± std over seeds."""
+    full_q = [f["quality"] for f in fulls]
+    goal = 0.95 * float(np.mean(full_q))
+    cap = max(p["labels"] for cs in curves.values() for c in cs for p in c)
     needed = {s: [labels_to_reach(c, goal) for c in cs] for s, cs in curves.items()}
-    out = {"full_data_quality": full["quality"], "goal_quality_95pct": goal, "labels_to_95pct": {}, "saving_vs_random": {}}
-    for s, per_seed in needed.items():
-        reached = [v for v in per_seed if v is not None]
-        out["labels_to_95pct"][s] = {"per_seed": per_seed, "mean": float(np.mean(reached)) if reached else None,
-                                     "std": float(np.std(reached)) if reached else None,
-                                     "reached": f"{len(reached)}/{len(per_seed)}"}
-    if "random" in needed:
-        cap = max(p["labels"] for cs in curves.values() for c in cs for p in c)
-        for s, per_seed in needed.items():
+    capped = {s: [v if v is not None else float(cap) for v in per_seed] for s, per_seed in needed.items()}
+    out = {"full_data_quality": _ms(full_q), "goal_quality_95pct": goal, "labels_to_95pct": {},
+           "saving_vs_random": {}, "quality_per_labels": {}, "area_under_curve": {}, "auc_minus_random": {}}
+    for s, cs in curves.items():
+        out["labels_to_95pct"][s] = {**_ms(capped[s]), "reached": f"{sum(v is not None for v in needed[s])}/{len(cs)}",
+                                     "note": "never reached counts as the largest label count (a lower bound)"}
+        xs = [p["labels"] for p in cs[0]]
+        out["quality_per_labels"][s] = {str(x): _ms([c[j]["quality"] for c in cs]) for j, x in enumerate(xs)}
+        out["area_under_curve"][s] = _ms([area(c) for c in cs])
+    if "random" in curves:
+        for s in curves:
             if s == "random":
                 continue
-            # a curve that never reaches the goal counts as needing the largest label count (a lower bound)
-            sav = [1 - (v if v is not None else cap) / (r if r is not None else cap)
-                   for v, r in zip(per_seed, needed["random"])]
-            out["saving_vs_random"][s] = {"per_seed": sav, "mean": float(np.mean(sav)), "std": float(np.std(sav))}
+            sav = [1 - v / r for v, r in zip(capped[s], capped["random"])]
+            out["saving_vs_random"][s] = {**_ms(sav), "seeds_saving": f"{sum(x > 0 for x in sav)}/{len(sav)}"}
+            d = [area(c) - area(r) for c, r in zip(curves[s], curves["random"])]
+            out["auc_minus_random"][s] = {**_ms(d), "seeds_above": f"{sum(x > 0 for x in d)}/{len(d)}"}
     best = max(out["saving_vs_random"].items(), key=lambda kv: kv[1]["mean"], default=(None, {"mean": None}))
     out.update({"best_ordering": best[0], "best_saving_mean": best[1]["mean"],
                 "target": ">= 30% fewer labels than random to reach 95% of the full-data quality (mean over seeds)",
@@ -279,7 +245,113 @@ def summarise(curves: dict[str, list[list[dict]]], full: dict) -> dict:
     return out
 
 
-def plot(curves: dict[str, list[list[dict]]], full: dict, goal: float, path: Path, setup: dict) -> None:
+def summarise_noise(done: list[dict]) -> dict:
+    out = {}
+    for k in sorted({d["k"] for d in done}):
+        out[str(k)] = _ms([d["noise"]["quality"] for d in done if d["k"] == k])
+        out[str(k)]["train_s"] = float(np.mean([d["noise"]["train_s"] for d in done if d["k"] == k]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(SHARED_DATA / "dsb2018"))
+    ap.add_argument("--name", default="dsb", help="writes bench/results/active_learning_NAME.json/.png")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--pool", type=int, default=150, help="unlabelled pool: this many training-split images")
+    ap.add_argument("--test-per-modality", type=int, default=24)
+    ap.add_argument("--start", type=int, default=2, help="labelled images at the start (random)")
+    ap.add_argument("--schedule", default="3,4,6,8", help="labelled images after each round")
+    ap.add_argument("--iters", type=int, default=150, help="training iterations of every model (from scratch)")
+    ap.add_argument("--batch", type=int, default=8, help="training batch size")
+    ap.add_argument("--widths", default="8,16,32,48", help="label-model widths (a small model keeps it fast)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--jobs", type=int, default=2, help="processes (seeds side by side)")
+    ap.add_argument("--strategies", default="random,score,diversity,priority", help=f"comma-separated, of {STRATEGIES}")
+    ap.add_argument("--noise", type=int, nargs="*", default=None, metavar="K",
+                    help="instead: the quality of the same K labelled images (0 = the whole pool) per seed")
+    ap.add_argument("--full-from", default="", metavar="NAME",
+                    help="take the full-pool models' quality from a --noise run's active_learning_NAME.json (same "
+                         "iterations, batch and widths, K = 0) instead of training them again")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="NAME",
+                    help="instead: summarise the curves of earlier runs active_learning_NAME.json together")
+    args = ap.parse_args()
+    args.schedule = [int(x) for x in args.schedule.split(",")]
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    if not strategies or any(x not in STRATEGIES for x in strategies):
+        ap.error(f"--strategies takes a comma-separated subset of {STRATEGIES}")
+
+    if args.combine:
+        return combine(args)
+    from concurrent.futures import ProcessPoolExecutor
+
+    t_all = time.time()
+    _, test, _, pool_ids, mix = _load(args)
+    n_test = len(next(iter(test.values())))
+    print(f"pool {len(pool_ids)} images {mix}; test {n_test} per modality; {args.iters} iters per model", flush=True)
+    if args.noise is not None:
+        jobs = [("noise", k, s) for k in args.noise for s in args.seeds]
+    else:
+        jobs = [("seed", s) for s in args.seeds]
+    with ProcessPoolExecutor(max_workers=args.jobs) as ex:
+        done = list(ex.map(run_job, [args] * len(jobs), jobs, [strategies] * len(jobs)))
+    setup = {"data": Path(args.data).name, "pool": len(pool_ids), "pool_modalities": mix,
+             "test_per_modality": n_test, "start": args.start, "schedule": args.schedule,
+             "iters_per_model": args.iters, "from_scratch": True, "batch": args.batch, "widths": args.widths,
+             "threads_per_process": args.threads, "processes": args.jobs, "seeds": args.seeds,
+             "wall_s": round(time.time() - t_all, 1), "load_avg_1min_at_end": round(os.getloadavg()[0], 1)}
+    if args.noise is not None:
+        summary = summarise_noise(done)
+        print(summary)
+        write_result(f"active_learning_{args.name}", {"summary": {"quality_of_fixed_labelled_set": summary},
+                                                      "setup": setup, "runs": done})
+        return
+    curves = {s: [d["curves"][s] for d in done] for s in strategies}
+    fulls = full_from(args.full_from, setup) if args.full_from else [d["full"] for d in done]
+    summary = summarise(curves, fulls)
+    print({k: v for k, v in summary.items() if k != "quality_per_labels"})
+    setup.update({"trainings": sum(d["trainings"] for d in done), "cpu_s": round(sum(d["cpu_s"] for d in done), 1)})
+    write_result(f"active_learning_{args.name}", {"summary": summary, "setup": setup, "full_data": fulls,
+                                                  "curves": curves})
+    plot(curves, summary, RESULTS / f"active_learning_{args.name}.png", setup)
+
+
+def full_from(name: str, setup: dict) -> list[dict]:
+    """The full-pool points of a --noise run with the same training setup."""
+    import json
+
+    ref = json.loads((RESULTS / f"active_learning_{name}.json").read_text())
+    for key in ("iters_per_model", "batch", "widths", "pool", "test_per_modality", "data"):
+        if ref["setup"][key] != setup[key]:
+            raise SystemExit(f"--full-from {name}: its {key} is {ref['setup'][key]}, this run's {setup[key]}")
+    fulls = [r["noise"] for r in ref["runs"] if r["k"] == setup["pool"]]
+    if not fulls:
+        raise SystemExit(f"--full-from {name}: it has no whole-pool run (--noise 0)")
+    setup["full_from"] = f"active_learning_{name}.json"
+    return fulls
+
+
+def combine(args) -> None:
+    """One summary of the seeds of several runs with the same setup (each run kept under ~15 minutes)."""
+    import json
+
+    runs = [json.loads((RESULTS / f"active_learning_{n}.json").read_text()) for n in args.combine]
+    strategies = list(runs[0]["curves"])
+    curves = {s: [c for r in runs for c in r["curves"][s]] for s in strategies}
+    fulls = runs[0]["full_data"] if all(r["full_data"] == runs[0]["full_data"] for r in runs) else \
+        [f for r in runs for f in r["full_data"]]
+    setup = {**runs[0]["setup"], "seeds": [s for r in runs for s in r["setup"]["seeds"]],
+             "combined_from": [f"active_learning_{n}.json" for n in args.combine],
+             "wall_s": [r["setup"]["wall_s"] for r in runs], "cpu_s": [r["setup"].get("cpu_s") for r in runs],
+             "load_avg_1min_at_end": [r["setup"]["load_avg_1min_at_end"] for r in runs]}
+    summary = summarise(curves, fulls)
+    print({k: v for k, v in summary.items() if k != "quality_per_labels"})
+    write_result(f"active_learning_{args.name}", {"summary": summary, "setup": setup, "full_data": fulls,
+                                                  "curves": curves})
+    plot(curves, summary, RESULTS / f"active_learning_{args.name}.png", setup)
+
+
+def plot(curves: dict[str, list[list[dict]]], summary: dict, path: Path, setup: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,12 +362,14 @@ def plot(curves: dict[str, list[list[dict]]], full: dict, goal: float, path: Pat
         ys = np.array([[p["quality"] for p in c] for c in cs])          # (seeds, rounds)
         m, sd = ys.mean(0), ys.std(0)
         ax.plot(xs, m, marker="o", label=LABELS[strategy])
-        ax.fill_between(xs, m - sd, m + sd, alpha=0.15)
-    ax.axhline(full["quality"], color="grey", linestyle="--", label=f"all {full['labels']} pool images")
-    ax.axhline(goal, color="grey", linestyle=":", label="95% of that")
+        ax.fill_between(xs, m - sd, m + sd, alpha=0.12)
+    ax.axhline(summary["full_data_quality"]["mean"], color="grey", linestyle="--",
+               label=f"all {setup['pool']} pool images")
+    ax.axhline(summary["goal_quality_95pct"], color="grey", linestyle=":", label="95% of that")
     ax.set_xlabel("labelled images")
     ax.set_ylabel("fg IoU, mean over modalities")
-    ax.set_title(f"{setup['data']}: mixed modalities, {setup['seeds']} seeds (mean ± sd)", fontsize=10)
+    ax.set_title(f"{setup['data']}: {setup['iters_per_model']} iterations per model, "
+                 f"{len(setup['seeds'])} seeds (mean ± sd)", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
