@@ -1,0 +1,33 @@
+"""bench.active_learning's arithmetic: labels to a goal, area under a curve, paired savings."""
+
+import pytest
+
+from bench.active_learning import area, labels_to_reach, summarise
+
+
+def _curve(points):
+    return [{"labels": x, "quality": y} for x, y in points]
+
+
+def test_labels_to_reach_interpolates_between_rounds_and_says_never():
+    c = _curve([(2, 0.5), (4, 0.6), (8, 0.7)])
+    assert labels_to_reach(c, 0.65) == pytest.approx(6.0)
+    assert labels_to_reach(c, 0.4) == 2.0
+    assert labels_to_reach(c, 0.71) is None
+
+
+def test_area_is_the_mean_quality_over_the_label_range():
+    assert area(_curve([(2, 0.5), (4, 0.7), (8, 0.7)])) == pytest.approx((0.6 * 2 + 0.7 * 4) / 6)
+
+
+def test_savings_are_paired_per_seed_and_a_missed_goal_counts_as_the_last_count():
+    full = [{"quality": 1.0}]
+    curves = {"random": [_curve([(2, 0.5), (4, 0.9), (8, 0.96)]), _curve([(2, 0.5), (4, 0.6), (8, 0.7)])],
+              "other": [_curve([(2, 0.5), (4, 0.96), (8, 0.97)]), _curve([(2, 0.5), (4, 0.6), (8, 0.8)])]}
+    s = summarise(curves, full)
+    assert s["labels_to_95pct"]["random"]["per_seed"] == pytest.approx([4 + 4 * 0.05 / 0.06, 8.0])
+    assert s["labels_to_95pct"]["other"]["per_seed"] == pytest.approx([2 + 2 * 0.45 / 0.46, 8.0])
+    saving = s["saving_vs_random"]["other"]
+    assert saving["per_seed"][0] == pytest.approx(1 - (2 + 2 * 0.45 / 0.46) / (4 + 4 * 0.05 / 0.06))
+    assert saving["per_seed"][1] == 0.0 and saving["seeds_saving"] == "1/2"
+    assert s["auc_minus_random"]["other"]["seeds_above"] == "2/2" and not s["meets_target"]
