@@ -30,4 +30,7 @@ def test_savings_are_paired_per_seed_and_a_missed_goal_counts_as_the_last_count(
     saving = s["saving_vs_random"]["other"]
     assert saving["per_seed"][0] == pytest.approx(1 - (2 + 2 * 0.45 / 0.46) / (4 + 4 * 0.05 / 0.06))
     assert saving["per_seed"][1] == 0.0 and saving["seeds_saving"] == "1/2"
+    mean_other, mean_random = (2 + 2 * 0.45 / 0.46 + 8) / 2, (4 + 4 * 0.05 / 0.06 + 8) / 2
+    assert saving["of_means"] == pytest.approx(1 - mean_other / mean_random)
+    assert saving["labels_minus_random"]["mean"] == pytest.approx(mean_other - mean_random)
     assert s["auc_minus_random"]["other"]["seeds_above"] == "2/2" and not s["meets_target"]
