@@ -7,7 +7,8 @@ are greedy farthest-first (k-center core-set, Sener & Savarese 2018, https://arx
 optionally weighted by uncertainty (as in weighted k-center / BADGE-style mixes,
 https://arxiv.org/abs/1906.03671). `priority` is the per-task form (uncertainty x distance to the
 labelled set): it needs no pass over the whole pool, so predictions could carry it. Measured against
-the task score alone and random in bench/active_learning.py.
+the task score alone and random in bench/active_learning.py: on DSB (8 seeds, stop 20) none of these
+orderings saves labels reliably, so the product does not use this module.
 """
 from __future__ import annotations
 
