@@ -247,7 +247,7 @@ def _timed_encode(clock: StageClock, as_json: bool, *args) -> list:
         items = _encode_chunk(*args)
     if not as_json:
         return items
-    with clock("json"):              # ~9 ms a task of 100 objects x 3 controls: off the passes' thread
+    with clock("json"):              # off the passes' thread: json.dumps took ~4 ms a task of 43 objects x 3 controls
         return _as_json(items, True)
 
 

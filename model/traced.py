@@ -48,7 +48,7 @@ class TracedPasses:
                 trace = False
             else:
                 fn, trace = None, self._count(key) >= self.after and key not in self._dropped
-        if trace:
+        if trace:                                       # (two threads at once may both trace it: the last is kept)
             fn = self._trace(key, x)
         return fn(x) if fn is not None else self.module(x)
 
