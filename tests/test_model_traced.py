@@ -30,8 +30,8 @@ def test_traced_predictions_equal_eager_ones_for_every_shape():
     model = _model()
     eager = Predictor(model, ["nucleus"], device="cpu", scale=0.5, tile=64, overlap=16)
     traced = Predictor(model, ["nucleus"], device="cpu", scale=0.5, tile=64, overlap=16, trace=True)
-    images = [s.image for s in make_nuclei(2, size=(96, 120), seed=1)] + [make_nuclei(1, size=(70, 90), seed=2)[0].image,
-                                                                          make_nuclei(1, size=(200, 260), seed=3)[0].image]
+    images = [s.image for s in make_nuclei(2, size=(96, 120), seed=1)]
+    images += [make_nuclei(1, size=(70, 90), seed=2)[0].image, make_nuclei(1, size=(200, 260), seed=3)[0].image]
     want = eager.predict(images)
     for _ in range(3):
         for a, b in zip(want, traced.predict(images)):
