@@ -137,31 +137,38 @@ def test_a_box_model_keeps_the_state_with_the_best_held_back_box_ap(tmp_path):
     assert "best_val_iou_r" not in ckpt["metrics"]
 
 
+def _boxed(s):
+    """A mask sample as a box sample: its instances' boxes, class 1."""
+    from tessera.model.postprocess import box_sample, instance_boxes
+
+    ids = [int(i) for i in np.unique(s.instances) if i]
+    boxes = np.concatenate([instance_boxes(s.instances, ids), np.ones((len(ids), 1))], 1)
+    return box_sample(s.image, boxes, 0.5, s.id)
+
+
+def _scales(tmp_path, base: dict, runs: dict) -> dict:
+    """{name: the object scale a 2-iteration training stores} for runs {name: (TrainConfig fields, samples)}."""
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.model.train_vqvae import TrainConfig, train
+
+    return {name: load_checkpoint(train(TrainConfig(**base, **kw), data[:3], data[3:], ["Nucleus"],
+                                        tmp_path / f"{name}.pt"), "vqvae")["scale"]
+            for name, (kw, data) in runs.items()}
+
+
 def test_box_max_scale_lets_a_box_model_look_closer_than_the_images_pixels(tmp_path):
     """Small objects (make_nuclei's, a few px) at box_object_px: a box model with box_max_scale 3 is seen
     closer than the image's own pixels (scale > 1, capped at 3); with box_max_scale 1 it stays at 1; a mask
     model ignores box_max_scale (its max_scale stays 1)."""
-    from tessera.model.checkpoint import load_checkpoint
     from tessera.model.data import make_nuclei
-    from tessera.model.postprocess import box_sample, instance_boxes
-    from tessera.model.train_vqvae import TrainConfig, train
-
-    def boxed(s):
-        ids = [int(i) for i in np.unique(s.instances) if i]
-        boxes = np.concatenate([instance_boxes(s.instances, ids), np.ones((len(ids), 1))], 1)
-        return box_sample(s.image, boxes, 0.5, s.id)
 
     plain = make_nuclei(4, size=64, seed=3)
-    samples = [boxed(s) for s in plain]
+    samples = [_boxed(s) for s in plain]
     base = dict(max_iters=2, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=2,
                 device="cpu", threads=1, seed=0, box_object_px=40.0)
-    scales = {}
-    for name, kw, data in (("box3", dict(box_shrink=0.5, box_head=True, box_max_scale=3.0), samples),
-                           ("box1", dict(box_shrink=0.5, box_head=True, box_max_scale=1.0), samples),
-                           ("mask", dict(box_max_scale=3.0, object_px=40.0), plain)):
-        ckpt = load_checkpoint(train(TrainConfig(**base, **kw), data[:3], data[3:], ["Nucleus"],
-                                     tmp_path / f"{name}.pt"), "vqvae")
-        scales[name] = ckpt["scale"]
+    scales = _scales(tmp_path, base, {"box3": (dict(box_shrink=0.5, box_head=True, box_max_scale=3.0), samples),
+                                      "box1": (dict(box_shrink=0.5, box_head=True, box_max_scale=1.0), samples),
+                                      "mask": (dict(box_max_scale=3.0, object_px=40.0), plain)})
     assert 1.0 < scales["box3"] <= 3.0, scales
     assert scales["box1"] == 1.0 and scales["mask"] == 1.0, scales
 
@@ -170,27 +177,15 @@ def test_box_floor_lets_a_box_model_see_large_objects_smaller_than_the_letterbox
     """Large objects (a Pets head: half the image) at a small box_object_px: the letterbox floor holds a
     model at the scale that shows the median image R px long; a box model's floor is box_floor x that
     (seen smaller, so its receptive field spans the object), a mask model's stays the letterbox's."""
-    from tessera.model.checkpoint import load_checkpoint
     from tessera.model.data import make_nuclei
-    from tessera.model.postprocess import box_sample, instance_boxes
-    from tessera.model.train_vqvae import TrainConfig, train
-
-    def boxed(s):
-        ids = [int(i) for i in np.unique(s.instances) if i]
-        boxes = np.concatenate([instance_boxes(s.instances, ids), np.ones((len(ids), 1))], 1)
-        return box_sample(s.image, boxes, 0.5, s.id)
 
     plain = make_nuclei(4, size=64, seed=3)
-    samples = [boxed(s) for s in plain]
+    samples = [_boxed(s) for s in plain]
     base = dict(max_iters=2, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=2,
                 device="cpu", threads=1, seed=0, box_object_px=0.5, object_px=0.5)
-    scales = {}
-    for name, kw, data in (("box_half", dict(box_shrink=0.5, box_head=True, box_floor=0.5), samples),
-                           ("box_full", dict(box_shrink=0.5, box_head=True, box_floor=1.0), samples),
-                           ("mask", dict(box_floor=0.5), plain)):
-        ckpt = load_checkpoint(train(TrainConfig(**base, **kw), data[:3], data[3:], ["Nucleus"],
-                                     tmp_path / f"{name}.pt"), "vqvae")
-        scales[name] = ckpt["scale"]
+    scales = _scales(tmp_path, base, {"box_half": (dict(box_shrink=0.5, box_head=True, box_floor=0.5), samples),
+                                      "box_full": (dict(box_shrink=0.5, box_head=True, box_floor=1.0), samples),
+                                      "mask": (dict(box_floor=0.5), plain)})
     assert scales["box_half"] == 0.5, scales            # 64 px images at R 64: floor 1.0, halved
     assert scales["box_full"] == 1.0 and scales["mask"] == 1.0, scales
 
