@@ -114,29 +114,6 @@ def test_batcher_boxes_follow_rotations_flips_zoom_and_crops():
     assert Batcher([sample], cfg, 1, seed=0).get_batch(2, "cpu")[2] is None     # no boxes unless asked
 
 
-def test_a_box_model_keeps_the_state_with_the_best_held_back_box_ap(tmp_path):
-    """A box project is judged by box AP50, so a box model's run keeps the state with the best held-back
-    box AP50 (from the vq phase on), not the best segmentation IoU of its centre map."""
-    from tessera.model.checkpoint import load_checkpoint
-    from tessera.model.data import make_nuclei
-    from tessera.model.postprocess import box_sample, instance_boxes
-    from tessera.model.train_vqvae import TrainConfig, train
-
-    def boxed(s):
-        ids = [int(i) for i in np.unique(s.instances) if i]
-        boxes = np.concatenate([instance_boxes(s.instances, ids), np.ones((len(ids), 1))], 1)
-        return box_sample(s.image, boxes, 0.5, s.id)
-
-    samples = [boxed(s) for s in make_nuclei(8, size=64, seed=3)]
-    cfg = TrainConfig(max_iters=8, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=4,
-                      device="cpu", box_shrink=0.5, box_head=True, threads=1, seed=0)
-    ckpt = load_checkpoint(train(cfg, samples[:6], samples[6:], ["Nucleus"], tmp_path / "m.pt"), "vqvae")
-    scored = [h for h in ckpt["history"] if "val_box_ap50" in h]
-    assert [h["iter"] for h in scored] == [4, 6, 8]                    # the vq phase on (vq_phase 0.5)
-    assert ckpt["metrics"]["best_val_box_ap50"] == max(h["val_box_ap50"] for h in scored)
-    assert "best_val_iou_r" not in ckpt["metrics"]
-
-
 def _boxed(s):
     """A mask sample as a box sample: its instances' boxes, class 1."""
     from tessera.model.postprocess import box_sample, instance_boxes
@@ -154,6 +131,23 @@ def _scales(tmp_path, base: dict, runs: dict) -> dict:
     return {name: load_checkpoint(train(TrainConfig(**base, **kw), data[:3], data[3:], ["Nucleus"],
                                         tmp_path / f"{name}.pt"), "vqvae")["scale"]
             for name, (kw, data) in runs.items()}
+
+
+def test_a_box_model_keeps_the_state_with_the_best_held_back_box_ap(tmp_path):
+    """A box project is judged by box AP50, so a box model's run keeps the state with the best held-back
+    box AP50 (from the vq phase on), not the best segmentation IoU of its centre map."""
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.model.data import make_nuclei
+    from tessera.model.train_vqvae import TrainConfig, train
+
+    samples = [_boxed(s) for s in make_nuclei(8, size=64, seed=3)]
+    cfg = TrainConfig(max_iters=8, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=4,
+                      device="cpu", box_shrink=0.5, box_head=True, threads=1, seed=0)
+    ckpt = load_checkpoint(train(cfg, samples[:6], samples[6:], ["Nucleus"], tmp_path / "m.pt"), "vqvae")
+    scored = [h for h in ckpt["history"] if "val_box_ap50" in h]
+    assert [h["iter"] for h in scored] == [4, 6, 8]                    # the vq phase on (vq_phase 0.5)
+    assert ckpt["metrics"]["best_val_box_ap50"] == max(h["val_box_ap50"] for h in scored)
+    assert "best_val_iou_r" not in ckpt["metrics"]
 
 
 def test_box_max_scale_lets_a_box_model_look_closer_than_the_images_pixels(tmp_path):
