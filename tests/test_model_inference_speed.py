@@ -20,13 +20,13 @@ def test_forward_batches_stay_under_the_pixel_budget_and_change_no_mask(monkeypa
     images = [s.image for s in make_nuclei(7, size=(96, 128), seed=4)]     # each 48x64 at the model's input
     whole = pred.predict(images)
     shapes = []
-    run = pred._run
+    net = pred._net
 
-    def counted(batch):
-        shapes.append(len(batch))
-        return run(batch)
+    def counted(x):
+        shapes.append(x.shape[0])
+        return net(x)
 
-    monkeypatch.setattr(pred, "_run", counted)
+    monkeypatch.setattr(pred, "_net", counted)
     monkeypatch.setattr(inference, "BATCH_PX", 48 * 64 * 3)                # three images per pass
     parts = pred.predict(images)
     assert shapes == [3, 3, 1]
