@@ -263,16 +263,14 @@ def _plain(value: Any):
 
 
 def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfig, media: MediaResolver,
-                 clock: StageClock | None = None):
+                 clock: StageClock):
     """Start fetching + decoding every (task, image) of a chunk: (jobs, futures of arrays or MediaErrors)."""
     jobs = [(i, img) for i, _ in enumerate(tasks) for img in config.images]
 
     def load(job):
         i, img = job
-        if clock is None:
-            return task_image(tasks[i], img, media, working=True)     # a MediaError is logged once, below
         with clock("fetch_decode"):
-            return task_image(tasks[i], img, media, working=True)
+            return task_image(tasks[i], img, media, working=True)     # a MediaError is logged once, below
 
     return jobs, [pool.submit(load, job) for job in jobs]
 

@@ -544,13 +544,6 @@ class Predictor:
         feats, query, logits = self._forward(x)
         return x, feats, query, logits, sizes
 
-    @torch.inference_mode()
-    def _detections(self, feats) -> list[np.ndarray]:
-        """The box head's boxes on a batch's features: per image (N, 6) (x0, y0, x1, y1, score, class)
-        in model input px."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self._boxes(self.model.detect(feats))
-
     def _boxes(self, heads) -> list[np.ndarray]:
         """The box head's outputs (heat logits, log size, offset) -> per image boxes (N, 6) in input px."""
         heat, size, offset = heads
