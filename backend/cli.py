@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tessera.backend.lsclient import NotFound
-from tessera.backend.settings import Settings, apply_thread_policy
+from tessera.backend.settings import Settings, apply_memory_policy, apply_thread_policy
 
 logger = logging.getLogger("tessera")
 
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     apply_thread_policy(settings)         # before anything imports torch
+    apply_memory_policy(settings)
     _setup_logging(settings)
     try:
         return args.fn(args, settings)

@@ -4,10 +4,11 @@
 buffers request bodies before dispatch; a server in front that does not buffer them can be starved by slow
 clients.
 """
-from tessera.backend.settings import Settings, apply_thread_policy, configure_logging
+from tessera.backend.settings import Settings, apply_memory_policy, apply_thread_policy, configure_logging
 
 settings = Settings.from_env()
 apply_thread_policy(settings)           # before backend.app imports torch
+apply_memory_policy(settings)
 
 from tessera.backend.app import create_app      # noqa: E402
 from tessera.backend.serving import AccessLog   # noqa: E402
