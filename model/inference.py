@@ -306,25 +306,27 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
     when no core reaches them (tiny objects can be all outline).
     """
     p_bg, p_cls, p_edge = probs[0], probs[1:n_classes + 1], probs[n_classes + 1]
-    fg = p_bg < 0.5
-    core = fg & (p_edge * edge_weight * (1 - edge_share) < edge_share * p_cls.sum(0))
-    n_core, inst = cv2.connectedComponents(core.astype(np.uint8), connectivity=4)
-    rest = fg & ~core
-    if rest.any():
-        # grow the cores over the boundary pixels (bands are a few pixels wide), never across background
-        grow, kernel = inst.astype(np.float32), np.ones((3, 3), np.uint8)
-        for _ in range(grow_steps if n_core > 1 else 0):
-            near = cv2.dilate(grow, kernel)
-            take = rest & (grow == 0) & (near > 0)
-            if not take.any():
-                break
-            grow[take] = near[take]
-        inst = grow.astype(np.int32)
-        n_rest, extra = cv2.connectedComponents((rest & (inst == 0)).astype(np.uint8), connectivity=8)
-        inst[extra > 0] = extra[extra > 0] + n_core - 1
-    # per-object sums over the object pixels only: objects cover a fraction of the image
-    where = np.flatnonzero(inst)
-    ids = inst.ravel()[where]
+    H, W = p_bg.shape
+    # the per-pixel tests below run on the foreground pixels only (flat indices): objects cover a
+    # fraction of the image, and these were full-image passes (stop 21: 18 -> ~8 ms at 520x696)
+    fg_at = np.flatnonzero(p_bg < 0.5)
+    cls_mass = p_cls.reshape(n_classes, -1)[:, fg_at].sum(0)
+    is_core = p_edge.reshape(-1)[fg_at] * edge_weight * (1 - edge_share) < edge_share * cls_mass
+    core = np.zeros(H * W, np.uint8)
+    core[fg_at[is_core]] = 1
+    n_core, inst = cv2.connectedComponents(core.reshape(H, W), connectivity=4)
+    rest_at = fg_at[~is_core]
+    if rest_at.size:
+        inst = _grow_cores(inst, rest_at, grow_steps if n_core > 1 else 0)
+        left = rest_at[inst.reshape(-1)[rest_at] == 0]      # boundary pixels no core reached
+        if left.size:
+            alone = np.zeros(H * W, np.uint8)
+            alone[left] = 1
+            _, extra = cv2.connectedComponents(alone.reshape(H, W), connectivity=8)
+            inst.reshape(-1)[left] = extra.reshape(-1)[left] + n_core - 1
+    # per-object sums over the object pixels only
+    where = fg_at[inst.reshape(-1)[fg_at] > 0]              # object pixels are foreground pixels
+    ids = inst.reshape(-1)[where]
     n = int(ids.max()) + 1 if ids.size else 1
     counts = np.bincount(ids, minlength=n)
     mass = np.stack([np.bincount(ids, p.ravel()[where], minlength=n) for p in p_cls])  # (C, n)
@@ -338,10 +340,31 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
     label_of = np.where(keep, mass.argmax(0) + 1, 0).astype(np.int32)
     score_of = (fg_mass / np.maximum(counts, 1))[keep]
     labels = label_of[keep]
-    instances = remap[inst]
-    classes = label_of[inst]
+    instances, classes = np.zeros(H * W, np.int32), np.zeros(H * W, np.int32)
+    instances[where], classes[where] = remap[ids], label_of[ids]
+    instances, classes = instances.reshape(H, W), classes.reshape(H, W)
     return (classes, instances, {i + 1: int(c) for i, c in enumerate(labels)},
             {i + 1: float(v) for i, v in enumerate(score_of)})
+
+
+def _grow_cores(inst: np.ndarray, todo: np.ndarray, steps: int) -> np.ndarray:
+    """Cores (H, W) int32 grown over the pixels `todo` (flat indices), one 8-neighbour step at a time: a pixel
+    takes the largest label among its neighbours once one has a label (a 3x3 dilation restricted to `todo`).
+    Each step gathers the neighbours of the pixels still unclaimed instead of dilating the whole image."""
+    H, W = inst.shape
+    grid = np.zeros((H + 2, W + 2), np.int32)             # zero border: outside pixels never give a label
+    grid[1:-1, 1:-1] = inst
+    flat = grid.reshape(-1)
+    todo = (todo // W + 1) * (W + 2) + todo % W + 1        # flat indices in the bordered grid
+    step = np.array([-W - 3, -W - 2, -W - 1, -1, 1, W + 1, W + 2, W + 3])
+    for _ in range(steps):
+        near = flat[todo[:, None] + step].max(1)
+        take = near > 0
+        if not take.any():
+            break
+        flat[todo[take]] = near[take]
+        todo = todo[~take]
+    return grid[1:-1, 1:-1].copy()
 
 
 def task_score(p_fg: np.ndarray, pred_fg: np.ndarray, eps: float = 0.05) -> float:
