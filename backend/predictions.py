@@ -19,8 +19,8 @@ import numpy as np
 
 from tessera.backend.label_config import Control, ImageObject, LabelConfig
 from tessera.backend.media import MediaError, MediaResolver
-from tessera.backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value, result_label,
-                             results_to_maps)
+from tessera.backend.regions import (boxes_to_results, instances_to_results, object_slices, region_to_mask,
+                                     region_value, result_label, results_to_maps)
 from tessera.backend.settings import Settings
 from tessera.backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
 from tessera.model.registry import Registry, VersionInfo
@@ -135,7 +135,7 @@ def _empty(version: str, reason: str = "") -> dict:
 def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model_labels: list[str],
                           id_prefix: str = "") -> list[dict]:
     """A model Prediction for one image -> LS results for every control on that image."""
-    out = []
+    out, slices = [], None
     for control in config.controls:
         if control.to_name != image_name:
             continue
@@ -144,8 +144,11 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
         boxes = getattr(pred, "boxes", None)
         if boxes is not None and control.type == "rectanglelabels":     # a box model: boxes may overlap
             out += boxes_to_results(boxes, labels, pred.instance_score, control, *pred.instances.shape, id_prefix)
-        else:
-            out += instances_to_results(pred.instances, labels, pred.instance_score, control, id_prefix)
+            continue
+        if slices is None and control.type != "brushlabels" and pred.instance_label:
+            # one pass over the map for every control's bounding boxes (polygons and rectangles both need them)
+            slices = object_slices(pred.instances, sorted(pred.instance_label))
+        out += instances_to_results(pred.instances, labels, pred.instance_score, control, id_prefix, slices=slices)
     return out
 
 
