@@ -308,7 +308,8 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
     p_bg, p_cls, p_edge = probs[0], probs[1:n_classes + 1], probs[n_classes + 1]
     H, W = p_bg.shape
     # the per-pixel tests below run on the foreground pixels only (flat indices): objects cover a
-    # fraction of the image, and these were full-image passes (stop 21: 18 -> ~8 ms at 520x696)
+    # fraction of the image, and these were full-image passes (stop 21, 520x696: 18 -> 8 ms at 4% foreground,
+    # 19 -> 14 ms at 26%, equal at 70-96%, 32 -> 39 ms with every pixel foreground)
     fg_at = np.flatnonzero(p_bg < 0.5)
     cls_mass = p_cls.reshape(n_classes, -1)[:, fg_at].sum(0)
     is_core = p_edge.reshape(-1)[fg_at] * edge_weight * (1 - edge_share) < edge_share * cls_mass
@@ -350,21 +351,17 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
 def _grow_cores(inst: np.ndarray, todo: np.ndarray, steps: int) -> np.ndarray:
     """Cores (H, W) int32 grown over the pixels `todo` (flat indices), one 8-neighbour step at a time: a pixel
     takes the largest label among its neighbours once one has a label (a 3x3 dilation restricted to `todo`).
-    Each step gathers the neighbours of the pixels still unclaimed instead of dilating the whole image."""
-    H, W = inst.shape
-    grid = np.zeros((H + 2, W + 2), np.int32)             # zero border: outside pixels never give a label
-    grid[1:-1, 1:-1] = inst
-    flat = grid.reshape(-1)
-    todo = (todo // W + 1) * (W + 2) + todo % W + 1        # flat indices in the bordered grid
-    step = np.array([-W - 3, -W - 2, -W - 1, -1, 1, W + 1, W + 2, W + 3])
+    Each step dilates the whole map (OpenCV, fast) but reads and writes only the pixels still unclaimed."""
+    grow = inst.astype(np.float32)                          # OpenCV dilates float32, not int32 (ids < 2**24)
+    flat, kernel = grow.reshape(-1), np.ones((3, 3), np.uint8)
     for _ in range(steps):
-        near = flat[todo[:, None] + step].max(1)
+        near = cv2.dilate(grow, kernel).reshape(-1)[todo]
         take = near > 0
         if not take.any():
             break
         flat[todo[take]] = near[take]
         todo = todo[~take]
-    return grid[1:-1, 1:-1].copy()
+    return grow.astype(np.int32)
 
 
 def task_score(p_fg: np.ndarray, pred_fg: np.ndarray, eps: float = 0.05) -> float:
