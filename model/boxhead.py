@@ -123,6 +123,18 @@ def box_losses(outputs, targets: dict) -> dict:
 # decoding
 
 
+def flip_average(heads, mirrored) -> tuple:
+    """The head's outputs on an image and on its mirror image (left-right), the latter flipped back, averaged
+    (test-time flip: the head was trained on mirrored images too). Heat logits and log sizes average as they
+    are; a mirrored cell's x offset o (centre - cell corner, in cells) is 1 - o at the unmirrored cell.
+    Pets heads, 600 iterations, seeds 0-2 (the same checkpoints with and without): AP50 0.516 / 0.350 / 0.520
+    -> 0.588 / 0.494 / 0.563. Averaging probabilities instead of logits: 0.565 / 0.496 / 0.551."""
+    heat, size, offset = (t.float() for t in heads)
+    m_heat, m_size, m_offset = (t.float().flip(-1) for t in mirrored)
+    m_offset = torch.cat([1 - m_offset[:, :1], m_offset[:, 1:]], 1)
+    return (heat + m_heat) / 2, (size + m_size) / 2, (offset + m_offset) / 2
+
+
 @torch.no_grad()
 def decode_boxes(heat: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, stride: int,
                  max_boxes: int = 300, min_score: float = 0.05) -> list[np.ndarray]:

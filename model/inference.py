@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .boxhead import decode_boxes
+from .boxhead import decode_boxes, flip_average
 from .checkpoint import load_checkpoint
 from .data import relabel, semantic_instances
 from .postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, resolve_cut
@@ -447,6 +447,7 @@ class Predictor:
         self.box_shrink = box_shrink    # < 1: a box model, its objects are box centres ...
         self.box_grow = box_grow or 1.0 / box_shrink   # ... grown back by this (learned, else 1 / shrink)
         self.has_box_head = model.box_head is not None  # boxes from the detection head (model/boxhead.py)
+        self.box_flip = self.has_box_head   # its outputs averaged with the mirror image's (boxhead.flip_average)
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
         # predict()'s passes, traced per input shape once it recurs (model/traced.py: one GIL take per pass);
@@ -466,9 +467,11 @@ class Predictor:
         tc = ckpt.get("train_config") or {}
         scale = ckpt.get("scale")
         cut = resolve_cut(ckpt.get("region_cut"), precision_target, min_score)
-        return cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
+        pred = cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
                    scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
                    box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace)
+        pred.box_flip = pred.has_box_head and bool(tc.get("flips", True))   # a head never shown mirror images
+        return pred
 
     # --- batched network pass --------------------------------------------------------------------
 
@@ -976,7 +979,13 @@ class _PredictPass(torch.nn.Module):
         if not p.has_box_head:
             return (logits,)
         with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.bf16):
-            return (logits, *p.model.detect(feats))
+            heads = p.model.detect(feats)
+            if p.box_flip:
+                mirror = x.flip(-1)
+                if p.bf16:
+                    mirror = mirror.contiguous(memory_format=torch.channels_last)
+                heads = flip_average(heads, p.model.detect(p.model.features(mirror)))
+            return (logits, *heads)
 
 
 def _probs_cpu(logits: np.ndarray, shape: tuple[int, int], log_edge_weight: float) -> np.ndarray:

@@ -227,3 +227,79 @@ def test_a_box_model_of_upright_images_trains_without_quarter_turns(tmp_path):
                                "vqvae")
         rot[name] = ckpt["train_config"]["rot90"]
     assert rot == {"box_top": False, "mask_top": True, "box_spread": True}, rot
+
+
+def test_flip_average_of_an_image_and_its_mirror_decodes_the_images_boxes():
+    """The head's outputs on an image and on its mirror image, averaged by flip_average, decode to the
+    image's own boxes: the mirror's maps are flipped back and its x offsets (centre - cell corner) become
+    1 - o. Centres sit off the cells' middles, so a plain average of the offsets would move the boxes."""
+    from tessera.model.boxhead import flip_average
+
+    h, w, stride = 12, 20, 2
+    W = w * stride
+    boxes = np.array([[3.0, 4, 13.6, 12, 1], [20.2, 2, 33, 20.4, 2]])
+    mirror = np.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3], boxes[:, 4]], 1)
+
+    def heads(b):
+        t = encode_boxes([b], 2, (h, w), stride)
+        return torch.logit(t["heat"].clamp(1e-4, 1 - 1e-4)), t["size"], t["offset"]
+
+    heat, size, offset = flip_average(heads(boxes), heads(mirror))
+    got = decode_boxes(heat.sigmoid(), size, offset, stride, min_score=0.5)[0]
+    got = got[np.argsort(got[:, 0])]
+    assert got.shape == (2, 6)
+    assert np.allclose(got[:, :4], boxes[:, :4], atol=1e-3), (got, boxes)
+    assert got[:, 5].tolist() == [1.0, 2.0]
+    (a_heat, a_size, a_offset), (m_heat, m_size, m_offset) = heads(boxes), heads(mirror)
+    plain = decode_boxes(((a_heat + m_heat.flip(-1)) / 2).sigmoid(), (a_size + m_size.flip(-1)) / 2,
+                         (a_offset + m_offset.flip(-1)) / 2, stride, min_score=0.5)[0]
+    assert not np.allclose(np.sort(plain[:, 0]), got[:, 0], atol=0.1)   # the offsets' mirroring matters
+
+
+def _box_predictor(**kw):
+    from tessera.model.inference import Predictor
+
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(resolution=64, n_labels=4, widths=(8, 16, 32, 48), box_classes=2))
+    for p in model.box_head.parameters():          # a head whose maps vary over the image
+        torch.nn.init.normal_(p, std=0.3)
+    return Predictor(model, ["cat", "dog"], device="cpu", scale=1.0, box_shrink=0.5, bf16=False, **kw)
+
+
+def test_a_box_predictor_sees_an_image_and_its_mirror_alike():
+    """With the test-time flip (the default for a box head) the head's maps of a mirrored image are the
+    image's maps mirrored (x offsets as 1 - o); without it, this untrained head's are not."""
+    x = torch.rand(1, 3, 32, 48)
+
+    def mirrored_pair(pred):
+        _, (heat, size, offset) = pred._net(x)
+        _, (m_heat, m_size, m_offset) = pred._net(x.flip(-1))
+        m_offset = torch.cat([1 - m_offset[:, :1], m_offset[:, 1:]], 1).flip(-1)
+        return [(a.float(), b.float()) for a, b in ((heat, m_heat.flip(-1)), (size, m_size.flip(-1)), (offset, m_offset))]
+
+    pred = _box_predictor()
+    assert pred.box_flip
+    for a, b in mirrored_pair(pred):
+        assert torch.allclose(a, b, atol=1e-5)
+    pred.box_flip = False
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in mirrored_pair(pred))
+
+
+def test_a_box_model_trained_without_mirror_images_is_not_flipped_at_test_time(tmp_path):
+    """from_checkpoint turns the test-time flip on for a box head trained with flips, off without them
+    (it never saw mirror images), and a model without a head has none."""
+    from tessera.model.data import make_nuclei
+    from tessera.model.inference import Predictor
+    from tessera.model.train_vqvae import TrainConfig, train
+
+    plain = make_nuclei(4, size=64, seed=3)
+    samples = [_boxed(s) for s in plain]
+    base = dict(max_iters=2, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=2,
+                device="cpu", threads=1, seed=0)
+    flips = {}
+    for name, kw, data in (("box", dict(box_shrink=0.5, box_head=True), samples),
+                           ("box_noflip", dict(box_shrink=0.5, box_head=True, flips=False), samples),
+                           ("mask", dict(), plain)):
+        path = train(TrainConfig(**base, **kw), data[:3], data[3:], ["Nucleus"], tmp_path / f"{name}.pt")
+        flips[name] = Predictor.from_checkpoint(path, device="cpu").box_flip
+    assert flips == {"box": True, "box_noflip": False, "mask": False}, flips
