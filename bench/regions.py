@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.regions --task dsb_boxes [--budget 180 | --iters 300] [--max-val 40] [--name N]
         [--methods head centres] [--seeds 0 1 2] [--curve] [--set box_max_scale=2 ...]
+        [--reuse NAME] [--box-flip off on]
     tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
            downsampled to 256 px on their long side, a harder stand-in),
            dsb_native_boxes (the same at the images' own size, 256x256 to 1388x1040, as a user's photos come),
@@ -10,6 +11,9 @@
     methods (box tasks): head (the CenterNet detection head, model/boxhead.py), centres (box centres painted
            into the label map and grown back into boxes, the method before it), baseline (no model: one box of
            the training boxes' median relative size at every image's centre, of the most frequent class)
+    --reuse NAME: no training; the checkpoints run --name NAME left (/tmp/tessera-bench-regions/NAME) are
+           evaluated again, e.g. with --box-flip off on (a row each: the box head's test-time flip, the cut
+           learned again on the held-back images for each)
     --curve: box AP50 on the validation images at every evaluation of the run, against training seconds
            (evaluation time excluded), for "first useful version" (AP50 within 5 points of the run's best)
 
@@ -31,7 +35,7 @@ import torch
 
 from bench.common import dataset, write_result
 from tessera.model import metrics
-from tessera.model.checkpoint import load_checkpoint
+from tessera.model.checkpoint import load_checkpoint, save_checkpoint
 from tessera.model.data import Sample, load_folder, read_image, split_ids
 from tessera.model.inference import Prediction, Predictor
 from tessera.model.postprocess import RegionCut, box_sample, true_objects
@@ -74,7 +78,7 @@ TASKS = {"dsb_boxes": lambda: dsb(True), "dsb_native_boxes": lambda: dsb(True, n
 
 def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0,
         method: str = "head", seed: int = 0, curve: bool = False, box_select: bool = True,
-        overrides: dict | None = None) -> dict:
+        overrides: dict | None = None, reuse: str = "", box_flip: bool | None = None) -> dict:
     samples, names = TASKS[task]()
     by_id = {s.id: s for s in samples}
     train_ids, val_ids = split_ids(list(by_id), 0.2)
@@ -94,11 +98,18 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
                       box_head=method == "head", seed=seed, box_select=box_select, **(overrides or {}))
     points = []
     t0 = time.time()
-    with _curve(points, val, names) if curve else _nothing():
-        ckpt = train_vqvae(cfg, fit, held, names, work / f"{task}_{method}_{seed}_{'ap' if box_select else 'iou'}.pt")
+    ckpt_name = f"{task}_{method}_{seed}_{'ap' if box_select else 'iou'}.pt"
+    if reuse:
+        ckpt = reused(work.parent / reuse / ckpt_name, work / ckpt_name)
+    else:
+        with _curve(points, val, names) if curve else _nothing():
+            ckpt = train_vqvae(cfg, fit, held, names, work / ckpt_name)
     wall = time.time() - t0
     done_iters = int(load_checkpoint(ckpt, "vqvae")["iter_num"])
     pred = Predictor.from_checkpoint(ckpt, device="cpu")
+    if box_flip is not None:      # the stored cut was learned with the run's own setting: learn it again
+        pred.box_flip = pred.has_box_head and box_flip
+        tv.learn_cut(pred, held, precision_target=precision_target)
     t0 = time.time()
     raws = raw_predictions(pred, val)
     predict_s = time.time() - t0
@@ -113,7 +124,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
            "n_train": len(fit), "n_held_back": len(held), "n_val": len(val),
            "val_objects": subset_counts(val, names), "held_back_objects": subset_counts(held, names), "budget_s": 0.0 if iters else budget_s,
-           "overrides": overrides or {}, "scale": pred.scale,
+           "overrides": overrides or {}, "scale": pred.scale, "reused": reuse, "box_flip": pred.box_flip,
            "train_wall_s": round(wall, 1), "train_iters": done_iters, "load_avg_1min_after": os.getloadavg()[0],
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
@@ -123,6 +134,19 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         row["curve"] = points
     print(json.dumps(row), flush=True)
     return row
+
+
+def reused(src: Path, dst: Path) -> Path:
+    """An earlier run's checkpoint (its --name's work folder), copied to this run's: evaluated again without
+    training (decoding changes on the same weights). A `box_context` of False in its model config (stop 20's
+    reverted image-context try wrote one) is dropped, so that such checkpoints load."""
+    if not src.is_file():
+        raise SystemExit(f"--reuse: no checkpoint {src}")
+    ckpt = load_checkpoint(src, "vqvae")
+    if ckpt["model_config"].get("box_context") is False:
+        ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k != "box_context"}
+    save_checkpoint(ckpt, dst)
+    return dst
 
 
 def baseline(task: str, fit: list[Sample], val: list[Sample], names: list[str], seed: int) -> dict:
@@ -248,14 +272,19 @@ class _curve:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean and std over seeds per task and method of the headline figures."""
+    """Mean and std over seeds per task and method (and test-time flip, when rows differ in it) of the
+    headline figures."""
+    flips = len({r.get("box_flip") for r in rows}) > 1
+
+    def group_of(r):
+        return f"{r['task']}_{r['method']}" + (f"_flip_{'on' if r.get('box_flip') else 'off'}" if flips else "")
+
     out = {}
-    for key in sorted({(r["task"], r["method"]) for r in rows}):
-        group = [r for r in rows if (r["task"], r["method"]) == key]
+    for key in sorted({group_of(r) for r in rows}):
+        group = [r for r in rows if group_of(r) == key]
         for k in ("box_ap50", "agnostic_ap50", "precision", "recall", "regions_per_image", "true_per_image"):
             v = [r["after_cut"][k] for r in group]
-            out[f"{key[0]}_{key[1]}_{k}"] = {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4),
-                                             "n": len(v)}
+            out[f"{key}_{k}"] = {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4), "n": len(v)}
     return out
 
 
@@ -278,6 +307,11 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides, e.g. "
                     "box_max_scale=2 (recorded in each row)")
     ap.add_argument("--curve", action="store_true", help="AP50 against training time at every evaluation")
+    ap.add_argument("--reuse", default="", metavar="NAME", help="evaluate the checkpoints the run --name NAME "
+                    "left in its work folder (same task, method, seed) instead of training")
+    ap.add_argument("--box-flip", nargs="+", choices=["on", "off"], default=[], help="a row per setting of "
+                    "the box head's test-time flip (Predictor.box_flip), the cut learned again for each "
+                    "(default: the checkpoint's own)")
     ap.add_argument("--name", default="", help="results file bench/results/<name>.json (default regions_<task>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -288,9 +322,10 @@ def main() -> None:
     for seed in args.seeds:            # every method once before the next seed; the file is rewritten per row
         for t in args.task:
             for m in (args.methods if t != "dsb_masks" else ["head"]):
-                rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m, seed,
-                                args.curve, args.select == "ap", overrides(args.set)))
-                _write(args, rows, load_before)
+                for flip in [f == "on" for f in args.box_flip] or [None]:
+                    rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m,
+                                    seed, args.curve, args.select == "ap", overrides(args.set), args.reuse, flip))
+                    _write(args, rows, load_before)
 
 
 def overrides(pairs: list[str]) -> dict:
