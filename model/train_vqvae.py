@@ -87,7 +87,11 @@ class TrainConfig:
     box_shrink: float = 1.0          # < 1: samples are box-labelled, their label maps hold box centres this size
     box_head: bool = True            # box-labelled (box_shrink < 1): also learn a detection head whose boxes
                                      # are the predictions (model/boxhead.py); False: centres grown into boxes
-    box_weight: float = 1.0          # weight of the detection head's loss
+    box_weight: float = 1.0          # weight of the detection head's loss (tried 3 on Pets heads, 600 iterations,
+                                     # seed 0: AP50 0.466 against 0.516, regions_pets_heads_600_bw3.json)
+    box_level: int = 1               # the detection head's finest feature level: cells of 2 ** box_level model
+                                     # px. Tried 2 (4 px cells) on Pets heads, 600 iterations, seed 0: AP50
+                                     # 0.452 against 0.516 (regions_pets_heads_600_level2.json): not the default
     box_select: bool = True          # a box model keeps the state with the best held-back box AP50 (what its
                                      # project is judged by), not the best segmentation IoU of its centre map
     box_object_px: float = 16.0      # object_px of a model with a box head: its cells are 2 px, so an object
@@ -411,7 +415,7 @@ def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None
     config = VQVAEConfig(resolution=cfg.resolution, n_labels=len(label_names) + 2, widths=tuple(cfg.widths),
                          codebook_size=cfg.codebook_size, embed_dim=cfg.embed_dim,
                          image_dropout=cfg.image_dropout, boundary_width=cfg.boundary_width,
-                         box_classes=box_classes)
+                         box_classes=box_classes, box_level=cfg.box_level)
     return VQVAE(config), 0
 
 
