@@ -366,12 +366,17 @@ def main() -> None:
     ap.add_argument("--only", choices=("demo", "dsb"), default=None, help="one data set only")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny training, few hints")
     ap.add_argument("--tag", default="", help="write interactive_<tag>.json")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="TrainConfig overrides of the trained models, e.g. contact_weight=5 (part of the cache key)")
     args = ap.parse_args()
     if args.quick:
         args.budgets, args.per_hint = [20], 5
     torch.set_num_threads(args.threads)
     t_all, cache = time.time(), Path(args.cache)
     cfg = TrainConfig(device="cpu", threads=args.threads, eval_interval=100, seed=args.seed)
+    if args.set:                                        # --set KEY=VALUE: TrainConfig fields
+        given = TrainConfig.from_args([f"--{kv}" for kv in args.set])
+        cfg = dataclasses.replace(cfg, **{k: getattr(given, k) for k in (kv.split("=", 1)[0] for kv in args.set)})
     results, models = {}, {}
     for iters in args.budgets:
         for name, run in (("demo", run_demo), ("dsb", run_dsb)):
@@ -380,7 +385,7 @@ def main() -> None:
     summary = {name: summarise(r) for name, r in results.items()}
     print(summary)
     payload = {"summary": summary, "targets": TARGETS, "models": models, "results": results,
-               "setup": {"per_hint": args.per_hint, "threads": args.threads, "seed": args.seed, "quick": args.quick,
+               "setup": {"set": list(args.set), "per_hint": args.per_hint, "threads": args.threads, "seed": args.seed, "quick": args.quick,
                          "budgets": args.budgets, "wall_s": round(time.time() - t_all, 1)}}
     reference = RESULTS / "interactive.json"           # a tagged or quick run keeps the reference file
     kept = reference.read_bytes() if (args.quick or args.tag) and reference.exists() else None

@@ -172,7 +172,7 @@ def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> d
 
 
 def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None,
-                iters: int = 0):
+                iters: int = 0, overrides: tuple = ()):
     """Train by wall-clock budget, or (iters > 0) by iterations: fair between arms on a loaded machine."""
     from tessera.model.train_vqvae import TrainConfig, train as train_vqvae
 
@@ -180,6 +180,10 @@ def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_p
                       seed=seed, device="cpu")
     if object_px is not None:
         cfg = TrainConfig(**{**cfg.__dict__, "object_px": object_px})
+    if overrides:                                       # --set KEY=VALUE: TrainConfig fields
+        given = TrainConfig.from_args([f"--{kv}" for kv in overrides])
+        cfg = TrainConfig(**{**cfg.__dict__, **{kv.split("=", 1)[0]: getattr(given, kv.split("=", 1)[0])
+                                                for kv in overrides}})
     t0 = time.time()
     ckpt = train_vqvae(cfg, train, [], names, work / f"tessera_{len(train)}.pt")   # no selection on val
     wall = time.time() - t0
@@ -286,6 +290,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="training seed of every arm")
     ap.add_argument("--object-px", type=float, default=None, help="Tessera's object_px (default: TrainConfig's)")
     ap.add_argument("--no-unet", action="store_true", help="skip the MONAI UNet peer")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="TrainConfig overrides of the Tessera arms, e.g. contact_weight=5 (recorded in each row)")
     ap.add_argument("--iters", type=int, default=0, help="train Tessera for this many iterations instead of "
                     "--budget seconds; the UNet then gets Tessera's training time")
     args = ap.parse_args()
@@ -308,14 +314,15 @@ def main() -> None:
             n = len(train_all) if size == "all" else int(size)
             train = train_all[:n]
             tess, pred = run_tessera(train, val, names, args.budget, work, seed=args.seed, iters=args.iters,
-                                     object_px=args.object_px)
+                                     object_px=args.object_px, overrides=tuple(args.set))
             budget = tess["train_wall_s"] if args.iters else args.budget
             row = {"dataset": name, "n_train": n, "budget_s": budget, "iters": args.iters, "seed": args.seed,
-                   "tessera": tess}
+                   "set": list(args.set), "tessera": tess}
             print(json.dumps(row), flush=True)
             if args.native and not args.no_letterbox:
                 row["tessera_letterbox"] = run_tessera(train, val, names, args.budget, work, object_px=0.0,
-                                                       seed=args.seed, iters=args.iters)[0]
+                                                       seed=args.seed, iters=args.iters,
+                                                       overrides=tuple(args.set))[0]
                 print(json.dumps(row), flush=True)
             if args.no_unet:
                 rows.append(row)
