@@ -84,6 +84,8 @@ class TrainConfig:
                                      # (contact_weights: w0 exp(-r^2 / 2 sigma^2), r the least distance
                                      # in model px holding two objects), so that touching objects part
     contact_sigma: float = 1.0       # its fall-off, in model px
+    contact_boundary: float = 0.0    # > 0: foreground this many model px from a contact between two objects
+                                     # is boundary in the target (a thicker boundary only where they touch)
     dice_weight: float = 0.5         # foreground soft-Dice loss weight
     code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
@@ -193,10 +195,13 @@ class Batcher:
         if boxes is not None:
             boxes = crop_boxes(boxes, ox0, oy0, cw / (ox1 - ox0), ch / (oy1 - oy0), cw, ch)
         weight = None
+        c, k = cls[oy0:oy1, ox0:ox1], inst[oy0:oy1, ox0:ox1]
+        px = max(c.shape[0] / ch, c.shape[1] / cw)            # image px per model px
+        if cfg.contact_boundary > 0:
+            target = contact_band(target, np.where(c > 0, k, 0), max(1, round(cfg.contact_boundary * px)))
         if cfg.contact_weight > 0:
-            c, k = cls[oy0:oy1, ox0:ox1], inst[oy0:oy1, ox0:ox1]
-            weight = pad_to(resize(contact_weights(np.where(c > 0, k, 0), max(c.shape[0] / ch, c.shape[1] / cw),
-                                                   cfg.contact_weight, cfg.contact_sigma), ch, cw), S)
+            weight = pad_to(resize(contact_weights(np.where(c > 0, k, 0), px, cfg.contact_weight,
+                                                   cfg.contact_sigma), ch, cw), S)
         return pad_to(x, S), pad_target(target, S), boxes, weight
 
     def get_batch(self, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor, list | None, torch.Tensor | None]:
@@ -218,15 +223,34 @@ def contact_weights(instances: np.ndarray, px: float, w0: float, sigma: float = 
     objects and lone objects get 0. Each radius is one max and one min filter of the ids (OpenCV), so
     the cost is a few filters per crop, not one distance transform per object."""
     inst = instances.astype(np.float32)                      # ids exact below 2**24
-    none = np.float32(2 ** 24)
-    ids = np.where(inst > 0, inst, none)
+    ids = np.where(inst > 0, inst, np.float32(2 ** 24))
     out = np.zeros(inst.shape, np.float32)
     steps = max(1, math.ceil(3 * sigma * px))                # radii up to steps image px, at most 4 of them
     n = min(steps, 4)
     for r in sorted({1 + round((steps - 1) * j / max(n - 1, 1)) for j in range(n)}, reverse=True):
-        kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
-        lo, hi = cv2.erode(ids, kernel), cv2.dilate(inst, kernel)
-        out[(lo < none) & (hi != lo)] = w0 * math.exp(-(r / px) ** 2 / (2 * sigma ** 2))
+        out[_two_objects_within(inst, ids, r)] = w0 * math.exp(-(r / px) ** 2 / (2 * sigma ** 2))
+    return out
+
+
+def _two_objects_within(inst: np.ndarray, ids: np.ndarray, r: int) -> np.ndarray:
+    """Pixels whose (2r + 1)^2 window holds two different object ids (inst: ids as float32, 0 background;
+    ids: the same with background 2**24): the window's max and min id differ."""
+    kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    lo, hi = cv2.erode(ids, kernel), cv2.dilate(inst, kernel)
+    return (lo < 2 ** 24) & (hi != lo)
+
+
+def contact_band(target: np.ndarray, instances: np.ndarray, r: int) -> np.ndarray:
+    """Soft target (h, w, L) of `instances` (H, W) -> the same with the foreground within r image px of a
+    contact between two objects moved to the boundary class (a thicker boundary where objects touch,
+    the usual 1-px outline elsewhere)."""
+    inst = instances.astype(np.float32)
+    band = _two_objects_within(inst, np.where(inst > 0, inst, np.float32(2 ** 24)), r) & (inst > 0)
+    share = resize(band.astype(np.float32), *target.shape[:2])[..., None]
+    moved = target[..., 1:-1] * share
+    out = target.copy()
+    out[..., 1:-1] -= moved
+    out[..., -1] += moved.sum(-1)
     return out
 
 
