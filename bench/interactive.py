@@ -276,9 +276,10 @@ def run_demo(args, cfg: TrainConfig, iters: int, cache: Path) -> tuple[dict, dic
     predictor = Predictor.from_checkpoint(path, device="cpu")
     print(f"demo data (fresh procedural images, 256 px), model of {iters} iterations:")
     result = over_seeds(predictor, make_nuclei(4 if args.quick else 12, 256, seed=77), args)
-    big = make_nuclei(1, size=(520, 696), seed=78)[0].image
-    result["latency_520x696"] = latency(predictor, big, 5 if args.quick else 20, args.seed)
-    print(f"  latency {result['latency_520x696']}")
+    if not args.no_latency:
+        big = make_nuclei(1, size=(520, 696), seed=78)[0].image
+        result["latency_520x696"] = latency(predictor, big, 5 if args.quick else 20, args.seed)
+        print(f"  latency {result['latency_520x696']}")
     return result, {"iters": iters, "n_train": len(tr), "train_s": train_s}
 
 
@@ -300,7 +301,7 @@ def run_dsb(args, cfg: TrainConfig, iters: int, cache: Path) -> tuple[dict, dict
     result = over_seeds(predictor, [by_id[i] for i in va[:(10 if args.quick else len(va))]], args)
     native = Path(args.data).parent / "dsb2018_native" / "images"
     frame = next((p for p in sorted(native.glob("*.png")) if read_image(p).shape[:2] == (520, 696)), None) \
-        if native.is_dir() else None
+        if native.is_dir() and not args.no_latency else None
     if frame is not None:
         result["latency_520x696"] = latency(predictor, read_image(frame), 5 if args.quick else 20, args.seed)
         print(f"  latency {result['latency_520x696']}")
@@ -366,6 +367,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("demo", "dsb"), default=None, help="one data set only")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny training, few hints")
     ap.add_argument("--tag", default="", help="write interactive_<tag>.json")
+    ap.add_argument("--no-latency", action="store_true", help="quality only (latency is timed on the same "
+                    "passes whatever the training: an A/B of training settings can skip it)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="TrainConfig overrides of the trained models, e.g. contact_weight=5 (part of the cache key)")
     args = ap.parse_args()
