@@ -84,8 +84,10 @@ class TrainConfig:
                                      # (contact_weights: w0 exp(-r^2 / 2 sigma^2), r the least distance
                                      # in model px holding two objects), so that touching objects part
     contact_sigma: float = 1.0       # its fall-off, in model px
-    contact_boundary: float = 0.0    # > 0: foreground this many model px from a contact between two objects
-                                     # is boundary in the target (a thicker boundary only where they touch)
+    # Tried and not kept: a thicker boundary only where objects touch (the foreground within 2 model px of
+    # a contact made boundary in the target, 1 px outline elsewhere): DSB clump clicks 0.648 +- 0.041 with
+    # 40% below 0.5 (24 of 36 failures merged), scribble 0.781 (600 iterations, seed 0, hint draws 0-2;
+    # bench/results/interactive_bound5_cband2_dsb.json): worse than the baseline (see README)
     dice_weight: float = 0.5         # foreground soft-Dice loss weight
     code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
@@ -195,11 +197,9 @@ class Batcher:
         if boxes is not None:
             boxes = crop_boxes(boxes, ox0, oy0, cw / (ox1 - ox0), ch / (oy1 - oy0), cw, ch)
         weight = None
-        c, k = cls[oy0:oy1, ox0:ox1], inst[oy0:oy1, ox0:ox1]
-        px = max(c.shape[0] / ch, c.shape[1] / cw)            # image px per model px
-        if cfg.contact_boundary > 0:
-            target = contact_band(target, np.where(c > 0, k, 0), max(1, round(cfg.contact_boundary * px)))
         if cfg.contact_weight > 0:
+            c, k = cls[oy0:oy1, ox0:ox1], inst[oy0:oy1, ox0:ox1]
+            px = max(c.shape[0] / ch, c.shape[1] / cw)        # image px per model px
             weight = pad_to(resize(contact_weights(np.where(c > 0, k, 0), px, cfg.contact_weight,
                                                    cfg.contact_sigma), ch, cw), S)
         return pad_to(x, S), pad_target(target, S), boxes, weight
@@ -238,20 +238,6 @@ def _two_objects_within(inst: np.ndarray, ids: np.ndarray, r: int) -> np.ndarray
     kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
     lo, hi = cv2.erode(ids, kernel), cv2.dilate(inst, kernel)
     return (lo < 2 ** 24) & (hi != lo)
-
-
-def contact_band(target: np.ndarray, instances: np.ndarray, r: int) -> np.ndarray:
-    """Soft target (h, w, L) of `instances` (H, W) -> the same with the foreground within r image px of a
-    contact between two objects moved to the boundary class (a thicker boundary where objects touch,
-    the usual 1-px outline elsewhere)."""
-    inst = instances.astype(np.float32)
-    band = _two_objects_within(inst, np.where(inst > 0, inst, np.float32(2 ** 24)), r) & (inst > 0)
-    share = resize(band.astype(np.float32), *target.shape[:2])[..., None]
-    moved = target[..., 1:-1] * share
-    out = target.copy()
-    out[..., 1:-1] -= moved
-    out[..., -1] += moved.sum(-1)
-    return out
 
 
 def crop_boxes(boxes: np.ndarray, x0: float, y0: float, sx: float, sy: float, width: int, height: int,

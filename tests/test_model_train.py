@@ -11,8 +11,7 @@ import torch
 from tessera.model import metrics
 from tessera.model.data import make_nuclei
 from tessera.model.inference import Prediction, Predictor, soft_target, split_instances
-from tessera.model.train_vqvae import (Batcher, TrainConfig, compute_losses, contact_band, contact_weights, evaluate,
-                                       train)
+from tessera.model.train_vqvae import Batcher, TrainConfig, compute_losses, contact_weights, evaluate, train
 
 torch.set_num_threads(1)
 
@@ -96,25 +95,6 @@ def test_contact_weights_are_high_where_objects_meet_and_zero_far_from_them():
     gap[5:15, 2:12], gap[5:15, 14:24] = 1, 2                                 # a 2 px gap: its pixels weigh too
     assert contact_weights(gap, 1.0, 5.0)[10, 12] > 0.5                      # r = 2 px: 5 exp(-2)
     assert contact_weights(np.zeros((8, 8), np.int32), 1.0, 5.0).max() == 0
-
-
-def test_contact_band_thickens_the_boundary_only_where_objects_touch(data):
-    """Two touching squares and a lone one at 2 image px per model px: 2 model px of boundary on each side
-    of the contact (1 before), the lone square's 1 px outline as before, and every pixel still sums to 1."""
-    inst = np.zeros((40, 60), np.int32)
-    inst[10:20, 10:20], inst[10:20, 20:30], inst[28:38, 44:54] = 1, 2, 3
-    target = soft_target((inst > 0).astype(np.int32), inst, 1, 20, 30, width=1)
-    band = contact_band(target, inst, 4)
-    assert band.shape == target.shape and band.dtype == np.float32 and np.allclose(band.sum(-1), 1)
-    assert target[7, 8:12, 2].tolist() == [0, 1, 1, 0] and band[7, 8:12, 2].tolist() == [1, 1, 1, 1]
-    assert np.array_equal(band[14:, 20:], target[14:, 20:]) and np.array_equal(band[:, :4], target[:, :4])
-    assert np.array_equal(band[..., 0], target[..., 0])                     # background untouched
-    cfg = TrainConfig(resolution=32, crop=32, jitter=0)
-    plain = Batcher(data[0][:4], cfg, 1, seed=0).get_batch(4, "cpu")[1]
-    thick_cfg = TrainConfig(resolution=32, crop=32, jitter=0, contact_boundary=2.0)
-    thick = Batcher(data[0][:4], thick_cfg, 1, seed=0).get_batch(4, "cpu")[1]
-    assert torch.allclose(thick.sum(1), torch.ones(())) and thick[:, 2].sum() > plain[:, 2].sum()
-    assert torch.equal(thick[:, 0], plain[:, 0])
 
 
 def test_contact_weights_stay_cheap():
