@@ -86,7 +86,8 @@ class TrainConfig:
     contact_sigma: float = 1.0       # its fall-off, in model px. contact_weight 5 vs 0, 600 iterations: DSB
                                      # native box recall 0.683 +- 0.011 vs 0.636 +- 0.005, fg IoU 0.797 vs
                                      # 0.799 (3 seeds); clump clicks DSB 0.623 vs 0.558, demo 0.772 vs 0.806,
-                                     # scribble DSB 0.775 vs 0.793 (seed 0): mixed, so off (README, stop 21)
+                                     # scribble DSB 0.775 / 0.769 vs 0.793 / 0.791 (seeds 0 / 1): scribbles
+                                     # worse, so off (README, stop 21)
     # Tried and not kept: a thicker boundary only where objects touch (the foreground within 2 model px of
     # a contact made boundary in the target, 1 px outline elsewhere): DSB clump clicks 0.648 +- 0.041 with
     # 40% below 0.5 (24 of 36 failures merged), scribble 0.781 (600 iterations, seed 0, hint draws 0-2;
