@@ -89,9 +89,10 @@ class TrainConfig:
                                      # scribble DSB 0.775 / 0.769 vs 0.793 / 0.791 (seeds 0 / 1): scribbles
                                      # worse, so off (README, stop 21)
     # Tried and not kept: a thicker boundary only where objects touch (the foreground within 2 model px of
-    # a contact made boundary in the target, 1 px outline elsewhere): DSB clump clicks 0.648 +- 0.041 with
-    # 40% below 0.5 (24 of 36 failures merged), scribble 0.781 (600 iterations, seed 0, hint draws 0-2;
-    # bench/results/interactive_bound5_cband2_dsb.json): worse than the baseline (see README)
+    # a contact made boundary in the target, 1 px outline elsewhere): DSB clump clicks 0.648 +- 0.041 vs
+    # 0.558 but still 40% below 0.5 (24 of 36 failures merged), scribble 0.781 vs 0.793, click 0.748 vs
+    # 0.773 (600 iterations, seed 0, hint draws 0-2; bench/results/interactive_bound5_cband2_dsb.json);
+    # removed to keep one option (not measured at native size)
     dice_weight: float = 0.5         # foreground soft-Dice loss weight
     code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
