@@ -258,7 +258,7 @@ def save_compare_grid(rows: list[list[np.ndarray]], titles: list[str], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(rows), len(titles), figsize=(1.45 * len(titles), 1.5 * len(rows)), dpi=100)
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(1.45 * len(titles), 1.5 * len(rows)), dpi=200)
     for r, row in enumerate(rows):
         for c, pic in enumerate(row):
             axes[r, c].imshow(pic, interpolation="nearest")
@@ -377,6 +377,7 @@ def encoder_features(predictor: Predictor, images: list[np.ndarray]) -> np.ndarr
     for i in range(0, len(images), 16):
         _, feats, _, _, _ = predictor._run(images[i:i + 16])
         f = feats[-1]
+        f = f.float()  # the predictor may run in bfloat16
         out.append(torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], dim=1).numpy())
     return np.concatenate(out).astype(np.float64)
 
@@ -496,10 +497,14 @@ def realism(args, threads: int) -> None:
     gan_ckpt, gan_info = fit_gan_iters(A, names, args.gan_iters, work / "gan.pt", threads, upsample="bilinear",
                                        grey_flag=True)
     synth = Synthesizer.from_checkpoint(gan_ckpt, device="cpu")
-    fakes = {"generated": (synth.render(LayoutSampler(A, resolution=128).sample(n, seed=1), seed=1),
-                           synth.render(LayoutSampler(B, resolution=128).sample(nt, seed=2), seed=2)),
+    lay_tr, lay_te = LayoutSampler(A, resolution=128).sample(n, seed=1), LayoutSampler(B, resolution=128).sample(nt, seed=2)
+    fakes = {"generated": (synth.render(lay_tr, seed=1), synth.render(lay_te, seed=2)),
              "edited": ([e.sample.image for e in Editor(cA, len(names), max_objects=4).edit(n, seed=3)],
                         [e.sample.image for e in Editor(cB, len(names), max_objects=4).edit(nt, seed=4)])}
+    gan_info["grain"] = synth.grain is not None
+    if synth.grain:  # side by side: the same generator and images without its grain (model/sensor.py)
+        synth.grain = None
+        fakes["generated_no_grain"] = (synth.render(lay_tr, seed=1), synth.render(lay_te, seed=2))
     label_ckpt, label_t = fit_label(A, names, args.iters, AUG_ON, work / "label.pt", threads)
     predictor = Predictor.from_checkpoint(label_ckpt, device="cpu")
     real_tr, real_te = [s.image for s in cC], [s.image for s in cD]
@@ -515,15 +520,20 @@ def realism(args, threads: int) -> None:
                      "kid_above_real_halves_in_their_sd": (k[0] - kid_ref[0]) / max(kid_ref[1], 1e-12)}
         log(f"{kind}: classifier test accuracy {cls['test_accuracy']:.3f}; KID {k[0]:.4g} (real halves "
             f"{kid_ref[0]:.4g})")
-    rows = [[real_te[i], fakes["generated"][1][i], fakes["edited"][1][i]] for i in range(6)]
+    kinds = [k for k in ("generated_no_grain", "generated", "edited") if k in fakes]
+    rows = [[real_te[i]] + [fakes[k][1][i] for k in kinds] for i in range(6)]
+    titles = {"generated_no_grain": f"generated, no grain ({args.gan_iters} it)",
+              "generated": f"generated (GAN, {args.gan_iters} it)", "edited": "edited (real + pasted)"}
     grid = RESULTS / ("gan_realism_grid_quick.png" if args.quick else "gan_realism_grid.png")
-    save_compare_grid(rows, ["real (held out)", f"generated (GAN, {args.gan_iters} it)", "edited (real + pasted)"],
-                      grid)
+    save_compare_grid(rows, ["real (held out)"] + [titles[k] for k in kinds], grid)
     log(f"wrote {grid} ({grid.stat().st_size // 1024} KB)")
     summary = {"realism_classifier_acc_generated": res["generated"]["classifier"]["test_accuracy"],
                "realism_classifier_acc_edited": res["edited"]["classifier"]["test_accuracy"],
                "kid_generated": res["generated"]["kid"]["mean"], "kid_edited": res["edited"]["kid"]["mean"],
                "kid_real_halves": kid_ref[0], "wall_s": round(time.time() - t_start, 1)}
+    if "generated_no_grain" in res:
+        summary |= {"realism_classifier_acc_generated_no_grain": res["generated_no_grain"]["classifier"]["test_accuracy"],
+                    "kid_generated_no_grain": res["generated_no_grain"]["kid"]["mean"]}
     write_realism(args, {
         "summary": summary, "realism": res, "gan_training": gan_info,
         "label_model": {"iters": args.iters, "train_s": round(label_t, 1), "trained_on": "A (30 images)"},

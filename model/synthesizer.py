@@ -15,6 +15,7 @@ from .checkpoint import load_checkpoint
 from .inference import bf16_supported, resolve_device
 from .maskgan import Generator, MaskGANConfig, label_maps_to_mask
 from .metrics import mean_iou
+from .sensor import add_grain
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class Synthesizer:
     """Turns layouts (anything with .classes and .instances, e.g. Layout or Sample) into RGB images."""
 
     def __init__(self, generator: Generator, label_names: list[str], version: str = "maskgan-0",
-                 grey_share: float = 0.0, bf16: bool | None = None):
+                 grey_share: float = 0.0, bf16: bool | None = None, grain: dict | None = None):
         self.generator = generator.eval().to(memory_format=torch.channels_last)  # see Generator.generate
         device = next(generator.parameters()).device
         # bf16: render with a bfloat16 copy (None: where the hardware has bf16 kernels; see Generator.generate)
@@ -33,6 +34,8 @@ class Synthesizer:
         self.label_names = list(label_names)
         self.version = version
         self.grey_share = grey_share  # share of grey images among the training images (grey_flag generators)
+        # the imaging grain fitted when the GAN trained (model/sensor.py); None (older checkpoints): none added
+        self.grain = grain
 
     @classmethod
     def from_checkpoint(cls, gan_ckpt: str | Path, device: str = "auto") -> "Synthesizer":
@@ -41,7 +44,7 @@ class Synthesizer:
         # the weight average makes cleaner images than the last step's weights
         generator.load_state_dict(ckpt.get("generator_ema", ckpt["generator"]))
         return cls(generator.to(resolve_device(device)), ckpt["label_names"], f"maskgan-{ckpt['iter_num']}",
-                   float(ckpt.get("grey_share", 0.0)))
+                   float(ckpt.get("grey_share", 0.0)), grain=ckpt.get("grain"))
 
     def masks(self, layouts) -> torch.Tensor:
         """Layouts -> (B, label_nc, R, R) generator input; other sizes are resized (nearest) to R x R."""
@@ -75,6 +78,8 @@ class Synthesizer:
                                            grey[i:i + batch_size] if self.config.grey_flag else None)
             fake = ((fake.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
             images.extend(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
+        if self.grain:  # its own stream of each image's seed: the same seed gives the same grain
+            images = [add_grain(im, self.grain, s + 0x5EED) for im, s in zip(images, seeds)]
         return images
 
     def self_consistency(self, images: list[np.ndarray], layouts, predictor,

@@ -23,6 +23,7 @@ from .edit import is_grey
 from .layouts import crop_box, ensure_instances, fit_short_side
 from .maskgan import (Discriminator, Generator, MaskGANConfig, d_hinge_loss, diff_augment,
                       feature_matching_loss, g_hinge_loss, label_maps_to_mask)
+from .sensor import fit_grain
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class GANTrainConfig:
     boundary: bool = True
     upsample: str = "bilinear"     # "nearest" made 8 x 8 blocks visible in short CPU runs
     grey_flag: bool = True         # grey training images make exactly grey fakes (no green/magenta fringes)
+    grain: bool = True             # fit the imaging grain (sensor noise, fine texture) that the generator's images
+                                   # lack on the training images and store it with the generator (model/sensor.py)
     # optimisation: TTUR (D learns faster) with Adam betas (0, 0.9) as in SPADE, but with larger steps
     # than SPADE's 1e-4 / 4e-4: CPU runs are a few hundred iterations long
     batch_size: int = 4
@@ -187,12 +190,36 @@ def _step(cfg: GANTrainConfig, m: _Models, real, mask, grey, it: int) -> dict[st
     return {k: v.item() for k, v in {**losses_d, **losses_g}.items()}
 
 
-def _save(cfg: GANTrainConfig, m: _Models, label_names: list[str], grey_share: float, out: Path, i: int) -> Path:
+def _fit_grain(m: _Models, data, resolution: int, seed: int) -> dict:
+    """model/sensor.fit_grain on pairs (training image's centre R x R crop, the weight average's image of its
+    layout, grey as the real one)."""
+    real, classes, instances, grey = [], [], [], []
+    for image, cl, ins, g in data:
+        y, x = (cl.shape[0] - resolution) // 2, (cl.shape[1] - resolution) // 2
+        real.append(np.ascontiguousarray(image[y:y + resolution, x:x + resolution]))
+        classes.append(cl[y:y + resolution, x:x + resolution])
+        instances.append(ins[y:y + resolution, x:x + resolution])
+        grey.append(g)
+    fake = []
+    for i in range(0, len(real), 16):
+        mask = label_maps_to_mask(torch.from_numpy(np.stack(classes[i:i + 16])),
+                                  torch.from_numpy(np.stack(instances[i:i + 16])), m.config.n_labels,
+                                  m.config.boundary)
+        out = m.generator_ema.generate(mask.to(next(m.generator_ema.parameters()).device),
+                                       [seed * 7919 + j for j in range(i, i + mask.size(0))],
+                                       torch.tensor(grey[i:i + 16]) if m.config.grey_flag else None)
+        out = ((out.cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        fake.extend(np.ascontiguousarray(out.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
+    return fit_grain(real, fake, seed=seed)
+
+
+def _save(cfg: GANTrainConfig, m: _Models, label_names: list[str], grey_share: float, out: Path, i: int,
+          grain: dict | None = None) -> Path:
     return save_checkpoint({
         "kind": "gan", "generator": m.generator.state_dict(), "generator_ema": m.generator_ema.state_dict(),
         "discriminator": m.discriminator.state_dict(), "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(),
         "model_config": asdict(m.config), "train_config": asdict(cfg), "label_names": list(label_names),
-        "iter_num": m.iter0 + i, "grey_share": grey_share},
+        "iter_num": m.iter0 + i, "grey_share": grey_share, "grain": grain},
         out if out.suffix == ".pt" else out / f"ckpt_{m.iter0 + i:07d}.pt")
 
 
@@ -229,7 +256,8 @@ def train(cfg: GANTrainConfig, samples, label_names: list[str], out: Path, init_
         if not all(math.isfinite(v) for v in losses.values()):
             raise RuntimeError(f"GAN training diverged at iter {iter_num}: {losses}; lower lr_g / lr_d")
     logger.info("trained the mask GAN %d iters in %.0fs", iter_num, time.time() - t0)
-    path = _save(cfg, m, label_names, grey_share, out, iter_num)
+    grain = _fit_grain(m, data, cfg.resolution, cfg.seed) if cfg.grain else None
+    path = _save(cfg, m, label_names, grey_share, out, iter_num, grain)
     if progress is not None:
         progress({"phase": "done", "iter": iter_num, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
     return path

@@ -240,6 +240,17 @@ def test_train_two_iters_then_synthesize(tmp_path):
     empty = _EchoPredictor([np.zeros_like(lay.classes) for lay in layouts])
     assert all(not keep and iou == 0.0 for keep, iou in synth.self_consistency(images, layouts, empty, 0.5))
 
+    # the imaging grain was fitted with the generator; a checkpoint from before grain (no "grain") renders
+    # the generator's images as they were
+    assert synth.grain and len(synth.grain["curves"]) == len(samples)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    del ckpt["grain"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = Synthesizer.from_checkpoint(tmp_path / "old.pt", device="cpu")
+    assert old.grain is None
+    synth.grain = None
+    assert all(np.array_equal(a, b) for a, b in zip(old.render(layouts, seed=7), synth.render(layouts, seed=7)))
+
     # fine-tuning from the checkpoint works; a checkpoint with other labels is refused
     assert train(cfg, samples, ["a", "b"], tmp_path / "ft", init_from=path).exists()
     with pytest.raises(ValueError, match="differs"):
@@ -333,3 +344,63 @@ def test_bf16_rendering_gives_the_float32_images_within_a_few_levels():
     b = np.stack(half.render(layouts, seed=7)).astype(np.int16)
     d = np.abs(a - b)
     assert 0 < d.max() <= 16 and d.mean() < 1.0, (int(d.max()), float(d.mean()))  # bf16 did run, and is close
+
+
+# ----------------------------------------------------------------------------------------- imaging grain
+
+def _smooth_and_grainy(n=6, size=96, seed=0):
+    """Pairs (real: smooth nuclei + white noise whose sd grows with the intensity, 1 at 20 and 4 at 150, as
+    photon noise does; fake: the smooth nuclei), grey RGB uint8."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    real, fake = [], []
+    yy, xx = np.mgrid[:size, :size]
+    for _ in range(n):
+        objects = np.zeros((size, size), bool)
+        for cy, cx in rng.uniform(16, size - 16, (3, 2)):  # three large flat nuclei
+            objects |= (yy - cy) ** 2 + (xx - cx) ** 2 < 14 ** 2
+        g = cv2.GaussianBlur(np.where(objects, 150.0, 20.0).astype(np.float32), (0, 0), 1)
+        noisy = g + rng.normal(size=g.shape) * (1 + 3 * (g - 20) / 130)
+        real.append(np.repeat(np.clip(np.rint(noisy), 0, 255).astype(np.uint8)[..., None], 3, axis=2))
+        fake.append(np.repeat(np.clip(np.rint(g), 0, 255).astype(np.uint8)[..., None], 3, axis=2))
+    return real, fake
+
+
+def _residual_sd(images, bright: bool):
+    import cv2
+    out = []
+    for im in images:
+        g = im[..., 0].astype(np.float32)
+        r = g - cv2.GaussianBlur(g, (0, 0), 1.0)
+        out.append(r[g > 130] if bright else r[g < 30])
+    return float(np.concatenate(out).std())  # pooled over the images
+
+
+def test_grain_gives_generated_images_the_real_residual_noise_and_keeps_them_grey():
+    from tessera.model.sensor import add_grain, fit_grain
+    real, fake = _smooth_and_grainy()
+    grain = fit_grain(real, fake)
+    assert len(grain["curves"]) == len(real) and json_roundtrips(grain)
+    out = [add_grain(f, grain, seed=i) for i, f in enumerate(fake)]
+    for bright in (True, False):  # the residual of the real images, inside the objects and around them
+        want, got, before = _residual_sd(real, bright), _residual_sd(out, bright), _residual_sd(fake, bright)
+        assert abs(got - want) < 0.05 * want and abs(got - want) < 0.25 * abs(before - want), (got, want, before)
+    assert grain["sigma_dark"] == grain["sigma_bright"] == 0.0  # white noise, as drawn
+    assert all(o.dtype == np.uint8 and o.shape == f.shape and (o == o[..., :1]).all() for o, f in zip(out, fake))
+    # labels untouched: grain moves pixel values by a few levels only; the same seed gives the same grain
+    assert np.abs(out[0].astype(int) - fake[0]).mean() < 5
+    assert np.array_equal(out[0], add_grain(fake[0], grain, seed=0))
+    assert not np.array_equal(out[0], add_grain(fake[0], grain, seed=1))
+    assert add_grain(fake[0], None, seed=0) is fake[0] and add_grain(fake[0], {}, seed=0) is fake[0]
+
+
+def json_roundtrips(obj) -> bool:
+    import json
+    return json.loads(json.dumps(obj)) == obj
+
+
+def test_fit_grain_refuses_unpaired_images():
+    from tessera.model.sensor import fit_grain
+    real, fake = _smooth_and_grainy(n=2)
+    with pytest.raises(ValueError, match="2 real images but 1 generated"):
+        fit_grain(real, fake[:1])
