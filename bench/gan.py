@@ -521,6 +521,15 @@ def realism(args, threads: int) -> None:
         log(f"{kind}: classifier test accuracy {cls['test_accuracy']:.3f}; KID {k[0]:.4g} (real halves "
             f"{kid_ref[0]:.4g})")
     kinds = [k for k in ("generated_no_grain", "generated", "edited") if k in fakes]
+    # label fidelity: the label model's IoU against the layout on the test fakes / its IoU on the real test crops
+    real_iou = float(np.mean([mean_iou(np.asarray(p.classes, np.int32), c.classes, len(names))
+                              for p, c in zip(predictor.predict(real_te), cD)]))
+    res["label_fidelity"] = {"real_iou": real_iou}
+    for kind in ("generated", "generated_no_grain"):
+        if kind in fakes:
+            iou = float(np.mean([c[1] for c in synth.self_consistency(fakes[kind][1], lay_te, predictor, 0.0)]))
+            res["label_fidelity"][kind] = {"iou": iou, "ratio_to_real": iou / max(real_iou, 1e-9)}
+    log(f"label fidelity: {res['label_fidelity']}")
     rows = [[real_te[i]] + [fakes[k][1][i] for k in kinds] for i in range(6)]
     titles = {"generated_no_grain": f"generated, no grain ({args.gan_iters} it)",
               "generated": f"generated (GAN, {args.gan_iters} it)", "edited": "edited (real + pasted)"}
@@ -531,6 +540,7 @@ def realism(args, threads: int) -> None:
                "realism_classifier_acc_edited": res["edited"]["classifier"]["test_accuracy"],
                "kid_generated": res["generated"]["kid"]["mean"], "kid_edited": res["edited"]["kid"]["mean"],
                "kid_real_halves": kid_ref[0], "wall_s": round(time.time() - t_start, 1)}
+    summary |= {f"label_fidelity_{k}": v["ratio_to_real"] for k, v in res["label_fidelity"].items() if k != "real_iou"}
     if "generated_no_grain" in res:
         summary |= {"realism_classifier_acc_generated_no_grain": res["generated_no_grain"]["classifier"]["test_accuracy"],
                     "kid_generated_no_grain": res["generated_no_grain"]["kid"]["mean"]}
