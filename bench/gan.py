@@ -449,6 +449,11 @@ def speed_only(args) -> None:
         gens = {"before": _generator_at(args.before, gen.config, gen.state_dict()), "after": gen}
     # before: float32, as every Synthesizer rendered before the bf16 copy (the old module has no dtype casts)
     synths = {k: Synthesizer(g, names, grey_share=0.5, bf16=False if k == "before" else None) for k, g in gens.items()}
+    # the same generator with the imaging grain (model/sensor.py) fitted on 30 DSB crops and its images of them
+    from tessera.model.sensor import fit_grain
+    crops = [centre_crop(s, 128) for s in samples[:30]]
+    synths["after_grain"] = Synthesizer(gen, names, grey_share=0.5,
+                                        grain=fit_grain([c.image for c in crops], synths["after"].render(crops)))
     speed, images = {k: [] for k in synths}, {}
     for t in (1, 2):
         rows = {k: [] for k in synths}
@@ -460,7 +465,8 @@ def speed_only(args) -> None:
     layouts = sampler.sample(16, seed=5)
     for k, synth in synths.items():
         images[k] = np.stack(synth.render(layouts, seed=3)).astype(np.int16)
-    summary = {f"gen_images_per_s_{k}_{s['threads']}threads": s["images_per_s"] for k, v in speed.items() for s in v}
+    tag = "" if args.before != "none" else "grain_cmp_"  # the summary keys of speed_part stay as they were
+    summary = {f"{tag}gen_images_per_s_{k}_{s['threads']}threads": s["images_per_s"] for k, v in speed.items() for s in v}
     if "before" in images:
         d = np.abs(images["after"] - images["before"])
         summary |= {"image_diff_max_levels": int(d.max()), "image_diff_mean_levels": float(d.mean())}
@@ -472,7 +478,9 @@ def speed_only(args) -> None:
         rev += " (" + subprocess.run(["git", "rev-parse", "--short", rev], cwd=RESULTS.parents[1], capture_output=True,
                                      text=True).stdout.strip() + ")"
     write_realism(args, {"summary": summary, "speed": speed, "before_revision": rev,
-                         "batch": 32, "resolution": 128}, key="speed_part")
+                         "batch": 32, "resolution": 128},
+                  # without --before: the grain's cost alone, kept apart from the bf16 comparison in speed_part
+                  key="speed_part" if args.before != "none" else "speed_grain_part")
 
 
 def realism(args, threads: int) -> None:

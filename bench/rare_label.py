@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--reuse", default="", help="a results JSON of this benchmark whose arms (same seeds, training "
                                                 "images and iterations) are taken instead of retrained")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 iters, 1 seed, 5 val per breed")
+    ap.add_argument("--out", default="", help="results name (bench/results/NAME.json) instead of rare_label[_curve]")
     args = ap.parse_args()
     if args.quick:
         args.iters, args.seeds, args.val_per_breed, args.n_edited = 20, [0], 5, 6
@@ -261,7 +262,7 @@ def main() -> None:
     summary["wall_s"] = round(time.time() - t_start, 1)
     if args.curve:
         summary["curve"] = curve(summary, args.curve, args.rare)
-    name = "rare_label" + ("_curve" if args.curve else "") + ("_quick" if args.quick else "")
+    name = args.out or "rare_label" + ("_curve" if args.curve else "") + ("_quick" if args.quick else "")
     write_result(name, {
         "command": " ".join(["python", "-m", "bench.rare_label"] + sys.argv[1:]),
         "summary": summary, "rows": rows,

@@ -190,4 +190,6 @@ def _apply(image: np.ndarray, mu: np.ndarray, curve: list, grain: dict, rng: np.
     idx = np.clip(np.rint(mu), 0, 255).astype(np.uint8)
     a, b = (sd * np.cos(theta)).astype(np.float32), (sd * np.sin(theta)).astype(np.float32)
     n = a[idx] * _field(rng, mu.shape, grain["sigma_dark"]) + b[idx] * _field(rng, mu.shape, grain["sigma_bright"])
-    return np.clip(np.rint(image.astype(np.float32) + n[..., None]), 0, 255).astype(np.uint8)
+    # integer pixels: rint(pixel + n) == pixel + rint(n), in int16 once per pixel instead of per channel in float
+    n = np.rint(n).astype(np.int16)
+    return np.clip(image.astype(np.int16) + (n[..., None] if image.ndim == 3 else n), 0, 255).astype(np.uint8)
