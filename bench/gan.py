@@ -540,7 +540,7 @@ def realism(args, threads: int) -> None:
     log(f"label fidelity: {res['label_fidelity']}")
     rows = [[real_te[i]] + [fakes[k][1][i] for k in kinds] for i in range(6)]
     titles = {"generated_no_grain": f"generated, no grain ({args.gan_iters} it)",
-              "generated": f"generated (GAN, {args.gan_iters} it)", "edited": "edited (real + pasted)"}
+              "generated": f"generated + grain ({args.gan_iters} it)", "edited": "edited (real + pasted)"}
     grid = RESULTS / ("gan_realism_grid_quick.png" if args.quick else "gan_realism_grid.png")
     save_compare_grid(rows, ["real (held out)"] + [titles[k] for k in kinds], grid)
     log(f"wrote {grid} ({grid.stat().st_size // 1024} KB)")
