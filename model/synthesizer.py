@@ -5,7 +5,6 @@ generated pairs by a segmenter's agreement).
 
 import copy
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -74,19 +73,14 @@ class Synthesizer:
         # grey or colour per image, drawn from its own seed at the training images' rate
         grey = torch.tensor([np.random.default_rng(s).random() < self.grey_share for s in seeds])
         images = []
-        # the grain (numpy and OpenCV, which release the GIL) of one batch runs in a second thread while the
-        # generator renders the next: the generator leaves the second core mostly idle at this size
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for i in range(0, len(layouts), batch_size):
-                fake = self._render.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size],
-                                             grey[i:i + batch_size] if self.config.grey_flag else None)
-                fake = ((fake.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                batch = list(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
-                if self.grain:  # its own stream of each image's seed: the same seed gives the same grain
-                    batch = pool.submit(lambda b, s: [add_grain(im, self.grain, k + 0x5EED) for im, k in zip(b, s)],
-                                        batch, seeds[i:i + batch_size])
-                images.append(batch)
-            return [im for b in images for im in (b.result() if isinstance(b, Future) else b)]
+        for i in range(0, len(layouts), batch_size):
+            fake = self._render.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size],
+                                           grey[i:i + batch_size] if self.config.grey_flag else None)
+            fake = ((fake.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            images.extend(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
+        if self.grain:  # its own stream of each image's seed: the same seed gives the same grain
+            images = [add_grain(im, self.grain, s + 0x5EED) for im, s in zip(images, seeds)]
+        return images
 
     def self_consistency(self, images: list[np.ndarray], layouts, predictor,
                          threshold: float = 0.5) -> list[tuple[bool, float]]:
