@@ -172,8 +172,8 @@ def add_grain(image: np.ndarray, grain: dict | None, seed: int) -> np.ndarray:
 
 def _apply(image: np.ndarray, mu: np.ndarray, curve: list, grain: dict, rng: np.random.Generator) -> np.ndarray:
     ranks = list(grain.get("ranks", RANKS))
-    # percentiles of the smooth local mean (sigma 2) on every 4th pixel each way: ~16x fewer to sort
-    q = np.percentile(mu[::4, ::4], ranks + [50, 90])
+    # percentiles of the smooth local mean on every other pixel: the same to a fraction of a level, 4x faster
+    q = np.percentile(mu[::2, ::2], ranks + [50, 90])
     edges, (p50, p90) = q[:len(ranks)], q[len(ranks):]
     xs = (edges[:-1] + edges[1:]) / 2  # each bin's centre in this image's intensities
     # per intensity level (0..255; mu rounded): the grain's sd, interpolated in log between bins so that a dim
@@ -187,7 +187,7 @@ def _apply(image: np.ndarray, mu: np.ndarray, curve: list, grain: dict, rng: np.
     sd = np.minimum(np.sqrt(np.exp(np.interp(levels, xs, np.log(np.maximum(curve, 1e-6)))) * (levels + 1)),
                     MAX_REL_SD * (levels + 1))
     theta = _blend(levels, float(p50), float(p90))
-    idx = np.clip(mu + 0.5, 0, 255).astype(np.uint8)  # rounded (mu >= 0)
+    idx = np.clip(np.rint(mu), 0, 255).astype(np.uint8)
     a, b = (sd * np.cos(theta)).astype(np.float32), (sd * np.sin(theta)).astype(np.float32)
     n = a[idx] * _field(rng, mu.shape, grain["sigma_dark"]) + b[idx] * _field(rng, mu.shape, grain["sigma_bright"])
     # integer pixels: rint(pixel + n) == pixel + rint(n), in int16 once per pixel instead of per channel in float
