@@ -1,14 +1,15 @@
-"""The camera half of a generated image: grain (sensor noise and fine texture) and the tone curve, fitted on
-the project's training images when the mask GAN trains, stored in its checkpoint and applied to its output.
+"""The camera half of a generated image: its grain (sensor noise and fine texture), fitted on the project's
+training images when the mask GAN trains, stored in its checkpoint and added to the generator's output.
 
 Why: in the realism benchmark (bench.gan --realism) a small CNN told GAN images from real DSB images at 96.5 %,
 and simple statistics show why: the GAN's backgrounds are smooth where real ones carry sensor noise (mean
-|Laplacian| on the darker half of the image: AUC 0.97 real vs generated), and its brightest pixels are dimmer (99th
-percentile, saturated share). A few hundred CPU iterations do not teach the generator either, so they are
-measured on the real images and added as a model of the imaging: noise whose variance grows with the local
-intensity (a + b * mu, the Poisson-Gaussian model of photon and read noise) with the spatial correlation of the
-real residuals, and a tone curve that maps the generator's intensity quantiles onto the real ones. Labels are
-unchanged: both act on pixel values only.
+|Laplacian| on the darker half of the image: AUC 0.97 real vs generated), its nuclei flat where real ones are
+textured. A few hundred CPU iterations do not teach the generator that, so it is measured on the real images
+and added as a model of the imaging: per bin of intensity rank, the noise variance the generator's image lacks
+(per unit of intensity, calibrated by measurement), with the spatial correlation of the real residuals. Labels
+are unchanged: it acts on pixel values only. Tried and not kept (README, Realism): a tone curve mapping the
+generator's intensity quantiles onto the real ones (brighter than real), and a variance line a + b * mu in
+absolute intensity (2-3x too much background noise on generated images).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _tile(sigma: float) -> np.ndarray:
     return _STD_CACHE[key]
 
 
-_STD_CACHE: dict[tuple, float] = {}
+_STD_CACHE: dict[tuple, object] = {}   # per-sigma constants and noise tiles, computed once
 
 
 def _unit_std(sigma: float) -> float:
