@@ -58,6 +58,20 @@ def fixed_split(name: str, max_val: int | None = None) -> tuple[list, list, list
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids][:max_val], names
 
 
+def train_overrides(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE ...` strings -> TrainConfig field overrides, each value typed as the field's default."""
+    from tessera.model.train_vqvae import TrainConfig
+
+    defaults, out = TrainConfig(), {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(defaults, key):
+            raise SystemExit(f"--set {pair}: TrainConfig has no field {key!r}")
+        kind = type(getattr(defaults, key))
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def write_result(name: str, payload: dict) -> Path:
     """bench/results/<name>.json with the machine and the command line added."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import torch
 
-from bench.common import RESULTS, SHARED_DATA, write_result
+from bench.common import RESULTS, SHARED_DATA, train_overrides, write_result
 from tessera.model import metrics
 from tessera.model.checkpoint import load_checkpoint
 from tessera.model.data import Sample, load_folder, make_nuclei, read_image, split_ids
@@ -377,9 +377,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_all, cache = time.time(), Path(args.cache)
     cfg = TrainConfig(device="cpu", threads=args.threads, eval_interval=100, seed=args.seed)
-    if args.set:                                        # --set KEY=VALUE: TrainConfig fields
-        given = TrainConfig.from_args([f"--{kv}" for kv in args.set])
-        cfg = dataclasses.replace(cfg, **{k: getattr(given, k) for k in (kv.split("=", 1)[0] for kv in args.set)})
+    cfg = dataclasses.replace(cfg, **train_overrides(args.set))      # --set KEY=VALUE: TrainConfig fields
     results, models = {}, {}
     for iters in args.budgets:
         for name, run in (("demo", run_demo), ("dsb", run_dsb)):
@@ -388,7 +386,8 @@ def main() -> None:
     summary = {name: summarise(r) for name, r in results.items()}
     print(summary)
     payload = {"summary": summary, "targets": TARGETS, "models": models, "results": results,
-               "setup": {"set": list(args.set), "per_hint": args.per_hint, "threads": args.threads, "seed": args.seed, "quick": args.quick,
+               "setup": {"set": list(args.set), "per_hint": args.per_hint, "threads": args.threads, "seed": args.seed,
+                         "quick": args.quick,
                          "budgets": args.budgets, "wall_s": round(time.time() - t_all, 1)}}
     reference = RESULTS / "interactive.json"           # a tagged or quick run keeps the reference file
     kept = reference.read_bytes() if (args.quick or args.tag) and reference.exists() else None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bench.common import dataset, write_result
+from bench.common import dataset, train_overrides, write_result
 from tessera.model import metrics
 from tessera.model.checkpoint import load_checkpoint
 from tessera.model.data import Sample, load_folder, read_image, semantic_instances, split_ids
@@ -181,9 +181,7 @@ def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_p
     if object_px is not None:
         cfg = TrainConfig(**{**cfg.__dict__, "object_px": object_px})
     if overrides:                                       # --set KEY=VALUE: TrainConfig fields
-        given = TrainConfig.from_args([f"--{kv}" for kv in overrides])
-        cfg = TrainConfig(**{**cfg.__dict__, **{kv.split("=", 1)[0]: getattr(given, kv.split("=", 1)[0])
-                                                for kv in overrides}})
+        cfg = TrainConfig(**{**cfg.__dict__, **train_overrides(list(overrides))})
     t0 = time.time()
     ckpt = train_vqvae(cfg, train, [], names, work / f"tessera_{len(train)}.pt")   # no selection on val
     wall = time.time() - t0

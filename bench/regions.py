@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import dataset, write_result
+from bench.common import dataset, train_overrides, write_result
 from tessera.model import metrics
 from tessera.model.checkpoint import load_checkpoint, save_checkpoint
 from tessera.model.data import Sample, load_folder, read_image, split_ids
@@ -324,20 +324,8 @@ def main() -> None:
             for m in (args.methods if t != "dsb_masks" else ["head"]):
                 for flip in [f == "on" for f in args.box_flip] or [None]:
                     rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m,
-                                    seed, args.curve, args.select == "ap", overrides(args.set), args.reuse, flip))
+                                    seed, args.curve, args.select == "ap", train_overrides(args.set), args.reuse, flip))
                     _write(args, rows, load_before)
-
-
-def overrides(pairs: list[str]) -> dict:
-    """KEY=VALUE strings -> TrainConfig field overrides, each value typed as the field's default."""
-    defaults, out = TrainConfig(), {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if not hasattr(defaults, key):
-            raise SystemExit(f"--set {pair}: TrainConfig has no field {key!r}")
-        kind = type(getattr(defaults, key))
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return out
 
 
 def _write(args, rows: list[dict], load_before: float) -> None:
