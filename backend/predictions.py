@@ -19,10 +19,11 @@ import numpy as np
 
 from tessera.backend.label_config import Control, ImageObject, LabelConfig
 from tessera.backend.media import MediaError, MediaResolver
-from tessera.backend.regions import (boxes_to_results, instances_to_results, object_slices, region_to_mask,
-                                     region_value, result_label, results_to_maps)
+from tessera.backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value,
+                                     result_label, results_to_maps)
 from tessera.backend.settings import Settings
 from tessera.backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
+from tessera.model.postprocess import object_slices
 from tessera.model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
@@ -146,8 +147,9 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
             out += boxes_to_results(boxes, labels, pred.instance_score, control, *pred.instances.shape, id_prefix)
             continue
         if slices is None and control.type != "brushlabels" and pred.instance_label:
-            # one pass over the map for every control's bounding boxes (polygons and rectangles both need them)
-            slices = object_slices(pred.instances, sorted(pred.instance_label))
+            # one pass over the map for every control's bounding boxes (polygons and rectangles both need them),
+            # none when the region cut already found them
+            slices = getattr(pred, "slices", None) or object_slices(pred.instances, sorted(pred.instance_label))
         out += instances_to_results(pred.instances, labels, pred.instance_score, control, id_prefix, slices=slices)
     return out
 
@@ -380,8 +382,9 @@ def _regions_at_size(pred: Any, config: LabelConfig, image_name: str, labels: li
             if full is None:
                 import cv2
 
-                full = dataclasses.replace(pred, instances=cv2.resize(pred.instances.astype(np.int32), (w, h),
-                                                                      interpolation=cv2.INTER_NEAREST))
+                big = cv2.resize(pred.instances.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
+                # the object boxes the cut found are at the working size: not these
+                full = dataclasses.replace(pred, instances=big, slices=None)
             out += prediction_to_results(full, one, image_name, labels)
             continue
         for item in prediction_to_results(pred, one, image_name, labels):

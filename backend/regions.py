@@ -14,6 +14,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
 from tessera.backend.label_config import Control
+from tessera.model.postprocess import object_slices
 
 
 
@@ -345,17 +346,6 @@ def results_to_boxes(results: Iterable[dict], to_name: str, height: int, width: 
         if x1 - x0 >= 1 and y1 - y0 >= 1:
             rows.append((x0, y0, x1, y1, label_index[label]))
     return np.array(rows, np.float64).reshape(-1, 5)
-
-
-def object_slices(instances: np.ndarray, ids: list[int]) -> dict[int, tuple[slice, slice]]:
-    """Instance id -> its tight bounding box as (row slice, column slice), in one pass over the map."""
-    from scipy import ndimage
-
-    max_id = max(ids)
-    if not np.issubdtype(instances.dtype, np.integer) or instances.max() > max_id:  # else no full-size copy
-        instances = np.where(instances > max_id, 0, instances).astype(np.int64)
-    found = ndimage.find_objects(instances, max_label=max_id)
-    return {k: found[k - 1] for k in ids if found[k - 1] is not None}
 
 
 # ------------------------------------------------------------------------------- validating input

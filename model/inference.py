@@ -21,7 +21,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -34,7 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .boxhead import decode_boxes, flip_average
 from .checkpoint import load_checkpoint
 from .data import relabel, semantic_instances
-from .postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, resolve_cut
+from .postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, object_slices, resolve_cut
 from .traced import TracedPasses
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -388,6 +388,9 @@ class Prediction:
     instance_score: dict[int, float]  # instance id -> confidence in [0, 1]
     score: float                      # task confidence in [0, 1]; low = uncertain
     boxes: dict[int, tuple[float, float, float, float]] | None = None  # id -> (x0, y0, x1, y1) px, box models
+    # id -> tight bounding box (row slice, column slice) of its mask, when already found (cut_regions finds them
+    # and the region encoder reuses them: one pass over the map per image)
+    slices: dict[int, tuple[slice, slice]] | None = field(default=None, repr=False, compare=False)
 
 
 def cut_regions(pred: Prediction, cut: RegionCut) -> Prediction:
@@ -398,22 +401,26 @@ def cut_regions(pred: Prediction, cut: RegionCut) -> Prediction:
     ids = sorted(pred.instance_label)
     if not ids:
         return pred
+    slices = pred.slices
     if pred.boxes is not None:
         boxes = np.array([pred.boxes[k] for k in ids], np.float64).reshape(-1, 4)
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     else:
-        boxes = instance_boxes(pred.instances, ids)
+        slices = object_slices(pred.instances, ids) if slices is None else slices
+        boxes = instance_boxes(pred.instances, ids, slices)
         areas = np.bincount(pred.instances.ravel(), minlength=max(ids) + 1)[ids]
     scores = np.array([pred.instance_score.get(k, 0.0) for k in ids])
     classes = np.array([pred.instance_label[k] for k in ids])
     keep = {ids[i] for i in kept_regions(scores, areas, boxes, cut, classes)}
     if len(keep) == len(ids):
-        return pred
+        return Prediction(pred.classes, pred.instances, pred.instance_label, pred.instance_score, pred.score,
+                          pred.boxes, slices)
     dropped = np.isin(pred.instances, [k for k in ids if k not in keep])
     return Prediction(np.where(dropped, 0, pred.classes), np.where(dropped, 0, pred.instances),
                       {k: v for k, v in pred.instance_label.items() if k in keep},
                       {k: v for k, v in pred.instance_score.items() if k in keep}, pred.score,
-                      None if pred.boxes is None else {k: v for k, v in pred.boxes.items() if k in keep})
+                      None if pred.boxes is None else {k: v for k, v in pred.boxes.items() if k in keep},
+                      None if slices is None else {k: v for k, v in slices.items() if k in keep})
 
 
 class Predictor:
@@ -422,7 +429,7 @@ class Predictor:
     def __init__(self, model: VQVAE, label_names: list[str], version: str = "", device: str = "auto",
                  min_area: int = 4, edge_weight: float = 1.0, scale: float | None = None, tile: int = 512,
                  overlap: int = 32, bf16: bool = True, cut: RegionCut | None = None, box_shrink: float = 1.0,
-                 box_grow: float | None = None, trace: bool = False):
+                 box_grow: float | None = None, trace: bool = False, box_flip: bool = True):
         self.device = resolve_device(device)
         # channels-last + bfloat16 autocast (as in training): ~2.5x faster convolutions on CPUs with bf16
         # kernels, measured at 312x424 on this project's 2-core VM
@@ -447,7 +454,9 @@ class Predictor:
         self.box_shrink = box_shrink    # < 1: a box model, its objects are box centres ...
         self.box_grow = box_grow or 1.0 / box_shrink   # ... grown back by this (learned, else 1 / shrink)
         self.has_box_head = model.box_head is not None  # boxes from the detection head (model/boxhead.py)
-        self.box_flip = self.has_box_head   # its outputs averaged with the mirror image's (boxhead.flip_average)
+        # a box head's outputs averaged with the mirror image's (boxhead.flip_average); off for a head never
+        # shown mirror images in training
+        self.box_flip = self.has_box_head and box_flip
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
         # predict()'s passes, traced per input shape once it recurs (model/traced.py: one GIL take per pass);
@@ -467,11 +476,10 @@ class Predictor:
         tc = ckpt.get("train_config") or {}
         scale = ckpt.get("scale")
         cut = resolve_cut(ckpt.get("region_cut"), precision_target, min_score)
-        pred = cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
+        return cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
                    scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
-                   box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace)
-        pred.box_flip = pred.has_box_head and bool(tc.get("flips", True))   # a head never shown mirror images
-        return pred
+                   box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace,
+                   box_flip=bool(tc.get("flips", True)))
 
     # --- batched network pass --------------------------------------------------------------------
 

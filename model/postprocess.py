@@ -72,16 +72,27 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float, classes: np.n
     return np.array(keep, np.intp)
 
 
-def instance_boxes(instances: np.ndarray, ids: list[int]) -> np.ndarray:
-    """Half-open pixel boxes (x0, y0, x1, y1) of the given instance ids: (len(ids), 4) float."""
+def object_slices(instances: np.ndarray, ids: list[int]) -> dict[int, tuple[slice, slice]]:
+    """Instance id -> its tight bounding box as (row slice, column slice), in one pass over the map (ids above
+    max(ids) are ignored; ids absent from the map get none)."""
     from scipy.ndimage import find_objects
 
-    out = np.zeros((len(ids), 4))
     if not ids:
-        return out
-    found = find_objects(np.asarray(instances), max_label=max(ids))
+        return {}
+    instances = np.asarray(instances)
+    if not np.issubdtype(instances.dtype, np.integer):
+        instances = instances.astype(np.int64)
+    found = find_objects(instances, max_label=max(ids))
+    return {k: found[k - 1] for k in ids if found[k - 1] is not None}
+
+
+def instance_boxes(instances: np.ndarray, ids: list[int], slices: dict | None = None) -> np.ndarray:
+    """Half-open pixel boxes (x0, y0, x1, y1) of the given instance ids: (len(ids), 4) float. `slices`: their
+    object_slices, when the caller has them."""
+    slices = object_slices(instances, ids) if slices is None else slices
+    out = np.zeros((len(ids), 4))
     for n, k in enumerate(ids):
-        sl = found[k - 1]
+        sl = slices.get(k)
         if sl is not None:
             out[n] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
     return out

@@ -6,8 +6,9 @@ from scipy import ndimage
 
 from tessera.backend.label_config import Control
 from tessera.backend.regions import (box_to_mask, crop_to_rle, instances_to_results, instances_to_rles,
-                             mask_to_polygons, mask_to_rle, object_slices, polygon_to_mask, region_to_mask,
+                             mask_to_polygons, mask_to_rle, polygon_to_mask, region_to_mask,
                              results_to_maps, rle_to_mask)
+from tessera.model.postprocess import object_slices
 
 BRUSH = Control("brushlabels", "mask", "image", ("A", "B"))
 POLY = Control("polygonlabels", "poly", "image", ("A", "B"))
