@@ -383,8 +383,8 @@ def _regions_at_size(pred: Any, config: LabelConfig, image_name: str, labels: li
                 import cv2
 
                 big = cv2.resize(pred.instances.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
-                # the object boxes the cut found are at the working size: not these
-                full = dataclasses.replace(pred, instances=big, slices=None)
+                # (its object boxes, when the cut found them, stay at the working size: brush regions never use them)
+                full = dataclasses.replace(pred, instances=big)
             out += prediction_to_results(full, one, image_name, labels)
             continue
         for item in prediction_to_results(pred, one, image_name, labels):
