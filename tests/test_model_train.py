@@ -12,7 +12,7 @@ from tessera.model import metrics
 from tessera.model.data import make_nuclei
 from tessera.model.inference import Prediction, Predictor, soft_target, split_instances
 from tessera.model.train_vqvae import (Batcher, TrainConfig, compute_losses, contact_weights, evaluate,
-                                       interior_weights, train)
+                                       inner_edge_weights, interior_weights, train)
 
 torch.set_num_threads(1)
 
@@ -151,6 +151,22 @@ def test_interior_weights_charge_cuts_inside_an_object_only():
     assert torch.allclose(w[inner], torch.tensor(5.0)) and w[cut].abs().max() == 0
 
 
+def test_inner_edge_weights_charge_boundary_deep_inside_an_object_only():
+    """A disk's target: boundary predicted inside the disk (>= 1 px from its outline) gets w x its probability;
+    background predicted there, and anything on the outline, its soft neighbours or the background, gets 0."""
+    yy, xx = np.mgrid[:32, :32]
+    inst = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 10 ** 2).astype(np.int32)
+    t = torch.from_numpy(soft_target(inst, inst, 1, 32, 32)).permute(2, 0, 1)[None]   # (1, 3, 32, 32)
+    inner = (t[0, 0] == 0) & (t[0, 2] == 0)
+    assert inner.sum() > 100 and not inner[16, 6] and not inner[16, 7] and not inner[0, 0]
+    probs = torch.zeros(1, 3, 32, 32)
+    probs[:, 2] = 0.6                                                     # boundary everywhere ...
+    probs[0, :, 16, 12:20] = torch.tensor([1.0, 0.0, 0.0])[:, None]      # ... but background on a line
+    w = inner_edge_weights(probs, t, 5.0)[0]
+    assert torch.allclose(w[inner & (torch.arange(32)[:, None] != 16)], torch.tensor(3.0))   # 5 x 0.6
+    assert w[16, 12:20].abs().max() == 0 and w[~inner].abs().max() == 0
+
+
 def test_interior_weight_reaches_the_pixel_loss(data):
     """interior_weight > 0 adds to the pixel loss of an untrained network (it cuts everywhere)."""
     from tessera.model.vqvae import VQVAE, VQVAEConfig
@@ -165,6 +181,9 @@ def test_interior_weight_reaches_the_pixel_loss(data):
     torch.manual_seed(1)
     weighted = compute_losses(model, x, t, TrainConfig(**{**cfg.__dict__, "interior_weight": 5.0}), cw, 0.0)["pix"]
     assert weighted > plain * 1.05
+    torch.manual_seed(1)
+    edge = compute_losses(model, x, t, TrainConfig(**{**cfg.__dict__, "inner_edge_weight": 5.0}), cw, 0.0)["pix"]
+    assert plain * 1.01 < edge < weighted                                 # boundary only: a share of the cut
 
 
 def test_checkpoints_with_the_old_labels_key_still_load(trained, tmp_path):
