@@ -88,18 +88,25 @@ class TrainConfig:
                                      # 0.799 (3 seeds); clump clicks DSB 0.623 vs 0.558, demo 0.772 vs 0.806,
                                      # scribble DSB 0.775 / 0.769 vs 0.793 / 0.791 (seeds 0 / 1): scribbles
                                      # worse, so off (README, stop 21)
-    interior_weight: float = 0.0     # > 0: extra pixel-loss weight where the network cuts into an object (x its
-                                     # own detached background + boundary probability beyond the target's;
-                                     # interior_weights), so that the fragments contact_weight's extra boundary
-                                     # brings elsewhere cost as much as a missed contact
     inner_edge_weight: float = 0.0   # > 0: extra pixel-loss weight x the network's own (detached) boundary
                                      # probability on pixels wholly inside an object (inner_edge_weights):
-                                     # false cuts deep inside, not the outline's width, the gaps or the background
+                                     # false cuts deep inside, not the outline's width, the gaps or the background.
+                                     # With contact_weight 5, 600 iterations (stop 22, README): clump clicks
+                                     # DSB 0.647 / 0.652 (training seeds 0 / 1) vs 0.558 / 0.588 without either
+                                     # and 0.623 / 0.626 with contact_weight alone, demo 0.831 vs 0.806; scribble
+                                     # DSB 0.782 / 0.785 vs 0.793 / 0.791; but DSB native box recall 0.624 +-
+                                     # 0.002 vs 0.636 +- 0.005 (0.683 with contact_weight alone), fg IoU 0.790
+                                     # vs 0.799 (3 seeds): worse at native size, so off
     # Tried and not kept: a thicker boundary only where objects touch (the foreground within 2 model px of
     # a contact made boundary in the target, 1 px outline elsewhere): DSB clump clicks 0.648 +- 0.041 vs
     # 0.558 but still 40% below 0.5 (24 of 36 failures merged), scribble 0.781 vs 0.793, click 0.748 vs
     # 0.773 (600 iterations, seed 0, hint draws 0-2; bench/results/interactive_bound5_cband2_dsb.json);
-    # removed to keep one option (not measured at native size)
+    # removed to keep one option (not measured at native size). Stop 22: with contact_weight 5, the extra
+    # weight w x (the network's background + boundary probability beyond the soft target's) on every pixel
+    # (charging cuts into objects, but also a wider outline and background inside): DSB native fg IoU 0.780 /
+    # 0.782, box recall 0.640 / 0.602 (seeds 0 / 1; vs 0.799 / 0.636 without either), DSB clump clicks 0.600
+    # (29 of 35 failures merged), scribble 0.759 (seed 0); demo clump 0.825, scribble 0.840
+    # (bench/results/*interior5*.json): worse on DSB, removed
     dice_weight: float = 0.5         # foreground soft-Dice loss weight
     code_weight: float = 0.5         # code cross-entropy weight, from the vq_phase on (codes move before)
     vq_phase: float = 0.5            # after this share of the run the codebook and label encoder freeze,
@@ -333,9 +340,6 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
     logits = model.decoder(z, [f * (~drop).to(f.dtype) for f in feats])
     probs = logits.softmax(1)
     pix = F.cross_entropy(logits, target, weight=class_weight, reduction="none")  # (B, S, S)
-    if cfg.interior_weight > 0:                         # extra weight where the network cuts into an object
-        inner = interior_weights(probs.detach(), target, cfg.interior_weight)
-        pixel_weight = inner if pixel_weight is None else pixel_weight + inner
     if cfg.inner_edge_weight > 0:                       # extra weight on boundary drawn deep inside an object
         inner = inner_edge_weights(probs.detach(), target, cfg.inner_edge_weight)
         pixel_weight = inner if pixel_weight is None else pixel_weight + inner
@@ -359,22 +363,11 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
     return out
 
 
-def interior_weights(probs: torch.Tensor, target: torch.Tensor, w: float) -> torch.Tensor:
-    """Extra pixel-loss weight (B, S, S) where the network cuts into an object: w x the probability
-    (B, L, S, S) it gives background + boundary beyond the soft target's own share of the two (inside an
-    object that share is 0; on outlines and background it is 1, so they get none). A contact weight alone
-    raises the boundary where objects meet and nowhere else, so patterns inside one object that look like
-    a contact tip to boundary (fragments); this charges those false cuts alike. ~0 where the network is right."""
-    cut_p = probs[:, 0] + probs[:, -1]
-    cut_t = target[:, 0] + target[:, -1]
-    return w * (cut_p - cut_t).clamp(min=0).float()
-
-
 def inner_edge_weights(probs: torch.Tensor, target: torch.Tensor, w: float) -> torch.Tensor:
     """Extra pixel-loss weight (B, S, S): w x the boundary probability (B, L, S, S) the network gives pixels
     wholly inside an object (soft target: no background and no boundary share, so >= ~1 model px from any
-    outline, contacts included), 0 elsewhere. Unlike interior_weights it leaves the background / object
-    decision and the outline's width alone: only cuts through an object's inside are charged."""
+    outline, contacts included), 0 elsewhere. It leaves the background / object decision and the outline's
+    width alone: only cuts through an object's inside are charged."""
     inner = (target[:, 0] == 0) & (target[:, -1] == 0)
     return w * inner * probs[:, -1].float()
 

@@ -12,7 +12,7 @@ from tessera.model import metrics
 from tessera.model.data import make_nuclei
 from tessera.model.inference import Prediction, Predictor, soft_target, split_instances
 from tessera.model.train_vqvae import (Batcher, TrainConfig, compute_losses, contact_weights, evaluate,
-                                       inner_edge_weights, interior_weights, train)
+                                       inner_edge_weights, train)
 
 torch.set_num_threads(1)
 
@@ -129,28 +129,6 @@ def test_contact_weight_reaches_the_pixel_loss(data):
     assert weighted > plain and torch.allclose(zero, plain)
 
 
-def test_interior_weights_charge_cuts_inside_an_object_only():
-    """A disk's target (1 px outline): where the network puts boundary or background inside the disk the
-    weight is w x that probability; on the outline and the background it is 0 whatever the network says;
-    a network that is right gets 0."""
-    yy, xx = np.mgrid[:32, :32]
-    inst = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 10 ** 2).astype(np.int32)
-    t = torch.from_numpy(soft_target(inst, inst, 1, 32, 32)).permute(2, 0, 1)[None]   # (1, 3, 32, 32)
-    inner = (t[0, 0] == 0) & (t[0, 2] == 0)
-    cut = t[0, 0] + t[0, 2] == 1                                          # outline and background
-    assert inner.sum() > 100 and cut[16, 6] and cut[0, 0]
-    assert interior_weights(t.clone(), t, 5.0).abs().max() == 0           # the target itself: no weight
-    probs = t.clone()
-    probs[0, :, 16, 10:22] = torch.tensor([0.0, 0.2, 0.8])[:, None]       # a false cut across the middle
-    w = interior_weights(probs, t, 5.0)
-    assert w.shape == (1, 32, 32)
-    assert torch.allclose(w[0, 16, 12:20], torch.full((8,), 4.0))         # 5 x 0.8 on the cut
-    assert w[0, 10, 16] == 0 and w[0, 15].abs().max() == 0                # nothing off the cut
-    probs[0] = torch.tensor([0.9, 0.0, 0.1])[:, None, None]               # background everywhere
-    w = interior_weights(probs, t, 5.0)[0]
-    assert torch.allclose(w[inner], torch.tensor(5.0)) and w[cut].abs().max() == 0
-
-
 def test_inner_edge_weights_charge_boundary_deep_inside_an_object_only():
     """A disk's target: boundary predicted inside the disk (>= 1 px from its outline) gets w x its probability;
     background predicted there, and anything on the outline, its soft neighbours or the background, gets 0."""
@@ -167,8 +145,8 @@ def test_inner_edge_weights_charge_boundary_deep_inside_an_object_only():
     assert w[16, 12:20].abs().max() == 0 and w[~inner].abs().max() == 0
 
 
-def test_interior_weight_reaches_the_pixel_loss(data):
-    """interior_weight > 0 adds to the pixel loss of an untrained network (it cuts everywhere)."""
+def test_inner_edge_weight_reaches_the_pixel_loss(data):
+    """inner_edge_weight > 0 adds to the pixel loss of an untrained network (boundary everywhere); 0 leaves it."""
     from tessera.model.vqvae import VQVAE, VQVAEConfig
     cfg = TrainConfig(resolution=128, crop=32, widths=(8, 8, 16, 16), codebook_size=16, embed_dim=8, jitter=0)
     x, t, _, _ = Batcher(data[0][:4], cfg, 1, seed=0).get_batch(4, "cpu")
@@ -179,11 +157,8 @@ def test_interior_weight_reaches_the_pixel_loss(data):
     torch.manual_seed(1)
     plain = compute_losses(model, x, t, cfg, cw, 0.0)["pix"]
     torch.manual_seed(1)
-    weighted = compute_losses(model, x, t, TrainConfig(**{**cfg.__dict__, "interior_weight": 5.0}), cw, 0.0)["pix"]
-    assert weighted > plain * 1.05
-    torch.manual_seed(1)
     edge = compute_losses(model, x, t, TrainConfig(**{**cfg.__dict__, "inner_edge_weight": 5.0}), cw, 0.0)["pix"]
-    assert plain * 1.01 < edge < weighted                                 # boundary only: a share of the cut
+    assert edge > plain * 1.01
 
 
 def test_checkpoints_with_the_old_labels_key_still_load(trained, tmp_path):
