@@ -80,14 +80,17 @@ class TrainConfig:
     recon_fraction: float = 0.3      # share of each batch decoded from the true codes
     boundary_width: int = 1
     boundary_weight: float = 3.0     # cross-entropy weight of the boundary class (undone at inference)
-    contact_weight: float = 0.0      # > 0: U-Net-style extra pixel-loss weight where two objects meet
+    contact_weight: float = 2.0      # > 0: U-Net-style extra pixel-loss weight where two objects meet
                                      # (contact_weights: w0 exp(-r^2 / 2 sigma^2), r the least distance
-                                     # in model px holding two objects), so that touching objects part
-    contact_sigma: float = 1.0       # its fall-off, in model px. contact_weight 5 vs 0, 600 iterations: DSB
-                                     # native box recall 0.683 +- 0.011 vs 0.636 +- 0.005, fg IoU 0.797 vs
-                                     # 0.799 (3 seeds); clump clicks DSB 0.623 vs 0.558, demo 0.772 vs 0.806,
-                                     # scribble DSB 0.775 / 0.769 vs 0.793 / 0.791 (seeds 0 / 1): scribbles
-                                     # worse, so off (README, stop 21)
+                                     # in model px holding two objects), so that touching objects part; 0 = off
+    contact_sigma: float = 1.0       # its fall-off, in model px. 600 iterations, w0 2 / 5 / 0: DSB native box
+                                     # recall 0.653 +- 0.005 / 0.683 +- 0.011 / 0.636 +- 0.005, fg IoU 0.797 /
+                                     # 0.797 / 0.799 (3 seeds); DSB clump clicks 0.607, 0.643 / 0.623, 0.626 /
+                                     # 0.558, 0.588 (training seeds 0, 1), scribble 0.788, 0.794 / 0.775, 0.769
+                                     # / 0.793, 0.791, click 0.750, 0.765 / 0.740, 0.698 / 0.773, 0.761; demo
+                                     # clump 0.794 / 0.772 / 0.806, scribble 0.840 / 0.828 / 0.828, click 0.840
+                                     # / 0.844 / 0.864. 5 costs scribbles and clicks, 2 keeps them within the
+                                     # hint draws' spread (README, stops 21-22). Box models not measured with it
     inner_edge_weight: float = 0.0   # > 0: extra pixel-loss weight x the network's own (detached) boundary
                                      # probability on pixels wholly inside an object (inner_edge_weights):
                                      # false cuts deep inside, not the outline's width, the gaps or the background.

@@ -109,13 +109,15 @@ def test_contact_weights_stay_cheap():
 
 
 def test_contact_weight_reaches_the_pixel_loss(data):
-    """contact_weight > 0: batches carry the weights (B, S, S) and the weighted pixel loss is larger on a
-    batch of touching objects; 0: no weights and the loss as before."""
+    """contact_weight > 0 (the default): batches carry the weights (B, S, S) and the weighted pixel loss is
+    larger on a batch of touching objects; 0: no weights and the loss as before."""
     cfg = TrainConfig(resolution=32, crop=32, widths=(8, 8, 16, 16), codebook_size=16, embed_dim=8, jitter=0,
                       contact_weight=5.0)
     x, t, _, w = Batcher(data[0][:4], cfg, 1, seed=0).get_batch(4, "cpu")
     assert w.shape == (4, 32, 32) and w.dtype == torch.float32 and w.max() > 1 and w.min() == 0
-    assert Batcher(data[0][:4], TrainConfig(resolution=32, crop=32), 1, seed=0).get_batch(4, "cpu")[3] is None
+    assert Batcher(data[0][:4], TrainConfig(resolution=32, crop=32), 1, seed=0).get_batch(4, "cpu")[3] is not None
+    assert Batcher(data[0][:4], TrainConfig(resolution=32, crop=32, contact_weight=0.0), 1,
+                   seed=0).get_batch(4, "cpu")[3] is None
     from tessera.model.vqvae import VQVAE, VQVAEConfig
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(resolution=32, n_labels=3, widths=(8, 8, 16, 16), codebook_size=16, embed_dim=8))
