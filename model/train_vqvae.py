@@ -346,7 +346,7 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
     if cfg.inner_edge_weight > 0:                       # extra weight on boundary drawn deep inside an object
         inner = inner_edge_weights(probs.detach(), target, cfg.inner_edge_weight)
         pixel_weight = inner if pixel_weight is None else pixel_weight + inner
-    if pixel_weight is not None:                        # extra weight where objects meet (contact_weights)
+    if pixel_weight is not None:                        # contact_weights (where objects meet) + inner_edge_weights
         pix = pix * (1 + pixel_weight)
     pix = pix.mean((1, 2))  # (B,)
     # soft Dice on the foreground: IoU-like, so images with a few small objects count as much as crowded ones
