@@ -60,6 +60,7 @@ def fixed_split(name: str, max_val: int | None = None) -> tuple[list, list, list
 
 def train_overrides(pairs: list[str]) -> dict:
     """`--set KEY=VALUE ...` strings -> TrainConfig field overrides, each value typed as the field's default."""
+    from tessera.model.config import _parse
     from tessera.model.train_vqvae import TrainConfig
 
     defaults, out = TrainConfig(), {}
@@ -67,8 +68,7 @@ def train_overrides(pairs: list[str]) -> dict:
         key, _, value = pair.partition("=")
         if not hasattr(defaults, key):
             raise SystemExit(f"--set {pair}: TrainConfig has no field {key!r}")
-        kind = type(getattr(defaults, key))
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        out[key] = _parse(value, getattr(defaults, key), key)       # tuples as a,b,c (widths=32,64,96)
     return out
 
 

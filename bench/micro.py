@@ -2,8 +2,13 @@
 instance matching, and job submission (in-process; over Redis when redis-server is on PATH).
 
     .venv/bin/python -m bench.micro [--quick]
+    .venv/bin/python -m bench.micro --net [--net-scale 0.5 1.0] [--variant NAME:KEY=VALUE,...] [--name NAME]
 
-Writes bench/results/micro.json with p50/p95 per path and whether each meets its target.
+Writes bench/results/micro.json with p50/p95 per path and whether each meets its target. `--net` instead
+times the label model's network pass (Predictor's traced and frozen predict pass, bf16 autocast,
+channels-last) per 520x696 image for architecture variants (VQVAEConfig fields, untrained weights: speed does
+not depend on them) side by side: process CPU time per pass at 1 thread, variants interleaved pass by pass,
+median and ratio to the first variant (bench/results/micro_net.json).
 """
 from __future__ import annotations
 
@@ -51,10 +56,77 @@ def _rq_submit_times(n: int) -> list[float] | None:
         proc.wait(10)
 
 
+NET_VARIANTS = ["base:", "w8:widths=8/32/64/96", "s2d:stem_stride=2,widths=16/64/96",
+                "s2d32:stem_stride=2,widths=32/64/96"]
+
+
+def _variant(spec: str) -> tuple[str, dict]:
+    """'NAME:KEY=VALUE,...' -> (NAME, VQVAEConfig overrides); a tuple value is written a/b/c."""
+    name, _, rest = spec.partition(":")
+    over = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, value = pair.partition("=")
+        over[key] = tuple(int(v) for v in value.split("/")) if "/" in value else (
+            int(value) if value.lstrip("-").isdigit() else value)
+    return name, over
+
+
+def net_passes(specs: list[str], scales: list[float], reps: int) -> dict:
+    """Process CPU ms per network pass of one 520x696 image, per variant and scale (see the docstring)."""
+    import statistics
+
+    import torch
+
+    from tessera.model.inference import Predictor
+    from tessera.model.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    image = np.random.default_rng(0).integers(0, 255, (520, 696, 3), dtype=np.uint8)
+    out: dict = {}
+    for scale in scales:
+        preds = {}
+        for spec in specs:
+            name, over = _variant(spec)
+            preds[name] = Predictor(VQVAE(VQVAEConfig(**over)), ["Nucleus"], device="cpu", scale=scale, trace=True)
+        with torch.inference_mode():
+            x = next(iter(preds.values()))._prepare([image])[0]
+            for p in preds.values():                   # the third call runs the trace
+                for _ in range(4):
+                    p._net(x)
+            cpu: dict = {n: [] for n in preds}
+            for _ in range(reps):
+                for n, p in preds.items():
+                    t0 = time.process_time()
+                    p._net(x)
+                    cpu[n].append(time.process_time() - t0)
+        first = statistics.median(next(iter(cpu.values())))
+        key = f"scale_{scale:g}_input_{x.shape[-2]}x{x.shape[-1]}"
+        out[key] = {n: {"cpu_ms_median": statistics.median(ts) * 1000, "cpu_ms_min": min(ts) * 1000,
+                        "ratio_to_first": statistics.median(ts) / first,
+                        "config": _variant(spec)[1]} for (n, ts), spec in zip(cpu.items(), specs)}
+        for n, r in out[key].items():
+            print(f"{key} {n:10s} {r['cpu_ms_median']:7.2f} ms (min {r['cpu_ms_min']:.2f}) x{r['ratio_to_first']:.3f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--net", action="store_true", help="network pass CPU per 520x696 image, per variant")
+    ap.add_argument("--variant", action="append", default=None, help="--net: NAME:KEY=VALUE,... (VQVAEConfig "
+                    "fields; tuples as a/b/c); the first is the reference")
+    ap.add_argument("--net-scale", type=float, nargs="+", default=[0.5, 1.0], help="--net: model px per image px")
+    ap.add_argument("--reps", type=int, default=30, help="--net: passes per variant")
+    ap.add_argument("--name", default="micro_net", help="--net: result file name")
     args = ap.parse_args()
+    if args.net:
+        import torch
+
+        torch.set_num_threads(1)
+        res = net_passes(args.variant or NET_VARIANTS, args.net_scale, args.reps)
+        write_result(args.name, {"net_pass_cpu_ms": res, "threads": 1, "reps": args.reps,
+                                 "load_average_1m": os.getloadavg()[0]})
+        return
     from tessera.backend.jobs import ThreadJobRunner
     from tessera.model.data import make_nuclei
     from tessera.model.metrics import instance_match

@@ -30,10 +30,12 @@ class BoxHead(nn.Module):
     """Encoder features at R, R/2, ... -> (heat logits (B, C, h, w), log size (B, 2, h, w), offset (B, 2, h, w))
     at h = H / stride, stride = 2 ** level."""
 
-    def __init__(self, widths, n_classes: int, level: int = 1, channels: int = 32):
+    def __init__(self, widths, n_classes: int, level: int = 1, channels: int = 32, stem_stride: int = 1):
         super().__init__()
         self.level = level
-        self.lateral = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths[level:])
+        # the features list starts at R / stem_stride: cells of 2 ** level px are its entry `first`
+        self.first = level - (stem_stride.bit_length() - 1)
+        self.lateral = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths[self.first:])
         self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
         self.heat = nn.Conv2d(channels, n_classes, 1)
@@ -46,7 +48,7 @@ class BoxHead(nn.Module):
         return 2 ** self.level
 
     def forward(self, feats):
-        fs = feats[self.level:]
+        fs = feats[self.first:]
         h = self.lateral[0](fs[0])
         for lat, f in zip(self.lateral[1:], fs[1:]):
             h = h + F.interpolate(lat(f), size=h.shape[-2:], mode="nearest")

@@ -74,6 +74,7 @@ class TrainConfig:
     jitter: float = 0.2              # brightness / contrast / gamma jitter strength (0 = off)
     # model and losses
     widths: tuple = (16, 32, 64, 96)
+    stem_stride: int = 1             # 2: space-to-depth stem, the first level at R/2 (VQVAEConfig.stem_stride)
     codebook_size: int = 512
     embed_dim: int = 64
     image_dropout: float = 0.3       # share of the reconstruction samples decoded without the image
@@ -500,7 +501,7 @@ def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None
     config = VQVAEConfig(resolution=cfg.resolution, n_labels=len(label_names) + 2, widths=tuple(cfg.widths),
                          codebook_size=cfg.codebook_size, embed_dim=cfg.embed_dim,
                          image_dropout=cfg.image_dropout, boundary_width=cfg.boundary_width,
-                         box_classes=box_classes, box_level=cfg.box_level)
+                         box_classes=box_classes, box_level=cfg.box_level, stem_stride=cfg.stem_stride)
     return VQVAE(config), 0
 
 

@@ -56,14 +56,19 @@ class Down(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """U-Net style encoder: returns features at R, R/2, R/4, R/8 (the skips the decoder sees)."""
+    """U-Net style encoder: returns features at R/s, R/2s, R/4s, ... (the skips the decoder sees), s the stem
+    stride. s = 2 is a space-to-depth stem: each 2x2 pixel block becomes 12 channels (pixel unshuffle) and the
+    first level works at R/2, so no layer runs at the full resolution."""
 
-    def __init__(self, widths):
+    def __init__(self, widths, stem_stride: int = 1):
         super().__init__()
-        self.stem = ConvBlock(3, widths[0])
+        self.stem_stride = stem_stride
+        self.stem = ConvBlock(3 * stem_stride ** 2, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(len(widths) - 1))
 
     def forward(self, image):
+        if self.stem_stride > 1:
+            image = F.pixel_unshuffle(image, self.stem_stride)  # (B, 3, H, W) -> (B, 3 s^2, H/s, W/s)
         feats = [self.stem(image)]
         for down in self.downs:
             feats.append(down(feats[-1]))
@@ -99,6 +104,8 @@ class SkipAdd(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, out_channels, 1)
         self.conv = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        # Tried: BatchNorm here, folded into the conv at inference: the network pass 0.99x the CPU at 264x352,
+        # 0.95x at 520x696 (bench/results/micro_net_try.json): GroupNorm is not what the fine level costs; not kept
         self.norm = _norm(out_channels, "group")
 
     def forward(self, h, f):
@@ -122,23 +129,28 @@ class SkipCat(nn.Module):
 class Decoder(nn.Module):
     """Latents (+ image skip features, or zeros when absent) -> label logits at R.
 
-    The two coarsest levels concatenate the skips (capacity is cheap there); the fine levels add them."""
+    The two coarsest levels concatenate the skips (capacity is cheap there); the fine levels add them. With a
+    stem stride s > 1 the finest level is at R/s and its 1x1 output conv gives every pixel of an s x s block
+    its own logits (pixel shuffle)."""
 
-    def __init__(self, n_labels, widths, embed_dim):
+    def __init__(self, n_labels, widths, embed_dim, stem_stride: int = 1):
         super().__init__()
         n = len(widths)
+        self.stem_stride = stem_stride
         self.inp = nn.Conv2d(embed_dim, widths[-1], 3, padding=1)
         self.steps = nn.ModuleList()
         for i in reversed(range(n)):  # coarse to fine
             in_ch = widths[min(i + 1, n - 1)]
-            self.steps.append(SkipCat(in_ch, widths[i], widths[i]) if i >= n - 2 else SkipAdd(in_ch, widths[i]))
-        self.out = nn.Conv2d(widths[0], n_labels, 1)
+            self.steps.append(SkipCat(in_ch, widths[i], widths[i]) if i >= n - 2
+                              else SkipAdd(in_ch, widths[i]))
+        self.out = nn.Conv2d(widths[0], n_labels * stem_stride ** 2, 1)
 
     def forward(self, z, feats):
         h = F.silu(self.inp(z))
         for step, f in zip(self.steps, reversed(feats)):
             h = step(h, f)      # each step brings the path up to its skip's size
-        return self.out(h)
+        h = self.out(h)
+        return F.pixel_shuffle(h, self.stem_stride) if self.stem_stride > 1 else h
 
 
 class Quantizer(nn.Module):
@@ -255,16 +267,22 @@ class VQVAEConfig:
     boundary_width: int = 1                 # object outline width in pixels at R
     box_classes: int = 0                    # > 0: a box detection head for this many classes (model/boxhead.py)
     box_level: int = 1                      # the head's finest feature level: cells of 2 ** box_level px
+    stem_stride: int = 1                    # 2: space-to-depth stem, the first level at R/2 (widths then name
+                                            # the levels R/2, R/4, R/8); 1: the first level at R (old models)
 
     def __post_init__(self):
-        if self.resolution % 2 ** (len(self.widths) - 1):
-            raise ValueError(f"resolution {self.resolution} must be a multiple of {2 ** (len(self.widths) - 1)}")
+        if self.resolution % self.downsample:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of {self.downsample}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.box_classes and self.box_level < self.stem_stride.bit_length() - 1:
+            raise ValueError(f"box_level {self.box_level} is finer than the first level (stem_stride {self.stem_stride})")
         if self.n_labels < 2:
             raise ValueError(f"n_labels must be >= 2 (background + at least one class), got {self.n_labels}")
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.widths) - 1)
+        return self.stem_stride * 2 ** (len(self.widths) - 1)
 
 
 class VQVAE(nn.Module):
@@ -274,13 +292,14 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = config
         w = tuple(config.widths)
-        self.image_encoder = ImageEncoder(w)
+        self.image_encoder = ImageEncoder(w, config.stem_stride)
         self.label_encoder = LabelEncoder(config.n_labels, w, config.embed_dim, config.downsample)
         self.quantizer = Quantizer(config.codebook_size, config.embed_dim, config.ema_decay,
                                    dead_threshold=config.dead_threshold)
-        self.decoder = Decoder(config.n_labels, w, config.embed_dim)
+        self.decoder = Decoder(config.n_labels, w, config.embed_dim, config.stem_stride)
         self.code_predictor = CodePredictor(w, config.embed_dim, config.n_predictor_layers)
-        self.box_head = BoxHead(w, config.box_classes, config.box_level) if config.box_classes else None
+        self.box_head = BoxHead(w, config.box_classes, config.box_level,
+                                                                   stem_stride=config.stem_stride) if config.box_classes else None
 
     def features(self, image):
         """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8."""

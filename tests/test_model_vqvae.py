@@ -119,3 +119,88 @@ def test_overfit_one_batch(tiny_config):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], f"loss did not fall enough: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+# --- the space-to-depth stem (VQVAEConfig.stem_stride, issue 10) ---------------------------------------------
+
+
+def test_space_to_depth_stem_has_no_full_resolution_level(tiny_config):
+    """stem_stride 2: the first level works at R/2 on 12 channels (2x2 blocks), the latents stay at R/8 with one
+    level fewer, and the logits come back at R for every pixel (pixel shuffle): at an odd multiple of 8 too."""
+    cfg = VQVAEConfig(resolution=32, n_labels=3, codebook_size=16, embed_dim=8, widths=(8, 16, 16), stem_stride=2)
+    assert cfg.downsample == 8
+    model = VQVAE(cfg).eval()
+    assert model.image_encoder.stem.conv1.in_channels == 12
+    _, x, image = _batch(cfg)
+    x, image = F.pad(x, (0, 8, 0, 16)), F.pad(image, (0, 8, 0, 16))       # 48 x 40: 6 x 5 latent cells
+    feats = model.features(image)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(24, 20), (12, 10), (6, 5)]
+    logits, _, indices = model(x, image)
+    assert logits.shape == (2, 3, 48, 40) and indices.shape == (2, 6, 5)
+    assert model.segment(image)[0].shape == (2, 3, 48, 40) and model.decode_code(indices).shape == (2, 3, 48, 40)
+    # each pixel of a 2x2 block has its own logits: the output is not a 2x upsampling of an R/2 map
+    assert not torch.equal(logits[..., 0::2, 0::2], logits[..., 1::2, 1::2])
+    with pytest.raises(ValueError):
+        VQVAEConfig(resolution=32, widths=(8, 16, 16), stem_stride=3)
+    with pytest.raises(ValueError):                  # a box head cannot have cells finer than the first level
+        VQVAEConfig(resolution=32, widths=(8, 16, 16), stem_stride=2, box_classes=1, box_level=0)
+
+
+def test_space_to_depth_box_head_keeps_its_cell_size():
+    """box_level names the cell size (2 ** level model px) whatever the stem: with stem_stride 2 the head reads
+    the first level (R/2) and decodes with stride 2, as a stride-1 model's level-1 head does."""
+    for stride, widths in ((1, (8, 16, 16, 16)), (2, (16, 16, 16))):
+        model = VQVAE(VQVAEConfig(resolution=64, widths=widths, stem_stride=stride, box_classes=2)).eval()
+        heat, size, offset = model.detect(model.features(torch.rand(1, 3, 64, 40)))
+        assert model.box_head.stride == 2 and heat.shape == (1, 2, 32, 20) and size.shape == (1, 2, 32, 20)
+
+
+def test_space_to_depth_model_trains_and_predicts_at_odd_sizes(tmp_path):
+    """A stem_stride 2 model through train() and the Predictor, on images of odd sizes: predictions at each
+    image's size, the traced pass equal to eager, and the architecture stored in (and rebuilt from) the checkpoint."""
+    import numpy as np
+
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.model.data import make_nuclei
+    from tessera.model.inference import Predictor
+    from tessera.model.train_vqvae import TrainConfig, train
+
+    samples = [make_nuclei(1, size=(90 + 7 * i, 77 + 5 * i), seed=i)[0] for i in range(6)]
+    cfg = TrainConfig(max_iters=6, eval_interval=3, log_interval=100, batch_size=4, device="cpu", threads=1,
+                      resolution=64, crop=48, widths=(8, 16, 16), stem_stride=2, codebook_size=16, embed_dim=8,
+                      bf16=False)
+    path = train(cfg, samples[:4], samples[4:], ["Nucleus"], tmp_path / "m.pt")
+    assert load_checkpoint(path, "vqvae")["model_config"]["stem_stride"] == 2
+    eager = Predictor.from_checkpoint(path, device="cpu")
+    traced = Predictor.from_checkpoint(path, device="cpu", trace=True)
+    assert eager.model.config.stem_stride == 2
+    images = [make_nuclei(1, size=(101, 67), seed=9)[0].image, make_nuclei(1, size=(53, 131), seed=8)[0].image]
+    want = eager.predict(images, cut=False)
+    assert [p.classes.shape for p in want] == [(101, 67), (53, 131)]
+    for _ in range(3):
+        for a, b in zip(want, traced.predict(images, cut=False)):
+            assert np.array_equal(a.instances, b.instances) and a.score == b.score
+
+
+def test_a_checkpoint_from_before_the_stem_option_loads_and_predicts_as_before():
+    """tests/data/vqvae_stem1_tiny.pt was written by main at 114f57e, before VQVAEConfig.stem_stride existed (its
+    model_config has no such key), with the network pass's outputs on its stored image (float32, scale 0.5,
+    70 x 90 px: an odd model size) and a box head. It loads strictly and the pass gives the same numbers."""
+    from pathlib import Path
+
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.model.inference import Predictor, vqvae_from_checkpoint
+
+    path = Path(__file__).parent / "data" / "vqvae_stem1_tiny.pt"
+    ckpt = load_checkpoint(path, "vqvae")
+    assert "stem_stride" not in ckpt["model_config"]
+    model = vqvae_from_checkpoint(ckpt)
+    assert model.config.stem_stride == 1
+    pred = Predictor(model, ckpt["label_names"], device="cpu", scale=0.5, bf16=False)
+    want = ckpt["expected"]
+    with torch.inference_mode():
+        x, _ = pred._prepare([want["image"].numpy()])
+        logits, (heat, size, offset) = pred._net(x)
+    for got, key in ((logits, "logits"), (heat, "heat"), (size, "size"), (offset, "offset")):
+        torch.testing.assert_close(got, want[key], rtol=1e-5, atol=1e-6)
+    assert Predictor.from_checkpoint(path, device="cpu").predict([want["image"].numpy()])[0].classes.shape == (70, 90)
