@@ -86,19 +86,26 @@ def stages(pred, images: dict, reps: int) -> dict:
     return out
 
 
-def bench_model(work: Path) -> Path:
-    """A label model trained for a few iterations on procedural nuclei, registered under work/models: the
+def bench_model(work: Path, overrides: dict | None = None, models: str = "models") -> Path:
+    """A label model trained for a few iterations on procedural nuclei, registered under work/<models>: the
     checkpoint both speed modes time (speed does not depend on what the weights learned, only on the
-    architecture and the object scale they were trained at)."""
+    architecture and the object scale they were trained at). `overrides`: TrainConfig fields of the run
+    (an architecture to time, e.g. {"stem_stride": 2, "widths": (32, 64, 96)})."""
+    import dataclasses
+    from unittest import mock
+
+    from tessera.backend import training
     from tessera.backend.store import DEFAULT_KEY
     from tessera.backend.settings import Settings
-    from tessera.backend.training import _train_and_register
     from tessera.model.data import make_nuclei
 
     samples = make_nuclei(12, size=256, seed=3)
-    _train_and_register(Settings(model_dir=work / "models"), DEFAULT_KEY, samples[:10], samples[10:], ["Nucleus"],
-                        "speed bench", iters=20, progress=lambda i: None)
-    return next((work / "models" / "default" / "versions").glob("v*/model.pt"))
+    plain = training.train_config
+    with mock.patch.object(training, "train_config",
+                           lambda *a, **k: dataclasses.replace(plain(*a, **k), **(overrides or {}))):
+        training._train_and_register(Settings(model_dir=work / models), DEFAULT_KEY, samples[:10], samples[10:],
+                                     ["Nucleus"], "speed bench", iters=20, progress=lambda i: None)
+    return next((work / models / "default" / "versions").glob("v*/model.pt"))
 
 
 def main() -> None:
@@ -117,6 +124,10 @@ def main() -> None:
     ap.add_argument("--ls-env", action="append", default=[], metavar="KEY=VALUE",
                     help="--ls-tasks: extra environment of the 'after' server (e.g. TESSERA_PREDICT_BATCH=8)")
     ap.add_argument("--ls-name", default="speed_native_ls", help="--ls-tasks: result file name")
+    ap.add_argument("--ls-arch", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="--ls-tasks: instead of two revisions, two architectures on the current code: 'before' "
+                    "the default model, 'after' one trained with these TrainConfig fields (e.g. stem_stride=2 "
+                    "widths=32,64,96)")
     args = ap.parse_args()
     if args.native:
         from bench import speed_native

@@ -363,11 +363,13 @@ def ls_big_request(args) -> None:
     own per-stage seconds (its "predict:" log line). With --before REV (not 'none'), REV's backend is a second
     server on the same Label Studio and model store; the two alternate request by request, `--ls-rounds`
     rounds, the order swapped every round. 8 distinct uploads, each task names one of them (no cache on
-    /predict: every task is one download). Writes bench/results/speed_native_ls.json."""
+    /predict: every task is one download). With --ls-arch KEY=VALUE..., both servers run the current code,
+    "before" on the default model and "after" on one trained with those TrainConfig fields (each its own
+    model store). Writes bench/results/speed_native_ls.json."""
     import shutil
     import tempfile
 
-    from bench.common import write_result
+    from bench.common import train_overrides, write_result
     from bench.speed import CONFIG, bench_model
     from tessera.backend import lsclient
     from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
@@ -381,6 +383,9 @@ def ls_big_request(args) -> None:
     runs: dict = {}
     try:
         bench_model(work)
+        arch = train_overrides(args.ls_arch) if args.ls_arch else None
+        if arch:
+            bench_model(work, arch, models="models-after")
         pngs = []
         for k in range(8):
             img, _ = mosaic(520, 696, 256, seed=11 + k)
@@ -396,11 +401,15 @@ def ls_big_request(args) -> None:
                "LABEL_STUDIO_API_KEY": server.token, "TESSERA_LOG_LEVEL": "INFO",
                "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
         trees = {"after": REPO}
-        if args.before != "none":
+        if arch:
+            trees["before"] = REPO
+        elif args.before != "none":
             trees["before"] = before_tree(args.before, work / "before")
         body = {"tasks": tasks, "project": f"{pid}.1", "label_config": CONFIG}
         for v, tree in trees.items():
             extra = dict(kv.split("=", 1) for kv in args.ls_env) if v == "after" else {}
+            if arch and v == "after":
+                extra["MODEL_DIR"] = str(work / "models-after")
             procs[v] = TesseraProcess({**env, **extra, "PYTHONPATH": str(package_root(tree, work / f"pp-{v}"))},
                                       work / f"tessera-{v}.log").wait_up()
             requests.post(procs[v].url + "/predict", json={**body, "tasks": tasks[:2]}, timeout=300).raise_for_status()
@@ -410,7 +419,8 @@ def ls_big_request(args) -> None:
             for v in (order if rnd % 2 == 0 else order[::-1]):
                 runs.setdefault(v, []).append(_ls_request(procs[v], server, body))
                 print(v, json.dumps(runs[v][-1]), flush=True)
-        res = {"tasks": len(tasks), "threads": args.threads, "env": args.ls_env, "before_rev": args.before}
+        res = {"tasks": len(tasks), "threads": args.threads, "env": args.ls_env,
+               "before_rev": "the current code, default model" if arch else args.before, "after_arch": arch}
         for v, rs in runs.items():
             res[v] = {"wall_s": float(np.mean([r["wall_s"] for r in rs])), "runs": rs,
                       "per_task_ms": 1000 * float(np.mean([r["wall_s"] for r in rs])) / len(tasks),

@@ -74,7 +74,8 @@ class TrainConfig:
     jitter: float = 0.2              # brightness / contrast / gamma jitter strength (0 = off)
     # model and losses
     widths: tuple = (16, 32, 64, 96)
-    stem_stride: int = 1             # 2: space-to-depth stem, the first level at R/2 (VQVAEConfig.stem_stride)
+    stem_stride: int = 1             # 2: space-to-depth stem, the first level at R/2 (VQVAEConfig.stem_stride);
+                                     # widths then name the levels R/2, R/4, R/8: give three, e.g. 32,64,96
     codebook_size: int = 512
     embed_dim: int = 64
     image_dropout: float = 0.3       # share of the reconstruction samples decoded without the image

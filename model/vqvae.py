@@ -275,6 +275,9 @@ class VQVAEConfig:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {self.downsample}")
         if self.stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.stem_stride > 1 and self.downsample > 8:     # inputs are padded to a multiple of 8 (inference)
+            raise ValueError(f"stem_stride {self.stem_stride} with {len(self.widths)} widths downsamples x"
+                             f"{self.downsample}; give at most 3 widths (levels R/2, R/4, R/8), e.g. (32, 64, 96)")
         if self.box_classes and self.box_level < self.stem_stride.bit_length() - 1:
             raise ValueError(f"box_level {self.box_level} is finer than the first level (stem_stride {self.stem_stride})")
         if self.n_labels < 2:

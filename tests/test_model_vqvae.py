@@ -142,6 +142,8 @@ def test_space_to_depth_stem_has_no_full_resolution_level(tiny_config):
     assert not torch.equal(logits[..., 0::2, 0::2], logits[..., 1::2, 1::2])
     with pytest.raises(ValueError):
         VQVAEConfig(resolution=32, widths=(8, 16, 16), stem_stride=3)
+    with pytest.raises(ValueError, match="at most 3 widths"):   # latents at R/16: inputs are padded to x8 only
+        VQVAEConfig(resolution=32, widths=(8, 16, 16, 16), stem_stride=2)
     with pytest.raises(ValueError):                  # a box head cannot have cells finer than the first level
         VQVAEConfig(resolution=32, widths=(8, 16, 16), stem_stride=2, box_classes=1, box_level=0)
 
