@@ -57,7 +57,8 @@ def _rq_submit_times(n: int) -> list[float] | None:
 
 
 NET_VARIANTS = ["base:", "w8:widths=8/32/64/96", "s2d:stem_stride=2,widths=16/64/96",
-                "s2d32:stem_stride=2,widths=32/64/96"]
+                "s2d32:stem_stride=2,widths=32/64/96",
+                "s2d48:stem_stride=2,widths=48/64/96"]
 
 
 def _variant(spec: str) -> tuple[str, dict]:
