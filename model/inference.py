@@ -132,8 +132,9 @@ def vqvae_from_checkpoint(ckpt: dict) -> VQVAE:
 
 def _fold_batchnorm(model: VQVAE) -> VQVAE:
     """An inference copy of the model with every BatchNorm folded into the convolution before it (the
-    ConvBlocks of the image encoder and the code predictor): the same function in eval mode, one pass over the activations fewer per norm. torch's
-    fuse_conv_bn_eval does the arithmetic; the caller's model is left as it was."""
+    ConvBlocks of the image encoder and the code predictor): the same function in eval mode, one pass over
+    the activations fewer per norm. torch's fuse_conv_bn_eval does the arithmetic; the caller's model is
+    left as it was."""
     from .vqvae import ConvBlock
 
     model = copy.deepcopy(model).eval()
