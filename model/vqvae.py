@@ -279,7 +279,8 @@ class VQVAEConfig:
             raise ValueError(f"stem_stride {self.stem_stride} with {len(self.widths)} widths downsamples x"
                              f"{self.downsample}; give at most 3 widths (levels R/2, R/4, R/8), e.g. (32, 64, 96)")
         if self.box_classes and self.box_level < self.stem_stride.bit_length() - 1:
-            raise ValueError(f"box_level {self.box_level} is finer than the first level (stem_stride {self.stem_stride})")
+            raise ValueError(f"box_level {self.box_level} is finer than the first level "
+                             f"(stem_stride {self.stem_stride})")
         if self.n_labels < 2:
             raise ValueError(f"n_labels must be >= 2 (background + at least one class), got {self.n_labels}")
 
@@ -301,8 +302,8 @@ class VQVAE(nn.Module):
                                    dead_threshold=config.dead_threshold)
         self.decoder = Decoder(config.n_labels, w, config.embed_dim, config.stem_stride)
         self.code_predictor = CodePredictor(w, config.embed_dim, config.n_predictor_layers)
-        self.box_head = BoxHead(w, config.box_classes, config.box_level,
-                                                                   stem_stride=config.stem_stride) if config.box_classes else None
+        self.box_head = (BoxHead(w, config.box_classes, config.box_level, stem_stride=config.stem_stride)
+                         if config.box_classes else None)
 
     def features(self, image):
         """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8."""
