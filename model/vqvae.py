@@ -141,8 +141,7 @@ class Decoder(nn.Module):
         self.steps = nn.ModuleList()
         for i in reversed(range(n)):  # coarse to fine
             in_ch = widths[min(i + 1, n - 1)]
-            self.steps.append(SkipCat(in_ch, widths[i], widths[i]) if i >= n - 2
-                              else SkipAdd(in_ch, widths[i]))
+            self.steps.append(SkipCat(in_ch, widths[i], widths[i]) if i >= n - 2 else SkipAdd(in_ch, widths[i]))
         self.out = nn.Conv2d(widths[0], n_labels * stem_stride ** 2, 1)
 
     def forward(self, z, feats):
@@ -306,7 +305,7 @@ class VQVAE(nn.Module):
                          if config.box_classes else None)
 
     def features(self, image):
-        """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8."""
+        """Image (B, 3, R, R) in [0, 1] -> skip features at R, R/2, R/4, R/8 (R/2, R/4, R/8 with stem_stride 2)."""
         return self.image_encoder(image * 2 - 1)
 
     def _zero_features(self, z):
