@@ -206,3 +206,17 @@ def test_a_checkpoint_from_before_the_stem_option_loads_and_predicts_as_before()
     for got, key in ((logits, "logits"), (heat, "heat"), (size, "size"), (offset, "offset")):
         torch.testing.assert_close(got, want[key], rtol=1e-5, atol=1e-6)
     assert Predictor.from_checkpoint(path, device="cpu").predict([want["image"].numpy()])[0].classes.shape == (70, 90)
+
+
+def test_bench_set_overrides_reach_the_architecture():
+    """`--set stem_stride=2 widths=32,64,96` (bench.common.train_overrides, as bench.label_model passes it) gives
+    a TrainConfig with a tuple of ints, and bools and floats keep their types."""
+    from bench.common import train_overrides
+    from tessera.model.train_vqvae import TrainConfig
+
+    over = train_overrides(["stem_stride=2", "widths=32,64,96", "flips=false", "contact_weight=5"])
+    assert over == {"stem_stride": 2, "widths": (32, 64, 96), "flips": False, "contact_weight": 5.0}
+    cfg = TrainConfig(**over)
+    assert VQVAEConfig(widths=cfg.widths, stem_stride=cfg.stem_stride).downsample == 8
+    with pytest.raises(ValueError):
+        train_overrides(["widths=32,x"])
