@@ -82,8 +82,10 @@ class TrainConfig:
                                      # seeds 0-2 against the default: fg IoU 0.794 +- 0.005 vs 0.799 +- 0.007
                                      # (lower on every seed, -0.003 to -0.007), box recall 0.651 vs 0.636 and
                                      # box AP50 0.567 vs 0.559 (higher on every seed). widths=48,64,96 (0.58x),
-                                     # seed 0: fg IoU 0.792 (32: 0.792, default 0.799). Not the default: fg IoU
-                                     # dips on every seed, and box heads, refinement and 256 px are unmeasured
+                                     # seed 0: fg IoU 0.792 (32: 0.792, default 0.799). DSB at 256 px, 32,64,96,
+                                     # seeds 0-2: fg IoU 0.787 vs 0.796, box recall 0.584 vs 0.601, AP50 0.523
+                                     # vs 0.536, lower on every seed: not the default (box heads and refinement
+                                     # not measured)
     codebook_size: int = 512
     embed_dim: int = 64
     image_dropout: float = 0.3       # share of the reconstruction samples decoded without the image
