@@ -118,17 +118,22 @@ def test_contact_weight_reaches_the_pixel_loss(data):
     assert Batcher(data[0][:4], TrainConfig(resolution=32, crop=32), 1, seed=0).get_batch(4, "cpu")[3] is not None
     assert Batcher(data[0][:4], TrainConfig(resolution=32, crop=32, contact_weight=0.0), 1,
                    seed=0).get_batch(4, "cpu")[3] is None
+    pix = _tiny_pixel_loss(x, t)
+    plain, weighted, zero = pix(cfg), pix(cfg, pixel_weight=w), pix(cfg, pixel_weight=torch.zeros_like(w))
+    assert weighted > plain and torch.allclose(zero, plain)
+
+
+def _tiny_pixel_loss(x, t):
+    """cfg, **kw -> the pixel loss of one fixed untrained tiny network on (x, t), the same random draws each call."""
     from tessera.model.vqvae import VQVAE, VQVAEConfig
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(resolution=32, n_labels=3, widths=(8, 8, 16, 16), codebook_size=16, embed_dim=8))
     cw = torch.tensor([1.0, 1.0, 3.0])
-    torch.manual_seed(1)
-    plain = compute_losses(model, x, t, cfg, cw, 0.0)["pix"]
-    torch.manual_seed(1)
-    weighted = compute_losses(model, x, t, cfg, cw, 0.0, pixel_weight=w)["pix"]
-    torch.manual_seed(1)
-    zero = compute_losses(model, x, t, cfg, cw, 0.0, pixel_weight=torch.zeros_like(w))["pix"]
-    assert weighted > plain and torch.allclose(zero, plain)
+
+    def pix(cfg, **kw):
+        torch.manual_seed(1)
+        return compute_losses(model, x, t, cfg, cw, 0.0, **kw)["pix"]
+    return pix
 
 
 def test_inner_edge_weights_charge_boundary_deep_inside_an_object_only():
@@ -149,18 +154,11 @@ def test_inner_edge_weights_charge_boundary_deep_inside_an_object_only():
 
 def test_inner_edge_weight_reaches_the_pixel_loss(data):
     """inner_edge_weight > 0 adds to the pixel loss of an untrained network (boundary everywhere); 0 leaves it."""
-    from tessera.model.vqvae import VQVAE, VQVAEConfig
     cfg = TrainConfig(resolution=128, crop=32, widths=(8, 8, 16, 16), codebook_size=16, embed_dim=8, jitter=0)
     x, t, _, _ = Batcher(data[0][:4], cfg, 1, seed=0).get_batch(4, "cpu")
     assert ((t[:, 0] + t[:, 2]) == 0).float().mean() > 0.03               # crops with object interiors
-    torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(resolution=32, n_labels=3, widths=(8, 8, 16, 16), codebook_size=16, embed_dim=8))
-    cw = torch.tensor([1.0, 1.0, 3.0])
-    torch.manual_seed(1)
-    plain = compute_losses(model, x, t, cfg, cw, 0.0)["pix"]
-    torch.manual_seed(1)
-    edge = compute_losses(model, x, t, TrainConfig(**{**cfg.__dict__, "inner_edge_weight": 5.0}), cw, 0.0)["pix"]
-    assert edge > plain * 1.01
+    pix = _tiny_pixel_loss(x, t)
+    assert pix(TrainConfig(**{**cfg.__dict__, "inner_edge_weight": 5.0})) > pix(cfg) * 1.01
 
 
 def test_checkpoints_with_the_old_labels_key_still_load(trained, tmp_path):
