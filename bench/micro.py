@@ -62,13 +62,17 @@ NET_VARIANTS = ["base:", "w8:widths=8/32/64/96", "s2d:stem_stride=2,widths=16/64
 
 
 def _variant(spec: str) -> tuple[str, dict]:
-    """'NAME:KEY=VALUE,...' -> (NAME, VQVAEConfig overrides); a tuple value is written a/b/c."""
+    """'NAME:KEY=VALUE,...' -> (NAME, VQVAEConfig overrides); a tuple value is written a/b/c (the pairs
+    are comma-separated), each value parsed by the config's own parser (model.config._parse)."""
+    from tessera.model.config import _parse
+    from tessera.model.vqvae import VQVAEConfig
+
     name, _, rest = spec.partition(":")
+    defaults = VQVAEConfig()
     over = {}
     for pair in filter(None, rest.split(",")):
         key, _, value = pair.partition("=")
-        over[key] = tuple(int(v) for v in value.split("/")) if "/" in value else (
-            int(value) if value.lstrip("-").isdigit() else value)
+        over[key] = _parse(value.replace("/", ","), getattr(defaults, key), key)
     return name, over
 
 
