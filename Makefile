@@ -95,7 +95,7 @@ bench: venv venv-ls
 	$(MAKE) bench-table
 
 bench-table: venv
-	$(VENV)/bin/python -m bench.make_table --readme README.md
+	$(VENV)/bin/python -m bench.make_table --out bench/RESULTS.md
 
 # README screenshot: Debian chromium driven by playwright against the demo
 screenshot: venv venv-ls

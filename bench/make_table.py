@@ -1,15 +1,17 @@
-"""Markdown tables for the README from the benchmark results in bench/results/*.json.
+"""An index of the benchmark results in bench/results/*.json, or every table in them, as Markdown.
 
-Each result file is read defensively, whatever wrote it: a top-level "summary" dict (name -> value) and
-other top-level scalars become rows of one summary table; a "rows" list of dicts becomes a table of its
-own. Every table says which machine and date the numbers come from ("machine", "host", "platform",
-"device" / "date", "timestamp", "created", ... when the file has them; else the file's mtime).
+The index has one row per result file: which benchmark wrote it, with which command, when and on what
+machine. `--full` adds each file's tables, read defensively, whatever wrote it: a top-level "summary" dict
+(name -> value) and other top-level scalars become rows of one summary table; a "rows" list of dicts
+becomes a table of its own (a megabyte and more for this project's results: for grepping, not reading).
+Every table says which machine and date the numbers come from ("machine", "host", "platform", "device" /
+"date", "timestamp", "created", ... when the file has them; else the file's mtime).
 
-    .venv/bin/python -m bench.make_table                      # print the Markdown
-    .venv/bin/python -m bench.make_table --readme README.md   # also replace the README's bench section
+    .venv/bin/python -m bench.make_table                            # print the index
+    .venv/bin/python -m bench.make_table --out bench/RESULTS.md     # write it (what `make bench-table` does)
 
---readme replaces what lies between `<!-- bench-table -->` and `<!-- /bench-table -->` (the end marker
-is added after the start marker the first time).
+The README's Benchmarks section is written by hand (where each target stands); bench/HISTORY.md holds
+every measurement with its command.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 MACHINE_KEYS = ("machine", "host", "hardware", "platform", "device", "env", "environment")
 DATE_KEYS = ("date", "timestamp", "created", "created_at", "time", "datetime", "when", "finished")
 NAME_KEYS = ("benchmark", "name", "title", "bench")
@@ -69,8 +70,9 @@ def machine_of(data: dict) -> str:
 
 
 def date_of(data: dict, path: Path) -> str:
+    machine = next((data[k] for k in MACHINE_KEYS if isinstance(data.get(k), dict)), {})
     for key in DATE_KEYS:
-        value = data.get(key)
+        value = data.get(key, machine.get(key))
         if value in (None, ""):
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1e8:
@@ -117,6 +119,23 @@ def load(results: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
             continue
         files.append((path, data))
     return files, problems
+
+
+def index(results: Path = RESULTS) -> str:
+    """One row per result file: benchmark, command, date, machine."""
+    files, problems = load(results)
+    if not files:
+        return f"_No benchmark results yet (nothing in {results.name}/)._\n"
+    def command(data: dict) -> str:       # in full: the index is where a figure's command is looked up
+        text = " ".join(str(data.get("command") or "").split()).replace("|", "\\|")
+        return f"`{text}`" if text else ""
+
+    rows = [[f"`{path.name}`", fmt(name_of(data, path)), command(data), date_of(data, path), machine_of(data)]
+            for path, data in files]
+    text = table(["file", "benchmark", "command", "date", "machine"], rows)
+    if problems:
+        text += "\n\n_Skipped: " + "; ".join(fmt(p) for p in problems) + "_"
+    return text + "\n"
 
 
 def markdown(results: Path = RESULTS) -> str:
@@ -169,25 +188,21 @@ def markdown(results: Path = RESULTS) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_readme(readme: Path, text: str) -> None:
-    content = readme.read_text()
-    if START not in content:
-        raise SystemExit(f"{readme} has no {START} marker: add it where the table belongs")
-    head, rest = content.split(START, 1)
-    tail = rest.split(END, 1)[1] if END in rest else rest
-    readme.write_text(f"{head}{START}\n{text.rstrip()}\n{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
-    ap.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
+    ap.add_argument("--full", action="store_true", help="every file's tables, not only the index")
+    ap.add_argument("--out", type=Path, default=None, help="write the Markdown into this file instead of stdout")
     args = ap.parse_args(argv)
-    text = markdown(args.results)
-    print(text, end="")
-    if args.readme:
-        write_readme(args.readme, text)
-        print(f"(written into {args.readme})", file=sys.stderr)
+    text = markdown(args.results) if args.full else index(args.results)
+    if args.out:
+        args.out.write_text("# Benchmark results\n\nGenerated by `python -m bench.make_table"
+                            + (" --full" if args.full else "") + "` from `bench/results/*.json`; "
+                            "the README's Benchmarks section and `bench/HISTORY.md` say what the figures mean."
+                            "\n\n" + text)
+        print(f"(written into {args.out})", file=sys.stderr)
+    else:
+        print(text, end="")
     return 0
 
 

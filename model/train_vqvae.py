@@ -102,11 +102,11 @@ class TrainConfig:
                                      # / 0.793, 0.791, click 0.750, 0.765 / 0.740, 0.698 / 0.773, 0.761; demo
                                      # clump 0.794 / 0.772 / 0.806, scribble 0.840 / 0.828 / 0.828, click 0.840
                                      # / 0.844 / 0.864. 5 costs scribbles and clicks, 2 keeps them within the
-                                     # hint draws' spread (README, stops 21-22). Box models not measured with it
+                                     # hint draws' spread (bench/HISTORY.md, stops 21-22). Box models not measured with it
     inner_edge_weight: float = 0.0   # > 0: extra pixel-loss weight x the network's own (detached) boundary
                                      # probability on pixels wholly inside an object (inner_edge_weights):
                                      # false cuts deep inside, not the outline's width, the gaps or the background.
-                                     # With contact_weight 5, 600 iterations (stop 22, README): clump clicks
+                                     # With contact_weight 5, 600 iterations (stop 22, bench/HISTORY.md): clump clicks
                                      # DSB 0.647 / 0.652 (training seeds 0 / 1) vs 0.558 / 0.588 without either
                                      # and 0.623 / 0.626 with contact_weight alone, demo 0.831 vs 0.806; scribble
                                      # DSB 0.782 / 0.785 vs 0.793 / 0.791; but DSB native box recall 0.624 +-

@@ -1,7 +1,7 @@
 """predict()'s network pass through TorchScript traces per input shape (model/traced.py): the same numbers as
 eager, a trace only for a shape that recurs, one per shape, bounded, and one Python call per pass. (What the
 trace is for, a pass that does not wait for the GIL per op, is measured in bench.speed --native --ls-tasks,
-not timed here: README, stop 20.)"""
+not timed here: bench/HISTORY.md, stop 20.)"""
 import numpy as np
 import torch
 
