@@ -102,7 +102,8 @@ class TrainConfig:
                                      # / 0.793, 0.791, click 0.750, 0.765 / 0.740, 0.698 / 0.773, 0.761; demo
                                      # clump 0.794 / 0.772 / 0.806, scribble 0.840 / 0.828 / 0.828, click 0.840
                                      # / 0.844 / 0.864. 5 costs scribbles and clicks, 2 keeps them within the
-                                     # hint draws' spread (bench/HISTORY.md, stops 21-22). Box models not measured with it
+                                     # hint draws' spread (bench/HISTORY.md, stops 21-22). Box models (stop 23):
+                                     # DSB native boxes AP50 0.657 vs 0.651 (noise); a no-op with one object an image (Pets heads)
     inner_edge_weight: float = 0.0   # > 0: extra pixel-loss weight x the network's own (detached) boundary
                                      # probability on pixels wholly inside an object (inner_edge_weights):
                                      # false cuts deep inside, not the outline's width, the gaps or the background.
