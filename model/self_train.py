@@ -57,8 +57,10 @@ def confident_sample(image: np.ndarray, pred, id: str, min_region_score: float =
     if drop:
         gone = np.isin(inst, drop)
         classes, inst = np.where(gone, 0, classes), np.where(gone, 0, inst)
-        if inpaint:  # OpenCV's Telea inpainting over the dropped regions grown by 2 px (their rims too)
+        if inpaint:  # OpenCV's Telea inpainting over the dropped regions grown by 2 px (their rims too), but
+            # never over a kept object's pixels: a kept region within 2 px of a dropped one keeps its image
             mask = cv2.dilate(gone.astype(np.uint8), np.ones((5, 5), np.uint8))
+            mask[inst > 0] = 0
             image = cv2.inpaint(np.ascontiguousarray(image), mask, 3, cv2.INPAINT_TELEA)
     return Sample(image, classes, inst, id=id, synthetic=True)
 

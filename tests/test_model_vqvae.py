@@ -204,7 +204,9 @@ def test_a_checkpoint_from_before_the_stem_option_loads_and_predicts_as_before()
         x, _ = pred._prepare([want["image"].numpy()])
         logits, (heat, size, offset) = pred._net(x)
     for got, key in ((logits, "logits"), (heat, "heat"), (size, "size"), (offset, "offset")):
-        torch.testing.assert_close(got, want[key], rtol=1e-5, atol=1e-6)
+        # float32 on another CPU sums the convolutions in another order (an AMD EPYC with AVX-512 differs from
+        # the Intel Xeon that wrote the file by ~1e-6); another code path or weight mapping differs by ~1e-1
+        torch.testing.assert_close(got, want[key], rtol=1e-4, atol=1e-4)
     assert Predictor.from_checkpoint(path, device="cpu").predict([want["image"].numpy()])[0].classes.shape == (70, 90)
 
 
