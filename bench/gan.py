@@ -411,20 +411,39 @@ def write_realism(args, part: dict, key: str = "realism_part") -> None:
     print(f"wrote {path} ({key})")
 
 
+def _module_at(rev: str, relpath: str, name: str):
+    """A file of the repository (relpath) at git revision `rev`, loaded as module `name` by path: for modules
+    that import no project code."""
+    import importlib.util
+    src = subprocess.run(["git", "show", f"{rev}:{relpath}"], cwd=RESULTS.parents[1], capture_output=True,
+                         text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="tessera-before-")) / f"{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _generator_at(rev: str, config, state: dict):
     """The Generator of model/maskgan.py at git revision `rev` (loaded by path: it imports torch alone),
     with the given weights: the 'before' of a speed comparison."""
-    import importlib.util
-    src = subprocess.run(["git", "show", f"{rev}:model/maskgan.py"], cwd=RESULTS.parents[1], capture_output=True,
-                         text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="tessera-gan-before-")) / "maskgan_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("maskgan_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _module_at(rev, "model/maskgan.py", "maskgan_before")
     gen = mod.Generator(mod.MaskGANConfig(**{k: getattr(config, k) for k in mod.MaskGANConfig.__dataclass_fields__}))
     gen.load_state_dict(state)
     return gen
+
+
+def _synth_with_grain_at(rev: str, *args, **kwargs) -> Synthesizer:
+    """A Synthesizer whose grain is model/sensor.py's add_grain at `rev`, per image as that revision's
+    Synthesizer applied it: the 'before' of a grain speed comparison (--grain-before)."""
+    sensor = _module_at(rev, "model/sensor.py", "sensor_before")
+
+    class Before(Synthesizer):
+        def add_grain(self, images, seeds):
+            return [sensor.add_grain(im, self.grain, s + 0x5EED) for im, s in zip(images, seeds)]
+
+    return Before(*args, **kwargs)
 
 
 def speed_only(args) -> None:
@@ -432,7 +451,8 @@ def speed_only(args) -> None:
     depend on the weights, so it is left untrained, with its z and noise weights made non-zero so that those paths
     count) renders DSB layouts at R=128, batch 32, 1 and 2 threads. With --before REV, REV's generator renders
     the same layouts alternately with this one (rounds x before/after, best round of each), and the images are
-    compared (uint8 levels)."""
+    compared (uint8 levels). With --grain-before REV, REV's add_grain (per image) runs beside this one's on the
+    same generator and grain, alternately, and their images are compared."""
     from tessera.model.maskgan import Generator, MaskGANConfig
     cfg = GANTrainConfig()
     torch.manual_seed(0)
@@ -452,8 +472,10 @@ def speed_only(args) -> None:
     # the same generator with the imaging grain (model/sensor.py) fitted on 30 DSB crops and its images of them
     from tessera.model.sensor import fit_grain
     crops = [centre_crop(s, 128) for s in samples[:30]]
-    synths["after_grain"] = Synthesizer(gen, names, grey_share=0.5,
-                                        grain=fit_grain([c.image for c in crops], synths["after"].render(crops)))
+    grain = fit_grain([c.image for c in crops], synths["after"].render(crops))
+    if args.grain_before != "none":  # REV's grain first, then this one's, alternating with the rest
+        synths["grain_before"] = _synth_with_grain_at(args.grain_before, gen, names, grey_share=0.5, grain=grain)
+    synths["after_grain"] = Synthesizer(gen, names, grey_share=0.5, grain=grain)
     speed, images = {k: [] for k in synths}, {}
     for t in (1, 2):
         rows = {k: [] for k in synths}
@@ -470,17 +492,21 @@ def speed_only(args) -> None:
     if "before" in images:
         d = np.abs(images["after"] - images["before"])
         summary |= {"image_diff_max_levels": int(d.max()), "image_diff_mean_levels": float(d.mean())}
+    if "grain_before" in images:  # the same grain to the level, or how far from it
+        d = np.abs(images["after_grain"] - images["grain_before"])
+        summary |= {"grain_image_diff_max_levels": int(d.max()), "grain_image_diff_mean_levels": float(d.mean())}
     log("render: " + "; ".join(f"{k} " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads "
                                                      f"(load {s['load1_before']})" for s in v)
                                for k, v in speed.items()))
-    rev = args.before
-    if rev != "none":  # the commit, not a branch name that moves
-        rev += " (" + subprocess.run(["git", "rev-parse", "--short", rev], cwd=RESULTS.parents[1], capture_output=True,
-                                     text=True).stdout.strip() + ")"
-    write_realism(args, {"summary": summary, "speed": speed, "before_revision": rev,
-                         "batch": 32, "resolution": 128},
-                  # without --before: the grain's cost alone, kept apart from the bf16 comparison in speed_part
-                  key="speed_part" if args.before != "none" else "speed_grain_part")
+    def commit(rev: str) -> str:  # the commit, not a branch name that moves
+        return rev if rev == "none" else rev + " (" + subprocess.run(
+            ["git", "rev-parse", "--short", rev], cwd=RESULTS.parents[1], capture_output=True, text=True).stdout.strip() + ")"
+    write_realism(args, {"summary": summary, "speed": speed, "before_revision": commit(args.before),
+                         "grain_before_revision": commit(args.grain_before), "batch": 32, "resolution": 128},
+                  # without --before: the grain's cost alone, kept apart from the bf16 comparison in speed_part;
+                  # with --grain-before: the grain's old and new implementation side by side
+                  key="speed_part" if args.before != "none" else
+                  "speed_grain_batch_part" if args.grain_before != "none" else "speed_grain_part")
 
 
 def realism(args, threads: int) -> None:
@@ -596,6 +622,8 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="only generation speed (untrained default generator)")
     ap.add_argument("--before", default="none", help="--speed: git revision whose generator is timed alongside")
     ap.add_argument("--rounds", type=int, default=3, help="--speed: alternating rounds (best of each side)")
+    ap.add_argument("--grain-before", default="none", help="--speed: git revision whose add_grain (model/sensor.py, "
+                    "per image) is timed alongside this one's on the same generator and grain")
     ap.add_argument("--realism", action="store_true", help="only the realism classifier, KID and the realism grid")
     ap.add_argument("--cls-iters", type=int, default=300, help="with --realism: classifier iterations per kind")
     ap.add_argument("--cls-seeds", type=int, nargs="+", default=[0, 1, 2], help="with --realism: one classifier "

@@ -15,7 +15,7 @@ from .checkpoint import load_checkpoint
 from .inference import bf16_supported, resolve_device
 from .maskgan import Generator, MaskGANConfig, label_maps_to_mask
 from .metrics import mean_iou
-from .sensor import add_grain
+from .sensor import add_grain_batch
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,13 @@ class Synthesizer:
             fake = self._render.generate(self.masks(layouts[i:i + batch_size]), seeds[i:i + batch_size],
                                            grey[i:i + batch_size] if self.config.grey_flag else None)
             fake = ((fake.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            images.extend(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
-        if self.grain:  # its own stream of each image's seed: the same seed gives the same grain
-            images = [add_grain(im, self.grain, s + 0x5EED) for im, s in zip(images, seeds)]
+            batch = list(np.ascontiguousarray(fake.permute(0, 2, 3, 1).numpy()))  # (B, 3, R, R) -> (B, R, R, 3)
+            images.extend(self.add_grain(batch, seeds[i:i + batch_size]) if self.grain else batch)
         return images
+
+    def add_grain(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
+        """The grain of each image from its own stream of the image's seed: the same seed, the same grain."""
+        return add_grain_batch(images, self.grain, [s + 0x5EED for s in seeds])
 
     def self_consistency(self, images: list[np.ndarray], layouts, predictor,
                          threshold: float = 0.5) -> list[tuple[bool, float]]:
