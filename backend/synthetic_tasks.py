@@ -5,7 +5,7 @@
   task the background comes from, `meta.object_tasks` those the objects come from.
 - "generated": layouts -> mask GAN images -> self-consistency filter (the label model must agree).
 Each task carries its label map as a prediction for every control of the image and `meta.synthetic = true`,
-`meta.synthetic_kind`. Images are uploaded in one request without creating tasks, then all tasks are created
+`meta.synthetic_kind`. Images are uploaded without creating tasks (100 a request), then all tasks are created
 with their predictions and meta in one JSON import (one transaction: no task is left without its prediction).
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 KINDS = ("edited", "generated")
 OVERSAMPLE = 3          # layouts rendered per requested generated task, so the filter can drop unconvincing ones
 EDIT_VERSION = "tessera-edit-1"  # model_version of the predictions of edited tasks (the editor has no weights)
+UPLOAD_FILES = 100       # files per upload request: Label Studio answers 500 to more (its
+                         # DATA_UPLOAD_MAX_NUMBER_FILES, default 100)
 
 
 @dataclass
@@ -163,7 +165,8 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
         buf = io.BytesIO()
         Image.fromarray(item.image).save(buf, "PNG", compress_level=1)
         pngs.append((f"{kind}_s{seed}_{n:03d}.png", buf.getvalue()))
-    urls = lsclient.upload_files(client, key, pngs)
+    urls = [u for i in range(0, len(pngs), UPLOAD_FILES)
+            for u in lsclient.upload_files(client, key, pngs[i:i + UPLOAD_FILES])]
     data_key = config.images[0].data_key
     tasks = [{"data": {data_key: url},
               "meta": {"synthetic": True, "seed": seed, **item.meta},

@@ -1,5 +1,6 @@
 """Synthetic tasks into a real Label Studio: rendered, uploaded, pre-annotated, marked, and loadable."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from tests.conftest import CONFIG_ALL, TesseraProcess
 from tests.conftest_ls import predictions, upload_images, upload_samples
 
 pytestmark = pytest.mark.e2e
-REPO = str(Path(__file__).resolve().parents[1])  # the tessera subprocess runs this checkout's code
+# the tessera subprocess runs this checkout's code (and what PYTHONPATH puts before it, as the tests do)
+REPO = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(__file__).resolve().parents[1])]))
 
 
 @pytest.fixture(scope="session")
@@ -162,3 +164,13 @@ def test_generate_edited_tasks_for_a_rare_label(ls_server, ls_api, tmp_path):
         assert (png != source).any(-1).any()                            # something was pasted
         assert not ((png != source).any(-1) & ~labelled).any()          # only where the labels say so
     assert not any((tasks[i].get("meta") or {}).get("synthetic") for i in ids)
+
+    # more images than Label Studio takes in one upload request (100): all of them become predicted tasks
+    many = subprocess.run([exe, "generate", "--project", str(pid), "--count", "101", "--seed", "4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert many.returncode == 0, many.stderr[-3000:]
+    created = json.loads(many.stdout)["created"]
+    tasks = {t["id"]: t for t in lsclient.tasks(ls_api, pid)}
+    assert len(created) == 101 and len({c["task"] for c in created}) == 101
+    assert all(tasks[c["task"]]["meta"]["synthetic"] and len(tasks[c["task"]]["predictions"]) == 1 for c in created)
+    assert len({tasks[c["task"]]["data"]["image"] for c in created}) == 101  # each task its own image
