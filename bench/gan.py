@@ -25,6 +25,7 @@ Writes bench/results/gan.json and bench/results/gan_grid.png (layout | generated
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -178,18 +179,46 @@ def save_grid(rows, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- Label Studio
 
+def ls_project(ls, api, real: list[Sample], names: list[str], label_ckpt: Path, gan_ckpt: Path, work: Path,
+               min_iou: float, title: str = "tessera gan bench"):
+    """A project in the running LS `ls` (LS_CONFIG: brush + polygon + box) with the `real` images as tasks
+    annotated with brush labels, and the label model and GAN checkpoints promoted in its registry under
+    work/models -> (project id, the backend's Settings for it)."""
+    from PIL import Image
+
+    from tessera.backend import lsclient
+    from tessera.backend.label_config import Control
+    from tessera.backend.regions import instances_to_results
+    from tessera.backend.settings import Settings
+    from tessera.backend.store import Store
+
+    pid = api.projects.create(title=title, label_config=LS_CONFIG).id
+    pngs = []
+    for s in real:
+        buf = io.BytesIO()
+        Image.fromarray(s.image).save(buf, "PNG")
+        pngs.append((f"{s.id}.png", buf.getvalue()))
+    ids = lsclient.upload_images(api, pid, pngs)
+    brush = Control("brushlabels", "mask", "image", ("Nucleus",))
+    for tid, s in zip(ids, real):
+        k = [int(i) for i in np.unique(s.instances) if i]
+        api.annotations.create(tid, result=instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
+    settings = Settings(label_studio_url=ls.url, label_studio_api_key=ls.token, model_dir=work / "models",
+                        device="cpu", synth_min_iou=min_iou)
+    reg = Store(settings.model_dir).registry(str(pid))
+    for ckpt, kind in ((label_ckpt, "label"), (gan_ckpt, "gan")):
+        copy = work / f"{kind}_for_ls.pt"
+        shutil.copy(ckpt, copy)  # add() moves the file into the store
+        reg.add(copy, {"label_names": list(names)}, promote=True, kind=kind)
+    return pid, settings
+
+
 def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: list[str], count: int,
                   min_iou: float, work: Path, kinds: tuple[str, ...] = ("generated",)) -> dict:
     """Real LS server: project with brush+polygon+box, the `real` tasks annotated, then generate `count`
     tasks of each kind (one project per kind); -> {kind: measurements}."""
-    from PIL import Image
-
-    from tessera.backend.label_config import Control
     from tessera.backend.lsserver import LabelStudioServer, build_template
-    from tessera.backend.regions import instances_to_results
     from tessera.backend import lsclient
-    from tessera.backend.store import Store
-    from tessera.backend.settings import Settings
     from tessera.backend.synthetic_tasks import generate_into_project
 
     t0 = time.time()
@@ -197,23 +226,7 @@ def ls_throughput(label_ckpt: Path, gan_ckpt: Path, real: list[Sample], names: l
     with LabelStudioServer(data_dir=work / "ls-data", template=template) as ls:
         api = ls.client()
         start_s = time.time() - t0
-        pid = api.projects.create(title="tessera gan bench", label_config=LS_CONFIG).id
-        paths = []
-        for s in real:
-            paths.append(work / f"{s.id}.png")
-            Image.fromarray(s.image).save(paths[-1])
-        ids = lsclient.upload_images(api, pid, [(p.name, p.read_bytes()) for p in paths])
-        brush = Control("brushlabels", "mask", "image", ("Nucleus",))
-        for tid, s in zip(ids, real):
-            k = [int(i) for i in np.unique(s.instances) if i]
-            api.annotations.create(tid, result=instances_to_results(s.instances, {i: "Nucleus" for i in k}, {}, brush))
-        settings = Settings(label_studio_url=ls.url, label_studio_api_key=ls.token, model_dir=work / "models",
-                            device="cpu", synth_min_iou=min_iou)
-        reg = Store(settings.model_dir).registry(str(pid))
-        for ckpt, kind in ((label_ckpt, "label"), (gan_ckpt, "gan")):
-            copy = work / f"{kind}_for_ls.pt"
-            shutil.copy(ckpt, copy)  # add() moves the file into the store
-            reg.add(copy, {"label_names": list(names)}, promote=True, kind=kind)
+        pid, settings = ls_project(ls, api, real, names, label_ckpt, gan_ckpt, work, min_iou)
         res = {}
         for kind in kinds:
             before = {t["id"] for t in lsclient.tasks(api, pid)}
@@ -484,6 +497,17 @@ def speed_only(args) -> None:
                 rows[k].append(render_speed(synth, sampler, t, 8))
         for k in synths:
             speed[k].append(max(rows[k], key=lambda r: r["images_per_s"]) | {"rounds": args.rounds})
+    grain_cpu = {}
+    if "grain_before" in synths:  # the grain alone, 1 thread, on the same 256 grain-free images: CPU ms per image,
+        plain = synths["after"].render(sampler.sample(256, seed=98), seed=2)  # alternating, best of the rounds
+        seeds = list(range(256))
+        for _ in range(max(args.rounds, 5)):
+            for k in ("grain_before", "after_grain"):
+                c0 = time.process_time()
+                for i in range(0, 256, 32):
+                    synths[k].add_grain(plain[i:i + 32], seeds[i:i + 32])
+                ms = (time.process_time() - c0) / 256 * 1e3
+                grain_cpu[k] = min(grain_cpu.get(k, ms), ms)
     layouts = sampler.sample(16, seed=5)
     for k, synth in synths.items():
         images[k] = np.stack(synth.render(layouts, seed=3)).astype(np.int16)
@@ -495,6 +519,8 @@ def speed_only(args) -> None:
     if "grain_before" in images:  # the same grain to the level, or how far from it
         d = np.abs(images["after_grain"] - images["grain_before"])
         summary |= {"grain_image_diff_max_levels": int(d.max()), "grain_image_diff_mean_levels": float(d.mean())}
+        summary |= {f"grain_cpu_ms_per_image_{k}": v for k, v in grain_cpu.items()}
+        log("grain alone: " + ", ".join(f"{k} {v:.3f} ms CPU per image" for k, v in grain_cpu.items()))
     log("render: " + "; ".join(f"{k} " + ", ".join(f"{s['images_per_s']:.1f} img/s at {s['threads']} threads "
                                                      f"(load {s['load1_before']})" for s in v)
                                for k, v in speed.items()))
