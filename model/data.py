@@ -282,6 +282,15 @@ def semantic_instances(classes: np.ndarray) -> np.ndarray:
 
 def relabel(instances: np.ndarray, min_area: int = 1) -> np.ndarray:
     """Renumber instances 1..K (in order of id), dropping fragments below min_area pixels."""
+    if instances.size and instances.dtype.kind in "iu" and 0 <= instances.min() and instances.max() < 1 << 20:
+        # the same maps through a count and a lookup table per id: np.unique sorts every pixel (~20 ms per
+        # 256 px map, most of an edit's time in `tessera generate`)
+        counts = np.bincount(instances.ravel())
+        keep = counts >= min_area
+        keep[0] = False
+        new = np.zeros(len(counts), np.int32)
+        new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+        return new[instances]
     ids, inverse, counts = np.unique(instances, return_inverse=True, return_counts=True)
     keep = (ids > 0) & (counts >= min_area)
     new = np.zeros(len(ids), np.int32)
