@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from tessera.backend.label_config import LabelConfig, parse_label_config
+from tessera.backend.label_config import LabelConfig
 from label_studio_sdk.client import LabelStudio
 
 from tessera.backend import lsclient
@@ -151,16 +151,19 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
                           share: float = 0.3, seed: int = 0, client: LabelStudio | None = None,
                           kind: str = "edited", progress=None) -> dict:
     """Make `count` synthetic tasks of `kind` in project `key`; returns what was created and what failed."""
-    from tessera.backend.dataset import project_samples
+    from tessera.backend.dataset import annotated_tasks, load_samples
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     t0 = time.time()
     client = client or lsclient.from_settings(settings)
-    config = parse_label_config(lsclient.project(client, key).label_config or "")
+    config, tasks = annotated_tasks(settings, client, key)  # the project read once: its config and annotated tasks
+    names = config.label_names
     cache = ModelCache(settings)
-    predictor = cache.served(key, config).predictor
-    samples, names, _, _ = project_samples(settings, client, key, progress or (lambda info: None))
+    with ThreadPoolExecutor(max_workers=1) as pool:     # the label model loads while the images are fetched
+        served = pool.submit(cache.served, key, config)
+        samples, _ = load_samples(settings, config, tasks, progress or (lambda info: None))
+        predictor = served.result().predictor
     samples = [s for s in samples if not s.synthetic] or samples
     if not samples:
         raise ValueError(f"project {key} has no annotated tasks to take layouts or objects from")
