@@ -511,7 +511,8 @@ def speed_only(args) -> None:
     layouts = sampler.sample(16, seed=5)
     for k, synth in synths.items():
         images[k] = np.stack(synth.render(layouts, seed=3)).astype(np.int16)
-    tag = "" if args.before != "none" else "grain_cmp_"  # the summary keys of speed_part stay as they were
+    # the summary keys of speed_part and speed_grain_part stay as they were
+    tag = "" if args.before != "none" else "grain_batch_" if args.grain_before != "none" else "grain_cmp_"
     summary = {f"{tag}gen_images_per_s_{k}_{s['threads']}threads": s["images_per_s"] for k, v in speed.items() for s in v}
     if "before" in images:
         d = np.abs(images["after"] - images["before"])
