@@ -414,11 +414,12 @@ class Prediction:
     slices: dict[int, tuple[slice, slice]] | None = field(default=None, repr=False, compare=False)
 
 
-def cut_regions(pred: Prediction, cut: RegionCut) -> Prediction:
+def cut_regions(pred: Prediction, cut: RegionCut, copy: bool = True) -> Prediction:
     """The prediction without the regions a cut drops (low score, too small, NMS duplicates of a box).
 
     A box model's sizes are its boxes' areas (what its held-back truth is measured in); a mask model's
-    are the masks' pixel counts."""
+    are the masks' pixel counts. `copy=False`: the dropped objects are erased from pred's own maps (a caller
+    that discards `pred`, as predict_parts does), instead of from copies of them."""
     ids = sorted(pred.instance_label)
     if not ids:
         return pred
@@ -429,21 +430,26 @@ def cut_regions(pred: Prediction, cut: RegionCut) -> Prediction:
     else:
         slices = object_slices(pred.instances, ids) if slices is None else slices
         boxes = instance_boxes(pred.instances, ids, slices)
-        areas = np.bincount(pred.instances.ravel(), minlength=max(ids) + 1)[ids]
+        # pixel counts within each object's bounding box: ~3 us an object instead of a bincount over the map
+        areas = np.array([np.count_nonzero(pred.instances[slices[k]] == k) if k in slices else 0 for k in ids])
     scores = np.array([pred.instance_score.get(k, 0.0) for k in ids])
     classes = np.array([pred.instance_label[k] for k in ids])
     keep = {ids[i] for i in kept_regions(scores, areas, boxes, cut, classes)}
     if len(keep) == len(ids):
         return Prediction(pred.classes, pred.instances, pred.instance_label, pred.instance_score, pred.score,
                           pred.boxes, slices)
-    # lookup tables over the ids (np.take): each map in one pass, 2.5x faster than np.isin + np.where
-    new_id = np.arange(max(max(ids), int(pred.instances.max())) + 1, dtype=pred.instances.dtype)
-    new_id[[k for k in ids if k not in keep]] = 0
-    kept = (new_id > 0).astype(np.uint8)
-    kept[0] = 1                                         # pixels of no object keep their class
-    instances = np.take(new_id, pred.instances)
-    classes = pred.classes * np.take(kept, pred.instances)
-    return Prediction(classes.astype(pred.classes.dtype, copy=False), instances,
+    # the dropped objects erased within their bounding boxes (a box model's painted boxes: where each is the
+    # top one), not the maps remapped whole: two full-map lookups cost 1.5-2 ms at 520x696 (stop 23)
+    dropped = [k for k in ids if k not in keep]
+    instances, classes = (pred.instances.copy(), pred.classes.copy()) if copy else (pred.instances, pred.classes)
+    where = slices if slices is not None else object_slices(instances, dropped)
+    for k in dropped:
+        sl = where.get(k)
+        if sl is not None:
+            gone = instances[sl] == k
+            instances[sl][gone] = 0
+            classes[sl][gone] = 0
+    return Prediction(classes, instances,
                       {k: v for k, v in pred.instance_label.items() if k in keep},
                       {k: v for k, v in pred.instance_score.items() if k in keep}, pred.score,
                       None if pred.boxes is None else {k: v for k, v in pred.boxes.items() if k in keep},
@@ -710,7 +716,7 @@ class Predictor:
             def finish() -> Prediction:
                 lg, size = logits[i]
                 p = self._prediction(self._unletterbox(lg, size, images[i].shape[:2]), dets[i] if dets else None)
-                return cut_regions(p, self.cut) if cut else p
+                return cut_regions(p, self.cut, copy=False) if cut else p   # p is this function's own
             return finish
 
         return [finisher(i) for i in range(len(images))]
