@@ -17,6 +17,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+try:
+    import ujson
+except ImportError:             # a requirement of label-studio-sdk, so always there in practice
+    ujson = None
+
 from tessera.backend.label_config import Control, ImageObject, LabelConfig
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value,
@@ -257,7 +262,17 @@ def _timed_encode(clock: StageClock, as_json: bool, *args) -> list:
 
 
 def _as_json(items: list[dict], as_json: bool) -> list:
-    return [json.dumps(x, separators=(",", ":"), default=_plain) for x in items] if as_json else items
+    return [_dumps(x) for x in items] if as_json else items
+
+
+def _dumps(item: dict) -> str:
+    """json.dumps(item, separators=(",", ":"), default=_plain), the same text (tests/test_encode_identical.py),
+    with ujson where it is installed (label-studio-sdk requires it): 1.7 -> 0.5 ms of CPU a 520x696 task of 55
+    objects x 3 controls (stop 23). The two differ only in floats below 1e-4 (ujson writes 5e-5, json 5e-05),
+    which an item never holds: every float in it is rounded to 4 decimals."""
+    if ujson is None:
+        return json.dumps(item, separators=(",", ":"), default=_plain)
+    return ujson.dumps(item, ensure_ascii=True, escape_forward_slashes=False, default=_plain)
 
 
 def _plain(value: Any):
