@@ -330,3 +330,15 @@ def test_all_objects_rle_in_one_pass_matches_sdk_per_object():
     for k in (1, 2, 3):
         assert rles[k] == mask_to_rle(big == k)
         assert np.array_equal(_decoded(rles[k], *big.shape), big == k)
+
+
+def test_brush_rle_of_a_long_run_with_a_short_remainder_matches_sdk():
+    """A run of over 2**16 values whose last chunk is <= 256 values: mask2rle writes that chunk with 16 bits
+    too (before, Tessera wrote it with fewer: a byte shorter, decoding alike, not mask2rle's bytes)."""
+    for gap in (16384 + 1, 16384 + 64, 2 * 16384 + 3, 16384 + 65):    # pixels: 4 values each
+        mask = np.zeros((300, 400), bool)
+        mask.ravel()[gap] = True
+        mask.ravel()[gap + 1 + 16384 + 2:gap + 16384 + 9] = True
+        inst = mask.astype(np.int32)
+        assert mask_to_rle(mask) == _sdk_rle(mask), gap
+        assert instances_to_rles(inst, [1])[1] == _sdk_rle(mask), gap
