@@ -314,8 +314,9 @@ def pad_target(target: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_weight: float = 1.0,
-                    edge_share: float = 0.5, grow_steps: int = 8):
-    """Label probabilities (L, H, W) -> (classes, instances, instance_label, instance_score).
+                    edge_share: float = 0.5, grow_steps: int = 8, with_areas: bool = False):
+    """Label probabilities (L, H, W) -> (classes, instances, instance_label, instance_score), and with
+    `with_areas` the objects' pixel counts {id: area} after them.
 
     fg = p(bg) < 0.5; cores = fg pixels where the boundary class holds less than `edge_share` of the
     object mass, measured with the boundary odds of training (x edge_weight, the class weight the
@@ -331,12 +332,16 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
     fg_at = np.flatnonzero(p_bg < 0.5)
     cls_mass = p_cls.reshape(n_classes, -1)[:, fg_at].sum(0)
     is_core = p_edge.reshape(-1)[fg_at] * edge_weight * (1 - edge_share) < edge_share * cls_mass
-    core = np.zeros(H * W, np.uint8)
-    core[fg_at[is_core]] = 1
-    n_core, inst = cv2.connectedComponents(core.reshape(H, W), connectivity=4)
+    if is_core.any():
+        core = np.zeros(H * W, np.uint8)
+        core[fg_at[is_core]] = 1
+        n_core, inst = cv2.connectedComponents(core.reshape(H, W), connectivity=4)
+    else:                                                   # no core: what connectedComponents gives, for free
+        n_core, inst = 1, np.zeros((H, W), np.int32)
     rest_at = fg_at[~is_core]
     if rest_at.size:
-        inst = _grow_cores(inst, rest_at, grow_steps if n_core > 1 else 0)
+        if n_core > 1:                                      # (no core to grow: no float32 round trip of the map)
+            inst = _grow_cores(inst, rest_at, grow_steps)
         left = rest_at[inst.reshape(-1)[rest_at] == 0]      # boundary pixels no core reached
         if left.size:
             alone = np.zeros(H * W, np.uint8)
@@ -362,8 +367,9 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
     instances, classes = np.zeros(H * W, np.int32), np.zeros(H * W, np.int32)
     instances[where], classes[where] = remap[ids], label_of[ids]
     instances, classes = instances.reshape(H, W), classes.reshape(H, W)
-    return (classes, instances, {i + 1: int(c) for i, c in enumerate(labels)},
-            {i + 1: float(v) for i, v in enumerate(score_of)})
+    out = (classes, instances, {i + 1: int(c) for i, c in enumerate(labels)},
+           {i + 1: float(v) for i, v in enumerate(score_of)})
+    return (*out, {i + 1: int(v) for i, v in enumerate(counts[keep])}) if with_areas else out
 
 
 def _grow_cores(inst: np.ndarray, todo: np.ndarray, steps: int) -> np.ndarray:
@@ -412,6 +418,8 @@ class Prediction:
     # id -> tight bounding box (row slice, column slice) of its mask, when already found (cut_regions finds them
     # and the region encoder reuses them: one pass over the map per image)
     slices: dict[int, tuple[slice, slice]] | None = field(default=None, repr=False, compare=False)
+    # id -> pixel count of its mask, when already counted (split_instances counts them; the region cut uses them)
+    areas: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
 
 def cut_regions(pred: Prediction, cut: RegionCut, copy: bool = True) -> Prediction:
@@ -430,14 +438,16 @@ def cut_regions(pred: Prediction, cut: RegionCut, copy: bool = True) -> Predicti
     else:
         slices = object_slices(pred.instances, ids) if slices is None else slices
         boxes = instance_boxes(pred.instances, ids, slices)
-        # pixel counts within each object's bounding box: ~3 us an object instead of a bincount over the map
-        areas = np.array([np.count_nonzero(pred.instances[slices[k]] == k) if k in slices else 0 for k in ids])
+        if pred.areas is not None:
+            areas = np.array([pred.areas.get(k, 0) for k in ids])
+        else:   # pixel counts within each object's bounding box: ~4 us an object, not a bincount over the map
+            areas = np.array([np.count_nonzero(pred.instances[slices[k]] == k) if k in slices else 0 for k in ids])
     scores = np.array([pred.instance_score.get(k, 0.0) for k in ids])
     classes = np.array([pred.instance_label[k] for k in ids])
     keep = {ids[i] for i in kept_regions(scores, areas, boxes, cut, classes)}
     if len(keep) == len(ids):
         return Prediction(pred.classes, pred.instances, pred.instance_label, pred.instance_score, pred.score,
-                          pred.boxes, slices)
+                          pred.boxes, slices, pred.areas)
     # the dropped objects erased within their bounding boxes (a box model's painted boxes: where each is the
     # top one), not the maps remapped whole: two full-map lookups cost 1.5-2 ms at 520x696 (stop 23)
     dropped = [k for k in ids if k not in keep]
@@ -453,7 +463,8 @@ def cut_regions(pred: Prediction, cut: RegionCut, copy: bool = True) -> Predicti
                       {k: v for k, v in pred.instance_label.items() if k in keep},
                       {k: v for k, v in pred.instance_score.items() if k in keep}, pred.score,
                       None if pred.boxes is None else {k: v for k, v in pred.boxes.items() if k in keep},
-                      None if slices is None else {k: v for k, v in slices.items() if k in keep})
+                      None if slices is None else {k: v for k, v in slices.items() if k in keep},
+                      None if pred.areas is None else {k: v for k, v in pred.areas.items() if k in keep})
 
 
 class Predictor:
@@ -646,14 +657,15 @@ class Predictor:
     def _prediction(self, probs: np.ndarray, dets: np.ndarray | None = None) -> Prediction:
         if dets is not None:
             return _box_prediction(dets, probs)
-        classes, inst, labels, scores = split_instances(probs, self.n_classes, self.min_area, self.edge_weight)
+        classes, inst, labels, scores, areas = split_instances(probs, self.n_classes, self.min_area, self.edge_weight,
+                                                               with_areas=True)
         score = task_score(1 - probs[0], inst > 0)
         boxes = None
         if self.box_shrink < 1.0:
             ids = sorted(labels)
             grown = grow_boxes(instance_boxes(inst, ids), 1.0 / self.box_grow, *inst.shape)
             boxes = {k: tuple(float(v) for v in b) for k, b in zip(ids, grown)}
-        return Prediction(classes, inst, labels, scores, score, boxes)
+        return Prediction(classes, inst, labels, scores, score, boxes, areas=areas)
 
     def _logits(self, images: list[np.ndarray], dets: list | None = None) -> list[tuple]:
         """The network's part of _probabilities: per image (logits (L, h', w'), size at the model (h', w'))

@@ -62,6 +62,10 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float, classes: np.n
     if classes is not None:
         c = np.asarray(classes).reshape(-1)
         ious = np.where(c[:, None] == c[None, :], ious, 0.0)
+    clash = ious >= iou_thr
+    np.fill_diagonal(clash, False)
+    if not clash.any():             # nothing to suppress (an instance map's objects, nearly always): all, in order
+        return order
     suppressed = np.zeros(len(boxes), bool)
     keep = []
     for i in order:
