@@ -311,7 +311,8 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
                         scores.get(k, 0.0), f"{id_prefix}{control.from_name}-{k}") for k in ids if k in rles]
     # one pass for all bounding boxes: (H, W) -> per-id slices; ids absent from the map get none
     slices = object_slices(instances, ids) if slices is None else slices
-    found: list = []                                    # polygons: (id, points at the crop, crop origin)
+    if control.type == "polygonlabels":
+        return _polygon_results(instances, ids, labels, scores, control, id_prefix, polygon_epsilon, slices)
     for k in ids:
         sl = slices.get(k)
         if sl is None:
@@ -319,11 +320,6 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
         label = labels[k]
         rid = f"{id_prefix}{control.from_name}-{k}"
         oy, ox = sl[0].start, sl[1].start
-        if control.type == "polygonlabels":
-            polygon = largest_polygon(instances[sl] == k, epsilon=polygon_epsilon)
-            if polygon is not None:
-                found.append((k, polygon, ox, oy))
-            continue
         if control.type == "rectanglelabels":          # the slice is the object's tight bounding box
             bw, bh = sl[1].stop - ox, sl[0].stop - oy
             value = {"x": _pct(ox, width), "y": _pct(oy, height), "width": _pct(bw, width),
@@ -331,20 +327,70 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
         else:
             raise ValueError(f"unsupported control type {control.type}")
         results.append(_region(control, value, width, height, scores.get(k, 0.0), rid))
-    if found:
-        # percent of the image, rounded to 4 decimals as _pct does, in one numpy pass for all polygons: Python's
-        # round() on numpy scalars was three quarters of the polygon time (~0.3 ms a region at 520x696), one
-        # np.round and tolist a polygon still a third (the same elementwise operations, the same floats)
-        sizes = [len(pts) for _, pts, _, _ in found]
-        origin = np.repeat(np.array([(ox, oy) for _, _, ox, oy in found], np.float64), sizes, axis=0)
-        pts = np.round((np.concatenate([pts for _, pts, _, _ in found]) + origin) * (100.0 / width, 100.0 / height),
-                       4).tolist()
-        cuts = np.cumsum(sizes).tolist()
-        for (k, _, _, _), a, b in zip(found, [0] + cuts[:-1], cuts):
-            value = {"points": pts[a:b], "closed": True, "polygonlabels": [labels[k]]}
-            results.append(_region(control, value, width, height, scores.get(k, 0.0),
-                                   f"{id_prefix}{control.from_name}-{k}"))
     return results
+
+
+def _polygon_results(instances: np.ndarray, ids: list[int], labels: dict[int, str], scores: dict[int, float],
+                     control: Control, id_prefix: str, epsilon: float, slices: dict) -> list[dict]:
+    """instances_to_results for a polygon control: each object's largest polygon (mask_to_polygons of its
+    mask crop), found for all objects by one findContours over a canvas of their crops.
+
+    A call per crop cost ~24 us of OpenCV's own overhead, more than the tracing (stop 23). The crops sit on
+    shelves one zero pixel apart (8-connected parts of two crops never touch), and OpenCV traces each part
+    from its first pixel in raster order with its own pixels only: every crop gets the contours, in the order,
+    that a call on the crop alone gives (tests/test_encode_identical.py)."""
+    height, width = instances.shape
+    cells = [(k, slices[k]) for k in ids if k in slices]
+    if not cells:
+        return []
+    cap = max(512, max(sl[1].stop - sl[1].start for _, sl in cells))
+    x = y = shelf = 0
+    at = []                                              # each crop's (row, column) on the canvas
+    for _, (rows, cols) in cells:
+        h, w = rows.stop - rows.start, cols.stop - cols.start
+        if x and x + w > cap:
+            x, y, shelf = 0, y + shelf + 1, 0
+        at.append((y, x))
+        x, shelf = x + w + 1, max(shelf, h)
+    canvas = np.zeros((y + shelf, cap), np.uint8)
+    for (k, sl), (cy, cx) in zip(cells, at):
+        np.equal(instances[sl], k, out=canvas[cy:cy + sl[0].stop - sl[0].start,
+                                              cx:cx + sl[1].stop - sl[1].start].view(bool))
+    contours, _ = cv2.findContours(canvas, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    # the crop of each contour: the last crop placed at or before its first point (shelf row, then column)
+    keys = np.array([cy * (cap + 1) + cx for cy, cx in at])
+    shelf_rows = np.unique(keys // (cap + 1))
+    first = np.array([c[0, 0] for c in contours], np.int64).reshape(-1, 2)     # (x, y) of each contour
+    row = shelf_rows[np.searchsorted(shelf_rows, first[:, 1], side="right") - 1]
+    owner = np.searchsorted(keys, row * (cap + 1) + first[:, 0], side="right") - 1
+    parts: dict[int, list] = {}
+    for c, i in zip(contours, owner.tolist()):
+        parts.setdefault(i, []).append(c)
+    found = []                                           # (id, polygon, where its (0, 0) is in the image)
+    for i, cs in sorted(parts.items()):
+        k, sl = cells[i]
+        (cy, cx), oy, ox = at[i], sl[0].start, sl[1].start
+        if len(cs) == 1:
+            if epsilon > 0 and len(cs[0]) > 8:
+                cs = [cv2.approxPolyDP(cs[0], epsilon, True)]    # integer arithmetic: where the crop is does not
+            if len(cs[0]) >= 3:                                  # matter, nor to the exact half-pixel shift
+                found.append((k, cs[0].reshape(-1, 2).astype(np.float64) + 0.5, ox - cx, oy - cy))
+                continue
+        shift = np.array((cx, cy), np.int32)
+        cs = [c - shift for c in cs]                     # at the crop, as a call on the crop finds them
+        polygon = _contour_points(cs[0], epsilon)[1] if len(cs) == 1 else _polygons(cs, epsilon, 0.0)[0]
+        found.append((k, polygon, ox, oy))
+    # percent of the image, rounded to 4 decimals as _pct does, in one numpy pass for all polygons (the same
+    # elementwise operations as per polygon, the same floats): Python's round() on numpy scalars was three
+    # quarters of the polygon time (~0.3 ms a region at 520x696), an np.round and tolist per polygon a tenth
+    sizes = [len(pts) for _, pts, _, _ in found]
+    origin = np.repeat(np.array([(ox, oy) for _, _, ox, oy in found], np.float64), sizes, axis=0)
+    pts = np.round((np.concatenate([pts for _, pts, _, _ in found]) + origin) * (100.0 / width, 100.0 / height),
+                   4).tolist()
+    cuts = np.cumsum(sizes).tolist()
+    return [_region(control, {"points": pts[a:b], "closed": True, "polygonlabels": [labels[k]]}, width, height,
+                    scores.get(k, 0.0), f"{id_prefix}{control.from_name}-{k}")
+            for (k, _, _, _), a, b in zip(found, [0] + cuts[:-1], cuts)]
 
 
 def boxes_to_results(boxes: dict[int, tuple[float, float, float, float]], labels: dict[int, str],
