@@ -11,6 +11,7 @@ from tessera.backend.predictions import _dumps, _plain, prediction_to_results
 from tessera.backend.regions import instances_to_results, instances_to_rles, mask_to_polygons
 from tessera.model.inference import Prediction, cut_regions, split_instances, task_score
 from tessera.model.postprocess import RegionCut, instance_boxes, kept_regions, object_slices
+from tests.test_predict_split import _full_image_split
 from tests.test_regions import random_instances
 
 POLY = Control("polygonlabels", "poly", "image", ("A", "B"))
@@ -190,3 +191,58 @@ def test_task_items_equal_the_old_path_end_to_end(seed):
         want = brush + _old_polygon_results(old.instances, names, old.instance_score, config.controls[1]) + rect
         assert got == json.dumps(want, separators=(",", ":"))
         assert _dumps({"result": json.loads(got)}) == json.dumps({"result": json.loads(got)}, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_areas_are_the_objects_pixel_counts(seed):
+    """split_instances' areas (what the region cut reads instead of counting) are each object's pixel count, and
+    its maps are the same with or without them; maps with no core at all (every object outline only) too."""
+    rng = np.random.default_rng(seed)
+    for t in range(30):
+        h, w = (int(v) for v in rng.integers(4, 90, 2))
+        probs = _probs(rng, h, w)
+        if t % 3 == 0:                                       # no core: the boundary class wins every object pixel
+            probs[2] += probs[1]
+            probs[1] = 0
+        *maps, areas = split_instances(probs, 1, 4, 3.0, with_areas=True)
+        plain = split_instances(probs, 1, 4, 3.0)
+        full = _full_image_split(probs, 1, 4, 3.0)                # the formulation of tests/test_predict_split
+        assert np.array_equal(maps[0], full[0]) and np.array_equal(maps[1], full[1]) and maps[2:] == list(full[2:])
+        assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(maps, plain))
+        counts = np.bincount(maps[1].ravel(), minlength=len(areas) + 1)
+        assert areas == {k: int(counts[k]) for k in maps[2]}
+
+
+def _old_box_nms(boxes, scores, iou_thr, classes=None):
+    """box_nms as it was: the greedy loop whatever the overlaps."""
+    from tessera.model import metrics
+
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    if iou_thr >= 1.0 or len(order) < 2:
+        return order
+    ious = metrics.box_iou(boxes, boxes)
+    if classes is not None:
+        c = np.asarray(classes).reshape(-1)
+        ious = np.where(c[:, None] == c[None, :], ious, 0.0)
+    suppressed, keep = np.zeros(len(boxes), bool), []
+    for i in order:
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= ious[i] >= iou_thr
+    return np.array(keep, np.intp)
+
+
+def test_box_nms_without_clashes_keeps_the_loops_answer():
+    from tessera.model.postprocess import box_nms
+
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        n = int(rng.integers(0, 30))
+        xy = rng.uniform(0, 200, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(0, 40, (n, 2)) * (t % 7 != 0)], 1)   # some of zero size
+        scores = rng.random(n).round(1)                                                      # ties
+        classes = rng.integers(0, 2, n) if t % 2 else None
+        thr = float(rng.choice([0.1, 0.3, 0.5, 0.9]))
+        got, want = box_nms(boxes, scores, thr, classes), _old_box_nms(boxes, scores, thr, classes)
+        assert np.array_equal(got, want) and got.dtype == want.dtype
