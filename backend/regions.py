@@ -226,17 +226,6 @@ def _contour_points(c: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarr
     return c, pts
 
 
-def largest_polygon(mask: np.ndarray, epsilon: float = 0.7) -> np.ndarray | None:
-    """mask_to_polygons(mask, epsilon)[0] (None for no polygon) without the others' simplification when the
-    mask has one outer contour, as an object's mask nearly always has. `mask`: (H, W) uint8 or bool."""
-    contours, _ = cv2.findContours(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8),
-                                   cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if len(contours) == 1:                             # its area is >= 0: it is the one polygon
-        return _contour_points(contours[0], epsilon)[1]
-    polygons = _polygons(contours, epsilon, 0.0)
-    return polygons[0] if polygons else None
-
-
 def polygon_to_mask(points: np.ndarray, height: int, width: int) -> np.ndarray:
     """(N, 2) pixel-edge (x, y) vertices -> (H, W) bool mask.
 
@@ -371,9 +360,11 @@ def _polygon_results(instances: np.ndarray, ids: list[int], labels: dict[int, st
         k, sl = cells[i]
         (cy, cx), oy, ox = at[i], sl[0].start, sl[1].start
         if len(cs) == 1:
+            # approxPolyDP of integer points works on their differences: the same points at the canvas as at
+            # the crop; and (x + 0.5) + (ox - cx) is exact in float64: the value (crop x + 0.5) + ox had
             if epsilon > 0 and len(cs[0]) > 8:
-                cs = [cv2.approxPolyDP(cs[0], epsilon, True)]    # integer arithmetic: where the crop is does not
-            if len(cs[0]) >= 3:                                  # matter, nor to the exact half-pixel shift
+                cs = [cv2.approxPolyDP(cs[0], epsilon, True)]
+            if len(cs[0]) >= 3:
                 found.append((k, cs[0].reshape(-1, 2).astype(np.float64) + 0.5, ox - cx, oy - cy))
                 continue
         shift = np.array((cx, cy), np.int32)

@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--ls-env", action="append", default=[], metavar="KEY=VALUE",
                     help="--ls-tasks: extra environment of the 'after' server (e.g. TESSERA_PREDICT_BATCH=8)")
     ap.add_argument("--ls-name", default="speed_native_ls", help="--ls-tasks: result file name")
+    ap.add_argument("--finish", action="store_true", help="--native: instead, the CPU of /predict's second "
+                    "thread per 520x696 task (finishing, regions, JSON), --before vs the current code, 1 thread")
+    ap.add_argument("--finish-name", default="speed_native_finish", help="--finish: result file name")
     ap.add_argument("--ls-arch", nargs="*", default=[], metavar="KEY=VALUE",
                     help="--ls-tasks: instead of two revisions, two architectures on the current code: 'before' "
                     "the default model, 'after' one trained with these TrainConfig fields (e.g. stem_stride=2 "
@@ -136,6 +139,8 @@ def main() -> None:
             args.reps, args.big = 2, 64
         if args.ls_tasks:
             return speed_native.ls_big_request(args)
+        if args.finish:
+            return speed_native.finish_breakdown(args)
         return speed_native.main(args)
     torch.set_num_threads(args.threads)
     from tessera.model.data import make_nuclei

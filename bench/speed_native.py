@@ -100,6 +100,89 @@ def stage_times(pred, png: bytes, encode=None) -> dict:
     return t
 
 
+def finish_breakdown(args) -> None:
+    """CPU ms per 520x696 task of what /predict's second thread does (predict_parts' finisher: upsampling
+    softmax, instance split, task score, region cut; then the task's LS item: brush RLE, polygons, boxes;
+    then its JSON text), before (git revision args.before) and after, on the 8 images of the Label Studio
+    request (ls_big_request), image by image alternating the two in one thread: median over repetitions of
+    the mean per image. The network pass runs untimed. Also checks that both write the same JSON text.
+    Writes bench/results/<args.finish_name>.json."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from bench.common import write_result
+    from bench.speed import bench_model
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="tessera-speed-finish-"))
+    try:
+        ckpt = bench_model(work)
+        tree = before_tree(args.before, work / "before")
+        for f in list(tree.rglob("*.py")):     # its backend imports its own modules, not the current ones
+            f.write_text(f.read_text().replace("from tessera.", "from before_tessera."))
+        variants = {"before": _finish_variant(ckpt, tree), "after": _finish_variant(ckpt, None)}
+        images = [mosaic(520, 696, 256, seed=11 + k)[0] for k in range(8)]
+        load0 = os.getloadavg()
+        runs: dict = {v: [] for v in variants}
+        regions: dict = {v: [] for v in variants}
+        same = True
+        for r in range(args.reps + 1):                 # the first round warms up
+            for i, image in enumerate(images):
+                texts = {}
+                for v in (list(variants) if (r + i) % 2 == 0 else list(variants)[::-1]):
+                    t, n, texts[v] = variants[v](image, i)
+                    if r:
+                        runs[v].append(t)
+                        regions[v].append(n)
+                same &= texts["before"] == texts["after"]
+        res: dict = {"threads": 1, "images": "8 x 520x696 procedural nuclei (mosaic seeds 11-18)",
+                     "reps": args.reps, "before_rev": args.before, "identical_json": bool(same),
+                     "load_average_start": load0, "load_average_end": os.getloadavg()}
+        for v, rs in runs.items():
+            per_rep = [rs[k * len(images):(k + 1) * len(images)] for k in range(args.reps)]
+            res[v] = {f"{s}_cpu_ms": statistics.median(1000 * float(np.mean([t[s] for t in rr])) for rr in per_rep)
+                      for s in rs[0]}
+            res[v]["regions_per_task"] = float(np.mean(regions[v]))
+        res["ratio_after_to_before"] = {k: res["after"][k] / res["before"][k] for k in res["after"]
+                                        if k.endswith("_cpu_ms")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(res, indent=1), flush=True)
+    write_result(args.finish_name, {"summary": res, "targets": {
+        "ratio_after_to_before": {"total_cpu_ms": "<= 0.7 (issue 10: finishing + regions + JSON CPU -30%)"}}})
+
+
+def _finish_variant(ckpt: Path, tree: Path | None):
+    """A function (image, index) -> ({stage: CPU s}, regions, the JSON text of the task's item) for the
+    Predictor and backend of `tree` (None: the current code), stages "finish", "regions", "json", "total"."""
+    import importlib
+
+    from bench.speed import CONFIG
+
+    pkg = "tessera" if tree is None else "before_tessera"
+    pred = predictor_class(tree).from_checkpoint(ckpt, device="cpu", trace=True)
+    preds = importlib.import_module(f"{pkg}.backend.predictions")
+    config = importlib.import_module(f"{pkg}.backend.label_config").parse_label_config(CONFIG)
+    served = preds.Served("bench", pred)
+
+    def run(image, i: int):
+        finish = pred.predict_parts([image])[0]        # the network pass, untimed
+        laps = Laps()
+        p = finish()
+        laps.lap("finish")
+        item = preds._task_item({"id": i}, [(config.images[0], image, None, p)], config, served, pred.label_names)
+        laps.lap("regions")
+        text = preds._as_json([item], True)[0]
+        laps.lap("json")
+        t = {k: laps.t[k + "_cpu"] for k in ("finish", "regions", "json")}
+        t["total"] = sum(t.values())
+        return t, len(item["result"]), text
+
+    return run
+
+
 def package_root(tree: Path, dest: Path, name: str = "tessera") -> Path:
     """A PYTHONPATH entry under which package `name`'s backend and model are tree/backend and tree/model
     (symlinks). Since the install became `tessera.backend`/`tessera.model`, a checkout's own folders on
