@@ -403,6 +403,17 @@ def task_score(p_fg: np.ndarray, pred_fg: np.ndarray, eps: float = 0.05) -> floa
     return (inter + 1.0) / (union + 1.0)
 
 
+def _task_score_of(p_bg: np.ndarray, instances: np.ndarray, n_object_px: int, eps: float = 0.05) -> float:
+    """task_score(1 - p_bg, instances > 0), the same float, given the object pixels' count: the clipping in
+    place (no np.where copy) and no count of the mask, 0.97 -> 0.62 ms of CPU at 520x696 (stop 23)."""
+    q = np.subtract(1, p_bg).reshape(-1)                     # 1 - p_bg, as the caller of task_score computed it
+    q[q < eps] = 0
+    q[q > 1 - eps] = 1
+    inter = float(np.dot(q, (instances > 0).reshape(-1).view(np.uint8).astype(np.float32)))
+    union = float(n_object_px) + float(q.sum(dtype=np.float64)) - inter
+    return (inter + 1.0) / (union + 1.0)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -659,7 +670,7 @@ class Predictor:
             return _box_prediction(dets, probs)
         classes, inst, labels, scores, areas = split_instances(probs, self.n_classes, self.min_area, self.edge_weight,
                                                                with_areas=True)
-        score = task_score(1 - probs[0], inst > 0)
+        score = _task_score_of(probs[0], inst, sum(areas.values()))     # task_score(1 - probs[0], inst > 0)
         boxes = None
         if self.box_shrink < 1.0:
             ids = sorted(labels)

@@ -246,3 +246,17 @@ def test_box_nms_without_clashes_keeps_the_loops_answer():
         thr = float(rng.choice([0.1, 0.3, 0.5, 0.9]))
         got, want = box_nms(boxes, scores, thr, classes), _old_box_nms(boxes, scores, thr, classes)
         assert np.array_equal(got, want) and got.dtype == want.dtype
+
+
+def test_task_score_of_the_instances_is_task_score():
+    """_task_score_of(p_bg, instances, object pixels) == task_score(1 - p_bg, instances > 0), the same float, on
+    probabilities at and around the clipping thresholds."""
+    from tessera.model.inference import _task_score_of
+
+    rng = np.random.default_rng(0)
+    for t in range(60):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        p_bg = (rng.random((h, w)) ** rng.uniform(0.2, 5)).astype(np.float32)
+        p_bg.ravel()[:: 7] = rng.choice(np.array([0.05, 0.95, 0.0, 1.0], np.float32), p_bg.ravel()[:: 7].size)
+        inst = (rng.integers(0, 9, (h, w)) * (p_bg < rng.uniform(0, 1))).astype(np.int32)
+        assert _task_score_of(p_bg, inst, int(np.count_nonzero(inst))) == task_score(1 - p_bg, inst > 0)
