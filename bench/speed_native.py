@@ -160,7 +160,7 @@ def finish_breakdown(args) -> None:
 
 def _brush_bytes_only(a: str, b: str) -> int | None:
     """How many regions of two items' JSON texts differ, when every one that does is a brush region whose RLE
-    decodes to the same mask (a revision before 0d119e9 wrote a long run's short last chunk a byte shorter
+    decodes to the same mask (a revision before this stop wrote a long run's short last chunk a byte shorter
     than mask2rle); None when anything else differs."""
     from label_studio_sdk.converter.brush import decode_rle
 
