@@ -91,7 +91,7 @@ def _closest_sigma(ac: float) -> float:
 def _blend(mu, p50, p90):
     """Angle (0: dark field, pi/2: bright field) of a pixel of local mean mu, from the image's median and
     90th percentile of mu."""
-    return np.clip((mu - p50) / max(p90 - p50, 1e-3), 0, 1) * np.float32(np.pi / 2)
+    return np.clip((mu - p50) / np.maximum(p90 - p50, 1e-3), 0, 1) * np.float32(np.pi / 2)
 
 
 RANKS = (0, 25, 50, 70, 80, 87, 92, 96, 100)  # bins of a pixel's intensity rank (percentiles of mu) in its image
@@ -156,8 +156,9 @@ def fit_grain(real: list[np.ndarray], fake: list[np.ndarray], seed: int = 0) -> 
         grain["curves"].append([max(t - h, 0.01) / (c + 1) for t, h, c in zip(target, have, centres)])
     for rnd in range(CALIBRATION_ROUNDS):
         for i, (f_img, mu_f, edges, target, _) in enumerate(pairs):
-            got = _bin_stats(_apply(f_img, mu_f, grain["curves"][i], grain, np.random.default_rng([seed, rnd, i])),
-                             mu_f, edges)
+            noisy = _apply_batch(f_img[None], mu_f[None], [grain["curves"][i]], grain,
+                                 [np.random.default_rng([seed, rnd, i])])[0]
+            got = _bin_stats(noisy, mu_f, edges)
             grain["curves"][i] = [float(v * np.clip(t / max(g, 1e-3), 0.5, 2))
                                   for v, t, g in zip(grain["curves"][i], target, got)]
     grain["curves"] = [[float(f"{v:.4g}") for v in c] for c in grain["curves"]]
@@ -170,16 +171,14 @@ def add_grain(image: np.ndarray, grain: dict | None, seed: int) -> np.ndarray:
     empty): the image unchanged."""
     if not grain or not grain.get("curves"):
         return image
-    rng = np.random.default_rng(seed)
-    curve = grain["curves"][int(rng.integers(len(grain["curves"])))]
-    return _apply(image, _blur(_luma(image), _MU_SIGMA), curve, grain, rng)
+    return add_grain_batch([image], grain, [seed])[0]
 
 
 def add_grain_batch(images: list[np.ndarray], grain: dict | None, seeds: list[int]) -> list[np.ndarray]:
     """add_grain over a batch, the same images to the bit (tests/test_gan_grain.py): images[i] with the grain
     of seeds[i]. Images of one shape run through numpy together (the percentiles, lookup tables and per-pixel
     maths as a few whole-batch calls instead of ~40 small calls per image; generation speed, issue 12);
-    mixed shapes fall back to add_grain per image."""
+    mixed shapes run one image at a time."""
     if len(images) != len(seeds):
         raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
     if not grain or not grain.get("curves") or not images:
@@ -213,19 +212,26 @@ def _percentiles(rows: np.ndarray, q: list) -> np.ndarray:
 
 
 def _apply_batch(images: np.ndarray, mu: np.ndarray, curves: list, grain: dict, rngs: list) -> np.ndarray:
-    """_apply on a stack (B, H, W[, 3]) with its local means (B, H, W), one curve and rng per image: the same
-    operations in the same order and dtypes, over the batch."""
+    """A stack of images (B, H, W[, 3]) uint8 with their local means (B, H, W), one curve and rng per image ->
+    the images with their grain (add_grain_batch; fit_grain calibrates with it one image at a time)."""
     B, H, W = mu.shape
     ranks = list(grain.get("ranks", RANKS))
+    # percentiles of the smooth local mean on every other pixel: the same to a fraction of a level, 4x faster
     q = _percentiles(mu[:, ::2, ::2].reshape(B, -1), ranks + [50, 90])  # (B, len(ranks) + 2)
     edges, p50, p90 = q[:, :len(ranks)], q[:, len(ranks)], q[:, len(ranks) + 1]
-    xs = (edges[:, :-1] + edges[:, 1:]) / 2
+    xs = (edges[:, :-1] + edges[:, 1:]) / 2  # each bin's centre in this image's intensities
+    # per intensity level (0..255; mu rounded): the grain's sd, interpolated in log between bins so that a dim
+    # rim next to a bright object stays dim, and the blend of the dark half's correlation with the bright
+    # tenth's (unit variance); lookup tables, as the per-pixel maths was most of the time.
+    # The curve holds variance per unit of intensity (+1): the grain of a dimmer image is weaker, as photon
+    # noise and stained texture are (a fixed variance from a bright donor made speckled halos on dim nuclei);
+    # capped at MAX_REL_SD of the intensity: a donor pair whose fake was much dimmer than its real image must
+    # not cover a bright nucleus with black and white speckles
     levels = np.arange(256, dtype=np.float64)
     log_curve = np.log(np.maximum(np.asarray(curves, np.float64), 1e-6))
     interp = np.stack([np.interp(levels, x, c) for x, c in zip(xs, log_curve)])
     sd = np.minimum(np.sqrt(np.exp(interp) * (levels + 1)), MAX_REL_SD * (levels + 1))
-    theta = (np.clip((levels - p50[:, None]) / np.maximum(p90 - p50, 1e-3)[:, None], 0, 1)
-             * np.float32(np.pi / 2))
+    theta = _blend(levels, p50[:, None], p90[:, None])
     # one table of B x 256 entries, indexed by image * 256 + level
     a, b = (sd * np.cos(theta)).astype(np.float32).ravel(), (sd * np.sin(theta)).astype(np.float32).ravel()
     idx = np.clip(np.rint(mu), 0, 255).astype(np.intp)
@@ -235,33 +241,9 @@ def _apply_batch(images: np.ndarray, mu: np.ndarray, curves: list, grain: dict, 
         dark[i] = _field(rng, (H, W), grain["sigma_dark"])
         bright[i] = _field(rng, (H, W), grain["sigma_bright"])
     n = a[idx] * dark + b[idx] * bright
+    # integer pixels: rint(pixel + n) == pixel + rint(n), in int16 once per pixel instead of per channel
     n = np.rint(n).astype(np.int16).reshape(B * H, W)
     if images.ndim == 4:  # the same field in every channel (cv2.merge: ~15x np.repeat here)
         n = cv2.merge([n] * images.shape[3])
     # saturating uint8 + int16 -> uint8 (cv2.add): clip(image + n, 0, 255) in one pass instead of numpy's four
     return cv2.add(images.reshape(n.shape), n, dtype=cv2.CV_8U).reshape(images.shape)
-
-
-def _apply(image: np.ndarray, mu: np.ndarray, curve: list, grain: dict, rng: np.random.Generator) -> np.ndarray:
-    ranks = list(grain.get("ranks", RANKS))
-    # percentiles of the smooth local mean on every other pixel: the same to a fraction of a level, 4x faster
-    q = np.percentile(mu[::2, ::2], ranks + [50, 90])
-    edges, (p50, p90) = q[:len(ranks)], q[len(ranks):]
-    xs = (edges[:-1] + edges[1:]) / 2  # each bin's centre in this image's intensities
-    # per intensity level (0..255; mu rounded): the grain's sd, interpolated in log between bins so that a dim
-    # rim next to a bright object stays dim, and the blend of the dark half's correlation with the bright
-    # tenth's (unit variance); lookup tables, as the per-pixel maths was most of the time
-    levels = np.arange(256, dtype=np.float64)
-    # the curve holds variance per unit of intensity (+1): the grain of a dimmer image is weaker, as photon
-    # noise and stained texture are (a fixed variance from a bright donor made speckled halos on dim nuclei)
-    # capped at MAX_REL_SD of the intensity: a donor pair whose fake was much dimmer than its real image must not
-    # cover a bright nucleus with black and white speckles
-    sd = np.minimum(np.sqrt(np.exp(np.interp(levels, xs, np.log(np.maximum(curve, 1e-6)))) * (levels + 1)),
-                    MAX_REL_SD * (levels + 1))
-    theta = _blend(levels, float(p50), float(p90))
-    idx = np.clip(np.rint(mu), 0, 255).astype(np.uint8)
-    a, b = (sd * np.cos(theta)).astype(np.float32), (sd * np.sin(theta)).astype(np.float32)
-    n = a[idx] * _field(rng, mu.shape, grain["sigma_dark"]) + b[idx] * _field(rng, mu.shape, grain["sigma_bright"])
-    # integer pixels: rint(pixel + n) == pixel + rint(n), in int16 once per pixel instead of per channel in float
-    n = np.rint(n).astype(np.int16)
-    return np.clip(image.astype(np.int16) + (n[..., None] if image.ndim == 3 else n), 0, 255).astype(np.uint8)

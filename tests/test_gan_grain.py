@@ -1,6 +1,7 @@
-"""The imaging grain over a batch (model/sensor.add_grain_batch, what the Synthesizer adds) is add_grain's grain
-to the bit: the per-image path is the one fit_grain calibrates with, so the batch adds exactly the variance per
-intensity-rank bin and the correlation length that were fitted."""
+"""The imaging grain over a batch (model/sensor.add_grain_batch, what the Synthesizer adds) is each image's grain
+alone (add_grain, a batch of one, as fit_grain calibrates with) to the bit, so the batch adds exactly the variance
+per intensity-rank bin and the correlation length that were fitted. (Stop 23 checked add_grain and fit_grain
+against the per-image implementation they replaced: the same grains and images.)"""
 import numpy as np
 import pytest
 import torch
