@@ -190,3 +190,25 @@ def test_one_relabel_for_layouts_and_refined_annotations():
     assert relabel(inst).tolist() == [[0, 2, 2, 1], [0, 0, 3, 1]]
     assert relabel(inst, min_area=2).tolist() == [[0, 2, 2, 1], [0, 0, 0, 1]]     # fragments dropped
     assert inference.relabel is layouts.relabel is relabel
+
+
+def _stretch_per_pixel(x):
+    """The grey stretch as every pixel's arithmetic (what model.data._stretch's table must reproduce)."""
+    lo, hi = np.percentile(x, (0.5, 99.8))
+    if hi <= lo:
+        hi = lo + 1.0
+    return ((x.astype(np.float32) - lo) * (255.0 / (hi - lo))).clip(0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grey_images_stretch_to_the_same_bytes_through_the_table(seed):
+    from tessera.model.data import _stretch, image_to_rgb
+
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+    dark = rng.gamma(1.5, 4 + 10 * seed, (h, w)).clip(0, 255).astype(np.uint8)   # dark fluorescence, odd size
+    for x in (dark, np.full((h, w), seed * 40, np.uint8), (dark.astype(np.uint16) * 257 + seed)):
+        assert np.array_equal(_stretch(x), _stretch_per_pixel(x))
+    rgb = image_to_rgb(Image.fromarray(dark, "L"))
+    assert rgb.shape == (h, w, 3) and rgb.dtype == np.uint8
+    assert all(np.array_equal(rgb[..., c], _stretch_per_pixel(dark)) for c in range(3))

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from tessera.model.inference import Prediction, _percentiles, cut_regions, image_stats, task_score
+from tessera.model.data import percentiles as _percentiles
+from tessera.model.inference import Prediction, cut_regions, image_stats, task_score
 from tessera.model.postprocess import RegionCut
 
 
