@@ -66,6 +66,8 @@ def cmd_versions(args, settings: Settings) -> int:
         m = v.metrics
         print(f"{version_string(args.project or DEFAULT_KEY, v.version, v.kind):32s} {v.kind:6s} {v.status:9s} "
               f"{_evidence(m) if v.kind == 'label' else '':44s} {_figures(m) if v.kind == 'label' else ''} {v.reason}")
+        if len(m.get("class_recall") or {}) > 1:   # one label can lose what another gains: show each
+            print(f"{'':32s} recall per label: " + ", ".join(f"{n} {r:.2f}" for n, r in m["class_recall"].items()))
         if m.get("missed_classes"):
             print(f"{'':32s} MISSES CLASS {', '.join(m['missed_classes'])}: no object of it found on the "
                   f"held-back tasks")

@@ -103,6 +103,7 @@ def test_status_and_versions_say_plainly_when_a_class_is_missed(settings, capsys
     cmd_versions(Args(), settings)
     out = capsys.readouterr().out
     assert "box_ap50=0.410" in out and "precision=0.730" in out and "MISSES CLASS Platelet" in out
+    assert "recall per label: Cell 0.90, Platelet 0.00" in out
 
 
 def test_a_first_version_trains_until_its_plateau_within_a_stated_cap():
