@@ -55,3 +55,38 @@ def test_balance_pastes_the_requested_label_first_and_then_the_class_with_fewest
     assert t0[2] < t0[1] and tp[2] > tp[1]          # the rare label alone overshoots: class 1 is the minority now
     assert abs(tb[2] - tb[1]) < abs(tp[2] - tp[1])  # balanced edits keep the two classes closer
     assert tb[2] > t0[2] * 3                        # and still add many pixels of the rare label
+
+
+def _frame(brightness: int, seed: int, size: int = 96) -> Sample:
+    """A grey 'fluorescence frame': dark background, a few disks at the frame's exposure."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 6, (size, size), dtype=np.uint8)
+    instances = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    for k, (cy, cx) in enumerate([(20, 20), (20, 70), (70, 45)], start=1):
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= 8 ** 2
+        instances[disk] = k
+        image[disk] = brightness + rng.integers(-5, 6, int(disk.sum()))
+    rgb = np.repeat(image[..., None], 3, axis=2)
+    return Sample(rgb, (instances > 0).astype(np.int32), instances, id=f"frame{brightness}_{seed}")
+
+
+def test_a_grey_object_takes_the_exposure_of_the_frame_it_is_pasted_into():
+    dim, bright = _frame(40, 0), _frame(140, 1)
+    editor = Editor([dim, bright], n_labels=1, max_objects=1, feather=0)
+    edits = [e for e in editor.edit(40, seed=3) if e.background == dim.id and e.objects == [bright.id]]
+    assert edits, "no edit pasted a bright frame's object into the dim frame"
+    for e in edits:
+        pasted = e.sample.instances > 3                  # the frame's own objects are 1..3 (relabel keeps order)
+        assert pasted.any()
+        assert abs(float(np.median(e.sample.image[pasted][:, 0])) - 40) <= 6   # not 140: the frame's exposure
+
+
+def test_colour_objects_keep_their_pixels():
+    a, b = _photo(1, 0), _photo(2, 1)
+    editor = Editor([a, b], n_labels=2, max_objects=1, feather=0)
+    for e in editor.edit(10, seed=0):
+        cls = e.labels[0]
+        colour = (200, 120, 40) if cls == 1 else (40, 160, 220)
+        pasted = e.sample.instances == e.sample.instances.max()
+        assert (e.sample.image[pasted] == colour).all(axis=1).mean() > 0.9
