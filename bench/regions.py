@@ -92,10 +92,11 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         return baseline(task, fit, val, names, seed)
     print(f"{task} {method} seed {seed}: {len(fit)} train, {len(held)} held back (cut), {len(val)} validation; "
           f"labels {names}", flush=True)
-    cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s,
-                      eval_interval=(25 if curve else max(50, iters // 4)) if iters else 150, device="cpu",
-                      box_shrink=BOX_SHRINK if box else 1.0, precision_target=precision_target,
-                      box_head=method == "head", seed=seed, box_select=box_select, **(overrides or {}))
+    cfg = TrainConfig(**{**dict(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s,
+                                eval_interval=(25 if curve else max(50, iters // 4)) if iters else 150, device="cpu",
+                                box_shrink=BOX_SHRINK if box else 1.0, precision_target=precision_target,
+                                box_head=method == "head", seed=seed, box_select=box_select),
+                         **(overrides or {})})     # --set may override any of these (the product's first run)
     points = []
     t0 = time.time()
     ckpt_name = f"{task}_{method}_{seed}_{'ap' if box_select else 'iou'}.pt"
