@@ -4,6 +4,16 @@ Setting: DSB 2018 at 256 px (../shared/data/dsb2018) holds dark-field fluorescen
 bright-field ones (H&E and other stains: ~25%) that look nothing alike. A project like this is labelled
 for every modality, so quality is the mean over modalities of the foreground IoU per image (macro), on a
 held-back test set with the same number of images of each (the natural-frequency mean is kept too).
+At the natural mix (23% bright-field in the pool) the curve saturates at 2-8 labels (stop 20), so no
+ordering can save much. Other settings (issue 11 section 5):
+- `--rare brightfield:0.05`: a fluorescence project with a few bright-field slides (a rare modality that
+  needs its own labels: a model that saw none scores ~0.3 on it);
+- `--data dsb2018_native`: the same images at their native sizes (saturates like 256 px: 2 labels 0.559,
+  8 labels 0.686, all 150 0.701; active_learning_native_noise.json);
+- `--data pets`: the 3 breeds as 3 classes, quality = IoU of each image's breed, mean over breeds. At 150
+  iterations the label model does not tell the breeds apart (4 labels 0.183, all 150 0.202: the full-pool
+  model calls every pet an Abyssinian; active_learning_pets_noise.json), so labels do not matter there;
+- `--data dsb2018+pets --rare pet:0.1`: a mixed project, pets as a third modality of one class 'object'.
 
 Design (stop 20; the stop-18 run warm-started 30 iterations per round and its curves were noise):
 - Every point of a curve is a model trained FROM SCRATCH on that labelled set for a fixed number of
@@ -16,13 +26,15 @@ Design (stop 20; the stop-18 run warm-started 30 iterations per round and its cu
 - Orderings: random; score (lowest Tessera task score first, what "Sort by Prediction score" gives);
   diversity (greedy k-center on the label model's image embeddings, model.acquisition.select);
   udiv (uncertainty x diversity: k-center weighted by 1 - score); priority (the per-task form a labeller
-  can sort by: (1 - score) x distance to the nearest labelled image, top-k, model.acquisition.priority).
+  can sort by: (1 - score) x distance to the nearest labelled image, top-k, model.acquisition.priority);
+  codes (k-center on the square roots of the images' VQ code histograms, model.acquisition.code_histogram).
 - Reported, mean ± std over seeds: labels to 95% of the full-data quality (interpolated between rounds;
   a curve that never gets there counts as the largest label count, a lower bound), its saving against
   random (paired per seed), the quality at every label count, and the area under the quality curve
   (mean quality over the label range, trapezoids) with its paired difference to random.
 
-    python -m bench.active_learning [--name NAME] [--seeds 0 1 2] [--iters 150] [--jobs 2] [--noise K ...]
+    python -m bench.active_learning [--data dsb2018|dsb2018_native|pets|dsb2018+pets] [--rare GROUP:SHARE,...]
+        [--name NAME] [--seeds 0 1 2] [--iters 150] [--jobs 2] [--noise K ...]
 
 Writes bench/results/active_learning_NAME.json (and .png).
 """
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import os
 import random
@@ -43,9 +56,10 @@ import torch
 
 from bench.common import RESULTS, SHARED_DATA, write_result
 
-STRATEGIES = ("random", "score", "diversity", "priority", "udiv")
+STRATEGIES = ("random", "score", "diversity", "priority", "udiv", "codes")
 LABELS = {"random": "random", "score": "lowest Tessera score first", "diversity": "diversity (k-center, embeddings)",
-          "udiv": "uncertainty x diversity (weighted k-center)", "priority": "priority column (uncertainty x novelty)"}
+          "udiv": "uncertainty x diversity (weighted k-center)", "priority": "priority column (uncertainty x novelty)",
+          "codes": "diversity (k-center, VQ code histograms)"}
 
 
 def modality(image: np.ndarray) -> str:
@@ -53,6 +67,41 @@ def modality(image: np.ndarray) -> str:
     x = image.astype(np.float32)
     colourful = (x.max(2) - x.min(2)).mean() > 12
     return "brightfield" if colourful or np.median(x.mean(2)) > 100 else "fluorescence"
+
+
+def is_pets(data: str) -> bool:
+    return Path(data).name == "pets" and "+" not in data
+
+
+def breed(sample_id: str) -> str:
+    """Oxford-IIIT Pet: the breed is the file name before the last '_'."""
+    return sample_id.rsplit("_", 1)[0]
+
+
+def target_mask(classes: np.ndarray, group: str, names: list[str]) -> np.ndarray:
+    """The pixels quality is measured on in an image of `group`: its breed's class where the group is a
+    label name (Pets: a pet predicted as another breed counts as missed), else every foreground class."""
+    return classes == names.index(group) + 1 if group in names else classes > 0
+
+
+def imbalanced_pool(ids: list[str], group_of, size: int, rare: dict[str, float] | None = None) -> list[str]:
+    """The first `size` ids in their given order, with each group of `rare` held to round(size * share) of
+    them (a project where some classes or modalities are rare); the others fill the rest in their order."""
+    if not rare:
+        return ids[:size]
+    held = [i for g, share in rare.items() for i in [i for i in ids if group_of(i) == g][:int(round(size * share))]]
+    others = [i for i in ids if group_of(i) not in rare][:size - len(held)]
+    keep = set(held) | set(others)
+    return [i for i in ids if i in keep]
+
+
+def parse_rare(text: str) -> dict[str, float]:
+    """'pet:0.05,brightfield:0.05' -> {'pet': 0.05, 'brightfield': 0.05}."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        g, _, share = part.partition(":")
+        out[g] = float(share)
+    return out
 
 
 def labels_to_reach(curve: list[dict], goal: float, key: str = "quality") -> float | None:
@@ -85,10 +134,11 @@ def quality(m_by_group: dict[str, list[float]]) -> dict:
 class Sim:
     """Training (from scratch), evaluation and selection for one benchmark process."""
 
-    def __init__(self, args, by_id: dict, test: dict[str, list], names: list[str], work: Path):
+    def __init__(self, args, by_id: dict, test: dict[str, list], names: list[str], work: Path, group_of):
         from tessera.model.train_vqvae import TrainConfig
 
         self.args, self.by_id, self.test, self.names, self.work = args, by_id, test, names, work
+        self.group = group_of
         self.cfg = TrainConfig(max_iters=args.iters, device="cpu", threads=args.threads, eval_interval=10 ** 9,
                                widths=tuple(int(w) for w in args.widths.split(",")), codebook_size=128,
                                embed_dim=32, crop=96, batch_size=args.batch)
@@ -108,7 +158,8 @@ class Sim:
         ious = {}
         for g, samples in self.test.items():
             preds = predictor.predict([s.image for s in samples])
-            ious[g] = [metrics.iou(p.classes > 0, s.classes > 0) for p, s in zip(preds, samples)]
+            ious[g] = [metrics.iou(target_mask(p.classes, g, self.names), target_mask(s.classes, g, self.names))
+                       for p, s in zip(preds, samples)]
         self.n_fit += 1
         ckpt.unlink(missing_ok=True)
         return predictor, {"labels": len(ids), **quality(ious), "train_s": round(t1 - t0, 1),
@@ -125,8 +176,12 @@ class Sim:
         images = [self.by_id[i].image for i in pool]
         if strategy == "score":
             return [pool[j] for j in np.argsort(self._scores(predictor, images), kind="stable")[:k]]
+        labelled_images = [self.by_id[i].image for i in labelled]
+        if strategy == "codes":
+            hist = acquisition.code_histogram(predictor, images)
+            return [pool[j] for j in acquisition.select(hist, acquisition.code_histogram(predictor, labelled_images), k)]
         emb = acquisition.embed(predictor, images)
-        lab = acquisition.embed(predictor, [self.by_id[i].image for i in labelled])
+        lab = acquisition.embed(predictor, labelled_images)
         if strategy == "diversity":
             return [pool[j] for j in acquisition.select(emb, lab, k)]
         scores = self._scores(predictor, images)
@@ -151,8 +206,9 @@ class Sim:
                 select_s = time.time() - t0
                 st["labelled"] += picked
                 st["predictor"], point = self.fit(st["labelled"], f"s{seed}-{strategy}-{target}", seed)
-                groups = [modality(self.by_id[i].image) for i in st["labelled"]]
-                point.update({"select_s": round(select_s, 1), "labelled_brightfield": groups.count("brightfield")})
+                groups = [self.group(i) for i in st["labelled"]]
+                point.update({"select_s": round(select_s, 1),
+                              "labelled_groups": {g: groups.count(g) for g in self.test}})
                 st["curve"].append(point)
                 print(f"seed {seed} {strategy:9s} {_short(point)}", flush=True)
         return {s: st["curve"] for s, st in state.items()}
@@ -162,21 +218,55 @@ def _short(p: dict) -> dict:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()}
 
 
-def _load(args) -> tuple[dict, dict[str, list], list[str], list[str], dict]:
-    """(samples by id, balanced test set by modality, label names, pool ids, pool modality counts)."""
-    from tessera.model.data import load_folder, split_ids
+def _part(root: Path, one_class: bool) -> tuple[list, list[str], object]:
+    """(samples, label names, group of an id) of one dataset folder: Pets groups by breed (its breeds are
+    its classes, or one class 'object' when one_class), anything else by imaging modality."""
+    from tessera.model.data import Sample, load_folder
 
-    samples, names = load_folder(args.data)
+    if is_pets(str(root)):
+        from bench.label_model import load_pets
+
+        samples, names = load_pets(root)
+        if one_class:                       # in a mixed project a pet is one more kind of object
+            samples = [Sample(s.image, (s.classes > 0).astype(np.int32), s.instances, id=s.id) for s in samples]
+            return samples, ["object"], lambda i: "pet"
+        return samples, names, breed
+    samples, names = load_folder(root)
     by_id = {s.id: s for s in samples}
-    train_ids, test_ids = split_ids(sorted(by_id), 0.2)
+    return samples, names, lambda i: modality(by_id[i].image)
+
+
+def load_samples(data: str) -> tuple[dict, list[str], list[str], object]:
+    """(samples by id, label names, ids in a fixed hash order, group of an id). data: a folder, or several
+    joined by '+' (a mixed project, one class 'object': e.g. dsb2018+pets)."""
+    roots = [Path(d) if Path(d).exists() else SHARED_DATA / d for d in data.split("+")]
+    parts = [_part(r, one_class=len(roots) > 1) for r in roots]
+    by_id, groups = {}, {}
+    for samples, _, group_of in parts:
+        for s in samples:
+            by_id[s.id], groups[s.id] = s, group_of(s.id)
+    names = parts[0][1] if len(parts) == 1 else ["object"]
+    # DSB's ids are hex, so their sorted order is a hash order (the stop-20 runs' pools); Pets' names sort by
+    # breed: a hash of the id mixes the groups in the pool's first N
+    hashed = len(roots) > 1 or is_pets(str(roots[0]))
+    order = sorted(by_id, key=(lambda i: hashlib.sha1(i.encode()).hexdigest()) if hashed else None)
+    return by_id, names, order, groups.__getitem__
+
+
+def _load(args) -> tuple[dict, dict[str, list], list[str], list[str], dict, object]:
+    """(samples by id, balanced test set by group, label names, pool ids, pool group counts, group of an id)."""
+    from tessera.model.data import split_ids
+
+    by_id, names, order, group_of = load_samples(args.data)
+    train_ids, test_ids = split_ids(order, 0.2)
     test: dict[str, list] = {}
     for i in test_ids:
-        test.setdefault(modality(by_id[i].image), []).append(by_id[i])
+        test.setdefault(group_of(i), []).append(by_id[i])
     n_test = min(args.test_per_modality, *(len(v) for v in test.values()))
     test = {g: v[:n_test] for g, v in sorted(test.items())}
-    pool_ids = train_ids[:args.pool]                # split_ids keeps the sorted (hash-like) id order
-    mix = {g: sum(modality(by_id[i].image) == g for i in pool_ids) for g in test}
-    return by_id, test, names, pool_ids, mix
+    pool_ids = imbalanced_pool(train_ids, group_of, args.pool, parse_rare(args.rare))
+    mix = {g: sum(group_of(i) == g for i in pool_ids) for g in test}
+    return by_id, test, names, pool_ids, mix, group_of
 
 
 def run_job(args, job: tuple, strategies: list[str]) -> dict:
@@ -185,9 +275,9 @@ def run_job(args, job: tuple, strategies: list[str]) -> dict:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     t0, cpu0 = time.time(), time.process_time()
-    by_id, test, names, pool_ids, _ = _load(args)
+    by_id, test, names, pool_ids, _, group_of = _load(args)
     work = Path(tempfile.mkdtemp(prefix="tessera-al-"))
-    sim = Sim(args, by_id, test, names, work)
+    sim = Sim(args, by_id, test, names, work, group_of)
     try:
         if job[0] == "noise":
             ids = random.Random(12345).sample(pool_ids, len(pool_ids))[:job[1]] if job[1] else pool_ids
@@ -265,6 +355,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--pool", type=int, default=150, help="unlabelled pool: this many training-split images")
     ap.add_argument("--test-per-modality", type=int, default=24)
+    ap.add_argument("--rare", default="", metavar="GROUP:SHARE,...",
+                    help="groups (modalities; Pets: breeds; a mixed project's 'pet') held rare in the pool, each to "
+                         "SHARE of it")
     ap.add_argument("--start", type=int, default=2, help="labelled images at the start (random)")
     ap.add_argument("--schedule", default="3,4,6,8", help="labelled images after each round")
     ap.add_argument("--iters", type=int, default=150, help="training iterations of every model (from scratch)")
@@ -291,7 +384,7 @@ def main() -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     t_all = time.time()
-    _, test, _, pool_ids, mix = _load(args)
+    _, test, _, pool_ids, mix, _ = _load(args)
     n_test = len(next(iter(test.values())))
     print(f"pool {len(pool_ids)} images {mix}; test {n_test} per modality; {args.iters} iters per model", flush=True)
     if args.noise is not None:
@@ -300,7 +393,8 @@ def main() -> None:
         jobs = [("seed", s) for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
         done = list(ex.map(run_job, [args] * len(jobs), jobs, [strategies] * len(jobs)))
-    setup = {"data": Path(args.data).name, "pool": len(pool_ids), "pool_modalities": mix,
+    setup = {"data": "+".join(Path(d).name for d in args.data.split("+")), "pool": len(pool_ids), "pool_modalities": mix,
+             "rare": parse_rare(args.rare) or None,
              "test_per_modality": n_test, "start": args.start, "schedule": args.schedule,
              "iters_per_model": args.iters, "from_scratch": True, "batch": args.batch, "widths": args.widths,
              "threads_per_process": args.threads, "processes": args.jobs, "seeds": args.seeds,
@@ -326,9 +420,9 @@ def full_from(name: str, setup: dict) -> list[dict]:
     import json
 
     ref = json.loads((RESULTS / f"active_learning_{name}.json").read_text())
-    for key in ("iters_per_model", "batch", "widths", "pool", "test_per_modality", "data"):
-        if ref["setup"][key] != setup[key]:
-            raise SystemExit(f"--full-from {name}: its {key} is {ref['setup'][key]}, this run's {setup[key]}")
+    for key in ("iters_per_model", "batch", "widths", "pool", "test_per_modality", "data", "pool_modalities"):
+        if ref["setup"].get(key) != setup.get(key):
+            raise SystemExit(f"--full-from {name}: its {key} is {ref['setup'].get(key)}, this run's {setup.get(key)}")
     fulls = [r["noise"] for r in ref["runs"] if r["k"] == setup["pool"]]
     if not fulls:
         raise SystemExit(f"--full-from {name}: it has no whole-pool run (--noise 0)")
@@ -372,7 +466,8 @@ def plot(curves: dict[str, list[list[dict]]], summary: dict, path: Path, setup: 
                label=f"all {setup['pool']} pool images")
     ax.axhline(summary["goal_quality_95pct"], color="grey", linestyle=":", label="95% of that")
     ax.set_xlabel("labelled images")
-    ax.set_ylabel("fg IoU, mean over modalities")
+    ax.set_ylabel("IoU of each image's breed, mean over breeds" if setup["data"] == "pets"
+                  else "fg IoU, mean over modalities")
     ax.set_title(f"{setup['data']}: {setup['iters_per_model']} iterations per model, "
                  f"{len(setup['seeds'])} seeds (mean ± sd)", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)

@@ -35,6 +35,24 @@ def embed(predictor, images: list[np.ndarray], batch_size: int = 32) -> np.ndarr
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+@torch.inference_mode()
+def code_histogram(predictor, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """(N, K) square roots of each image's VQ code histogram: the code predictor's softmax over the K label
+    codes, averaged over the latent cells the image covers (not the letterbox padding). What kinds of
+    label-map patches the model expects in an image, rather than what the image looks like; square roots
+    make Euclidean distances Hellinger ones (at most sqrt 2 apart)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x, sizes = predictor._prepare(images[i:i + batch_size])
+        _, query, _ = predictor._forward(x)
+        probs = torch.softmax(predictor._code_logits(query), dim=1)           # (B, K, h, w)
+        f = x.shape[-1] // probs.shape[-1]                                     # input px per latent cell
+        for b, (h, w) in enumerate(sizes):
+            cells = probs[b, :, :max(1, -(-h // f)), :max(1, -(-w // f))].flatten(1)   # (K, cells)
+            out.append(cells.mean(1).sqrt().cpu().numpy())
+    return np.stack(out) if out else np.zeros((0, 0), np.float32)
+
+
 def distance_to_set(emb: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Euclidean distance of every row of emb (N, D) to its nearest row of ref (M, D); 2 (the largest
     distance between unit vectors) when ref is empty."""

@@ -43,3 +43,9 @@ def test_embeddings_of_a_trained_model(tmp_path):
     assert emb.shape == (4, ref.shape[1]) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-3)
     d = acquisition.distance_to_set(emb, ref)
     assert d[:3].max() < 0.01 < d[3]                          # a training image is covered, a blank one is not
+    ref = acquisition.code_histogram(predictor, [s.image for s in data])
+    hist = acquisition.code_histogram(predictor, [s.image for s in data] + [np.zeros((64, 64, 3), np.uint8)])
+    assert hist.shape == (4, 16)                              # one row per image, one column per code
+    assert np.allclose((hist ** 2).sum(1), 1, atol=1e-4)      # square roots of histograms: unit rows
+    assert acquisition.distance_to_set(hist[:3], ref).max() < 1e-3   # the same images: covered
+    # (a 2-iteration model gives a blank image the nuclei's codes, so "a blank one is far" is not asserted)
