@@ -468,7 +468,10 @@ def plot(curves: dict[str, list[list[dict]]], summary: dict, path: Path, setup: 
     ax.set_xlabel("labelled images")
     ax.set_ylabel("IoU of each image's breed, mean over breeds" if setup["data"] == "pets"
                   else "fg IoU, mean over modalities")
-    ax.set_title(f"{setup['data']}: {setup['iters_per_model']} iterations per model, "
+    rare = setup.get("rare") or {}
+    rare = {rare: setup["rare_share"]} if isinstance(rare, str) else rare     # the first runs' form: --rare G --rare-share X
+    rare = ", rare " + ", ".join(f"{g} {x:.0%}" for g, x in rare.items()) if rare else ""
+    ax.set_title(f"{setup['data']}{rare}: {setup['iters_per_model']} iterations per model, "
                  f"{len(setup['seeds'])} seeds (mean ± sd)", fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
