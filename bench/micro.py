@@ -13,6 +13,7 @@ median and ratio to the first variant (bench/results/micro_net.json).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -114,6 +115,60 @@ def net_passes(specs: list[str], scales: list[float], reps: int) -> dict:
     return out
 
 
+_DECODE = """
+import json, sys, time
+import cv2, numpy as np
+cv2.setNumThreads(1)
+from tessera.backend.media import decode_image
+datas = [open(f, "rb").read() for f in sys.argv[2:]]
+for d in datas:
+    decode_image(d, 10 ** 9)
+ts = []
+for _ in range(int(sys.argv[1])):
+    t = time.process_time()
+    for d in datas:
+        decode_image(d, 10 ** 9)
+    ts.append((time.process_time() - t) / len(datas) * 1000)
+digest = __import__("hashlib").sha256(b"".join(decode_image(d, 10 ** 9)[0].tobytes() for d in datas)).hexdigest()
+print(json.dumps([float(np.median(ts)), digest]))
+"""
+
+
+def decode_grey(before: str, rounds: int) -> dict:
+    """CPU ms of backend.media.decode_image per 520x696 8-bit grey DSB 2018 frame (../shared/data), REV's code
+    and this tree's in separate processes, alternating (order swapped every round); the decoded bytes'
+    digest shows both give the same pixels."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from bench.common import dataset
+    from bench.speed_native import REPO, before_tree, package_root
+
+    files = [str(f) for f in sorted((dataset("dsb2018_native") / "images").glob("*.png"))
+             if Image.open(f).size == (696, 520) and Image.open(f).mode == "L"][:8]
+    work = Path(tempfile.mkdtemp(prefix="tessera-decode-"))
+    trees = {"before": package_root(before_tree(before, work / "before"), work / "pp-before"),
+             "after": package_root(REPO, work / "pp-after")}
+    runs: dict = {v: [] for v in trees}
+    try:
+        for r in range(rounds):
+            for v in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                out = subprocess.run([sys.executable, "-c", _DECODE, "3", *files], capture_output=True, text=True,
+                                     env={"PYTHONPATH": str(trees[v]), "OMP_NUM_THREADS": "1"}, check=True)
+                runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res = {v: {"cpu_ms_median": float(np.median([x[0] for x in rs])), "cpu_ms_all": [x[0] for x in rs],
+               "digests": sorted({x[1] for x in rs})} for v, rs in runs.items()}
+    res["ratio_after_to_before"] = res["after"]["cpu_ms_median"] / res["before"]["cpu_ms_median"]
+    res["same_pixels"] = res["after"]["digests"] == res["before"]["digests"]
+    res["frames"] = len(files)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -123,7 +178,16 @@ def main() -> None:
     ap.add_argument("--net-scale", type=float, nargs="+", default=[0.5, 1.0], help="--net: model px per image px")
     ap.add_argument("--reps", type=int, default=30, help="--net: passes per variant")
     ap.add_argument("--name", default="micro_net", help="--net: result file name")
+    ap.add_argument("--decode-before", default="", metavar="REV", help="instead: decode_image CPU of 8-bit grey "
+                    "520x696 DSB frames, REV's code vs this tree's")
+    ap.add_argument("--rounds", type=int, default=6, help="--decode-before: rounds of both revisions")
     args = ap.parse_args()
+    if args.decode_before:
+        res = decode_grey(args.decode_before, args.rounds)
+        print(json.dumps(res, indent=1))
+        write_result(args.name if args.name != "micro_net" else "micro_decode_grey",
+                     {"summary": res, "before_rev": args.decode_before, "load_average_1m": os.getloadavg()[0]})
+        return
     if args.net:
         import torch
 
