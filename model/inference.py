@@ -494,6 +494,9 @@ class Predictor:
         # a box head's outputs averaged with the mirror image's (boxhead.flip_average); off for a head never
         # shown mirror images in training
         self.box_flip = self.has_box_head and box_flip
+        # (M, D) image embeddings of the images this version learned from (model/acquisition.py), which
+        # rank tasks by what labelling them would add; None: the plain confidence ranks them
+        self.reference: np.ndarray | None = None
         if self.device.type == "cpu" and torch.get_num_threads() > (os.cpu_count() or 1):
             torch.set_num_threads(os.cpu_count() or 1)  # containers often report more threads than cores
         # predict()'s passes, traced per input shape once it recurs (model/traced.py: one GIL take per pass);
@@ -513,35 +516,41 @@ class Predictor:
         tc = ckpt.get("train_config") or {}
         scale = ckpt.get("scale")
         cut = resolve_cut(ckpt.get("region_cut"), precision_target, min_score)
-        return cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
-                   scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
-                   box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace,
-                   box_flip=bool(tc.get("flips", True)))
+        predictor = cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
+                        scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
+                        box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace,
+                        box_flip=bool(tc.get("flips", True)))
+        ref = ckpt.get("labelled_embeddings")            # absent in checkpoints from before stop 25
+        if isinstance(ref, torch.Tensor) and ref.ndim == 2 and len(ref):
+            predictor.reference = ref.float().numpy()
+        return predictor
 
     # --- batched network pass --------------------------------------------------------------------
 
-    def _geometry(self, h: int, w: int) -> tuple[int, int]:
+    def _geometry(self, h: int, w: int, letterbox: bool = False) -> tuple[int, int]:
         """The size an (h, w) image has at the model's input (before padding)."""
-        if self.scale is None:
+        if self.scale is None or letterbox:
             return fit_size(h, w, self.config.resolution)
         return scaled_size(h, w, self.scale)
 
-    def _pad_shape(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    def _pad_shape(self, sizes: list[tuple[int, int]], letterbox: bool = False) -> tuple[int, int]:
         """Input shape for a batch of scaled sizes: R x R when letterboxing, else the largest padded to x8."""
-        if self.scale is None:
+        if self.scale is None or letterbox:
             return self.config.resolution, self.config.resolution
         return ceil8(max(h for h, _ in sizes)), ceil8(max(w for _, w in sizes))
 
-    def _prepare(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _prepare(self, images: list[np.ndarray], letterbox: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """A batch at the model's input: each image at the model's scale (`letterbox`, or a model without
+        a scale: fitted into R x R), normalised, padded to one shape; and each image's size in it."""
         smalls, sizes = [], []
         for image in images:
             if image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=2)
-            nh, nw = self._geometry(*image.shape[:2])
+            nh, nw = self._geometry(*image.shape[:2], letterbox=letterbox)
             small = resize(image, nh, nw)
             smalls.append(normalize_image(small, image_stats(small, self.config.invert_bright)))
             sizes.append((nh, nw))
-        shape = self._pad_shape(sizes)
+        shape = self._pad_shape(sizes, letterbox=letterbox)
         x = torch.from_numpy(np.stack([pad_to(a, shape) for a in smalls]))
         x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
         return x.to(self.device), sizes

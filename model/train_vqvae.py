@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
+from . import acquisition, metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_args
 from .data import Sample
@@ -681,8 +681,9 @@ def _loop(run: Run) -> None:
             t0 = t1
 
 
-def _finish(run: Run, val, label_names, out: Path) -> Path:
-    """Best state, the region cut learned on `val`, metrics, and the checkpoint."""
+def _finish(run: Run, train, val, label_names, out: Path) -> Path:
+    """Best state, the region cut learned on `val`, metrics, the embeddings of the images it learned
+    from, and the checkpoint."""
     cfg, model, it = run.cfg, run.model, run.it
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
@@ -690,9 +691,11 @@ def _finish(run: Run, val, label_names, out: Path) -> Path:
     train_s = time.time() - run.t_start
     result = {"iter_num": run.iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": run.scale}
     region_cut = None
+    predictor = Predictor(model, label_names, device=str(run.device), edge_weight=cfg.boundary_weight,
+                          scale=run.scale, box_shrink=cfg.box_shrink)
+    # what the served version ranks tasks against (model/acquisition.py): the people-labelled images
+    labelled = acquisition.reference(predictor, [s.image for s in train + val if not s.synthetic])
     if val:
-        predictor = Predictor(model, label_names, device=str(run.device), edge_weight=cfg.boundary_weight,
-                              scale=run.scale, box_shrink=cfg.box_shrink)
         raws = raw_predictions(predictor, val)
         region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
         result.update(evaluate(predictor, val, raws=raws))
@@ -704,7 +707,8 @@ def _finish(run: Run, val, label_names, out: Path) -> Path:
                "model_config": asdict(model.config), "train_config": asdict(cfg), "iter_num": run.iter0 + it,
                "best_val_loss": min((h["val_loss"] for h in run.history), default=None),
                "label_names": list(label_names), "metrics": result, "scale": run.scale,
-               "history": run.history, "region_cut": region_cut}
+               "history": run.history, "region_cut": region_cut,
+               "labelled_embeddings": torch.from_numpy(labelled)}
     save_checkpoint(payload, path)
     if run.progress:
         run.progress({"phase": "done", "iter": it, "max_iters": cfg.max_iters, "loss": 0.0, "eta_s": 0.0})
@@ -714,7 +718,7 @@ def _finish(run: Run, val, label_names, out: Path) -> Path:
 def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
     run = _setup(cfg, train, val, label_names, init_from, progress)
     _loop(run)
-    return _finish(run, val, label_names, Path(out))
+    return _finish(run, train, val, label_names, Path(out))
 
 
 def _bf16_ok(device: torch.device) -> bool:

@@ -49,3 +49,31 @@ def test_embeddings_of_a_trained_model(tmp_path):
     assert np.allclose((hist ** 2).sum(1), 1, atol=1e-4)      # square roots of histograms: unit rows
     assert acquisition.distance_to_set(hist[:3], ref).max() < 1e-3   # the same images: covered
     # (a 2-iteration model gives a blank image the nuclei's codes, so "a blank one is far" is not asserted)
+
+
+def test_a_checkpoint_carries_the_embeddings_of_the_images_people_labelled(tmp_path):
+    torch.set_num_threads(1)
+    data = make_nuclei(4, size=64, seed=0)
+    fake = make_nuclei(1, size=64, seed=9)[0]
+    fake.synthetic = True
+    cfg = TrainConfig(max_iters=2, eval_interval=2, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
+                      codebook_size=16, embed_dim=8, batch_size=2)
+    path = train(cfg, data[:3] + [fake], data[3:], ["nucleus"], tmp_path / "m.pt")
+    ref = torch.load(path, weights_only=True)["labelled_embeddings"]
+    assert ref.dtype == torch.float16 and ref.shape[0] == 4      # 3 trained on + 1 held back; not the synthetic one
+    predictor = Predictor.from_checkpoint(path, device="cpu")
+    emb = acquisition.embed(predictor, [s.image for s in data + [fake]])
+    assert np.allclose(predictor.reference, emb[:4], atol=2e-3)
+    assert acquisition.novelty(emb[:4], predictor.reference).max() < 2e-3
+
+
+def test_the_reference_keeps_the_farthest_first_picks_above_its_cap(tmp_path):
+    torch.set_num_threads(1)
+    data = make_nuclei(3, size=64, seed=0)
+    cfg = TrainConfig(max_iters=2, eval_interval=2, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
+                      codebook_size=16, embed_dim=8, batch_size=2)
+    predictor = Predictor.from_checkpoint(train(cfg, data, [], ["nucleus"], tmp_path / "m.pt"), device="cpu")
+    images = [data[0].image, data[0].image, data[0].image, np.zeros((64, 64, 3), np.uint8)]
+    ref = acquisition.reference(predictor, images, cap=2)
+    assert ref.shape[0] == 2                                  # the duplicates are one pick, the blank image the other
+    assert acquisition.novelty(acquisition.embed(predictor, images), ref.astype(np.float32)).max() < 2e-3
