@@ -106,13 +106,17 @@ def _labels_fit(model_labels: list[str] | None, config: LabelConfig) -> bool:
 
 def _load_predictor(path: Path, device: str, settings: Settings | None = None) -> PredictorLike:
     """The version's predictor with its learned region cut, re-chosen for TESSERA_PRECISION_TARGET and
-    with TESSERA_MIN_REGION_SCORE replacing its score threshold when those are set."""
+    with TESSERA_MIN_REGION_SCORE replacing its score threshold when those are set; TESSERA_SORT=score
+    drops the labelled images' embeddings, so that task scores are the plain confidence."""
     from tessera.model.inference import Predictor     # imported late: torch start-up stays off the /health path
 
     if settings is None:
         return Predictor.from_checkpoint(path, device=device, trace=True)
-    return Predictor.from_checkpoint(path, device=device, precision_target=settings.precision_target,
-                                     min_score=settings.min_region_score, trace=True)
+    predictor = Predictor.from_checkpoint(path, device=device, precision_target=settings.precision_target,
+                                          min_score=settings.min_region_score, trace=True)
+    if settings.sort == "score":
+        predictor.reference = None
+    return predictor
 
 
 def label_mapping(control: Control, model_labels: list[str]) -> dict[int, str]:
@@ -206,6 +210,8 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
                 images = [f.result() for f in futures]
             with clock("inference"):
                 preds = _infer_chunk(images, served)
+            with clock("novelty"):
+                _add_novelty(images, preds, served)
             if encoding is not None:
                 with clock("wait_regions"):
                     results += encoding.result()
@@ -306,13 +312,53 @@ def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
     return preds
 
 
+class _Novel:
+    """A chunk image's prediction (or the function that finishes it) with its novelty in [0, 1]: how
+    unlike the images the served version learned from it is (model/acquisition.py)."""
+
+    def __init__(self, pred: Any, novelty: float):
+        self.pred, self.novelty = pred, novelty
+
+
+def _add_novelty(loaded: list, preds: dict[int, Any], served: Served) -> None:
+    """Wrap each prediction of a chunk with its image's novelty, when the served version carries the
+    embeddings of its labelled images (and TESSERA_SORT is not `score`): one R x R encoder pass per image,
+    ~2% of a 520x696 task's time. A failure here leaves the plain scores; it never fails a task."""
+    ref = getattr(served.predictor, "reference", None)
+    if ref is None or not preds:
+        return
+    from tessera.model import acquisition
+
+    idx = sorted(preds)
+    try:
+        images = [loaded[j][0] if isinstance(loaded[j], tuple) else loaded[j] for j in idx]
+        novel = acquisition.novelty(acquisition.embed(served.predictor, images), ref)
+    except Exception:
+        logger.exception("novelty of %d images failed: their tasks get the plain confidence", len(idx))
+        return
+    for j, v in zip(idx, novel):
+        preds[j] = _Novel(preds[j], float(v))
+
+
+def ranked_score(confidence: float, novelty: float | None) -> float:
+    """A task image's prediction score: 1 - priority, priority = (1 - confidence) x novelty
+    (model/acquisition.py `priority`), so that the lowest scores are the tasks worth labelling next:
+    uncertain AND unlike what the version learned from. Never below the confidence; the confidence
+    itself when the version has no embeddings or TESSERA_SORT=score."""
+    if novelty is None:
+        return confidence
+    return 1.0 - (1.0 - confidence) * novelty
+
+
 def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, Any], config: LabelConfig,
                   served: Served) -> list[dict]:
     """The LS items of a chunk's tasks from its images' predictions (a bad task gets an empty item)."""
     images = [x[0] if isinstance(x, tuple) else x for x in loaded]
     sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     labels = served.predictor.label_names
+    novelty = {j: p.novelty for j, p in preds.items() if isinstance(p, _Novel)}
     for j, p in list(preds.items()):
+        p = preds[j] = p.pred if isinstance(p, _Novel) else p
         if callable(p):
             try:
                 preds[j] = p()
@@ -328,8 +374,8 @@ def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, 
             results.append(_empty(served.version))
             continue
         try:
-            results.append(_task_item(task, [(jobs[j][1], images[j], sizes[j], preds[j]) for j in idx],
-                                      config, served, labels))
+            results.append(_task_item(task, [(jobs[j][1], images[j], sizes[j], preds[j], novelty.get(j))
+                                             for j in idx], config, served, labels))
         except Exception:               # a malformed task or annotation never fails the batch
             logger.exception("task %s: building its prediction failed", _task_id(task))
             results.append(_empty(served.version))
@@ -355,10 +401,11 @@ def task_image(task: Any, img: ImageObject, media: MediaResolver, working: bool 
 
 
 def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, labels: list[str]) -> dict:
-    """One task's prediction item from its images' (image tag, working image, original size, Prediction)."""
+    """One task's prediction item from its images' (image tag, working image, original size, Prediction,
+    novelty or None). Its score is the lowest of its images' (ranked_score)."""
     regions, scores, mislabel = [], [], []
     ann = latest_annotation(task) if isinstance(task, dict) else None
-    for img, image, size, pred in per_image:
+    for img, image, size, pred, novelty in per_image:
         if ann is not None:
             try:
                 pred, m = _review(served.predictor, image, ann, config, img.name, size)
@@ -366,7 +413,7 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
                 logger.info("task %s: annotation not checked, it is malformed: %s", _task_id(task), e)
         regions += _regions_at_size(pred, config, img.name, labels, size)
-        scores.append(float(pred.score))
+        scores.append(ranked_score(float(pred.score), novelty))
     item = {"result": regions, "score": round(min(scores), 4) if scores else 0.0, "model_version": served.version}
     if mislabel:
         item["mislabeling"] = round(max(mislabel), 4)

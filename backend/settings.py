@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     precision_target: float = env("TESSERA_PRECISION_TARGET", 0.0, "> 0 (e.g. 0.9): the learned region cut keeps "
                                   "the most regions that still reach this precision on the held-back tasks; 0 = "
                                   "the cut with the best F1.", ge=0.0, le=1.0)
+    sort: Literal["priority", "score"] = env(
+        "TESSERA_SORT", "priority", "What a task's prediction score ranks by: `priority` (1 - uncertainty x "
+        "how unlike the version's labelled images the task is: the lowest first are the tasks worth labelling "
+        "next) or `score` (the model's confidence alone).")
     # the Label Studio that tests and `tessera demo` start, and the demo's size
     ls_venv: Path | None = env("TESSERA_LS_VENV", None, "Virtualenv with label-studio 1.23.2 that `tessera demo` "
                                "and the tests start (default .venv-ls in the repository).")

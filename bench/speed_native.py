@@ -199,7 +199,7 @@ def _finish_variant(ckpt: Path, tree: Path | None):
         laps = Laps()
         p = finish()
         laps.lap("finish")
-        item = preds._task_item({"id": i}, [(config.images[0], image, None, p)], config, served, pred.label_names)
+        item = preds._task_item({"id": i}, [(config.images[0], image, None, p, None)], config, served, pred.label_names)
         laps.lap("regions")
         text = preds._as_json([item], True)[0]
         laps.lap("json")

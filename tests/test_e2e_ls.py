@@ -65,7 +65,7 @@ def test_connect_predict_annotate_train_versions(ls_server, ls_api, tessera, tmp
     scores = {tid: predictions(ls_api, tid)[0]["score"] for tid in task_ids}
     listed = dm_sorted_by_score(ls_api, pid)
     assert all(t["predictions_score"] is not None for t in listed), listed
-    assert listed[0]["id"] == min(scores, key=scores.get), (listed, scores)
+    assert scores[listed[0]["id"]] == min(scores.values()), (listed, scores)
     assert [round(t["predictions_score"], 4) for t in listed] == sorted(round(v, 4) for v in scores.values())
 
     # an annotation reaches the backend as ANNOTATION_CREATED and is handed to the runner
