@@ -169,6 +169,44 @@ def decode_grey(before: str, rounds: int) -> dict:
     return res
 
 
+def novelty_cost(reps: int) -> dict:
+    """CPU ms per 520x696 8-bit grey DSB 2018 frame (../shared/data) of /predict's task-ranking work (the
+    image's embedding, model.acquisition.embed, and its distance to a 2,048-row reference) beside the
+    prediction itself (Predictor.predict: network pass, upsampling, instance split), in chunks of 8 as
+    /predict runs them, on one thread, alternating; default model config at scale 0.5 (DSB native's), traced."""
+    import torch
+    from PIL import Image
+
+    from bench.common import dataset
+    from tessera.model import acquisition
+    from tessera.model.inference import Predictor
+    from tessera.model.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    files = [f for f in sorted((dataset("dsb2018_native") / "images").glob("*.png"))
+             if Image.open(f).size == (696, 520) and Image.open(f).mode == "L"][:8]
+    images = [np.repeat(np.asarray(Image.open(f))[..., None], 3, axis=2) for f in files]
+    p = Predictor(VQVAE(VQVAEConfig()), ["Nucleus"], device="cpu", scale=0.5, trace=True)
+    dim = acquisition.embed(p, images[:1]).shape[1]
+    ref = np.random.default_rng(0).standard_normal((2048, dim)).astype(np.float32)      # a full reference
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    steps = {"predict": lambda: p.predict(images),
+             "novelty": lambda: acquisition.novelty(acquisition.embed(p, images), ref)}
+    for f in steps.values():                         # traces and warms
+        for _ in range(3):
+            f()
+    cpu: dict = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, f in steps.items():
+            t0 = time.process_time()
+            f()
+            cpu[k].append((time.process_time() - t0) / len(images) * 1000)
+    res = {k: {"cpu_ms_median": float(np.median(v)), "cpu_ms_min": float(min(v))} for k, v in cpu.items()}
+    res["ratio_novelty_to_predict"] = res["novelty"]["cpu_ms_median"] / res["predict"]["cpu_ms_median"]
+    res["frames"], res["reference_rows"] = len(images), len(ref)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -180,6 +218,8 @@ def main() -> None:
     ap.add_argument("--name", default="micro_net", help="--net: result file name")
     ap.add_argument("--decode-before", default="", metavar="REV", help="instead: decode_image CPU of 8-bit grey "
                     "520x696 DSB frames, REV's code vs this tree's")
+    ap.add_argument("--novelty", action="store_true", help="instead: CPU of /predict's task ranking (embedding + "
+                    "distance to the labelled images) beside the prediction, per 520x696 grey DSB frame")
     ap.add_argument("--rounds", type=int, default=6, help="--decode-before: rounds of both revisions")
     args = ap.parse_args()
     if args.decode_before:
@@ -187,6 +227,15 @@ def main() -> None:
         print(json.dumps(res, indent=1))
         write_result(args.name if args.name != "micro_net" else "micro_decode_grey",
                      {"summary": res, "before_rev": args.decode_before, "load_average_1m": os.getloadavg()[0]})
+        return
+    if args.novelty:
+        import torch
+
+        torch.set_num_threads(1)
+        res = novelty_cost(args.reps)
+        print(json.dumps(res, indent=1))
+        write_result("micro_novelty", {"summary": res, "threads": 1, "reps": args.reps,
+                                       "load_average_1m": os.getloadavg()[0]})
         return
     if args.net:
         import torch
