@@ -211,12 +211,12 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             with clock("inference"):
                 preds = _infer_chunk(images, served)
             with clock("novelty"):
-                _add_novelty(images, preds, served)
+                novelty = _novelty(images, preds, served)
             if encoding is not None:
                 with clock("wait_regions"):
                     results += encoding.result()
             encoding = encoder.submit(_timed_encode, clock, as_json, tasks[start:start + bs], jobs, images, preds,
-                                      config, served)
+                                      novelty, config, served)
         if encoding is not None:
             with clock("wait_regions"):
                 results += encoding.result()
@@ -312,32 +312,23 @@ def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
     return preds
 
 
-class _Novel:
-    """A chunk image's prediction (or the function that finishes it) with its novelty in [0, 1]: how
-    unlike the images the served version learned from it is (model/acquisition.py)."""
-
-    def __init__(self, pred: Any, novelty: float):
-        self.pred, self.novelty = pred, novelty
-
-
-def _add_novelty(loaded: list, preds: dict[int, Any], served: Served) -> None:
-    """Wrap each prediction of a chunk with its image's novelty, when the served version carries the
-    embeddings of its labelled images (and TESSERA_SORT is not `score`): one R x R encoder pass per image,
-    ~2% of a 520x696 task's time. A failure here leaves the plain scores; it never fails a task."""
+def _novelty(loaded: list, preds: dict[int, Any], served: Served) -> dict[int, float]:
+    """{index in the chunk: novelty in [0, 1]} of each predicted image, how unlike the images the served
+    version learned from it is (model/acquisition.py), when the version carries their embeddings (and
+    TESSERA_SORT is not `score`): one R x R encoder pass per image, ~5 ms of a 520x696 task's ~70
+    (bench.micro --novelty). A failure here leaves the plain scores; it never fails a task."""
     ref = getattr(served.predictor, "reference", None)
     if ref is None or not preds:
-        return
+        return {}
     from tessera.model import acquisition
 
     idx = sorted(preds)
     try:
         images = [loaded[j][0] if isinstance(loaded[j], tuple) else loaded[j] for j in idx]
-        novel = acquisition.novelty(acquisition.embed(served.predictor, images), ref)
+        return dict(zip(idx, map(float, acquisition.novelty(acquisition.embed(served.predictor, images), ref))))
     except Exception:
         logger.exception("novelty of %d images failed: their tasks get the plain confidence", len(idx))
-        return
-    for j, v in zip(idx, novel):
-        preds[j] = _Novel(preds[j], float(v))
+        return {}
 
 
 def ranked_score(confidence: float, novelty: float | None) -> float:
@@ -350,15 +341,14 @@ def ranked_score(confidence: float, novelty: float | None) -> float:
     return 1.0 - (1.0 - confidence) * novelty
 
 
-def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, Any], config: LabelConfig,
-                  served: Served) -> list[dict]:
-    """The LS items of a chunk's tasks from its images' predictions (a bad task gets an empty item)."""
+def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, Any], novelty: dict[int, float],
+                  config: LabelConfig, served: Served) -> list[dict]:
+    """The LS items of a chunk's tasks from its images' predictions and novelties (a bad task gets an
+    empty item)."""
     images = [x[0] if isinstance(x, tuple) else x for x in loaded]
     sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     labels = served.predictor.label_names
-    novelty = {j: p.novelty for j, p in preds.items() if isinstance(p, _Novel)}
     for j, p in list(preds.items()):
-        p = preds[j] = p.pred if isinstance(p, _Novel) else p
         if callable(p):
             try:
                 preds[j] = p()
