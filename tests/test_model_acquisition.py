@@ -32,12 +32,17 @@ def test_priority_needs_uncertainty_and_novelty():
     assert prio[1] > prio[0] and prio[1] > prio[2] and np.all((0 <= prio) & (prio <= 1))
 
 
-def test_embeddings_of_a_trained_model(tmp_path):
+def _tiny(train_set, val, path):
+    """A 2-iteration label model (its features are what the tests compare, not its quality)."""
     torch.set_num_threads(1)
-    data = make_nuclei(3, size=64, seed=0)
     cfg = TrainConfig(max_iters=2, eval_interval=2, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
                       codebook_size=16, embed_dim=8, batch_size=2)
-    predictor = Predictor.from_checkpoint(train(cfg, data, [], ["nucleus"], tmp_path / "m.pt"), device="cpu")
+    return train(cfg, train_set, val, ["nucleus"], path)
+
+
+def test_embeddings_of_a_trained_model(tmp_path):
+    data = make_nuclei(3, size=64, seed=0)
+    predictor = Predictor.from_checkpoint(_tiny(data, [], tmp_path / "m.pt"), device="cpu")
     ref = acquisition.embed(predictor, [s.image for s in data])
     emb = acquisition.embed(predictor, [s.image for s in data] + [np.zeros((64, 64, 3), np.uint8)])
     assert emb.shape == (4, ref.shape[1]) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-3)
@@ -52,13 +57,10 @@ def test_embeddings_of_a_trained_model(tmp_path):
 
 
 def test_a_checkpoint_carries_the_embeddings_of_the_images_people_labelled(tmp_path):
-    torch.set_num_threads(1)
     data = make_nuclei(4, size=64, seed=0)
     fake = make_nuclei(1, size=64, seed=9)[0]
     fake.synthetic = True
-    cfg = TrainConfig(max_iters=2, eval_interval=2, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
-                      codebook_size=16, embed_dim=8, batch_size=2)
-    path = train(cfg, data[:3] + [fake], data[3:], ["nucleus"], tmp_path / "m.pt")
+    path = _tiny(data[:3] + [fake], data[3:], tmp_path / "m.pt")
     ref = torch.load(path, weights_only=True)["labelled_embeddings"]
     assert ref.dtype == torch.float16 and ref.shape[0] == 4      # 3 trained on + 1 held back; not the synthetic one
     predictor = Predictor.from_checkpoint(path, device="cpu")
@@ -68,11 +70,8 @@ def test_a_checkpoint_carries_the_embeddings_of_the_images_people_labelled(tmp_p
 
 
 def test_the_reference_keeps_the_farthest_first_picks_above_its_cap(tmp_path):
-    torch.set_num_threads(1)
     data = make_nuclei(3, size=64, seed=0)
-    cfg = TrainConfig(max_iters=2, eval_interval=2, device="cpu", resolution=32, crop=32, widths=(8, 8, 16, 16),
-                      codebook_size=16, embed_dim=8, batch_size=2)
-    predictor = Predictor.from_checkpoint(train(cfg, data, [], ["nucleus"], tmp_path / "m.pt"), device="cpu")
+    predictor = Predictor.from_checkpoint(_tiny(data, [], tmp_path / "m.pt"), device="cpu")
     images = [data[0].image, data[0].image, data[0].image, np.zeros((64, 64, 3), np.uint8)]
     ref = acquisition.reference(predictor, images, cap=2)
     assert ref.shape[0] == 2                                  # the duplicates are one pick, the blank image the other
