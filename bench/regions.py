@@ -106,7 +106,10 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         with _curve(points, val, names) if curve else _nothing():
             ckpt = train_vqvae(cfg, fit, held, names, work / ckpt_name)
     wall = time.time() - t0
-    done_iters = int(load_checkpoint(ckpt, "vqvae")["iter_num"])
+    payload = load_checkpoint(ckpt, "vqvae")
+    done_iters = int(payload["iter_num"])
+    held_history = [{"iter": h["iter"], **{k: round(float(h[k]), 4) for k in ("val_iou_r", "val_box_ap50") if k in h}}
+                    for h in payload.get("history") or []]      # the held-back evaluations: what the run kept
     pred = Predictor.from_checkpoint(ckpt, device="cpu")
     if box_flip is not None:      # the stored cut was learned with the run's own setting: learn it again
         pred.box_flip = pred.has_box_head and box_flip
@@ -130,6 +133,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
            "no_cut": {k: before[k] for k in keys if k in ("precision", "recall", "f1", "regions_per_image")}}
+    row["held_back_history"] = held_history
     row["recall_by_size"] = recall_by_size(raws, learned, val)
     if curve:
         row["curve"] = points
