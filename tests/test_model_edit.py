@@ -90,3 +90,53 @@ def test_colour_objects_keep_their_pixels():
         colour = (200, 120, 40) if cls == 1 else (40, 160, 220)
         pasted = e.sample.instances == e.sample.instances.max()
         assert (e.sample.image[pasted] == colour).all(axis=1).mean() > 0.9
+
+
+def _edit_testing_grey_at_every_paste(editor: Editor, n: int, seed: int, naive: bool = False) -> list:
+    """Editor.edit as it was before it told paste whether the image is grey: paste tested the whole image
+    before every object (grey=None). naive: paste told the background's greyness, never updated."""
+    from tessera.model.data import relabel
+    from tessera.model.edit import is_grey, paste
+    from tessera.model.layouts import ensure_instances
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, editor.max_objects + 1))
+        picks = [int(rng.choice(editor.n_labels, p=editor.weights)) + 1 for _ in range(k)]
+        bg = editor.samples[int(rng.integers(len(editor.samples)))]
+        image = np.ascontiguousarray(bg.image).copy()
+        classes = bg.classes.astype(np.int32).copy()
+        instances = ensure_instances(bg.classes, bg.instances).astype(np.int32).copy()
+        grey = is_grey(image)
+        for c in picks:
+            cut = editor._pick(c, grey, rng)
+            paste(image, classes, instances, cut, rng, editor.scale_jitter, editor.feather, editor.fit,
+                  grey if naive else None)
+        instances = relabel(instances)
+        out.append((image, np.where(instances > 0, classes, 0), instances))
+    return out
+
+
+def _tinted(s: Sample, tint: int) -> Sample:
+    """A grey frame whose channels differ by `tint` (<= 10: still grey for is_grey)."""
+    image = s.image.astype(np.int16)
+    image[..., 2] += tint
+    return Sample(image.clip(0, 255).astype(np.uint8), s.classes, s.instances, id=s.id + f"_t{tint}")
+
+
+def test_edits_are_the_same_as_when_paste_tested_the_whole_image_for_grey():
+    # grey frames of different exposures (the gain of _matched up to 4x), frames whose channels differ by up to
+    # 10 (grey, but a gain can push a pasted object past that), and colour photos of a class with no grey object
+    # (pasted into grey frames: the frame is colour after it, and a later grey object is not matched)
+    frames = [_frame(30, 0), _frame(140, 1), _tinted(_frame(60, 2), 8), _tinted(_frame(200, 3), 10)]
+    photos = [_photo(2, 4), _photo(2, 5)]
+    editor = Editor(frames + photos, n_labels=2, max_objects=4)
+    ref = _edit_testing_grey_at_every_paste(editor, 60, seed=7)
+    got = editor.edit(60, seed=7)
+    for (image, classes, instances), e in zip(ref, got):
+        assert (e.sample.image == image).all()
+        assert (e.sample.classes == classes).all() and (e.sample.instances == instances).all()
+    # the case that needs the update after each paste is there: told the background's greyness only,
+    # some edit comes out different
+    naive = _edit_testing_grey_at_every_paste(editor, 60, seed=7, naive=True)
+    assert any((a[0] != b[0]).any() for a, b in zip(ref, naive))
