@@ -540,8 +540,8 @@ class Predictor:
         return ceil8(max(h for h, _ in sizes)), ceil8(max(w for _, w in sizes))
 
     def _prepare(self, images: list[np.ndarray], letterbox: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """A batch at the model's input: each image at the model's scale (`letterbox`, or a model without
-        a scale: fitted into R x R), normalised, padded to one shape; and each image's size in it."""
+        """A batch at the model's input: each image at the model's scale, or fitted into R x R (`letterbox`,
+        or a model without a scale), normalised and padded to one shape; and each image's size in it."""
         smalls, sizes = [], []
         for image in images:
             if image.ndim == 2:
