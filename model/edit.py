@@ -118,25 +118,16 @@ def _matched(obj: np.ndarray, mask: np.ndarray, image: np.ndarray, instances: np
 
 
 def paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cutout, rng: np.random.Generator,
-          scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0, fit: float = 1.0,
-          grey: bool | None = None) -> bool:
+          scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0, fit: float = 1.0) -> bool:
     """Paste `cut` into (image, classes, instances), in place, at the scene's object scale, flipped at random.
     fit < 1: where the object overlaps every object of the scene at that scale (a photo filled by one animal),
     it is shrunk in steps of 0.8 down to `fit` x that scale until it finds a free place, so that it stands
     beside the scene's objects instead of covering them (their labels and pixel share stay); it covers them
     only when no scale down to `fit` finds room.
-    A grey object pasted into a grey image takes the exposure of the scene's objects (_matched); `grey` says
-    whether `image` is grey as it is now (is_grey), None: tested here (a pass over the whole image).
+    A grey object pasted into a grey image takes the exposure of the scene's objects (_matched).
     The label is the object's mask exactly. The image takes the object's pixels with alpha = 2 x (mask blurred by
     `feather` px), clipped to [0, 1] and zero outside the mask: straight edges stay hard, thin parts (tails,
     ears, whiskers) blend with the background, and no pixel outside the label changes."""
-    return _paste(image, classes, instances, cut, rng, scale_jitter, feather, fit, grey) is not None
-
-
-def _paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cutout, rng: np.random.Generator,
-           scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0, fit: float = 1.0,
-           grey: bool | None = None) -> tuple[int, int, int, int] | None:
-    """paste(), returning the box (y, x, h, w) it changed, None where the object does not fit."""
     H, W = classes.shape
     s0 = _scale_for(cut, instances, rng, scale_jitter)
     flip = bool(rng.random() < 0.5)
@@ -151,10 +142,10 @@ def _paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: C
     if at is None:
         obj, mask = _resized(cut, s0, flip)
         if mask.shape[0] > H or mask.shape[1] > W or not mask.any():
-            return None
+            return False
         at = _place(free, mask, rng)
     (y, x), (h, w) = at, mask.shape
-    if cut.grey and (is_grey(image) if grey is None else grey):
+    if cut.grey and is_grey(image):
         obj = _matched(obj, mask, image, instances)
     alpha = mask.astype(np.float32)
     if feather > 0:  # blur, then zero outside the mask so that no label-less pixel changes
@@ -166,7 +157,7 @@ def _paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: C
     image[y:y + h, x:x + w] = (alpha * obj + (1 - alpha) * region + 0.5).clip(0, 255).astype(np.uint8)
     instances[y:y + h, x:x + w][mask] = int(instances.max()) + 1
     classes[y:y + h, x:x + w][mask] = cut.label
-    return (y, x, h, w)
+    return True
 
 
 def label_weights(bank: list[Cutout], n_labels: int) -> np.ndarray:
@@ -238,20 +229,14 @@ class Editor:
             image = np.ascontiguousarray(bg.image).copy()
             classes = bg.classes.astype(np.int32).copy()
             instances = ensure_instances(bg.classes, bg.instances).astype(np.int32).copy()
-            grey = is_grey(image)   # the background's: the colour mode of the objects picked for it
-            now = grey              # is_grey(image) as pasting changes it; None: unknown (paste tests it)
+            grey = is_grey(image)
             objects, labels = [], []
             for c in picks:
                 c = self._balanced(totals, classes, rng) if c is None else c
                 cut = self._pick(c, grey, rng)
-                box = _paste(image, classes, instances, cut, rng, self.scale_jitter, self.feather, self.fit, now)
-                if box is not None:
+                if paste(image, classes, instances, cut, rng, self.scale_jitter, self.feather, self.fit):
                     objects.append(cut.source)
                     labels.append(c)
-                    # a grey image changed only in `box` is still grey when the box is; a colour object can
-                    # make it colour, and a colour image can turn grey only if every colour pixel was covered
-                    y, x, h, w = box
-                    now = True if now and is_grey(image[y:y + h, x:x + w]) else None
             instances = relabel(instances)  # covered objects vanish; their visible fragments keep their label
             classes = np.where(instances > 0, classes, 0).astype(np.int32)
             if totals is not None:
