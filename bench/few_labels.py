@@ -13,8 +13,6 @@ with EQUAL label-model iterations and TrainConfig's default augmentation (the pr
               most confident on (its task score), with its regions after the learned cut, join the labelled
               images (repeated to about half of each batch; model.self_train)
   edited      + --n-edited edited images (model.edit.Editor over the labelled images), mixed the same way
-  edited_unmatched  the same edits without the exposure match of pasted grey objects (model.edit._matched as
-              the identity: the edits before stop 24), to tell what the match does
   both        + pseudo-labels + edited images
   oracle      the labelled images + the whole pool WITH its true labels (each image once): what a perfect
               teacher would give, the bound of any self-training at this budget
@@ -58,7 +56,7 @@ VARIANTS = {
     "st_all": (1.0, 0.0, False, 0.5, "real_only"),          # every pool image
     "st_round2": (None, 0.0, False, 0.5, "self_train"),     # a second round: the self_train student teaches
 }
-ARMS = ("real_only", *VARIANTS, "edited", "edited_unmatched", "both", "oracle")
+ARMS = ("real_only", *VARIANTS, "edited", "both", "oracle")
 KEYS = ("fg_iou", "recall", "precision", "instance_f1")
 
 
@@ -126,16 +124,9 @@ def arm_set(arm: str, labelled: list[Sample], pool: list[Sample], names: list[st
                 "inpaint": inpaint, "labelled_share": lab_share, "teacher": teacher}
     elif arm == "oracle":       # the bound of any pseudo-label: every pool image with its true labels
         lab_share, extra = len(labelled) / (len(labelled) + len(pool)), pool
-    elif arm in ("edited", "edited_unmatched", "both"):
-        import tessera.model.edit as edit
-        matched = edit._matched
-        if arm == "edited_unmatched":
-            edit._matched = lambda obj, mask, image, instances: obj
-        try:
-            extra = [e.sample for e in Editor(labelled, len(names), max_objects=args.max_objects)
-                     .edit(args.n_edited, seed=100 + int(row["seed"]))]
-        finally:
-            edit._matched = matched
+    elif arm in ("edited", "both"):
+        extra = [e.sample for e in Editor(labelled, len(names), max_objects=args.max_objects)
+                 .edit(args.n_edited, seed=100 + int(row["seed"]))]
         if arm == "both":
             extra += pseudo_label(None, [s.image for s in pool], [s.id for s in pool], keep_share=args.keep_share,
                                   preds=teacher_preds("real_only", ckpts, pool, preds, row))

@@ -101,22 +101,6 @@ def _resized(cut: Cutout, s: float, flip: bool) -> tuple[np.ndarray, np.ndarray]
     return (obj[:, ::-1], mask[:, ::-1]) if flip else (obj, mask)
 
 
-def _matched(obj: np.ndarray, mask: np.ndarray, image: np.ndarray, instances: np.ndarray) -> np.ndarray:
-    """A grey object's pixels scaled so that their median is the median of the scene's own objects (as
-    _scale_for matches its size). Even after the per-image stretch, the objects of two grey DSB 2018 frames
-    differ in median intensity by 1.4x (median pair), 2.4x (90th percentile), 6.3x (99th), and a nucleus
-    from a bright frame pasted into a dim one is a flat white blob a reviewer spots at once. The gain stays
-    within 1/4..4, so that a scene of odd objects cannot wash the object out; a scene with no object leaves
-    it as it is. Colour photos (H&E, pets) are pasted as they are."""
-    scene = image[instances > 0]
-    if not len(scene):
-        return obj
-    ref = float(np.median(scene.mean(axis=-1)))
-    own = float(np.median(obj[mask].mean(axis=-1)))
-    gain = float(np.clip(ref / max(own, 1.0), 0.25, 4.0))
-    return (obj.astype(np.float32) * gain).clip(0, 255).astype(np.uint8)
-
-
 def paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cutout, rng: np.random.Generator,
           scale_jitter: tuple[float, float] = (0.7, 1.2), feather: float = 1.0, fit: float = 1.0) -> bool:
     """Paste `cut` into (image, classes, instances), in place, at the scene's object scale, flipped at random.
@@ -124,7 +108,8 @@ def paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cu
     it is shrunk in steps of 0.8 down to `fit` x that scale until it finds a free place, so that it stands
     beside the scene's objects instead of covering them (their labels and pixel share stay); it covers them
     only when no scale down to `fit` finds room.
-    A grey object pasted into a grey image takes the exposure of the scene's objects (_matched).
+    The object keeps its own pixels: scaling a grey object to the exposure of the scene's objects (stop 24)
+    made edited images easier, not harder, to tell from real ones (bench/HISTORY.md, stop 25).
     The label is the object's mask exactly. The image takes the object's pixels with alpha = 2 x (mask blurred by
     `feather` px), clipped to [0, 1] and zero outside the mask: straight edges stay hard, thin parts (tails,
     ears, whiskers) blend with the background, and no pixel outside the label changes."""
@@ -145,8 +130,6 @@ def paste(image: np.ndarray, classes: np.ndarray, instances: np.ndarray, cut: Cu
             return False
         at = _place(free, mask, rng)
     (y, x), (h, w) = at, mask.shape
-    if cut.grey and is_grey(image):
-        obj = _matched(obj, mask, image, instances)
     alpha = mask.astype(np.float32)
     if feather > 0:  # blur, then zero outside the mask so that no label-less pixel changes
         alpha = cv2.GaussianBlur(alpha, (0, 0), feather) * mask

@@ -71,7 +71,9 @@ def _frame(brightness: int, seed: int, size: int = 96) -> Sample:
     return Sample(rgb, (instances > 0).astype(np.int32), instances, id=f"frame{brightness}_{seed}")
 
 
-def test_a_grey_object_takes_the_exposure_of_the_frame_it_is_pasted_into():
+def test_a_grey_object_keeps_its_own_pixels_in_a_frame_of_another_exposure():
+    # stop 24 scaled it to the frame's exposure; stop 25 measured that as easier to tell from real frames
+    # (realism classifier 58.2 vs 55.2%, 3 of 3 seeds) and no better for training, and took it out
     dim, bright = _frame(40, 0), _frame(140, 1)
     editor = Editor([dim, bright], n_labels=1, max_objects=1, feather=0)
     edits = [e for e in editor.edit(40, seed=3) if e.background == dim.id and e.objects == [bright.id]]
@@ -79,7 +81,7 @@ def test_a_grey_object_takes_the_exposure_of_the_frame_it_is_pasted_into():
     for e in edits:
         pasted = e.sample.instances > 3                  # the frame's own objects are 1..3 (relabel keeps order)
         assert pasted.any()
-        assert abs(float(np.median(e.sample.image[pasted][:, 0])) - 40) <= 6   # not 140: the frame's exposure
+        assert abs(float(np.median(e.sample.image[pasted][:, 0])) - 140) <= 6   # its own frame's exposure
 
 
 def test_colour_objects_keep_their_pixels():
