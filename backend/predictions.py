@@ -295,11 +295,16 @@ def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfi
     return jobs, [pool.submit(load, job) for job in jobs]
 
 
+def _pixels(loaded: list) -> list:
+    """The arrays (or MediaErrors) of a chunk's loaded images, without their original sizes."""
+    return [x[0] if isinstance(x, tuple) else x for x in loaded]
+
+
 def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
     """Predictions of a chunk's loaded images ({index in the chunk: Prediction, or with a Predictor's
     predict_parts the function that finishes it, so that a failure there fails its task alone}); a model
     failure on one chunk leaves it empty and fails no other chunk."""
-    images = [x[0] if isinstance(x, tuple) else x for x in loaded]
+    images = _pixels(loaded)
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
     parts = getattr(served.predictor, "predict_parts", None)   # the network now, the rest in _encode_chunk
@@ -324,8 +329,9 @@ def _novelty(loaded: list, preds: dict[int, Any], served: Served) -> dict[int, f
 
     idx = sorted(preds)
     try:
-        images = [loaded[j][0] if isinstance(loaded[j], tuple) else loaded[j] for j in idx]
-        return dict(zip(idx, map(float, acquisition.novelty(acquisition.embed(served.predictor, images), ref))))
+        images = _pixels(loaded)
+        emb = acquisition.embed(served.predictor, [images[j] for j in idx])
+        return dict(zip(idx, map(float, acquisition.novelty(emb, ref))))
     except Exception:
         logger.exception("novelty of %d images failed: their tasks get the plain confidence", len(idx))
         return {}
@@ -345,7 +351,7 @@ def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, 
                   config: LabelConfig, served: Served) -> list[dict]:
     """The LS items of a chunk's tasks from its images' predictions and novelties (a bad task gets an
     empty item)."""
-    images = [x[0] if isinstance(x, tuple) else x for x in loaded]
+    images = _pixels(loaded)
     sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     labels = served.predictor.label_names
     for j, p in list(preds.items()):
