@@ -34,6 +34,18 @@ def test_decoded_boxes_follow_the_stride_and_classes_do_not_suppress_each_other(
         assert np.abs(out[:, :4] - same_centre[:, :4]).max() < 1e-4
 
 
+def test_a_dense_image_keeps_every_box():
+    # 22 x 22 objects 6 px wide, 10 px apart (a dense microscopy frame): more than the 300 boxes a fixed cap
+    # kept, fewer than one per BOX_CAP_CELLS cells
+    corners = np.arange(22, dtype=float) * 10 + 2
+    boxes = np.array([[x, y, x + 6, y + 6, 1] for y in corners for x in corners])
+    out = _round_trip(boxes, n_classes=1, shape=(110, 110), stride=2)
+    assert len(out) == len(boxes) == 484
+    assert len(metrics.greedy_match(metrics.box_iou(out[:, :4], boxes[:, :4]), 0.99)) == 484
+    t = encode_boxes([boxes], 1, (110, 110), 2)
+    assert len(decode_boxes(t["heat"], t["size"], t["offset"], 2, max_boxes=100, min_score=0.5)[0]) == 100
+
+
 def test_empty_image_has_no_targets_and_no_boxes():
     t = encode_boxes([np.zeros((0, 5))], 1, (8, 8), 2)
     assert float(t["heat"].sum()) == 0 and float(t["mask"].sum()) == 0
