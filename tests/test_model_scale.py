@@ -94,6 +94,38 @@ def test_equal_tiles_cover_the_image_with_the_overlap():
     assert _starts(1232, 512, 32)[0] == 432                                        # not 3 x 512
 
 
+def test_each_tile_answers_for_the_boxes_centred_in_its_part_of_the_image():
+    """The sliding window's box head: a tile keeps only the boxes whose centre lies in its core (the image cut
+    at the middle of every overlap), so an object across a tile's edge is not boxed again from its cut part
+    there; the cores cover the image once."""
+    from tessera.model.inference import _cores, _starts
+
+    for n, tile, overlap in [(1232, 512, 32), (520, 512, 32), (150, 64, 24), (300, 512, 32)]:
+        side, starts = _starts(n, tile, overlap)
+        cores = _cores(n, side, starts)
+        assert cores[0][0] == 0 and cores[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(cores, cores[1:]))                # no gap, no overlap
+        for (lo, hi), s in zip(cores, starts):                                     # half an overlap from
+            assert lo == 0 or lo - s >= overlap / 2                                # the tile's inner edges
+            assert hi == n or s + side - hi >= overlap / 2
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(resolution=64, n_labels=3, widths=(8, 16, 16, 16), codebook_size=16, embed_dim=8,
+                              box_classes=1))
+    with torch.no_grad():
+        model.box_head.heat.bias.fill_(3.0)         # an untrained head that fires everywhere, peaks at random
+    pred = Predictor(model, ["nucleus"], device="cpu", scale=1.0, tile=64, overlap=24, bf16=False)
+    x = torch.rand(1, 3, 150, 150)
+    dets = []
+    pred._tiled_logits(x, dets=dets)
+    side, starts = _starts(150, 64, 24)
+    cores = _cores(150, side, starts)
+    spans = [(cy, cx) for cy in cores for cx in cores]
+    assert len(dets) == len(spans) and sum(map(len, dets)) > 50
+    for d, ((y0, y1), (x0, x1)) in zip(dets, spans):
+        cy, cx = (d[:, 1] + d[:, 3]) / 2, (d[:, 0] + d[:, 2]) / 2
+        assert ((cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)).all()
+
+
 def test_inference_copy_computes_what_the_trained_model_does():
     """BatchNorm folded into the convolutions and the expected code embedding as matrix products give
     the trained model's own segment() logits (float32), and leave the caller's model untouched."""
