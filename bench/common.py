@@ -18,8 +18,21 @@ RESULTS = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# the code a benchmark runs is what its process imported at the start: a commit made while it runs is not it
+_START_COMMIT = _git("rev-parse", "--short", "HEAD")
+_START_DIRTY = bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
 def machine() -> dict:
-    """What ran the benchmark: CPU, cores, torch threads, versions, date."""
+    """What ran the benchmark: CPU, cores, torch threads, versions, date, and the commit its process started
+    on (with `dirty` when tracked files differed from it, `head_when_written` when main moved since)."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -28,15 +41,16 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "commit": commit,
-            "cuda": torch.cuda.is_available()}
+    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+           "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version(), "platform": platform.platform(), "commit": _START_COMMIT,
+           "cuda": torch.cuda.is_available()}
+    if _START_DIRTY:
+        out["dirty"] = True
+    head = _git("rev-parse", "--short", "HEAD")
+    if head != _START_COMMIT:
+        out["head_when_written"] = head
+    return out
 
 
 def dataset(name: str) -> Path:
