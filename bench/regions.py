@@ -80,13 +80,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         method: str = "head", seed: int = 0, curve: bool = False, box_select: bool = True,
         overrides: dict | None = None, reuse: str = "", box_flip: bool | None = None) -> dict:
     samples, names = TASKS[task]()
-    by_id = {s.id: s for s in samples}
-    train_ids, val_ids = split_ids(list(by_id), 0.2)
-    fit_keys, held_keys = split_ids([f"held:{i}" for i in train_ids], 0.2)   # another hash than the val split's
-    fit_ids, held_ids = [k[5:] for k in fit_keys], [k[5:] for k in held_keys]
-    fit, held, val = ([by_id[i] for i in ids] for ids in (fit_ids, held_ids, val_ids))
-    if max_val:
-        held, val = spread_subset(held, max_val), spread_subset(val, max_val)
+    fit, held, val = split_fit_held_val(samples, max_val)
     box = task != "dsb_masks"
     if method == "baseline":
         return baseline(task, fit, val, names, seed)
@@ -139,6 +133,19 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         row["curve"] = points
     print(json.dumps(row), flush=True)
     return row
+
+
+def split_fit_held_val(samples: list[Sample], max_val: int = 0) -> tuple[list, list, list]:
+    """(train, held back, validation) as a project splits: the fixed 80/20 split by id hash, then 20% of the
+    training ids by another hash held back; at most `max_val` held-back and validation images (0 = all)."""
+    by_id = {s.id: s for s in samples}
+    train_ids, val_ids = split_ids(list(by_id), 0.2)
+    fit_keys, held_keys = split_ids([f"held:{i}" for i in train_ids], 0.2)   # another hash than the val split's
+    fit_ids, held_ids = [k[5:] for k in fit_keys], [k[5:] for k in held_keys]
+    fit, held, val = ([by_id[i] for i in ids] for ids in (fit_ids, held_ids, val_ids))
+    if max_val:
+        held, val = spread_subset(held, max_val), spread_subset(val, max_val)
+    return fit, held, val
 
 
 def reused(src: Path, dst: Path) -> Path:
