@@ -2,7 +2,7 @@
 backend/training.py's PLATEAU_EVALS), from one run per seed instead of one run per setting.
 
     .venv/bin/python -m bench.patience --task dsb_native_boxes --iters 2400 --max-val 30 --seeds 1 2
-        [--patience 2 3 4] [--threads 1] [--name N]
+        [--patience 2 3 4] [--threads 1] [--set KEY=VALUE ...] [--name N]
 
 Each seed trains once with no plateau stop (bench.regions' run, eval every 150 iterations as the product's
 first run), keeping a copy of every state that became the best on the held-back images. Training is the same
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench import regions
-from bench.common import write_result
+from bench.common import train_overrides, write_result
 from tessera.model import train_vqvae as tv
 from tessera.model.checkpoint import load_checkpoint, save_checkpoint
 from tessera.model.inference import Predictor
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--patience", nargs="+", type=int, default=[2, 3, 4], help="0 is always added: no stop")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides")
     ap.add_argument("--name", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +105,8 @@ def main() -> None:
     for seed in args.seeds:
         with _best_states() as snap:
             row = regions.run(args.task, 0.0, 0.0, work, args.iters, args.max_val, "head", seed,
-                              overrides={"eval_interval": args.eval_interval, "patience": 0})
+                              overrides={**train_overrides(args.set), "eval_interval": args.eval_interval,
+                                         "patience": 0})
         ckpt = work / f"{args.task}_head_{seed}_ap.pt"
         history = load_checkpoint(ckpt, "vqvae")["history"]
         out = {"seed": seed, "train_wall_s": row["train_wall_s"], "held_back_history": row["held_back_history"],
@@ -116,7 +118,7 @@ def main() -> None:
             print(f"seed {seed} patience {p}: stop {stop_it}, state {kept_it}, AP50 "
                   f"{res['after_cut']['box_ap50']:.4f}", flush=True)
         rows.append(out)
-        write_result(name, {"task": args.task, "iters": args.iters, "eval_interval": args.eval_interval,
+        write_result(name, {"task": args.task, "overrides": train_overrides(args.set), "iters": args.iters, "eval_interval": args.eval_interval,
                             "max_val": args.max_val, "threads": args.threads, "rows": rows,
                             "load_avg_1min_after": os.getloadavg()[0]})
 
