@@ -43,7 +43,7 @@ CLASS_RECALL_FLOOR = 0.0     # a class whose held-back recall falls to this (fro
 FIRST_RUN_ITERS_FACTOR = 4   # a project's first version may train this many times TESSERA_TRAIN_ITERS ...
 PLATEAU_EVALS = 4            # ... but stops when this many evaluations in a row did not improve it. Held-back
                              # box AP50 moves +-0.02 between evaluations: DSB native boxes, 2,400 iterations,
-                             # seeds 0-2, patience 2 / 3 / 4 kept states scoring 0.721 / 0.737 / 0.742 AP50 on
+                             # seeds 0-3, patience 2 / 3 / 4 kept states scoring 0.716 / 0.738 / 0.742 AP50 on
                              # validation (4: no early stop in any seed; bench.patience, patience_*.json)
 
 
