@@ -110,20 +110,8 @@ def encode_boxes(boxes: list[np.ndarray], n_classes: int, shape: tuple[int, int]
             (("heat", heat), ("size", size), ("offset", offset), ("mask", mask))}
 
 
-def _giou(size, offset, t_size, t_offset) -> torch.Tensor:
-    """Generalised IoU (Rezatofighi et al. 2019) per cell of the box each cell regresses with its target box,
-    both placed by their offset from the cell's corner: (B, 2, h, w) log sizes and offsets -> (B, 1, h, w)."""
-    half, t_half = size.clamp(-6, 8).exp() / 2, t_size.exp() / 2
-    lo, hi, t_lo, t_hi = offset - half, offset + half, t_offset - t_half, t_offset + t_half
-    inter = (torch.minimum(hi, t_hi) - torch.maximum(lo, t_lo)).clamp(min=0).prod(1, keepdim=True)
-    union = (hi - lo).prod(1, keepdim=True) + (t_hi - t_lo).prod(1, keepdim=True) - inter
-    hull = (torch.maximum(hi, t_hi) - torch.minimum(lo, t_lo)).prod(1, keepdim=True)
-    return inter / union - (hull - union) / hull
-
-
-def box_losses(outputs, targets: dict, giou: float = 0.0) -> dict:
-    """Focal loss on the heatmap + L1 on log size and offset near the centres, each per object; with `giou` > 0
-    also that weight x (1 - GIoU) of each regressed box with its target (TTFNet's regression loss)."""
+def box_losses(outputs, targets: dict) -> dict:
+    """Focal loss on the heatmap + L1 on log size and offset near the centres, each per object."""
     heat_logits, size, offset = (o.float() for o in outputs)
     t, m = targets["heat"], targets["mask"]
     n = t.eq(1).sum().float().clamp(min=1.0)      # objects: one peak each
@@ -135,11 +123,7 @@ def box_losses(outputs, targets: dict, giou: float = 0.0) -> dict:
               + (1 - pos) * (1 - t) ** 4 * p ** 2 * torch.log(1 - p)).sum() / n
     l_size = (F.l1_loss(size, targets["size"], reduction="none") * m).sum() / n
     l_off = (F.l1_loss(offset, targets["offset"], reduction="none") * m).sum() / n
-    out = {"heat": focal, "size": l_size, "offset": l_off, "box": focal + l_size + l_off}
-    if giou > 0:
-        out["giou"] = ((1 - _giou(size, offset, targets["size"], targets["offset"])) * m).sum() / n
-        out["box"] = out["box"] + giou * out["giou"]
-    return out
+    return {"heat": focal, "size": l_size, "offset": l_off, "box": focal + l_size + l_off}
 
 
 # -----------------------------------------------------------------------------

@@ -133,7 +133,6 @@ class TrainConfig:
                                      # are the predictions (model/boxhead.py); False: centres grown into boxes
     box_weight: float = 1.0          # weight of the detection head's loss (tried 3 on Pets heads, 600 iterations,
                                      # seed 0: AP50 0.466 against 0.516, regions_pets_heads_600_bw3.json)
-    box_giou: float = 0.0            # > 0: this weight x (1 - GIoU) of each regressed box joins the box loss
     box_level: int = 1               # the detection head's finest feature level: cells of 2 ** box_level model
                                      # px. Tried 2 (4 px cells) on Pets heads, 600 iterations, seed 0: AP50
                                      # 0.452 against 0.516 (regions_pets_heads_600_level2.json): not the default
@@ -373,7 +372,7 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
     if model.box_head is not None and boxes is not None:
         heads = model.detect(feats)
         targets = encode_boxes(boxes, model.config.box_classes, heads[0].shape[-2:], model.box_head.stride)
-        out["box"] = box_losses(heads, {k: v.to(x.device) for k, v in targets.items()}, cfg.box_giou)["box"]
+        out["box"] = box_losses(heads, {k: v.to(x.device) for k, v in targets.items()})["box"]
         out["loss"] = out["loss"] + cfg.box_weight * out["box"]
     out["rec"] = pix[r].mean() if r.any() else pix.new_zeros(())
     out["seg"] = pix[~r].mean() if (~r).any() else pix.new_zeros(())
