@@ -115,7 +115,8 @@ class Settings(BaseSettings):
     mislabeling_budget_s: float = env("TESSERA_MISLABELING_BUDGET_S", 20.0, "Seconds a run spends scoring "
                                       "annotations for mislabeling after a promotion.", ge=0.0)
     train_threads: int = env("TESSERA_TRAIN_THREADS", 0, "torch threads for training; 0 = half the CPU cores "
-                             "(the rest keep answering /predict).", ge=0)
+                             "(the rest keep answering /predict), and every core for a project's first version "
+                             "while no model at all is served.", ge=0)
     exclude_synthetic: bool = env("TESSERA_EXCLUDE_SYNTHETIC", False, "Leave annotations of synthetic "
                                   "(generated) tasks out of training.")
     synth_min_iou: float = env("TESSERA_SYNTH_MIN_IOU", 0.5, "A generated image is kept only if the label model's "

@@ -106,6 +106,14 @@ class Store:
                 self._registries[key] = Registry(self.registry_dir(key), keep_n=self.keep_n)
             return self._registries[key]
 
+    def serves_any(self, kind: str = "label") -> bool:
+        """Whether any project (or the default model) in this MODEL_DIR has a served version of `kind`."""
+        if not self.root.is_dir():
+            return False
+        keys = [d.name[len("project-"):] if d.name.startswith("project-") else d.name
+                for d in self.root.iterdir() if d.is_dir() and (d.name == DEFAULT_KEY or d.name.startswith("project-"))]
+        return any(self.registry(k).current(kind) is not None for k in keys)
+
     def work_dir(self, key: str) -> Path:
         """Where training runs of `key` write before a version is added (beside the versions, so the
         add is a hard link, not a copy)."""

@@ -48,20 +48,22 @@ PLATEAU_EVALS = 4            # ... but stops when this many evaluations in a row
 
 
 def train_config(settings: Settings, iters: int | None = None, budget_s: float = 0.0, box_only: bool = False,
-                 until_plateau: bool = False):
+                 until_plateau: bool = False, all_cores: bool = False):
     """The TrainConfig of a run: TESSERA_TRAIN_ITERS (or `iters`) iterations, stopped after `budget_s`
     seconds when > 0 (the lr schedule then follows the clock), on half the CPU cores: the other half
     keeps answering /predict, and two torch threads fighting for two busy cores ran ~7x slower than one
-    here (bench/learning_latency.py). A box-only project learns box centres (BOX_SHRINK); the region cut
-    aims at TESSERA_PRECISION_TARGET. `until_plateau` (a project's first version): up to
-    FIRST_RUN_ITERS_FACTOR x the iterations, stopping PLATEAU_EVALS evaluations after the held-back
-    score last improved."""
+    here (bench/learning_latency.py). `all_cores`: on every core (nothing is served, so /predict has no
+    network pass to run). TESSERA_TRAIN_THREADS overrides both. A box-only project learns box centres
+    (BOX_SHRINK); the region cut aims at TESSERA_PRECISION_TARGET. `until_plateau` (a project's first
+    version): up to FIRST_RUN_ITERS_FACTOR x the iterations, stopping PLATEAU_EVALS evaluations after the
+    held-back score last improved."""
     from tessera.model.train_vqvae import TrainConfig
 
     n = iters or settings.train_iters
     if until_plateau:
         n *= FIRST_RUN_ITERS_FACTOR
-    threads = int(getattr(settings, "train_threads", 0) or 0) or max(1, (os.cpu_count() or 2) // 2)
+    cores = os.cpu_count() or 2
+    threads = int(getattr(settings, "train_threads", 0) or 0) or (cores if all_cores else max(1, cores // 2))
     return TrainConfig(max_iters=n, device=settings.device,
                        eval_interval=max(50, (n // FIRST_RUN_ITERS_FACTOR if until_plateau else n) // 4),
                        time_budget_s=budget_s, threads=threads, box_shrink=BOX_SHRINK if box_only else 1.0,
@@ -180,7 +182,12 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     timings: dict[str, float] = {}
     try:
         t0 = time.time()
-        cfg = train_config(settings, iters, budget_s, box_only=box_only, until_plateau=first)
+        # a first version while nothing at all is served takes every core: no /predict has a network pass to
+        # run. On 2 cores, in the 300 s first run, 2 threads reached 2,358 DSB native box iterations against
+        # 1,525 (AP50 0.748 vs 0.722), Pets heads 2,400 in 272 s against 1,683 (0.738 vs 0.700)
+        # (bench.regions --budget 300, regions_*_first300_t*.json)
+        cfg = train_config(settings, iters, budget_s, box_only=box_only, until_plateau=first,
+                           all_cores=first and not cache.store.serves_any())
         ckpt = train_vqvae(cfg, train, val, label_names, tmp / "model.pt", init_from=init_from,
                            progress=_model_progress(progress))
         timings["train_s"] = time.time() - t0
@@ -189,7 +196,8 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
         metrics.update({"label_names": label_names, "n_train": len(train), "n_val": len(val),
                         "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val}),
                         "metric": "box AP50" if box_only else "(mask IoU + instance F1) / 2",
-                        "train_budget_s": budget_s, "train_max_iters": cfg.max_iters, **(record or {})})
+                        "train_budget_s": budget_s, "train_max_iters": cfg.max_iters, "train_threads": cfg.threads,
+                        **(record or {})})
         served = None if base is None else (init_from, base_name)
         promote, why = _decide(settings, key, ckpt, served, val, judged, config, label_names, metrics, progress)
         timings["compare_s"] = time.time() - t0

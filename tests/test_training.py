@@ -171,6 +171,29 @@ def test_a_first_version_must_beat_the_default_model_that_serves_the_project(set
     assert 0 <= result["metrics"]["current_val_iou"] <= 1
 
 
+def test_a_first_version_trains_on_every_core_while_nothing_is_served(settings):
+    """Before anything is served /predict has no network pass to run, so a project's first version trains on
+    every core; once a version serves (this project's, another's or the default model), runs keep half the
+    cores for /predict. TESSERA_TRAIN_THREADS decides when set."""
+    from tessera.model.data import make_nuclei
+
+    cores = os.cpu_count() or 2
+    s = settings.model_copy(update={"train_iters": 2, "first_train_budget_s": 30.0})
+    samples = make_nuclei(6, size=64, seed=3)
+    quiet = lambda info: None  # noqa: E731
+    store = ModelCache(s).store
+    assert not store.serves_any()
+    first = training._train_and_register(s, "3", samples[:4], samples[4:], ["Nucleus"], "run", None, quiet,
+                                         budget_s=30.0)
+    assert first["status"] == "promoted" and store.serves_any()
+    assert first["metrics"]["train_threads"] == cores and first["metrics"]["train_max_iters"] == 8
+    other = training._train_and_register(s, "4", samples[:4], samples[4:], ["Nucleus"], "run", None, quiet,
+                                         budget_s=30.0)        # project 4's first version: project 3 is served
+    assert other["metrics"]["train_threads"] == max(1, cores // 2) and other["metrics"]["train_max_iters"] == 8
+    pinned = s.model_copy(update={"train_threads": 1})
+    assert training.train_config(pinned, None, 30.0, until_plateau=True, all_cores=True).threads == 1
+
+
 def test_a_held_back_task_stays_held_back_as_the_project_grows():
     """The smallest-hash fallback of a small project must not move to training later (issue 11: a task
     held back at 7 tasks was trained on at 17)."""
