@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tessera.model.registry import Registry
 
 DEFAULT_KEY = "default"
+PROJECT_DIR = "project-"     # a project's registry folder: PROJECT_DIR + its key
 BEFORE_PROJECT_KEY = "0"               # store a first version is trained under before its LS project id is known
 VERSION_PREFIX = "tessera-"     # every model_version Tessera reports starts with this
 UNTRAINED = f"{VERSION_PREFIX}untrained"
@@ -93,7 +94,7 @@ class Store:
 
     def registry_dir(self, key: str) -> Path:
         key = store_key(key)
-        return self.root / (DEFAULT_KEY if key == DEFAULT_KEY else f"project-{key}")
+        return self.root / (DEFAULT_KEY if key == DEFAULT_KEY else PROJECT_DIR + key)
 
     def registry(self, key: str) -> Registry:
         """The Registry of project `key` ("default": the default model's); one object per key and Store,
@@ -110,8 +111,8 @@ class Store:
         """Whether any project (or the default model) in this MODEL_DIR has a served version of `kind`."""
         if not self.root.is_dir():
             return False
-        keys = [d.name[len("project-"):] if d.name.startswith("project-") else d.name
-                for d in self.root.iterdir() if d.is_dir() and (d.name == DEFAULT_KEY or d.name.startswith("project-"))]
+        keys = [d.name.removeprefix(PROJECT_DIR) for d in self.root.iterdir()
+                if d.is_dir() and (d.name == DEFAULT_KEY or d.name.startswith(PROJECT_DIR))]
         return any(self.registry(k).current(kind) is not None for k in keys)
 
     def work_dir(self, key: str) -> Path:

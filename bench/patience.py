@@ -24,8 +24,7 @@ from bench.common import train_overrides, write_result
 from tessera.model import train_vqvae as tv
 from tessera.model.checkpoint import load_checkpoint, save_checkpoint
 from tessera.model.inference import Predictor
-from tessera.model.postprocess import RegionCut
-from tessera.model.train_vqvae import evaluate, raw_predictions
+from tessera.model.train_vqvae import raw_predictions
 
 
 class _best_states:
@@ -74,11 +73,7 @@ def score(ckpt: Path, state: dict, held, val, work: Path, tag: str) -> dict:
     save_checkpoint(payload, path)
     pred = Predictor.from_checkpoint(path, device="cpu")
     tv.learn_cut(pred, held)
-    raws = raw_predictions(pred, val)
-    after = evaluate(pred, val, raws=raws)
-    cut = pred.cut
-    pred.cut = RegionCut(nms_iou=cut.nms_iou, source="none")
-    before = evaluate(pred, val, raws=raws)
+    after, before, cut = regions.with_and_without_cut(pred, val, raw_predictions(pred, val))
     keys = ("box_ap50", "precision", "recall", "f1", "regions_per_image", "true_per_image")
     return {"after_cut": {k: after[k] for k in keys}, "no_cut_recall": before["recall"], "cut": cut.to_dict()}
 

@@ -111,10 +111,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     t0 = time.time()
     raws = raw_predictions(pred, val)
     predict_s = time.time() - t0
-    after = evaluate(pred, val, raws=raws)
-    learned = pred.cut
-    pred.cut = RegionCut(nms_iou=learned.nms_iou, source="none")
-    before = evaluate(pred, val, raws=raws)
+    after, before, learned = with_and_without_cut(pred, val, raws)
     keys = ("box_ap50", "class_ap50", "agnostic_ap50", "precision", "recall", "f1", "regions_per_image", "true_per_image",
             "class_recall", "missed_classes", "fg_iou", "miou", "instance_ap")
     row = {"task": task, "method": method if box else "masks", "seed": seed,
@@ -133,6 +130,19 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         row["curve"] = points
     print(json.dumps(row), flush=True)
     return row
+
+
+def with_and_without_cut(pred: Predictor, val: list[Sample], raws: list) -> tuple[dict, dict, RegionCut]:
+    """evaluate() on the same raw predictions after the predictor's learned cut and with no cut (its NMS
+    only), and the learned cut."""
+    learned = pred.cut
+    after = evaluate(pred, val, raws=raws)
+    pred.cut = RegionCut(nms_iou=learned.nms_iou, source="none")
+    try:
+        before = evaluate(pred, val, raws=raws)
+    finally:
+        pred.cut = learned
+    return after, before, learned
 
 
 def split_fit_held_val(samples: list[Sample], max_val: int = 0) -> tuple[list, list, list]:

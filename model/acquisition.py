@@ -105,7 +105,6 @@ def priority(emb: np.ndarray, labelled: np.ndarray, scores, power: float = 1.0) 
     return (u * novelty(emb, labelled)).astype(np.float32)
 
 
-
 def novelty(emb: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Distance of each embedding to the nearest reference one, halved into [0, 1] (unit vectors are at
     most 2 apart): 0 for an image like one already learned from, 1 when the reference is empty."""
