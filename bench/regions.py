@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.regions --task dsb_boxes [--budget 180 | --iters 300] [--max-val 40] [--name N]
         [--methods head centres] [--seeds 0 1 2] [--curve] [--set box_max_scale=2 ...]
-        [--reuse NAME] [--box-flip off on]
+        [--reuse NAME] [--box-flip off on] [--init NAME]
     tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
            downsampled to 256 px on their long side, a harder stand-in),
            dsb_native_boxes (the same at the images' own size, 256x256 to 1388x1040, as a user's photos come),
@@ -14,6 +14,9 @@
     --reuse NAME: no training; the checkpoints run --name NAME left (/tmp/tessera-bench-regions/NAME) are
            evaluated again, e.g. with --box-flip off on (a row each: the box head's test-time flip, the cut
            learned again on the held-back images for each)
+    --init NAME: each run warm-starts from the checkpoint run --name NAME left (same task, method, seed), as a
+           project's later "Start training" runs start from the served version (e.g. --iters 600, the product's
+           TESSERA_TRAIN_ITERS)
     --curve: box AP50 on the validation images at every evaluation of the run, against training seconds
            (evaluation time excluded), for "first useful version" (AP50 within 5 points of the run's best)
 
@@ -24,7 +27,6 @@ version picks its best state and learns its region cut. Writes bench/results/<na
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -38,7 +40,7 @@ from tessera.model import metrics
 from tessera.model.checkpoint import load_checkpoint, save_checkpoint
 from tessera.model.data import Sample, load_folder, read_image, split_ids
 from tessera.model.inference import Prediction, Predictor
-from tessera.model.postprocess import RegionCut, box_sample, true_objects
+from tessera.model.postprocess import RegionCut, box_sample, spread_subset, true_objects
 from tessera.model import train_vqvae as tv
 from tessera.model.postprocess import detection_metrics
 from tessera.model.train_vqvae import TrainConfig, evaluate, raw_predictions, train as train_vqvae
@@ -78,7 +80,7 @@ TASKS = {"dsb_boxes": lambda: dsb(True), "dsb_native_boxes": lambda: dsb(True, n
 
 def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0,
         method: str = "head", seed: int = 0, curve: bool = False, box_select: bool = True,
-        overrides: dict | None = None, reuse: str = "", box_flip: bool | None = None) -> dict:
+        overrides: dict | None = None, reuse: str = "", box_flip: bool | None = None, init: str = "") -> dict:
     samples, names = TASKS[task]()
     fit, held, val = split_fit_held_val(samples, max_val)
     box = task != "dsb_masks"
@@ -97,8 +99,11 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     if reuse:
         ckpt = reused(work.parent / reuse / ckpt_name, work / ckpt_name)
     else:
+        init_from = work.parent / init / ckpt_name if init else None     # a later run: warm-started
+        if init_from is not None and not init_from.is_file():
+            raise SystemExit(f"--init: no checkpoint {init_from}")
         with _curve(points, val, names) if curve else _nothing():
-            ckpt = train_vqvae(cfg, fit, held, names, work / ckpt_name)
+            ckpt = train_vqvae(cfg, fit, held, names, work / ckpt_name, init_from=init_from)
     wall = time.time() - t0
     payload = load_checkpoint(ckpt, "vqvae")
     done_iters = int(payload["iter_num"])
@@ -119,7 +124,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "region_type": "rectanglelabels" if box else "brushlabels / polygonlabels",
            "n_train": len(fit), "n_held_back": len(held), "n_val": len(val),
            "val_objects": subset_counts(val, names), "held_back_objects": subset_counts(held, names), "budget_s": 0.0 if iters else budget_s,
-           "overrides": overrides or {}, "scale": pred.scale, "reused": reuse, "box_flip": pred.box_flip,
+           "overrides": overrides or {}, "scale": pred.scale, "reused": reuse, "init": init, "box_flip": pred.box_flip,
            "train_wall_s": round(wall, 1), "train_iters": done_iters, "load_avg_1min_after": os.getloadavg()[0],
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
@@ -223,29 +228,6 @@ def recall_by_size(raws: list, cut: RegionCut, val: list[Sample], edges=(0, 8, 1
     return out
 
 
-def _hash(i: str) -> int:
-    return int.from_bytes(hashlib.sha1(f"subset:{i}".encode()).digest()[:8], "big")
-
-
-def spread_subset(samples: list[Sample], n: int) -> list[Sample]:
-    """At most n samples spread evenly over the classes (a sample's class: its most frequent object class),
-    in a fixed order by id hash within each class, taken round-robin. Not the first n by name: on Pets
-    those are all one breed of cat."""
-    if len(samples) <= n:
-        return samples
-    groups: dict[int, list[Sample]] = {}
-    for s in samples:
-        cls = true_objects(s)[1]
-        groups.setdefault(int(np.bincount(cls).argmax()) if len(cls) else 0, []).append(s)
-    queues = [sorted(g, key=lambda s: _hash(s.id)) for _, g in sorted(groups.items())]
-    out = []
-    while len(out) < n:
-        for q in queues:
-            if q and len(out) < n:
-                out.append(q.pop(0))
-    return out
-
-
 def subset_counts(samples: list[Sample], names: list[str]) -> dict:
     """Objects per class in a sample list (what the JSON states about its validation subset)."""
     counts = {n: 0 for n in names}
@@ -334,6 +316,8 @@ def main() -> None:
     ap.add_argument("--box-flip", nargs="+", choices=["on", "off"], default=[], help="a row per setting of "
                     "the box head's test-time flip (Predictor.box_flip), the cut learned again for each "
                     "(default: the checkpoint's own)")
+    ap.add_argument("--init", default="", metavar="NAME", help="warm-start from the checkpoint the run --name NAME "
+                    "left (same task, method, seed), as a project's later runs start from the served version")
     ap.add_argument("--name", default="", help="results file bench/results/<name>.json (default regions_<task>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -346,7 +330,8 @@ def main() -> None:
             for m in (args.methods if t != "dsb_masks" else ["head"]):
                 for flip in [f == "on" for f in args.box_flip] or [None]:
                     rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m,
-                                    seed, args.curve, args.select == "ap", train_overrides(args.set), args.reuse, flip))
+                                    seed, args.curve, args.select == "ap", train_overrides(args.set), args.reuse, flip,
+                                    args.init))
                     _write(args, rows, load_before)
 
 

@@ -13,6 +13,7 @@ predicted core's extent, grown back by 1 / shrink, is the predicted box.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -286,6 +287,29 @@ def true_objects(sample) -> tuple[np.ndarray, np.ndarray]:
     ids = [int(i) for i in np.unique(sample.instances) if i]
     cls = _majority_class(sample.instances, sample.classes, ids)
     return instance_boxes(sample.instances, ids), cls
+
+
+def spread_subset(samples: list, n: int) -> list:
+    """At most n samples (0 = all) spread evenly over the classes (a sample's class: its most frequent object
+    class), in a fixed order by id hash within each class, taken round-robin: the same subset every time, and
+    every class in it while n allows. Not the first n by name: on Pets those are all one breed of cat."""
+    if not n or len(samples) <= n:
+        return list(samples)
+    groups: dict[int, list] = {}
+    for s in samples:
+        cls = true_objects(s)[1]
+        groups.setdefault(int(np.bincount(cls).argmax()) if len(cls) else 0, []).append(s)
+    queues = [sorted(g, key=lambda s: _subset_hash(s.id)) for _, g in sorted(groups.items())]
+    out = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def _subset_hash(i: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"subset:{i}".encode()).digest()[:8], "big")
 
 
 def _majority_class(instances: np.ndarray, classes: np.ndarray, ids: list[int]) -> np.ndarray:

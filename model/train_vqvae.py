@@ -36,7 +36,7 @@ from .inference import (Predictor, bf16_supported, cut_regions, fit_size, image_
                         normalize_image, object_scale, pad_target, pad_to, resize, resolve_device, scaled_size,
                         soft_target, vqvae_from_checkpoint)
 from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
-                               scale_boxes, true_objects)
+                               scale_boxes, spread_subset, true_objects)
 from .boxhead import box_losses, encode_boxes
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -138,6 +138,11 @@ class TrainConfig:
                                      # 0.452 against 0.516 (regions_pets_heads_600_level2.json): not the default
     box_select: bool = True          # a box model keeps the state with the best held-back box AP50 (what its
                                      # project is judged by), not the best segmentation IoU of its centre map
+    select_images: int = 48          # ... measured on at most this many held-back images (spread_subset, the same
+                                     # ones every evaluation; 0 = all). Each evaluation predicts them at full
+                                     # size: 95 DSB native images took ~7 s at 2 threads, so a project of
+                                     # thousands of tasks would spend its run evaluating. The region cut, the
+                                     # version's metrics and its promotion still use every held-back task
     box_object_px: float = 16.0      # object_px of a model with a box head: its cells are 2 px, so an object
                                      # spans ~8 of them (a whole Pets image at 6.5 px would be ~25 x 34 px)
     box_max_scale: float = 1.0       # max_scale of a model with a box head (> 1: small objects seen closer
@@ -548,7 +553,7 @@ class Run:
     scale: float | None
     batcher: Batcher
     val_set: tuple | None
-    val_samples: list
+    select_samples: list             # the held-back samples a box model's in-training AP50 is measured on
     label_names: list
     class_weight: torch.Tensor
     amp: bool
@@ -589,7 +594,8 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     class_weight = torch.ones(mc.n_labels, device=device)
     class_weight[-1] = cfg.boundary_weight
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    return Run(cfg, model, iter0, device, scale, batcher, val_set, list(val or []), list(label_names), class_weight,
+    select = spread_subset(list(val or []), cfg.select_images)
+    return Run(cfg, model, iter0, device, scale, batcher, val_set, select, list(label_names), class_weight,
                cfg.bf16 and _bf16_ok(device), opt, progress)
 
 
@@ -618,9 +624,9 @@ def _box_ap50(run: Run) -> float:
     BatchNorm-folded copy, so the training model is untouched); AP ranks every region, so no cut is needed."""
     predictor = Predictor(run.model, run.label_names, device=str(run.device), edge_weight=run.cfg.boundary_weight,
                           scale=run.scale, box_shrink=run.cfg.box_shrink)
-    raws = raw_predictions(predictor, run.val_samples, run.cfg.batch_size)
+    raws = raw_predictions(predictor, run.select_samples, run.cfg.batch_size)
     run.model.train()
-    return float(detection_metrics(raws, RegionCut(), run.val_samples, len(run.label_names))["box_ap50"])
+    return float(detection_metrics(raws, RegionCut(), run.select_samples, len(run.label_names))["box_ap50"])
 
 
 def _step(run: Run, frac: float) -> dict:
@@ -700,6 +706,8 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
         region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
         result.update(evaluate(predictor, val, raws=raws))
         result.update({f"best_{run.best_key}": run.best})
+        if run.best_key == "val_box_ap50":      # the kept state was chosen on this many of the held-back images
+            result["box_select_images"] = len(run.select_samples)
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     path = out if out.suffix == ".pt" else out / f"ckpt_{run.iter0 + it:07d}.pt"

@@ -162,6 +162,33 @@ def test_a_box_model_keeps_the_state_with_the_best_held_back_box_ap(tmp_path):
     assert "best_val_iou_r" not in ckpt["metrics"]
 
 
+def test_a_box_model_chooses_its_state_on_a_bounded_spread_of_held_back_images(tmp_path):
+    """Each in-training evaluation predicts the held-back images at full size, so a project of thousands of
+    tasks would spend its run evaluating: the state is chosen on at most `select_images` of them, spread over
+    the classes and the same every time, while the region cut and the metrics use them all."""
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.model.data import make_nuclei
+    from tessera.model.postprocess import box_sample, spread_subset, true_objects
+    from tessera.model.train_vqvae import TrainConfig, train
+
+    samples = [_boxed(s) for s in make_nuclei(10, size=64, seed=3)]
+    held = samples[4:]
+    for s in held[:2]:                      # two held-back images whose objects are of a second class
+        s.boxes[:, 4] = 2
+    held[:2] = [box_sample(s.image, s.boxes, 0.5, s.id) for s in held[:2]]
+    subset = spread_subset(held, 3)
+    assert len(subset) == 3 and subset == spread_subset(list(reversed(held)), 3)   # the same ones, whatever the order
+    assert {int(np.bincount(true_objects(s)[1]).argmax()) for s in subset} == {1, 2}  # both classes in it
+    assert spread_subset(held, 0) == held and spread_subset(held, 99) == held
+
+    cfg = TrainConfig(max_iters=4, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=4,
+                      device="cpu", box_shrink=0.5, box_head=True, threads=1, seed=0, select_images=3)
+    ckpt = load_checkpoint(train(cfg, samples[:4], held, ["Nucleus", "Other"], tmp_path / "m.pt"), "vqvae")
+    assert ckpt["metrics"]["box_select_images"] == 3
+    assert len(ckpt["region_cut"]["grid"]) and ckpt["metrics"]["true_per_image"] == \
+        sum(len(true_objects(s)[1]) for s in held) / len(held)           # metrics over all six
+
+
 def test_box_max_scale_lets_a_box_model_look_closer_than_the_images_pixels(tmp_path):
     """Small objects (make_nuclei's, a few px) at box_object_px: a box model with box_max_scale 3 is seen
     closer than the image's own pixels (scale > 1, capped at 3); with box_max_scale 1 it stays at 1; a mask
