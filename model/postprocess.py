@@ -3,8 +3,12 @@
 Region cut: every version learns, on its held-back images, the region-score threshold and minimum object
 size that maximise F1 (or reach a precision target at the best recall), and boxes that overlap a
 higher-scoring box of their class (IoU >= nms_iou) are dropped as the same object seen twice (greedy NMS
-per class, as in Faster R-CNN, https://arxiv.org/abs/1506.01497). The grid of (size, score) -> precision /
-recall is kept in the checkpoint, so a precision target set later picks its cut without retraining.
+per class, as in Faster R-CNN, https://arxiv.org/abs/1506.01497). When every held-back image holds an
+object (a photo of a pet always shows its head), the cut may also keep each image's best region whatever
+its score: a task with no box at all costs a labeller a whole box to draw, a wrong box one click to
+delete, and a score threshold alone leaves the hard images empty. The grid of (size, score, floor) ->
+precision / recall is kept in the checkpoint, so a precision target set later picks its cut without
+retraining.
 
 Boxes as boxes: a box-only project paints each box's centre region (the box shrunk by `shrink` about its
 centre) into the label map instead of the whole box, so boxes that overlap keep separate cores (FCOS's
@@ -30,6 +34,7 @@ class RegionCut:
     min_score: float = 0.0
     min_area: float = 0.0          # pixels at the image's own size
     nms_iou: float = 0.5           # 1.0 = off
+    min_keep: int = 0              # each image keeps at least its min_keep best regions of min_area, any score
     precision: float = float("nan")  # measured on the held-back images when the cut was learned
     recall: float = float("nan")
     source: str = "default"        # "learned f1", "learned precision>=0.8", "override", "default"
@@ -173,13 +178,26 @@ def fit_box_scale(raws: list, samples: list, factors=tuple(np.round(np.arange(0.
 
 def kept_regions(scores: np.ndarray, areas: np.ndarray, boxes: np.ndarray, cut: RegionCut,
                  classes: np.ndarray | None = None) -> np.ndarray:
-    """Indices of the regions a cut keeps (score and size first, then NMS among the survivors, per class
-    when `classes` is given)."""
+    """Indices of the regions a cut keeps, highest score first (score and size first, then NMS among the
+    survivors, per class when `classes` is given); when fewer than `cut.min_keep` survive, the image's
+    min_keep best regions of min_area after NMS.
+
+    Greedy NMS goes by descending score, so the survivors of the score cut are a prefix of the NMS over
+    every region of min_area: the floor only takes that prefix further."""
     scores, areas = np.asarray(scores, np.float64), np.asarray(areas, np.float64)
-    idx = np.flatnonzero((scores >= cut.min_score) & (areas >= cut.min_area))
+    big = areas >= cut.min_area
+    keep = _nms(np.flatnonzero((scores >= cut.min_score) & big), scores, boxes, cut.nms_iou, classes)
+    if len(keep) < cut.min_keep:
+        keep = _nms(np.flatnonzero(big), scores, boxes, cut.nms_iou, classes)[:cut.min_keep]
+    return keep
+
+
+def _nms(idx: np.ndarray, scores: np.ndarray, boxes: np.ndarray, iou: float, classes: np.ndarray | None
+         ) -> np.ndarray:
+    """The indices `idx` that survive NMS, highest score first."""
     if len(idx) < 2:
         return idx
-    return idx[box_nms(np.asarray(boxes)[idx], scores[idx], cut.nms_iou,
+    return idx[box_nms(np.asarray(boxes)[idx], scores[idx], iou,
                        None if classes is None else np.asarray(classes)[idx])]
 
 
@@ -202,13 +220,16 @@ def count_matches(rec: ImageRecord, keep: np.ndarray) -> int:
 
 
 def cut_grid(records: list[ImageRecord], nms_iou: float = 0.5) -> list[dict]:
-    """Precision / recall / F1 for every (min_area, min_score) candidate, pooled over the images.
+    """Precision / recall / F1 for every (min_area, min_score, min_keep) candidate, pooled over the images.
 
     Size candidates are 0 and fractions of the small true objects' area (the 5th percentile), so a cut
-    never removes objects the people labelled as small."""
+    never removes objects the people labelled as small. Floor candidates are none and, when every image
+    holds an object, one: each image's best region. (Not the fewest objects an image holds: over a few
+    dozen held-back images that minimum overstates what the next image holds.)"""
     true_areas = np.concatenate([r.true_areas for r in records]) if records else np.zeros(0)
     small = float(np.percentile(true_areas, 5)) if true_areas.size else 0.0
     area_grid = sorted({0.0} | {round(f * small, 1) for f in (0.1, 0.25, 0.5)})
+    floor = int(bool(records) and min(r.ious.shape[1] for r in records) > 0)
     n_true = int(true_areas.size)
     rows = []
     for a in area_grid:
@@ -216,42 +237,47 @@ def cut_grid(records: list[ImageRecord], nms_iou: float = 0.5) -> list[dict]:
         kept = [kept_regions(r.scores, r.areas, r.boxes, RegionCut(min_area=a, nms_iou=nms_iou), r.classes)
                 for r in records]
         for s in SCORE_GRID:
-            tp = n_pred = 0
-            for r, k in zip(records, kept):
-                keep = k[r.scores[k] >= s]
-                n_pred += len(keep)
-                tp += count_matches(r, keep)
-            p = tp / n_pred if n_pred else 1.0
-            rc = tp / n_true if n_true else 1.0
-            rows.append({"min_area": a, "min_score": s, "precision": round(p, 4), "recall": round(rc, 4),
-                         "f1": round(2 * p * rc / (p + rc), 4) if p + rc else 0.0, "n_pred": n_pred,
-                         "n_true": n_true})
+            for f in sorted({0, floor}):
+                tp = n_pred = 0
+                for r, k in zip(records, kept):
+                    keep = k[:max(int(np.count_nonzero(r.scores[k] >= s)), f)]    # k is in descending score
+                    n_pred += len(keep)
+                    tp += count_matches(r, keep)
+                p = tp / n_pred if n_pred else 1.0
+                rc = tp / n_true if n_true else 1.0
+                rows.append({"min_area": a, "min_score": s, "min_keep": f, "precision": round(p, 4),
+                             "recall": round(rc, 4), "f1": round(2 * p * rc / (p + rc), 4) if p + rc else 0.0,
+                             "n_pred": n_pred, "n_true": n_true})
     return rows
 
 
 def choose_cut(grid: list[dict], precision_target: float = 0.0, nms_iou: float = 0.5) -> RegionCut:
     """The cut of a grid: best F1, or with precision_target > 0 the best recall among the cuts that reach
-    it (the most precise cut when none does). Ties go to the lower thresholds (more kept)."""
+    it (the most precise cut when none does). Ties go to the lower thresholds (more kept), then to no floor.
+    A grid stored before floors existed has none (min_keep 0)."""
     if not grid:
         return RegionCut(nms_iou=nms_iou)
     if precision_target > 0:
         ok = [r for r in grid if r["precision"] >= precision_target]
         if ok:
-            best = max(ok, key=lambda r: (r["recall"], r["f1"], -r["min_score"], -r["min_area"]))
+            best = max(ok, key=lambda r: (r["recall"], r["f1"], -r["min_score"], -r["min_area"],
+                                          -r.get("min_keep", 0)))
             source = f"learned precision>={precision_target:g}"
         else:
             best = max(grid, key=lambda r: (r["precision"], r["recall"]))
             source = f"learned precision>={precision_target:g} (not reached)"
     else:
-        best = max(grid, key=lambda r: (r["f1"], -r["min_score"], -r["min_area"]))
+        best = max(grid, key=lambda r: (r["f1"], -r["min_score"], -r["min_area"], -r.get("min_keep", 0)))
         source = "learned f1"
     return RegionCut(min_score=best["min_score"], min_area=best["min_area"], nms_iou=nms_iou,
+                     min_keep=int(best.get("min_keep", 0)),
                      precision=best["precision"], recall=best["recall"], source=source)
 
 
 def resolve_cut(stored: dict | None, precision_target: float = 0.0, min_score: float | None = None) -> RegionCut:
     """The cut a predictor applies: the checkpoint's grid re-chosen for `precision_target` (else its
-    stored choice), with `min_score` (an operator's override) replacing the learned score threshold."""
+    stored choice), with `min_score` (an operator's override) replacing the learned score threshold and
+    floor: the override keeps exactly the regions scoring at least it."""
     stored = stored or {}
     nms = float(stored.get("nms_iou", 0.5))
     if precision_target > 0 and stored.get("grid"):
@@ -259,7 +285,7 @@ def resolve_cut(stored: dict | None, precision_target: float = 0.0, min_score: f
     else:
         cut = RegionCut.from_dict(stored.get("chosen")) if stored.get("chosen") else RegionCut(nms_iou=nms)
     if min_score is not None and min_score >= 0:
-        cut = replace(cut, min_score=float(min_score), precision=float("nan"), recall=float("nan"),
+        cut = replace(cut, min_score=float(min_score), min_keep=0, precision=float("nan"), recall=float("nan"),
                       source="override")
     return cut
 

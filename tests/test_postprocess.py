@@ -1,4 +1,6 @@
 """Region cut (score, size, NMS), its learning on held-back images, and boxes learned as box centres."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,53 @@ def test_nms_is_per_class_overlapping_boxes_of_two_classes_both_kept():
     m = detection_metrics([two], RegionCut(nms_iou=0.5), [truth], 2)
     assert m["recall"] == 1.0 and m["precision"] == 1.0 and m["box_ap50"] == 1.0
     assert image_record(two, truth).classes.tolist() == [1, 2]
+
+
+def _one_object_images(n: int, hard_score: float) -> list[ImageRecord]:
+    """n images of one true object each (region 0). The even ones are easy: the object scores 0.9, beside
+    three clutter regions at 0.3. The odd ones are hard: the object scores `hard_score`, beside one clutter
+    region at 0.05."""
+    records = []
+    for i in range(n):
+        easy = i % 2 == 0
+        scores = np.array([0.9, 0.3, 0.3, 0.3] if easy else [hard_score, 0.05])
+        boxes = np.array([[20 * k, 0, 20 * k + 10, 10] for k in range(len(scores))], float)
+        ious = np.zeros((len(scores), 1))
+        ious[0, 0] = 0.8
+        records.append(ImageRecord(scores, np.full(len(scores), 100.0), boxes, ious, np.full(1, 100.0)))
+    return records
+
+
+def test_a_cut_learns_to_keep_each_images_best_region_when_every_image_holds_an_object():
+    """A score threshold alone leaves the hard images empty (a whole box to draw each); when every held-back
+    image holds an object, the cut learns to keep each image's best region whatever its score."""
+    records = _one_object_images(10, hard_score=0.2)
+    grid = cut_grid(records)
+    assert {r["min_keep"] for r in grid} == {0, 1}
+    cut = choose_cut(grid)
+    assert cut.min_keep == 1 and cut.min_score > 0.3
+    assert cut.precision == 1.0 and cut.recall == 1.0
+    without = max((r for r in grid if r["min_keep"] == 0), key=lambda r: r["f1"])
+    assert without["recall"] == 0.5                  # what the best threshold alone gives
+
+    inst = np.zeros((40, 40), np.int32)
+    inst[2:12, 2:12], inst[20:30, 20:30], inst[3:12, 2:12] = 1, 2, 3     # 3 duplicates 1, a little weaker
+    hard = _pred(inst, [0.2, 0.1, 0.15])
+    hard = Prediction(hard.classes, hard.instances, hard.instance_label, hard.instance_score, hard.score,
+                      boxes={1: (2.0, 2.0, 12.0, 12.0), 2: (20.0, 20.0, 30.0, 30.0), 3: (2.0, 3.0, 12.0, 12.0)})
+    assert set(cut_regions(hard, cut).instance_label) == {1}                 # its best region, NMS still on
+    assert set(cut_regions(hard, replace(cut, min_keep=2)).instance_label) == {1, 2}
+    assert cut_regions(hard, replace(cut, min_keep=0)).instance_label == {}
+    # an operator's score threshold is literal: no floor
+    stored = {"chosen": cut.to_dict(), "grid": grid, "nms_iou": 0.5}
+    assert resolve_cut(stored).min_keep == 1 and resolve_cut(stored, min_score=0.5).min_keep == 0
+    assert RegionCut.from_dict({"min_score": 0.3}).min_keep == 0             # a cut stored before floors
+
+
+def test_no_floor_when_a_held_back_image_holds_no_object_or_it_does_not_pay():
+    empty = ImageRecord(np.array([0.1]), np.full(1, 100.0), np.array([[0, 0, 10, 10]], float), np.zeros((1, 0)),
+                        np.zeros(0))
+    grid = cut_grid(_one_object_images(10, hard_score=0.2) + [empty])
+    assert {r["min_keep"] for r in grid} == {0}
+    # the hard images' best region is clutter, not the object: the floor would only add wrong boxes
+    assert choose_cut(cut_grid(_one_object_images(10, hard_score=0.02))).min_keep == 0
