@@ -237,10 +237,11 @@ def cut_grid(records: list[ImageRecord], nms_iou: float = 0.5) -> list[dict]:
         kept = [kept_regions(r.scores, r.areas, r.boxes, RegionCut(min_area=a, nms_iou=nms_iou), r.classes)
                 for r in records]
         for s in SCORE_GRID:
+            passed = [int(np.count_nonzero(r.scores[k] >= s)) for r, k in zip(records, kept)]
             for f in sorted({0, floor}):
                 tp = n_pred = 0
-                for r, k in zip(records, kept):
-                    keep = k[:max(int(np.count_nonzero(r.scores[k] >= s)), f)]    # k is in descending score
+                for r, k, n in zip(records, kept, passed):
+                    keep = k[:max(n, f)]        # k is in descending score: the score cut is a prefix of it
                     n_pred += len(keep)
                     tp += count_matches(r, keep)
                 p = tp / n_pred if n_pred else 1.0
