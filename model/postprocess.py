@@ -6,9 +6,10 @@ higher-scoring box of their class (IoU >= nms_iou) are dropped as the same objec
 per class, as in Faster R-CNN, https://arxiv.org/abs/1506.01497). When every held-back image holds an
 object (a photo of a pet always shows its head), the cut may also keep each image's best region whatever
 its score: a task with no box at all costs a labeller a whole box to draw, a wrong box one click to
-delete, and a score threshold alone leaves the hard images empty. The grid of (size, score, floor) ->
-precision / recall is kept in the checkpoint, so a precision target set later picks its cut without
-retraining.
+delete, and a score threshold alone leaves the hard images empty. The floor is kept whenever the regions
+it adds on the held-back images are right often enough to pay for the deletes (`floor_pays`). The grid
+of (size, score, floor) -> precision / recall is kept in the checkpoint, so a precision target set later
+picks its cut without retraining.
 
 Boxes as boxes: a box-only project paints each box's centre region (the box shrunk by `shrink` about its
 centre) into the label map instead of the whole box, so boxes that overlap keep separate cores (FCOS's
@@ -25,6 +26,7 @@ import numpy as np
 from . import metrics
 
 MATCH_IOU = 0.5
+FLOOR_MIN_HIT = 0.25   # the least share of a floor's added regions that must be right for it to pay (floor_pays)
 SCORE_GRID = tuple(round(float(s), 2) for s in np.arange(0.0, 0.96, 0.05))
 
 
@@ -248,14 +250,39 @@ def cut_grid(records: list[ImageRecord], nms_iou: float = 0.5) -> list[dict]:
                 rc = tp / n_true if n_true else 1.0
                 rows.append({"min_area": a, "min_score": s, "min_keep": f, "precision": round(p, 4),
                              "recall": round(rc, 4), "f1": round(2 * p * rc / (p + rc), 4) if p + rc else 0.0,
-                             "n_pred": n_pred, "n_true": n_true})
+                             "n_pred": n_pred, "n_true": n_true, "tp": tp})
     return rows
+
+
+def floor_pays(grid: list[dict]) -> list[dict]:
+    """Per size and score cut of the grid, one row: with the floor when the floor pays for itself there (it
+    adds regions and at least FLOOR_MIN_HIT of them match an object), else without it. F1 counts a wrong
+    region and a missed object alike, but a labeller deletes a wrong box with a click or two and draws a
+    missed one: verifying a box takes ~1.6 s, drawing one 7 s with extreme clicking (Papadopoulos et al.,
+    https://arxiv.org/abs/1602.08405 and https://arxiv.org/abs/1708.02750), so a region added to an
+    otherwise empty task is worth keeping when it is right more than ~2 in 9 times."""
+    floors = {(r["min_area"], r["min_score"]): r for r in grid if r.get("min_keep", 0)}
+    out = []
+    for r in grid:
+        if r.get("min_keep", 0):
+            continue
+        f = floors.get((r["min_area"], r["min_score"]))
+        added = 0 if f is None else f["n_pred"] - r["n_pred"]
+        out.append(f if added > 0 and _tp(f) - _tp(r) >= FLOOR_MIN_HIT * added else r)
+    return out
+
+
+def _tp(row: dict) -> int:
+    """A grid row's matched regions (rows stored before stop 29 have only the rounded precision)."""
+    return int(row["tp"]) if "tp" in row else round(row["precision"] * row["n_pred"])
 
 
 def choose_cut(grid: list[dict], precision_target: float = 0.0, nms_iou: float = 0.5) -> RegionCut:
     """The cut of a grid: best F1, or with precision_target > 0 the best recall among the cuts that reach
     it (the most precise cut when none does). Ties go to the lower thresholds (more kept), then to no floor.
-    A grid stored before floors existed has none (min_keep 0)."""
+    For F1, each threshold has the floor where it pays (`floor_pays`: every held-back image holds an object,
+    and the regions it adds there are right often enough), and F1 picks among those. A grid stored before
+    floors existed has none (min_keep 0)."""
     if not grid:
         return RegionCut(nms_iou=nms_iou)
     if precision_target > 0:
@@ -268,7 +295,7 @@ def choose_cut(grid: list[dict], precision_target: float = 0.0, nms_iou: float =
             best = max(grid, key=lambda r: (r["precision"], r["recall"]))
             source = f"learned precision>={precision_target:g} (not reached)"
     else:
-        best = max(grid, key=lambda r: (r["f1"], -r["min_score"], -r["min_area"], -r.get("min_keep", 0)))
+        best = max(floor_pays(grid), key=lambda r: (r["f1"], -r["min_score"], -r["min_area"]))
         source = "learned f1"
     return RegionCut(min_score=best["min_score"], min_area=best["min_area"], nms_iou=nms_iou,
                      min_keep=int(best.get("min_keep", 0)),
