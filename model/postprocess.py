@@ -279,10 +279,10 @@ def _tp(row: dict) -> int:
 
 def choose_cut(grid: list[dict], precision_target: float = 0.0, nms_iou: float = 0.5) -> RegionCut:
     """The cut of a grid: best F1, or with precision_target > 0 the best recall among the cuts that reach
-    it (the most precise cut when none does). Ties go to the lower thresholds (more kept), then to no floor.
-    For F1, each threshold has the floor where it pays (`floor_pays`: every held-back image holds an object,
-    and the regions it adds there are right often enough), and F1 picks among those. A grid stored before
-    floors existed has none (min_keep 0)."""
+    it (the most precise cut when none does). Ties go to the lower thresholds (more kept), then (precision
+    target) to no floor. For F1, each threshold has the floor only where it pays (`floor_pays`: every
+    held-back image holds an object, and the regions it adds there are right often enough), and F1 picks
+    among those rows. A grid stored before floors existed has none (min_keep 0)."""
     if not grid:
         return RegionCut(nms_iou=nms_iou)
     if precision_target > 0:
