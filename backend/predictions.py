@@ -107,7 +107,8 @@ def _labels_fit(model_labels: list[str] | None, config: LabelConfig) -> bool:
 def _load_predictor(path: Path, device: str, settings: Settings | None = None) -> PredictorLike:
     """The version's predictor with its learned region cut, re-chosen for TESSERA_PRECISION_TARGET and
     with TESSERA_MIN_REGION_SCORE replacing its score threshold when those are set; TESSERA_SORT=score
-    drops the labelled images' embeddings, so that task scores are the plain confidence."""
+    drops the labelled images' embeddings, so that task scores are the plain confidence;
+    TESSERA_FOLLOW_EDGES=false leaves masks as the network's grid has them."""
     from tessera.model.inference import Predictor     # imported late: torch start-up stays off the /health path
 
     if settings is None:
@@ -116,6 +117,7 @@ def _load_predictor(path: Path, device: str, settings: Settings | None = None) -
                                           min_score=settings.min_region_score, trace=True)
     if settings.sort == "score":
         predictor.reference = None
+    predictor.follow_edges = predictor.follow_edges and settings.follow_edges
     return predictor
 
 

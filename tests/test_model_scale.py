@@ -174,3 +174,54 @@ def test_small_objects_keep_their_learned_scale():
     floor = letterbox_floor([(400, 400)], 64)                                  # 0.16
     assert object_scale([inst], object_px=10.0, min_scale=floor) == pytest.approx(0.5)
     assert object_scale([inst], object_px=1.0, min_scale=floor) == pytest.approx(0.16)
+
+
+def _sloppy_disk(H=160, scale=0.5, grow=1):
+    """A bright disk on a dark image, and probabilities (bg, object, boundary) as a model seeing it at `scale`
+    might give them: the disk `grow` model px too wide and blurred on the model's grid, upsampled."""
+    import cv2
+
+    yy, xx = np.mgrid[:H, :H]
+    disk = (yy - 80) ** 2 + (xx - 76) ** 2 < 30 ** 2
+    image = np.where(disk, 200, 30).astype(np.uint8)
+    h = int(H * scale)
+    small = cv2.resize(disk.astype(np.uint8), (h, h), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(cv2.dilate(small, np.ones((2 * grow + 1,) * 2, np.uint8)).astype(np.float32), (0, 0), 1.5)
+    fg = cv2.resize(small, (H, H), interpolation=cv2.INTER_LINEAR).clip(0, 1)
+    return image, disk, np.stack([1 - fg, 0.8 * fg, 0.2 * fg]).astype(np.float32), (h, h)
+
+
+def test_masks_follow_the_image_edges_where_the_model_saw_it_smaller():
+    from tessera.model.inference import follow_edges
+
+    image, disk, probs, size = _sloppy_disk()
+    iou = lambda p: ((p[0] < 0.5) & disk).sum() / ((p[0] < 0.5) | disk).sum()
+    before = iou(probs)
+    ratio = probs[2] / np.maximum(probs[1], 1e-9)
+    out = follow_edges(probs.copy(), image, size)
+    assert before < 0.85 and iou(out) > 0.95, (before, iou(out))
+    assert np.allclose(out.sum(0), 1, atol=1e-5) and out.min() >= 0 and out.max() <= 1
+    fg = out[1] > 1e-3                     # the boundary keeps its share of the foreground: objects still part
+    assert np.allclose(out[2][fg] / out[1][fg], ratio[fg], rtol=1e-3)
+    rgb = follow_edges(probs.copy(), np.repeat(image[..., None], 3, 2), size)   # a colour image: its grey
+    assert np.allclose(rgb, out, atol=1e-5)
+    same = probs.copy()                    # seen at its own size or closer: untouched
+    assert np.array_equal(follow_edges(same, image, (160, 160)), probs)
+
+
+def test_the_served_predictor_follows_edges_unless_turned_off(tmp_path):
+    """TESSERA_FOLLOW_EDGES: on by default for mask models (the probabilities then differ from the grid's), off when
+    set false; box models never."""
+    from tessera.backend.predictions import _load_predictor
+    from tessera.backend.settings import Settings
+
+    samples = make_nuclei(6, size=(96, 128), seed=2)
+    cfg = TrainConfig(max_iters=2, batch_size=2, device="cpu", eval_interval=1, resolution=64, crop=32,
+                      widths=(8, 16, 16, 16), codebook_size=16, embed_dim=8, object_px=3.0)
+    ckpt = train(cfg, samples[:4], samples[4:], ["nucleus"], tmp_path / "m.pt")
+    on = _load_predictor(ckpt, "cpu", Settings())
+    off = _load_predictor(ckpt, "cpu", Settings(follow_edges=False))
+    assert on.follow_edges and not off.follow_edges and on.scale < 1
+    image = samples[5].image
+    assert not np.allclose(on._probabilities([image])[0], off._probabilities([image])[0], atol=1e-4)
+    assert not Predictor(_tiny_model(), ["nucleus"], device="cpu", scale=0.5, box_shrink=0.6).follow_edges
