@@ -1,6 +1,7 @@
 """Label-model quality against a standard peer, and label-edit suggestions, on real data.
 
     .venv/bin/python -m bench.label_model [--budget 90] [--sizes 10 30 all] [--datasets dsb2018 pets] [--quick]
+        [--native] [--iters N] [--seed S] [--reuse NAME] [--edges-off-too]
 
 For each data set (fixed 80/20 split by id hash) and N training images: Tessera's label model and
 MONAI's UNet (from scratch, same resolution R=128, same normalisation and augmentation, same wall-clock
@@ -28,6 +29,7 @@ from tessera.model.data import Sample, load_folder, read_image, semantic_instanc
 from tessera.model.inference import Predictor, fit_size, normalize_image, pad_to, resize, scaled_size
 
 BREEDS = ["Abyssinian", "Bengal", "american_bulldog"]
+WORK_ROOT = Path("/tmp/tessera-bench-label")     # each run's checkpoints, kept for --reuse
 
 
 def load_pets(root: Path) -> tuple[list[Sample], list[str]]:
@@ -172,8 +174,10 @@ def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> d
 
 
 def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None,
-                iters: int = 0, overrides: tuple = ()):
-    """Train by wall-clock budget, or (iters > 0) by iterations: fair between arms on a loaded machine."""
+                iters: int = 0, overrides: tuple = (), reuse: Path | None = None, follow_edges: bool | None = None):
+    """Train by wall-clock budget, or (iters > 0) by iterations: fair between arms on a loaded machine.
+    `reuse`: score the checkpoint an earlier run left in that work directory instead of training;
+    `follow_edges`: set Predictor.follow_edges (None: its default)."""
     from tessera.model.train_vqvae import TrainConfig, train as train_vqvae
 
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s, eval_interval=10_000,
@@ -183,9 +187,16 @@ def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_p
     if overrides:                                       # --set KEY=VALUE: TrainConfig fields
         cfg = TrainConfig(**{**cfg.__dict__, **train_overrides(list(overrides))})
     t0 = time.time()
-    ckpt = train_vqvae(cfg, train, [], names, work / f"tessera_{len(train)}.pt")   # no selection on val
+    if reuse is not None:
+        ckpt = reuse / f"tessera_{len(train)}.pt"
+        if not ckpt.is_file():
+            raise SystemExit(f"--reuse: no checkpoint {ckpt}: run the benchmark with that --name and --seed first")
+    else:
+        ckpt = train_vqvae(cfg, train, [], names, work / f"tessera_{len(train)}.pt")   # no selection on val
     wall = time.time() - t0
     pred = Predictor.from_checkpoint(ckpt, device="cpu")
+    if follow_edges is not None:
+        pred.follow_edges = follow_edges
     preds = []
     t0 = time.time()
     for i in range(0, len(val), 8):
@@ -194,6 +205,7 @@ def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_p
     outputs = [(p.classes, p.instances, p.instance_score) for p in preds]
     res = score_all(outputs, val, len(names), [p.score for p in preds])
     res.update({"train_wall_s": wall, "scale": pred.scale, "object_px": cfg.object_px,
+                "reused": reuse.name if reuse else "", "follow_edges": pred.follow_edges,
                 "iters": int(load_checkpoint(ckpt, "vqvae")["iter_num"]),
                 "predict_ms_per_image": 1000 * predict_s / max(len(val), 1)})
     return res, pred
@@ -292,11 +304,15 @@ def main() -> None:
                     help="TrainConfig overrides of the Tessera arms, e.g. contact_weight=5 (recorded in each row)")
     ap.add_argument("--iters", type=int, default=0, help="train Tessera for this many iterations instead of "
                     "--budget seconds; the UNet then gets Tessera's training time")
+    ap.add_argument("--reuse", default="", metavar="NAME", help="score the checkpoints the run --name NAME (same "
+                    "--seed) left in its work directory instead of training")
+    ap.add_argument("--edges-off-too", action="store_true", help="also score Tessera with its masks not made to "
+                    "follow the image's edges (Predictor.follow_edges off; row tessera_edges_off)")
     args = ap.parse_args()
     if args.quick:
         args.budget, args.max_val = 15.0, 20
     torch.set_num_threads(args.threads)
-    work = Path("/tmp/tessera-bench-label") / f"{args.name}_s{args.seed}"     # checkpoints kept for reuse
+    work = WORK_ROOT / f"{args.name}_s{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
     rows, edits = [], {}
     for name in args.datasets:
@@ -311,12 +327,18 @@ def main() -> None:
         for size in args.sizes:
             n = len(train_all) if size == "all" else int(size)
             train = train_all[:n]
+            reuse = WORK_ROOT / f"{args.reuse}_s{args.seed}" if args.reuse else None
             tess, pred = run_tessera(train, val, names, args.budget, work, seed=args.seed, iters=args.iters,
-                                     object_px=args.object_px, overrides=tuple(args.set))
+                                     object_px=args.object_px, overrides=tuple(args.set), reuse=reuse)
             budget = tess["train_wall_s"] if args.iters else args.budget
             row = {"dataset": name, "n_train": n, "budget_s": budget, "iters": args.iters, "seed": args.seed,
                    "set": list(args.set), "tessera": tess}
             print(json.dumps(row), flush=True)
+            if args.edges_off_too:                      # the same checkpoint, masks as the network's grid has them
+                row["tessera_edges_off"] = run_tessera(train, val, names, args.budget, work, seed=args.seed,
+                                                       object_px=args.object_px, overrides=tuple(args.set),
+                                                       reuse=reuse or work, follow_edges=False)[0]
+                print(json.dumps(row), flush=True)
             if args.native and not args.no_letterbox:
                 row["tessera_letterbox"] = run_tessera(train, val, names, args.budget, work, object_px=0.0,
                                                        seed=args.seed, iters=args.iters,
@@ -339,6 +361,9 @@ def main() -> None:
         summary[f"{key}_unet_fg_iou"] = r["monai_unet"]["fg_iou"] if "monai_unet" in r else None
         summary[f"{key}_tessera_box_recall_50"] = r["tessera"]["box_recall_50"]
         summary[f"{key}_unet_box_recall_50"] = r["monai_unet"]["box_recall_50"] if "monai_unet" in r else None
+        if "tessera_edges_off" in r:
+            summary[f"{key}_tessera_edges_off_fg_iou"] = r["tessera_edges_off"]["fg_iou"]
+            summary[f"{key}_tessera_edges_off_box_recall_50"] = r["tessera_edges_off"]["box_recall_50"]
         if "tessera_letterbox" in r:
             summary[f"{key}_tessera_letterbox_fg_iou"] = r["tessera_letterbox"]["fg_iou"]
             summary[f"{key}_tessera_letterbox_box_recall_50"] = r["tessera_letterbox"]["box_recall_50"]

@@ -16,6 +16,7 @@ package (the main checkout's code), so their HTTP columns compared main with its
 from __future__ import annotations
 
 import io
+import inspect
 import json
 import os
 import statistics
@@ -82,7 +83,10 @@ def stage_times(pred, png: bytes, encode=None) -> dict:
         tiled = pred.scale is not None and x.shape[-1] * x.shape[-2] > pred.tile ** 2
         logits = pred._tiled_logits(x) if tiled else pred._forward(x)[2]
         laps.lap("forward")
-        probs = pred._unletterbox(logits[0], sizes[0], image.shape[:2])
+        if "image" in inspect.signature(pred._unletterbox).parameters:   # since stop 30 masks follow the
+            probs = pred._unletterbox(logits[0], sizes[0], image.shape[:2], image)   # image's edges there
+        else:
+            probs = pred._unletterbox(logits[0], sizes[0], image.shape[:2])
         laps.lap("upsample")
     p = pred._prediction(probs)
     laps.lap("instance_split")
