@@ -117,7 +117,8 @@ REFINE_SMALL_PX = 5.5
 # training images (1-3 model px, 0.03-1). The same checkpoints with and without (bench.label_model
 # --reuse NAME --edges-off-too, 600 iterations): DSB native (scale 0.5), seeds 0-2, foreground IoU 0.795 +-
 # 0.002 -> 0.810 +- 0.002 (+0.011 to +0.017), box recall 0.652 -> 0.650 and box AP50 0.560 -> 0.555 (-0.010
-# to +0.005); DSB at 256 px 0.796 -> 0.807; Pets (3 breeds) foreground level, mIoU 0.164 -> 0.186. The
+# to +0.005); 2,400 iterations, seeds 0 / 1: 0.810 / 0.808 -> 0.815 / 0.813 (box AP50 -0.001 / -0.016); DSB
+# at 256 px 0.796 -> 0.807; Pets (3 breeds) foreground level, mIoU 0.164 -> 0.186. The
 # price (one thread): 5-8 ms of CPU a 520x696 image, 75-95 ms at 2048 x 2048, where the logits' upsample is
 # 3 / 40; over HTTP (bench.speed --native) 76 -> 83 ms a 520x696 task, 0.93 -> 1.06 s at 2048 (this AMD host).
 EDGE_GUIDE_PX = 2
