@@ -1108,9 +1108,8 @@ def follow_edges(probs: np.ndarray, image: np.ndarray, size: tuple[int, int], ra
     h, w = size
     if h >= H and w >= W:
         return probs
+    # (the fit does not care about the grey's units: eps is relative to its variance)
     grey = image if image.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2GRAY)
-    if grey.dtype != np.uint8:
-        grey = cv2.normalize(grey.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     Il = cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
     pl = cv2.resize(probs[0], (w, h), interpolation=cv2.INTER_LINEAR)   # back on the grid it came from
     k = (2 * radius + 1, 2 * radius + 1)
