@@ -134,9 +134,10 @@ class Settings(BaseSettings):
                                   "the most regions that still reach this precision on the held-back tasks; 0 = "
                                   "the cut with the best F1.", ge=0.0, le=1.0)
     follow_edges: bool = env("TESSERA_FOLLOW_EDGES", True, "Fit predicted masks to the image's own edges where "
-                             "the model saw it smaller than its pixels (DSB 2018 native: +0.5 to +1.5 points of mask "
-                             "IoU, ~9% more CPU a 520x696 task); false: the masks of the network's grid, upsampled. "
-                             "Box-only models never do.")
+                             "the model saw it smaller than its pixels, when the served version chose to on its "
+                             "held-back tasks (DSB 2018 native: +0.5 to +1.5 points of mask IoU, ~9% more CPU a "
+                             "520x696 task); false: never, the masks of the network's grid, upsampled. Box-only "
+                             "models never do.")
     sort: Literal["priority", "score"] = env(
         "TESSERA_SORT", "priority", "What a task's prediction score ranks by: `priority` (1 - uncertainty x "
         "how unlike the version's labelled images the task is: the lowest first are the tasks worth labelling "

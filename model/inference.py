@@ -113,16 +113,25 @@ REFINE_SMALL_PX = 5.5
 # https://arxiv.org/abs/1505.00996) whose linear coefficients are fitted on the model's grid in windows of
 # EDGE_GUIDE_PX model px around each pixel, with the grey image as the guide and EDGE_GUIDE_EPS x the image's
 # variance as the regulariser, then applied at the image's size. The other labels keep their shares of the
-# foreground, so the boundary class still parts touching objects. Radius and eps chosen on 62 DSB native
-# training images (1-3 model px, 0.03-1). The same checkpoints with and without (bench.label_model
-# --reuse NAME --edges-off-too, 600 iterations): DSB native (scale 0.5), seeds 0-2, foreground IoU 0.795 +-
-# 0.002 -> 0.810 +- 0.002 (+0.011 to +0.017), box recall 0.652 -> 0.650 and box AP50 0.560 -> 0.555 (-0.010
-# to +0.005); 2,400 iterations, seeds 0 / 1: 0.810 / 0.808 -> 0.815 / 0.813 (box AP50 -0.001 / -0.016); DSB
-# at 256 px 0.796 -> 0.807; Pets (3 breeds) foreground level, mIoU 0.164 -> 0.186. The
-# price (one thread): 5-8 ms of CPU a 520x696 image, 75-95 ms at 2048 x 2048, where the logits' upsample is
-# 3 / 40; over HTTP (bench.speed --native) 76 -> 83 ms a 520x696 task, 0.93 -> 1.06 s at 2048 (this AMD host).
+# foreground, so the boundary class still parts touching objects. Radius 2 chosen on 62 DSB native training
+# images (1-3 model px, 600 iterations). eps 0.1 then (of 0.03-1); stop 31 tried 0.003-0.3 with radii 1-4 on
+# every checkpoint below: 0.03 scored at least 0.1's fg IoU, box AP50 and box recall on each (+0.000 to
+# +0.002 fg IoU, +0.001 to +0.009 AP50), also on 62 training images of the 2,400-iteration model (0.8195 vs
+# 0.8172, AP50 0.704 vs 0.691), and it costs a perfect prediction less (DSB native's true masks at scale 0.5:
+# 0.980 -> 0.924, 0.917 at 0.1): the fit bends the probabilities less toward the window's mean. The same
+# checkpoints with and without (bench.label_model --reuse NAME --edges-off-too, 600 iterations, eps 0.1):
+# DSB native (scale 0.5), seeds 0-2, foreground IoU 0.795 +- 0.002 -> 0.810 +- 0.002, box recall 0.652 ->
+# 0.650 and box AP50 0.560 -> 0.555; 2,400 iterations, seeds 0 / 1: 0.810 / 0.808 -> 0.815 / 0.813 (box AP50
+# -0.001 / -0.016); DSB at 256 px 0.796 -> 0.807; Pets (3 breeds) foreground level, mIoU 0.164 -> 0.186
+# (eps 0.03: bench/HISTORY.md, stop 31). Each version decides on its held-back tasks whether its masks
+# follow the edges at all (train_vqvae.choose_follow_edges). refine() does not: on its windows (stop 31,
+# bench.interactive, 3 hint draws) DSB 256 px at 600 iterations lost 0.02 on box and clump-click hints (box
+# 0.837 vs 0.859, clump 0.629 vs 0.651, scribble +0.007), DSB native at 2,400 was level (scribble +0.013, disk
+# -0.009), the demo's images unchanged. The price (one thread): 5-8 ms of CPU a 520x696
+# image, 75-95 ms at 2048 x 2048, where the logits' upsample is 3 / 40; over HTTP (bench.speed --native) 76
+# -> 83 ms a 520x696 task, 0.93 -> 1.06 s at 2048 (this AMD host).
 EDGE_GUIDE_PX = 2
-EDGE_GUIDE_EPS = 0.1
+EDGE_GUIDE_EPS = 0.03
 BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (3 images of 312x424, 20 of 160x160)
 TRACE_SHAPES = 8    # predict(): traced network passes kept per Predictor, one per input shape (model/traced.py)
 # Speed alone does not justify compiling the forward pass (issue 10, 312x424, 1 thread of this 2-core VM):
@@ -509,8 +518,9 @@ class Predictor:
         # a box head's outputs averaged with the mirror image's (boxhead.flip_average); off for a head never
         # shown mirror images in training
         self.box_flip = self.has_box_head and box_flip
-        # predict()'s masks follow the image's edges where it was seen smaller (follow_edges); box models'
-        # regions are their boxes, so they skip it
+        # predict()'s masks follow the image's edges where it was seen smaller (follow_edges), unless the
+        # version learned on its held-back tasks that its own outlines are better (from_checkpoint); box
+        # models' regions are their boxes, so they skip it
         self.follow_edges = box_shrink >= 1.0
         # (M, D) image embeddings of the images this version learned from (model/acquisition.py), which
         # rank tasks by what labelling them would add; None: the plain confidence ranks them
@@ -538,6 +548,9 @@ class Predictor:
                         scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
                         box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace,
                         box_flip=bool(tc.get("flips", True)))
+        edges = ckpt.get("follow_edges")                 # learned per version (train_vqvae.choose_follow_edges);
+        if edges is not None:                            # absent before stop 31 and without held-back tasks: on
+            predictor.follow_edges = predictor.follow_edges and bool(edges.get("on", True))
         ref = ckpt.get("labelled_embeddings")            # absent in checkpoints from before stop 25
         if isinstance(ref, torch.Tensor) and ref.ndim == 2 and len(ref):
             predictor.reference = ref.float().numpy()

@@ -209,19 +209,57 @@ def test_masks_follow_the_image_edges_where_the_model_saw_it_smaller():
     assert np.array_equal(follow_edges(same, image, (160, 160)), probs)
 
 
-def test_the_served_predictor_follows_edges_unless_turned_off(tmp_path):
-    """TESSERA_FOLLOW_EDGES: on by default for mask models (the probabilities then differ from the grid's), off when
-    set false; box models never."""
+def test_the_served_predictor_follows_its_versions_choice_unless_turned_off(tmp_path):
+    """A mask model decides on its held-back tasks whether its masks follow the image's edges, keeps the choice
+    (and what it rests on) in the checkpoint, and the served predictor applies it; TESSERA_FOLLOW_EDGES=false
+    turns it off; checkpoints from before the choice follow the edges; box models never do."""
     from tessera.backend.predictions import _load_predictor
     from tessera.backend.settings import Settings
+    from tessera.model.checkpoint import save_checkpoint
 
     samples = make_nuclei(6, size=(96, 128), seed=2)
     cfg = TrainConfig(max_iters=2, batch_size=2, device="cpu", eval_interval=1, resolution=64, crop=32,
                       widths=(8, 16, 16, 16), codebook_size=16, embed_dim=8, object_px=3.0)
     ckpt = train(cfg, samples[:4], samples[4:], ["nucleus"], tmp_path / "m.pt")
-    on = _load_predictor(ckpt, "cpu", Settings())
-    off = _load_predictor(ckpt, "cpu", Settings(follow_edges=False))
-    assert on.follow_edges and not off.follow_edges and on.scale < 1
+    c = load_checkpoint(ckpt, "vqvae")
+    edges = c["follow_edges"]
+    assert edges["n_images"] == 2 and edges["on"] == (edges["miou_on"] > edges["miou_off"])
+    assert c["metrics"]["follow_edges"] == edges["on"] and c["metrics"]["follow_edges_images"] == 2
+    assert _load_predictor(ckpt, "cpu", Settings()).follow_edges == edges["on"]
+    served = {}
+    for on in (True, False, None):                  # None: a checkpoint from before the choice
+        c["follow_edges"] = None if on is None else {**edges, "on": on}
+        save_checkpoint(c, tmp_path / f"{on}.pt")
+        served[on] = _load_predictor(tmp_path / f"{on}.pt", "cpu", Settings())
+        assert served[on].follow_edges == (on is not False)
+        assert not _load_predictor(tmp_path / f"{on}.pt", "cpu", Settings(follow_edges=False)).follow_edges
+    assert served[True].scale < 1
     image = samples[5].image
-    assert not np.allclose(on._probabilities([image])[0], off._probabilities([image])[0], atol=1e-4)
+    assert not np.allclose(served[True]._probabilities([image])[0], served[False]._probabilities([image])[0],
+                           atol=1e-4)
     assert not Predictor(_tiny_model(), ["nucleus"], device="cpu", scale=0.5, box_shrink=0.6).follow_edges
+
+
+def test_a_version_keeps_the_outlines_its_held_back_tasks_agree_with(trained_model_dir):
+    """The choice follows the held-back labels: where they are the masks the network draws itself (a project
+    whose people accepted its outlines), following the image's edges only moves them away, so it stays off;
+    where they are the edge-following masks, it is on. A box model has no choice to make."""
+    from tessera.model.data import Sample
+    from tessera.model.train_vqvae import choose_follow_edges
+
+    ckpt = next(p for p in sorted(trained_model_dir.rglob("model.pt")))
+    pred = Predictor.from_checkpoint(ckpt, device="cpu")
+    pred.scale = 0.5                                # the images seen at half their pixels, where the filter acts
+    images = [s.image for s in make_nuclei(4, size=192, seed=5)]
+    for truth_on in (False, True):
+        pred.follow_edges = truth_on
+        held = [Sample(im, p.classes, p.instances, id=str(i))
+                for i, (im, p) in enumerate(zip(images, pred.predict(images, cut=False)))]
+        assert sum(int(p.classes.any()) for p in held) >= 3
+        pred.follow_edges = True
+        edges = choose_follow_edges(pred, held)
+        assert edges["on"] is truth_on and pred.follow_edges is truth_on and edges["n_images"] == 4
+        own, other = (edges["miou_on"], edges["miou_off"]) if truth_on else (edges["miou_off"], edges["miou_on"])
+        assert own == 1.0 and other < 1.0, edges
+    box = Predictor(_tiny_model(), ["nucleus"], device="cpu", scale=0.5, box_shrink=0.6)
+    assert choose_follow_edges(box, held) is None and not box.follow_edges
