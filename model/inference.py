@@ -762,7 +762,8 @@ class Predictor:
         """predict() in two parts: the network passes of every image now, and per image a function that
         finishes its Prediction (upsampling, instance split, region cut) when called, from any thread
         (/predict: a failure there empties only that image's task); predict(images) == [f() for f in
-        predict_parts(images)]."""
+        predict_parts(images)]. A function may be called again (it reads the passes, never changes them),
+        e.g. after follow_edges was switched."""
         if not images:
             return []
         dets = [None] * len(images) if self.has_box_head else None

@@ -441,11 +441,14 @@ def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size:
     if not predictor.follow_edges or not samples:
         return None
     C = predictor.n_classes
-    scores = {}
-    for on in (False, True):
-        predictor.follow_edges = on
-        raws = raw_predictions(predictor, samples, batch_size)
-        scores[on] = float(np.mean([metrics.mean_iou(p.classes, s.classes, C) for p, s in zip(raws, samples)]))
+    ious = {False: [], True: []}
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i:i + batch_size]
+        for finish, s in zip(predictor.predict_parts([s.image for s in batch], cut=False), batch):
+            for on in (False, True):                          # one network pass, finished both ways
+                predictor.follow_edges = on
+                ious[on].append(metrics.mean_iou(finish().classes, s.classes, C))
+    scores = {on: float(np.mean(v)) for on, v in ious.items()}
     predictor.follow_edges = scores[True] > scores[False]    # a tie (no image seen smaller): skip its cost
     return {"on": predictor.follow_edges, "miou_on": scores[True], "miou_off": scores[False],
             "n_images": len(samples)}
