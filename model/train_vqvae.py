@@ -435,7 +435,7 @@ def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size:
     samples: on only where it raises their mean per-image mIoU. The filter helps a model that saw the image
     smaller than its pixels and was unsure at the outlines (DSB native, 600 iterations: fg IoU +0.015), less
     as the model gets better (2,400 iterations: +0.005), and it costs a perfect prediction (DSB native's true
-    masks at scale 0.5: 0.980 -> 0.927): a version that already draws the project's outlines keeps its own.
+    masks at scale 0.5: 0.980 -> 0.924): a version that already draws the project's outlines keeps its own.
     Sets predictor.follow_edges; returns what the checkpoint keeps, or None when the predictor has no choice
     to make (a box model, or no samples)."""
     if not predictor.follow_edges or not samples:
