@@ -90,13 +90,16 @@ def bench_model(work: Path, overrides: dict | None = None, models: str = "models
     """A label model trained for a few iterations on procedural nuclei, registered under work/<models>: the
     checkpoint both speed modes time (speed does not depend on what the weights learned, only on the
     architecture and the object scale they were trained at). `overrides`: TrainConfig fields of the run
-    (an architecture to time, e.g. {"stem_stride": 2, "widths": (32, 64, 96)})."""
+    (an architecture to time, e.g. {"stem_stride": 2, "widths": (32, 64, 96)}). Its masks follow the image's
+    edges whatever the version chose on its 2 held-back images (train_vqvae.choose_follow_edges): the timing
+    holds the filter's cost, as a project whose version kept it pays."""
     import dataclasses
     from unittest import mock
 
     from tessera.backend import training
     from tessera.backend.store import DEFAULT_KEY
     from tessera.backend.settings import Settings
+    from tessera.model.checkpoint import load_checkpoint, save_checkpoint
     from tessera.model.data import make_nuclei
 
     samples = make_nuclei(12, size=256, seed=3)
@@ -105,7 +108,11 @@ def bench_model(work: Path, overrides: dict | None = None, models: str = "models
                            lambda *a, **k: dataclasses.replace(plain(*a, **k), **(overrides or {}))):
         training._train_and_register(Settings(model_dir=work / models), DEFAULT_KEY, samples[:10], samples[10:],
                                      ["Nucleus"], "speed bench", iters=20, progress=lambda i: None)
-    return next((work / models / "default" / "versions").glob("v*/model.pt"))
+    path = next((work / models / "default" / "versions").glob("v*/model.pt"))
+    ckpt = load_checkpoint(path, "vqvae")
+    ckpt["follow_edges"] = None                 # as a checkpoint from before the choice: on
+    save_checkpoint(ckpt, path)
+    return path
 
 
 def main() -> None:
