@@ -312,7 +312,8 @@ def _utf8(value: str | None) -> bytes:
 
 
 SERVED_FIGURES = ("val_iou", "val_score", "mask_iou", "metric", "box_ap50", "precision", "recall", "f1", "class_recall",
-                  "class_ap50", "missed_classes", "regions_per_image", "true_per_image", "region_cut", "n_val")
+                  "class_ap50", "missed_classes", "regions_per_image", "true_per_image", "region_cut", "n_val",
+                  "follow_edges")
 
 
 def served_figures(cache: ModelCache, key: str) -> dict | None:

@@ -90,13 +90,14 @@ def test_status_and_versions_say_plainly_when_a_class_is_missed(settings, capsys
     f.write_bytes(b"stub")
     metrics = {"label_names": ["Cell", "Platelet"], "val_iou": 0.6, "box_ap50": 0.41, "precision": 0.73,
                "recall": 0.65, "class_recall": {"Cell": 0.9, "Platelet": 0.0}, "missed_classes": ["Platelet"],
-               "region_cut": {"min_score": 0.8, "min_area": 12.0, "nms_iou": 0.5, "source": "learned f1"}}
+               "region_cut": {"min_score": 0.8, "min_area": 12.0, "nms_iou": 0.5, "source": "learned f1"},
+               "follow_edges": False}
     ModelCache(settings).registry("7").add(f, metrics, promote=True, kind="label")
     app = create_app(settings, runner=RecordingRunner(), cache=ModelCache(settings, loader=lambda p, d: None))
     served = app.test_client().get("/status?project=7").json["served"]
     assert served["precision"] == 0.73 and served["recall"] == 0.65 and served["val_iou"] == 0.6
     assert served["missed_classes"] == ["Platelet"] and "Platelet" in served["warning"]
-    assert served["region_cut"]["min_score"] == 0.8
+    assert served["region_cut"]["min_score"] == 0.8 and served["follow_edges"] is False
 
     class Args:
         project, json = "7", False
