@@ -29,13 +29,6 @@ from tessera.model.data import load_folder, split_ids
 EPS = (0.01, 0.03, 0.1)
 
 
-def median_size(instances: np.ndarray) -> float | None:
-    """Median object size (sqrt of its area, px), as the training's object scale measures it."""
-    counts = np.bincount(instances.ravel().astype(np.intp))[1:]
-    counts = counts[counts > 0]
-    return float(np.median(np.sqrt(counts))) if counts.size else None
-
-
 def ceiling(val, scale: float) -> dict:
     plain, edges = [], {e: [] for e in EPS}
     for s in val:
@@ -65,8 +58,8 @@ def per_image_scale(val, names, ckpt) -> dict:
         return out
 
     first = run([learned] * len(val))
-    own = [clip(median_size(p.instances)) for p in first]
-    arms = {"learned": first, "truth_size": run([clip(median_size(s.instances)) for s in val]),
+    own = [clip(inference.median_object_size(p.instances)) for p in first]
+    arms = {"learned": first, "truth_size": run([clip(inference.median_object_size(s.instances)) for s in val]),
             "first_pass_size": run(own),
             "first_pass_size_if_1.3x": run([q if abs(np.log(q / learned)) > np.log(1.3) else learned for q in own])}
     return {"learned_scale": learned, "object_px": object_px,

@@ -244,15 +244,17 @@ def object_scale(samples_instances, object_px: float, max_scale: float = 1.0, mi
     Object size = sqrt(area) of each instance; the median per image, then over images (so a few crowded
     images do not decide it). Training crops and inference both work at this one scale, so detail follows
     the objects rather than the image size."""
-    sizes = []
-    for inst in samples_instances:
-        counts = np.bincount(np.asarray(inst).ravel().astype(np.intp))[1:]
-        counts = counts[counts > 0]
-        if counts.size:
-            sizes.append(float(np.median(np.sqrt(counts))))
+    sizes = [m for m in map(median_object_size, samples_instances) if m is not None]
     if not sizes:
         return max_scale
     return float(np.clip(object_px / float(np.median(sizes)), min_scale, max_scale))
+
+
+def median_object_size(instances) -> float | None:
+    """Median object size (sqrt of its pixel count) of one instance map; None when it holds no object."""
+    counts = np.bincount(np.asarray(instances).ravel().astype(np.intp))[1:]
+    counts = counts[counts > 0]
+    return float(np.median(np.sqrt(counts))) if counts.size else None
 
 
 def letterbox_floor(shapes, resolution: int) -> float:
