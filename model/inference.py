@@ -133,6 +133,9 @@ REFINE_SMALL_PX = 5.5
 EDGE_GUIDE_PX = 2
 EDGE_GUIDE_EPS = 0.03
 BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (3 images of 312x424, 20 of 160x160)
+# a mask model's head (TrainConfig.mask_box_head) reads the image once: the mirror pass (boxhead.flip_average)
+# would double the encoder's share of every task, for RectangleLabels alone (measured: bench/HISTORY.md stop 32)
+HEAD_FLIP_BESIDE_MASKS = False
 TRACE_SHAPES = 8    # predict(): traced network passes kept per Predictor, one per input shape (model/traced.py)
 # Speed alone does not justify compiling the forward pass (issue 10, 312x424, 1 thread of this 2-core VM):
 # torch.jit.trace + freeze under bf16 autocast was no faster (207 vs 186 ms best of 6; stop 20, 3 images per
@@ -439,6 +442,10 @@ class Prediction:
     slices: dict[int, tuple[slice, slice]] | None = field(default=None, repr=False, compare=False)
     # id -> pixel count of its mask, when already counted (split_instances counts them; the region cut uses them)
     areas: dict[int, int] | None = field(default=None, repr=False, compare=False)
+    # a mask model that also learned the detection head (TrainConfig.mask_box_head): the head's boxes as a box
+    # model's Prediction of the same image, after their own cut (Predictor.box_cut): what a RectangleLabels
+    # control gets (backend/predictions.prediction_to_results)
+    head: "Prediction | None" = field(default=None, repr=False, compare=False)
 
 
 def cut_regions(pred: Prediction, cut: RegionCut, copy: bool = True) -> Prediction:
@@ -466,7 +473,7 @@ def cut_regions(pred: Prediction, cut: RegionCut, copy: bool = True) -> Predicti
     keep = {ids[i] for i in kept_regions(scores, areas, boxes, cut, classes)}
     if len(keep) == len(ids):
         return Prediction(pred.classes, pred.instances, pred.instance_label, pred.instance_score, pred.score,
-                          pred.boxes, slices, pred.areas)
+                          pred.boxes, slices, pred.areas, pred.head)
     # the dropped objects erased within their bounding boxes (a box model's painted boxes: where each is the
     # top one), not the maps remapped whole: two full-map lookups cost 1.5-2 ms at 520x696 (stop 23)
     dropped = [k for k in ids if k not in keep]
@@ -483,7 +490,7 @@ def cut_regions(pred: Prediction, cut: RegionCut, copy: bool = True) -> Predicti
                       {k: v for k, v in pred.instance_score.items() if k in keep}, pred.score,
                       None if pred.boxes is None else {k: v for k, v in pred.boxes.items() if k in keep},
                       None if slices is None else {k: v for k, v in slices.items() if k in keep},
-                      None if pred.areas is None else {k: v for k, v in pred.areas.items() if k in keep})
+                      None if pred.areas is None else {k: v for k, v in pred.areas.items() if k in keep}, pred.head)
 
 
 class Predictor:
@@ -517,6 +524,10 @@ class Predictor:
         self.box_shrink = box_shrink    # < 1: a box model, its objects are box centres ...
         self.box_grow = box_grow or 1.0 / box_shrink   # ... grown back by this (learned, else 1 / shrink)
         self.has_box_head = model.box_head is not None  # boxes from the detection head (model/boxhead.py)
+        # a mask model with a head (TrainConfig.mask_box_head): masks as any mask model's, and the head's boxes
+        # beside them in Prediction.head, kept by their own cut
+        self.head_beside_masks = self.has_box_head and box_shrink >= 1.0
+        self.box_cut = RegionCut()
         # a box head's outputs averaged with the mirror image's (boxhead.flip_average); off for a head never
         # shown mirror images in training
         self.box_flip = self.has_box_head and box_flip
@@ -533,6 +544,8 @@ class Predictor:
         # off by default: a trace costs ~1 s per shape, which a short-lived Predictor (training's validation,
         # benchmarks) never earns back; the server's turns it on
         self._passes = TracedPasses(_PredictPass(self), size=TRACE_SHAPES) if trace else _PredictPass(self)
+        self._trace = trace
+        self._mask_passes = None        # a mask model's passes without its head, for calls that want no boxes
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision_target: float = 0.0,
@@ -546,10 +559,15 @@ class Predictor:
         tc = ckpt.get("train_config") or {}
         scale = ckpt.get("scale")
         cut = resolve_cut(ckpt.get("region_cut"), precision_target, min_score)
+        box_shrink = float(tc.get("box_shrink", 1.0))
         predictor = cls(model, ckpt["label_names"], version, device, edge_weight=float(tc.get("boundary_weight", 1.0)),
-                        scale=float(scale) if scale else None, cut=cut, box_shrink=float(tc.get("box_shrink", 1.0)),
+                        scale=float(scale) if scale else None, cut=cut, box_shrink=box_shrink,
                         box_grow=(ckpt.get("region_cut") or {}).get("box_grow"), trace=trace,
-                        box_flip=bool(tc.get("flips", True)))
+                        box_flip=bool(tc.get("flips", True)) and (box_shrink < 1.0 or HEAD_FLIP_BESIDE_MASKS))
+        if predictor.head_beside_masks:                  # the head's boxes have a cut of their own ...
+            predictor.box_cut = resolve_cut(ckpt.get("box_cut"), precision_target, min_score)
+            if (ckpt.get("box_cut") or {}).get("rectangles") == "masks":   # ... unless the masks' boxes won
+                predictor.has_box_head = predictor.head_beside_masks = False       # (train_vqvae.rectangles_from)
         edges = ckpt.get("follow_edges")                 # learned per version (train_vqvae.choose_follow_edges);
         if edges is not None:                            # absent before stop 31 and without held-back tasks: on
             predictor.follow_edges = predictor.follow_edges and bool(edges.get("on", True))
@@ -660,9 +678,15 @@ class Predictor:
         return decode_boxes(heat.float().sigmoid(), size, offset, self.model.box_head.stride)
 
     @torch.inference_mode()
-    def _net(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    def _net(self, x: torch.Tensor, head: bool = True) -> tuple[torch.Tensor, tuple | None]:
         """predict()'s network pass: (B, 3, H, W) -> label logits (B, L, H, W) float32 and the box head's
-        outputs (None without one), through the trace for x's shape when there is one."""
+        outputs (None without one, or for a mask model's head when `head` is False: a fifth of a 520x696
+        image's pass), through the trace for x's shape when there is one."""
+        if self.has_box_head and not head:
+            if self._mask_passes is None:
+                masks_only = _PredictPass(self, head=False)
+                self._mask_passes = TracedPasses(masks_only, size=TRACE_SHAPES) if self._trace else masks_only
+            return self._mask_passes(x)[0], None
         out = self._passes(x)
         return out[0], (tuple(out[1:]) if self.has_box_head else None)
 
@@ -688,7 +712,7 @@ class Predictor:
         for i in range(0, len(spots), batch):
             group = spots[i:i + batch]
             tiles = torch.cat([x[:, :, y:y + th, x0:x0 + tw] for y, x0 in group])  # (b, 3, th, tw)
-            logits, heads = self._net(tiles)
+            logits, heads = self._net(tiles, head=dets is not None)
             if dets is not None:
                 for (y, x0), d in zip(group, self._boxes(heads)):
                     d = d + [x0, y, x0, y, 0, 0]
@@ -701,7 +725,7 @@ class Predictor:
         return out / total
 
     def _prediction(self, probs: np.ndarray, dets: np.ndarray | None = None) -> Prediction:
-        if dets is not None:
+        if dets is not None and not self.head_beside_masks:
             return _box_prediction(dets, probs)
         classes, inst, labels, scores, areas = split_instances(probs, self.n_classes, self.min_area, self.edge_weight,
                                                                with_areas=True)
@@ -711,7 +735,8 @@ class Predictor:
             ids = sorted(labels)
             grown = grow_boxes(instance_boxes(inst, ids), 1.0 / self.box_grow, *inst.shape)
             boxes = {k: tuple(float(v) for v in b) for k, b in zip(ids, grown)}
-        return Prediction(classes, inst, labels, scores, score, boxes, areas=areas)
+        head = None if dets is None else _head_prediction(dets, score)   # a mask model's head (box_cut)
+        return Prediction(classes, inst, labels, scores, score, boxes, areas=areas, head=head)
 
     def _logits(self, images: list[np.ndarray], dets: list | None = None) -> list[tuple]:
         """The network's part of _probabilities: per image (logits (L, h', w'), size at the model (h', w'))
@@ -742,7 +767,7 @@ class Predictor:
                 part = idx[s:s + step]
                 with torch.inference_mode():
                     x, sizes = self._prepare([images[i] for i in part])
-                    logits, heads = self._net(x)
+                    logits, heads = self._net(x, head=dets is not None)
                 found = self._boxes(heads) if dets is not None else [None] * len(part)
                 for i, lg, size, d in zip(part, logits, sizes, found):
                     out[i] = (lg, size)
@@ -755,12 +780,13 @@ class Predictor:
         return [self._unletterbox(lg, size, im.shape[:2], im)
                 for (lg, size), im in zip(self._logits(images, dets), images)]
 
-    def predict(self, images: list[np.ndarray], cut: bool = True) -> list[Prediction]:
+    def predict(self, images: list[np.ndarray], cut: bool = True, boxes: bool = True) -> list[Prediction]:
         """Label maps for a batch of (H, W, 3) uint8 images of any sizes; with `cut` only the regions
-        the version's region cut keeps."""
-        return [finish() for finish in self.predict_parts(images, cut)]
+        the version's region cut keeps. `boxes` False: a mask model's head boxes are not wanted (no
+        RectangleLabels control), so its head is not run (Prediction.head None)."""
+        return [finish() for finish in self.predict_parts(images, cut, boxes)]
 
-    def predict_parts(self, images: list[np.ndarray], cut: bool = True) -> list:
+    def predict_parts(self, images: list[np.ndarray], cut: bool = True, boxes: bool = True) -> list:
         """predict() in two parts: the network passes of every image now, and per image a function that
         finishes its Prediction (upsampling, instance split, region cut) when called, from any thread
         (/predict: a failure there empties only that image's task); predict(images) == [f() for f in
@@ -768,7 +794,7 @@ class Predictor:
         e.g. after follow_edges was switched."""
         if not images:
             return []
-        dets = [None] * len(images) if self.has_box_head else None
+        dets = [None] * len(images) if self.has_box_head and (boxes or not self.head_beside_masks) else None
         logits = self._logits(images, dets)
 
         def finisher(i: int):
@@ -776,7 +802,11 @@ class Predictor:
                 lg, size = logits[i]
                 p = self._prediction(self._unletterbox(lg, size, images[i].shape[:2], images[i]),
                                      dets[i] if dets else None)
-                return cut_regions(p, self.cut, copy=False) if cut else p   # p is this function's own
+                if not cut:
+                    return p
+                if p.head is not None:
+                    p.head = cut_regions(p.head, self.box_cut, copy=False)
+                return cut_regions(p, self.cut, copy=False)                 # p is this function's own
             return finish
 
         return [finisher(i) for i in range(len(images))]
@@ -1069,15 +1099,16 @@ class _PredictPass(torch.nn.Module):
     """Predictor._forward's label logits, and the box head's outputs when there is one, as one module
     (what TracedPasses traces): x -> (logits,) or (logits, heat logits, log size, offset)."""
 
-    def __init__(self, predictor: "Predictor"):
+    def __init__(self, predictor: "Predictor", head: bool = True):
         super().__init__()
         self.model = predictor.model            # a submodule: its weights are the trace's parameters
         self.predictor = predictor
+        self.head = head                        # False: the logits alone, even from a model with a head
 
     def forward(self, x: torch.Tensor):
         p = self.predictor
         feats, _, logits = p._forward(x)
-        if not p.has_box_head:
+        if not (p.has_box_head and self.head):
             return (logits,)
         with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.bf16):
             heads = p.model.detect(feats)
@@ -1172,6 +1203,17 @@ def _box_prediction(dets: np.ndarray, probs: np.ndarray) -> Prediction:
     ids = range(1, len(d) + 1)
     return Prediction(classes, instances, {k: int(d[k - 1, 5]) for k in ids}, {k: float(d[k - 1, 4]) for k in ids},
                       task_score(1 - probs[0], probs[0] < 0.5), {k: tuple(float(v) for v in d[k - 1, :4]) for k in ids})
+
+
+def _head_prediction(dets: np.ndarray, score: float) -> Prediction:
+    """A mask model's head boxes (N, 6) in image px -> a Prediction of boxes alone: ids 1..N by descending
+    score, and empty maps (nothing reads them: its boxes are its regions, and painting them at the image's size
+    cost ~3 ms a 520x696 image)."""
+    d = dets[np.argsort(-dets[:, 4], kind="stable")]
+    ids = range(1, len(d) + 1)
+    empty = np.zeros((0, 0), np.int32)
+    return Prediction(empty, empty.copy(), {k: int(d[k - 1, 5]) for k in ids}, {k: float(d[k - 1, 4]) for k in ids},
+                      score, {k: tuple(float(v) for v in d[k - 1, :4]) for k in ids})
 
 
 def _starts(n: int, tile: int, overlap: int) -> tuple[int, list[int]]:

@@ -391,10 +391,11 @@ def pred_objects(pred) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, n
 
 
 def image_record(pred, sample) -> ImageRecord:
-    """Raw regions of one held-back image against its truth: box IoU for box samples, mask IoU else."""
+    """Raw regions of one held-back image against its truth: box IoU for box samples and for a box model's
+    regions (a mask model's head judged on the boxes of the true masks), mask IoU else."""
     ids, boxes, areas, scores, classes = pred_objects(pred)
     t_boxes, _ = true_objects(sample)
-    if sample.boxes is not None:
+    if sample.boxes is not None or pred.boxes is not None:
         ious = metrics.box_iou(boxes, t_boxes)
         t_areas = (t_boxes[:, 2] - t_boxes[:, 0]) * (t_boxes[:, 3] - t_boxes[:, 1])
     else:

@@ -33,8 +33,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_args
 from .data import Sample
 from .inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, letterbox_floor,
-                        normalize_image, object_scale, pad_target, pad_to, resize, resolve_device, scaled_size,
-                        soft_target, vqvae_from_checkpoint)
+                        median_object_size, normalize_image, object_scale, pad_target, pad_to, resize,
+                        resolve_device, scaled_size, soft_target, vqvae_from_checkpoint)
 from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
                                scale_boxes, spread_subset, true_objects)
 from .boxhead import box_losses, encode_boxes
@@ -131,8 +131,35 @@ class TrainConfig:
     box_shrink: float = 1.0          # < 1: samples are box-labelled, their label maps hold box centres this size
     box_head: bool = True            # box-labelled (box_shrink < 1): also learn a detection head whose boxes
                                      # are the predictions (model/boxhead.py); False: centres grown into boxes
+    mask_box_head: bool = True       # mask-labelled runs also learn the detection head, on boxes taken from the
+                                     # instance maps; its boxes are what a RectangleLabels control gets (before:
+                                     # the masks' bounding boxes). The model keeps the masks' scale, state
+                                     # selection and region cut; the head gets its own cut (box_cut). Learning
+                                     # where each object is and how large also parts the masks' touching objects
+                                     # better: DSB native, 600 iterations, seeds 0-2 (stop 32, bench/HISTORY.md):
+                                     # the masks' box AP50 0.587 / 0.546 / 0.539 -> 0.639 / 0.647 / 0.625, box
+                                     # recall 0.677 / 0.634 / 0.649 -> 0.733 / 0.722 / 0.706, fg IoU 0.811 /
+                                     # 0.810 / 0.812 -> 0.814 / 0.815 / 0.812; the head's own boxes AP50 0.746
+                                     # / 0.742 / 0.731, recall 0.813 / 0.812 / 0.800
+    mask_head_max_px: float = 32.0   # ... only where the median object is at most this many model px across at
+                                     # the masks' scale (the head's cells see an object's middle; a box model's
+                                     # object_px above 24 lost AP50, see box_object_px). Pets' whole animals
+                                     # (~68 model px) got head AP50 0.39-0.46 against the masks' boxes' 0.77, and
+                                     # learning it cost their masks (seed 1: instance recall 0.737 -> 0.667,
+                                     # mIoU 0.245 -> 0.209); DSB's nuclei are ~7 (6.6 at 256 px, 7.6 native)
     box_weight: float = 1.0          # weight of the detection head's loss (tried 3 on Pets heads, 600 iterations,
                                      # seed 0: AP50 0.466 against 0.516, regions_pets_heads_600_bw3.json)
+    mask_box_weight: float = 1.0     # ... and of a mask model's head (mask_box_head), in runs of at least
+    mask_box_full_iters: int = 600   # this many iterations of the model's life (warm start's included); shorter
+                                     # runs weigh it by the square of their share (mask_head_weight). At full
+                                     # weight a short run's head took over the shared features: procedural
+                                     # nuclei, the tests' small model, 300 iterations: the instance split found
+                                     # no more objects than connected components at weight 1 or 0.5 (0.39 both),
+                                     # 0.515 against 0.379 at 0.25; default widths, 150 iterations: recall 0.295
+                                     # at 1, 0.369 at 0.25, 0.361 without a head. At 600 iterations weight 1 is
+                                     # the better: those nuclei 0.552 against 0.488 without a head, DSB native
+                                     # (bench.regions, seeds 0-2) masks' box AP50 0.653 against 0.606 at 0.25
+                                     # and the head's 0.742 against 0.717 (stop 33, bench/HISTORY.md)
     box_level: int = 1               # the detection head's finest feature level: cells of 2 ** box_level model
                                      # px. Tried 2 (4 px cells) on Pets heads, 600 iterations, seed 0: AP50
                                      # 0.452 against 0.516 (regions_pets_heads_600_level2.json): not the default
@@ -383,7 +410,8 @@ def compute_losses(model: VQVAE, x, target, cfg: TrainConfig, class_weight, code
         heads = model.detect(feats)
         targets = encode_boxes(boxes, model.config.box_classes, heads[0].shape[-2:], model.box_head.stride)
         out["box"] = box_losses(heads, {k: v.to(x.device) for k, v in targets.items()})["box"]
-        out["loss"] = out["loss"] + cfg.box_weight * out["box"]
+        weight = cfg.box_weight if cfg.box_shrink < 1.0 else cfg.mask_box_weight    # box model / mask model
+        out["loss"] = out["loss"] + weight * out["box"]
     out["rec"] = pix[r].mean() if r.any() else pix.new_zeros(())
     out["seg"] = pix[~r].mean() if (~r).any() else pix.new_zeros(())
     return out
@@ -467,10 +495,31 @@ def learn_cut(predictor: Predictor, samples: list[Sample], raws: list | None = N
         predictor.box_grow = box_grow
         for p in raws:
             p.boxes = scale_boxes(p.boxes, f, *p.instances.shape)
-    grid = cut_grid([image_record(p, s) for p, s in zip(raws, samples)], predictor.cut.nms_iou)
-    predictor.cut = choose_cut(grid, precision_target, predictor.cut.nms_iou)
-    return {"chosen": predictor.cut.to_dict(), "grid": grid, "nms_iou": predictor.cut.nms_iou,
-            "match": "box" if any(s.boxes is not None for s in samples) else "mask", "box_grow": box_grow}
+    predictor.cut, stored = _learned_cut(raws, samples, predictor.cut.nms_iou, precision_target)
+    return {**stored, "match": "box" if any(s.boxes is not None for s in samples) else "mask", "box_grow": box_grow}
+
+
+def learn_box_cut(predictor: Predictor, samples: list[Sample], raws: list, precision_target: float = 0.0) -> dict:
+    """The cut of a mask model's head boxes (Prediction.head of `raws`), learned on held-back samples against
+    the boxes of their objects as a box model's is; sets predictor.box_cut and returns what the checkpoint keeps."""
+    predictor.box_cut, stored = _learned_cut([p.head for p in raws], samples, predictor.box_cut.nms_iou,
+                                             precision_target)
+    return {**stored, "match": "box", "box_grow": None}
+
+
+def rectangles_from(metrics: dict) -> str:
+    """Where a mask model with a head draws its rectangles from, decided on its held-back figures: "head", or
+    "masks" (their bounding boxes) where those have the higher box AP50. The head's cells see an object's
+    middle: on DSB's nuclei it ranks boxes far better (600 iterations, AP50 0.73-0.75 against the masks'
+    0.63-0.65), on Pets' whole animals, each much larger than its receptive field, far worse (0.39 against
+    0.77; stop 32, bench/HISTORY.md)."""
+    return "head" if metrics.get("head_box_ap50", -1.0) >= metrics.get("box_ap50", 0.0) else "masks"
+
+
+def _learned_cut(raws: list, samples: list[Sample], nms_iou: float, precision_target: float) -> tuple:
+    grid = cut_grid([image_record(p, s) for p, s in zip(raws, samples)], nms_iou)
+    cut = choose_cut(grid, precision_target, nms_iou)
+    return cut, {"chosen": cut.to_dict(), "grid": grid, "nms_iou": nms_iou}
 
 
 def evaluate(predictor_or_ckpt, samples: list[Sample], batch_size: int = 8, raws: list | None = None) -> dict:
@@ -505,6 +554,11 @@ def evaluate(predictor_or_ckpt, samples: list[Sample], batch_size: int = 8, raws
            "mean_score": float(np.mean(scores)), "n_images": len(ious)}
     out.update(detection_metrics(raws, cut, samples, C, getattr(predictor, "label_names", None)))
     out["region_cut"] = cut.to_dict()
+    if raws and getattr(raws[0], "head", None) is not None:     # a mask model's head: what rectangles get
+        box_cut = getattr(predictor, "box_cut", None) or RegionCut()
+        head = detection_metrics([r.head for r in raws], box_cut, samples, C, getattr(predictor, "label_names", None))
+        out.update({f"head_{k}": v for k, v in head.items()})
+        out["head_region_cut"] = box_cut.to_dict()
     return out
 
 
@@ -529,8 +583,9 @@ def freeze_codes(model: VQVAE, frozen: bool) -> None:
 
 def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None) -> tuple[VQVAE, int]:
     """A fresh model from cfg, or the init_from checkpoint's when its label names match (warm start).
-    Box-labelled runs (box_shrink < 1 with box_head) get a detection head, added to a warm start without."""
-    box_classes = len(label_names) if cfg.box_head and cfg.box_shrink < 1.0 else 0
+    Box-labelled runs (box_shrink < 1 with box_head) get a detection head, added to a warm start without; so
+    do mask-labelled runs with mask_box_head."""
+    box_classes = len(label_names) if cfg.box_head and (cfg.box_shrink < 1.0 or cfg.mask_box_head) else 0
     if init_from is not None:
         ckpt = load_checkpoint(Path(init_from), kind="vqvae")
         if list(ckpt["label_names"]) == list(label_names):
@@ -602,19 +657,23 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     n_classes = len(label_names)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if cfg.mask_box_head and cfg.box_shrink >= 1.0:
+        px = mask_object_px(cfg, train)
+        if px is not None and px > cfg.mask_head_max_px:
+            logger.info("objects ~%.0f model px across: no detection head beside the masks (mask_head_max_px %g);"
+                        " rectangles are the masks' bounding boxes", px, cfg.mask_head_max_px)
+            cfg = dataclasses.replace(cfg, mask_box_head=False)
     model, iter0 = build_model(cfg, label_names, init_from)
     model.to(device).train()
     mc = model.config
-    object_px = cfg.box_object_px if model.box_head is not None and cfg.box_object_px > 0 else cfg.object_px
-    max_scale = cfg.box_max_scale if model.box_head is not None and cfg.box_max_scale > 0 else cfg.max_scale
-    scale = None
-    if object_px > 0:   # never below the letterbox's scale of a typical image (never above max_scale)
-        floor = min(letterbox_floor([s.image.shape[:2] for s in train], mc.resolution), max_scale)
-        if model.box_head is not None:
-            floor *= cfg.box_floor
-        scale = object_scale([s.instances for s in train], object_px, max_scale, min_scale=max(floor, 1 / 32))
+    box_model = model.box_head is not None and cfg.box_shrink < 1.0     # boxes are what it predicts (not masks)
+    if model.box_head is not None and not box_model and mask_head_weight(cfg, iter0) < cfg.mask_box_weight:
+        logger.info("a short run: the head's loss weighs %.3f (mask_box_full_iters %d)", mask_head_weight(cfg, iter0),
+                    cfg.mask_box_full_iters)
+        cfg = dataclasses.replace(cfg, mask_box_weight=mask_head_weight(cfg, iter0))
+    scale = train_scale(cfg, train, mc.resolution, box_model)
     logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
-    if model.box_head is not None and cfg.rot90 and upright(train):
+    if box_model and cfg.rot90 and upright(train):
         logger.info("the boxes sit off the images' middle: the images have an up, no quarter turns in training")
         cfg = dataclasses.replace(cfg, rot90=False)
     batcher = Batcher(train, dataclasses.replace(cfg, resolution=mc.resolution, boundary_width=mc.boundary_width),
@@ -628,12 +687,43 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
                cfg.bf16 and _bf16_ok(device), opt, progress)
 
 
+def train_scale(cfg: TrainConfig, train: list[Sample], resolution: int, box_model: bool) -> float | None:
+    """Model px per image px that training and inference see (None: letterbox whole images to R): the median
+    object at object_px (box_object_px for a box model), never below the letterbox's scale of a typical image
+    (box_floor of it for a box model), never above max_scale."""
+    object_px = cfg.box_object_px if box_model and cfg.box_object_px > 0 else cfg.object_px
+    max_scale = cfg.box_max_scale if box_model and cfg.box_max_scale > 0 else cfg.max_scale
+    if object_px <= 0:
+        return None
+    floor = min(letterbox_floor([s.image.shape[:2] for s in train], resolution), max_scale)
+    if box_model:
+        floor *= cfg.box_floor
+    return object_scale([s.instances for s in train], object_px, max_scale, min_scale=max(floor, 1 / 32))
+
+
+def mask_head_weight(cfg: TrainConfig, iter0: int = 0) -> float:
+    """The weight of a mask model's head loss in a run that starts at iteration iter0: mask_box_weight once
+    the model's training reaches mask_box_full_iters, by the square of its share of them before."""
+    return cfg.mask_box_weight * min(1.0, (iter0 + cfg.max_iters) / max(cfg.mask_box_full_iters, 1)) ** 2
+
+
+def mask_object_px(cfg: TrainConfig, train: list[Sample]) -> float | None:
+    """How many model px across a mask model sees the median training object (None: no object)."""
+    sizes = [m for m in (median_object_size(s.instances) for s in train) if m is not None]
+    if not sizes:
+        return None
+    scale = train_scale(cfg, train, cfg.resolution, box_model=False)
+    if scale is None:   # letterboxed: the median image's longest side at R
+        scale = letterbox_floor([s.image.shape[:2] for s in train], cfg.resolution)
+    return float(np.median(sizes)) * scale
+
+
 def _validate(run: Run, frac: float, last: bool) -> None:
     """Estimate on the validation set; keep the best state once the code predictor trains."""
     cfg, it = run.cfg, run.it
     est = estimate(run.model, run.val_set, cfg.batch_size, run.device, cfg.boundary_weight)
     key = "val_iou_r"
-    if cfg.box_select and run.model.box_head is not None and (frac >= cfg.vq_phase or last):
+    if cfg.box_select and run.model.box_head is not None and cfg.box_shrink < 1.0 and (frac >= cfg.vq_phase or last):
         est["val_box_ap50"], key = _box_ap50(run), "val_box_ap50"
     run.history.append({"iter": it, **est})
     logger.info("iter %d: val loss %.4f val iou@R %.4f code acc %.3f%s", it, est["val_loss"], est["val_iou_r"],
@@ -725,7 +815,7 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
     model.eval()
     train_s = time.time() - run.t_start
     result = {"iter_num": run.iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": run.scale}
-    region_cut = None
+    region_cut = box_cut = None
     predictor = Predictor(model, label_names, device=str(run.device), edge_weight=cfg.boundary_weight,
                           scale=run.scale, box_shrink=cfg.box_shrink)
     # what the served version ranks tasks against (model/acquisition.py): the people-labelled images
@@ -737,7 +827,11 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
         edges = choose_follow_edges(predictor, run.select_samples or val, cfg.batch_size)
         raws = raw_predictions(predictor, val)
         region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
+        if predictor.head_beside_masks:
+            box_cut = learn_box_cut(predictor, val, raws, cfg.precision_target)
         result.update(evaluate(predictor, val, raws=raws))
+        if box_cut is not None:     # rectangles from the head, or from the masks where their boxes rank better
+            box_cut["rectangles"] = result["rectangles"] = rectangles_from(result)
         result.update({f"best_{run.best_key}": run.best})
         if run.best_key == "val_box_ap50":      # the kept state was chosen on this many of the held-back images
             result["box_select_images"] = len(run.select_samples)
@@ -750,7 +844,7 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
                "model_config": asdict(model.config), "train_config": asdict(cfg), "iter_num": run.iter0 + it,
                "best_val_loss": min((h["val_loss"] for h in run.history), default=None),
                "label_names": list(label_names), "metrics": result, "scale": run.scale,
-               "history": run.history, "region_cut": region_cut, "follow_edges": edges,
+               "history": run.history, "region_cut": region_cut, "box_cut": box_cut, "follow_edges": edges,
                "labelled_embeddings": torch.from_numpy(labelled)}
     save_checkpoint(payload, path)
     if run.progress:

@@ -111,7 +111,7 @@ class TwoPartPredictor(ThresholdPredictor):
         super().__init__()
         self.finished_in: set[str] = set()
 
-    def predict_parts(self, images):
+    def predict_parts(self, images, boxes=True):
         preds = self.predict(images)
 
         def finisher(p, im):
