@@ -89,7 +89,11 @@ def _figures(m: dict) -> str:
     def f(key: str) -> str:
         v = m.get(key)
         return "-" if not isinstance(v, (int, float)) else f"{v:.3f}"
-    return f"box_ap50={f('box_ap50'):5s} precision={f('precision'):5s} recall={f('recall'):5s}"
+    out = f"box_ap50={f('box_ap50'):5s} precision={f('precision'):5s} recall={f('recall'):5s}"
+    if "head_box_ap50" in m:     # a mask model's detection head: where its rectangles come from, and its figures
+        out += (f" rectangles from the {m.get('rectangles', 'head')} (head box_ap50={f('head_box_ap50'):5s} "
+                f"precision={f('head_precision'):5s} recall={f('head_recall'):5s})")
+    return out
 
 
 def cmd_rollback(args, settings: Settings) -> int:

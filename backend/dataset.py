@@ -40,6 +40,14 @@ def is_box_only(config: LabelConfig) -> bool:
     return types == {"rectanglelabels"}
 
 
+def has_rectangles(config: LabelConfig) -> bool:
+    """A project with a RectangleLabels control beside brush or polygon controls: its rectangles are the
+    boxes of the label model's detection head (TrainConfig.mask_box_head), and its versions are judged on
+    them too (training.val_score)."""
+    types = {c.type for c in config.controls}
+    return "rectanglelabels" in types and not is_box_only(config)
+
+
 def folder_config(label_names: list[str]) -> LabelConfig:
     """The label config a folder dataset stands for: one control with its class names (which model serves
     it, and how that model's classes map onto them, is then decided as for a Label Studio project)."""

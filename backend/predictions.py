@@ -149,7 +149,12 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
             continue
         mapping = label_mapping(control, model_labels)
         labels = {k: mapping[c] for k, c in pred.instance_label.items() if c in mapping}
-        boxes = getattr(pred, "boxes", None)
+        boxes, head = getattr(pred, "boxes", None), getattr(pred, "head", None)
+        if head is not None and control.type == "rectanglelabels":      # a mask model's detection head
+            head_labels = {k: mapping[c] for k, c in head.instance_label.items() if c in mapping}
+            out += boxes_to_results(head.boxes, head_labels, head.instance_score, control, *pred.instances.shape,
+                                    f"{id_prefix}head-")
+            continue
         if boxes is not None and control.type == "rectanglelabels":     # a box model: boxes may overlap
             out += boxes_to_results(boxes, labels, pred.instance_score, control, *pred.instances.shape, id_prefix)
             continue
@@ -211,7 +216,7 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             with clock("wait_images"):
                 images = [f.result() for f in futures]
             with clock("inference"):
-                preds = _infer_chunk(images, served)
+                preds = _infer_chunk(images, served, wants_boxes(config))
             with clock("novelty"):
                 novelty = _novelty(images, preds, served)
             if encoding is not None:
@@ -302,17 +307,22 @@ def _pixels(loaded: list) -> list:
     return [x[0] if isinstance(x, tuple) else x for x in loaded]
 
 
-def _infer_chunk(loaded: list, served: Served) -> dict[int, Any]:
+def wants_boxes(config: LabelConfig) -> bool:
+    """Whether a config's predictions need a mask model's head boxes: it has a RectangleLabels control."""
+    return any(c.type == "rectanglelabels" for c in config.controls)
+
+
+def _infer_chunk(loaded: list, served: Served, boxes: bool = True) -> dict[int, Any]:
     """Predictions of a chunk's loaded images ({index in the chunk: Prediction, or with a Predictor's
     predict_parts the function that finishes it, so that a failure there fails its task alone}); a model
-    failure on one chunk leaves it empty and fails no other chunk."""
+    failure on one chunk leaves it empty and fails no other chunk. `boxes` False: no head boxes wanted."""
     images = _pixels(loaded)
     ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
     preds: dict[int, Any] = {}
     parts = getattr(served.predictor, "predict_parts", None)   # the network now, the rest in _encode_chunk
     try:
         batch = [images[j] for j in ok]
-        for j, p in zip(ok, (parts(batch) if parts else served.predictor.predict(batch)) if ok else []):
+        for j, p in zip(ok, (parts(batch, boxes=boxes) if parts else served.predictor.predict(batch)) if ok else []):
             preds[j] = p
     except Exception:                   # a model failure on one chunk must not fail the whole batch
         logger.exception("inference failed for %d images", len(ok))

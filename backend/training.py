@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from tessera.backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, folder_config,
-                             held_back_samples, is_box_only, load_samples, nothing_new)
+                             has_rectangles, held_back_samples, is_box_only, load_samples, nothing_new)
 from tessera.backend.gan_runs import gan_part
 from tessera.backend.label_config import LabelConfig
 from tessera.backend.lsclient import LabelStudioUnavailable, from_settings
@@ -77,15 +77,28 @@ def run_budget_s(settings: Settings) -> float:
     return settings.train_budget_s
 
 
-def val_score(metrics: dict, n_labels: int, box_only: bool = False) -> float:
+def val_score(metrics: dict, n_labels: int, box_only: bool = False, rectangles: bool = False) -> float:
     """The number promotion compares, the project's own measure: box AP50 (mean over classes) for a
     box-only project; for masks the mean of mask IoU (foreground IoU for one label, mean IoU for several)
-    and instance F1 after the region cut. Metrics of versions made before these existed fall back to IoU."""
+    and instance F1 after the region cut, and with RectangleLabels beside them (`rectangles`) the mean of
+    that and the box AP50 of what the rectangles get (the head's boxes, else the masks' bounding boxes:
+    model/train_vqvae.rectangles_from).
+    Metrics of versions made before these existed fall back to IoU."""
     iou = val_iou(metrics, n_labels)
     if box_only:
         return float(metrics.get("box_ap50", iou))
     f1 = metrics.get("instance_f1")
-    return iou if f1 is None else 0.5 * (iou + float(f1))
+    score = iou if f1 is None else 0.5 * (iou + float(f1))
+    head = metrics.get("rectangles", "head") == "head" and "head_box_ap50" in metrics
+    ap = metrics["head_box_ap50"] if head else metrics.get("box_ap50")
+    return 0.5 * (score + float(ap)) if rectangles and ap is not None else score
+
+
+def metric_name(box_only: bool, rectangles: bool) -> str:
+    """What val_score measures, in words (a version's "metric")."""
+    if box_only:
+        return "box AP50"
+    return "((mask IoU + instance F1) / 2 + box AP50) / 2" if rectangles else "(mask IoU + instance F1) / 2"
 
 
 def val_iou(metrics: dict, n_labels: int) -> float:
@@ -113,16 +126,17 @@ class _AsServed:
                 self.lut[c] = index.get(label, 0)
 
     def predict(self, images: list[np.ndarray]) -> list:
-        out = []
-        for p in self.predictor.predict(images):       # with the served version's own region cut
-            classes = self.lut[p.classes]
-            label = {k: int(self.lut[c]) for k, c in p.instance_label.items() if self.lut[c] > 0}
-            boxes = getattr(p, "boxes", None)
-            out.append(dataclasses.replace(
-                p, classes=classes, instances=np.where(classes > 0, p.instances, 0), instance_label=label,
-                instance_score={k: v for k, v in p.instance_score.items() if k in label},
-                **({} if boxes is None else {"boxes": {k: v for k, v in boxes.items() if k in label}})))
-        return out
+        return [self._relabel(p) for p in self.predictor.predict(images)]   # with the served version's own cuts
+
+    def _relabel(self, p):
+        classes = self.lut[p.classes]
+        label = {k: int(self.lut[c]) for k, c in p.instance_label.items() if self.lut[c] > 0}
+        boxes, head = getattr(p, "boxes", None), getattr(p, "head", None)
+        return dataclasses.replace(
+            p, classes=classes, instances=np.where(classes > 0, p.instances, 0), instance_label=label,
+            instance_score={k: v for k, v in p.instance_score.items() if k in label},
+            **({} if boxes is None else {"boxes": {k: v for k, v in boxes.items() if k in label}}),
+            **({} if head is None else {"head": self._relabel(head)}))
 
 
 def _served_metrics_fn(path: Path, config: LabelConfig, label_names: list[str], device: str
@@ -170,7 +184,7 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
     cache = ModelCache(settings)
     registry = cache.registry(key)
     config = config or folder_config(label_names)
-    box_only = is_box_only(config)
+    box_only, rectangles = is_box_only(config), has_rectangles(config)
     base = cache.source(key, config)         # what serves `key` now: the version a new one must beat
     base_name = version_string(base[0], base[2].version) if base else None
     init_from = base[1].path(base[2].version) if base else None
@@ -195,7 +209,7 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
         metrics = _metrics_of(ckpt, val)
         metrics.update({"label_names": label_names, "n_train": len(train), "n_val": len(val),
                         "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val}),
-                        "metric": "box AP50" if box_only else "(mask IoU + instance F1) / 2",
+                        "metric": metric_name(box_only, rectangles),
                         "train_budget_s": budget_s, "train_max_iters": cfg.max_iters, "train_threads": cfg.threads,
                         **(record or {})})
         served = None if base is None else (init_from, base_name)
@@ -219,18 +233,20 @@ def _decide(settings: Settings, key: str, ckpt: Path, served: tuple[Path, str] |
             progress: Progress) -> tuple[bool, str]:
     """Promote the new checkpoint or not, and why. `served`: (path, version name) of what serves the
     project now, None when nothing does; writes the held-back scores into `metrics`."""
-    box_only = is_box_only(config)
+    box_only, rectangles = is_box_only(config), has_rectangles(config)
     promote, why = True, "first version"
     if val:
         metrics["mask_iou"] = val_iou(metrics, len(label_names))
-        metrics["val_iou"] = metrics["val_score"] = val_score(metrics, len(label_names), box_only)
+        metrics["val_iou"] = metrics["val_score"] = val_score(metrics, len(label_names), box_only, rectangles)
         if served is not None:
             phase(progress, "compare")
             path, name = served
             try:
                 served_metrics = _served_metrics_fn(path, config, label_names, settings.device)
-                score = lambda samples: val_score(served_metrics(samples), len(label_names), box_only)  # noqa: E731
-                promote, why = judge(ckpt, score, name, val, judged, label_names, settings, metrics, box_only)
+                score = lambda samples: val_score(served_metrics(samples), len(label_names),  # noqa: E731
+                                                  box_only, rectangles)
+                promote, why = judge(ckpt, score, name, val, judged, label_names, settings, metrics, box_only,
+                                     rectangles)
                 # a lost class blocks promotion, unless the tolerance says "serve any new version" (>= 1)
                 lost = lost_classes(metrics, served_metrics(val)) if settings.promote_tolerance < 1 else []
                 if lost:
@@ -248,7 +264,7 @@ def _decide(settings: Settings, key: str, ckpt: Path, served: tuple[Path, str] |
 
 def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str, val: list[Sample],
           judged: set[str] | None, label_names: list[str], settings: Settings, metrics: dict,
-          box_only: bool = False) -> tuple[bool, str]:
+          box_only: bool = False, rectangles: bool = False) -> tuple[bool, str]:
     """Promote or not, and why; writes what the decision rests on into `metrics`. `served(samples)` is the
     served version's score on samples (as Label Studio shows its predictions: _served_metrics_fn); scores
     are the project's own (val_score: box AP50 for box-only projects).
@@ -269,7 +285,8 @@ def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str,
     n_judged = len({s.id.split(":", 1)[0] for s in mine})
     metrics.update({"n_val_tasks": n_tasks, "n_val_judged": n_judged})
     if mine:
-        new_j = metrics["val_iou"] if len(mine) == len(val) else val_score(evaluate(ckpt, mine), n_labels, box_only)
+        new_j = metrics["val_iou"] if len(mine) == len(val) else val_score(evaluate(ckpt, mine), n_labels, box_only,
+                                                                           rectangles)
         old_j = served(mine)
     if n_judged >= MIN_EVIDENCE:
         metrics.update({"val_iou": new_j, "current_val_iou": old_j, "decision": "compared"})
