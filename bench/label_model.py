@@ -173,11 +173,26 @@ def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> d
     return out
 
 
+def head_scores(preds, val: list[Sample]) -> dict:
+    """Box AP50 and recall at IoU 0.5 of a mask model's head boxes (Prediction.head, TrainConfig.mask_box_head:
+    what a RectangleLabels control gets) against the boxes of the true objects."""
+    pboxes = [np.array([[*p.head.boxes[k], p.head.instance_score[k]] for k in sorted(p.head.boxes)],
+                       np.float64).reshape(-1, 5) for p in preds]
+    tboxes = [np.array(metrics.boxes_from_instances(s.instances), np.float64).reshape(-1, 4) for s in val]
+    hits = np.array([box_recall(p, t) for p, t in zip(pboxes, tboxes)]).reshape(-1, 2)
+    return {"box_ap50": metrics.box_ap50_many(pboxes, tboxes),
+            "box_recall_50": float(hits[:, 0].sum() / max(hits[:, 1].sum(), 1)),
+            "boxes_per_image": float(np.mean([len(b) for b in pboxes]))}
+
+
 def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None,
-                iters: int = 0, overrides: tuple = (), reuse: Path | None = None, follow_edges: bool | None = None):
+                iters: int = 0, overrides: tuple = (), reuse: Path | None = None, follow_edges: bool | None = None,
+                head_flip_too: bool = False):
     """Train by wall-clock budget, or (iters > 0) by iterations: fair between arms on a loaded machine.
     `reuse`: score the checkpoint an earlier run left in that work directory instead of training;
-    `follow_edges`: set Predictor.follow_edges (None: its default)."""
+    `follow_edges`: set Predictor.follow_edges (None: its default). A model with a head beside its masks
+    (--set mask_box_head=true) also gets its head's boxes scored (`head`), and with `head_flip_too` the head's
+    boxes averaged with the mirror image's (`head_flip`)."""
     from tessera.model.train_vqvae import TrainConfig, train as train_vqvae
 
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s, eval_interval=10_000,
@@ -204,6 +219,15 @@ def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_p
     predict_s = time.time() - t0
     outputs = [(p.classes, p.instances, p.instance_score) for p in preds]
     res = score_all(outputs, val, len(names), [p.score for p in preds])
+    if pred.head_beside_masks:
+        res["head"] = head_scores(preds, val)
+        if head_flip_too:
+            pred.box_flip = True
+            t1 = time.time()
+            flipped = [p for i in range(0, len(val), 8) for p in pred.predict([s.image for s in val[i:i + 8]])]
+            res["head_flip"] = {**head_scores(flipped, val),
+                                "predict_ms_per_image": 1000 * (time.time() - t1) / max(len(val), 1)}
+            pred.box_flip = False
     res.update({"train_wall_s": wall, "scale": pred.scale, "object_px": cfg.object_px,
                 "reused": reuse.name if reuse else "", "follow_edges": pred.follow_edges,
                 "iters": int(load_checkpoint(ckpt, "vqvae")["iter_num"]),
@@ -306,6 +330,8 @@ def main() -> None:
                     "--budget seconds; the UNet then gets Tessera's training time")
     ap.add_argument("--reuse", default="", metavar="NAME", help="score the checkpoints the run --name NAME (same "
                     "--seed) left in its work directory instead of training")
+    ap.add_argument("--head-flip-too", action="store_true", help="a model with a head beside its masks (--set "
+                    "mask_box_head=true): also score the head's boxes averaged with the mirror image's")
     ap.add_argument("--edges-off-too", action="store_true", help="also score Tessera with its masks not made to "
                     "follow the image's edges (Predictor.follow_edges off; row tessera_edges_off)")
     args = ap.parse_args()
@@ -329,7 +355,8 @@ def main() -> None:
             train = train_all[:n]
             reuse = WORK_ROOT / f"{args.reuse}_s{args.seed}" if args.reuse else None
             tess, pred = run_tessera(train, val, names, args.budget, work, seed=args.seed, iters=args.iters,
-                                     object_px=args.object_px, overrides=tuple(args.set), reuse=reuse)
+                                     object_px=args.object_px, overrides=tuple(args.set), reuse=reuse,
+                                     head_flip_too=args.head_flip_too)
             budget = tess["train_wall_s"] if args.iters else args.budget
             row = {"dataset": name, "n_train": n, "budget_s": budget, "iters": args.iters, "seed": args.seed,
                    "set": list(args.set), "tessera": tess}
@@ -361,6 +388,10 @@ def main() -> None:
         summary[f"{key}_unet_fg_iou"] = r["monai_unet"]["fg_iou"] if "monai_unet" in r else None
         summary[f"{key}_tessera_box_recall_50"] = r["tessera"]["box_recall_50"]
         summary[f"{key}_unet_box_recall_50"] = r["monai_unet"]["box_recall_50"] if "monai_unet" in r else None
+        for arm in ("head", "head_flip"):
+            if arm in r["tessera"]:
+                summary[f"{key}_tessera_{arm}_box_ap50"] = r["tessera"][arm]["box_ap50"]
+                summary[f"{key}_tessera_{arm}_box_recall_50"] = r["tessera"][arm]["box_recall_50"]
         if "tessera_edges_off" in r:
             summary[f"{key}_tessera_edges_off_fg_iou"] = r["tessera_edges_off"]["fg_iou"]
             summary[f"{key}_tessera_edges_off_box_recall_50"] = r["tessera_edges_off"]["box_recall_50"]

@@ -6,7 +6,8 @@
     tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
            downsampled to 256 px on their long side, a harder stand-in),
            dsb_native_boxes (the same at the images' own size, 256x256 to 1388x1040, as a user's photos come),
-           dsb_masks (DSB 2018 instance masks: the brush / polygon region types),
+           dsb_masks (DSB 2018 instance masks: the brush / polygon region types; a mask model's head boxes, what
+           RectangleLabels beside them get, under head_after_cut), dsb_native_masks (the same at native size),
            pets_heads (Oxford-IIIT Pet head boxes, cat / dog)
     methods (box tasks): head (the CenterNet detection head, model/boxhead.py), centres (box centres painted
            into the label map and grown back into boxes, the method before it), baseline (no model: one box of
@@ -40,7 +41,7 @@ from tessera.model import metrics
 from tessera.model.checkpoint import load_checkpoint, save_checkpoint
 from tessera.model.data import Sample, load_folder, read_image, split_ids
 from tessera.model.inference import Prediction, Predictor
-from tessera.model.postprocess import RegionCut, box_sample, spread_subset, true_objects
+from tessera.model.postprocess import RegionCut, box_sample, instance_boxes, spread_subset, true_objects
 from tessera.model import train_vqvae as tv
 from tessera.model.postprocess import detection_metrics
 from tessera.model.train_vqvae import TrainConfig, evaluate, raw_predictions, train as train_vqvae
@@ -75,7 +76,9 @@ def pets_heads() -> tuple[list[Sample], list[str]]:
 
 
 TASKS = {"dsb_boxes": lambda: dsb(True), "dsb_native_boxes": lambda: dsb(True, native=True),
-         "dsb_masks": lambda: dsb(False), "pets_heads": lambda: pets_heads()}
+         "dsb_masks": lambda: dsb(False), "dsb_native_masks": lambda: dsb(False, native=True),
+         "pets_heads": lambda: pets_heads()}
+MASK_TASKS = ("dsb_masks", "dsb_native_masks")
 
 
 def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0,
@@ -83,7 +86,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
         overrides: dict | None = None, reuse: str = "", box_flip: bool | None = None, init: str = "") -> dict:
     samples, names = TASKS[task]()
     fit, held, val = split_fit_held_val(samples, max_val)
-    box = task != "dsb_masks"
+    box = task not in MASK_TASKS
     if method == "baseline":
         return baseline(task, fit, val, names, seed)
     print(f"{task} {method} seed {seed}: {len(fit)} train, {len(held)} held back (cut), {len(val)} validation; "
@@ -129,8 +132,13 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
            "no_cut": {k: before[k] for k in keys if k in ("precision", "recall", "f1", "regions_per_image")}}
+    if pred.head_beside_masks or "head_box_ap50" in after:   # a mask model's head: what rectangles get
+        row["rectangles"] = payload.get("box_cut", {}).get("rectangles")
+        row["head_after_cut"] = {k[5:]: after[k] for k in after if k.startswith("head_")}
     row["held_back_history"] = held_history
     row["recall_by_size"] = recall_by_size(raws, learned, val)
+    if all(r.head is not None for r in raws):       # the head's boxes beside the masks, after their own cut
+        row["head_recall_by_size"] = recall_by_size([r.head for r in raws], pred.box_cut, val)
     if curve:
         row["curve"] = points
     print(json.dumps(row), flush=True)
@@ -212,7 +220,11 @@ def recall_by_size(raws: list, cut: RegionCut, val: list[Sample], edges=(0, 8, 1
     for raw, s in zip(raws, val):
         p = cut_regions(raw, cut)
         t = true_objects(s)[0]
-        b = np.array([p.boxes[k] for k in sorted(p.boxes or {})]).reshape(-1, 4)
+        ids = sorted(p.instance_label)
+        if p.boxes is not None:
+            b = np.array([p.boxes[k] for k in ids]).reshape(-1, 4)
+        else:               # a mask model: its regions' boxes are its instances' (as evaluate() measures them)
+            b = instance_boxes(p.instances, ids, p.slices)
         iou = metrics.box_iou(t, b) if len(b) else np.zeros((len(t), 0))
         found = {q for _, q in metrics.greedy_match(iou.T, 0.5)} if len(b) and len(t) else set()
         sizes += np.sqrt((t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])).tolist()
@@ -327,7 +339,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:            # every method once before the next seed; the file is rewritten per row
         for t in args.task:
-            for m in (args.methods if t != "dsb_masks" else ["head"]):
+            for m in (args.methods if t not in MASK_TASKS else ["head"]):
                 for flip in [f == "on" for f in args.box_flip] or [None]:
                     rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m,
                                     seed, args.curve, args.select == "ap", train_overrides(args.set), args.reuse, flip,
