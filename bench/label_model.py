@@ -191,8 +191,8 @@ def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_p
     """Train by wall-clock budget, or (iters > 0) by iterations: fair between arms on a loaded machine.
     `reuse`: score the checkpoint an earlier run left in that work directory instead of training;
     `follow_edges`: set Predictor.follow_edges (None: its default). A model with a head beside its masks
-    (--set mask_box_head=true) also gets its head's boxes scored (`head`), and with `head_flip_too` the head's
-    boxes averaged with the mirror image's (`head_flip`)."""
+    (TrainConfig.mask_box_head, the default where objects are small) also gets its head's boxes scored (`head`),
+    and with `head_flip_too` the head's boxes averaged with the mirror image's (`head_flip`)."""
     from tessera.model.train_vqvae import TrainConfig, train as train_vqvae
 
     cfg = TrainConfig(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s, eval_interval=10_000,
@@ -330,8 +330,8 @@ def main() -> None:
                     "--budget seconds; the UNet then gets Tessera's training time")
     ap.add_argument("--reuse", default="", metavar="NAME", help="score the checkpoints the run --name NAME (same "
                     "--seed) left in its work directory instead of training")
-    ap.add_argument("--head-flip-too", action="store_true", help="a model with a head beside its masks (--set "
-                    "mask_box_head=true): also score the head's boxes averaged with the mirror image's")
+    ap.add_argument("--head-flip-too", action="store_true", help="a model with a head beside its masks "
+                    "(TrainConfig.mask_box_head): also score the head's boxes averaged with the mirror image's")
     ap.add_argument("--edges-off-too", action="store_true", help="also score Tessera with its masks not made to "
                     "follow the image's edges (Predictor.follow_edges off; row tessera_edges_off)")
     args = ap.parse_args()
