@@ -159,7 +159,7 @@ class TrainConfig:
                                      # at 1, 0.369 at 0.25, 0.361 without a head. At 600 iterations weight 1 is
                                      # the better: those nuclei 0.552 against 0.488 without a head, DSB native
                                      # (bench.regions, seeds 0-2) masks' box AP50 0.653 against 0.606 at 0.25
-                                     # and the head's 0.742 against 0.717 (stop 33, bench/HISTORY.md)
+                                     # and the head's 0.742 against 0.717 (stop 34, bench/HISTORY.md)
     box_level: int = 1               # the detection head's finest feature level: cells of 2 ** box_level model
                                      # px. Tried 2 (4 px cells) on Pets heads, 600 iterations, seed 0: AP50
                                      # 0.452 against 0.516 (regions_pets_heads_600_level2.json): not the default
