@@ -112,7 +112,9 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     done_iters = int(payload["iter_num"])
     held_history = [{"iter": h["iter"], **{k: round(float(h[k]), 4) for k in ("val_iou_r", "val_box_ap50") if k in h}}
                     for h in payload.get("history") or []]      # the held-back evaluations: what the run kept
-    pred = Predictor.from_checkpoint(ckpt, device="cpu")
+    # as the server loads it: with --precision-target, a --reuse'd checkpoint's cuts are chosen again from the
+    # grids it stored (the same cuts when it trained with that target)
+    pred = Predictor.from_checkpoint(ckpt, device="cpu", precision_target=precision_target)
     if box_flip is not None:      # the stored cut was learned with the run's own setting: learn it again
         pred.box_flip = pred.has_box_head and box_flip
         tv.learn_cut(pred, held, precision_target=precision_target)
@@ -312,7 +314,8 @@ def main() -> None:
                                                         "(figures that do not depend on the machine's load)")
     ap.add_argument("--max-val", type=int, default=0, help="cap the held-back and validation images (0 = all): spread evenly over the "
                          "classes, in a fixed order by id hash within each")
-    ap.add_argument("--precision-target", type=float, default=0.0, help="0 = the cut maximises F1")
+    ap.add_argument("--precision-target", type=float, default=0.0, help="0 = the cut maximises F1; with "
+                    "--reuse the stored cuts are chosen again for this target, as TESSERA_PRECISION_TARGET does")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["head"], choices=["head", "centres", "baseline"],
                     help="how box tasks learn boxes (mask tasks ignore it); baseline: no model, one box of "
