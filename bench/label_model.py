@@ -163,10 +163,8 @@ def score_all(outputs, val: list[Sample], n_classes: int, task_scores=None) -> d
         recalls.append(metrics.instance_match(instances, s.instances)["recall"])
         pboxes.append(boxes_with_scores(instances, conf))
         tboxes.append(np.array(metrics.boxes_from_instances(s.instances), np.float64).reshape(-1, 4))
-    hits = np.array([box_recall(p, t) for p, t in zip(pboxes, tboxes)]).reshape(-1, 2)
-    out = {"fg_iou": float(np.mean(ious)), "miou": float(np.mean(mious)),
-           "box_ap50": metrics.box_ap50_many(pboxes, tboxes), "instance_recall_50": float(np.mean(recalls)),
-           "box_recall_50": float(hits[:, 0].sum() / max(hits[:, 1].sum(), 1))}
+    out = {"fg_iou": float(np.mean(ious)), "miou": float(np.mean(mious)), "instance_recall_50": float(np.mean(recalls)),
+           **box_scores(pboxes, tboxes)}
     if task_scores is not None:
         out["score_iou_pearson"] = metrics.pearson(task_scores, ious)
         out["score_iou_spearman"] = metrics.spearman(task_scores, ious)
@@ -179,10 +177,15 @@ def head_scores(preds, val: list[Sample]) -> dict:
     pboxes = [np.array([[*p.head.boxes[k], p.head.instance_score[k]] for k in sorted(p.head.boxes)],
                        np.float64).reshape(-1, 5) for p in preds]
     tboxes = [np.array(metrics.boxes_from_instances(s.instances), np.float64).reshape(-1, 4) for s in val]
+    return {**box_scores(pboxes, tboxes), "boxes_per_image": float(np.mean([len(b) for b in pboxes]))}
+
+
+def box_scores(pboxes: list[np.ndarray], tboxes: list[np.ndarray]) -> dict:
+    """Box AP50 and recall at IoU 0.5 of per image predicted boxes (N, 5: x0, y0, x1, y1, score) against true
+    boxes (M, 4)."""
     hits = np.array([box_recall(p, t) for p, t in zip(pboxes, tboxes)]).reshape(-1, 2)
     return {"box_ap50": metrics.box_ap50_many(pboxes, tboxes),
-            "box_recall_50": float(hits[:, 0].sum() / max(hits[:, 1].sum(), 1)),
-            "boxes_per_image": float(np.mean([len(b) for b in pboxes]))}
+            "box_recall_50": float(hits[:, 0].sum() / max(hits[:, 1].sum(), 1))}
 
 
 def run_tessera(train, val, names, budget_s, work: Path, seed: int = 0, object_px: float | None = None,

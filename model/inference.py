@@ -247,10 +247,18 @@ def object_scale(samples_instances, object_px: float, max_scale: float = 1.0, mi
     Object size = sqrt(area) of each instance; the median per image, then over images (so a few crowded
     images do not decide it). Training crops and inference both work at this one scale, so detail follows
     the objects rather than the image size."""
+    return scale_for_size(typical_object_size(samples_instances), object_px, max_scale, min_scale)
+
+
+def typical_object_size(samples_instances) -> float | None:
+    """The median over instance maps of each one's median object size (None: no object in any)."""
     sizes = [m for m in map(median_object_size, samples_instances) if m is not None]
-    if not sizes:
-        return max_scale
-    return float(np.clip(object_px / float(np.median(sizes)), min_scale, max_scale))
+    return float(np.median(sizes)) if sizes else None
+
+
+def scale_for_size(size: float | None, object_px: float, max_scale: float = 1.0, min_scale: float = 1 / 32) -> float:
+    """object_scale from a typical_object_size the caller already has (each map is read once per run)."""
+    return max_scale if size is None else float(np.clip(object_px / size, min_scale, max_scale))
 
 
 def median_object_size(instances) -> float | None:

@@ -33,8 +33,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_args
 from .data import Sample
 from .inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, letterbox_floor,
-                        median_object_size, normalize_image, object_scale, pad_target, pad_to, resize,
-                        resolve_device, scaled_size, soft_target, vqvae_from_checkpoint)
+                        normalize_image, pad_target, pad_to, resize, resolve_device, scale_for_size, scaled_size,
+                        soft_target, typical_object_size, vqvae_from_checkpoint)
 from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
                                scale_boxes, spread_subset, true_objects)
 from .boxhead import box_losses, encode_boxes
@@ -657,8 +657,9 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     n_classes = len(label_names)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    size = typical_object_size([s.instances for s in train])    # one pass over the maps: the gate and the scale
     if cfg.mask_box_head and cfg.box_shrink >= 1.0:
-        px = mask_object_px(cfg, train)
+        px = mask_object_px(cfg, train, size)
         if px is not None and px > cfg.mask_head_max_px:
             logger.info("objects ~%.0f model px across: no detection head beside the masks (mask_head_max_px %g);"
                         " rectangles are the masks' bounding boxes", px, cfg.mask_head_max_px)
@@ -667,11 +668,11 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     model.to(device).train()
     mc = model.config
     box_model = model.box_head is not None and cfg.box_shrink < 1.0     # boxes are what it predicts (not masks)
-    if model.box_head is not None and not box_model and mask_head_weight(cfg, iter0) < cfg.mask_box_weight:
-        logger.info("a short run: the head's loss weighs %.3f (mask_box_full_iters %d)", mask_head_weight(cfg, iter0),
-                    cfg.mask_box_full_iters)
-        cfg = dataclasses.replace(cfg, mask_box_weight=mask_head_weight(cfg, iter0))
-    scale = train_scale(cfg, train, mc.resolution, box_model)
+    weight = mask_head_weight(cfg, iter0)
+    if model.box_head is not None and not box_model and weight < cfg.mask_box_weight:
+        logger.info("a short run: the head's loss weighs %.3f (mask_box_full_iters %d)", weight, cfg.mask_box_full_iters)
+        cfg = dataclasses.replace(cfg, mask_box_weight=weight)
+    scale = train_scale(cfg, train, mc.resolution, box_model, size)
     logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
     if box_model and cfg.rot90 and upright(train):
         logger.info("the boxes sit off the images' middle: the images have an up, no quarter turns in training")
@@ -687,10 +688,12 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
                cfg.bf16 and _bf16_ok(device), opt, progress)
 
 
-def train_scale(cfg: TrainConfig, train: list[Sample], resolution: int, box_model: bool) -> float | None:
+def train_scale(cfg: TrainConfig, train: list[Sample], resolution: int, box_model: bool,
+                size: float | None = None) -> float | None:
     """Model px per image px that training and inference see (None: letterbox whole images to R): the median
     object at object_px (box_object_px for a box model), never below the letterbox's scale of a typical image
-    (box_floor of it for a box model), never above max_scale."""
+    (box_floor of it for a box model), never above max_scale. `size`: the training objects'
+    typical_object_size, when the caller has it."""
     object_px = cfg.box_object_px if box_model and cfg.box_object_px > 0 else cfg.object_px
     max_scale = cfg.box_max_scale if box_model and cfg.box_max_scale > 0 else cfg.max_scale
     if object_px <= 0:
@@ -698,7 +701,9 @@ def train_scale(cfg: TrainConfig, train: list[Sample], resolution: int, box_mode
     floor = min(letterbox_floor([s.image.shape[:2] for s in train], resolution), max_scale)
     if box_model:
         floor *= cfg.box_floor
-    return object_scale([s.instances for s in train], object_px, max_scale, min_scale=max(floor, 1 / 32))
+    if size is None:
+        size = typical_object_size([s.instances for s in train])
+    return scale_for_size(size, object_px, max_scale, min_scale=max(floor, 1 / 32))
 
 
 def mask_head_weight(cfg: TrainConfig, iter0: int = 0) -> float:
@@ -707,15 +712,17 @@ def mask_head_weight(cfg: TrainConfig, iter0: int = 0) -> float:
     return cfg.mask_box_weight * min(1.0, (iter0 + cfg.max_iters) / max(cfg.mask_box_full_iters, 1)) ** 2
 
 
-def mask_object_px(cfg: TrainConfig, train: list[Sample]) -> float | None:
-    """How many model px across a mask model sees the median training object (None: no object)."""
-    sizes = [m for m in (median_object_size(s.instances) for s in train) if m is not None]
-    if not sizes:
+def mask_object_px(cfg: TrainConfig, train: list[Sample], size: float | None = None) -> float | None:
+    """How many model px across a mask model sees the median training object (None: no object). `size`: the
+    training objects' typical_object_size, when the caller has it."""
+    if size is None:
+        size = typical_object_size([s.instances for s in train])
+    if size is None:
         return None
-    scale = train_scale(cfg, train, cfg.resolution, box_model=False)
+    scale = train_scale(cfg, train, cfg.resolution, box_model=False, size=size)
     if scale is None:   # letterboxed: the median image's longest side at R
         scale = letterbox_floor([s.image.shape[:2] for s in train], cfg.resolution)
-    return float(np.median(sizes)) * scale
+    return size * scale
 
 
 def _validate(run: Run, frac: float, last: bool) -> None:
