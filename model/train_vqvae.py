@@ -670,7 +670,8 @@ def _setup(cfg, train, val, label_names, init_from, progress) -> Run:
     box_model = model.box_head is not None and cfg.box_shrink < 1.0     # boxes are what it predicts (not masks)
     weight = mask_head_weight(cfg, iter0)
     if model.box_head is not None and not box_model and weight < cfg.mask_box_weight:
-        logger.info("a short run: the head's loss weighs %.3f (mask_box_full_iters %d)", weight, cfg.mask_box_full_iters)
+        logger.info("a short run: the head's loss weighs %.3f (mask_box_full_iters %d)", weight,
+                    cfg.mask_box_full_iters)
         cfg = dataclasses.replace(cfg, mask_box_weight=weight)
     scale = train_scale(cfg, train, mc.resolution, box_model, size)
     logger.info("object scale: %s model px per image px", "letterbox to R" if scale is None else f"{scale:.3f}")
