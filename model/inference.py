@@ -136,6 +136,12 @@ BATCH_PX = 2 ** 19  # predict(): input pixels per forward pass (3 images of 312x
 # a mask model's head (TrainConfig.mask_box_head) reads the image once: the mirror pass (boxhead.flip_average)
 # would double the encoder's share of every task, for RectangleLabels alone (measured: bench/HISTORY.md stop 32)
 HEAD_FLIP_BESIDE_MASKS = False
+# a mask model's head also parts the masks: an object that holds two or more of the head's objects scoring at least
+# this is split among them (split_instances, _split_at_centres), in predict() and refine(). Fixed, not the head's
+# learned box cut (0.35-0.4 on every version measured): the masks' own cut is learned on parted masks, and a
+# precision target that moves the rectangles' cut must not move the masks. 0.3 and 0.45 parted refine()'s
+# clicks alike (bench/HISTORY.md, stop 35).
+HEAD_SPLIT_MIN_SCORE = 0.4
 TRACE_SHAPES = 8    # predict(): traced network passes kept per Predictor, one per input shape (model/traced.py)
 # Speed alone does not justify compiling the forward pass (issue 10, 312x424, 1 thread of this 2-core VM):
 # torch.jit.trace + freeze under bf16 autocast was no faster (207 vs 186 ms best of 6; stop 20, 3 images per
@@ -333,7 +339,8 @@ def pad_target(target: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_weight: float = 1.0,
-                    edge_share: float = 0.5, grow_steps: int = 8, with_areas: bool = False):
+                    edge_share: float = 0.5, grow_steps: int = 8, with_areas: bool = False,
+                    centres: np.ndarray | None = None):
     """Label probabilities (L, H, W) -> (classes, instances, instance_label, instance_score), and with
     `with_areas` the objects' pixel counts {id: area} after them.
 
@@ -341,7 +348,8 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
     object mass, measured with the boundary odds of training (x edge_weight, the class weight the
     probabilities were corrected for), so thin outlines still cut; each 4-connected core is an object;
     boundary pixels join the adjacent core (grown up to `grow_steps` px), or form an object of their own
-    when no core reaches them (tiny objects can be all outline).
+    when no core reaches them (tiny objects can be all outline). With `centres` (a mask model's head: (N, 5)
+    rows of head_centres in the map's px), an object that holds two or more of them is split among them.
     """
     p_bg, p_cls, p_edge = probs[0], probs[1:n_classes + 1], probs[n_classes + 1]
     H, W = p_bg.shape
@@ -367,6 +375,8 @@ def split_instances(probs: np.ndarray, n_classes: int, min_area: int = 4, edge_w
             alone[left] = 1
             _, extra = cv2.connectedComponents(alone.reshape(H, W), connectivity=8)
             inst.reshape(-1)[left] = extra.reshape(-1)[left] + n_core - 1
+    if centres is not None and len(centres) > 1:
+        inst = _split_at_centres(inst, centres)
     # per-object sums over the object pixels only
     where = fg_at[inst.reshape(-1)[fg_at] > 0]              # object pixels are foreground pixels
     ids = inst.reshape(-1)[where]
@@ -552,8 +562,6 @@ class Predictor:
         # off by default: a trace costs ~1 s per shape, which a short-lived Predictor (training's validation,
         # benchmarks) never earns back; the server's turns it on
         self._passes = TracedPasses(_PredictPass(self), size=TRACE_SHAPES) if trace else _PredictPass(self)
-        self._trace = trace
-        self._mask_passes = None        # a mask model's passes without its head, for calls that want no boxes
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision_target: float = 0.0,
@@ -686,15 +694,11 @@ class Predictor:
         return decode_boxes(heat.float().sigmoid(), size, offset, self.model.box_head.stride)
 
     @torch.inference_mode()
-    def _net(self, x: torch.Tensor, head: bool = True) -> tuple[torch.Tensor, tuple | None]:
+    def _net(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         """predict()'s network pass: (B, 3, H, W) -> label logits (B, L, H, W) float32 and the box head's
-        outputs (None without one, or for a mask model's head when `head` is False: a fifth of a 520x696
-        image's pass), through the trace for x's shape when there is one."""
-        if self.has_box_head and not head:
-            if self._mask_passes is None:
-                masks_only = _PredictPass(self, head=False)
-                self._mask_passes = TracedPasses(masks_only, size=TRACE_SHAPES) if self._trace else masks_only
-            return self._mask_passes(x)[0], None
+        outputs (None without one), through the trace for x's shape when there is one. A mask model's head
+        runs whatever the config: its objects part the masks (split_instances), a fifth of a 520x696 image's
+        pass (stop 32)."""
         out = self._passes(x)
         return out[0], (tuple(out[1:]) if self.has_box_head else None)
 
@@ -720,7 +724,7 @@ class Predictor:
         for i in range(0, len(spots), batch):
             group = spots[i:i + batch]
             tiles = torch.cat([x[:, :, y:y + th, x0:x0 + tw] for y, x0 in group])  # (b, 3, th, tw)
-            logits, heads = self._net(tiles, head=dets is not None)
+            logits, heads = self._net(tiles)
             if dets is not None:
                 for (y, x0), d in zip(group, self._boxes(heads)):
                     d = d + [x0, y, x0, y, 0, 0]
@@ -732,18 +736,22 @@ class Predictor:
                 total[0, 0, y:y + th, x0:x0 + tw] += weight
         return out / total
 
-    def _prediction(self, probs: np.ndarray, dets: np.ndarray | None = None) -> Prediction:
+    def _prediction(self, probs: np.ndarray, dets: np.ndarray | None = None, with_head: bool = True) -> Prediction:
+        """A Prediction from the probabilities at the image's size and the head's boxes (dets, image px): a box
+        model's boxes, or a mask model's instances parted at its head's objects, and those boxes as
+        Prediction.head when `with_head` (a RectangleLabels control wants them)."""
         if dets is not None and not self.head_beside_masks:
             return _box_prediction(dets, probs)
+        centres = None if dets is None else head_centres(dets, HEAD_SPLIT_MIN_SCORE)
         classes, inst, labels, scores, areas = split_instances(probs, self.n_classes, self.min_area, self.edge_weight,
-                                                               with_areas=True)
+                                                               with_areas=True, centres=centres)
         score = _task_score_of(probs[0], inst, sum(areas.values()))     # task_score(1 - probs[0], inst > 0)
         boxes = None
         if self.box_shrink < 1.0:
             ids = sorted(labels)
             grown = grow_boxes(instance_boxes(inst, ids), 1.0 / self.box_grow, *inst.shape)
             boxes = {k: tuple(float(v) for v in b) for k, b in zip(ids, grown)}
-        head = None if dets is None else _head_prediction(dets, score)   # a mask model's head (box_cut)
+        head = _head_prediction(dets, score) if dets is not None and with_head else None   # cut by box_cut
         return Prediction(classes, inst, labels, scores, score, boxes, areas=areas, head=head)
 
     def _logits(self, images: list[np.ndarray], dets: list | None = None) -> list[tuple]:
@@ -775,7 +783,7 @@ class Predictor:
                 part = idx[s:s + step]
                 with torch.inference_mode():
                     x, sizes = self._prepare([images[i] for i in part])
-                    logits, heads = self._net(x, head=dets is not None)
+                    logits, heads = self._net(x)
                 found = self._boxes(heads) if dets is not None else [None] * len(part)
                 for i, lg, size, d in zip(part, logits, sizes, found):
                     out[i] = (lg, size)
@@ -791,7 +799,7 @@ class Predictor:
     def predict(self, images: list[np.ndarray], cut: bool = True, boxes: bool = True) -> list[Prediction]:
         """Label maps for a batch of (H, W, 3) uint8 images of any sizes; with `cut` only the regions
         the version's region cut keeps. `boxes` False: a mask model's head boxes are not wanted (no
-        RectangleLabels control), so its head is not run (Prediction.head None)."""
+        RectangleLabels control): Prediction.head is None (the head still parts the masks)."""
         return [finish() for finish in self.predict_parts(images, cut, boxes)]
 
     def predict_parts(self, images: list[np.ndarray], cut: bool = True, boxes: bool = True) -> list:
@@ -802,14 +810,14 @@ class Predictor:
         e.g. after follow_edges was switched."""
         if not images:
             return []
-        dets = [None] * len(images) if self.has_box_head and (boxes or not self.head_beside_masks) else None
+        dets = [None] * len(images) if self.has_box_head else None
         logits = self._logits(images, dets)
 
         def finisher(i: int):
             def finish() -> Prediction:
                 lg, size = logits[i]
                 p = self._prediction(self._unletterbox(lg, size, images[i].shape[:2], images[i]),
-                                     dets[i] if dets else None)
+                                     dets[i] if dets else None, with_head=boxes)
                 if not cut:
                     return p
                 if p.head is not None:
@@ -925,13 +933,13 @@ class Predictor:
         h_v = hint[vy0:vy1, vx0:vx1]
         p_v = [(y - vy0, x - vx0) for y, x in pos if vy0 <= y < vy1 and vx0 <= x < vx1]
         n_v = [(y - vy0, x - vx0) for y, x in neg if vy0 <= y < vy1 and vx0 <= x < vx1]
-        feats, query, logits, size = self._run_view(crop, stats, view_key, zoom)
+        feats, query, logits, size, centres = self._run_view(crop, stats, view_key, zoom)
         scale = max(H / size[0], W / size[1])                # view pixels per model pixel
         margin = max(16, round(12 * scale))
         win = _window(h_v, p_v, H, W, margin)
         for i in range(4):                                    # grow the window while the object touches its edge
             probs = self._window_probs(logits[0], size, (H, W), win)
-            mask = self._hinted(probs, win, h_v, p_v, n_v)
+            mask = self._hinted(probs, win, h_v, p_v, n_v, centres)
             grown = _grow_window(win, mask, H, W)
             if grown == win or i == 3:                        # win stays the window probs were made for
                 break
@@ -959,9 +967,10 @@ class Predictor:
     @torch.inference_mode()
     def _run_view(self, view: np.ndarray, stats, view_key=None, zoom: float = 1.0):
         """Network pass over one view at the model's geometry (its learned scale x zoom, or letterboxed
-        into R), normalised with the whole image's stats: (feats, code queries, logits, size). A view seen
-        before (same pixels: `view_key`, else their hash; same stats, model version and geometry) is
-        answered from the Predictor's pass cache."""
+        into R), normalised with the whole image's stats: (feats, code queries, logits, size, centres), the
+        last the head's objects in view px when the version serves its boxes (_head_centres), else None. A
+        view seen before (same pixels: `view_key`, else their hash; same stats, model version and geometry)
+        is answered from the Predictor's pass cache."""
         if view.ndim == 2:
             view = np.repeat(view[..., None], 3, axis=2)
         nh, nw = self._geometry(*view.shape[:2]) if zoom == 1.0 or self.scale is None else \
@@ -974,9 +983,18 @@ class Predictor:
             x = pad_to(normalize_image(resize(view, nh, nw), stats), pad)
             x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)  # (H, W, 3) -> (1, 3, H, W)
             feats, query, logits = self._forward(x)
-            return tuple(feats), query, logits, (nh, nw)
+            centres = self._head_centres(feats, (nh, nw), view.shape[:2]) if self.head_beside_masks else None
+            return tuple(feats), query, logits, (nh, nw), centres
 
         return self._views.compute(key, run)
+
+    def _head_centres(self, feats, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+        """head_centres of a view's pass (a mask model that serves its head's boxes), in the view's px."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            d = self._boxes(self.model.detect(feats))[0]
+        d[:, [0, 2]] *= shape[1] / size[1]
+        d[:, [1, 3]] *= shape[0] / size[0]
+        return head_centres(d, HEAD_SPLIT_MIN_SCORE)
 
     def _object_zoom(self, image: np.ndarray, stats, image_key: str) -> float:
         """How much closer than the model's scale refine looks at this image: when the median diameter (model
@@ -987,7 +1005,7 @@ class Predictor:
         if self.scale is None or REFINE_MAX_ZOOM <= 1.0:
             return 1.0
         H, W = image.shape[:2]
-        _, _, logits, (nh, nw) = self._run_view(image, stats, (image_key, (0, H, 0, W)))
+        _, _, logits, (nh, nw), _ = self._run_view(image, stats, (image_key, (0, H, 0, W)))
         probs = self._unletterbox(logits[0], (nh, nw), (nh, nw))    # at the model's size: no resize
         _, inst, _, _ = split_instances(probs, self.n_classes, 2, self.edge_weight)
         areas = np.bincount(inst.ravel())[1:]
@@ -1015,10 +1033,14 @@ class Predictor:
         out = F.grid_sample(crop, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return F.softmax(out[0], dim=0).cpu().numpy()
 
-    def _hinted(self, probs: np.ndarray, win, hint: np.ndarray, pos, neg) -> np.ndarray:
-        """Full-size mask of the object(s) the hint points at, from the window's probabilities."""
+    def _hinted(self, probs: np.ndarray, win, hint: np.ndarray, pos, neg, centres: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Full-size mask of the object(s) the hint points at, from the window's probabilities; `centres`: the
+        head's objects in the view (its px), which part touching objects as in predict()."""
         y0, y1, x0, x1 = win
-        _, inst, _, _ = split_instances(probs, self.n_classes, self.min_area, self.edge_weight)
+        if centres is not None:
+            centres = centres - np.array([y0, x0, 0, 0, 0])
+        _, inst, _, _ = split_instances(probs, self.n_classes, self.min_area, self.edge_weight, centres=centres)
         h = hint[y0:y1, x0:x1]
         p = [(y - y0, x - x0) for y, x in pos if y0 <= y < y1 and x0 <= x < x1]
         n = [(y - y0, x - x0) for y, x in neg if y0 <= y < y1 and x0 <= x < x1]
@@ -1107,16 +1129,15 @@ class _PredictPass(torch.nn.Module):
     """Predictor._forward's label logits, and the box head's outputs when there is one, as one module
     (what TracedPasses traces): x -> (logits,) or (logits, heat logits, log size, offset)."""
 
-    def __init__(self, predictor: "Predictor", head: bool = True):
+    def __init__(self, predictor: "Predictor"):
         super().__init__()
         self.model = predictor.model            # a submodule: its weights are the trace's parameters
         self.predictor = predictor
-        self.head = head                        # False: the logits alone, even from a model with a head
 
     def forward(self, x: torch.Tensor):
         p = self.predictor
         feats, _, logits = p._forward(x)
-        if not (p.has_box_head and self.head):
+        if not p.has_box_head:
             return (logits,)
         with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.bf16):
             heads = p.model.detect(feats)
@@ -1397,6 +1418,48 @@ def _separate(mask: np.ndarray, hint: np.ndarray, pos, neg) -> np.ndarray:
     out = np.zeros_like(mask)
     out[y0:y1, x0:x1] = np.isin(parts, list(keep))[2:-2, 2:-2]
     return out
+
+
+def head_centres(dets: np.ndarray, min_score: float) -> np.ndarray:
+    """A head's boxes (N, 6: x0, y0, x1, y1, score, class) -> the objects scoring >= min_score as (M, 5) rows
+    (cy, cx, h, w, score), best first: where split_instances parts what the masks merged."""
+    d = dets[dets[:, 4] >= min_score]
+    d = d[np.argsort(-d[:, 4], kind="stable")]
+    return np.stack([(d[:, 1] + d[:, 3]) / 2, (d[:, 0] + d[:, 2]) / 2, d[:, 3] - d[:, 1], d[:, 2] - d[:, 0],
+                     d[:, 4]], 1).reshape(-1, 5)
+
+
+def _split_at_centres(inst: np.ndarray, centres: np.ndarray, duplicate: float = 0.35) -> np.ndarray:
+    """An instance map with each object that holds two or more of a detection head's centres split among them
+    (new ids after the largest); `centres` (N, 5) rows (cy, cx, h, w, score), best first, in the map's px. A
+    centre within `duplicate` x the smaller side of a better one's box in the same object is that object
+    again. Each pixel goes to the centre nearest in units of its object's box ((dy / h)^2 + (dx / w)^2).
+    The head finds touching nuclei as separate peaks where the masks' boundary map merged them; a watershed
+    on the boundary probabilities between the centres, or on the mask's distance transform, parted them
+    worse (bench/HISTORY.md, stop 35)."""
+    H, W = inst.shape
+    iy, ix = centres[:, 0].astype(int), centres[:, 1].astype(int)
+    inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    owners: dict[int, list[np.ndarray]] = {}
+    for c, k in zip(centres[inside], inst[iy[inside], ix[inside]]):
+        kept = owners.setdefault(int(k), [])
+        if k > 0 and all(math.hypot(c[0] - o[0], c[1] - o[1]) > duplicate * min(o[2], o[3]) for o in kept):
+            kept.append(c)
+    split = {k: np.array(v) for k, v in owners.items() if k > 0 and len(v) > 1}
+    if not split:
+        return inst
+    boxes = ndimage.find_objects(inst, max_label=max(split))
+    nxt = int(inst.max()) + 1
+    for k, c in split.items():
+        sl = boxes[k - 1]
+        view = inst[sl]
+        ys, xs = np.nonzero(view == k)
+        ys_, xs_ = ys + sl[0].start, xs + sl[1].start
+        near = (((ys_[:, None] - c[:, 0]) / np.maximum(c[:, 2], 1)) ** 2 +
+                ((xs_[:, None] - c[:, 1]) / np.maximum(c[:, 3], 1)) ** 2).argmin(1)
+        view[ys, xs] = np.where(near == 0, k, nxt + near - 1)
+        nxt += len(c) - 1
+    return inst
 
 
 def _content_hash(arr: np.ndarray) -> str:

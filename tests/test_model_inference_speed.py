@@ -22,9 +22,9 @@ def test_forward_batches_stay_under_the_pixel_budget_and_change_no_mask(monkeypa
     shapes = []
     net = pred._net
 
-    def counted(x, head=True):
+    def counted(x):
         shapes.append(x.shape[0])
-        return net(x, head=head)
+        return net(x)
 
     monkeypatch.setattr(pred, "_net", counted)
     monkeypatch.setattr(inference, "BATCH_PX", 48 * 64 * 3)                # three images per pass

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.model import metrics
-from tessera.model.inference import REFINE_CACHE, REFINE_MAX_ZOOM, Predictor, _cut_necks
+from tessera.model.inference import REFINE_CACHE, REFINE_MAX_ZOOM, Predictor, _cut_necks, head_centres, split_instances
 from tessera.model.vqvae import VQVAE, VQVAEConfig
 
 R = 128
@@ -28,8 +28,9 @@ def scene():
     return image, {"a": a, "b": b, "c": c}
 
 
-def fixed_predictor(fg: np.ndarray) -> Predictor:
-    """A Predictor whose network says 'object' exactly on fg, with outlines only where fg meets background."""
+def fixed_predictor(fg: np.ndarray, centres: np.ndarray | None = None) -> Predictor:
+    """A Predictor whose network says 'object' exactly on fg, with outlines only where fg meets background;
+    `centres` (N, 5: cy, cx, h, w, score in image px), the objects its detection head finds."""
     model = VQVAE(VQVAEConfig(resolution=R, n_labels=3, widths=(8, 8, 8, 8), codebook_size=16, embed_dim=8))
     predictor = Predictor(model, ["nucleus"], device="cpu")
     edge = fg & ~cv2.erode(fg.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
@@ -39,7 +40,7 @@ def fixed_predictor(fg: np.ndarray) -> Predictor:
     logits[2][edge] = 8.0
     out = torch.from_numpy(logits)[None]  # (L, R, R) -> (1, L, R, R)
     real = predictor._run_view                # features and codes stay real: the hint-steered fallback needs them
-    predictor._run_view = lambda view, stats, key=None, zoom=1.0: (*real(view, stats)[:2], out, (R, R))
+    predictor._run_view = lambda view, stats, key=None, zoom=1.0: (*real(view, stats)[:2], out, (R, R), centres)
     return predictor
 
 
@@ -76,6 +77,47 @@ def test_negative_click_and_box(scene):
     box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
     mask, _ = predictor.refine(image, box, [], [], label=1)
     assert metrics.iou(mask, obj["c"]) >= 0.9 and not (mask & ~box).any()
+
+
+def test_the_heads_objects_split_a_merged_region_that_has_no_neck():
+    """Two nuclei side by side merged into one rectangle: its outline has no neck to cut, so only the head's
+    two centres in it can part them; a click or a thin scribble on either returns that one, and one centre (or
+    none) leaves the region whole."""
+    left, right = np.zeros((R, R), bool), np.zeros((R, R), bool)
+    left[40:70, 30:55], right[40:70, 55:80] = True, True
+    image = np.full((R, R, 3), 10, np.uint8)
+    image[left | right] = 200
+    centres = np.array([[55.0, 42.0, 30.0, 25.0, 0.9], [55.0, 67.0, 30.0, 25.0, 0.8]])
+    for heads, expect_split in ((None, False), (centres[:1], False), (centres, True)):
+        predictor = fixed_predictor(left | right, heads)
+        for (x, y), obj in (((35.0, 50.0), left), ((75.0, 60.0), right)):
+            mask, _ = predictor.refine(image, None, [(x, y)], [], label=1)
+            assert metrics.iou(mask, obj if expect_split else left | right) > 0.9, (heads, x, y)
+    stroke = cv2.line(np.zeros((R, R), np.uint8), (40, 45), (44, 65), 1, 3).astype(bool)    # not a box
+    mask, _ = fixed_predictor(left | right, centres).refine(image, stroke, [], [], label=1)
+    assert metrics.iou(mask, left) > 0.9
+
+
+def test_split_instances_parts_an_object_at_two_head_centres_only():
+    """An object holding two of the head's objects is split between them at the middle (in units of their
+    boxes); a duplicate peak of one object, a centre on the background and an object with one centre change
+    nothing."""
+    probs = np.zeros((3, 40, 90), np.float32)
+    probs[0] = 1.0
+    probs[:, 10:30, 5:55] = np.array([0.0, 1.0, 0.0])[:, None, None]      # one wide object
+    probs[:, 10:30, 65:85] = np.array([0.0, 1.0, 0.0])[:, None, None]     # and a lone one
+    _, plain, _, _ = split_instances(probs, 1)
+    one = np.array([[20.0, 15.0, 20.0, 20.0, 0.9], [21.0, 17.0, 20.0, 20.0, 0.5],   # 2 px apart: one object
+                    [20.0, 75.0, 20.0, 20.0, 0.9], [5.0, 45.0, 20.0, 20.0, 0.9]])   # the lone one; background
+    _, same, _, _ = split_instances(probs, 1, centres=one)
+    assert np.array_equal(same, plain) and len(np.unique(plain)) == 3
+    two = np.vstack([one, [[20.0, 45.0, 20.0, 20.0, 0.7]]])
+    _, inst, labels, _ = split_instances(probs, 1, centres=two)
+    assert len(labels) == 3 and np.array_equal(inst > 0, plain > 0)
+    assert inst[20, 10] == inst[20, 29] != inst[20, 31] == inst[20, 50]
+    assert inst[20, 75] not in (inst[20, 10], inst[20, 50])
+    assert np.array_equal(head_centres(np.array([[10.0, 0, 30, 20, 0.3, 1], [0, 0, 8, 4, 0.9, 1]]), 0.4),
+                          [[2.0, 4.0, 4.0, 8.0, 0.9]])
 
 
 def test_cut_necks_leaves_single_objects_whole():
@@ -205,7 +247,7 @@ def test_an_object_larger_than_every_window_growth_is_answered():
     real = predictor._run_view
     logits = torch.full((1, 3, n, n), -8.0)
     logits[:, 1] = 8.0                                    # object everywhere, at the image's own scale
-    predictor._run_view = lambda view, stats, key=None, zoom=1.0: (*real(view, stats)[:2], logits, (n, n))
+    predictor._run_view = lambda view, stats, key=None, zoom=1.0: (*real(view, stats)[:2], logits, (n, n), None)
     image = np.full((n, n, 3), 200, np.uint8)
     mask, conf = predictor.refine(image, None, [(300.0, 300.0)], [], label=1)
     assert mask.shape == (n, n) and mask[300, 300] and mask.sum() >= 250 * 250 and 0.0 < conf <= 1.0
