@@ -165,3 +165,28 @@ def test_a_short_run_weighs_the_head_less():
     assert run.model.box_head is not None and run.cfg.mask_box_weight == pytest.approx(0.25)
     assert _setup(TrainConfig(device="cpu", max_iters=600), data, data[:1], ["Nucleus"], None,
                   None).cfg.mask_box_weight == 1.0
+
+
+def test_the_masks_are_parted_at_the_heads_objects_whatever_the_config(trained_model_dir):
+    """A served mask version with a head splits a mask that holds two of the head's objects (score >= 0.4)
+    between them, also for a config without rectangles (boxes=False: no Prediction.head); weaker peaks, or
+    a version whose rectangles come from the masks, leave it whole."""
+    from tessera.model.inference import HEAD_SPLIT_MIN_SCORE, Predictor
+
+    path = next(p for p in sorted(trained_model_dir.rglob("model.pt")))
+    served = Predictor.from_checkpoint(path, device="cpu")
+    assert served.head_beside_masks
+    C = served.n_classes
+    probs = np.zeros((C + 2, 40, 90), np.float32)
+    probs[0] = 1.0
+    probs[0, 10:30, 5:55], probs[1, 10:30, 5:55] = 0.0, 1.0           # one wide object of class 1
+    dets = np.array([[5, 10, 30, 30, 0.9, 1], [30, 10, 55, 30, 0.7, 1]], np.float64)
+    for with_head in (True, False):
+        p = served._prediction(probs, dets, with_head=with_head)
+        assert len(p.instance_label) == 2 and (p.head is not None) == with_head
+        assert p.instances[20, 10] != p.instances[20, 50] and np.array_equal(p.instances > 0, probs[0] < 0.5)
+    weak = dets.copy()
+    weak[1, 4] = HEAD_SPLIT_MIN_SCORE - 0.05
+    assert len(served._prediction(probs, weak).instance_label) == 1
+    served.has_box_head = served.head_beside_masks = False               # rectangles from the masks: no head
+    assert len(served._prediction(probs, None).instance_label) == 1
