@@ -20,7 +20,7 @@ from tessera.backend.label_config import Control, ImageObject, LabelConfig, pars
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.progress import Progress, noop, phase
 from tessera.backend.regions import results_to_boxes, results_to_maps
-from tessera.backend.predictions import latest_annotation, task_image
+from tessera.backend.predictions import latest_annotation, task_image, wants_boxes
 from tessera.backend.settings import Settings
 from tessera.backend.store import Store, is_label_version
 from tessera.model.data import Sample, split_ids
@@ -44,8 +44,7 @@ def has_rectangles(config: LabelConfig) -> bool:
     """A project with a RectangleLabels control beside brush or polygon controls: its rectangles are the
     boxes of the label model's detection head (TrainConfig.mask_box_head), and its versions are judged on
     them too (training.val_score)."""
-    types = {c.type for c in config.controls}
-    return "rectanglelabels" in types and not is_box_only(config)
+    return wants_boxes(config) and not is_box_only(config)
 
 
 def folder_config(label_names: list[str]) -> LabelConfig:
