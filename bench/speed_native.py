@@ -61,8 +61,13 @@ def stage_times(pred, png: bytes, encode=None) -> dict:
     """Seconds per stage for one image through decode -> resize -> forward -> upsample -> split -> regions -> JSON:
     wall ("forward") and CPU ("forward_cpu").
 
-    Written against the Predictor internals both revisions share (_prepare, _forward, _tiled_logits,
-    _unletterbox, _prediction), so the same loop times the Predictor before and after."""
+    Written against the Predictor internals both revisions share (_prepare, _net, _tiled_logits,
+    _unletterbox, _prediction), so the same loop times the Predictor before and after. A model with a box
+    head runs it as predict() does: its pass is in "forward", and its objects part the masks in
+    "instance_split" (until stop 36 this loop called _forward, which leaves the head out, so a head's cost
+    showed only in the HTTP rows)."""
+    import sys
+
     import torch
 
     from tessera.backend.label_config import parse_label_config
@@ -81,14 +86,25 @@ def stage_times(pred, png: bytes, encode=None) -> dict:
         x, sizes = pred._prepare([image])
         laps.lap("resize")
         tiled = pred.scale is not None and x.shape[-1] * x.shape[-2] > pred.tile ** 2
-        logits = pred._tiled_logits(x) if tiled else pred._forward(x)[2]
+        head = getattr(pred, "has_box_head", False)
+        dets = [] if head else None
+        if tiled:
+            logits = pred._tiled_logits(x, dets=dets)
+        elif hasattr(pred, "_net"):                     # the pass predict() runs, the head's included
+            logits, heads = pred._net(x)
+            if head:
+                dets = list(pred._boxes(heads))
+        else:
+            logits = pred._forward(x)[2]
         laps.lap("forward")
         if "image" in inspect.signature(pred._unletterbox).parameters:   # since stop 30 masks follow the
             probs = pred._unletterbox(logits[0], sizes[0], image.shape[:2], image)   # image's edges there
         else:
             probs = pred._unletterbox(logits[0], sizes[0], image.shape[:2])
         laps.lap("upsample")
-    p = pred._prediction(probs)
+    if dets is not None:                                # the head's boxes in image px, as predict() has them
+        dets = sys.modules[type(pred).__module__]._to_image_px(np.concatenate(dets), sizes[0], image.shape[:2])
+    p = pred._prediction(probs, dets)
     laps.lap("instance_split")
     labels = {k: "Nucleus" for k in p.instance_label}
     results = []
