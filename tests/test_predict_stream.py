@@ -46,6 +46,17 @@ def test_items_come_back_in_task_order(batch):
     assert [len(o["result"]) for o in out] == counts
 
 
+@pytest.mark.parametrize("n, batch, chunks", [(16, 16, [8, 8]), (40, 16, [16, 16, 8]), (6, 16, [4, 2]),
+                                              (3, 16, [3]), (1, 16, [1]), (10, 4, [4, 4, 2]), (16, 2, [2] * 8)])
+def test_a_request_of_one_or_two_chunks_is_cut_in_two(n, batch, chunks):
+    """A batch of TESSERA_PREDICT_BATCH tasks or fewer would be one chunk, its downloads, passes and region
+    encoding one after the other: it goes in two halves (of MIN_CHUNK tasks or more) that overlap."""
+    pred = ThresholdPredictor()
+    out = _run([{"id": i, "data": {"image": "sq:1"}} for i in range(n)], pred, batch)
+    assert [len(o["result"]) for o in out] == [1] * n
+    assert pred.calls == chunks
+
+
 def test_a_bad_image_or_a_failing_task_empties_only_its_own_item(monkeypatch):
     tasks = [{"id": i, "data": {"image": "bad" if i == 5 else "sq:2"}} for i in range(12)]
     real = predictions._task_item
