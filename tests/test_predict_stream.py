@@ -50,7 +50,7 @@ def test_items_come_back_in_task_order(batch):
                                               (3, 16, [3]), (1, 16, [1]), (10, 4, [4, 4, 2]), (16, 2, [2] * 8)])
 def test_a_request_of_one_or_two_chunks_is_cut_in_two(n, batch, chunks):
     """A batch of TESSERA_PREDICT_BATCH tasks or fewer would be one chunk, its downloads, passes and region
-    encoding one after the other: it goes in two halves (of MIN_CHUNK tasks or more) that overlap."""
+    encoding one after the other: it goes in two parts that overlap, the first of MIN_CHUNK tasks at least."""
     pred = ThresholdPredictor()
     out = _run([{"id": i, "data": {"image": "sq:1"}} for i in range(n)], pred, batch)
     assert [len(o["result"]) for o in out] == [1] * n
