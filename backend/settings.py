@@ -96,8 +96,8 @@ class Settings(BaseSettings):
         "instead of handing it back to the OS (0 = glibc's defaults). Memory handed back costs a page fault per 4 KB "
         "when it is taken again: 4,000-30,000 faults per network pass at 520x696 otherwise.", ge=0)
     predict_batch: int = env("TESSERA_PREDICT_BATCH", 16, "Tasks per chunk of /predict: a chunk's images download "
-                             "while the one before is inferred (a request of up to two chunks is cut in two), and "
-                             "its passes hold up to 2**19 input pixels each.", ge=1)
+                             "while the one before is inferred (a request of up to two chunks is cut in two); its "
+                             "network passes are bounded in input pixels, whatever this is.", ge=1)
     debounce_s: float = env("TESSERA_DEBOUNCE_S", 10.0, "Seconds a burst of annotation events must settle before "
                             "one training run.", ge=0.0)
     min_annotations: int = env("TESSERA_MIN_ANNOTATIONS", 5, "Annotated tasks a project needs before a training "
