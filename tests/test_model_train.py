@@ -1,6 +1,7 @@
 """Training and inference tests: a tiny CPU run on procedural nuclei reaches a useful IoU, its checkpoint
 rebuilds the same predictor, touching nuclei come apart, hints get cleaner, annotations get checked."""
 
+import dataclasses
 import time
 
 import cv2
@@ -11,8 +12,9 @@ import torch
 from tessera.model import metrics
 from tessera.model.data import make_nuclei
 from tessera.model.inference import Prediction, Predictor, soft_target, split_instances
-from tessera.model.train_vqvae import (Batcher, TrainConfig, compute_losses, contact_weights, evaluate,
-                                       inner_edge_weights, train)
+from tessera.model.data import Sample
+from tessera.model.train_vqvae import (MAX_REPEAT, Batcher, TrainConfig, class_draw_weights, compute_losses,
+                                       contact_weights, evaluate, inner_edge_weights, train)
 
 torch.set_num_threads(1)
 
@@ -344,3 +346,44 @@ def test_three_class_model_predicts_refines_and_checks():
     assert refined.classes.shape == (90, 70) and 0.0 <= mislabeling <= 1.0
     mask, score = pred.refine(image, classes == 1, [], [], 1)
     assert mask.shape == (90, 70) and 0.0 <= score <= 1.0
+
+
+def _box_sample(label: int, i: int) -> Sample:
+    """A 32 px box-labelled sample holding one box of class `label` (its centre region painted in the maps)."""
+    classes, instances = np.zeros((32, 32), np.int32), np.zeros((32, 32), np.int32)
+    classes[12:20, 12:20], instances[12:20, 12:20] = label, 1
+    return Sample(np.full((32, 32, 3), 40 * label, np.uint8), classes, instances, id=f"{label}-{i}",
+                  boxes=np.array([[8, 8, 24, 24, label]], np.float64))
+
+
+def test_a_rarer_class_is_drawn_as_often_as_a_common_one():
+    """Two cat photos for every dog photo (Pets heads): at class_balance 1 each class fills half of the draws;
+    a class far rarer than the cap is drawn MAX_REPEAT times its share; one class, equal shares or power 0
+    draw uniformly, exactly as before the option (None)."""
+    cats, dogs = [_box_sample(1, i) for i in range(20)], [_box_sample(2, i) for i in range(10)]
+    p = class_draw_weights(cats + dogs, 1.0)
+    assert np.isclose(p[:20].sum(), 0.5) and np.isclose(p[20:].sum(), 0.5)
+    sqrt = class_draw_weights(cats + dogs, 0.5)
+    assert np.isclose(sqrt[20] / sqrt[0], 2 ** 0.5)
+    rare = class_draw_weights(cats * 5 + dogs[:1], 1.0)                 # 100 : 1
+    assert np.isclose(rare[-1] / rare[0], MAX_REPEAT)
+    assert class_draw_weights(cats, 1.0) is None and class_draw_weights(cats[:10] + dogs, 1.0) is None
+    assert class_draw_weights(cats + dogs, 0.0) is None
+    mixed = _box_sample(1, 99)                                          # a photo holding both classes is
+    mixed.boxes = np.array([[8, 8, 24, 24, 1], [0, 0, 8, 8, 2]], np.float64)   # drawn as often as a dog photo
+    both = class_draw_weights(cats + dogs + [mixed], 1.0)
+    assert np.isclose(both[-1], both[20]) and both[-1] > both[0]
+
+    cfg = TrainConfig(resolution=32, crop=32, widths=(8, 8, 16, 16), codebook_size=16, embed_dim=8,
+                      contact_weight=0.0)
+
+    def dog_share(batcher: Batcher) -> float:
+        drawn = []
+        pick = batcher.sample_weighted
+        batcher.sample_weighted = lambda i: (drawn.append(i), pick(i))[1]
+        for _ in range(16):
+            batcher.get_batch(32, "cpu")
+        return float(np.mean(np.array(drawn) >= 20))
+
+    assert 0.44 < dog_share(Batcher(cats + dogs, cfg, 2, seed=0)) < 0.56
+    assert 0.27 < dog_share(Batcher(cats + dogs, dataclasses.replace(cfg, class_balance=0.0), 2, seed=0)) < 0.39
