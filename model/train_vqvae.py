@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -228,10 +229,7 @@ def class_draw_weights(samples: list[Sample], power: float) -> np.ndarray | None
         return None
     present = [np.unique(s.boxes[:, 4]).astype(int) if s.boxes is not None and len(s.boxes)   # bincount: one
                else np.flatnonzero(np.bincount(s.classes.ravel())[1:]) + 1 for s in samples]  # linear pass
-    counts: dict[int, int] = {}
-    for cs in present:
-        for c in cs.tolist():
-            counts[c] = counts.get(c, 0) + 1
+    counts = Counter(c for cs in present for c in cs.tolist())
     if len(set(counts.values())) < 2:
         return None
     top = max(counts.values())
