@@ -11,6 +11,9 @@ time: every arm sees the same number of crops) in each arm:
   edited     the real images + --n-edited edited images (model.edit.Editor: a real training image as the
              background, 1-2 real objects of the rare breed pasted in, exact masks), augmentation ON
   edited_os  edited + the classic oversampling
+  balanced   the real images as the product trains on them: augmentation ON and its rarer-class draws
+             (TrainConfig.class_balance); the arms above draw their images uniformly, their remedy alone
+  edited_bal edited as the product trains on them (the rarer-class draws on)
 --fit F shrinks a pasted object (down to F x the photo's object scale) until it stands beside the photo's
 animal instead of covering it; --balance pastes, after each edit's rare object, the class with the fewest
 pixels not yet in the image; --edited-aug off trains the edited arms without augmentation (model.edit.Editor).
@@ -22,8 +25,10 @@ bench/results/rare_label.json and bench/results/rare_label_grid.png (real rare i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,9 +68,10 @@ def pick_train(pool: list[Sample], rare: str, seed: int, rare_n: int = RARE_N) -
     return out
 
 
-def fit(train: list[Sample], iters: int, aug: dict, out: Path, threads: int, seed: int) -> tuple[Path, float]:
+def fit(train: list[Sample], iters: int, aug: dict, out: Path, threads: int, seed: int,
+        class_balance: float = 0.0) -> tuple[Path, float]:
     cfg = TrainConfig(max_iters=iters, eval_interval=10 * iters, log_interval=10 * iters, seed=seed,
-                      device="cpu", threads=threads, **aug)
+                      device="cpu", threads=threads, class_balance=class_balance, **aug)
     t0 = time.time()
     ckpt = train_label(cfg, train, [], list(BREEDS), out)
     return ckpt, time.time() - t0
@@ -127,7 +133,7 @@ def summarize(rows: list[dict], arms: list[str], rare: str) -> dict:
     for arm in arms:
         if arm == "real_only":
             continue
-        for base in ("real_only", "classic"):
+        for base in ("real_only", "classic", "balanced"):
             if base == arm or base not in arms:
                 continue
             d = np.array([100 * (r[arm][f"iou_{rare}"] - r[base][f"iou_{rare}"]) for r in rows])
@@ -175,8 +181,8 @@ def main() -> None:
     ap.add_argument("--curve", type=int, nargs="+", default=[],
                     help="gain curve: arms edited_<n> (real + the first n edited images, augmentation ON) for "
                          "each n; writes rare_label_curve.json")
-    ap.add_argument("--reuse", default="", help="a results JSON of this benchmark whose arms (same seeds, training "
-                                                "images and iterations) are taken instead of retrained")
+    ap.add_argument("--reuse", nargs="*", default=[], help="results JSONs of this benchmark whose arms (same seeds, "
+                                                             "training images and iterations) are taken, not retrained")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 iters, 1 seed, 5 val per breed")
     ap.add_argument("--out", default="", help="results name (bench/results/NAME.json) instead of rare_label[_curve]")
     args = ap.parse_args()
@@ -199,25 +205,23 @@ def main() -> None:
         f"iters {args.iters}, threads {args.threads}, load {os.getloadavg()[0]:.1f}")
     rows, grid = [], None
     reused = {}
-    if args.reuse:
-        import json
-        import subprocess
-        old = json.loads(Path(args.reuse).read_text())
+    for path in args.reuse:
+        old = json.loads(Path(path).read_text())
         # another model/ gives other models from the same seed: only a run of the same model/ code is reused
         changed = subprocess.run(["git", "diff", "--name-only", old["machine"]["commit"], "--", "model"],
                                  cwd=RESULTS.parents[1], capture_output=True, text=True)
         if changed.returncode:
-            raise SystemExit(f"--reuse {args.reuse}: {changed.stderr.strip()}")
+            raise SystemExit(f"--reuse {path}: {changed.stderr.strip()}")
         # real_only and classic train the label model alone: model/ files they never import may differ
         label_only = {"model/edit.py", "model/maskgan.py", "model/train_maskgan.py", "model/synthesizer.py",
                       "model/layouts.py", "model/self_train.py"}
         for f in changed.stdout.split():
             if f not in label_only:
-                raise SystemExit(f"--reuse {args.reuse}: {f} changed since its commit {old['machine']['commit']}; "
+                raise SystemExit(f"--reuse {path}: {f} changed since its commit {old['machine']['commit']}; "
                                  f"rerun those arms")
         edit_changed = bool({"model/edit.py", "model/layouts.py"} & set(changed.stdout.split()))
         for r in old["rows"]:
-            reused[r["seed"]] = {**r, "iters": old["setup"]["label_iters"]}
+            reused[r["seed"]] = {**r, "iters": old["setup"]["label_iters"], "file": path}
             same_edits = all(old["setup"].get(k, d) == v for k, d, v in
                              (("max_objects", None, args.max_objects), ("fit", 1.0, args.fit),
                               ("balance", False, args.balance), ("edited_augmentation", "on", args.edited_aug)))
@@ -238,8 +242,10 @@ def main() -> None:
         oversampled = train + rare_real * (COMMON_N // args.rare_n - 1)
         aug_ed = AUG_ON if args.edited_aug == "on" else AUG_OFF
         sets = {"real_only": (train, AUG_OFF), "classic": (oversampled, AUG_ON), "edited": (train + edited, aug_ed),
-                "edited_os": (oversampled + edited, aug_ed),
+                "edited_os": (oversampled + edited, aug_ed), "balanced": (train, AUG_ON),
+                "edited_bal": (train + edited, aug_ed),
                 **{f"edited_{n}": (train + edited[:n], aug_ed) for n in args.curve}}
+        balance = dict.fromkeys(("balanced", "edited_bal"), TrainConfig.class_balance)  # the product's draws
         row = {"seed": seed, "train_ids": [s.id for s in train], "edit_s": round(edit_s, 2),
                "n_edited": len(edited), "load1_start": round(os.getloadavg()[0], 2)}
         for arm in args.arms:
@@ -247,9 +253,10 @@ def main() -> None:
             if arm in reused.get(seed, {}):  # same seed, same training ids, same iterations: a finished run
                 if reused[seed]["train_ids"] != row["train_ids"] or reused[seed]["iters"] != args.iters:
                     raise SystemExit(f"--reuse: seed {seed}'s {arm} was trained on other images or iterations")
-                row[arm] = {**reused[seed][arm], "reused_from": args.reuse}
+                row[arm] = {**reused[seed][arm], "reused_from": reused[seed]["file"]}
                 continue
-            ckpt, dt = fit(data, args.iters, aug, work / f"{arm}_{seed}.pt", args.threads, seed)
+            ckpt, dt = fit(data, args.iters, aug, work / f"{arm}_{seed}.pt", args.threads, seed,
+                           balance.get(arm, 0.0))
             row[arm] = {**score(ckpt, val), "train_s": round(dt, 1), "n_train": len(data),
                         "train_pixel_share": pixel_share(data)}
             log(f"seed {seed} {arm:10s} " + " ".join(f"{b} {row[arm][f'iou_{b}']:.4f}" for b in BREEDS) +
