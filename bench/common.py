@@ -2,6 +2,7 @@
 process group and stopping one."""
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import json
 import os
@@ -84,6 +85,38 @@ def train_overrides(pairs: list[str]) -> dict:
             raise SystemExit(f"--set {pair}: TrainConfig has no field {key!r}")
         out[key] = _parse(value, getattr(defaults, key), key)       # tuples as a,b,c (widths=32,64,96)
     return out
+
+
+def code_changes(commit: str, folder: str, repo: Path = REPO) -> list[str]:
+    """The Python files under folder (relative to the repository) whose code differs between commit and the
+    working tree; a file whose comments or docstrings alone changed is not one: it trains the same models.
+    Exits with git's message when the commit is not known."""
+    changed = subprocess.run(["git", "diff", "--name-only", commit, "--", folder], cwd=repo, capture_output=True,
+                             text=True)
+    if changed.returncode:
+        raise SystemExit(f"{commit}: {changed.stderr.strip()}")
+    out = []
+    for name in changed.stdout.split():
+        old = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=repo, capture_output=True, text=True)
+        path = repo / name
+        if old.returncode or not path.is_file() or _bare_code(old.stdout) != _bare_code(path.read_text()):
+            out.append(name)
+    return out
+
+
+def _bare_code(source: str) -> str | None:
+    """A Python source's syntax tree without docstrings, as text (None for a file that is not Python)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:]
+    return ast.dump(tree)
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import RESULTS, dataset, write_result
+from bench.common import RESULTS, code_changes, dataset, write_result
 from bench.label_model import BREEDS, load_pets
 from tessera.model import metrics
 from tessera.model.data import Sample, split_ids
@@ -208,28 +207,28 @@ def main() -> None:
     for path in args.reuse:
         old = json.loads(Path(path).read_text())
         # another model/ gives other models from the same seed: only a run of the same model/ code is reused
-        changed = subprocess.run(["git", "diff", "--name-only", old["machine"]["commit"], "--", "model"],
-                                 cwd=RESULTS.parents[1], capture_output=True, text=True)
-        if changed.returncode:
-            raise SystemExit(f"--reuse {path}: {changed.stderr.strip()}")
+        changed = code_changes(old["machine"]["commit"], "model")
         # real_only and classic train the label model alone: model/ files they never import may differ
         label_only = {"model/edit.py", "model/maskgan.py", "model/train_maskgan.py", "model/synthesizer.py",
                       "model/layouts.py", "model/self_train.py"}
-        for f in changed.stdout.split():
+        for f in changed:
             if f not in label_only:
                 raise SystemExit(f"--reuse {path}: {f} changed since its commit {old['machine']['commit']}; "
                                  f"rerun those arms")
-        edit_changed = bool({"model/edit.py", "model/layouts.py"} & set(changed.stdout.split()))
+        edit_changed = bool({"model/edit.py", "model/layouts.py"} & set(changed))
         for r in old["rows"]:
-            reused[r["seed"]] = {**r, "iters": old["setup"]["label_iters"], "file": path}
+            arms = {k: v for k, v in r.items() if isinstance(v, dict)}     # arm -> its scores
             same_edits = all(old["setup"].get(k, d) == v for k, d, v in
                              (("max_objects", None, args.max_objects), ("fit", 1.0, args.fit),
                               ("balance", False, args.balance), ("edited_augmentation", "on", args.edited_aug)))
             if edit_changed or not same_edits:  # its edited arms were made by other edit code or options
-                for k in [k for k in r if k.startswith("edited")]:
-                    del reused[r["seed"]][k]
-            elif "edited" in r:  # its edits are a prefix of ours
-                reused[r["seed"]][f"edited_{old['setup']['n_edited']}"] = r["edited"]
+                arms = {k: v for k, v in arms.items() if not k.startswith("edited")}
+            elif "edited" in arms:  # its edits are a prefix of ours
+                arms[f"edited_{old['setup']['n_edited']}"] = arms["edited"]
+            # arms of one seed gather over the files; a later file's arm replaces an earlier file's same arm
+            for arm, scores in arms.items():
+                reused.setdefault(r["seed"], {})[arm] = {"scores": scores, "train_ids": r["train_ids"],
+                                                         "iters": old["setup"]["label_iters"], "file": path}
     for seed in args.seeds:
         train = pick_train(pool, args.rare, seed, args.rare_n)
         rare_real = [s for s in train if breed_of(s) == args.rare]
@@ -250,10 +249,11 @@ def main() -> None:
                "n_edited": len(edited), "load1_start": round(os.getloadavg()[0], 2)}
         for arm in args.arms:
             data, aug = sets[arm]
-            if arm in reused.get(seed, {}):  # same seed, same training ids, same iterations: a finished run
-                if reused[seed]["train_ids"] != row["train_ids"] or reused[seed]["iters"] != args.iters:
+            got = reused.get(seed, {}).get(arm)
+            if got is not None:  # same seed, same training ids, same iterations: a finished run
+                if got["train_ids"] != row["train_ids"] or got["iters"] != args.iters:
                     raise SystemExit(f"--reuse: seed {seed}'s {arm} was trained on other images or iterations")
-                row[arm] = {**reused[seed][arm], "reused_from": reused[seed]["file"]}
+                row[arm] = {**got["scores"], "reused_from": got["file"]}
                 continue
             ckpt, dt = fit(data, args.iters, aug, work / f"{arm}_{seed}.pt", args.threads, seed,
                            balance.get(arm, 0.0))
