@@ -27,7 +27,7 @@ class Synthesizer:
                  grey_share: float = 0.0, bf16: bool | None = None, grain: dict | None = None):
         self.generator = generator.eval().to(memory_format=torch.channels_last)  # see Generator.generate
         device = next(generator.parameters()).device
-        # bf16: render with a bfloat16 copy (None: where the hardware has bf16 kernels; see Generator.generate)
+        # bf16: render with a bfloat16 copy (None: where the hardware has bf16 instructions; bf16_supported)
         self.bf16 = bf16_supported(device) if bf16 is None else bf16
         self._render = copy.deepcopy(self.generator).to(torch.bfloat16) if self.bf16 else self.generator
         self.config: MaskGANConfig = generator.config
