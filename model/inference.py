@@ -1195,14 +1195,20 @@ def follow_edges(probs: np.ndarray, image: np.ndarray, size: tuple[int, int], ra
     # (the fit does not care about the grey's units: eps is relative to its variance)
     grey = image if image.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2GRAY)
     Il = cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    # the fit on grey less its mean: E[I^2] - E[I]^2 of raw grey levels (~1e4) loses the window variance to
+    # float32 rounding (~1e-3), which over a flat image's zero variance made `a` noise times 1e12 (a test
+    # saw one flat image's mask change with the batch it came in: stop 40)
+    centre = float(Il.mean())
+    Il -= centre
     pl = cv2.resize(probs[0], (w, h), interpolation=cv2.INTER_LINEAR)   # back on the grid it came from
     k = (2 * radius + 1, 2 * radius + 1)
     mean = functools.partial(cv2.boxFilter, ddepth=-1, ksize=k, borderType=cv2.BORDER_REFLECT)
     mI, mp = mean(Il), mean(pl)
     a = (mean(Il * pl) - mI * mp) / (mean(Il * Il) - mI * mI + eps * float(Il.var()) + 1e-12)
     b = mp - a * mI
-    bg = cv2.resize(mean(a), (W, H), interpolation=cv2.INTER_LINEAR)
-    tmp = cv2.resize(mean(b), (W, H), interpolation=cv2.INTER_LINEAR)
+    a = mean(a)
+    bg = cv2.resize(a, (W, H), interpolation=cv2.INTER_LINEAR)
+    tmp = cv2.resize(mean(b) - centre * a, (W, H), interpolation=cv2.INTER_LINEAR)   # q = A (I - c) + B
     np.multiply(bg, grey, out=bg)             # (OpenCV's multiply of float by uint8 took 20x as long)
     np.add(bg, tmp, out=bg)
     np.clip(bg, 0.0, 1.0, out=bg)

@@ -209,6 +209,19 @@ def test_masks_follow_the_image_edges_where_the_model_saw_it_smaller():
     assert np.array_equal(follow_edges(same, image, (160, 160)), probs)
 
 
+def test_edge_following_is_a_smoothing_on_a_flat_image():
+    """A flat image (a blank frame, a saturated scan) has no edges to follow: the background is the network's,
+    smoothed, not float32 rounding of bright grey levels divided by a zero variance."""
+    from tessera.model.inference import follow_edges
+
+    _, _, probs, size = _sloppy_disk()
+    for level in (0, 80, 255):
+        flat = np.full(probs.shape[1:], level, np.uint8)
+        out = follow_edges(probs.copy(), flat, size)
+        assert np.isfinite(out).all() and np.allclose(out.sum(0), 1, atol=1e-5)
+        assert np.abs(out[0] - probs[0]).mean() < 0.05, level
+
+
 def test_the_served_predictor_follows_its_versions_choice_unless_turned_off(tmp_path):
     """A mask model decides on its held-back tasks whether its masks follow the image's edges, keeps the choice
     (and what it rests on) in the checkpoint, and the served predictor applies it; TESSERA_FOLLOW_EDGES=false
