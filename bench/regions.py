@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.regions --task dsb_boxes [--budget 180 | --iters 300] [--max-val 40] [--name N]
         [--methods head centres] [--seeds 0 1 2] [--curve] [--set box_max_scale=2 ...]
-        [--reuse NAME] [--box-flip off on] [--init NAME]
+        [--reuse NAME] [--box-flip off on] [--box-scales learn|off] [--init NAME]
     tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
            downsampled to 256 px on their long side, a harder stand-in),
            dsb_native_boxes (the same at the images' own size, 256x256 to 1388x1040, as a user's photos come),
@@ -83,7 +83,8 @@ MASK_TASKS = ("dsb_masks", "dsb_native_masks")
 
 def run(task: str, budget_s: float, precision_target: float, work: Path, iters: int = 0, max_val: int = 0,
         method: str = "head", seed: int = 0, curve: bool = False, box_select: bool = True,
-        overrides: dict | None = None, reuse: str = "", box_flip: bool | None = None, init: str = "") -> dict:
+        overrides: dict | None = None, reuse: str = "", box_flip: bool | None = None, init: str = "",
+        box_scales: str = "") -> dict:
     samples, names = TASKS[task]()
     fit, held, val = split_fit_held_val(samples, max_val)
     box = task not in MASK_TASKS
@@ -115,8 +116,14 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     # as the server loads it: with --precision-target, a --reuse'd checkpoint's cuts are chosen again from the
     # grids it stored (the same cuts when it trained with that target)
     pred = Predictor.from_checkpoint(ckpt, device="cpu", precision_target=precision_target)
-    if box_flip is not None:      # the stored cut was learned with the run's own setting: learn it again
-        pred.box_flip = pred.has_box_head and box_flip
+    scales_choice = payload.get("box_scales")
+    if box_flip is not None or box_scales:    # the stored cut was learned with the run's own settings: learn it again
+        if box_flip is not None:
+            pred.box_flip = pred.has_box_head and box_flip
+        if box_scales == "learn":       # chosen again as a version chooses it (checkpoints from before stop 41)
+            scales_choice = tv.choose_box_scales(pred, spread_subset(held, TrainConfig().select_images))
+        elif box_scales == "off":
+            pred.box_scales = ()
         tv.learn_cut(pred, held, precision_target=precision_target)
     t0 = time.time()
     raws = raw_predictions(pred, val)
@@ -130,6 +137,7 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
            "n_train": len(fit), "n_held_back": len(held), "n_val": len(val),
            "val_objects": subset_counts(val, names), "held_back_objects": subset_counts(held, names), "budget_s": 0.0 if iters else budget_s,
            "overrides": overrides or {}, "scale": pred.scale, "reused": reuse, "init": init, "box_flip": pred.box_flip,
+           "box_scales": list(pred.box_scales), "box_scales_choice": scales_choice,
            "train_wall_s": round(wall, 1), "train_iters": done_iters, "load_avg_1min_after": os.getloadavg()[0],
            "predict_s_per_image": round(predict_s / max(len(val), 1), 4),
            "learned_cut": learned.to_dict(), "after_cut": {k: after[k] for k in keys},
@@ -331,6 +339,9 @@ def main() -> None:
     ap.add_argument("--box-flip", nargs="+", choices=["on", "off"], default=[], help="a row per setting of "
                     "the box head's test-time flip (Predictor.box_flip), the cut learned again for each "
                     "(default: the checkpoint's own)")
+    ap.add_argument("--box-scales", choices=["learn", "off"], default="", help="a box model's extra test-time "
+                    "passes (Predictor.box_scales) chosen again on the held-back images as a version chooses "
+                    "them, or off; the cut learned again (default: the checkpoint's own)")
     ap.add_argument("--init", default="", metavar="NAME", help="warm-start from the checkpoint the run --name NAME "
                     "left (same task, method, seed), as a project's later runs start from the served version")
     ap.add_argument("--name", default="", help="results file bench/results/<name>.json (default regions_<task>)")
@@ -346,7 +357,7 @@ def main() -> None:
                 for flip in [f == "on" for f in args.box_flip] or [None]:
                     rows.append(run(t, args.budget, args.precision_target, work, args.iters, args.max_val, m,
                                     seed, args.curve, args.select == "ap", train_overrides(args.set), args.reuse, flip,
-                                    args.init))
+                                    args.init, args.box_scales))
                     _write(args, rows, load_before)
 
 

@@ -34,7 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .boxhead import decode_boxes, flip_average
 from .checkpoint import load_checkpoint
 from .data import percentiles, relabel, semantic_instances
-from .postprocess import RegionCut, grow_boxes, instance_boxes, kept_regions, object_slices, resolve_cut
+from .postprocess import RegionCut, fuse_boxes, grow_boxes, instance_boxes, kept_regions, object_slices, resolve_cut
 from .traced import TracedPasses
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -557,6 +557,9 @@ class Predictor:
         # a box head's outputs averaged with the mirror image's (boxhead.flip_average); off for a head never
         # shown mirror images in training
         self.box_flip = self.has_box_head and box_flip
+        # a box model's extra passes, at these multiples of its scale, their boxes fused with its own
+        # (fuse_boxes); chosen per version on its held-back tasks (train_vqvae.choose_box_scales)
+        self.box_scales: tuple[float, ...] = ()
         # predict()'s masks follow the image's edges where it was seen smaller (follow_edges), unless the
         # version learned on its held-back tasks that its own outlines are better (from_checkpoint); box
         # models' regions are their boxes, so they skip it
@@ -592,6 +595,9 @@ class Predictor:
             predictor.box_cut = resolve_cut(ckpt.get("box_cut"), precision_target, min_score)
             if (ckpt.get("box_cut") or {}).get("rectangles") == "masks":   # ... unless the masks' boxes won
                 predictor.has_box_head = predictor.head_beside_masks = False       # (train_vqvae.rectangles_from)
+        scales = ckpt.get("box_scales")                  # learned per version (train_vqvae.choose_box_scales)
+        if scales is not None and scales.get("on") and predictor.has_box_head and not predictor.head_beside_masks:
+            predictor.box_scales = tuple(float(f) for f in scales["factors"])
         edges = ckpt.get("follow_edges")                 # learned per version (train_vqvae.choose_follow_edges);
         if edges is not None:                            # absent before stop 31 and without held-back tasks: on
             predictor.follow_edges = predictor.follow_edges and bool(edges.get("on", True))
@@ -602,11 +608,12 @@ class Predictor:
 
     # --- batched network pass --------------------------------------------------------------------
 
-    def _geometry(self, h: int, w: int, letterbox: bool = False) -> tuple[int, int]:
-        """The size an (h, w) image has at the model's input (before padding)."""
+    def _geometry(self, h: int, w: int, letterbox: bool = False, scale: float | None = None) -> tuple[int, int]:
+        """The size an (h, w) image has at the model's input (before padding); `scale` in place of the
+        model's own (a box model's extra passes, box_scales)."""
         if self.scale is None or letterbox:
             return fit_size(h, w, self.config.resolution)
-        return scaled_size(h, w, self.scale)
+        return scaled_size(h, w, scale or self.scale)
 
     def _pad_shape(self, sizes: list[tuple[int, int]], letterbox: bool = False) -> tuple[int, int]:
         """Input shape for a batch of scaled sizes: R x R when letterboxing, else the largest padded to x8."""
@@ -614,14 +621,15 @@ class Predictor:
             return self.config.resolution, self.config.resolution
         return ceil8(max(h for h, _ in sizes)), ceil8(max(w for _, w in sizes))
 
-    def _prepare(self, images: list[np.ndarray], letterbox: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _prepare(self, images: list[np.ndarray], letterbox: bool = False, scale: float | None = None
+                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """A batch at the model's input: each image at the model's scale, or fitted into R x R (`letterbox`,
         or a model without a scale), normalised and padded to one shape; and each image's size in it."""
         smalls, sizes = [], []
         for image in images:
             if image.ndim == 2:
                 image = np.repeat(image[..., None], 3, axis=2)
-            nh, nw = self._geometry(*image.shape[:2], letterbox=letterbox)
+            nh, nw = self._geometry(*image.shape[:2], letterbox=letterbox, scale=scale)
             small = resize(image, nh, nw)
             smalls.append(normalize_image(small, image_stats(small, self.config.invert_bright)))
             sizes.append((nh, nw))
@@ -762,21 +770,36 @@ class Predictor:
         head = _head_prediction(dets, score) if dets is not None and with_head else None   # cut by box_cut
         return Prediction(classes, inst, labels, scores, score, boxes, areas=areas, head=head)
 
-    def _logits(self, images: list[np.ndarray], dets: list | None = None) -> list[tuple]:
+    def _logits(self, images: list[np.ndarray], dets: list | None = None, scale: float | None = None
+                ) -> list[tuple]:
         """The network's part of _probabilities: per image (logits (L, h', w'), size at the model (h', w'))
         still to be unletterboxed. Images of one input shape share a batch; inputs larger than a tile go
         through the sliding window one by one. With `dets` (a list of len(images)), a box head model also
-        fills in each image's boxes (N, 6) in image px."""
+        fills in each image's boxes (N, 6) in image px: a box model with box_scales fuses them with its
+        passes at those scales (fuse_boxes). `scale`: the passes at this scale, not the model's."""
+        out = self._logits_at(images, dets, scale)
+        if dets is None or scale is not None or not self.box_scales or self.head_beside_masks or self.scale is None:
+            return out
+        extra = []
+        for f in self.box_scales:                       # the label logits of these passes are not used
+            extra.append([None] * len(images))
+            self._logits_at(images, extra[-1], self.scale * f)
+        for i in range(len(images)):
+            dets[i] = fuse_boxes([dets[i], *(e[i] for e in extra)])
+        return out
+
+    def _logits_at(self, images: list[np.ndarray], dets: list | None, scale: float | None) -> list[tuple]:
+        """_logits at one scale (None: the model's)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
-            groups.setdefault(self._pad_shape([self._geometry(*im.shape[:2])]), []).append(i)
+            groups.setdefault(self._pad_shape([self._geometry(*im.shape[:2], scale=scale)]), []).append(i)
         out: list[tuple | None] = [None] * len(images)
         for (ph, pw), idx in groups.items():
             if self.scale is not None and ph * pw > self.tile ** 2:
                 for i in idx:
                     tiles = [] if dets is not None else None
                     with torch.inference_mode():
-                        x, sizes = self._prepare([images[i]])
+                        x, sizes = self._prepare([images[i]], scale=scale)
                         out[i] = (self._tiled_logits(x, dets=tiles)[0], sizes[0])
                     if dets is not None:
                         dets[i] = _to_image_px(np.concatenate(tiles), sizes[0], images[i].shape[:2])
@@ -790,7 +813,7 @@ class Predictor:
             for s in range(0, len(idx), step):
                 part = idx[s:s + step]
                 with torch.inference_mode():
-                    x, sizes = self._prepare([images[i] for i in part])
+                    x, sizes = self._prepare([images[i] for i in part], scale=scale)
                     logits, heads = self._net(x)
                 found = self._boxes(heads) if dets is not None else [None] * len(part)
                 for i, lg, size, d in zip(part, logits, sizes, found):

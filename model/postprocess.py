@@ -28,6 +28,7 @@ from . import metrics
 MATCH_IOU = 0.5
 FLOOR_MIN_HIT = 0.25   # the least share of a floor's added regions that must be right for it to pay (floor_pays)
 SCORE_GRID = tuple(round(float(s), 2) for s in np.arange(0.0, 0.96, 0.05))
+FUSE_IOU = 0.55       # fuse_boxes: boxes of one class from different passes this close are one object (WBF's)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,37 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float, classes: np.n
         keep.append(i)
         suppressed |= ious[i] >= iou_thr
     return np.array(keep, np.intp)
+
+
+def fuse_boxes(sets: list[np.ndarray], iou_thr: float = FUSE_IOU) -> np.ndarray:
+    """One image's boxes from several passes (each (N_i, 6) rows x0, y0, x1, y1, score, class) -> the fused
+    boxes (M, 6), highest score first: weighted box fusion (Solovyev et al. 2019, https://arxiv.org/abs/
+    1910.13302). Going down the scores, a box not yet taken gathers the untaken boxes of its class that overlap
+    it by IoU >= iou_thr; the group's box is their score-weighted mean and its score their mean times the
+    share of the passes that found it (min(k, n) / n), so an object one pass alone saw ranks below one all saw.
+
+    Hand-written: the ensemble-boxes package wants coordinates normalised to [0, 1] and brings pandas and
+    numba; the grouping here is one IoU matrix per image, as box_nms's."""
+    n = len(sets)
+    rows = [np.asarray(s, np.float64).reshape(-1, 6) for s in sets]
+    allb = np.concatenate(rows) if rows else np.zeros((0, 6))
+    if n < 2 or not len(allb):
+        return allb[np.argsort(-allb[:, 4], kind="stable")]
+    allb = allb[np.argsort(-allb[:, 4], kind="stable")]
+    ious = metrics.box_iou(allb[:, :4], allb[:, :4])
+    near = (ious >= iou_thr) & (allb[:, None, 5] == allb[None, :, 5])
+    taken = np.zeros(len(allb), bool)
+    out = []
+    for i in range(len(allb)):
+        if taken[i]:
+            continue
+        group = np.flatnonzero(near[i] & ~taken)
+        taken[group] = True
+        s = allb[group, 4]
+        box = (allb[group, :4] * s[:, None]).sum(0) / max(s.sum(), 1e-12)
+        out.append([*box, s.mean() * min(len(group), n) / n, allb[i, 5]])
+    out = np.array(out, np.float64).reshape(-1, 6)
+    return out[np.argsort(-out[:, 4], kind="stable")]
 
 
 def object_slices(instances: np.ndarray, ids: list[int]) -> dict[int, tuple[slice, slice]]:

@@ -492,6 +492,33 @@ def raw_predictions(predictor, samples: list[Sample], batch_size: int = 8) -> li
     return out
 
 
+# a box model's extra test-time passes (Predictor.box_scales: the image also seen at these multiples of the
+# model's scale, the boxes of the three passes fused), kept by a version where they raise its held-back box
+# AP50 by at least BOX_SCALES_GAIN: they cost ~2.5x the box pass. Pets heads, 2,400 iterations, seeds 0-2, the
+# same checkpoints (stop 41, bench/HISTORY.md): AP50 0.786 -> 0.850 with (0.7, 1.4); (0.8, 1.25) 0.794, (0.6,
+# 1.6) 0.847, (0.7,) 0.828. A whole photo seen smaller puts a pet's head inside the encoder's receptive field
+BOX_SCALES = (0.7, 1.4)
+BOX_SCALES_GAIN = 0.01
+
+
+def choose_box_scales(predictor: Predictor, samples: list[Sample], batch_size: int = 8) -> dict | None:
+    """Whether this box model also looks at each image at BOX_SCALES (Predictor.box_scales), decided on
+    held-back samples by box AP50 (before any cut; a gain of BOX_SCALES_GAIN pays for the passes). Sets
+    predictor.box_scales; returns what the checkpoint keeps, or None when the predictor has no choice to make
+    (a mask model, a head beside masks, a model without a scale, or no samples)."""
+    if not predictor.has_box_head or predictor.head_beside_masks or predictor.scale is None or not samples:
+        return None
+    ap = {}
+    for on in (False, True):
+        predictor.box_scales = BOX_SCALES if on else ()
+        raws = raw_predictions(predictor, samples, batch_size)
+        ap[on] = detection_metrics(raws, predictor.cut, samples, predictor.n_classes)["box_ap50"]
+    on = ap[True] >= ap[False] + BOX_SCALES_GAIN
+    predictor.box_scales = BOX_SCALES if on else ()
+    return {"on": bool(on), "factors": list(BOX_SCALES), "ap50_on": ap[True], "ap50_off": ap[False],
+            "n_images": len(samples)}
+
+
 def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size: int = 8) -> dict | None:
     """Whether this version's masks follow the image's edges (Predictor.follow_edges), decided on held-back
     samples: on only where it raises their mean per-image mIoU. The filter helps a model that saw the image
@@ -857,7 +884,7 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
     model.eval()
     train_s = time.time() - run.t_start
     result = {"iter_num": run.iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": run.scale}
-    region_cut = box_cut = None
+    region_cut = box_cut = scales = None
     predictor = Predictor(model, label_names, device=str(run.device), edge_weight=cfg.boundary_weight,
                           scale=run.scale, box_shrink=cfg.box_shrink)
     # what the served version ranks tasks against (model/acquisition.py): the people-labelled images
@@ -867,6 +894,7 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
         # masks that follow the image's edges or not, chosen on the spread subset of the held-back images a
         # box model's state is chosen on (at most select_images), before the cut is learned on them all
         edges = choose_follow_edges(predictor, run.select_samples or val, cfg.batch_size)
+        scales = choose_box_scales(predictor, run.select_samples or val, cfg.batch_size)
         raws = raw_predictions(predictor, val)
         region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
         if predictor.head_beside_masks:
@@ -879,6 +907,9 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
             result["box_select_images"] = len(run.select_samples)
         if edges is not None:
             result.update({"follow_edges": edges["on"], "follow_edges_images": edges["n_images"]})
+        if scales is not None:
+            result.update({"box_scales": scales["factors"] if scales["on"] else [],
+                           "box_scales_images": scales["n_images"]})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     path = out if out.suffix == ".pt" else out / f"ckpt_{run.iter0 + it:07d}.pt"
@@ -887,6 +918,7 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
                "best_val_loss": min((h["val_loss"] for h in run.history), default=None),
                "label_names": list(label_names), "metrics": result, "scale": run.scale,
                "history": run.history, "region_cut": region_cut, "box_cut": box_cut, "follow_edges": edges,
+               "box_scales": scales,
                "labelled_embeddings": torch.from_numpy(labelled)}
     save_checkpoint(payload, path)
     if run.progress:

@@ -302,7 +302,7 @@ def _box_predictor(**kw):
     model = VQVAE(VQVAEConfig(resolution=64, n_labels=4, widths=(8, 16, 32, 48), box_classes=2))
     for p in model.box_head.parameters():          # a head whose maps vary over the image
         torch.nn.init.normal_(p, std=0.3)
-    return Predictor(model, ["cat", "dog"], device="cpu", scale=1.0, box_shrink=0.5, bf16=False, **kw)
+    return Predictor(model, ["cat", "dog"], device="cpu", **{"scale": 1.0, "box_shrink": 0.5, "bf16": False, **kw})
 
 
 def test_a_box_predictor_sees_an_image_and_its_mirror_alike():
@@ -322,6 +322,66 @@ def test_a_box_predictor_sees_an_image_and_its_mirror_alike():
         assert torch.allclose(a, b, atol=1e-5)
     pred.box_flip = False
     assert not all(torch.allclose(a, b, atol=1e-3) for a, b in mirrored_pair(pred))
+
+
+def test_a_box_model_chooses_its_extra_scales_on_held_back_images():
+    """A box model also looks at each image smaller and larger (Predictor.box_scales) only where that raises
+    its held-back box AP50: held-back boxes that are what the extra passes give choose them, boxes that are
+    what the model's own scale gives do not. A mask model has no choice to make."""
+    from tessera.model.data import make_nuclei
+    from tessera.model.postprocess import box_sample
+    from tessera.model.train_vqvae import BOX_SCALES, choose_box_scales
+
+    pred = _box_predictor()
+    images = [s.image for s in make_nuclei(4, size=64, seed=5)]
+    assert pred.box_scales == ()
+    plain = pred.predict(images)
+    for truth_on in (False, True):
+        pred.box_scales = BOX_SCALES if truth_on else ()
+        held = []
+        for i, (im, p) in enumerate(zip(images, pred.predict(images))):
+            ids = sorted(p.boxes)
+            boxes = np.array([[*p.boxes[k], p.instance_label[k]] for k in ids], float).reshape(-1, 5)
+            held.append(box_sample(im, boxes, 0.5, str(i)))
+        assert sum(len(h.boxes) for h in held) >= 4
+        if truth_on:            # the fused boxes are not the model's own scale's boxes
+            assert any(sorted(p.boxes.values()) != sorted(q.boxes.values())
+                       for p, q in zip(plain, pred.predict(images)))
+        pred.box_scales = ()
+        got = choose_box_scales(pred, held)
+        assert got["on"] is truth_on and pred.box_scales == (BOX_SCALES if truth_on else ()), got
+        own, other = (got["ap50_on"], got["ap50_off"]) if truth_on else (got["ap50_off"], got["ap50_on"])
+        assert own > other + 0.01, got
+    mask = _box_predictor(box_shrink=1.0)           # a head beside masks
+    assert choose_box_scales(mask, held) is None and mask.box_scales == ()
+
+
+def test_a_box_versions_choice_of_extra_scales_is_kept_and_served(tmp_path):
+    """A box model's run makes the choice on its held-back tasks and keeps it (and what it rests on) in the
+    checkpoint; the served predictor applies it, and checkpoints from before the choice or that declined it
+    look once. A mask model's checkpoint has no choice."""
+    from tessera.backend.predictions import _load_predictor
+    from tessera.backend.settings import Settings
+    from tessera.model.checkpoint import load_checkpoint, save_checkpoint
+    from tessera.model.data import make_nuclei
+    from tessera.model.train_vqvae import BOX_SCALES, TrainConfig, train
+
+    plain = make_nuclei(5, size=64, seed=3)
+    base = dict(max_iters=2, eval_interval=2, log_interval=100, resolution=64, crop=48, batch_size=2,
+                device="cpu", threads=1, seed=0)
+    path = train(TrainConfig(**base, box_shrink=0.5, box_head=True), [_boxed(s) for s in plain[:3]],
+                 [_boxed(s) for s in plain[3:]], ["Nucleus"], tmp_path / "box.pt")
+    c = load_checkpoint(path, "vqvae")
+    got = c["box_scales"]
+    assert got["n_images"] == 2 and got["factors"] == list(BOX_SCALES)
+    assert got["on"] == (got["ap50_on"] >= got["ap50_off"] + 0.01)
+    assert c["metrics"]["box_scales"] == (list(BOX_SCALES) if got["on"] else [])
+    for on in (True, False, None):                  # None: a checkpoint from before the choice
+        c["box_scales"] = None if on is None else {**got, "on": on}
+        save_checkpoint(c, tmp_path / f"{on}.pt")
+        assert _load_predictor(tmp_path / f"{on}.pt", "cpu", Settings()).box_scales == (BOX_SCALES if on else ())
+    mask = train(TrainConfig(**base), plain[:3], plain[3:], ["Nucleus"], tmp_path / "mask.pt")
+    assert load_checkpoint(mask, "vqvae")["box_scales"] is None
 
 
 def test_a_box_model_trained_without_mirror_images_is_not_flipped_at_test_time(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from tessera.model.inference import Prediction, cut_regions
 from tessera.model.postprocess import (ImageRecord, RegionCut, box_nms, box_sample, choose_cut, cut_grid,
-                               detection_metrics, grow_boxes, image_record, paint_box_cores, resolve_cut)
+                               detection_metrics, fuse_boxes, grow_boxes, image_record, paint_box_cores, resolve_cut)
 
 
 def test_box_nms_drops_overlapping_boxes_of_one_object():
@@ -14,6 +14,28 @@ def test_box_nms_drops_overlapping_boxes_of_one_object():
     keep = box_nms(boxes, np.array([0.9, 0.8, 0.7, 0.95]), 0.5)
     assert sorted(keep.tolist()) == [2, 3]          # the two lower-scoring copies of the first box go
     assert sorted(box_nms(boxes, np.ones(4), 1.0).tolist()) == [0, 1, 2, 3]
+
+
+def test_fuse_boxes_merges_one_objects_boxes_from_several_passes_and_ranks_by_agreement():
+    """Three passes of one image: an object all three found becomes one box at their score-weighted mean,
+    scored their mean; one only a pass found keeps its box at a third of its score; a box of another class
+    over the first object stays its own; the result comes highest score first."""
+    a = np.array([[10, 10, 30, 30, 0.9, 1], [60, 60, 80, 80, 0.9, 1], [11, 10, 31, 30, 0.8, 2]], float)
+    b = np.array([[12, 10, 32, 30, 0.6, 1]], float)
+    c = np.array([[8, 12, 28, 32, 0.3, 1]], float)
+    got = fuse_boxes([a, b, c])
+    assert got.shape == (3, 6)
+    assert np.all(np.diff(got[:, 4]) <= 0)
+    first = got[np.isclose(got[:, 4], 0.6)][0]          # (0.9 + 0.6 + 0.3) / 3
+    w = np.array([0.9, 0.6, 0.3])
+    expect = (np.array([[10, 10, 30, 30], [12, 10, 32, 30], [8, 12, 28, 32]]) * w[:, None]).sum(0) / w.sum()
+    assert np.allclose(first[:4], expect) and first[5] == 1
+    assert np.allclose(got[np.isclose(got[:, 4], 0.3)][0][:4], [60, 60, 80, 80])      # 0.9 / 3
+    other = got[got[:, 5] == 2]
+    assert len(other) == 1 and np.isclose(other[0, 4], 0.8 / 3) and np.allclose(other[0, :4], [11, 10, 31, 30])
+    # far apart boxes of one class are two objects, and one pass is passed through, highest score first
+    assert np.array_equal(fuse_boxes([a[[1, 0]]]), a[[1, 0]][np.argsort(-a[[1, 0], 4], kind="stable")])
+    assert fuse_boxes([np.zeros((0, 6)), np.zeros((0, 6))]).shape == (0, 6)
 
 
 def test_paint_box_cores_keeps_overlapping_boxes_apart_and_grows_back():
