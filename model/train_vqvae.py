@@ -493,30 +493,35 @@ def raw_predictions(predictor, samples: list[Sample], batch_size: int = 8) -> li
 
 
 # a box model's extra test-time passes (Predictor.box_scales: the image also seen at these multiples of the
-# model's scale, the boxes of the three passes fused), kept by a version where they raise its held-back box
-# AP50 by at least BOX_SCALES_GAIN: they cost ~2.5x the box pass. Pets heads, 2,400 iterations, seeds 0-2, the
-# same checkpoints (stop 41, bench/HISTORY.md): AP50 0.786 -> 0.850 with (0.7, 1.4); (0.8, 1.25) 0.794, (0.6,
-# 1.6) 0.847, (0.7,) 0.828. A whole photo seen smaller puts a pet's head inside the encoder's receptive field
-BOX_SCALES = (0.7, 1.4)
+# model's scale, the passes' boxes fused), in order of cost; a version keeps the costlier where it raises its
+# held-back box AP50 by at least BOX_SCALES_GAIN over the cheaper (choose_box_scales). The same checkpoints,
+# before -> (0.7,) / (0.7, 1.4) (stop 41, bench/HISTORY.md): Pets heads, 2,400 iterations, seeds 0-2, AP50
+# 0.786 -> 0.828 / 0.850 (a whole photo seen smaller puts a pet's head inside the encoder's receptive field;
+# (0.8, 1.25) 0.794, (0.6, 1.6) 0.847); DSB at 256 px, 600 iterations, 0.672 -> 0.676 / 0.710 (its small
+# nuclei seen larger); DSB native 0.728 -> 0.744 / 0.740, the second at 4x the prediction time
+BOX_SCALE_CANDIDATES = ((0.7,), (0.7, 1.4))
 BOX_SCALES_GAIN = 0.01
 
 
 def choose_box_scales(predictor: Predictor, samples: list[Sample], batch_size: int = 8) -> dict | None:
-    """Whether this box model also looks at each image at BOX_SCALES (Predictor.box_scales), decided on
-    held-back samples by box AP50 (before any cut; a gain of BOX_SCALES_GAIN pays for the passes). Sets
-    predictor.box_scales; returns what the checkpoint keeps, or None when the predictor has no choice to make
-    (a mask model, a head beside masks, a model without a scale, or no samples)."""
+    """Which extra passes this box model makes (Predictor.box_scales: none or one of BOX_SCALE_CANDIDATES),
+    decided on held-back samples by box AP50 before any cut: a costlier choice must beat the cheaper one kept
+    so far by BOX_SCALES_GAIN. Sets predictor.box_scales; returns what the checkpoint keeps, or None when the
+    predictor has no choice to make (a mask model, a head beside masks, a model without a scale, no samples)."""
     if not predictor.has_box_head or predictor.head_beside_masks or predictor.scale is None or not samples:
         return None
     ap = {}
-    for on in (False, True):
-        predictor.box_scales = BOX_SCALES if on else ()
+    for factors in ((), *BOX_SCALE_CANDIDATES):
+        predictor.box_scales = factors
         raws = raw_predictions(predictor, samples, batch_size)
-        ap[on] = detection_metrics(raws, predictor.cut, samples, predictor.n_classes)["box_ap50"]
-    on = ap[True] >= ap[False] + BOX_SCALES_GAIN
-    predictor.box_scales = BOX_SCALES if on else ()
-    return {"on": bool(on), "factors": list(BOX_SCALES), "ap50_on": ap[True], "ap50_off": ap[False],
-            "n_images": len(samples)}
+        ap[factors] = detection_metrics(raws, predictor.cut, samples, predictor.n_classes)["box_ap50"]
+    best = ()
+    for factors in BOX_SCALE_CANDIDATES:
+        if ap[factors] >= ap[best] + BOX_SCALES_GAIN:
+            best = factors
+    predictor.box_scales = best
+    return {"on": bool(best), "factors": list(best), "n_images": len(samples),
+            "ap50": {",".join(map(str, f)) or "none": v for f, v in ap.items()}}
 
 
 def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size: int = 8) -> dict | None:
@@ -908,8 +913,7 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
         if edges is not None:
             result.update({"follow_edges": edges["on"], "follow_edges_images": edges["n_images"]})
         if scales is not None:
-            result.update({"box_scales": scales["factors"] if scales["on"] else [],
-                           "box_scales_images": scales["n_images"]})
+            result.update({"box_scales": scales["factors"], "box_scales_images": scales["n_images"]})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     path = out if out.suffix == ".pt" else out / f"ckpt_{run.iter0 + it:07d}.pt"
