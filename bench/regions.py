@@ -120,8 +120,9 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     if box_flip is not None or box_scales:    # the stored cut was learned with the run's own settings: learn it again
         if box_flip is not None:
             pred.box_flip = pred.has_box_head and box_flip
-        if box_scales == "learn":       # chosen again as a version chooses it (checkpoints from before stop 41)
-            scales_choice = tv.choose_box_scales(pred, spread_subset(held, TrainConfig().select_images))
+        if box_scales == "learn":       # chosen again as a version chooses it (checkpoints from before stop 41),
+            n = (payload.get("train_config") or {}).get("select_images", TrainConfig().select_images)  # its subset
+            scales_choice = tv.choose_box_scales(pred, spread_subset(held, int(n)))
         elif box_scales == "off":
             pred.box_scales = ()
         tv.learn_cut(pred, held, precision_target=precision_target)
