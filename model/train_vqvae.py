@@ -33,11 +33,11 @@ from . import acquisition, metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_args
 from .data import Sample
-from .inference import (Predictor, bf16_supported, cut_regions, fit_size, image_stats, letterbox_floor,
-                        normalize_image, pad_target, pad_to, resize, resolve_device, scale_for_size, scaled_size,
-                        soft_target, typical_object_size, vqvae_from_checkpoint)
-from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, image_record,
-                               scale_boxes, spread_subset, true_objects)
+from .inference import (Predictor, bf16_supported, boxes_prediction, cut_regions, fit_size, image_stats,
+                        letterbox_floor, normalize_image, pad_target, pad_to, resize, resolve_device, scale_for_size,
+                        scaled_size, soft_target, typical_object_size, vqvae_from_checkpoint)
+from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, fuse_boxes,
+                          image_record, scale_boxes, spread_subset, true_objects)
 from .boxhead import box_losses, encode_boxes
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -510,11 +510,19 @@ def choose_box_scales(predictor: Predictor, samples: list[Sample], batch_size: i
     predictor has no choice to make (a mask model, a head beside masks, a model without a scale, no samples)."""
     if not predictor.has_box_head or predictor.head_beside_masks or predictor.scale is None or not samples:
         return None
+    # one pass of the encoder and the head per image and scale, each candidate's boxes fused from them (as
+    # Predictor._logits fuses them): predict() per candidate made 6 full passes per image for 3 scales
+    factors = sorted({1.0, *(f for c in BOX_SCALE_CANDIDATES for f in c)})
+    found = {f: [] for f in factors}
+    for i in range(0, len(samples), batch_size):
+        images = [s.image for s in samples[i:i + batch_size]]
+        for f in factors:
+            found[f] += predictor.boxes_at(images, None if f == 1.0 else predictor.scale * f)
     ap = {}
-    for factors in ((), *BOX_SCALE_CANDIDATES):
-        predictor.box_scales = factors
-        raws = raw_predictions(predictor, samples, batch_size)
-        ap[factors] = detection_metrics(raws, predictor.cut, samples, predictor.n_classes)["box_ap50"]
+    for cand in ((), *BOX_SCALE_CANDIDATES):
+        raws = [boxes_prediction(fuse_boxes([d, *(found[f][n] for f in cand)]) if cand else d)
+                for n, d in enumerate(found[1.0])]
+        ap[cand] = detection_metrics(raws, predictor.cut, samples, predictor.n_classes)["box_ap50"]
     best = ()
     for factors in BOX_SCALE_CANDIDATES:
         if ap[factors] >= ap[best] + BOX_SCALES_GAIN:

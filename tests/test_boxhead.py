@@ -324,6 +324,28 @@ def test_a_box_predictor_sees_an_image_and_its_mirror_alike():
     assert not all(torch.allclose(a, b, atol=1e-3) for a, b in mirrored_pair(pred))
 
 
+def test_the_head_alone_finds_the_boxes_the_whole_pass_finds():
+    """Predictor.boxes_at (the encoder and the head, no code predictor or decoder: a box model's extra scales)
+    gives the boxes predict() gives at the same scale: batched, through the sliding window, traced, and
+    mirrored; at another scale, other boxes."""
+    from tessera.model.data import make_nuclei
+
+    images = [s.image for s in make_nuclei(3, size=64, seed=2)]
+    large = [np.tile(images[0], (2, 3, 1))[:120, :150]]           # larger than the 64 px tile: windows
+    for kw in ({}, {"trace": True}, {"box_flip": False}):
+        pred = _box_predictor(tile=64, overlap=16, **kw)
+        for batch in (images, large):
+            for _ in range(3):                     # traced once a shape recurs
+                want = [np.array([[*p.boxes[k], p.instance_score[k], p.instance_label[k]] for k in sorted(p.boxes)])
+                        .reshape(-1, 6) for p in pred.predict(batch, cut=False)]
+                got = pred.boxes_at(batch)
+                assert [len(g) for g in got] == [len(w) for w in want] and sum(map(len, want)) > 0, kw
+                for g, w in zip(got, want):
+                    np.testing.assert_allclose(g[np.lexsort(g.T[::-1])], w[np.lexsort(w.T[::-1])], atol=1e-4)
+        other = pred.boxes_at(images, 0.7)
+        assert any(len(o) != len(g) or not np.allclose(o, g) for o, g in zip(other, pred.boxes_at(images)))
+
+
 def test_a_box_model_chooses_its_extra_scales_on_held_back_images():
     """A box model also looks at each image smaller (and larger) (Predictor.box_scales) only where that raises
     its held-back box AP50: held-back boxes that are what one choice of passes gives choose it, the costlier

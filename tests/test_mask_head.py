@@ -8,7 +8,7 @@ from tessera.backend.label_config import parse_label_config
 from tessera.backend.predictions import prediction_to_results
 from tessera.backend.regions import region_to_mask
 from tessera.backend.training import val_score
-from tessera.model.inference import Prediction, _head_prediction
+from tessera.model.inference import Prediction, boxes_prediction
 
 CONFIG = parse_label_config("""<View><Image name="image" value="$image"/>
   <BrushLabels name="mask" toName="image"><Label value="Nucleus"/></BrushLabels>
@@ -21,7 +21,7 @@ def _two_touching_objects():
     inst[10:30, 10:34], inst[18:40, 30:60] = 1, 2
     classes = (inst > 0).astype(np.int32)
     dets = np.array([[10, 10, 34, 30, 0.9, 1], [30, 18, 60, 40, 0.8, 1]], np.float64)
-    head = _head_prediction(dets, 0.7)
+    head = boxes_prediction(dets, 0.7)
     return Prediction(classes, inst, {1: 1, 2: 1}, {1: 0.95, 2: 0.85}, 0.7, head=head), dets
 
 
