@@ -88,6 +88,30 @@ def test_learned_cut_maximises_f1_and_meets_a_precision_target():
     assert resolve_cut(stored, precision_target=0.95).min_score == strict.min_score
 
 
+def test_of_cuts_with_nearly_the_best_f1_the_one_that_misses_fewer_objects_or_keeps_fewer_wrong_wins():
+    """F1 is flat near its top: the cut kept is the one whose lower of precision and recall is the higher among
+    those within F1_TIE of the best, not the strict best (which here misses 6 more of 100 objects to keep
+    10 fewer wrong regions)."""
+    from tessera.model.postprocess import F1_TIE
+
+    def row(score, tp, n_pred, n_true=100):
+        p, r = tp / n_pred, tp / n_true
+        return {"min_area": 0.0, "min_score": score, "min_keep": 0, "precision": p, "recall": r,
+                "f1": 2 * p * r / (p + r), "n_pred": n_pred, "n_true": n_true, "tp": tp}
+
+    grid = [row(0.2, 90, 140), row(0.3, 82, 100), row(0.4, 76, 84), row(0.5, 60, 62)]
+    f1s = sorted(r["f1"] for r in grid)
+    assert f1s[-1] == grid[2]["f1"] and f1s[-1] - grid[1]["f1"] < F1_TIE    # 0.3 is within the tie of 0.4's best
+    cut = choose_cut(grid)
+    assert cut.min_score == 0.3 and (cut.precision, cut.recall) == (0.82, 0.82)
+    # a cut further from the best F1 is not an equal, however balanced
+    grid[1] = row(0.3, 79, 100)
+    assert grid[2]["f1"] - grid[1]["f1"] > F1_TIE and choose_cut(grid).min_score == 0.4
+    # the other way round: of two equals, the one with fewer wrong regions where precision is the lower
+    grid = [row(0.2, 88, 112), row(0.3, 83, 100), row(0.4, 70, 78)]
+    assert max(grid, key=lambda r: r["f1"])["min_score"] == 0.2 and choose_cut(grid).min_score == 0.3
+
+
 def test_detection_metrics_on_box_samples_count_classes_and_misses():
     img = np.zeros((60, 60, 3), np.uint8)
     s = box_sample(img, np.array([[5, 5, 25, 25, 1], [30, 30, 55, 55, 2]]), 0.6)
