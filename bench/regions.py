@@ -184,12 +184,12 @@ def split_fit_held_val(samples: list[Sample], max_val: int = 0) -> tuple[list, l
 
 def reused(src: Path, dst: Path) -> Path:
     """An earlier run's checkpoint (its --name's work folder), copied to this run's: evaluated again without
-    training (decoding changes on the same weights). A `box_context` of False in its model config (stop 20's
-    reverted image-context try wrote one) is dropped, so that such checkpoints load."""
+    training (decoding changes on the same weights). A `box_context` of False or 0 in its model config (stop
+    20's and stop 42's reverted context tries wrote them) is dropped, so that such checkpoints load."""
     if not src.is_file():
         raise SystemExit(f"--reuse: no checkpoint {src}")
     ckpt = load_checkpoint(src, "vqvae")
-    if ckpt["model_config"].get("box_context") is False:
+    if "box_context" in ckpt["model_config"] and not ckpt["model_config"]["box_context"]:
         ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k != "box_context"}
     save_checkpoint(ckpt, dst)
     return dst
