@@ -1191,13 +1191,7 @@ class _PredictPass(torch.nn.Module):
         if not p.has_box_head:
             return (logits,)
         with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.bf16):
-            heads = p.model.detect(feats)
-            if p.box_flip:
-                mirror = x.flip(-1)
-                if p.bf16:
-                    mirror = mirror.contiguous(memory_format=torch.channels_last)
-                heads = flip_average(heads, p.model.detect(p.model.features(mirror)))
-            return (logits, *heads)
+            return (logits, *_head_outputs(p, x, feats))
 
 
 class _HeadPass(torch.nn.Module):
@@ -1212,15 +1206,20 @@ class _HeadPass(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         p = self.predictor
         with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.bf16):
-            if p.bf16:
-                x = x.contiguous(memory_format=torch.channels_last)
-            heads = p.model.detect(p.model.features(x))
-            if p.box_flip:
-                mirror = x.flip(-1)
-                if p.bf16:
-                    mirror = mirror.contiguous(memory_format=torch.channels_last)
-                heads = flip_average(heads, p.model.detect(p.model.features(mirror)))
-            return tuple(heads)
+            feats = p.model.features(x.contiguous(memory_format=torch.channels_last) if p.bf16 else x)
+            return tuple(_head_outputs(p, x, feats))
+
+
+def _head_outputs(p: "Predictor", x: torch.Tensor, feats) -> tuple:
+    """The box head's outputs on x's features, averaged with the mirror image's where the predictor flips
+    (boxhead.flip_average); called under the predictor's autocast."""
+    heads = p.model.detect(feats)
+    if p.box_flip:
+        mirror = x.flip(-1)
+        if p.bf16:
+            mirror = mirror.contiguous(memory_format=torch.channels_last)
+        heads = flip_average(heads, p.model.detect(p.model.features(mirror)))
+    return heads
 
 
 def _probs_cpu(logits: np.ndarray, shape: tuple[int, int], log_edge_weight: float) -> np.ndarray:
