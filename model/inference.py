@@ -739,11 +739,10 @@ class Predictor:
         # tiles per pass (median of 14, interleaved, 1 thread, load 8.5); same logits
         _, _, H, W = x.shape
         (th, ys), (tw, xs) = _starts(H, self.tile, self.overlap), _starts(W, self.tile, self.overlap)
-        ramp_h = _ramp(th, self.overlap, x.device)
-        ramp_w = _ramp(tw, self.overlap, x.device)
-        weight = ramp_h[:, None] * ramp_w[None, :]  # (th, tw)
-        out = torch.zeros(1, self.config.n_labels, H, W, device=x.device)
-        total = torch.zeros(1, 1, H, W, device=x.device)
+        if not heads_only:                          # the blended logits and their weights (boxes need neither)
+            weight = _ramp(th, self.overlap, x.device)[:, None] * _ramp(tw, self.overlap, x.device)[None, :]
+            out = torch.zeros(1, self.config.n_labels, H, W, device=x.device)
+            total = torch.zeros(1, 1, H, W, device=x.device)
         spots = [(y, x0) for y in ys for x0 in xs]
         core_y, core_x = dict(zip(ys, _cores(H, th, ys))), dict(zip(xs, _cores(W, tw, xs)))
         for i in range(0, len(spots), batch):
