@@ -34,7 +34,7 @@ def embed(predictor, images: list[np.ndarray], batch_size: int = 32) -> np.ndarr
         x, _ = predictor._prepare(images[i:i + batch_size], letterbox=True)
         parts = []
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=predictor.bf16):   # as its passes run
-            feats = predictor.model.features(x.contiguous(memory_format=torch.channels_last) if predictor.bf16 else x)
+            feats = predictor.model.features(predictor.layout(x))
         for f in feats:                                             # (B, C, h, w) per level
             # mean and (unbiased) std per channel from the first two moments: torch.std_mean over the
             # spatial dims of a channels-last map took 5x as long (1.6 vs 0.3 ms a 16 x 128 x 128 level)

@@ -530,8 +530,13 @@ class Predictor:
         # channels-last + bfloat16 autocast (as in training): ~2.5x faster convolutions on CPUs with bf16
         # kernels, measured at 312x424 on this project's 2-core VM
         self.bf16 = bf16 and bf16_supported(self.device)
+        # channels-last with bf16 only. Tried in float32 (stop 43, a 2-core AMD EPYC with AVX2 alone): an untrained
+        # default model's 312x424 pass took 0.82-0.89x the time, but bench.speed --native's trained model gave the
+        # same per-task times over HTTP (520x696 157 vs 153 ms, 2048 3.12 vs 3.26 s, forward stage 106 vs 106
+        # ms); stop 39's Xeon (AVX-512, no bf16) found no difference either
+        self.channels_last = self.bf16
         self.model = _fold_batchnorm(model).to(self.device).eval()
-        if self.bf16:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.config: VQVAEConfig = model.config
         self.label_names = list(label_names)
@@ -662,15 +667,17 @@ class Predictor:
             follow_edges(probs, image, size)
         return probs
 
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the memory format the network's weights are in (channels-last or as it is)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _forward(self, x: torch.Tensor):
         """(B, 3, H, W) -> image features (as computed: bfloat16 under autocast), code queries, label logits
         (float32); the code logits, when needed, are _code_logits(queries). The decoder's input, the expected
         code embedding, is computed as two plain matrix products over the cells (_expected_codes), not
         through the (B, K, h, w) code logits."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.bf16:
-                x = x.contiguous(memory_format=torch.channels_last)
-            feats = self.model.features(x)
+            feats = self.model.features(self.layout(x))
             query = self._query(feats)
             logits = self.model.decoder(self._expected_codes(query).to(feats[-1].dtype), feats)
         return feats, query, logits.float()
@@ -1205,7 +1212,7 @@ class _HeadPass(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         p = self.predictor
         with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=p.bf16):
-            feats = p.model.features(x.contiguous(memory_format=torch.channels_last) if p.bf16 else x)
+            feats = p.model.features(p.layout(x))
             return tuple(_head_outputs(p, x, feats))
 
 
@@ -1214,10 +1221,7 @@ def _head_outputs(p: "Predictor", x: torch.Tensor, feats) -> tuple:
     (boxhead.flip_average); called under the predictor's autocast."""
     heads = p.model.detect(feats)
     if p.box_flip:
-        mirror = x.flip(-1)
-        if p.bf16:
-            mirror = mirror.contiguous(memory_format=torch.channels_last)
-        heads = flip_average(heads, p.model.detect(p.model.features(mirror)))
+        heads = flip_average(heads, p.model.detect(p.model.features(p.layout(x.flip(-1)))))
     return heads
 
 
