@@ -240,7 +240,7 @@ print(out[0])
 
 
 def _faults_per_round(keep_mb: str) -> tuple[str, float]:
-    env = {**os.environ, "TESSERA_MALLOC_KEEP_MB": keep_mb}
+    env = {**os.environ, "TESSERA_MALLOC_KEEP_MB": keep_mb, "TESSERA_MALLOC_ARENAS": "0"}
     out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied, float(faults)
@@ -253,3 +253,48 @@ def test_memory_policy_keeps_freed_memory_for_the_next_pass():
     assert applied == "False" and default > 1000
     applied, kept = _faults_per_round("256")
     assert applied == "True" and kept < default / 20
+
+
+# Eight threads, alive together, taking turns to allocate and free tensor-sized buffers (as the request,
+# finishing and download threads do); then glibc's own count of its arenas (malloc_stats(3) writes one
+# "Arena N:" block per arena to stderr) and the resident memory still held once every buffer is freed.
+_ARENAS = """
+import ctypes, threading
+import numpy as np
+from tessera.backend.settings import Settings, apply_memory_policy
+print(apply_memory_policy(Settings.from_env()))
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+start, barrier, turn = rss_mb(), threading.Barrier(8), threading.Lock()
+def work():
+    small = np.ones(4096)                   # every thread takes its arena while all are alive
+    barrier.wait()
+    with turn:                              # then they work one at a time, as a request's stages take turns
+        bufs = [np.ones((16, 312, 424), np.float32) for _ in range(4)]     # 8.5 MB each, pages written
+        del bufs
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(rss_mb() - start, flush=True)
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+def _arenas(arenas: str) -> tuple[str, float, int]:
+    env = {**os.environ, "TESSERA_MALLOC_KEEP_MB": "256", "TESSERA_MALLOC_ARENAS": arenas}
+    out = subprocess.run([sys.executable, "-c", _ARENAS], env=env, capture_output=True, text=True, check=True)
+    applied, held = out.stdout.split()
+    return applied, float(held), out.stderr.count("Arena ")
+
+
+def test_memory_policy_caps_the_arenas_that_keep_freed_memory():
+    """glibc gives each thread that allocates an arena of its own, and each arena keeps what it freed: eight
+    threads that took turns leave eight times one turn's buffers resident. With TESSERA_MALLOC_ARENAS the
+    threads share the capped arenas, and what stays resident is what those few keep."""
+    applied, held_default, n_default = _arenas("0")
+    assert applied == "True" and n_default >= 8, n_default         # (2 cores: glibc allows 16)
+    applied, held_capped, n_capped = _arenas("2")
+    assert applied == "True" and n_capped == 2, n_capped
+    assert held_default > 200 and held_capped < held_default / 2, (held_default, held_capped)
