@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         "TESSERA_MALLOC_ARENAS", 2, "glibc malloc arenas the process may use (0 = glibc's default, 8 per core). Each "
         "thread that allocates gets an arena of its own up to that number, and each keeps its freed memory "
         "(TESSERA_MALLOC_KEEP_MB): with glibc's default a server's resident memory grew to ~3 GB over 20 requests "
-        "of 16 520x696 tasks on 2 cores, with 2 it stayed at ~1.4 GB, as fast.", ge=0)
+        "of 16 520x696 tasks on 2 cores, with 2 it held ~1.4 GB from the sixth request to the twelfth, as fast.", ge=0)
     predict_batch: int = env("TESSERA_PREDICT_BATCH", 16, "Tasks per chunk of /predict: a chunk's images download "
                              "while the one before is inferred (a request of up to two chunks is cut in two); its "
                              "network passes are bounded in input pixels, whatever this is.", ge=1)
