@@ -239,10 +239,14 @@ print(out[0])
 """
 
 
+def _with_policy(script: str, keep_mb: str, arenas: str) -> subprocess.CompletedProcess:
+    """`script` run in a fresh interpreter whose settings ask for this memory policy."""
+    env = {**os.environ, "TESSERA_MALLOC_KEEP_MB": keep_mb, "TESSERA_MALLOC_ARENAS": arenas}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+
+
 def _faults_per_round(keep_mb: str) -> tuple[str, float]:
-    env = {**os.environ, "TESSERA_MALLOC_KEEP_MB": keep_mb, "TESSERA_MALLOC_ARENAS": "0"}
-    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
-    applied, faults = out.stdout.split()
+    applied, faults = _with_policy(_FAULTS, keep_mb, "0").stdout.split()
     return applied, float(faults)
 
 
@@ -283,8 +287,7 @@ ctypes.CDLL(None).malloc_stats()
 
 
 def _arenas(arenas: str) -> tuple[str, float, int]:
-    env = {**os.environ, "TESSERA_MALLOC_KEEP_MB": "256", "TESSERA_MALLOC_ARENAS": arenas}
-    out = subprocess.run([sys.executable, "-c", _ARENAS], env=env, capture_output=True, text=True, check=True)
+    out = _with_policy(_ARENAS, "256", arenas)
     applied, held = out.stdout.split()
     return applied, float(held), out.stderr.count("Arena ")
 
