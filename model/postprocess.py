@@ -59,25 +59,53 @@ class RegionCut:
 # boxes
 
 
+def clashes(boxes: np.ndarray, iou_thr: float, classes: np.ndarray | None = None, chunk: int = 256
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Each box's clashes: the other boxes (N, 4) (x0, y0, x1, y1), of its class when `classes` (N,) is given,
+    that overlap it by IoU >= iou_thr (> 0), as CSR lists: box i's are cols[start[i]:start[i + 1]], ascending.
+
+    Boxes are swept in order of x0, `chunk` at a time, each chunk against the boxes that start before its
+    right-most edge only: a box that starts at or right of another's right edge meets it in no area. An image
+    of 2048 x 2048 px holds thousands of candidate boxes (5,502 from bench.speed's model), and one IoU matrix
+    over them all cost ~2 s a task, half of it system time (N x N float64 temporaries of 240 MB each, which
+    malloc maps afresh from the OS every time); the sweep compares each box with its neighbours in x only."""
+    assert iou_thr > 0, f"iou_thr {iou_thr}: every pair clashes at 0"
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    n = len(boxes)
+    by_x = np.argsort(boxes[:, 0], kind="stable")
+    b = boxes[by_x]
+    rows, cols = [], []
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        hi = int(np.searchsorted(b[:, 0], b[s:e, 2].max(), side="left"))
+        i, j = np.nonzero(metrics.box_iou(b[s:e], b[s:hi]) >= iou_thr)
+        i, j = i + s, j + s
+        later = j > i                                         # each pair once: (i, j) and (j, i) are added below
+        rows.append(i[later]), cols.append(j[later])
+    i, j = np.concatenate(rows), np.concatenate(cols)
+    i, j = by_x[i], by_x[j]
+    if classes is not None:
+        c = np.asarray(classes).reshape(-1)
+        i, j = i[c[i] == c[j]], j[c[i] == c[j]]
+    i, j = np.concatenate([i, j]), np.concatenate([j, i])
+    at = np.lexsort((j, i))
+    return np.searchsorted(i[at], np.arange(n + 1)), j[at]
+
+
 def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float, classes: np.ndarray | None = None
             ) -> np.ndarray:
     """Indices of the boxes (N, 4) (x0, y0, x1, y1) kept by greedy NMS, highest score first. With
     `classes` (N,) a box suppresses only boxes of its own class (torchvision's batched_nms): a dog's box
     that overlaps a cat's is another object, not a duplicate.
 
-    Hand-written: torchvision's nms does not import beside the CPU torch wheel here (DESIGN.md), and
-    the boxes per image are few (hundreds at most), so one IoU matrix is cheap."""
+    Hand-written: torchvision's nms does not import beside the CPU torch wheel here (DESIGN.md); the boxes
+    that clash are found by a sweep over x (`clashes`), so thousands of boxes cost what their neighbours do."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
     if iou_thr >= 1.0 or len(order) < 2:
         return order
-    ious = metrics.box_iou(boxes, boxes)
-    if classes is not None:
-        c = np.asarray(classes).reshape(-1)
-        ious = np.where(c[:, None] == c[None, :], ious, 0.0)
-    clash = ious >= iou_thr
-    np.fill_diagonal(clash, False)
-    if not clash.any():             # nothing to suppress (an instance map's objects, nearly always): all, in order
+    start, near = clashes(boxes, iou_thr, classes)
+    if not len(near):               # nothing to suppress (an instance map's objects, nearly always): all, in order
         return order
     suppressed = np.zeros(len(boxes), bool)
     keep = []
@@ -85,7 +113,7 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float, classes: np.n
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed |= ious[i] >= iou_thr
+        suppressed[near[start[i]:start[i + 1]]] = True
     return np.array(keep, np.intp)
 
 
@@ -97,21 +125,22 @@ def fuse_boxes(sets: list[np.ndarray], iou_thr: float = FUSE_IOU) -> np.ndarray:
     share of the passes that found it (min(k, n) / n), so an object one pass alone saw ranks below one all saw.
 
     Hand-written: the ensemble-boxes package wants coordinates normalised to [0, 1] and brings pandas and
-    numba; the grouping here is one IoU matrix per image, as box_nms's."""
+    numba; the groups come from one sweep over x (`clashes`), as box_nms's."""
     n = len(sets)
     rows = [np.asarray(s, np.float64).reshape(-1, 6) for s in sets]
     allb = np.concatenate(rows) if rows else np.zeros((0, 6))
     if n < 2 or not len(allb):
         return allb[np.argsort(-allb[:, 4], kind="stable")]
     allb = allb[np.argsort(-allb[:, 4], kind="stable")]
-    ious = metrics.box_iou(allb[:, :4], allb[:, :4])
-    near = (ious >= iou_thr) & (allb[:, None, 5] == allb[None, :, 5])
+    start, near = clashes(allb[:, :4], iou_thr, allb[:, 5])
+    whole = (allb[:, 2] > allb[:, 0]) & (allb[:, 3] > allb[:, 1])     # a box of no area overlaps not even itself
     taken = np.zeros(len(allb), bool)
     out = []
     for i in range(len(allb)):
         if taken[i]:
             continue
-        group = np.flatnonzero(near[i] & ~taken)
+        group = near[start[i]:start[i + 1]]
+        group = np.sort(np.concatenate([[i] if whole[i] else [], group[~taken[group]]]).astype(np.intp))
         taken[group] = True
         s = allb[group, 4]
         box = (allb[group, :4] * s[:, None]).sum(0) / max(s.sum(), 1e-12)

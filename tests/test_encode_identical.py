@@ -245,6 +245,80 @@ def test_box_nms_without_clashes_keeps_the_loops_answer():
         assert np.array_equal(got, want) and got.dtype == want.dtype
 
 
+def test_clashes_are_the_iou_matrix_pairs():
+    """The x sweep finds exactly the pairs one IoU matrix holds at or above the threshold, of one class when
+    classes are given, whatever the chunk: touching and nested boxes, equal x0s, boxes of no size."""
+    from tessera.model import metrics
+    from tessera.model.postprocess import clashes
+
+    rng = np.random.default_rng(1)
+    for t in range(60):
+        n = int(rng.integers(0, 400))
+        xy = rng.integers(0, 300, (n, 2)).astype(np.float64)                 # integer corners: equal x0s, touching
+        boxes = np.concatenate([xy, xy + rng.integers(0, 60, (n, 2)) * (rng.random((n, 1)) > 0.05)], 1)
+        classes = rng.integers(0, 3, n) if t % 2 else None
+        thr = float(rng.choice([0.05, 0.3, 0.5, 1.0]))
+        iou = metrics.box_iou(boxes, boxes)
+        want = (iou >= thr) & ~np.eye(n, dtype=bool)
+        if classes is not None:
+            want &= classes[:, None] == classes[None, :]
+        for chunk in (1, 7, 256):
+            start, near = clashes(boxes, thr, classes, chunk=chunk)
+            got = np.zeros((n, n), bool)
+            got[np.repeat(np.arange(n), np.diff(start)), near] = True
+            assert np.array_equal(got, want) and len(near) == want.sum()
+            assert all(np.all(np.diff(near[start[i]:start[i + 1]]) > 0) for i in range(n))
+
+
+def test_box_nms_of_many_boxes_keeps_the_loops_answer():
+    """Hundreds of overlapping boxes (more than one chunk of the sweep): the loop's greedy answer."""
+    from tessera.model.postprocess import box_nms
+
+    rng = np.random.default_rng(2)
+    for t in range(6):
+        n = 700
+        xy = rng.uniform(0, 400, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 50, (n, 2))], 1)
+        scores = rng.random(n).round(2)
+        classes = rng.integers(0, 2, n) if t % 2 else None
+        got, want = box_nms(boxes, scores, 0.5, classes), _greedy_nms(boxes, scores, 0.5, classes)
+        assert np.array_equal(got, want) and len(want) < n
+
+
+def _dense_fuse(sets, iou_thr):
+    """fuse_boxes over one IoU matrix, as it was written before the sweep (stop 41)."""
+    from tessera.model import metrics
+
+    n = len(sets)
+    allb = np.concatenate([np.asarray(s, np.float64).reshape(-1, 6) for s in sets])
+    allb = allb[np.argsort(-allb[:, 4], kind="stable")]
+    near = (metrics.box_iou(allb[:, :4], allb[:, :4]) >= iou_thr) & (allb[:, None, 5] == allb[None, :, 5])
+    taken, out = np.zeros(len(allb), bool), []
+    for i in range(len(allb)):
+        if not taken[i]:
+            group = np.flatnonzero(near[i] & ~taken)
+            taken[group] = True
+            s = allb[group, 4]
+            out.append([*(allb[group, :4] * s[:, None]).sum(0) / max(s.sum(), 1e-12), s.mean() * min(len(group), n) / n,
+                        allb[i, 5]])
+    out = np.array(out, np.float64).reshape(-1, 6)
+    return out[np.argsort(-out[:, 4], kind="stable")]
+
+
+def test_fuse_boxes_of_many_boxes_is_the_iou_matrix_answer():
+    from tessera.model.postprocess import FUSE_IOU, fuse_boxes
+
+    rng = np.random.default_rng(3)
+    for t in range(8):
+        sets = []
+        for _ in range(int(rng.integers(2, 4))):
+            n = int(rng.integers(100, 400))
+            xy = rng.uniform(0, 500, (n, 2))
+            sets.append(np.concatenate([xy, xy + rng.uniform(4, 40, (n, 2)), rng.random((n, 1)).round(2),
+                                        rng.integers(0, 2, (n, 1))], 1))
+        np.testing.assert_array_equal(fuse_boxes(sets), _dense_fuse(sets, FUSE_IOU))
+
+
 def test_task_score_of_the_instances_is_task_score():
     """_task_score_of(p_bg, instances, object pixels) == task_score(1 - p_bg, instances > 0), the same float, on
     probabilities at and around the clipping thresholds."""
