@@ -342,3 +342,156 @@ def test_brush_rle_of_a_long_run_with_a_short_remainder_matches_sdk():
         inst = mask.astype(np.int32)
         assert mask_to_rle(mask) == _sdk_rle(mask), gap
         assert instances_to_rles(inst, [1])[1] == _sdk_rle(mask), gap
+
+
+# ------------------------------------------------------------ brush RLE read at the object's cost
+
+def _stream(runs, word=8, sizes=(3, 4, 8, 16)):
+    """An LS RLE stream of the given runs [(repeat, values)], as LS's frontend encoder (thi.ng rle-pack)
+    may write it: repeats and literal runs of any length the fields allow, 1-8 zero bits at the end."""
+    total = sum(len(v) for _, v in runs)
+    bits = f"{total:032b}{word - 1:05b}" + "".join(f"{n - 1:04b}" for n in sizes)
+    for repeat, values in runs:
+        field = next(f for f, n in enumerate(sizes) if len(values) - 1 < 2 ** n)
+        bits += f"{int(repeat):01b}{field:02b}{len(values) - 1:0{sizes[field]}b}"
+        bits += f"{values[0]:0{word}b}" if repeat else "".join(f"{v:0{word}b}" for v in values)
+    bits += "0" * (8 - len(bits) % 8)
+    return [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+
+
+def test_rle_read_matches_sdk_decode_on_any_runs():
+    """rle_to_mask / rle_crop == decode_rle's alpha > 0 on streams of random repeats and literal runs (values
+    that differ by channel, alphas of 1-255, runs that end mid-pixel and wrap rows), random field sizes."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    from tessera.backend.regions import rle_crop
+
+    rng = np.random.default_rng(11)
+    for t in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        sizes = tuple(sorted(int(v) for v in rng.integers(1, 17, 4)))
+        left, runs = 4 * h * w, []
+        while left:
+            n = int(min(left, rng.integers(1, 2 ** sizes[-1] + 1), rng.integers(1, 4 * w + 9)))
+            repeat = bool(rng.random() < 0.6)
+            values = [int(rng.choice([0, 0, 255, rng.integers(1, 256)]))] * n if repeat else \
+                [int(v) for v in rng.integers(0, 256, n) * (rng.random(n) < 0.5)]
+            runs.append((repeat, values))
+            left -= n
+        rle = _stream(runs, sizes=sizes)
+        want = decode_rle(rle).reshape(h, w, 4)[:, :, 3] > 0
+        assert np.array_equal(rle_to_mask(rle, h, w), want)
+        found = rle_crop(rle, h, w)
+        if not want.any():
+            assert found is None
+            continue
+        (y0, x0, y1, x1), crop = found
+        rows, cols = np.flatnonzero(want.any(1)), np.flatnonzero(want.any(0))
+        assert (y0, x0, y1, x1) == (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)      # tight
+        assert np.array_equal(crop, want[y0:y1, x0:x1])
+
+
+def test_rle_read_matches_sdk_decode_on_images_of_2048_px():
+    """Objects in a large image: the zero runs before and after are hundreds of chunks of 2**16 values."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    inst = random_instances(2048, 1031, 12, seed=3, max_r=300)
+    inst[:5, :] = 13                                   # a band along the top border, wrapping every row
+    for k, rle in instances_to_rles(inst, list(range(1, 14))).items():
+        want = decode_rle(rle).reshape(2048, 1031, 4)[:, :, 3] > 0
+        assert np.array_equal(want, inst == k) and np.array_equal(rle_to_mask(rle, 2048, 1031), want)
+
+
+@pytest.mark.parametrize("rle, error", [
+    (_stream([(True, [255] * 36)])[:-3], "truncated"),                      # ends inside a run
+    (_stream([(True, [255] * 36), (False, [1, 2, 3, 4])]), "pixels"),       # 40 values for 3 x 3 px
+    ([0, 0, 0, 36, 0, 0, 0], "truncated"),
+    ([0, 0, 0, 36, 300, 0, 0], "0-255"),
+    ([0, 0, 0, 36, 1.5, 0, 0], "0-255"),
+])
+def test_broken_rle_is_a_value_error(rle, error):
+    with pytest.raises(ValueError, match=error):
+        rle_to_mask(rle, 3, 3)
+
+
+def _full_canvas_mask(r, h, w):
+    """region_to_mask as it was written before crops (stop 43): every region on a canvas of the image's size."""
+    import math
+
+    from label_studio_sdk.converter.brush import decode_rle
+
+    v = r["value"]
+    if r["type"] == "brushlabels":
+        return decode_rle(v["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+    if r["type"] == "polygonlabels":
+        pts = np.array([[p[0] * w / 100.0, p[1] * h / 100.0] for p in v["points"]], np.float64).reshape(-1, 2)
+    else:
+        x, y, bw, bh = v["x"] * w / 100, v["y"] * h / 100, v["width"] * w / 100, v["height"] * h / 100
+        a = math.radians(v.get("rotation", 0) or 0)
+        pts = np.array([[x + cx * math.cos(a) - cy * math.sin(a), y + cx * math.sin(a) + cy * math.cos(a)]
+                        for cx, cy in ((0, 0), (bw, 0), (bw, bh), (0, bh))])
+        if (v.get("rotation", 0) or 0) % 360 == 0:
+            out = np.zeros((h, w), bool)
+            out[max(0, math.ceil(y - 0.5)):min(h, math.ceil(y + bh - 0.5)),
+                max(0, math.ceil(x - 0.5)):min(w, math.ceil(x + bw - 0.5))] = True
+            return out
+    out = np.zeros((h, w), np.uint8)
+    if len(pts) >= 3:
+        c = np.clip(np.rint(pts - 0.5), -1, max(h, w) + 1).astype(np.int32).reshape(-1, 1, 2)
+        cv2.fillPoly(out, [c], 1, lineType=cv2.LINE_8)
+    return out.astype(bool)
+
+
+def _full_canvas_maps(results, h, w, index):
+    """results_to_maps as it was written before crops (stop 43), on _full_canvas_mask."""
+    from tessera.backend.regions import _PRECISION, _bbox, _is_duplicate
+
+    classes, instances = np.zeros((h, w), np.int32), np.zeros((h, w), np.int32)
+    regions = sorted(results, key=lambda r: _PRECISION[r["type"]])
+    several = len({r["type"] for r in regions}) > 1
+    kept, k = [], 0
+    for r in regions:
+        mask = _full_canvas_mask(r, h, w)
+        if not mask.any():
+            continue
+        if several:
+            box = _bbox(mask)
+            crop = mask[box[0]:box[2], box[1]:box[3]]
+            if _is_duplicate(r["type"], crop, box, kept):
+                continue
+            kept.append((_PRECISION[r["type"]], crop, box))
+        if r["type"] != "brushlabels":
+            mask &= instances == 0
+        k += 1
+        classes[mask], instances[mask] = index[r["value"][r["type"]][0]], k
+    return classes, instances
+
+
+def test_maps_from_crops_equal_maps_from_whole_canvases():
+    """results_to_maps on each region's crop == the same on canvases of the image's size: accepted predictions
+    (brush + polygon + box of each object), hand-drawn polygons and boxes past the borders, rotated boxes,
+    shapes of no area, overlaps where a polygon lies half under a brush."""
+    rng = np.random.default_rng(5)
+    for t in range(40):
+        h, w = (int(v) for v in rng.integers(20, 160, 2))
+        inst = random_instances(h, w, int(rng.integers(1, 25)), seed=t, max_r=20)
+        labels = {int(k): str(rng.choice(["A", "B"])) for k in np.unique(inst) if k}
+        results = []
+        for control in (BRUSH, POLY, RECT)[:int(rng.integers(1, 4))]:
+            results += instances_to_results(inst, labels, {}, control)
+        for _ in range(int(rng.integers(0, 8))):
+            x, y = rng.uniform(-20, 110, 2)
+            if rng.random() < 0.5:
+                pts = (np.array([x, y]) + rng.uniform(-30, 30, (int(rng.integers(1, 7)), 2))).tolist()
+                results.append({"type": "polygonlabels", "to_name": "image",
+                                "value": {"points": pts, "polygonlabels": ["B"]}})
+            else:
+                results.append({"type": "rectanglelabels", "to_name": "image", "value": {
+                    "x": x, "y": y, "width": float(rng.uniform(0, 40)), "height": float(rng.uniform(0, 40)),
+                    "rotation": float(rng.choice([0, 0, 30, 90, 200, 360])), "rectanglelabels": ["A"]}})
+        rng.shuffle(results)
+        got = results_to_maps(results, "image", h, w, {"A": 1, "B": 2})
+        want = _full_canvas_maps(results, h, w, {"A": 1, "B": 2})
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        for r in results:
+            assert np.array_equal(region_to_mask(r, h, w), _full_canvas_mask(r, h, w))
