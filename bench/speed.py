@@ -138,6 +138,10 @@ def main() -> None:
     ap.add_argument("--finish", action="store_true", help="--native: instead, the CPU of /predict's second "
                     "thread per 520x696 task (finishing, regions, JSON), --before vs the current code, 1 thread")
     ap.add_argument("--finish-name", default="speed_native_finish", help="--finish: result file name")
+    ap.add_argument("--annotations", action="store_true", help="--native: instead, the CPU to read one annotated "
+                    "task into label maps (each training run does it per task) at 520x696 and 2048x2048, --before "
+                    "vs the current code, 1 thread")
+    ap.add_argument("--annotations-name", default="speed_native_annotations", help="--annotations: result file name")
     ap.add_argument("--ls-arch", nargs="*", default=[], metavar="KEY=VALUE",
                     help="--ls-tasks: instead of two revisions, two architectures on the current code: 'before' "
                     "the default model, 'after' one trained with these TrainConfig fields (e.g. stem_stride=2 "
@@ -152,6 +156,8 @@ def main() -> None:
             return speed_native.ls_big_request(args)
         if args.finish:
             return speed_native.finish_breakdown(args)
+        if args.annotations:
+            return speed_native.annotation_reading(args)
         return speed_native.main(args)
     torch.set_num_threads(args.threads)
     from tessera.model.data import make_nuclei

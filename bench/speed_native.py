@@ -178,6 +178,56 @@ def finish_breakdown(args) -> None:
         "ratio_after_to_before": {"total_cpu_ms": "<= 0.7 (issue 10: finishing + regions + JSON CPU -30%)"}}})
 
 
+def annotation_reading(args) -> None:
+    """Seconds per task to read an annotation into label maps (backend.regions.results_to_maps: what every
+    training run and label check does for each annotated task), before (git revision args.before) and after,
+    alternating in one thread: an accepted prediction of procedural nuclei (a brush mask, a polygon and a box
+    per object) at 520x696 and 2048x2048. Also checks that both give the same maps.
+    Writes bench/results/<args.annotations_name>.json."""
+    import importlib
+    import shutil
+    import tempfile
+
+    from bench.common import write_result
+    from bench.speed import CONFIG
+    from tessera.backend.label_config import parse_label_config
+    from tessera.backend.regions import instances_to_results, results_to_maps
+    from tessera.model.data import make_nuclei_mosaic
+
+    work = Path(tempfile.mkdtemp(prefix="tessera-speed-annotations-"))
+    try:
+        tree = before_tree(args.before, work / "before")
+        for f in list(tree.rglob("*.py")):     # its backend imports its own modules, not the current ones
+            f.write_text(f.read_text().replace("from tessera.", "from before_tessera."))
+        root = package_root(tree, work / "before_pkg", "before_tessera")
+        sys.path.insert(0, str(root))
+        readers = {"before": importlib.import_module("before_tessera.backend.regions").results_to_maps,
+                   "after": results_to_maps}
+        controls = parse_label_config(CONFIG).controls
+        res: dict = {"threads": 1, "before_rev": args.before, "reps": args.reps, "load_average_start": os.getloadavg()}
+        for name, (h, w, tile) in {"520x696": (520, 696, 256), "2048": (2048, 2048, 512)}.items():
+            inst = make_nuclei_mosaic(h, w, tile, 11).instances
+            labels = {int(k): "Nucleus" for k in np.unique(inst) if k}
+            results = [r for c in controls for r in instances_to_results(inst, labels, {}, c)]
+            times: dict = {v: [] for v in readers}
+            maps = {}
+            for r in range(args.reps + 1):                 # the first round warms up
+                for v in (list(readers) if r % 2 == 0 else list(readers)[::-1]):
+                    t0 = time.thread_time()
+                    maps[v] = readers[v](results, results[0]["to_name"], h, w, {"Nucleus": 1})
+                    if r:
+                        times[v].append(time.thread_time() - t0)
+            same = all(np.array_equal(a, b) for a, b in zip(maps["before"], maps["after"]))
+            res[name] = {"objects": len(labels), "regions": len(results), "same_maps": bool(same),
+                         **{f"{v}_cpu_ms": 1000 * statistics.median(t) for v, t in times.items()}}
+            res[name]["ratio_after_to_before"] = res[name]["after_cpu_ms"] / res[name]["before_cpu_ms"]
+            print(name, res[name], flush=True)
+        res["load_average_end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_result(args.annotations_name, {"summary": res})
+
+
 def _brush_bytes_only(a: str, b: str) -> int | None:
     """How many regions of two items' JSON texts differ, when every one that does is a brush region whose RLE
     decodes to the same mask (a revision before this stop wrote a long run's short last chunk a byte shorter
