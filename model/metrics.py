@@ -54,9 +54,30 @@ def mean_iou(pred_classes: np.ndarray, true_classes: np.ndarray, n_classes: int)
 
 
 def instance_iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU between every predicted and true instance: (iou (P, T), pred ids (P,), true ids (T,))."""
+    """IoU between every predicted and true instance: (iou (P, T), pred ids (P,), true ids (T,)), ids ascending.
+
+    Counted with bincounts over the ids (two passes over the maps, pairs over the pixels both cover): np.unique
+    sorts every pixel, 0.7 s a 2048 x 2048 map, and each held-back image is measured several times a version.
+    Ids far above the pixel count (or negative) fall back to the sort."""
     pred, true = np.asarray(pred), np.asarray(true)
     assert pred.shape == true.shape, f"shape mismatch {pred.shape} vs {true.shape}"
+    p, t = pred.ravel(), true.ravel()
+    if p.size == 0 or p.dtype.kind not in "iu" or t.dtype.kind not in "iu" \
+            or min(p.min(), t.min()) < 0 or max(p.max(), t.max()) > 4 * p.size:
+        return _iou_matrix_sorted(p, t)
+    area_p, area_t = np.bincount(p.astype(np.intp, copy=False)), np.bincount(t.astype(np.intp, copy=False))
+    p_ids, t_ids = np.flatnonzero(area_p[1:]) + 1, np.flatnonzero(area_t[1:]) + 1
+    row, col = np.zeros(area_p.size, np.int64), np.zeros(area_t.size, np.int64)
+    row[p_ids], col[t_ids] = np.arange(p_ids.size), np.arange(t_ids.size)
+    both = (p != 0) & (t != 0)
+    inter = np.bincount(row[p[both]] * t_ids.size + col[t[both]], minlength=p_ids.size * t_ids.size)
+    inter = inter.reshape(p_ids.size, t_ids.size).astype(np.float64)
+    union = area_p[p_ids][:, None] + area_t[t_ids][None, :] - inter
+    return inter / np.maximum(union, 1), p_ids.astype(pred.dtype), t_ids.astype(true.dtype)
+
+
+def _iou_matrix_sorted(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """instance_iou_matrix of two flat maps through np.unique (any ids)."""
     p_ids, p_idx = np.unique(pred, return_inverse=True)    # p_idx: contiguous 0..len-1, 0 <-> bg if present
     t_ids, t_idx = np.unique(true, return_inverse=True)
     n_p, n_t = len(p_ids), len(t_ids)

@@ -96,3 +96,18 @@ def test_correlations():
     assert spearman(x, [5, 4, 3, 2, 1]) == pytest.approx(-1.0)
     assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1], [2]))
+
+
+def test_instance_iou_matrix_counts_as_the_sort_does():
+    """The bincount path == np.unique's on maps with gaps in the ids, one-sided and empty maps, other int
+    dtypes, and ids far above the pixel count (which take the sort)."""
+    from tessera.model.metrics import _iou_matrix_sorted, instance_iou_matrix
+
+    rng = np.random.default_rng(4)
+    for t in range(80):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        ids = rng.choice([0, 1, 2, 3, 7, 40, 41, 99, 10 ** 6][:int(rng.integers(1, 10))], (2, h, w))
+        pred, true = (ids[k] * (rng.random((h, w)) < rng.uniform(0, 1)) for k in range(2))
+        pred, true = pred.astype(rng.choice([np.int32, np.int64, np.uint16])), true.astype(np.int32)
+        got, want = instance_iou_matrix(pred, true), _iou_matrix_sorted(pred.ravel(), true.ravel())
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
