@@ -142,6 +142,9 @@ def main() -> None:
                     "task into label maps (each training run does it per task) at 520x696 and 2048x2048, --before "
                     "vs the current code, 1 thread")
     ap.add_argument("--annotations-name", default="speed_native_annotations", help="--annotations: result file name")
+    ap.add_argument("--batches", action="store_true", help="--native: instead, the time to make one training batch "
+                    "of 8 crops from 520x696, 1040x1388 and 2048x2048 images, --before vs the current code, 1 thread")
+    ap.add_argument("--batches-name", default="speed_native_batches", help="--batches: result file name")
     ap.add_argument("--ls-arch", nargs="*", default=[], metavar="KEY=VALUE",
                     help="--ls-tasks: instead of two revisions, two architectures on the current code: 'before' "
                     "the default model, 'after' one trained with these TrainConfig fields (e.g. stem_stride=2 "
@@ -158,6 +161,8 @@ def main() -> None:
             return speed_native.finish_breakdown(args)
         if args.annotations:
             return speed_native.annotation_reading(args)
+        if args.batches:
+            return speed_native.training_batches(args)
         return speed_native.main(args)
     torch.set_num_threads(args.threads)
     from tessera.model.data import make_nuclei

@@ -228,6 +228,50 @@ def annotation_reading(args) -> None:
     write_result(args.annotations_name, {"summary": res})
 
 
+def training_batches(args) -> None:
+    """Milliseconds per training batch (train_vqvae.Batcher.get_batch: 8 augmented crops, the default
+    TrainConfig, the bench model's scale 0.6) of procedural nuclei images at 520x696, 1040x1388 (DSB2018's
+    largest) and 2048x2048, before (git revision args.before) and after, alternating in one thread; median of
+    10 after 2 warm-up rounds. Writes bench/results/<args.batches_name>.json."""
+    import importlib
+    import shutil
+    import tempfile
+
+    import torch
+
+    from bench.common import write_result
+    from tessera.model.data import make_nuclei_mosaic
+    from tessera.model.train_vqvae import Batcher, TrainConfig
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="tessera-speed-batches-"))
+    try:
+        tree = before_tree(args.before, work / "before")
+        for f in list(tree.rglob("*.py")):
+            f.write_text(f.read_text().replace("from tessera.", "from before_tessera."))
+        sys.path.insert(0, str(package_root(tree, work / "before_pkg", "before_tessera")))
+        old = importlib.import_module("before_tessera.model.train_vqvae")
+        res: dict = {"threads": 1, "before_rev": args.before, "batch": 8, "load_average_start": os.getloadavg()}
+        for name, (h, w, tile) in {"520x696": (520, 696, 256), "1040x1388": (1040, 1388, 256),
+                                   "2048": (2048, 2048, 512)}.items():
+            samples = [make_nuclei_mosaic(h, w, tile, 30 + k) for k in range(4)]
+            batchers = {"before": old.Batcher(samples, old.TrainConfig(), 3, seed=0, scale=0.6),
+                        "after": Batcher(samples, TrainConfig(), 3, seed=0, scale=0.6)}
+            times: dict = {v: [] for v in batchers}
+            for r in range(12):
+                for v in (list(batchers) if r % 2 else list(batchers)[::-1]):
+                    t0 = time.perf_counter()
+                    batchers[v].get_batch(8, "cpu")
+                    times[v].append(time.perf_counter() - t0)
+            res[name] = {f"{v}_ms": 1000 * statistics.median(t[2:]) for v, t in times.items()}
+            res[name]["ratio_after_to_before"] = res[name]["after_ms"] / res[name]["before_ms"]
+            print(name, res[name], flush=True)
+        res["load_average_end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_result(args.batches_name, {"summary": res})
+
+
 def _brush_bytes_only(a: str, b: str) -> int | None:
     """How many regions of two items' JSON texts differ, when every one that does is a brush region whose RLE
     decodes to the same mask (a revision before this stop wrote a long run's short last chunk a byte shorter
