@@ -636,7 +636,7 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
                and r.get("type") in _PRECISION and result_label(r) in label_index]
     regions.sort(key=lambda r: _PRECISION[r["type"]])          # stable: drawing order kept within a type
     several_types = len({r["type"] for r in regions}) > 1
-    kept: list[tuple[int, np.ndarray, tuple[int, int, int, int]]] = []   # (precision, mask crop, box)
+    kept = _Kept(len(regions))
     k = 0
     for r in regions:
         found = region_crop(r, height, width)      # each region at its own box: O(its area), not the image's
@@ -648,7 +648,7 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
         if several_types:
             if _is_duplicate(r["type"], crop, box, kept):
                 continue
-            kept.append((_PRECISION[r["type"]], crop, box))
+            kept.add(_PRECISION[r["type"]], crop, box)
         at = (slice(box[0], box[2]), slice(box[1], box[3]))
         if r["type"] != "brushlabels":
             crop &= instances[at] == 0                # in place: the crop kept above is what was drawn
@@ -658,13 +658,31 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
     return classes, instances
 
 
-def _is_duplicate(kind: str, crop: np.ndarray, box: tuple[int, int, int, int],
-                  kept: list[tuple[int, np.ndarray, tuple[int, int, int, int]]]) -> bool:
+class _Kept:
+    """The regions drawn so far: precision, mask crop and box (y0, x0, y1, x1) of each; precisions and boxes
+    also as arrays, so the regions a new one overlaps are found in one vectorised test (a Python loop over
+    every kept region cost 0.3 s a 2048 px task of 374 objects drawn three ways)."""
+
+    def __init__(self, capacity: int):
+        self.crops: list[np.ndarray] = []
+        self.precision = np.zeros(capacity, np.int64)
+        self.boxes = np.zeros((capacity, 4), np.int64)
+
+    def add(self, precision: int, crop: np.ndarray, box: tuple[int, int, int, int]) -> None:
+        n = len(self.crops)
+        self.precision[n], self.boxes[n] = precision, box
+        self.crops.append(crop)
+
+
+def _is_duplicate(kind: str, crop: np.ndarray, box: tuple[int, int, int, int], kept: _Kept) -> bool:
     """Whether a region (its mask crop at `box`) is a coarser copy of one of the finer regions `kept`."""
-    for precision, kcrop, kbox in kept:
-        if precision >= _PRECISION[kind] or _box_iou(box, kbox) == 0.0:
-            continue
-        overlap = _box_iou(box, kbox) if kind == "rectanglelabels" else _crop_iou(crop, box, kcrop, kbox)
+    n = len(kept.crops)
+    kb = kept.boxes[:n]
+    finer_and_touching = np.flatnonzero((kept.precision[:n] < _PRECISION[kind]) & (kb[:, 0] < box[2]) &
+                                        (kb[:, 2] > box[0]) & (kb[:, 1] < box[3]) & (kb[:, 3] > box[1]))
+    for i in finer_and_touching.tolist():
+        kbox = tuple(kb[i].tolist())
+        overlap = _box_iou(box, kbox) if kind == "rectanglelabels" else _crop_iou(crop, box, kept.crops[i], kbox)
         if overlap >= DUPLICATE_IOU:
             return True
     return False

@@ -444,7 +444,16 @@ def _full_canvas_mask(r, h, w):
 
 def _full_canvas_maps(results, h, w, index):
     """results_to_maps as it was written before crops (stop 43), on _full_canvas_mask."""
-    from tessera.backend.regions import _PRECISION, _bbox, _is_duplicate
+    from tessera.backend.regions import _PRECISION, DUPLICATE_IOU, _bbox, _box_iou, _crop_iou
+
+    def _is_duplicate(kind, crop, box, kept):
+        for precision, kcrop, kbox in kept:
+            if precision >= _PRECISION[kind] or _box_iou(box, kbox) == 0.0:
+                continue
+            overlap = _box_iou(box, kbox) if kind == "rectanglelabels" else _crop_iou(crop, box, kcrop, kbox)
+            if overlap >= DUPLICATE_IOU:
+                return True
+        return False
 
     classes, instances = np.zeros((h, w), np.int32), np.zeros((h, w), np.int32)
     regions = sorted(results, key=lambda r: _PRECISION[r["type"]])
