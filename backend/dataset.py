@@ -7,6 +7,7 @@ a Tessera prediction accepted as it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ from tessera.backend import lsclient
 from tessera.backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.progress import Progress, noop, phase
-from tessera.backend.regions import results_to_boxes, results_to_maps
+from tessera.backend.regions import results_to_boxes, results_to_maps_at
 from tessera.backend.predictions import latest_annotation, task_image, wants_boxes
 from tessera.backend.settings import Settings
 from tessera.backend.store import Store, is_label_version
@@ -117,6 +118,7 @@ def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[s
     regions re-saved by the editor still match; only predictions made before the annotation count (LS's
     ISO timestamps compare as strings)."""
     h, w = sample.classes.shape
+    size = sample.size or (h, w)            # the original's: predictions' brush RLE counts its pixels
     started = str((latest_annotation(task) or {}).get("created_at") or "")
     for pred in task.get("predictions") or []:
         if not is_label_version((pred or {}).get("model_version")):
@@ -124,7 +126,7 @@ def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[s
         if started and str(pred.get("created_at") or "") > started:
             continue        # predicted after the annotation existed (Tessera refines annotations): not its start
         try:
-            classes, instances = results_to_maps(pred.get("result") or [], image_name, h, w, label_index)
+            classes, instances = results_to_maps_at(pred.get("result") or [], image_name, size, (h, w), label_index)
         except (ValueError, KeyError, TypeError):
             continue
         same = (classes == sample.classes) & (sample.classes > 0)
@@ -133,6 +135,25 @@ def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[s
         if agreement >= ECHO_IOU and len(np.unique(instances)) == len(np.unique(sample.instances)):
             return False
     return True
+
+
+def working_size(sample: Sample, max_side: int) -> Sample:
+    """A sample whose longer side is over `max_side` px, at the size /predict decodes such an image to
+    (media.decode_image: TESSERA_MAX_SIDE), maps resampled nearest; others as they are. A model learns its
+    scale (model px per image px) from its samples, so samples and the images it predicts on must agree."""
+    h, w = sample.image.shape[:2]
+    if max(h, w) <= max_side:
+        return sample
+    import cv2
+
+    f = max_side / max(h, w)
+    wh = (max(1, min(max_side, round(w * f))), max(1, min(max_side, round(h * f))))
+    boxes = None if sample.boxes is None else sample.boxes * np.array([wh[0] / w, wh[1] / h] * 2 + [1])
+    return dataclasses.replace(
+        sample, image=cv2.resize(sample.image, wh, interpolation=cv2.INTER_AREA),
+        classes=cv2.resize(sample.classes, wh, interpolation=cv2.INTER_NEAREST),
+        instances=cv2.resize(sample.instances, wh, interpolation=cv2.INTER_NEAREST), boxes=boxes,
+        size=sample.size or (h, w))
 
 
 def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[LabelConfig, list[dict]]:
@@ -166,8 +187,8 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
     media = MediaResolver(settings, cache_dir=Store(settings.model_dir).media_cache_dir)
     jobs = [(task, img) for task in tasks for img in config.images]
 
-    def load(job: tuple[dict, ImageObject]) -> np.ndarray | MediaError:
-        return task_image(*job, media)
+    def load(job: tuple[dict, ImageObject]) -> tuple[np.ndarray, tuple[int, int]] | MediaError:
+        return task_image(*job, media, working=True)    # as /predict sees it: at most TESSERA_MAX_SIDE px
 
     images: list[np.ndarray | MediaError] = []
     step = max(1, len(jobs) // 10)
@@ -184,19 +205,23 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
                            f"first error: {failed[0][1]}")
     samples, used = [], []
     box_only = is_box_only(config)
-    for (task, img), image in zip(jobs, images):
-        if isinstance(image, MediaError):
+    for (task, img), loaded in zip(jobs, images):
+        if isinstance(loaded, MediaError):
             continue
+        image, size = loaded
         h, w = image.shape[:2]
         meta = task.get("meta") or {}
         sid, synthetic = f"{task['id']}:{img.name}", bool(meta.get("synthetic"))
+        size = None if tuple(size) == (h, w) else tuple(size)
         try:
             if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
-                boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)
-                samples.append(box_sample(image, boxes, BOX_SHRINK, sid, synthetic))
+                boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)  # percentages
+                samples.append(dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size))
             else:
-                classes, instances = results_to_maps(latest_annotation(task)["result"], img.name, h, w, index)
-                samples.append(Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic))
+                classes, instances = results_to_maps_at(latest_annotation(task)["result"], img.name, size or (h, w),
+                                                        (h, w), index)
+                samples.append(Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic,
+                                      size=size))
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("task %s: annotation not usable: %s", task.get("id"), e)
             continue

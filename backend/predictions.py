@@ -21,7 +21,7 @@ import ujson
 from tessera.backend.label_config import Control, ImageObject, LabelConfig
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value,
-                                     result_label, results_to_maps)
+                                     result_label, results_to_maps_at)
 from tessera.backend.settings import Settings
 from tessera.backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
 from tessera.model.postprocess import object_slices
@@ -482,13 +482,7 @@ def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: Labe
             index.setdefault(label, c)
     if not isinstance(ann.get("result"), list):
         raise ValueError("annotation result is not a list")
-    classes, instances = results_to_maps(ann["result"], image_name, h, w, index)
-    if (h, w) != image.shape[:2]:
-        import cv2
-
-        wh = (image.shape[1], image.shape[0])
-        classes = cv2.resize(classes, wh, interpolation=cv2.INTER_NEAREST)
-        instances = cv2.resize(instances, wh, interpolation=cv2.INTER_NEAREST)
+    classes, instances = results_to_maps_at(ann["result"], image_name, (h, w), image.shape[:2], index)
     return predictor.review(image, classes, instances)
 
 
@@ -547,7 +541,7 @@ def warm_refine(task: dict, config: LabelConfig, served: Served, media: MediaRes
     def run():
         for ref in refs:
             try:
-                image = media.load_image(ref)
+                image, _ = media.load_working(ref)      # the pixels interactive() refines on
             except MediaError:
                 continue
             t0 = time.perf_counter()
@@ -575,27 +569,37 @@ def interactive(task: dict, config: LabelConfig, served: Served, media: MediaRes
     controls = [c for c in config.controls if c.to_name == img.name]
     if not controls:
         return _empty(served.version, "no control for the hinted image")
-    try:
-        image = media.load_image((task.get("data") or {}).get(img.data_key, ""))
+    try:        # as /predict and training see it: at most TESSERA_MAX_SIDE px, the scale the model learned at
+        image, size = media.load_working((task.get("data") or {}).get(img.data_key, ""))
     except MediaError as e:
         return _empty(served.version, f"task {_task_id(task)}: {e}")
-    h, w = image.shape[:2]
-    hint, positive, negative, label = _hint_maps(hints, h, w)
+    hint, positive, negative, label = _hint_maps(hints, size, image.shape[:2])
     control = _hinted_control(hints, controls, label)
     label = label if label in control.labels else control.labels[0]
     cls = next((c for c, name in label_mapping(control, served.predictor.label_names).items() if name == label), 1)
     mask, score = served.predictor.refine(image, hint if hint.any() else None, positive, negative, cls)
     if not mask.any():
         return _empty(served.version, "refinement found no object at the hint")
+    (H, W), reduced = size, tuple(size) != tuple(image.shape[:2])
+    if reduced and control.type == "brushlabels":        # a brush RLE is per pixel of the original (_regions_at_size)
+        import cv2
+
+        mask = cv2.resize(mask.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST) > 0
     results = instances_to_results(mask.astype(np.int32), {1: label}, {1: score}, control)[:1]
+    for item in results if reduced and control.type != "brushlabels" else []:   # percentages: only the size
+        item["original_width"], item["original_height"] = int(W), int(H)
     if not results:
         return _empty(served.version, f"the refined object can't be written as {control.type}")
     return {"result": results, "score": round(float(score), 4), "model_version": served.version}
 
 
-def _hint_maps(hints: list[dict], h: int, w: int) -> tuple[np.ndarray, list, list, str | None]:
-    """Interactive hint regions -> (rough mask (H, W) bool, positive points, negative points, first label)."""
-    hint = np.zeros((h, w), dtype=bool)
+def _hint_maps(hints: list[dict], size: tuple[int, int], shape: tuple[int, int]
+               ) -> tuple[np.ndarray, list, list, str | None]:
+    """Interactive hint regions -> (rough mask (H', W') bool, positive points, negative points, first label)
+    on an image decoded at `shape` (H', W') from an original of `size` (H, W): regions are drawn at the
+    original size (a brush hint's RLE counts its pixels) and resampled; points are percentages."""
+    (H, W), (h, w) = size, shape
+    hint = np.zeros((H, W), dtype=bool)
     positive, negative = [], []
     label = None
     for r in hints:
@@ -606,9 +610,15 @@ def _hint_maps(hints: list[dict], h: int, w: int) -> tuple[np.ndarray, list, lis
             (positive if r.get("is_positive", True) else negative).append(pt)
             continue
         try:
-            hint |= region_to_mask(r, h, w)
+            hint |= region_to_mask(r, H, W)
         except (ValueError, KeyError, TypeError) as e:
             logger.info("interactive: skipping a hint region: %s", e)
+    if (H, W) != (h, w) and hint.any():
+        import cv2
+
+        hint = cv2.resize(hint.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    elif (H, W) != (h, w):
+        hint = np.zeros((h, w), dtype=bool)
     return hint, positive, negative, label
 
 

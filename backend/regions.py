@@ -658,6 +658,19 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
     return classes, instances
 
 
+def results_to_maps_at(results: Iterable[dict], to_name: str, size: tuple[int, int], shape: tuple[int, int],
+                       label_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """results_to_maps for an image decoded at `shape` (H', W') from an original of `size` (H, W): the regions
+    are drawn at the original size (LS's brush RLE counts the original's pixels), then resampled to the
+    decoded image's (nearest: ids stay ids)."""
+    classes, instances = results_to_maps(results, to_name, *size, label_index)
+    if tuple(size) != tuple(shape):
+        wh = (shape[1], shape[0])
+        classes = cv2.resize(classes, wh, interpolation=cv2.INTER_NEAREST)
+        instances = cv2.resize(instances, wh, interpolation=cv2.INTER_NEAREST)
+    return classes, instances
+
+
 class _Kept:
     """The regions drawn so far: precision, mask crop and box (y0, x0, y1, x1) of each; precisions and boxes
     also as arrays, so the regions a new one overlaps are found in one vectorised test (a Python loop over

@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     max_pixels: int = env("TESSERA_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels "
                           "(decompression-bomb guard).", ge=1)
     max_side: int = env("TESSERA_MAX_SIDE", 2048, "Images are decoded straight to at most this many pixels on "
-                        "their longer side for prediction (the model works at 128-256); regions come back at "
-                        "full size.", ge=64)
+                        "their longer side, for prediction, smart tools and training alike (a model learns its "
+                        "scale on the images it predicts on); regions come back at the image's full size. Raise "
+                        "it when objects in larger images are only a few pixels across.", ge=64)
     fetch_timeout_s: float = env("TESSERA_FETCH_TIMEOUT_S", 30.0, "Deadline, in seconds, for downloading one "
                                  "image (connect + all reads).", ge=0.1)
     fetch_threads: int = env("TESSERA_FETCH_THREADS", 16, "Concurrent image downloads per /predict request.", ge=1)

@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 
 from tessera.backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, folder_config,
-                             has_rectangles, held_back_samples, is_box_only, load_samples, nothing_new)
+                             has_rectangles, held_back_samples, is_box_only, load_samples, nothing_new,
+                             working_size)
 from tessera.backend.gan_runs import gan_part
 from tessera.backend.label_config import LabelConfig
 from tessera.backend.lsclient import LabelStudioUnavailable, from_settings
@@ -328,6 +329,7 @@ def train_from_folder(settings: Settings, data: Path, project: str | None = None
                       labels: list[str] | None = None, progress: Progress = noop) -> dict:
     """`tessera train --data DIR`: register into the default model (or project `project`)."""
     samples, names = load_folder(data)
+    samples = [working_size(sample, settings.max_side) for sample in samples]
     if labels:
         if len(labels) != len(names):
             raise ValueError(f"--labels gives {len(labels)} names, the data set has {len(names)} classes ({names})")

@@ -32,6 +32,8 @@ class Sample:
     synthetic: bool = False
     boxes: np.ndarray | None = None  # (N, 5) x0, y0, x1, y1 (px edges), class: a box-labelled sample, whose
                                      # classes / instances hold the boxes' centre regions (model/postprocess.py)
+    size: tuple[int, int] | None = None  # the image's original (H, W) where it was decoded smaller
+                                         # (TESSERA_MAX_SIDE), as /predict sees it; None: its own size
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -348,6 +348,69 @@ def test_regions_of_a_reduced_image_come_back_at_full_size(tmp_path, stub_predic
         assert (m & truth).sum() / (m | truth).sum() > 0.97
 
 
+def _reduced_task(annotation=None):
+    """A 900x1200 photo with one bright object; TESSERA_MAX_SIDE 256 decodes it at 192x256."""
+    truth = np.zeros((900, 1200), bool)
+    truth[90:450, 120:600] = True
+    task = {"id": 1, "data": {"image": data_uri(png(900, 1200, boxes=((90, 120, 450, 600),)))}}
+    if annotation is not None:
+        task["annotations"] = [{"id": 1, "result": annotation}]
+    return task, truth
+
+
+def test_training_reads_a_reduced_image_and_its_full_size_annotation_as_predict_sees_them(tmp_path):
+    """Training samples are decoded at TESSERA_MAX_SIDE as /predict's images are (the scale the model learns is
+    the one it predicts at), with their full-size annotation (brush RLE, polygon, box) resampled onto them."""
+    from tessera.backend.dataset import load_samples
+    from tessera.backend.label_config import parse_label_config
+    from tests.conftest import CONFIG_ALL
+
+    s = Settings(model_dir=tmp_path / "models", max_side=256)
+    truth = _reduced_task()[1]
+    for kind, value in [("brushlabels", {"format": "rle", "rle": mask_to_rle(truth)}),
+                        ("polygonlabels", {"points": [[10, 10], [50, 10], [50, 50], [10, 50]]}),
+                        ("rectanglelabels", {"x": 10, "y": 10, "width": 40, "height": 40, "rotation": 0})]:
+        ann = [{"type": kind, "to_name": "image", "from_name": "x", "value": {**value, kind: ["Nucleus"]}}]
+        samples, used = load_samples(s, parse_label_config(CONFIG_ALL), [_reduced_task(ann)[0]])
+        assert len(samples) == len(used) == 1
+        sample = samples[0]
+        assert sample.image.shape == (192, 256, 3) and sample.size == (900, 1200)
+        assert sample.classes.shape == sample.instances.shape == (192, 256)
+        small = np.zeros((192, 256), bool)
+        small[19:96, 26:128] = True                   # the object at 256 / 1200 of its size
+        got = sample.instances > 0
+        assert (got & small).sum() / (got | small).sum() > 0.95, kind
+
+
+def test_a_smart_tool_on_a_reduced_image_refines_as_predict_sees_it_and_answers_at_full_size(tmp_path, stub_predictor):
+    """A brush stroke (its RLE at the photo's 900x1200) on an image larger than TESSERA_MAX_SIDE: refined on the
+    image as /predict and training see it (192x256), the region answered at 900x1200."""
+    from tessera.backend.label_config import parse_label_config
+    from tessera.backend.media import MediaResolver
+    from tessera.backend.predictions import Served, interactive
+    from tests.conftest import CONFIG_ALL
+
+    s = Settings(model_dir=tmp_path / "models", max_side=256)
+    task, truth = _reduced_task()
+    stroke = np.zeros((900, 1200), bool)
+    stroke[200:210, 200:400] = True
+    seen = []
+    refine = stub_predictor.refine
+    stub_predictor.refine = lambda image, *a: seen.append(image.shape) or refine(image, *a)
+    config = parse_label_config(CONFIG_ALL)
+    for control in ("mask", "poly", "bbox"):
+        kind = {"mask": "brushlabels", "poly": "polygonlabels", "bbox": "rectanglelabels"}[control]
+        hint = {"type": "brushlabels", "to_name": "image", "from_name": control,
+                "value": {"format": "rle", "rle": mask_to_rle(stroke), "brushlabels": ["Nucleus"]}}
+        reply = interactive(task, config, Served("tessera-test-v1", stub_predictor), MediaResolver(s),
+                            {"result": [hint]})
+        assert seen[-1] == (192, 256, 3)
+        (item,) = reply["result"]
+        assert item["type"] == kind and (item["original_width"], item["original_height"]) == (1200, 900)
+        m = region_to_mask(item, 900, 1200)
+        assert (m & truth).sum() / (m | truth).sum() > 0.97, kind
+
+
 def test_a_full_size_annotation_is_checked_on_a_reduced_image(tmp_path, stub_predictor):
     c = make_client(tmp_path, stub_predictor, max_side=256)
     truth = np.zeros((900, 1200), bool)

@@ -299,3 +299,30 @@ def test_progress_shows_a_stable_loss_and_no_fake_zero():
     report({"phase": "done", "iter": 600, "max_iters": 600, "loss": 0.0, "eta_s": 0.0})
     assert seen[0]["loss"] == 0.13 and seen[0]["loss_code"] == 6.6
     assert seen[1]["phase"] == "trained" and seen[1]["loss"] is None
+
+
+def test_folder_samples_over_the_max_side_are_trained_at_the_size_predict_decodes_them_to():
+    """`tessera train --data`: a sample larger than TESSERA_MAX_SIDE is resampled to the size /predict decodes
+    such an image to (media.decode_image), its maps nearest, its boxes scaled; smaller ones are left alone."""
+    import io
+
+    from PIL import Image
+
+    from tessera.backend.dataset import working_size
+    from tessera.backend.media import decode_image
+    from tessera.model.data import Sample
+
+    image = np.zeros((900, 1200, 3), np.uint8)
+    image[90:450, 120:600] = 255
+    maps = (image[:, :, 0] > 0).astype(np.int32)
+    sample = Sample(image, maps, maps * 7, "a", boxes=np.array([[120.0, 90, 600, 450, 1]]))
+    assert working_size(sample, 1200) is sample
+    small = working_size(sample, 256)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    decoded, original = decode_image(buf.getvalue(), 10 ** 8, max_side=256)
+    assert small.image.shape == decoded.shape == (192, 256, 3) and small.size == original == (900, 1200)
+    assert small.classes.dtype == np.int32 and set(np.unique(small.instances)) == {0, 7}
+    assert np.array_equal(small.classes, small.instances // 7)
+    np.testing.assert_allclose(small.boxes, [[25.6, 19.2, 128, 96, 1]])
+    assert abs(int(small.classes.sum()) - 77 * 102) < 400          # the object at 256 / 1200 of its size
