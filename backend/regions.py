@@ -184,7 +184,7 @@ def rle_runs(rle: list[int], height: int, width: int) -> tuple[list[int], list[i
     Decodes what label_studio_sdk.converter.brush.decode_rle does (the round trip is tested against it).
     Hand-written because decode_rle reads the stream one bit at a time in Python and writes all 4 x H x W
     values: 12 ms a brush at 2048 x 2048 px whatever the object's size, 2 s for a task of 168 accepted
-    brushes. Here each run costs one step and the image's size nothing."""
+    brushes. Here a repeated run costs one step (a literal run one per value) and the image's size nothing."""
     _check_rle(rle)
     data = bytes(rle) + bytes(8)                      # 8 spare bytes: a read never runs off the end
     n_bits, pos = 8 * len(rle), 0
@@ -544,7 +544,7 @@ def _check_rle(rle) -> None:
 
 def _rle_bytes(rle) -> bytes:
     """The RLE's values as bytes (checked in C: a Python-level check of each value cost 0.7 ms a brush at
-    2048 x 2048 px); ValueError unless they are integers 0-255."""
+    2048 x 2048 px); ValueError unless they are integers 0-255 (True and False pass as 1 and 0)."""
     try:
         return bytes(rle)
     except (TypeError, ValueError):
