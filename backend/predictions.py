@@ -216,7 +216,9 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             with clock("wait_images"):
                 images = [f.result() for f in futures]
             with clock("inference"):
-                preds = _infer_chunk(images, served, wants_boxes(config))
+                later = {j for j, (i, _) in enumerate(jobs)
+                         if isinstance(tasks[start + i], dict) and latest_annotation(tasks[start + i]) is not None}
+                preds = _infer_chunk(images, served, wants_boxes(config), later)
             with clock("novelty"):
                 novelty = _novelty(images, preds, served)
             if encoding is not None:
@@ -324,13 +326,17 @@ def wants_boxes(config: LabelConfig) -> bool:
     return any(c.type == "rectanglelabels" for c in config.controls)
 
 
-def _infer_chunk(loaded: list, served: Served, boxes: bool = True) -> dict[int, Any]:
+def _infer_chunk(loaded: list, served: Served, boxes: bool = True, later: set[int] = frozenset()
+                 ) -> dict[int, Any]:
     """Predictions of a chunk's loaded images ({index in the chunk: Prediction, or with a Predictor's
     predict_parts the function that finishes it, so that a failure there fails its task alone}); a model
-    failure on one chunk leaves it empty and fails no other chunk. `boxes` False: no head boxes wanted."""
+    failure on one chunk leaves it empty and fails no other chunk. `boxes` False: no head boxes wanted.
+    Images in `later` (an annotated task's: its label check, Predictor.review, makes its regions) get a
+    function that predicts them when called, and no pass now: the pass is needed only where the check fails."""
     images = _pixels(loaded)
-    ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray)]
-    preds: dict[int, Any] = {}
+    ok = [j for j, im in enumerate(images) if isinstance(im, np.ndarray) and j not in later]
+    preds: dict[int, Any] = {j: _Deferred(served.predictor, images[j], boxes) for j in later
+                             if isinstance(images[j], np.ndarray)}
     parts = getattr(served.predictor, "predict_parts", None)   # the network now, the rest in _encode_chunk
     try:
         batch = [images[j] for j in ok]
@@ -339,6 +345,17 @@ def _infer_chunk(loaded: list, served: Served, boxes: bool = True) -> dict[int, 
     except Exception:                   # a model failure on one chunk must not fail the whole batch
         logger.exception("inference failed for %d images", len(ok))
     return preds
+
+
+class _Deferred:
+    """An annotated task image's prediction, made only if its label check does not make its regions."""
+
+    def __init__(self, predictor: Any, image: np.ndarray, boxes: bool):
+        self.predictor, self.image, self.boxes = predictor, image, boxes
+
+    def __call__(self):
+        parts = getattr(self.predictor, "predict_parts", None)
+        return parts([self.image], boxes=self.boxes)[0]() if parts else self.predictor.predict([self.image])[0]
 
 
 def _novelty(loaded: list, preds: dict[int, Any], served: Served) -> dict[int, float]:
@@ -379,7 +396,7 @@ def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, 
     sizes = [x[1] if isinstance(x, tuple) else None for x in loaded]      # original (H, W)
     labels = served.predictor.label_names
     for j, p in list(preds.items()):
-        if callable(p):
+        if callable(p) and not isinstance(p, _Deferred):    # deferred: made by _task_item if it needs it
             try:
                 preds[j] = p()
             except Exception:           # a failure on one image fails its task alone
@@ -432,6 +449,8 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
                 mislabel.append(m)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
                 logger.info("task %s: annotation not checked, it is malformed: %s", _task_id(task), e)
+        if isinstance(pred, _Deferred):
+            pred = pred()
         regions += _regions_at_size(pred, config, img.name, labels, size)
         scores.append(ranked_score(float(pred.score), novelty))
     item = {"result": regions, "score": round(min(scores), 4) if scores else 0.0, "model_version": served.version}

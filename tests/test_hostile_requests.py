@@ -411,6 +411,33 @@ def test_a_smart_tool_on_a_reduced_image_refines_as_predict_sees_it_and_answers_
         assert (m & truth).sum() / (m | truth).sum() > 0.97, kind
 
 
+def test_an_annotated_task_is_checked_without_a_prediction_pass_of_its_own(tmp_path, stub_predictor):
+    """An annotated task's regions come from its label check (Predictor.review): no prediction pass is made for
+    it, except where the check can't run (a malformed annotation), and then its regions are the prediction's."""
+    c = make_client(tmp_path, stub_predictor)
+    image = data_uri(png(40, 60, boxes=((5, 5, 20, 30),)))
+    truth = np.zeros((40, 60), bool)
+    truth[5:20, 5:30] = True
+    good = [{"type": "brushlabels", "to_name": "image", "from_name": "mask",
+             "value": {"format": "rle", "rle": mask_to_rle(truth), "brushlabels": ["Nucleus"]}}]
+    bad = [{"type": "brushlabels", "to_name": "image", "from_name": "mask",
+            "value": {"format": "rle", "rle": mask_to_rle(truth)[:9], "brushlabels": ["Nucleus"]}}]
+    tasks = [{"id": 1, "data": {"image": image}}, {"id": 2, "data": {"image": image}, "annotations": [
+        {"id": 1, "result": good}]}, {"id": 3, "data": {"image": image}, "annotations": [{"id": 2, "result": bad}]},
+        {"id": 4, "data": {"image": image}}]
+    reviewed = []
+    review = stub_predictor.review
+    stub_predictor.review = lambda image, *a: reviewed.append(image.shape) or review(image, *a)
+    r = _predict(c, tasks)
+    assert r.status_code == 200
+    items = r.json["results"]
+    assert sum(stub_predictor.calls) == 2 + 1 + 1   # tasks 1 and 4; task 3's fallback; the check's own of task 2
+    assert len(reviewed) == 1 and "mislabeling" in items[1] and "mislabeling" not in items[2]
+    for item in items:
+        masks = [region_to_mask(x, 40, 60) for x in item["result"] if x["type"] == "brushlabels"]
+        assert len(masks) == 1 and (masks[0] & truth).sum() / (masks[0] | truth).sum() > 0.97
+
+
 def test_a_full_size_annotation_is_checked_on_a_reduced_image(tmp_path, stub_predictor):
     c = make_client(tmp_path, stub_predictor, max_side=256)
     truth = np.zeros((900, 1200), bool)
