@@ -258,6 +258,26 @@ def test_an_accepted_prediction_is_not_a_persons_judgement():
     assert dataset.person_made(accepted, fixed, "image", index)      # a person deleted an object
 
 
+def test_an_accepted_prediction_on_a_reduced_image_is_not_a_persons_judgement():
+    """A sample decoded smaller than its original (TESSERA_MAX_SIDE): the predictions' brush RLE counts the
+    original's pixels, so they are drawn at the original size and compared at the sample's."""
+    from tessera.backend.regions import results_to_maps_at
+    from tessera.model.data import Sample
+
+    inst = np.kron(_two_objects(), np.ones((3, 3), np.int32))         # the original, 3x the sample's size
+    small = _two_objects().shape
+    index = {"Nucleus": 1}
+    brush = _results(inst, ("brushlabels",))
+    classes, instances = results_to_maps_at(brush, "image", inst.shape, small, index)
+    sample = Sample(np.zeros((*small, 3), np.uint8), classes, instances, id="1:image", size=inst.shape)
+    accepted = {"predictions": [{"model_version": "tessera-p1-v0002",
+                                 "result": _results(inst, ("rectanglelabels", "polygonlabels", "brushlabels"))}]}
+    assert not dataset.person_made(accepted, sample, "image", index)
+    one_removed = np.where(inst == 1, 1, 0).astype(np.int32)
+    c2, i2 = results_to_maps_at(_results(one_removed, ("brushlabels",)), "image", inst.shape, small, index)
+    assert dataset.person_made(accepted, Sample(sample.image, c2, i2, id="1:image", size=inst.shape), "image", index)
+
+
 @pytest.mark.parametrize("judged, scores, promote, rule", [
     ({"a", "b", "c"}, {"new": {"abc": 0.80}, "old": {"abc": 0.805}}, True, "compared"),    # within tolerance
     ({"a", "b", "c"}, {"new": {"abc": 0.70}, "old": {"abc": 0.80}}, False, "compared"),
