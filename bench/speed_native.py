@@ -139,9 +139,7 @@ def finish_breakdown(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="tessera-speed-finish-"))
     try:
         ckpt = bench_model(work)
-        tree = before_tree(args.before, work / "before")
-        for f in list(tree.rglob("*.py")):     # its backend imports its own modules, not the current ones
-            f.write_text(f.read_text().replace("from tessera.", "from before_tessera."))
+        tree = importable_before_tree(args.before, work / "before")
         variants = {"before": _finish_variant(ckpt, tree), "after": _finish_variant(ckpt, None)}
         images = [mosaic(520, 696, 256, seed=11 + k)[0] for k in range(8)]
         load0 = os.getloadavg()
@@ -184,7 +182,6 @@ def annotation_reading(args) -> None:
     alternating in one thread: an accepted prediction of procedural nuclei (a brush mask, a polygon and a box
     per object) at 520x696 and 2048x2048. Also checks that both give the same maps.
     Writes bench/results/<args.annotations_name>.json."""
-    import importlib
     import shutil
     import tempfile
 
@@ -196,12 +193,7 @@ def annotation_reading(args) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="tessera-speed-annotations-"))
     try:
-        tree = before_tree(args.before, work / "before")
-        for f in list(tree.rglob("*.py")):     # its backend imports its own modules, not the current ones
-            f.write_text(f.read_text().replace("from tessera.", "from before_tessera."))
-        root = package_root(tree, work / "before_pkg", "before_tessera")
-        sys.path.insert(0, str(root))
-        readers = {"before": importlib.import_module("before_tessera.backend.regions").results_to_maps,
+        readers = {"before": before_module(args.before, work, "backend.regions").results_to_maps,
                    "after": results_to_maps}
         controls = parse_label_config(CONFIG).controls
         res: dict = {"threads": 1, "before_rev": args.before, "reps": args.reps, "load_average_start": os.getloadavg()}
@@ -233,7 +225,6 @@ def training_batches(args) -> None:
     TrainConfig, the bench model's scale 0.6) of procedural nuclei images at 520x696, 1040x1388 (DSB2018's
     largest) and 2048x2048, before (git revision args.before) and after, alternating in one thread; median of
     10 after 2 warm-up rounds. Writes bench/results/<args.batches_name>.json."""
-    import importlib
     import shutil
     import tempfile
 
@@ -246,11 +237,7 @@ def training_batches(args) -> None:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="tessera-speed-batches-"))
     try:
-        tree = before_tree(args.before, work / "before")
-        for f in list(tree.rglob("*.py")):
-            f.write_text(f.read_text().replace("from tessera.", "from before_tessera."))
-        sys.path.insert(0, str(package_root(tree, work / "before_pkg", "before_tessera")))
-        old = importlib.import_module("before_tessera.model.train_vqvae")
+        old = before_module(args.before, work, "model.train_vqvae")
         res: dict = {"threads": 1, "before_rev": args.before, "batch": 8, "load_average_start": os.getloadavg()}
         for name, (h, w, tile) in {"520x696": (520, 696, 256), "1040x1388": (1040, 1388, 256),
                                    "2048": (2048, 2048, 512)}.items():
@@ -395,6 +382,26 @@ def before_tree(rev: str, dest: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(dest, filter="data")
     return dest
+
+
+def importable_before_tree(rev: str, dest: Path) -> Path:
+    """before_tree, its modules importing each other as `before_tessera.*` (not the current tessera)."""
+    tree = before_tree(rev, dest)
+    for f in list(tree.rglob("*.py")):
+        f.write_text(f.read_text().replace("from tessera.", "from before_tessera."))
+    return tree
+
+
+def before_module(rev: str, work: Path, name: str):
+    """Module `name` (e.g. "model.train_vqvae") of git revision `rev`, imported as before_tessera.<name> beside
+    the current code (unpacked under work/)."""
+    import importlib
+
+    tree = importable_before_tree(rev, work / "before")
+    root = package_root(tree, work / "before_pkg", "before_tessera")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"before_tessera.{name}")
 
 
 def peak_rss_mb(pid: int) -> float:
