@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +27,7 @@ from tessera.backend.settings import Settings
 from tessera.backend.store import Store, is_label_version
 from tessera.model.data import Sample, split_ids
 from tessera.model.postprocess import box_sample
+from tessera.model.sample_store import SampleStore
 from tessera.model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
@@ -182,48 +184,63 @@ def project_samples(settings: Settings, client: LabelStudio, key: str, progress:
 
 def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], progress: Progress = noop
                  ) -> tuple[list[Sample], list[dict]]:
-    """Annotated tasks -> (Samples, the task of each sample): images fetched concurrently (disk cache)."""
+    """Annotated tasks -> (Samples, the task of each sample): images fetched concurrently (disk cache), each
+    made into its sample as it arrives, at most a few fetches ahead (decoded images do not pile up), and past
+    TESSERA_TRAIN_MEMORY_MB kept in memory-mapped scratch files (model.sample_store)."""
     index = {n: i + 1 for i, n in enumerate(config.label_names)}
-    media = MediaResolver(settings, cache_dir=Store(settings.model_dir).media_cache_dir)
+    store = Store(settings.model_dir)
+    media = MediaResolver(settings, cache_dir=store.media_cache_dir)
+    kept = SampleStore(store.samples_dir, settings.train_memory_mb * 2**20 or None)
     jobs = [(task, img) for task in tasks for img in config.images]
+    box_only = is_box_only(config)
 
     def load(job: tuple[dict, ImageObject]) -> tuple[np.ndarray, tuple[int, int]] | MediaError:
         return task_image(*job, media, working=True)    # as /predict sees it: at most TESSERA_MAX_SIDE px
 
-    images: list[np.ndarray | MediaError] = []
+    def sample(task: dict, img: ImageObject, image: np.ndarray, size: tuple[int, int]) -> Sample:
+        h, w = image.shape[:2]
+        sid, synthetic = f"{task['id']}:{img.name}", bool((task.get("meta") or {}).get("synthetic"))
+        size = None if tuple(size) == (h, w) else tuple(size)
+        if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
+            boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)  # percentages
+            return dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size)
+        classes, instances = results_to_maps_at(latest_annotation(task)["result"], img.name, size or (h, w),
+                                                (h, w), index)
+        return Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic, size=size)
+
+    samples, used, failed = [], [], []
     step = max(1, len(jobs) // 10)
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.fetch_threads, len(jobs) or 1))) as pool:
-        for n, image in enumerate(pool.map(load, jobs), 1):          # in order, as they arrive
-            images.append(image)
+    threads = max(1, min(settings.fetch_threads, len(jobs) or 1))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for n, ((task, img), loaded) in enumerate(zip(jobs, bounded_map(pool, load, jobs, 2 * threads)), 1):
             if n % step == 0 or n == len(jobs):
                 phase(progress, "fetch", n, len(jobs))
-    failed = [(task, im) for (task, _), im in zip(jobs, images) if isinstance(im, MediaError)]
+            if isinstance(loaded, MediaError):
+                failed.append((task, loaded))
+                continue
+            try:
+                samples.append(kept.keep(sample(task, img, *loaded)))
+            except (ValueError, KeyError, TypeError) as e:
+                logger.warning("task %s: annotation not usable: %s", task.get("id"), e)
+                continue
+            used.append(task)
     for task, e in failed[:5]:
         logger.warning("task %s: skipped for training: %s", task.get("id"), e)
     if jobs and len(failed) == len(jobs):
         raise RuntimeError(f"none of the {len(jobs)} images of {len(tasks)} annotated tasks could be loaded; "
                            f"first error: {failed[0][1]}")
-    samples, used = [], []
-    box_only = is_box_only(config)
-    for (task, img), loaded in zip(jobs, images):
-        if isinstance(loaded, MediaError):
-            continue
-        image, size = loaded
-        h, w = image.shape[:2]
-        meta = task.get("meta") or {}
-        sid, synthetic = f"{task['id']}:{img.name}", bool(meta.get("synthetic"))
-        size = None if tuple(size) == (h, w) else tuple(size)
-        try:
-            if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
-                boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)  # percentages
-                samples.append(dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size))
-            else:
-                classes, instances = results_to_maps_at(latest_annotation(task)["result"], img.name, size or (h, w),
-                                                        (h, w), index)
-                samples.append(Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic,
-                                      size=size))
-        except (ValueError, KeyError, TypeError) as e:
-            logger.warning("task %s: annotation not usable: %s", task.get("id"), e)
-            continue
-        used.append(task)
+    if kept.n_mapped:
+        logger.info("training samples: %s (TESSERA_TRAIN_MEMORY_MB %d)", kept.summary(), settings.train_memory_mb)
     return samples, used
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
+    """pool.map(fn, items) that runs at most `ahead` calls ahead of the consumer (Executor.map submits them
+    all at once, so its results pile up in memory when the consumer is the slower side)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

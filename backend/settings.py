@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     fetch_threads: int = env("TESSERA_FETCH_THREADS", 16, "Concurrent image downloads per /predict request.", ge=1)
     media_cache_mb: int = env("TESSERA_MEDIA_CACHE_MB", 1024, "Size cap of the training runs' image cache under "
                               "MODEL_DIR/cache/media; least recently used images go first (0 = no cache).", ge=0)
+    train_memory_mb: int = env("TESSERA_TRAIN_MEMORY_MB", 4096, "Memory, in MB, a training run holds its samples "
+                               "in (images and label maps: ~46 MB a 2048 px image); the rest are read from "
+                               "memory-mapped scratch files under MODEL_DIR/cache/samples (disk space while a "
+                               "run lasts, page cache the kernel can take back). 0 = all in memory.", ge=0)
     # the HTTP server
     port: int = env("PORT", 9090, "`tessera serve --port` default.", ge=1, le=65535)
     workers: int = env("WORKERS", 1, "`tessera serve --workers` default: processes, each with its own model "

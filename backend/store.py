@@ -127,3 +127,8 @@ class Store:
     @property
     def media_cache_dir(self) -> Path:
         return self.root / "cache" / "media"
+
+    @property
+    def samples_dir(self) -> Path:
+        """Training samples past TESSERA_TRAIN_MEMORY_MB (model.sample_store): files unlinked once mapped."""
+        return self.root / "cache" / "samples"

@@ -34,6 +34,7 @@ from tessera.backend.store import DEFAULT_KEY, Store, version_string
 from tessera.backend.workdir import work_dir
 from tessera.backend.writeback import after_promotion
 from tessera.model.data import Sample, load_folder, split_ids
+from tessera.model.sample_store import SampleStore
 
 logger = logging.getLogger(__name__)
 
@@ -328,8 +329,8 @@ def _model_progress(progress: Progress) -> Progress:
 def train_from_folder(settings: Settings, data: Path, project: str | None = None, iters: int | None = None,
                       labels: list[str] | None = None, progress: Progress = noop) -> dict:
     """`tessera train --data DIR`: register into the default model (or project `project`)."""
-    samples, names = load_folder(data)
-    samples = [working_size(sample, settings.max_side) for sample in samples]
+    kept = SampleStore(Store(settings.model_dir).samples_dir, settings.train_memory_mb * 2**20 or None)
+    samples, names = load_folder(data, keep=lambda sample: kept.keep(working_size(sample, settings.max_side)))
     if labels:
         if len(labels) != len(names):
             raise ValueError(f"--labels gives {len(labels)} names, the data set has {len(names)} classes ({names})")

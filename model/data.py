@@ -328,12 +328,14 @@ def relabel(instances: np.ndarray, min_area: int = 1) -> np.ndarray:
     return new[inverse].reshape(instances.shape)
 
 
-def load_folder(root: str | Path, ids: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+def load_folder(root: str | Path, ids: list[str] | None = None, keep=None) -> tuple[list[Sample], list[str]]:
     """Load `images/<id>.(png|jpg)` + `labels/<id>.png` (instances) and/or `masks/<id>.png` (classes).
 
     With labels only, classes = labels > 0 and label_names = ["object"] (or classes.json's single name).
     With masks, classes.json names classes 1..C (default class_1..class_C) and instances are the labels if
     present, else connected components per class. ids=None loads every image that has a label file.
+    keep: a function each sample goes through as it is read, before the next is (e.g. resized, or kept in a
+    memory-mapped file: backend.training.train_from_folder), so that the full-size ones never pile up.
     """
     root = Path(root)
     img_dir, lab_dir, mask_dir = root / "images", root / "labels", root / "masks"
@@ -372,7 +374,8 @@ def load_folder(root: str | Path, ids: list[str] | None = None) -> tuple[list[Sa
         if not (image.shape[:2] == classes.shape == instances.shape):
             raise ValueError(f"{root}: id {i!r} has image {image.shape[:2]} but labels {instances.shape} / "
                              f"masks {classes.shape}; label maps must have the image's size")
-        samples.append(Sample(image=image, classes=classes, instances=instances, id=i))
+        sample = Sample(image=image, classes=classes, instances=instances, id=i)
+        samples.append(sample if keep is None else keep(sample))
 
     n_classes = max(int(s.classes.max()) for s in samples)
     if names is None:

@@ -201,8 +201,8 @@ class Editor:
         if label is not None and label not in self.labels():
             raise ValueError(f"no object of class {label} to paste; classes with objects: {self.labels()}")
         rng = np.random.default_rng(seed)
-        totals = np.bincount(np.concatenate([s.classes.ravel() for s in self.samples]).astype(np.int64),
-                             minlength=self.n_labels + 1)[:self.n_labels + 1] if self.balance else None
+        totals = sum(np.bincount(s.classes.ravel().astype(np.int64), minlength=self.n_labels + 1)[:self.n_labels + 1]
+                     for s in self.samples) if self.balance else None   # per sample: no copy of every map at once
         out = []
         for _ in range(n):
             k = int(rng.integers(1, self.max_objects + 1))
