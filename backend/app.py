@@ -313,6 +313,7 @@ def _utf8(value: str | None) -> bytes:
 
 SERVED_FIGURES = ("val_iou", "val_score", "mask_iou", "metric", "box_ap50", "precision", "recall", "f1", "class_recall",
                   "class_ap50", "missed_classes", "regions_per_image", "true_per_image", "region_cut", "n_val",
+                  "n_held_back_tasks",
                   "follow_edges", "box_scales", "rectangles", "head_box_ap50", "head_precision", "head_recall",
                   "head_f1", "head_class_recall", "head_class_ap50", "head_missed_classes", "head_regions_per_image",
                   "head_region_cut")

@@ -81,7 +81,9 @@ def _evidence(metrics: dict) -> str:
         return "val_iou=-"
     n = metrics.get("n_val_tasks", len(metrics.get("val_task_ids") or []))
     judged = metrics.get("n_val_judged")
-    return f"val_iou={iou:.4f} on {n} held-back" + (f" ({judged} person-made)" if judged is not None else "")
+    held = metrics.get("n_held_back_tasks")
+    return (f"val_iou={iou:.4f} on {n} held-back" + (f" ({judged} person-made)" if judged is not None else "")
+            + (f" of {held} (TESSERA_EVAL_MEGAPIXELS)" if isinstance(held, int) and held > n else ""))
 
 
 def _figures(m: dict) -> str:

@@ -92,6 +92,26 @@ def held_back_samples(samples: list[Sample], tasks: list[dict], config: LabelCon
     return train, val, judged
 
 
+def evaluated_held_back(val: list[Sample], judged: set[str] | None, megapixels: float) -> list[Sample]:
+    """The held-back samples a run evaluates at their own size (each version's region cut, its figures and
+    the comparison with the served one: a few network passes per image, ~9 s a 2048 px image on 2 cores):
+    all of them up to `megapixels` million pixels (0: no cap), past it the ones a person made or changed
+    first (what promotion rests on), each group in a stable hash order of the sample id, so the runs of a
+    growing project compare on much the same images. The rest stay held back, only not evaluated."""
+    if megapixels <= 0 or sum(s.image.shape[0] * s.image.shape[1] for s in val) <= megapixels * 1e6:
+        return val
+    order = sorted(val, key=lambda s: (judged is not None and s.id not in judged,
+                                       hashlib.sha1(s.id.encode()).hexdigest()))
+    out, px = [], 0
+    for s in order:
+        n = s.image.shape[0] * s.image.shape[1]
+        if not out or px + n <= megapixels * 1e6:
+            out.append(s)
+            px += n
+    kept = {id(s) for s in out}
+    return [s for s in val if id(s) in kept]
+
+
 def data_fingerprint(tasks: list[dict]) -> str:
     """What a run would train on: each task's training annotation (id and result). Equal fingerprints =
     nothing new to learn from."""

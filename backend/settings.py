@@ -68,6 +68,10 @@ class Settings(BaseSettings):
                                "in (images and label maps: ~46 MB a 2048 px image); the rest are read from "
                                "memory-mapped scratch files under MODEL_DIR/cache/samples (disk space while a "
                                "run lasts, page cache the kernel can take back). 0 = all in memory.", ge=0)
+    eval_megapixels: float = env("TESSERA_EVAL_MEGAPIXELS", 48.0, "Pixels, in millions, of the held-back images a "
+                                 "training run evaluates at their own size (region cut, promotion): past it, the "
+                                 "person-made ones first, then a stable choice by task; the others stay held back "
+                                 "(~11 images of 2048 px, ~130 of 520x696; 0 = all).", ge=0.0)
     # the HTTP server
     port: int = env("PORT", 9090, "`tessera serve --port` default.", ge=1, le=65535)
     workers: int = env("WORKERS", 1, "`tessera serve --workers` default: processes, each with its own model "

@@ -21,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from tessera.backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, folder_config,
-                             has_rectangles, held_back_samples, is_box_only, load_samples, nothing_new,
-                             working_size)
+from tessera.backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, evaluated_held_back,
+                                     folder_config, has_rectangles, held_back_samples, is_box_only, load_samples,
+                                     nothing_new, working_size)
 from tessera.backend.gan_runs import gan_part
 from tessera.backend.label_config import LabelConfig
 from tessera.backend.lsclient import LabelStudioUnavailable, from_settings
@@ -337,8 +337,27 @@ def train_from_folder(settings: Settings, data: Path, project: str | None = None
         names = list(labels)
     train_ids, val_ids = split_ids([s.id for s in samples], VAL_FRACTION)
     by_id = {s.id: s for s in samples}
+    held = [by_id[i] for i in val_ids]
     return _train_and_register(settings, project or DEFAULT_KEY, [by_id[i] for i in train_ids],
-                               [by_id[i] for i in val_ids], names, f"folder {Path(data).name}", iters, progress)
+                               evaluated(settings, held, None), names, f"folder {Path(data).name}", iters, progress,
+                               record=held_back_record(held))
+
+
+def evaluated(settings: Settings, held: list[Sample], judged: set[str] | None) -> list[Sample]:
+    """The held-back samples this run evaluates (dataset.evaluated_held_back, TESSERA_EVAL_MEGAPIXELS)."""
+    val = evaluated_held_back(held, judged, settings.eval_megapixels)
+    if len(val) < len(held):
+        logger.info("evaluating %d of the %d held-back images (%.0f of %.0f megapixels, TESSERA_EVAL_MEGAPIXELS)",
+                    len(val), len(held), sum(s.image.shape[0] * s.image.shape[1] for s in val) / 1e6,
+                    sum(s.image.shape[0] * s.image.shape[1] for s in held) / 1e6)
+    return val
+
+
+def held_back_record(held: list[Sample]) -> dict:
+    """What a version records of every held-back task, evaluated or not: so that the next runs hold them back
+    too (dataset.previous_held_back), and `tessera versions` says how many the figures were taken on."""
+    tasks = sorted({s.id.split(":", 1)[0] for s in held})
+    return {"val_task_ids": tasks, "n_held_back_tasks": len(tasks)}
 
 
 # ----------------------------------------------------------------------------- Label Studio projects
@@ -375,12 +394,13 @@ def train_project(project_key: str, reason: str, progress: Progress = noop, sett
         return {"status": "skipped", "reason": f"{n_tasks} annotated tasks; training starts at "
                                                 f"{settings.min_annotations} (TESSERA_MIN_ANNOTATIONS)"}
     fetch_s = time.time() - t_start
-    train, val, judged = held_back_samples(samples, tasks, config, registry)
+    train, held, judged = held_back_samples(samples, tasks, config, registry)
+    val = evaluated(settings, held, judged)
     if budget_s is None:
         budget_s = run_budget_s(settings) if iters is None else 0.0
     result = _train_and_register(settings, project_key, train, val, names, reason, iters, progress,
                                  budget_s=budget_s, config=config, judged=judged,
-                                 record={"data_fingerprint": fingerprint})
+                                 record={"data_fingerprint": fingerprint, **held_back_record(held)})
     result["n_annotated_tasks"] = n_tasks
     result["metrics"]["fetch_s"] = round(fetch_s, 2)
     if result["status"] == "promoted":

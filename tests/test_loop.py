@@ -107,7 +107,8 @@ def test_versions_say_what_a_decision_rests_on(tmp_path):
     reg = ModelCache(Settings(model_dir=tmp_path)).registry("4")
     f = tmp_path / "stub.pt"
     for metrics, promote in (({"val_iou": 0.8123, "n_val_tasks": 4, "n_val_judged": 3}, True),
-                             ({"val_iou": 0.7, "n_val_tasks": 2, "n_val_judged": 1}, False)):
+                             ({"val_iou": 0.7, "n_val_tasks": 2, "n_val_judged": 1}, False),
+                             ({"val_iou": 0.75, "n_val_tasks": 11, "n_val_judged": 5, "n_held_back_tasks": 200}, False)):
         f.write_bytes(b"stub")
         reg.add(f, metrics, promote=promote, reason="test: why", kind="label")
     exe = str(Path(sys.executable).with_name("tessera"))
@@ -115,8 +116,11 @@ def test_versions_say_what_a_decision_rests_on(tmp_path):
                          env={"MODEL_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
                               "PYTHONPATH": os.environ.get("PYTHONPATH", "")}).stdout
     lines = out.splitlines()
-    assert lines[0].startswith("tessera-p4-v0002") and "val_iou=0.7000 on 2 held-back (1 person-made)" in lines[0]
-    assert "rejected" in lines[0] and "val_iou=0.8123 on 4 held-back (3 person-made)" in lines[1], out
+    assert lines[0].startswith("tessera-p4-v0003") and "val_iou=0.7500 on 11 held-back (5 person-made) of 200 " \
+        "(TESSERA_EVAL_MEGAPIXELS)" in lines[0], out
+    assert lines[1].startswith("tessera-p4-v0002") and "val_iou=0.7000 on 2 held-back (1 person-made)" in lines[1]
+    assert "rejected" in lines[1] and "val_iou=0.8123 on 4 held-back (3 person-made)" in lines[2], out
+    assert "TESSERA_EVAL_MEGAPIXELS" not in lines[1] + lines[2]
 
 
 def test_the_demo_restarts_a_dead_backend_in_place(monkeypatch, tmp_path, capsys):

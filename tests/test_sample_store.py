@@ -146,3 +146,52 @@ def test_a_fetch_that_raises_surfaces_in_order():
         assert [next(got) for _ in range(3)] == [0, 1, 2]
         with pytest.raises(ValueError, match="bad task 3"):
             next(got)
+
+
+# ------------------------------------------------------------------------ held-back images a run evaluates
+
+def _held(n: int, side: int, prefix: str = "t"):
+    from tessera.model.data import Sample
+
+    return [Sample(image=np.zeros((side, side, 3), np.uint8), classes=np.zeros((side, side), np.int32),
+                   instances=np.zeros((side, side), np.int32), id=f"{prefix}{k}:image") for k in range(n)]
+
+
+def test_a_run_evaluates_held_back_images_up_to_a_pixel_budget_person_made_first():
+    from tessera.backend.dataset import evaluated_held_back
+
+    held = _held(40, 1000)                                  # 40 megapixels
+    assert evaluated_held_back(held, None, 48) is held      # under the budget: all of them
+    assert evaluated_held_back(held, None, 0) is held       # 0: no budget
+    judged = {s.id for s in held[30:]}
+    val = evaluated_held_back(held, judged, 12.5)
+    assert len(val) == 12 and sum(s.image.shape[0] * s.image.shape[1] for s in val) <= 12.5e6
+    assert judged <= {s.id for s in val}                    # what promotion rests on comes first
+    ids = {s.id for s in val}
+    assert [s.id for s in val] == [s.id for s in held if s.id in ids]     # in the held-back order
+    again = evaluated_held_back(held[::-1], judged, 12.5)   # the choice does not depend on the order given
+    assert {s.id for s in again} == {s.id for s in val}
+    assert len(evaluated_held_back(_held(3, 5000), None, 1)) == 1     # never none
+
+
+def test_a_folder_run_records_every_held_back_task_and_evaluates_within_the_budget(tmp_path):
+    """`tessera train --data` with TESSERA_EVAL_MEGAPIXELS 0.1: the version's figures come from the held-back
+    images within 0.1 megapixels, and it records every held-back task, so that later runs hold them back too."""
+    from tessera.backend.dataset import previous_held_back
+    from tessera.backend.predictions import ModelCache
+    from tessera.backend.training import train_from_folder
+    from tessera.model.data import split_ids
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "labels").mkdir()
+    for i, s in enumerate(make_nuclei(20, size=(120, 160), seed=6)):
+        Image.fromarray(s.image).save(tmp_path / "data" / "images" / f"n{i:02d}.png")
+        Image.fromarray(s.instances.astype(np.uint16)).save(tmp_path / "data" / "labels" / f"n{i:02d}.png")
+    _, val_ids = split_ids([f"n{i:02d}" for i in range(20)], 0.2)
+    assert len(val_ids) >= 3
+    settings = Settings(model_dir=tmp_path / "models", eval_megapixels=0.05, train_budget_s=0)
+    result = train_from_folder(settings, tmp_path / "data", iters=4)
+    info = ModelCache(settings).registry("default").versions("label")[-1]
+    assert result["metrics"]["n_val"] == 2 == info.metrics["n_val"]     # 2 x 19,200 px of 50,000
+    assert info.metrics["n_held_back_tasks"] == len(val_ids)
+    assert previous_held_back(ModelCache(settings).registry("default")) == set(val_ids)
