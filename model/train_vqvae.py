@@ -532,14 +532,16 @@ def choose_box_scales(predictor: Predictor, samples: list[Sample], batch_size: i
             "ap50": {",".join(map(str, f)) or "none": v for f, v in ap.items()}}
 
 
-def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size: int = 8) -> dict | None:
+def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size: int = 8,
+                        keep: list | None = None) -> dict | None:
     """Whether this version's masks follow the image's edges (Predictor.follow_edges), decided on held-back
     samples: on only where it raises their mean per-image mIoU. The filter helps a model that saw the image
     smaller than its pixels and was unsure at the outlines (DSB native, 600 iterations: fg IoU +0.015), less
     as the model gets better (2,400 iterations: +0.005), and it costs a perfect prediction (DSB native's true
     masks at scale 0.5: 0.980 -> 0.924): a version that already draws the project's outlines keeps its own.
     Sets predictor.follow_edges; returns what the checkpoint keeps, or None when the predictor has no choice
-    to make (a box model, or no samples)."""
+    to make (a box model, or no samples). `keep`: a list that gets each sample's finishing function
+    (Predictor.predict_parts, uncut): raw_predictions without a second network pass."""
     if not predictor.follow_edges or not samples:
         return None
     C = predictor.n_classes
@@ -550,6 +552,8 @@ def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size:
             for on in (False, True):                          # one network pass, finished both ways
                 predictor.follow_edges = on
                 ious[on].append(metrics.mean_iou(finish().classes, s.classes, C))
+            if keep is not None:
+                keep.append(finish)
     scores = {on: float(np.mean(v)) for on, v in ious.items()}
     predictor.follow_edges = scores[True] > scores[False]    # a tie (no image seen smaller): skip its cost
     return {"on": predictor.follow_edges, "miou_on": scores[True], "miou_off": scores[False],
@@ -906,9 +910,15 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
     if val:
         # masks that follow the image's edges or not, chosen on the spread subset of the held-back images a
         # box model's state is chosen on (at most select_images), before the cut is learned on them all
-        edges = choose_follow_edges(predictor, run.select_samples or val, cfg.batch_size)
-        scales = choose_box_scales(predictor, run.select_samples or val, cfg.batch_size)
-        raws = raw_predictions(predictor, val)
+        chosen_on = run.select_samples or val
+        passes = [] if len(chosen_on) == len(val) and all(a is b for a, b in zip(chosen_on, val)) else None
+        edges = choose_follow_edges(predictor, chosen_on, cfg.batch_size, keep=passes)
+        scales = choose_box_scales(predictor, chosen_on, cfg.batch_size)
+        # the choice's passes finished as chosen: every held-back image went through the network once, not twice
+        # (~4 s a 2048 px image on 2 cores); a choice of extra box scales changes the passes
+        raws = ([f() for f in passes] if passes and scales is None and len(passes) == len(val)
+                else raw_predictions(predictor, val, cfg.batch_size))
+        passes = None
         region_cut = learn_cut(predictor, val, raws, cfg.precision_target)
         if predictor.head_beside_masks:
             box_cut = learn_box_cut(predictor, val, raws, cfg.precision_target)

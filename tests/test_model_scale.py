@@ -258,7 +258,7 @@ def test_a_version_keeps_the_outlines_its_held_back_tasks_agree_with(trained_mod
     whose people accepted its outlines), following the image's edges only moves them away, so it stays off;
     where they are the edge-following masks, it is on. A box model has no choice to make."""
     from tessera.model.data import Sample
-    from tessera.model.train_vqvae import choose_follow_edges
+    from tessera.model.train_vqvae import choose_follow_edges, raw_predictions
 
     ckpt = next(p for p in sorted(trained_model_dir.rglob("model.pt")))
     pred = Predictor.from_checkpoint(ckpt, device="cpu")
@@ -270,8 +270,13 @@ def test_a_version_keeps_the_outlines_its_held_back_tasks_agree_with(trained_mod
                 for i, (im, p) in enumerate(zip(images, pred.predict(images, cut=False)))]
         assert sum(int(p.classes.any()) for p in held) >= 3
         pred.follow_edges = True
-        edges = choose_follow_edges(pred, held)
+        passes = []
+        edges = choose_follow_edges(pred, held, batch_size=3, keep=passes)
         assert edges["on"] is truth_on and pred.follow_edges is truth_on and edges["n_images"] == 4
+        # its passes, finished as chosen, are the held-back raw predictions a version's cut is learned on
+        raws, again = [f() for f in passes], raw_predictions(pred, held, batch_size=3)
+        assert len(raws) == 4 and all(np.array_equal(a.classes, b.classes) and np.array_equal(a.instances, b.instances)
+                                      for a, b in zip(raws, again))
         own, other = (edges["miou_on"], edges["miou_off"]) if truth_on else (edges["miou_off"], edges["miou_on"])
         assert own == 1.0 and other < 1.0, edges
     box = Predictor(_tiny_model(), ["nucleus"], device="cpu", scale=0.5, box_shrink=0.6)
