@@ -108,7 +108,8 @@ def test_versions_say_what_a_decision_rests_on(tmp_path):
     f = tmp_path / "stub.pt"
     for metrics, promote in (({"val_iou": 0.8123, "n_val_tasks": 4, "n_val_judged": 3}, True),
                              ({"val_iou": 0.7, "n_val_tasks": 2, "n_val_judged": 1}, False),
-                             ({"val_iou": 0.75, "n_val_tasks": 11, "n_val_judged": 5, "n_held_back_tasks": 200}, False)):
+                             ({"val_iou": 0.75, "n_val_tasks": 11, "n_val_judged": 5, "n_held_back_tasks": 200},
+                              False)):
         f.write_bytes(b"stub")
         reg.add(f, metrics, promote=promote, reason="test: why", kind="label")
     exe = str(Path(sys.executable).with_name("tessera"))
