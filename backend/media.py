@@ -121,14 +121,21 @@ def deadline_session(pool_size: int = 10) -> requests.Session:
 
 
 class MediaCache:
-    """Downloaded media on disk, a file per key, at most `max_bytes` in all; the least recently used go first.
+    """Downloaded media on disk, a file per key, at most `max_bytes` in all; the least recently used go first,
+    but never a file this cache object has used (read or written): a file that would need one of them to go is
+    not kept.
+
+    A training run makes one of these and reads every annotated task's image, in the same order each run. With
+    least-recently-used alone, a project whose images outgrow the cache evicted each one before the next run
+    asked for it again: no run ever had a hit, and every run downloaded the whole project. Kept this way, the
+    same images stay, and each run finds the share of the project the cache can hold.
 
     Hand-written (about 60 lines) rather than diskcache: diskcache keeps an SQLite index beside the files and
     pickles what it stores by default, and its last release is from 2023. Here a file's mtime is its recency
     (set to the nanosecond on every write and hit), writes are atomic renames and an eviction tolerates a
     file another process removed first, so several processes sharing MODEL_DIR share the cache safely.
     Listing the directory costs ~60 ms per 5,000 files on a loaded box, so a write lists it only when this
-    process's count of the total passes max_bytes (then it evicts down to LOW_WATER of it) or every
+    process's count of the total would pass max_bytes (then it evicts down to LOW_WATER of it) or every
     RESCAN_EVERY writes (other processes' writes count too)."""
     LOW_WATER = 0.9
     RESCAN_EVERY = 64
@@ -141,6 +148,7 @@ class MediaCache:
         self._lock = threading.Lock()
         self._total: int | None = None          # bytes in the cache at the last listing, plus writes since
         self._writes = 0
+        self._used: set[str] = set()            # keys this object read or wrote: not evicted by it
 
     def get(self, key: str) -> bytes | None:
         path = self.root / key
@@ -149,11 +157,22 @@ class MediaCache:
             _touch(path)
         except FileNotFoundError:        # never cached, or evicted (perhaps by another process) meanwhile
             return None
+        with self._lock:
+            self._used.add(key)
         return data
 
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self.max_bytes:   # would evict everything and still not fit
             return
+        with self._lock:
+            self._writes += 1
+            if (self._total is None or self._total + len(data) > self.max_bytes
+                    or self._writes % self.RESCAN_EVERY == 0):
+                self._total = self._evict(len(data))
+            if self._total + len(data) > self.max_bytes:
+                return                   # the cache holds what this run already used: this one is not kept
+            self._total += len(data)
+            self._used.add(key)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / key
         tmp = self.root / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -161,18 +180,15 @@ class MediaCache:
         os.replace(tmp, path)
         with contextlib.suppress(FileNotFoundError):
             _touch(path)
-        with self._lock:
-            self._writes += 1
-            self._total = None if self._total is None else self._total + len(data)
-            if self._total is None or self._total > self.max_bytes or self._writes % self.RESCAN_EVERY == 0:
-                self._total = self._evict()
 
-    def _evict(self) -> int:
-        """List the cache; if it holds over max_bytes, remove the least recently used files until it holds
-        LOW_WATER of that (and the tmp files of writers that died, once they are an hour old). Returns the
-        bytes left."""
+    def _evict(self, room: int) -> int:
+        """List the cache; if it has no room for `room` more bytes, remove the least recently used files this
+        object has not used until the rest and `room` take LOW_WATER of max_bytes (and the tmp files of
+        writers that died, once they are an hour old). Returns the bytes left."""
         entries, total = [], 0
         stale = time.time_ns() - 3600 * 10**9
+        if not self.root.is_dir():
+            return 0
         with os.scandir(self.root) as it:
             for e in it:
                 try:
@@ -184,13 +200,15 @@ class MediaCache:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(e.path)
                     continue
-                entries.append((st.st_mtime_ns, e.path, st.st_size))
+                entries.append((st.st_mtime_ns, e.name, e.path, st.st_size))
                 total += st.st_size
-        if total <= self.max_bytes:
+        if total + room <= self.max_bytes:
             return total
-        for _, path, size in sorted(entries):
-            if total <= self.max_bytes * self.LOW_WATER:
+        for _, name, path, size in sorted(entries):
+            if total + room <= self.max_bytes * self.LOW_WATER:
                 break
+            if name in self._used:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             total -= size

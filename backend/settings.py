@@ -63,7 +63,8 @@ class Settings(BaseSettings):
                                  "image (connect + all reads).", ge=0.1)
     fetch_threads: int = env("TESSERA_FETCH_THREADS", 16, "Concurrent image downloads per /predict request.", ge=1)
     media_cache_mb: int = env("TESSERA_MEDIA_CACHE_MB", 1024, "Size cap of the training runs' image cache under "
-                              "MODEL_DIR/cache/media; least recently used images go first (0 = no cache).", ge=0)
+                              "MODEL_DIR/cache/media; least recently used images go first, never those the running "
+                              "training run used (0 = no cache).", ge=0)
     train_memory_mb: int = env("TESSERA_TRAIN_MEMORY_MB", 4096, "Memory, in MB, a training run holds its samples "
                                "in (images and label maps: ~46 MB a 2048 px image); the rest are read from "
                                "memory-mapped scratch files under MODEL_DIR/cache/samples (disk space while a "

@@ -174,18 +174,20 @@ def test_served_images_decode_as_training_folders_do(settings, tmp_path, arr):
 
 # ------------------------------------------------------------------------------------------- the disk cache
 
-def test_the_cache_keeps_the_newest_within_its_byte_limit(tmp_path):
+def test_the_cache_keeps_what_a_run_used_within_its_byte_limit(tmp_path):
     cache = MediaCache(tmp_path / "c", max_bytes=3500)
     for i in range(10):                                 # 10 x 1000 bytes into 3500: three fit
         cache.put(f"k{i}", bytes([i]) * 1000)
         assert sum(f.stat().st_size for f in (tmp_path / "c").iterdir()) <= 3500
-    assert [cache.get(f"k{i}") is not None for i in range(10)] == [False] * 7 + [True] * 3
-    assert cache.get("k9") == bytes([9]) * 1000
-    assert cache.get("k7") is not None                  # a hit makes k7 the most recent: k8 goes next
-    cache.put("k10", b"x" * 1000)
-    assert {f.name for f in (tmp_path / "c").iterdir()} == {"k7", "k9", "k10"}
-    cache.put("huge", b"x" * 4000)                      # bigger than the whole cache: not kept, nothing evicted
-    assert cache.get("huge") is None and {f.name for f in (tmp_path / "c").iterdir()} == {"k7", "k9", "k10"}
+    # this run used k0-k2: k3-k9 would each have evicted one of them, and are not kept
+    assert [cache.get(f"k{i}") is not None for i in range(10)] == [True] * 3 + [False] * 7
+    assert cache.get("k2") == bytes([2]) * 1000
+    run2 = MediaCache(tmp_path / "c", max_bytes=3500)   # the next run: the least recently used it has not used go
+    assert run2.get("k1") is not None
+    run2.put("k10", b"x" * 1000)                        # k0 is the least recently used (then k2, read last above)
+    assert {f.name for f in (tmp_path / "c").iterdir()} == {"k1", "k2", "k10"}
+    run2.put("huge", b"x" * 4000)                       # bigger than the whole cache: not kept, nothing evicted
+    assert run2.get("huge") is None and {f.name for f in (tmp_path / "c").iterdir()} == {"k1", "k2", "k10"}
     dead, live = tmp_path / "c" / ".k11.1.2.tmp", tmp_path / "c" / ".k12.3.4.tmp"   # writers' tmp files
     dead.write_bytes(b"x")
     live.write_bytes(b"x")
@@ -194,20 +196,21 @@ def test_the_cache_keeps_the_newest_within_its_byte_limit(tmp_path):
     assert not dead.exists() and live.exists()
 
 
-def test_downloads_are_cached_and_bounded(server, http_server, tmp_path):
+def test_each_run_over_a_project_larger_than_the_cache_finds_what_it_holds(server, http_server, tmp_path):
+    """A training run reads every task's image in the same order each time. Least recently used alone evicted
+    each image before the next run read it again (six images, room for three: no hit in any run); now each
+    run after the first downloads only the three that the cache cannot hold."""
     files = {f"/data/upload/{i}.png": bytes([i]) * 1000 for i in range(6)}
     _serve(files)
-    r = MediaResolver(Settings(model_dir=tmp_path, media_cache_mb=1), ls_url=http_server,
-                      cache_dir=tmp_path / "media")
-    r.cache.max_bytes = 3500                            # room for three of the six
-    for path, body in files.items():
-        assert r.fetch(path) == body
-    assert len(server.seen) == 6 and len(list((tmp_path / "media").iterdir())) == 3
-    for path in list(files)[3:]:                        # the newest three come from the cache
-        assert r.fetch(path) == files[path]
-    assert len(server.seen) == 6
-    r.fetch("/data/upload/0.png")                       # the oldest was evicted: downloaded again
-    assert len(server.seen) == 7
+    for run in range(3):
+        r = MediaResolver(Settings(model_dir=tmp_path, media_cache_mb=1), ls_url=http_server,
+                          cache_dir=tmp_path / "media")
+        r.cache.max_bytes = 3500                        # room for three of the six
+        before = len(server.seen)
+        for path, body in files.items():
+            assert r.fetch(path) == body
+        assert len(server.seen) - before == (6 if run == 0 else 3), run
+        assert len(list((tmp_path / "media").iterdir())) == 3
     off = MediaResolver(Settings(model_dir=tmp_path, media_cache_mb=0), ls_url=http_server,
                         cache_dir=tmp_path / "off")
     assert off.cache is None and off.fetch("/data/upload/1.png") and not (tmp_path / "off").exists()
