@@ -50,8 +50,6 @@ class SampleStore:
         if self.budget is None or self.held + n <= self.budget:
             self.held += n
             return sample
-        self.mapped += n
-        self.n_mapped += 1
         return self._mapped(sample)
 
     def _mapped(self, sample: Sample) -> Sample:
@@ -84,6 +82,8 @@ class SampleStore:
             raise
         finally:
             os.unlink(name)
+        self.mapped += sample_bytes(sample)
+        self.n_mapped += 1
         image, classes, instances = views
         return dataclasses.replace(sample, image=image, classes=classes, instances=instances)
 
