@@ -188,8 +188,29 @@ def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[
             continue
         if settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
             continue
-        tasks.append(task)
+        tasks.append(training_view(task))
     return config, tasks
+
+
+HEAVY_FIELDS = ("annotations", "predictions", "drafts", "annotations_results", "predictions_results")
+
+
+def training_view(task: dict) -> dict:
+    """The task as a training run reads it: its training annotation (latest_annotation) and the label-model
+    predictions made before it, which it may have started from (person_made; only the one it names as its
+    parent_prediction where it names one), without every other annotation, prediction and draft Label
+    Studio sends. Each is as large as its regions, and a run holds its tasks from the listing to its end:
+    a 2048 px task's brush masks are ~5 MB as Python objects, and a task Tessera predicted on after each of
+    five versions holds five sets of brush, polygon and box regions."""
+    ann = latest_annotation(task)
+    started = str(ann.get("created_at") or "")
+    preds = [p for p in task.get("predictions") or []
+             if isinstance(p, dict) and is_label_version(p.get("model_version"))
+             and not (started and str(p.get("created_at") or "") > started)]
+    parent = ann.get("parent_prediction")
+    if parent is not None and any(p.get("id") == parent for p in preds):
+        preds = [p for p in preds if p.get("id") == parent]
+    return {**{k: v for k, v in task.items() if k not in HEAVY_FIELDS}, "annotations": [ann], "predictions": preds}
 
 
 def project_samples(settings: Settings, client: LabelStudio, key: str, progress: Progress = noop

@@ -258,6 +258,42 @@ def test_an_accepted_prediction_is_not_a_persons_judgement():
     assert dataset.person_made(accepted, fixed, "image", index)      # a person deleted an object
 
 
+def test_a_run_keeps_of_each_task_only_what_training_reads():
+    """dataset.training_view: the training annotation and the label-model predictions it may have started
+    from, not every annotation, prediction and draft; person_made reads the same on both."""
+    from tessera.model.data import Sample
+
+    inst = _two_objects()
+    index = {"Nucleus": 1}
+    brush = _results(inst, ("brushlabels",))
+    classes, instances = results_to_maps(brush, "image", *inst.shape, index)
+    sample = Sample(np.zeros((*inst.shape, 3), np.uint8), classes, instances, id="7:image")
+    full = _results(inst, ("rectanglelabels", "polygonlabels", "brushlabels"))
+    other = _results(np.where(inst == 1, 1, 0).astype(np.int32), ("brushlabels",))
+    pred = lambda i, version, at, result: {"id": i, "model_version": version, "created_at": at,  # noqa: E731
+                                          "result": result}
+    task = {"id": 7, "data": {"image": "x.png"}, "meta": {"m": 1}, "drafts": [{"result": brush}],
+            "annotations_results": "huge", "predictions_results": "huge",
+            "annotations": [{"id": 1, "result": other, "created_at": "2026-11-30T08:00:00Z"},
+                            {"id": 2, "result": brush, "created_at": "2026-11-30T10:00:00Z", "parent_prediction": 12,
+                             "updated_at": "2026-11-30T10:00:00Z"},
+                            {"id": 3, "result": [], "was_cancelled": True, "updated_at": "2026-12-01"}],
+            "predictions": [pred(11, "tessera-p7-v0001", "2026-11-30T07:00:00Z", other),
+                            pred(12, "tessera-p7-v0002", "2026-11-30T09:00:00Z", full),
+                            pred(13, "tessera-p7-gan-v0001", "2026-11-30T09:00:00Z", full),
+                            pred(14, "tessera-p7-v0003", "2026-11-30T11:00:00Z", full)]}
+    view = dataset.training_view(task)
+    assert view["annotations"] == [task["annotations"][1]] and latest_annotation(view) is task["annotations"][1]
+    assert [p["id"] for p in view["predictions"]] == [12]              # the one it started from
+    assert view["id"] == 7 and view["data"] == task["data"] and view["meta"] == task["meta"]
+    assert not {"drafts", "annotations_results", "predictions_results"} & view.keys()
+    assert dataset.person_made(view, sample, "image", index) == dataset.person_made(task, sample, "image", index)
+    assert not dataset.person_made(view, sample, "image", index)
+    assert dataset.data_fingerprint([view]) == dataset.data_fingerprint([task])
+    del task["annotations"][1]["parent_prediction"]                    # no parent named: every label version before it
+    assert [p["id"] for p in dataset.training_view(task)["predictions"]] == [11, 12]
+
+
 def test_an_accepted_prediction_on_a_reduced_image_is_not_a_persons_judgement():
     """A sample decoded smaller than its original (TESSERA_MAX_SIDE): the predictions' brush RLE counts the
     original's pixels, so they are drawn at the original size and compared at the sample's."""
