@@ -22,7 +22,7 @@ from tessera.backend.label_config import Control, ImageObject, LabelConfig, pars
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.progress import Progress, noop, phase
 from tessera.backend.regions import results_to_boxes, results_to_maps_at
-from tessera.backend.predictions import latest_annotation, task_image, wants_boxes
+from tessera.backend.predictions import PackedResult, latest_annotation, result_of, task_image, wants_boxes
 from tessera.backend.settings import Settings
 from tessera.backend.store import Store, is_label_version
 from tessera.model.data import Sample, split_ids
@@ -120,8 +120,10 @@ def data_fingerprint(tasks: list[dict]) -> str:
         ann = latest_annotation(task)
         if ann is None:
             continue
-        body = json.dumps(ann.get("result"), sort_keys=True, default=str).encode()
-        rows.append(f"{task['id']}:{ann.get('id')}:{hashlib.sha1(body).hexdigest()}")
+        result = ann.get("result")
+        digest = result.sha1 if isinstance(result, PackedResult) and result.sha1 else hashlib.sha1(
+            json.dumps(result_of(ann), sort_keys=True, default=str).encode()).hexdigest()
+        rows.append(f"{task['id']}:{ann.get('id')}:{digest}")
     return hashlib.sha1("\n".join(sorted(rows)).encode()).hexdigest()
 
 
@@ -148,7 +150,7 @@ def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[s
         if started and str(pred.get("created_at") or "") > started:
             continue        # predicted after the annotation existed (Tessera refines annotations): not its start
         try:
-            classes, instances = results_to_maps_at(pred.get("result") or [], image_name, size, (h, w), label_index)
+            classes, instances = results_to_maps_at(result_of(pred) or [], image_name, size, (h, w), label_index)
         except (ValueError, KeyError, TypeError):
             continue
         same = (classes == sample.classes) & (sample.classes > 0)
@@ -183,7 +185,9 @@ def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[
     TESSERA_EXCLUDE_SYNTHETIC)."""
     config = parse_label_config(lsclient.project(client, key).label_config or "")
     tasks = []
-    for task in lsclient.tasks(client, key, only_annotated=True):
+    # pages of 25, not LS's 100: a page is parsed whole before its tasks are packed (training_view), and a
+    # 2048 px task with an annotation and three predictions of 392 objects each is ~20 MB parsed
+    for task in lsclient.tasks(client, key, only_annotated=True, page_size=25):
         if latest_annotation(task) is None:
             continue
         if settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
@@ -201,7 +205,8 @@ def training_view(task: dict) -> dict:
     parent_prediction where it names one), without every other annotation, prediction and draft Label
     Studio sends. Each is as large as its regions, and a run holds its tasks from the listing to its end:
     a 2048 px task's brush masks are ~5 MB as Python objects, and a task Tessera predicted on after each of
-    five versions holds five sets of brush, polygon and box regions."""
+    five versions holds five sets of brush, polygon and box regions. The results it keeps are packed
+    (predictions.PackedResult: ~30x smaller than parsed), unpacked where read (predictions.result_of)."""
     ann = latest_annotation(task)
     started = str(ann.get("created_at") or "")
     preds = [p for p in task.get("predictions") or []
@@ -210,7 +215,9 @@ def training_view(task: dict) -> dict:
     parent = ann.get("parent_prediction")
     if parent is not None and any(p.get("id") == parent for p in preds):
         preds = [p for p in preds if p.get("id") == parent]
-    return {**{k: v for k, v in task.items() if k not in HEAVY_FIELDS}, "annotations": [ann], "predictions": preds}
+    return {**{k: v for k, v in task.items() if k not in HEAVY_FIELDS},
+            "annotations": [{**ann, "result": PackedResult(ann["result"])}],
+            "predictions": [{**p, "result": PackedResult(p.get("result") or [], digest=False)} for p in preds]}
 
 
 def project_samples(settings: Settings, client: LabelStudio, key: str, progress: Progress = noop
@@ -243,9 +250,9 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
         sid, synthetic = f"{task['id']}:{img.name}", bool((task.get("meta") or {}).get("synthetic"))
         size = None if tuple(size) == (h, w) else tuple(size)
         if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
-            boxes = results_to_boxes(latest_annotation(task)["result"], img.name, h, w, index)  # percentages
+            boxes = results_to_boxes(result_of(latest_annotation(task)), img.name, h, w, index)  # percentages
             return dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size)
-        classes, instances = results_to_maps_at(latest_annotation(task)["result"], img.name, size or (h, w),
+        classes, instances = results_to_maps_at(result_of(latest_annotation(task)), img.name, size or (h, w),
                                                 (h, w), index)
         return Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic, size=size)
 

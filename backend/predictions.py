@@ -5,9 +5,12 @@ LS JSON goes in, LS JSON comes out; `model/` sees only numpy images and returns 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,13 +169,38 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
     return out
 
 
+class PackedResult:
+    """An annotation's or prediction's `result` (its regions) as zlib-compressed canonical JSON, and that JSON's
+    SHA-1 (dataset.data_fingerprint's). A training run holds its listed tasks to its end; as parsed JSON a 2048
+    px task's brush, polygon and box regions of 392 objects are ~5 MB, packed 0.17 MB (2.2 MB of JSON)."""
+    __slots__ = ("blob", "sha1")
+
+    def __init__(self, result: list, digest: bool = True):
+        """`digest` False: no SHA-1 (sha1 None), and the JSON written by ujson, ~5x faster than the canonical one."""
+        if digest:
+            text = json.dumps(result, sort_keys=True, default=str).encode()
+            self.sha1 = hashlib.sha1(text).hexdigest()
+        else:
+            text, self.sha1 = ujson.dumps(result, ensure_ascii=False, default=str).encode(), None
+        self.blob = zlib.compress(text, 1)
+
+    def unpack(self) -> list:
+        return ujson.loads(zlib.decompress(self.blob))
+
+
+def result_of(item: dict) -> Any:
+    """An annotation's or prediction's result, unpacked where it was packed (PackedResult)."""
+    result = item.get("result")
+    return result.unpack() if isinstance(result, PackedResult) else result
+
+
 def latest_annotation(task: dict) -> dict | None:
     """The annotation that counts for a task, in training and in /predict's mislabeling score: its latest
     submitted, non-cancelled one. An empty result counts: someone looked and found no object, which is
     an all-background sample to train on and an answer a confident model can disagree with."""
     anns = task.get("annotations")
     anns = [a for a in anns if isinstance(a, dict) and not a.get("was_cancelled")
-            and isinstance(a.get("result"), list)] if isinstance(anns, list) else []
+            and isinstance(a.get("result"), (list, PackedResult))] if isinstance(anns, list) else []
     return max(anns, key=lambda a: (str(a.get("updated_at") or ""),
                                     a["id"] if isinstance(a.get("id"), int) else 0)) if anns else None
 

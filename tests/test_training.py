@@ -11,7 +11,7 @@ from tessera.backend import dataset, gan_runs, training, workdir
 from tessera.backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
 from tessera.backend.label_config import parse_label_config
 from tessera.backend.regions import instances_to_results, results_to_maps
-from tessera.backend.predictions import ModelCache, latest_annotation
+from tessera.backend.predictions import ModelCache, PackedResult, latest_annotation, result_of
 from tessera.backend.store import DEFAULT_KEY
 from tests.conftest import CONFIG_ALL, register_stub
 
@@ -283,8 +283,11 @@ def test_a_run_keeps_of_each_task_only_what_training_reads():
                             pred(13, "tessera-p7-gan-v0001", "2026-11-30T09:00:00Z", full),
                             pred(14, "tessera-p7-v0003", "2026-11-30T11:00:00Z", full)]}
     view = dataset.training_view(task)
-    assert view["annotations"] == [task["annotations"][1]] and latest_annotation(view) is task["annotations"][1]
+    assert [a["id"] for a in view["annotations"]] == [2] and latest_annotation(view)["id"] == 2
     assert [p["id"] for p in view["predictions"]] == [12]              # the one it started from
+    # kept packed (PackedResult), read back as they were
+    assert isinstance(view["annotations"][0]["result"], PackedResult) and result_of(view["annotations"][0]) == brush
+    assert result_of(view["predictions"][0]) == full and result_of(task["predictions"][0]) is other
     assert view["id"] == 7 and view["data"] == task["data"] and view["meta"] == task["meta"]
     assert not {"drafts", "annotations_results", "predictions_results"} & view.keys()
     assert dataset.person_made(view, sample, "image", index) == dataset.person_made(task, sample, "image", index)
