@@ -143,17 +143,21 @@ class _AsServed:
 
 def _served_metrics_fn(path: Path, config: LabelConfig, label_names: list[str], device: str
                        ) -> Callable[[list[Sample]], dict]:
-    """samples -> the served version's held-back metrics on them, counting what Label Studio shows of it
-    (each sample set evaluated once)."""
+    """samples -> the served version's held-back metrics on them, counting what Label Studio shows of it.
+    Each image is predicted once, whichever sets it is in (the person-made held-back images are judged alone
+    and again among all of them: a second network pass each), and each sample set evaluated once."""
     from tessera.model.inference import Predictor
-    from tessera.model.train_vqvae import evaluate
+    from tessera.model.train_vqvae import evaluate, raw_predictions
 
     served, done = _AsServed(Predictor.from_checkpoint(path, device=device), config, label_names), {}
+    predicted: dict[str, object] = {}
 
     def metrics_on(samples: list[Sample]) -> dict:
         key = tuple(s.id for s in samples)
         if key not in done:
-            done[key] = evaluate(served, samples)
+            todo = [s for s in samples if s.id not in predicted]
+            predicted.update(zip((s.id for s in todo), raw_predictions(served, todo)))
+            done[key] = evaluate(served, samples, raws=[predicted[s.id] for s in samples])
         return done[key]
     return metrics_on
 

@@ -385,3 +385,36 @@ def test_folder_samples_over_the_max_side_are_trained_at_the_size_predict_decode
     assert np.array_equal(small.classes, small.instances // 7)
     np.testing.assert_allclose(small.boxes, [[25.6, 19.2, 128, 96, 1]])
     assert abs(int(small.classes.sum()) - 77 * 102) < 400          # the object at 256 / 1200 of its size
+
+
+def test_the_served_version_predicts_each_held_back_image_once(monkeypatch):
+    """The comparison judges the served version on the person-made held-back images and on all of them: one
+    network pass per image, and the same figures as evaluating each set on its own."""
+    from pathlib import Path
+
+    import torch
+
+    from tessera.model import inference
+    from tessera.model.data import make_nuclei
+    from tessera.model.train_vqvae import evaluate
+    from tessera.model.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    model = inference.Predictor(VQVAE(VQVAEConfig(resolution=64, n_labels=3, widths=(8, 16, 16, 16), codebook_size=16,
+                                                  embed_dim=8)), ["Nucleus"], device="cpu")
+    seen = []
+    predict = model.predict
+    model.predict = lambda images, *a, **k: seen.extend(id(im) for im in images) or predict(images, *a, **k)
+    monkeypatch.setattr(inference.Predictor, "from_checkpoint", lambda *a, **k: model)
+    samples = make_nuclei(5, size=64, seed=2)
+    for i, s in enumerate(samples):
+        s.id = f"{i}:image"
+    config = parse_label_config(CONFIG_ALL)
+    served = training._served_metrics_fn(Path("served.pt"), config, ["Nucleus"], "cpu")
+    mine, every = served(samples[1:3]), served(samples)
+    assert sorted(seen) == sorted(id(s.image) for s in samples) and served(samples) is every
+    plain = training._AsServed(model, config, ["Nucleus"])
+    for got, alone in ((mine, evaluate(plain, samples[1:3])), (every, evaluate(plain, samples))):
+        assert got.keys() == alone.keys()       # the same figures, to float noise (a pass's batch differs)
+        for k, v in got.items():
+            assert v == (pytest.approx(alone[k], rel=1e-6, nan_ok=True) if isinstance(v, float) else alone[k]), k
