@@ -209,17 +209,19 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
         cfg = train_config(settings, iters, budget_s, box_only=box_only, until_plateau=first,
                            all_cores=first and not cache.store.serves_any())
         ckpt = train_vqvae(cfg, train, val, label_names, tmp / "model.pt", init_from=init_from,
-                           progress=_model_progress(progress))
+                           progress=_model_progress(progress), judged=judged)
         timings["train_s"] = time.time() - t0
         t0 = time.time()
         metrics = _metrics_of(ckpt, val)
+        judged_figures = metrics.pop("judged", None)    # the person-made ones' own figures, for judge() alone
         metrics.update({"label_names": label_names, "n_train": len(train), "n_val": len(val),
                         "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val}),
                         "metric": metric_name(box_only, rectangles),
                         "train_budget_s": budget_s, "train_max_iters": cfg.max_iters, "train_threads": cfg.threads,
                         **(record or {})})
         served = None if base is None else (init_from, base_name)
-        promote, why = _decide(settings, key, ckpt, served, val, judged, config, label_names, metrics, progress)
+        promote, why = _decide(settings, key, ckpt, served, val, judged, config, label_names, metrics, progress,
+                               judged_figures)
         timings["compare_s"] = time.time() - t0
         phase(progress, "register")
         metrics.update({k: round(v, 2) for k, v in timings.items()})
@@ -236,7 +238,7 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
 
 def _decide(settings: Settings, key: str, ckpt: Path, served: tuple[Path, str] | None, val: list[Sample],
             judged: set[str] | None, config: LabelConfig, label_names: list[str], metrics: dict,
-            progress: Progress) -> tuple[bool, str]:
+            progress: Progress, judged_figures: dict | None = None) -> tuple[bool, str]:
     """Promote the new checkpoint or not, and why. `served`: (path, version name) of what serves the
     project now, None when nothing does; writes the held-back scores into `metrics`."""
     box_only, rectangles = is_box_only(config), has_rectangles(config)
@@ -252,7 +254,7 @@ def _decide(settings: Settings, key: str, ckpt: Path, served: tuple[Path, str] |
                 score = lambda samples: val_score(served_metrics(samples), len(label_names),  # noqa: E731
                                                   box_only, rectangles)
                 promote, why = judge(ckpt, score, name, val, judged, label_names, settings, metrics, box_only,
-                                     rectangles)
+                                     rectangles, judged_figures)
                 # a lost class blocks promotion, unless the tolerance says "serve any new version" (>= 1)
                 lost = lost_classes(metrics, served_metrics(val)) if settings.promote_tolerance < 1 else []
                 if lost:
@@ -270,7 +272,7 @@ def _decide(settings: Settings, key: str, ckpt: Path, served: tuple[Path, str] |
 
 def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str, val: list[Sample],
           judged: set[str] | None, label_names: list[str], settings: Settings, metrics: dict,
-          box_only: bool = False, rectangles: bool = False) -> tuple[bool, str]:
+          box_only: bool = False, rectangles: bool = False, judged_figures: dict | None = None) -> tuple[bool, str]:
     """Promote or not, and why; writes what the decision rests on into `metrics`. `served(samples)` is the
     served version's score on samples (as Label Studio shows its predictions: _served_metrics_fn); scores
     are the project's own (val_score: box AP50 for box-only projects).
@@ -291,8 +293,11 @@ def judge(ckpt: Path, served: Callable[[list[Sample]], float], served_name: str,
     n_judged = len({s.id.split(":", 1)[0] for s in mine})
     metrics.update({"n_val_tasks": n_tasks, "n_val_judged": n_judged})
     if mine:
-        new_j = metrics["val_iou"] if len(mine) == len(val) else val_score(evaluate(ckpt, mine), n_labels, box_only,
-                                                                           rectangles)
+        if len(mine) == len(val):
+            new_j = metrics["val_iou"]
+        else:       # train() scored them from its own predictions (judged_figures), else predict them again
+            same = judged_figures is not None and judged_figures.get("ids") == sorted(s.id for s in mine)
+            new_j = val_score(judged_figures if same else evaluate(ckpt, mine), n_labels, box_only, rectangles)
         old_j = served(mine)
     if n_judged >= MIN_EVIDENCE:
         metrics.update({"val_iou": new_j, "current_val_iou": old_j, "decision": "compared"})

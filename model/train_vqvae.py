@@ -685,9 +685,12 @@ def build_model(cfg: TrainConfig, label_names: list[str], init_from: Path | None
 
 
 def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names: list[str], out: Path,
-          init_from: Path | None = None, progress: Callable[[dict], None] | None = None) -> Path:
+          init_from: Path | None = None, progress: Callable[[dict], None] | None = None,
+          judged: set[str] | None = None) -> Path:
     """Train on `train`, pick the best state on `val`, write a checkpoint to `out` (a .pt file or a
-    directory, which gets ckpt_<iter>.pt) and return its path."""
+    directory, which gets ckpt_<iter>.pt) and return its path. `judged`: ids of the held-back samples a
+    person made or changed; where they are some of `val`, the checkpoint's metrics also hold their own
+    figures under "judged" (with their "ids"), from the same predictions (backend.training.judge)."""
     if not label_names:
         raise ValueError("label_names is empty: pass the class names for indices 1..C")
     if cfg.crop > cfg.resolution or cfg.crop % 8:
@@ -700,7 +703,7 @@ def train(cfg: TrainConfig, train: list[Sample], val: list[Sample], label_names:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, train, val, label_names, Path(out), init_from, progress)
+        return _train(cfg, train, val, label_names, Path(out), init_from, progress, judged)
     finally:
         torch.set_num_threads(threads)
 
@@ -892,7 +895,7 @@ def _loop(run: Run) -> None:
             t0 = t1
 
 
-def _finish(run: Run, train, val, label_names, out: Path) -> Path:
+def _finish(run: Run, train, val, label_names, out: Path, judged: set[str] | None = None) -> Path:
     """Best state, the region cut learned on `val`, metrics, the embeddings of the images it learned
     from, and the checkpoint."""
     cfg, model, it = run.cfg, run.model, run.it
@@ -923,6 +926,10 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
         if predictor.head_beside_masks:
             box_cut = learn_box_cut(predictor, val, raws, cfg.precision_target)
         result.update(evaluate(predictor, val, raws=raws))
+        mine = [i for i, s in enumerate(val) if judged is not None and s.id in judged]
+        if 0 < len(mine) < len(val):    # what promotion rests on, without predicting those images again
+            result["judged"] = {"ids": sorted(val[i].id for i in mine),
+                                **evaluate(predictor, [val[i] for i in mine], raws=[raws[i] for i in mine])}
         if box_cut is not None:     # rectangles from the head, or from the masks where their boxes rank better
             box_cut["rectangles"] = result["rectangles"] = rectangles_from(result)
         result.update({f"best_{run.best_key}": run.best})
@@ -948,10 +955,10 @@ def _finish(run: Run, train, val, label_names, out: Path) -> Path:
     return path
 
 
-def _train(cfg, train, val, label_names, out, init_from, progress) -> Path:
+def _train(cfg, train, val, label_names, out, init_from, progress, judged=None) -> Path:
     run = _setup(cfg, train, val, label_names, init_from, progress)
     _loop(run)
-    return _finish(run, train, val, label_names, Path(out))
+    return _finish(run, train, val, label_names, Path(out), judged)
 
 
 def _bf16_ok(device: torch.device) -> bool:

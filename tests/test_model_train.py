@@ -387,3 +387,23 @@ def test_a_rarer_class_is_drawn_as_often_as_a_common_one():
 
     assert 0.44 < dog_share(Batcher(cats + dogs, cfg, 2, seed=0)) < 0.56
     assert 0.27 < dog_share(Batcher(cats + dogs, dataclasses.replace(cfg, class_balance=0.0), 2, seed=0)) < 0.39
+
+
+def test_a_run_scores_the_person_made_held_back_images_from_its_own_predictions(tiny_train_config, data, tmp_path):
+    """train(judged=...): the checkpoint holds the figures of the held-back samples a person made, from the
+    predictions its cut was learned on (backend.training.judge uses them instead of predicting them again)."""
+    from tessera.model.checkpoint import load_checkpoint
+
+    val = data[1][:4]
+    for i, s in enumerate(val):
+        s.id = s.id or f"v{i}"
+    judged = {val[1].id, val[3].id}
+    cfg = dataclasses.replace(tiny_train_config, max_iters=20, eval_interval=10)
+    path = train(cfg, data[0][:8], val, ["nucleus"], tmp_path / "m.pt", judged=judged)
+    figures = load_checkpoint(path, "vqvae")["metrics"]["judged"]
+    assert figures["ids"] == sorted(judged)
+    alone = evaluate(Predictor.from_checkpoint(path, device="cpu"), [val[1], val[3]])
+    assert figures["fg_iou"] == pytest.approx(alone["fg_iou"], abs=1e-6)
+    assert figures["box_ap50"] == pytest.approx(alone["box_ap50"], abs=1e-6)
+    every = train(cfg, data[0][:8], val, ["nucleus"], tmp_path / "all.pt", judged={s.id for s in val})
+    assert "judged" not in load_checkpoint(every, "vqvae")["metrics"]      # all of them: the run's own figures

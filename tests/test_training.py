@@ -341,6 +341,19 @@ def test_promotion_rests_on_what_people_made(monkeypatch, settings, judged, scor
                              settings, metrics)
     assert ok is promote and metrics["decision"] == rule and "vs served tessera-p1-v0001" in why
     assert metrics["n_val_judged"] == len(judged) and metrics["n_val_tasks"] == 4
+    if 0 < len(judged) < 4:     # train()'s own figures on the person-made ones: the same decision, no new pass
+        key = "".join(sorted(judged))
+        figures = {"ids": sorted(f"{t}:image" for t in judged), "fg_iou": scores["new"].get(key, 0.0), "miou": 0.0}
+        asked = []
+        monkeypatch.setattr(tv, "evaluate", lambda which, samples: asked.append(which) or evaluate(which, samples))
+        again = {"val_iou": scores["new"].get("abcd", 0.0)}
+        ok2, why2 = training.judge("new", served, "tessera-p1-v0001", val, {f"{t}:image" for t in judged},
+                                   ["Nucleus"], settings, again, judged_figures=figures)
+        assert (ok2, why2) == (ok, why) and asked == []
+        stale = {**figures, "ids": ["z:image"]}             # figures of other images are not used
+        training.judge("new", served, "tessera-p1-v0001", val, {f"{t}:image" for t in judged}, ["Nucleus"],
+                       settings, {"val_iou": 0.5}, judged_figures=stale)
+        assert asked == ["new"]
 
 
 def types_sample(task: str):
