@@ -188,18 +188,17 @@ def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[
     # pages of 25, not LS's 100: a page is parsed whole before its tasks are packed (training_view), and a
     # 2048 px task with an annotation and three predictions of 392 objects each is ~20 MB parsed
     for task in lsclient.tasks(client, key, only_annotated=True, page_size=25):
-        if latest_annotation(task) is None:
+        ann = latest_annotation(task)
+        if ann is None or settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
             continue
-        if settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
-            continue
-        tasks.append(training_view(task))
+        tasks.append(training_view(task, ann))
     return config, tasks
 
 
 HEAVY_FIELDS = ("annotations", "predictions", "drafts", "annotations_results", "predictions_results")
 
 
-def training_view(task: dict) -> dict:
+def training_view(task: dict, ann: dict | None = None) -> dict:
     """The task as a training run reads it: its training annotation (latest_annotation) and the label-model
     predictions made before it, which it may have started from (person_made; only the one it names as its
     parent_prediction where it names one), without every other annotation, prediction and draft Label
@@ -207,7 +206,7 @@ def training_view(task: dict) -> dict:
     a 2048 px task's brush masks are ~5 MB as Python objects, and a task Tessera predicted on after each of
     five versions holds five sets of brush, polygon and box regions. The results it keeps are packed
     (predictions.PackedResult: ~30x smaller than parsed), unpacked where read (predictions.result_of)."""
-    ann = latest_annotation(task)
+    ann = latest_annotation(task) if ann is None else ann       # the caller's, where it has it already
     started = str(ann.get("created_at") or "")
     preds = [p for p in task.get("predictions") or []
              if isinstance(p, dict) and is_label_version(p.get("model_version"))

@@ -76,6 +76,7 @@ def child(args) -> None:
     import torch
 
     from bench.speed import CONFIG
+    from bench.speed_native import reset_peak_rss
     from tessera.model.train_vqvae import Batcher, TrainConfig
 
     torch.set_num_threads(1)
@@ -98,7 +99,7 @@ def child(args) -> None:
     settings = settings_mod.Settings(model_dir=Path(args.work) / f"models-{args.child}", media_root=Path(args.media),
                                      media_cache_mb=0, fetch_threads=4, **extra)
     base_anon, base_rss = _status_kb("RssAnon"), _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")               # VmHWM from here
+    reset_peak_rss(os.getpid())                                  # VmHWM from here
     watch = AnonPeak()
     watch.start()
     t0 = time.perf_counter()
