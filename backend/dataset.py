@@ -185,9 +185,8 @@ def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[
     TESSERA_EXCLUDE_SYNTHETIC)."""
     config = parse_label_config(lsclient.project(client, key).label_config or "")
     tasks = []
-    # pages of 25, not LS's 100: a page is parsed whole before its tasks are packed (training_view), and a
-    # 2048 px task with an annotation and three predictions of 392 objects each is ~20 MB parsed
-    for task in lsclient.tasks(client, key, only_annotated=True, page_size=25):
+    # a page is parsed whole before its tasks are packed (training_view): pages are sized by their bytes
+    for task in lsclient.tasks(client, key, only_annotated=True):
         ann = latest_annotation(task)
         if ann is None or settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
             continue

@@ -111,3 +111,30 @@ def test_task_listing_stops_at_the_last_page(ls_server, ls_api):
     assert log.read_text(errors="replace").count("Invalid page") == before
     assert len(list(ls_api.tasks.list(project=pid, page_size=2))) == 5          # the SDK's pager ...
     assert log.read_text(errors="replace").count("Invalid page") > before       # ... costs an ERROR in LS's log
+
+
+def test_task_listing_pages_hold_a_bounded_number_of_bytes(ls_server, ls_api):
+    """A page of the listing is parsed whole, and tasks range from bytes to tens of MB (every version's brush
+    predictions): pages are sized by the last page's bytes per task, so heavy tasks come a few at a time and
+    light ones many, each task once and in order, and never a page past the end."""
+    pid = ls_api.projects.create(title="paging by bytes", label_config=LABEL_CONFIG).id
+    heavy = "x" * 200_000                            # ~200 kB of JSON a task, as a few hundred brush regions are
+    ls_api.projects.import_tasks(pid, request=[{"data": {"image": f"/x/{i}.png", "note": heavy if 8 <= i < 40 else ""}}
+                                               for i in range(120)])
+    log = ls_server.log_path
+    before = log.read_text(errors="replace").count("Invalid page")
+    listing: dict = {}
+    tasks = list(lsclient.tasks(ls_api, pid, page_bytes=1_000_000, listing=listing))
+    assert [int(t["data"]["image"][3:-4]) for t in tasks] == list(range(120))     # each once, in order
+    assert listing["total"] == 120 and sum(listing["sizes"]) >= 120, listing
+    sizes = listing["sizes"]
+    assert sizes[:4] == [lsclient.FIRST_PAGE, 1, 2, 4] == [1, 1, 2, 4], sizes     # light: growing
+    # the first heavy page (8-15) is sized by the light tasks before it; the next ones hold 1 MB / 200 kB
+    assert sizes[4] == 8 and max(sizes[5:9]) <= 5, sizes
+    assert max(sizes) >= 32, sizes                   # light ones: many a page again
+    assert len(sizes) < 40, sizes
+    assert log.read_text(errors="replace").count("Invalid page") == before
+    fixed: dict = {}
+    assert [t["id"] for t in lsclient.tasks(ls_api, pid, page_size=50, page_bytes=0, listing=fixed)] == \
+        [t["id"] for t in tasks]
+    assert fixed["sizes"] == [50, 50, 50], fixed
