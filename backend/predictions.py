@@ -527,9 +527,10 @@ def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: Labe
     for control in config.controls:      # labels of this config that the model knows under another name
         for c, label in label_mapping(control, predictor.label_names).items():
             index.setdefault(label, c)
-    if not isinstance(ann.get("result"), list):
+    result = result_of(ann)                 # packed where tessera predict --project listed it (predict_view)
+    if not isinstance(result, list):
         raise ValueError("annotation result is not a list")
-    classes, instances = results_to_maps_at(ann["result"], image_name, (h, w), image.shape[:2], index)
+    classes, instances = results_to_maps_at(result, image_name, (h, w), image.shape[:2], index)
     return predictor.review(image, classes, instances)
 
 

@@ -153,6 +153,48 @@ def test_bulk_predict_writes_through_the_api_and_skips_done_tasks(ls_server, ls_
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
 
 
+def test_bulk_predict_holds_a_page_of_the_project_not_all_of_it(ls_server, ls_api, trained_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """`tessera predict --project` on a project whose tasks carry large old predictions (every version's brush
+    regions): the listing streams in pages sized by their bytes and each task is cut down as it comes, so the
+    run's peak memory is a page and a chunk, not the whole project parsed (it was: `list(lsclient.tasks(...))`)."""
+    import io
+    import json
+    import tracemalloc
+
+    from tessera.backend.predict_project import predict_project
+    from tessera.backend.settings import Settings
+
+    pid = ls_api.projects.create(title="tessera bulk, heavy tasks", label_config=CONFIG_ALL).id
+    first = upload_nuclei(ls_api, pid, tmp_path, n=2)
+    urls = {t["id"]: t["data"]["image"] for t in lsclient.tasks(ls_api, pid)}
+    rle = list(range(256)) * 600                    # ~0.55 MB of JSON: a few hundred objects' brush regions
+    old = [{"model_version": f"tessera-{pid}-v000{v}", "score": 0.5, "result": [
+        {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": 128, "original_height": 96,
+         "value": {"format": "rle", "rle": rle, "brushlabels": ["Nucleus"]}}]} for v in (1, 2)]
+    for start in range(0, 24, 6):
+        ls_api.projects.import_tasks(pid, request=[{"data": {"image": urls[first[i % 2]]}, "predictions": old}
+                                                   for i in range(start, start + 6)])
+    listed_json = sum(len(json.dumps(t)) for t in lsclient.tasks(ls_api, pid))
+    assert listed_json > 25e6, listed_json                   # 26 tasks, 24 of them with ~1.1 MB of predictions
+
+    monkeypatch.setattr(lsclient, "PAGE_BYTES", 2 * 2**20)
+    settings = Settings(model_dir=trained_model_dir, label_studio_url=ls_server.url,
+                        label_studio_api_key=ls_server.token)
+    tracemalloc.start()
+    try:
+        result = predict_project(settings, str(pid), batch=8, out=io.StringIO())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result["written"] == 26 and result["failed"] == 0 and result["tasks"] == 26, result
+    # the whole listing held at once: 3.4x its JSON (115 MB traced), at 2 MB pages and 8-task chunks 0.36x
+    print(f"peak {peak / 1e6:.1f} MB traced, the listing {listed_json / 1e6:.1f} MB of JSON")
+    assert peak < listed_json, (peak, listed_json)
+    for tid in first:
+        assert [p["model_version"] for p in predictions(ls_api, tid)] == [result["model_version"]]
+
+
 def dm_sorted_by_score(ls_api, pid: int) -> list[dict]:
     """The Data Manager's task list sorted by "Prediction score", ascending (what the column header does)."""
     import json
