@@ -311,6 +311,17 @@ def _finish_variant(ckpt: Path, tree: Path | None):
     return run
 
 
+def mosaic_pngs(n: int = 8) -> list[tuple[str, bytes]]:
+    """n 520x696 mosaics of procedural nuclei (seeds 11...) as (name, PNG bytes), for an upload to Label Studio."""
+    out = []
+    for k in range(n):
+        img, _ = mosaic(520, 696, 256, seed=11 + k)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        out.append((f"n{k}.png", buf.getvalue()))
+    return out
+
+
 def package_root(tree: Path, dest: Path, name: str = "tessera") -> Path:
     """A PYTHONPATH entry under which package `name`'s backend and model are tree/backend and tree/model
     (symlinks). Since the install became `tessera.backend`/`tessera.model`, a checkout's own folders on
@@ -626,12 +637,7 @@ def ls_big_request(args) -> None:
         arch = train_overrides(args.ls_arch) if args.ls_arch else None
         if arch:
             bench_model(work, arch, models="models-after")
-        pngs = []
-        for k in range(8):
-            img, _ = mosaic(520, 696, 256, seed=11 + k)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, "PNG")
-            pngs.append((f"n{k}.png", buf.getvalue()))
+        pngs = mosaic_pngs()
         ls = server.client(timeout=300)
         pid = ls.projects.create(title="speed", label_config=CONFIG).id
         urls = lsclient.upload_files(ls, pid, pngs)
