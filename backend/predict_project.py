@@ -35,6 +35,9 @@ def superseded(task: dict, key: str, served_version: str) -> list[int]:
     return out
 
 
+FIRST_CHUNK = 16    # tasks: the first chunk is small, so the first predictions (and the progress) come in seconds
+
+
 def predict_view(task: dict) -> dict:
     """What `predict_project` keeps of a listed task until its prediction is written: the task without its
     annotations but the one that counts (latest_annotation: /predict's label check reads it, packed), and its
@@ -150,7 +153,8 @@ def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: b
     done = 0
     with ThreadPoolExecutor(max_workers=4) as writer:
         tasks = ahead(todo(writer), batch)
-        while chunk := list(itertools.islice(tasks, batch)):
+        sizes = itertools.chain([min(batch, FIRST_CHUNK)], itertools.repeat(batch))
+        while chunk := list(itertools.islice(tasks, next(sizes))):
             items = predict_tasks(chunk, config, served, media, settings)
             for f in pending:
                 f.result()
