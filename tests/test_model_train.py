@@ -181,9 +181,11 @@ def test_warm_start_only_when_labels_match(trained, data, tmp_path):
     warm = torch.load(train(cfg, data[0][:2], data[1][:1], ["nucleus"], tmp_path / "warm.pt", init_from=path),
                       map_location="cpu", weights_only=True)
     assert warm["model_config"] == old["model_config"] and warm["iter_num"] == old["iter_num"] + 2
+    assert warm["train_config"]["lr"] == cfg.warm_lr < cfg.lr      # a warm start peaks lower: it fine-tunes
     cold = torch.load(train(cfg, data[0][:2], data[1][:1], ["cell"], tmp_path / "cold.pt", init_from=path),
                       map_location="cpu", weights_only=True)
     assert cold["model_config"]["resolution"] == 32 and cold["iter_num"] == 2
+    assert cold["train_config"]["lr"] == cfg.lr
 
 
 def test_tiny_training_reaches_iou(trained, data):
