@@ -6,7 +6,8 @@ procedural nuclei (~116 objects), each task with --versions earlier predictions 
 regions for every object (~0.2 MB of JSON each, as a label model's are), so the project lists ~0.6 MB a task.
 Each revision runs `tessera predict --project` as a child process on a project of its own (the order swapped
 with --swap), writing the served version's prediction for every task; reported: its peak RSS (ru_maxrss), its
-wall time, and the seconds until Label Studio holds its first prediction.
+wall time, and the seconds until Label Studio holds its first prediction. Then --annotated of the tasks get an
+annotation, and a training run's listing of them is timed as before and as now.
 
     python -m bench.predict_project_memory --tasks 600 --versions 3 --before 2ad7a25
 """
@@ -105,6 +106,27 @@ def run_predict(tree: Path, work: Path, tag: str, env: dict, ls, project: tuple[
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "result": result}
 
 
+def training_listing(ls, pid: int, n: int) -> dict:
+    """A training run's listing once n of the project's tasks are annotated: seconds and bytes of JSON as the
+    code before this stop listed (every task, pages of 25, annotated ones kept) and as it lists now (Label
+    Studio filters the annotated ones, pages by bytes)."""
+    from tessera.backend import lsclient
+
+    box = [{"from_name": "bbox", "to_name": "image", "type": "rectanglelabels", "original_width": 696,
+            "original_height": 520, "value": {"x": 10, "y": 20, "width": 5, "height": 5, "rotation": 0,
+                                              "rectanglelabels": ["Nucleus"]}}]
+    ids = sorted(t["id"] for t in lsclient.tasks(ls, pid))
+    for tid in ids[::max(1, len(ids) // n)][:n]:
+        ls.annotations.create(tid, result=box)
+    out = {"annotated": n, "tasks": len(ids)}
+    for name, kwargs in (("all_pages_of_25", {"page_size": 25, "page_bytes": 0}), ("annotated_only", {})):
+        t0 = time.perf_counter()
+        listed = [t for t in lsclient.tasks(ls, pid, only_annotated=name == "annotated_only", **kwargs)
+                  if t.get("annotations")]
+        out[name] = {"s": round(time.perf_counter() - t0, 1), "tasks": len(listed)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=600)
@@ -112,6 +134,7 @@ def main() -> None:
     ap.add_argument("--before", default="2ad7a25", help="git revision timed as 'before'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--swap", action="store_true", help="run the current code first")
+    ap.add_argument("--annotated", type=int, default=30, help="tasks annotated for the training listing's figure")
     ap.add_argument("--name", default="predict_project_memory")
     args = ap.parse_args()
 
@@ -143,11 +166,12 @@ def main() -> None:
         for v in order:
             runs[v] = run_predict(trees[v], work, v, env, ls, projects[v], served)
             print(v, json.dumps(runs[v]), flush=True)
-        res = {"tasks": args.tasks, "earlier_predictions_a_task": args.versions, "threads": args.threads,
+        res = {"training_listing": training_listing(ls, projects["after"][0], args.annotated)}
+        res.update({"tasks": args.tasks, "earlier_predictions_a_task": args.versions, "threads": args.threads,
                "listing_json_mb": round(listed / 1e6, 1), "listing_pages": len(listing["sizes"]),
                "import_s": round(import_s, 1), "before_rev": args.before, "order": order, **runs,
                "ratio_peak_rss_after_to_before": runs["after"]["peak_rss_mb"] / runs["before"]["peak_rss_mb"],
-               "ratio_wall_after_to_before": runs["after"]["wall_s"] / runs["before"]["wall_s"]}
+               "ratio_wall_after_to_before": runs["after"]["wall_s"] / runs["before"]["wall_s"]})
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

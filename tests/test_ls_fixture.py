@@ -138,3 +138,24 @@ def test_task_listing_pages_hold_a_bounded_number_of_bytes(ls_server, ls_api):
     assert [t["id"] for t in lsclient.tasks(ls_api, pid, page_size=50, page_bytes=0, listing=fixed)] == \
         [t["id"] for t in tasks]
     assert fixed["sizes"] == [50, 50, 50], fixed
+
+
+def test_listing_annotated_tasks_asks_label_studio_for_those_alone(ls_server, ls_api):
+    """Training lists the tasks with a submitted annotation: Label Studio filters them (its total_annotations
+    counter), so a project of thousands of predicted tasks does not send them all to each run; annotations made
+    in the editor, imported ones and deleted ones are counted right, cancelled ones (skips) are not annotations."""
+    pid = ls_api.projects.create(title="annotated only", label_config=LABEL_CONFIG).id
+    box = [{"from_name": "bbox", "to_name": "image", "type": "rectanglelabels", "original_width": 24,
+            "original_height": 16, "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0,
+                                             "rectanglelabels": ["Cat"]}}]
+    ids = ls_api.projects.import_tasks(pid, request=[{"data": {"image": f"/x/{i}.png"}} for i in range(6)] + [
+        {"data": {"image": "/x/imported.png"}, "annotations": [{"result": box}]}], return_task_ids=True).task_ids
+    plain, drawn, skipped, deleted = ids[0], ids[1], ids[2], ids[3]
+    ls_api.annotations.create(drawn, result=box)
+    ls_api.annotations.create(skipped, result=[], was_cancelled=True)
+    ls_api.annotations.delete(ls_api.annotations.create(deleted, result=box).id)
+    ls_api.predictions.create(task=plain, result=box, score=0.5, model_version="someone")
+    listing: dict = {}
+    assert [t["id"] for t in lsclient.tasks(ls_api, pid, only_annotated=True, listing=listing)] == [drawn, ids[6]]
+    assert listing["total"] == 2, listing                 # filtered by Label Studio, not after the transfer
+    assert len(list(lsclient.tasks(ls_api, pid))) == 7
