@@ -197,6 +197,14 @@ def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[
 HEAVY_FIELDS = ("annotations", "predictions", "drafts", "annotations_results", "predictions_results")
 
 
+def light_task(task: dict, annotations: list, predictions: list) -> dict:
+    """The task without the annotations, predictions and drafts Label Studio lists with it (HEAVY_FIELDS),
+    holding `annotations` and `predictions` instead: what a training run (training_view) or `tessera predict
+    --project` (predict_project.predict_view) keeps of a listed task."""
+    return {**{k: v for k, v in task.items() if k not in HEAVY_FIELDS},
+            "annotations": annotations, "predictions": predictions}
+
+
 def training_view(task: dict, ann: dict | None = None) -> dict:
     """The task as a training run reads it: its training annotation (latest_annotation) and the label-model
     predictions made before it, which it may have started from (person_made; only the one it names as its
@@ -213,9 +221,8 @@ def training_view(task: dict, ann: dict | None = None) -> dict:
     parent = ann.get("parent_prediction")
     if parent is not None and any(p.get("id") == parent for p in preds):
         preds = [p for p in preds if p.get("id") == parent]
-    return {**{k: v for k, v in task.items() if k not in HEAVY_FIELDS},
-            "annotations": [{**ann, "result": PackedResult(ann["result"])}],
-            "predictions": [{**p, "result": PackedResult(p.get("result") or [], digest=False)} for p in preds]}
+    return light_task(task, [{**ann, "result": PackedResult(ann["result"])}],
+                      [{**p, "result": PackedResult(p.get("result") or [], digest=False)} for p in preds])
 
 
 def project_samples(settings: Settings, client: LabelStudio, key: str, progress: Progress = noop

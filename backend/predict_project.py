@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 from tessera.backend.label_config import parse_label_config
 from tessera.backend import lsclient
 from tessera.backend.media import MediaResolver
-from tessera.backend.dataset import HEAVY_FIELDS
+from tessera.backend.dataset import light_task
 from tessera.backend.predictions import ModelCache, PackedResult, latest_annotation, predict_tasks
 from tessera.backend.settings import Settings
 from tessera.backend.store import is_label_version
@@ -46,10 +46,9 @@ def predict_view(task: dict) -> dict:
     brush, polygon and box predictions is ~20 MB parsed; this is a few hundred bytes and the annotation's packed
     regions."""
     ann = latest_annotation(task)
-    return {**{k: v for k, v in task.items() if k not in HEAVY_FIELDS},
-            "annotations": [] if ann is None else [{**ann, "result": PackedResult(ann["result"], digest=False)}],
-            "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
-                            for p in task.get("predictions") or [] if isinstance(p, dict)]}
+    return light_task(task, [] if ann is None else [{**ann, "result": PackedResult(ann["result"], digest=False)}],
+                      [{"id": p.get("id"), "model_version": p.get("model_version")}
+                       for p in task.get("predictions") or [] if isinstance(p, dict)])
 
 
 def ahead(items: Iterable, n: int) -> Iterator:
