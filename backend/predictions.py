@@ -205,14 +205,25 @@ def latest_annotation(task: dict) -> dict | None:
                                     a["id"] if isinstance(a.get("id"), int) else 0)) if anns else None
 
 
+# a task a deadline left unanswered: no prediction. Label Studio reads a task's reply item as a list of
+# predictions (label_studio/ml/models.py, 1.23.2) and stores none for an empty one, where an item
+# {"result": []} would be stored as a prediction of the served version, and the task never predicted again
+LATER: list = []
+
+
 def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media: MediaResolver,
-                  settings: Settings, context: dict | None = None, as_json: bool = False) -> list:
+                  settings: Settings, context: dict | None = None, as_json: bool = False,
+                  deadline: float | None = None, answered: dict | None = None) -> list:
     """One LS prediction item per task, in order. A bad task gets an empty item; it never fails the batch.
     `as_json`: each item as its JSON text (compact), made beside the network passes: /predict's reply.
 
     Streams in chunks of `predict_batch` tasks: while one chunk is inferred and encoded, the images of
     the next ones download and decode, so memory holds a few chunks of images whatever the task count
-    and the first inference does not wait for the last download."""
+    and the first inference does not wait for the last download.
+
+    `deadline` (time.monotonic()): no chunk starts that would end past it at the pace of the chunks before
+    (the first always runs); the tasks left get LATER items. `answered`, a dict, gets "n": the tasks answered,
+    always the first n."""
     if served.predictor is None:
         return _as_json([_empty(served.version) for _ in tasks], as_json)
     if context and context.get("result"):
@@ -228,37 +239,52 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     results: list[dict] = []
     clock = StageClock()
     workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
+    t0, stopped = time.monotonic(), None
     # Two stages: chunk k's predictions are finished (Predictor.predict_parts: upsampling, instance split) and
     # its regions encoded on a second thread while chunk k+1 runs its network passes here; at most one chunk
     # waits to be encoded. This needs passes that take the GIL once, not once per torch op: with eager passes
     # (stop 19) this thread waited for the encoder's GIL between ops, 1,000 Label Studio tasks took 241 s
     # against 121 s on one thread. The Predictor traces its passes per shape (model/traced.py).
-    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(max_workers=1) as encoder:
-        pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media, clock) for s in starts[:ahead + 1]]
-        encoding = None
-        for n, start in enumerate(starts):
-            jobs, futures = pending.pop(0)
-            if n + ahead + 1 < len(starts):
-                nxt = starts[n + ahead + 1]
-                pending.append(_fetch_chunk(pool, tasks[nxt:nxt + bs], config, media, clock))
-            with clock("wait_images"):
-                images = [f.result() for f in futures]
-            with clock("inference"):
-                later = {j for j, (i, _) in enumerate(jobs)
-                         if isinstance(tasks[start + i], dict) and latest_annotation(tasks[start + i]) is not None}
-                preds = _infer_chunk(images, served, wants_boxes(config), later)
-            with clock("novelty"):
-                novelty = _novelty(images, preds, served)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as encoder:
+            pending = [_fetch_chunk(pool, tasks[s:s + bs], config, media, clock) for s in starts[:ahead + 1]]
+            encoding = None
+            for n, start in enumerate(starts):
+                now = time.monotonic()
+                if deadline is not None and n and now + (now - t0) / n > deadline:
+                    stopped = start
+                    break
+                jobs, futures = pending.pop(0)
+                if n + ahead + 1 < len(starts):
+                    nxt = starts[n + ahead + 1]
+                    pending.append(_fetch_chunk(pool, tasks[nxt:nxt + bs], config, media, clock))
+                with clock("wait_images"):
+                    images = [f.result() for f in futures]
+                with clock("inference"):
+                    later = {j for j, (i, _) in enumerate(jobs) if isinstance(tasks[start + i], dict)
+                             and latest_annotation(tasks[start + i]) is not None}
+                    preds = _infer_chunk(images, served, wants_boxes(config), later)
+                with clock("novelty"):
+                    novelty = _novelty(images, preds, served)
+                if encoding is not None:
+                    with clock("wait_regions"):
+                        results += encoding.result()
+                encoding = encoder.submit(_timed_encode, clock, as_json, tasks[start:start + bs], jobs, images,
+                                          preds, novelty, config, served)
             if encoding is not None:
                 with clock("wait_regions"):
                     results += encoding.result()
-            encoding = encoder.submit(_timed_encode, clock, as_json, tasks[start:start + bs], jobs, images, preds,
-                                      novelty, config, served)
-        if encoding is not None:
-            with clock("wait_regions"):
-                results += encoding.result()
+    finally:     # past the deadline the chunks being fetched are dropped, not waited for (a download may
+        # take TESSERA_FETCH_TIMEOUT_S): their threads finish on their own
+        pool.shutdown(wait=stopped is None, cancel_futures=stopped is not None)
     if len(tasks) == 1:             # LS asks this when a labeller opens a task: ready its smart tools' passes
         warm_refine(tasks[0], config, served, media)
+    if answered is not None:
+        answered["n"] = len(results)
+    if stopped is not None:
+        logger.info("predict: %d of %d tasks answered before the deadline", stopped, len(tasks))
+        results += _as_json([list(LATER) for _ in tasks[stopped:]], as_json)
     logger.info("predict: %d tasks in %d chunks of %d: %s", len(tasks), len(starts), bs, clock.summary())
     return results
 

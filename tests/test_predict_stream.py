@@ -172,3 +172,48 @@ def test_items_as_json_are_the_items(caplog):
     assert json.loads(texts[3])["result"] == [] and json.loads(texts[0])["result"]
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("predict: "))
     assert " json " in line, line
+
+
+class SlowPredictor(ThresholdPredictor):
+    """Each network pass takes `seconds` (a chunk's passes on a slow CPU)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def predict(self, images):
+        time.sleep(self.seconds)
+        return super().predict(images)
+
+
+def test_past_the_deadline_the_first_tasks_are_answered_and_the_rest_get_no_prediction():
+    """Label Studio drops a reply that comes after its ML_TIMEOUT_PREDICT whole: no chunk starts that would end
+    past the deadline at the pace of the chunks before. The first chunk always runs (each request moves the
+    project on); the tasks answered are the first n; each task left gets an empty list, which Label Studio
+    stores as no prediction (an item {"result": []} would be stored, and the task never predicted again)."""
+    tasks = [{"id": i, "data": {"image": "sq:2"}} for i in range(12)]
+    settings = Settings(predict_batch=4, fetch_threads=4)
+    pred, answered = ThresholdPredictor(), {}
+    out = predict_tasks(tasks, parse_label_config(BRUSH_ONLY), Served("v1", pred), SquaresMedia(), settings,
+                        deadline=time.monotonic() - 1, answered=answered)
+    assert answered["n"] == 4 and pred.calls == [4]
+    assert [len(o["result"]) for o in out[:4]] == [2] * 4 and out[4:] == [[]] * 8
+    as_json = predict_tasks(tasks, parse_label_config(BRUSH_ONLY), Served("v1", ThresholdPredictor()), SquaresMedia(),
+                            settings, as_json=True, deadline=time.monotonic() - 1)
+    assert as_json[4:] == ["[]"] * 8 and '"result":[{' in as_json[0]
+
+    # a deadline 1 s away and passes of 0.3 s: the request ends within a chunk's time of it, with a prefix
+    slow, answered = SlowPredictor(0.3), {}
+    t0 = time.monotonic()
+    out = predict_tasks([{"id": i, "data": {"image": "sq:1"}} for i in range(40)], parse_label_config(BRUSH_ONLY),
+                        Served("v1", slow), SquaresMedia(), settings, deadline=t0 + 1.0, answered=answered)
+    took, n = time.monotonic() - t0, answered["n"]
+    assert 4 <= n < 40 and n % 4 == 0 and len(slow.calls) == n // 4, (n, slow.calls)
+    assert [len(o["result"]) for o in out[:n]] == [1] * n and out[n:] == [[]] * (40 - n)
+    assert took < 1.0 + took / (n // 4) + 0.2, (took, n)
+
+    # no deadline: every task
+    answered = {}
+    out = predict_tasks(tasks, parse_label_config(BRUSH_ONLY), Served("v1", ThresholdPredictor()), SquaresMedia(),
+                        settings, answered=answered)
+    assert answered["n"] == 12 and [len(o["result"]) for o in out] == [2] * 12
