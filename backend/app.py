@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException, LengthRequired, RequestEntityTooL
 from tessera import backend
 from tessera.backend.ls_model import BackendState, BadRequest, ProjectState, TesseraModel, key_of
 from tessera.backend.lsclient import VersionFollower
+from tessera.backend.overflow import Overflow
 from tessera.backend.regions import region_value
 from tessera.backend.predictions import ModelCache
 from tessera.backend.store import DEFAULT_KEY, version_string
@@ -42,8 +43,9 @@ def create_app(settings: Settings | None = None, runner=None, cache: ModelCache 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False
-    app.extensions["tessera"] = BackendState(settings=settings, cache=cache or ModelCache(settings), runner=runner,
-                                             projects=ProjectState(), follower=VersionFollower(settings))
+    cache = cache or ModelCache(settings)
+    app.extensions["tessera"] = BackendState(settings=settings, cache=cache, runner=runner, projects=ProjectState(),
+                                             follower=VersionFollower(settings), overflow=Overflow(settings, cache))
     app.before_request(_size_cap)
     app.before_request(_basic_auth)
     app.register_error_handler(BadRequest, _bad_request)
@@ -190,6 +192,7 @@ def setup():
 
 @serving.post("/predict")
 def predict():
+    started = time.monotonic()          # Label Studio's clock started a little earlier, with the upload
     data = _json_body(("tasks",))
     tasks = data["tasks"]
     if not isinstance(tasks, list) or not tasks:
@@ -203,8 +206,8 @@ def predict():
     context = _context(data.get("params") or {})
     t0 = time.perf_counter()
     model = TesseraModel(state(), key, data.get("label_config"), ls=_ls_pair(data))
-    items = model.predict(tasks, context=context, as_json=True)     # JSON texts, made beside the passes
-    version = json.loads(items[0])["model_version"]
+    items = model.predict(tasks, context=context, as_json=True, started=started)   # JSON texts, made beside passes
+    version = next((json.loads(x)["model_version"] for x in items if x != "[]"), None) or model.model_version
     logger.info("predict project %s: %d tasks in %.2fs (%s)", key, len(tasks), time.perf_counter() - t0, version)
     body = '{"results":[' + ",".join(items) + '],"model_version":' + json.dumps(version) + "}"
     return current_app.response_class(body, mimetype="application/json")
@@ -304,7 +307,7 @@ def project_status():
     key = key_of(project)
     cache = state().cache
     return jsonify({"project": key, "model_version": cache.version(key), "job": state().runner.status(key),
-                    "served": served_figures(cache, key)})
+                    "served": served_figures(cache, key), "predicting": state().overflow.status(key)})
 
 
 def _utf8(value: str | None) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,7 +19,8 @@ from typing import Any, Protocol
 from tessera.backend.label_config import LabelConfig, LabelConfigError, parse_label_config
 from tessera.backend.lsclient import VersionFollower
 from tessera.backend.media import MediaResolver
-from tessera.backend.predictions import ModelCache, predict_tasks
+from tessera.backend.overflow import Overflow
+from tessera.backend.predictions import LATER, ModelCache, predict_tasks
 from tessera.backend.store import project_key
 from tessera.backend.settings import Settings
 from tessera.backend.urls import UnsafeURL, parse_http_url
@@ -85,6 +87,7 @@ class BackendState:
     runner: Runner              # training runs
     projects: ProjectState      # label configs and LS connections from /setup
     follower: VersionFollower   # names LS's connection after the served version
+    overflow: Overflow          # the tasks of a /predict past its deadline, written to LS after the reply
 
 
 class TesseraModel:
@@ -137,14 +140,53 @@ class TesseraModel:
         self.state.follower.notice(self.project, version, self._token_for_configured_ls())
         return version
 
-    def predict(self, tasks: list[dict], context: dict | None = None, as_json: bool = False, **kwargs) -> list:
+    def predict(self, tasks: list[dict], context: dict | None = None, as_json: bool = False,
+                started: float | None = None, **kwargs) -> list:
         """LS tasks -> one prediction item per task, same order; items carry the served model_version. With
         `context` (a smart tool's hint) the first task gets one refined region (interactive mode). `as_json`:
-        each item as its JSON text."""
+        each item as its JSON text.
+
+        Within Label Studio's time limit (backend/overflow.py): the tasks not answered TESSERA_PREDICT_DEADLINE_S
+        after `started` (time.monotonic(); default now) get LATER items and, where Tessera may write to Label
+        Studio, are predicted after the reply and written through the API; tasks already queued that way get
+        LATER items at once, but a single task (opened in the editor) is taken from the queue and answered."""
+        settings, overflow = self.state.settings, self.state.overflow
         served = self.state.cache.served(self.project, self.config)
-        media = MediaResolver(self.state.settings, ls_url=self.hostname, token=self.access_token)
-        return predict_tasks(tasks, self.config, served, media, self.state.settings, context=context,
-                             as_json=as_json)
+        media = MediaResolver(settings, ls_url=self.hostname, token=self.access_token)
+        if context and context.get("result"):
+            return predict_tasks(tasks, self.config, served, media, settings, context=context, as_json=as_json)
+        ids = [_task_key(t) for t in tasks]
+        if len(tasks) == 1:
+            overflow.take(self.project, ids[0])
+        held = overflow.held(self.project, ids)
+        if held:
+            logger.info("project %s: %d of %d tasks answered with no prediction: Tessera writes theirs through the "
+                        "API", self.project, len(held), len(tasks))
+        todo = [t for t, i in zip(tasks, ids) if i is None or i not in held]
+        start = time.monotonic() if started is None else started
+        deadline = start + settings.predict_deadline_s if settings.predict_deadline_s > 0 else None
+        answered: dict = {}
+        items = iter(predict_tasks(todo, self.config, served, media, settings, as_json=as_json, deadline=deadline,
+                                   answered=answered)) if todo else iter(())
+        left = todo[answered.get("n", len(todo)):]
+        if left:
+            where = self._writer()
+            if where is not None and served.predictor is not None:
+                last = todo[answered["n"] - 1].get("id") if answered.get("n") else None
+                overflow.submit(self.project, left, self.config, served.version, media, where, after_task=last)
+            else:
+                logger.warning("project %s: %d of %d tasks left unanswered past TESSERA_PREDICT_DEADLINE_S (%.0f s); "
+                               "\"Retrieve predictions\" again predicts them, or set LABEL_STUDIO_URL and "
+                               "LABEL_STUDIO_API_KEY so Tessera writes them itself", self.project, len(left),
+                               len(tasks), settings.predict_deadline_s)
+        return [next(items) if i is None or i not in held else ("[]" if as_json else list(LATER)) for i in ids]
+
+    def _writer(self) -> tuple[str, str] | None:
+        """(LABEL_STUDIO_URL, key) for writing predictions, None when Tessera may not write: LABEL_STUDIO_API_KEY,
+        else the token a /setup from LABEL_STUDIO_URL's own origin handed over."""
+        url = self.state.settings.label_studio_url
+        key = self.state.settings.label_studio_api_key or self._token_for_configured_ls()
+        return (url, key) if url and key else None
 
     def fit(self, event: str, data: dict, **kwargs) -> tuple[dict, bool]:
         """A webhook: annotation events (when the project trains on them) and START_TRAINING schedule one
@@ -170,16 +212,24 @@ class TesseraModel:
                 "job": f"tessera-{key}-{run.get('events', 0)}", "run": run}, True
 
     def _token_for_configured_ls(self) -> str:
-        """The /setup token, only when it came with LABEL_STUDIO_URL's own origin: a token is bound to the host
-        it arrived with, and the version follower talks to LABEL_STUDIO_URL only."""
+        """The /setup token (this request's, else the one /setup left for the project), only when it came with
+        LABEL_STUDIO_URL's own origin: a token is bound to the host it arrived with, and the version follower and
+        the overflow's writes talk to LABEL_STUDIO_URL only."""
         url = self.state.settings.label_studio_url
-        if self.ls is None or not self.ls[1] or not url:
+        host, token = self.hostname, self.access_token           # the request's pair, else the one /setup left
+        if not host or not token or not url:
             return ""
         try:
-            same = parse_http_url(self.ls[0])[0] == parse_http_url(url)[0]
+            same = parse_http_url(host)[0] == parse_http_url(url)[0]
         except UnsafeURL:
             return ""
-        return self.ls[1] if same else ""
+        return token if same else ""
+
+
+def _task_key(task: Any) -> int | str | None:
+    """A task's id as the overflow keys it; None for a task without a usable one (it is predicted, never held)."""
+    i = task.get("id") if isinstance(task, dict) else None
+    return i if isinstance(i, (int, str)) and not isinstance(i, bool) else None
 
 
 def key_of(value: Any) -> str:

@@ -199,6 +199,12 @@ def import_tasks(ls: LabelStudio, project_id: int | str, tasks: list[dict]) -> l
     return ids
 
 
+def task_predictions(ls: LabelStudio, task: int) -> list[dict]:
+    """The task's predictions (GET /api/predictions/?task=): unlike GET /api/tasks/{id}, which asks the project's
+    ML backend for a prediction when the task has none of its version."""
+    return _json(_request(ls, "GET", "api/predictions/", params={"task": int(task)})) or []
+
+
 def create_prediction(ls: LabelStudio, task: int, result: list[dict], score: float, model_version: str,
                       mislabeling: float | None = None) -> dict:
     """POST /api/predictions/ (what `ls.predictions.create` does, with the body encoded by json.dumps)."""

@@ -125,6 +125,57 @@ def test_project_model_wins_over_default_and_labels_must_fit(settings, stub_pred
     assert c.post("/setup", json=setup_body()).json["model_version"] == "tessera-p7-v0001"
 
 
+def test_a_retrieve_past_the_deadline_answers_what_it_did_and_the_next_retrieve_goes_on(settings, stub_predictor):
+    """Without LABEL_STUDIO_URL Tessera can't write predictions itself: a /predict past its deadline answers its
+    first tasks, gives the rest an empty list (Label Studio stores no prediction for them and sends them with the
+    next "Retrieve predictions", which leaves out the tasks that have one), and queues nothing."""
+    s = Settings(model_dir=settings.model_dir, media_root=settings.media_root, predict_deadline_s=1e-6,
+                 predict_batch=4)
+    register_stub(s)
+    app = create_app(s, runner=RecordingRunner(), cache=ModelCache(s, loader=lambda path, device: stub_predictor))
+    c = app.test_client()
+    c.post("/setup", json=setup_body())
+    png = data_uri(blobs_png())
+    left = [{"id": 100 + i, "data": {"image": png}} for i in range(10)]
+    answered = []
+    for _ in range(5):
+        r = c.post("/predict", json=predict_body(left))
+        assert r.status_code == 200 and len(r.json["results"]) == len(left)
+        done = [t["id"] for t, item in zip(left, r.json["results"]) if item != []]
+        assert done == [t["id"] for t in left[:len(done)]] and done, r.json["results"]   # a prefix, never nothing
+        assert all(len(item["result"]) == 6 and item["model_version"] == r.json["model_version"]
+                   for item in r.json["results"][:len(done)])
+        answered += done
+        left = left[len(done):]
+        if not left:
+            break
+    assert answered == list(range(100, 110)) and not left
+    assert c.get("/status", query_string={"project": 7}).json["predicting"] is None
+
+
+def test_the_overflow_writes_to_label_studio_url_only_with_a_token_from_that_host(settings, stub_predictor):
+    """Predictions written after the reply go to LABEL_STUDIO_URL alone: with LABEL_STUDIO_API_KEY, else with the
+    token a /setup from that same origin handed over; a /setup naming any other host lends no token, and without
+    LABEL_STUDIO_URL nothing is written (the tasks wait for the next retrieve)."""
+    from tessera.backend.ls_model import TesseraModel
+
+    ls = "http://127.0.0.1:8080"
+    token = "0123456789abcdef0123456789abcdef01234567"
+    cases = [({}, ls, None),                                                      # no LABEL_STUDIO_URL
+             ({"label_studio_url": ls}, "http://127.0.0.2:8080", None),           # another host's token
+             ({"label_studio_url": ls}, "http://127.0.0.1:8081", None),           # another port's
+             ({"label_studio_url": ls}, ls + "/", (ls, token)),                   # that host's own
+             ({"label_studio_url": ls, "label_studio_api_key": "k"}, "http://127.0.0.2:8080", (ls, "k"))]
+    for overrides, host, want in cases:
+        s = Settings(model_dir=settings.model_dir, media_root=settings.media_root, **overrides)
+        app = create_app(s, runner=RecordingRunner(), cache=ModelCache(s, loader=lambda path, device: stub_predictor))
+        c = app.test_client()
+        assert c.post("/setup", json={**setup_body(), "hostname": host, "access_token": token}).status_code == 200
+        with app.app_context():       # a /predict carries no host or token: the /setup pair is what it has
+            got = TesseraModel(app.extensions["tessera"], "7", CONFIG_ALL)._writer()
+        assert got == want, (overrides, host, got)
+
+
 def test_predict_input_errors(client):
     assert client.post("/predict", json={"tasks": []}).status_code == 400
     assert client.post("/predict", json={"project": "1.1"}).status_code == 400

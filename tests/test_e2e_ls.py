@@ -195,6 +195,40 @@ def test_bulk_predict_holds_a_page_of_the_project_not_all_of_it(ls_server, ls_ap
         assert [p["model_version"] for p in predictions(ls_api, tid)] == [result["model_version"]]
 
 
+def test_a_retrieve_past_the_deadline_is_answered_in_time_and_the_rest_written_through_the_api(
+        ls_server, ls_api, trained_model_dir, tmp_path):
+    """Label Studio drops a /predict reply that comes after ML_TIMEOUT_PREDICT (100 s) whole: on a slow CPU a
+    "Retrieve predictions" of 1,000 native-size tasks stored nothing. Past TESSERA_PREDICT_DEADLINE_S (here
+    after the first chunk) the reply holds the tasks done; Tessera predicts the rest after it and writes them
+    through the API. A second retrieve meanwhile adds no duplicate; every task ends with one prediction."""
+    import time
+
+    with tessera_for(ls_server, trained_model_dir, tmp_path, TESSERA_PREDICT_DEADLINE_S="0.000001",
+                     TESSERA_PREDICT_BATCH="4") as proc:
+        pid = create_project(ls_api, "tessera deadline", CONFIG_ALL).id
+        task_ids = upload_nuclei(ls_api, pid, tmp_path, n=12)
+        ml = ls_api.ml.create(project=pid, url=proc.url, title="Tessera", is_interactive=False)
+        assert ml.state == "CO", ml
+        version = httpx.get(f"{proc.url}/status", params={"project": pid}, timeout=10).json()["model_version"]
+        t0 = time.monotonic()
+        retrieve_predictions(ls_api, pid)
+        took = time.monotonic() - t0
+        assert "4 of 12 tasks answered before the deadline" in proc.log_text(), proc.log_text()[-3000:]
+        retrieve_predictions(ls_api, pid)               # again, while the rest are being written
+
+        def finished():
+            st = httpx.get(f"{proc.url}/status", params={"project": pid}, timeout=10).json()["predicting"]
+            return st if st and not st["queued"] and not st["writing"] else None
+        st = wait_for(finished, 120, "the tasks past the deadline written")
+        assert st["version"] == version and st["written"] == 8 and st["failed"] == st["dropped"] == 0, st
+        for tid in task_ids:
+            preds = predictions(ls_api, tid)
+            assert [p["model_version"] for p in preds] == [version] and preds[0]["result"], (tid, preds)
+        retrieve_predictions(ls_api, pid)               # every task has one: Label Studio sends none
+        assert all(len(predictions(ls_api, tid)) == 1 for tid in task_ids)
+        print(f"first retrieve answered in {took:.1f}s")
+
+
 def dm_sorted_by_score(ls_api, pid: int) -> list[dict]:
     """The Data Manager's task list sorted by "Prediction score", ascending (what the column header does)."""
     import json
