@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -139,14 +138,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.speed import bench_model
-    from bench.speed_native import mosaic_pngs
+    from bench.speed_native import mosaic_pngs, started_ls
     from tessera.backend import lsclient
-    from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
 
-    work = Path(tempfile.mkdtemp(prefix="tessera-predict-project-"))
-    venv = default_ls_venv()
-    server = LabelStudioServer(venv, work / "ls-data", template=build_template(venv, default_template_dir()))
-    server.start(timeout=180)
+    work, server = started_ls("tessera-predict-project-")
     try:
         bench_model(work)
         pngs = mosaic_pngs()

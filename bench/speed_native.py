@@ -607,6 +607,20 @@ def proc_counters(root: int) -> tuple[float, float, int]:
     return sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows)
 
 
+def started_ls(prefix: str):
+    """(a scratch folder, a real Label Studio started in it from the test fixture's venv and data-dir template)
+    for the benchmarks that talk to one; the caller stops it and removes the folder."""
+    import tempfile
+
+    from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    venv = default_ls_venv()
+    server = LabelStudioServer(venv, work / "ls-data", template=build_template(venv, default_template_dir()))
+    server.start(timeout=180)
+    return work, server
+
+
 def ls_big_request(args) -> None:
     """One /predict of `args.ls_tasks` 520x696 tasks whose images Tessera downloads from a real Label Studio
     (tests/conftest_ls's server: the LS venv and data-dir template), as "Retrieve predictions" sends them:
@@ -618,18 +632,13 @@ def ls_big_request(args) -> None:
     "before" on the default model and "after" on one trained with those TrainConfig fields (each its own
     model store). Writes bench/results/speed_native_ls.json."""
     import shutil
-    import tempfile
 
     from bench.common import train_overrides, write_result
     from bench.speed import CONFIG, bench_model
     from tessera.backend import lsclient
-    from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
     from tests.conftest import TesseraProcess
 
-    work = Path(tempfile.mkdtemp(prefix="tessera-speed-ls-"))
-    venv = default_ls_venv()
-    server = LabelStudioServer(venv, work / "ls-data", template=build_template(venv, default_template_dir()))
-    server.start(timeout=180)
+    work, server = started_ls("tessera-speed-ls-")
     procs: dict = {}
     runs: dict = {}
     try:
