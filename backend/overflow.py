@@ -81,9 +81,7 @@ class Overflow:
             p = self._projects.get(key)
             if p is None:
                 return set()
-            now = time.monotonic()
-            for i in [i for i, t in p.written.items() if now - t > RECENT_S]:
-                del p.written[i]
+            _forget_old_writes(p)
             return {i for i in ids if i in p.queued or i in p.busy or i in p.written}
 
     def take(self, key: str, task_id: Any) -> bool:
@@ -164,14 +162,17 @@ class Overflow:
                     logger.exception("project %s: %d queued tasks not predicted", key, len(chunk))
                     items = FAILED
                 if writing is not None:
-                    writing.result()
+                    try:
+                        writing.result()
+                    except Exception:       # _write's own failure: logged, the thread goes on
+                        logger.exception("project %s: a chunk's writes failed", key)
                 writing = chunks.submit(self._write, p, chunk, items, writers)
 
     def _await_reply(self, key: str, p: _Project) -> None:
         """Wait (at most REPLY_WAIT_S) until Label Studio holds the prediction of the reply's last task: it stores
         a reply's predictions in order after it came, ~0.1 s of its CPU each for 520x696 tasks, and the queue's
-        passes beside that on 2 cores slowed both. 1,000 such tasks (`bench/retrieve_deadline.py`): the action
-        158 -> s, every task predicted at 215 -> s."""
+        passes beside that on 2 cores slowed both. 1,000 such tasks (`bench/retrieve_deadline.py`, 2 cores): the
+        action 158 -> 103 s, the last prediction written at 215 -> 249 s."""
         with self._lock:
             reply, p.reply = p.reply, None
         if reply is None:
@@ -206,9 +207,22 @@ class Overflow:
                 logger.warning("task %s: prediction not written: %s", task["id"], e)
                 return False
 
-        ok = list(writers.map(write, chunk, items)) if isinstance(items, list) else []
-        with self._lock:
-            p.written.update((t["id"], time.monotonic()) for t, done in zip(chunk, ok) if done)
-            p.counts["written"] += sum(ok)
-            p.counts["failed"] += (len(ok) - sum(ok)) if isinstance(items, list) else len(chunk) * (items is FAILED)
-            p.busy.difference_update(t["id"] for t in chunk)
+        ok: list[bool] = []
+        try:
+            if isinstance(items, list):
+                ok = list(writers.map(write, chunk, items))
+        finally:
+            with self._lock:
+                _forget_old_writes(p)
+                p.written.update((t["id"], time.monotonic()) for t, done in zip(chunk, ok) if done)
+                p.counts["written"] += sum(ok)
+                if items is not None:       # None: dropped, counted as such
+                    p.counts["failed"] += len(chunk) - sum(ok)
+                p.busy.difference_update(t["id"] for t in chunk)
+
+
+def _forget_old_writes(p: _Project) -> None:
+    """Forget the tasks written more than RECENT_S ago (called under the lock)."""
+    now = time.monotonic()
+    for i in [i for i, t in p.written.items() if now - t > RECENT_S]:
+        del p.written[i]
