@@ -147,8 +147,8 @@ class TesseraModel:
         each item as its JSON text.
 
         Within Label Studio's time limit (backend/overflow.py): the tasks not answered TESSERA_PREDICT_DEADLINE_S
-        after `started` (time.monotonic(); default now) get LATER items and, where Tessera may write to Label
-        Studio, are predicted after the reply and written through the API; tasks already queued that way get
+        after `started` (time.monotonic(); default now), or past TESSERA_PREDICT_REPLY_MB, get LATER items and,
+        where Tessera may write to Label Studio, are predicted after the reply and written through the API; tasks already queued that way get
         LATER items at once, but a single task (opened in the editor) is taken from the queue and answered."""
         settings, overflow = self.state.settings, self.state.overflow
         served = self.state.cache.served(self.project, self.config)
@@ -166,8 +166,9 @@ class TesseraModel:
         start = time.monotonic() if started is None else started
         deadline = start + settings.predict_deadline_s if settings.predict_deadline_s > 0 else None
         answered: dict = {}
+        cap = int(settings.predict_reply_mb * 2**20) if settings.predict_reply_mb > 0 else None
         items = iter(predict_tasks(todo, self.config, served, media, settings, as_json=as_json, deadline=deadline,
-                                   answered=answered)) if todo else iter(())
+                                   max_bytes=cap, answered=answered)) if todo else iter(())
         left = todo[answered.get("n", len(todo)):]
         if left:
             where = self._writer()

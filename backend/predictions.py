@@ -213,7 +213,7 @@ LATER: list = []
 
 def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media: MediaResolver,
                   settings: Settings, context: dict | None = None, as_json: bool = False,
-                  deadline: float | None = None, answered: dict | None = None) -> list:
+                  deadline: float | None = None, max_bytes: int | None = None, answered: dict | None = None) -> list:
     """One LS prediction item per task, in order. A bad task gets an empty item; it never fails the batch.
     `as_json`: each item as its JSON text (compact), made beside the network passes: /predict's reply.
 
@@ -222,7 +222,8 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     and the first inference does not wait for the last download.
 
     `deadline` (time.monotonic()): no chunk starts that would end past it at the pace of the chunks before
-    (the first always runs); the tasks left get LATER items. `answered`, a dict, gets "n": the tasks answered,
+    (the first always runs); with `max_bytes` (as_json) none that would take the items' JSON past it at the
+    size of the chunks before. The tasks left get LATER items. `answered`, a dict, gets "n": the tasks answered,
     always the first n."""
     if served.predictor is None:
         return _as_json([_empty(served.version) for _ in tasks], as_json)
@@ -240,6 +241,7 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     clock = StageClock()
     workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
     t0, stopped = time.monotonic(), None
+    n_bytes, n_done = 0, 0                         # JSON bytes of the chunks in `results`, and those chunks
     # Two stages: chunk k's predictions are finished (Predictor.predict_parts: upsampling, instance split) and
     # its regions encoded on a second thread while chunk k+1 runs its network passes here; at most one chunk
     # waits to be encoded. This needs passes that take the GIL once, not once per torch op: with eager passes
@@ -252,7 +254,10 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             encoding = None
             for n, start in enumerate(starts):
                 now = time.monotonic()
-                if deadline is not None and n and now + (now - t0) / n > deadline:
+                late = deadline is not None and n and now + (now - t0) / n > deadline
+                # the chunks inferred but not yet in `results`, and this one, at the mean size so far
+                big = max_bytes is not None and n_done and n_bytes + (n - n_done + 1) * n_bytes / n_done > max_bytes
+                if late or big:
                     stopped = start
                     break
                 jobs, futures = pending.pop(0)
@@ -269,7 +274,9 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
                     novelty = _novelty(images, preds, served)
                 if encoding is not None:
                     with clock("wait_regions"):
-                        results += encoding.result()
+                        done = encoding.result()
+                    results += done
+                    n_bytes, n_done = n_bytes + (sum(map(len, done)) if as_json else 0), n_done + 1
                 encoding = encoder.submit(_timed_encode, clock, as_json, tasks[start:start + bs], jobs, images,
                                           preds, novelty, config, served)
             if encoding is not None:
@@ -283,7 +290,8 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
     if answered is not None:
         answered["n"] = len(results)
     if stopped is not None:
-        logger.info("predict: %d of %d tasks answered before the deadline", stopped, len(tasks))
+        logger.info("predict: %d of %d tasks answered before the %s", stopped, len(tasks),
+                    "deadline" if late else f"reply's cap of {max_bytes / 2**20:.0f} MB")
         results += _as_json([list(LATER) for _ in tasks[stopped:]], as_json)
     logger.info("predict: %d tasks in %d chunks of %d: %s", len(tasks), len(starts), bs, clock.summary())
     return results

@@ -83,11 +83,16 @@ class Settings(BaseSettings):
                                  "accepted (32 MB).", ge=1)
     max_predict_tasks: int = env("TESSERA_MAX_PREDICT_TASKS", 10000, "Most tasks one /predict request may carry "
                                  "(413 above it: use `tessera predict --project N` for a whole project).", ge=1)
-    predict_deadline_s: float = env("TESSERA_PREDICT_DEADLINE_S", 75.0, "Seconds after which /predict answers "
+    predict_deadline_s: float = env("TESSERA_PREDICT_DEADLINE_S", 60.0, "Seconds after which /predict answers "
                                     "with the tasks it has done, under Label Studio's ML_TIMEOUT_PREDICT (100 s), "
                                     "which drops a later reply whole; the rest are predicted after the reply and "
                                     "written through the API (with LABEL_STUDIO_URL and a key), else by the next "
                                     "\"Retrieve predictions\". 0 = no deadline.", ge=0.0)
+    predict_reply_mb: float = env("TESSERA_PREDICT_REPLY_MB", 128.0, "Most megabytes of JSON one /predict reply "
+                                  "holds; the tasks past it are left as past the deadline. Label Studio stores a "
+                                  "reply's predictions within the same request (~25 s for 100 MB on 2 cores), and "
+                                  "its Docker image ends a request after 120 s (uwsgi harakiri). 0 = no cap.",
+                                  ge=0.0)
     channel_timeout_s: float = env("TESSERA_CHANNEL_TIMEOUT_S", 60.0, "Seconds a connection may send nothing at "
                                    "all before the server closes it.", ge=1.0)
     connection_limit: int = env("TESSERA_CONNECTION_LIMIT", 200, "Open connections (slow or not) per process "

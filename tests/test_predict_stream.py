@@ -217,3 +217,20 @@ def test_past_the_deadline_the_first_tasks_are_answered_and_the_rest_get_no_pred
     out = predict_tasks(tasks, parse_label_config(BRUSH_ONLY), Served("v1", ThresholdPredictor()), SquaresMedia(),
                         settings, answered=answered)
     assert answered["n"] == 12 and [len(o["result"]) for o in out] == [2] * 12
+
+
+def test_a_reply_stops_growing_at_its_cap_in_bytes():
+    """Label Studio stores a reply's predictions within its own request, which its Docker image ends after 120 s:
+    no chunk starts that would take the reply's JSON past `max_bytes` at the size of the chunks before (the
+    chunk inferred but not yet encoded counted too); the first two always run, as no chunk's size is known."""
+    tasks = [{"id": i, "data": {"image": "sq:2"}} for i in range(16)]
+    settings = Settings(predict_batch=4, fetch_threads=4)
+    config = parse_label_config(BRUSH_ONLY)
+    one = predict_tasks(tasks[:1], config, Served("v1", ThresholdPredictor()), SquaresMedia(), settings,
+                        as_json=True)[0]
+    chunk = 4 * len(one)
+    for cap, want in ((0.5, 8), (2.5, 8), (3.5, 12), (4.5, 16), (100, 16)):
+        answered = {}
+        out = predict_tasks(tasks, config, Served("v1", ThresholdPredictor()), SquaresMedia(), settings,
+                            as_json=True, max_bytes=int(cap * chunk), answered=answered)
+        assert answered["n"] == want and out[:want] == [one] * want and out[want:] == ["[]"] * (16 - want), cap
