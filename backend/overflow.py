@@ -19,17 +19,22 @@ POST /api/predictions, carrying the version it was made with.
   that one task) is taken out of the queue and predicted in the request.
 - A project's queue is dropped when another version is served (a promotion or a rollback): its predictions
   must carry the served version, and the next retrieve asks for them.
-- Memory only, per process: with `--workers` > 1 a second retrieve that reaches another process may predict a
-  queued task again (two predictions of one version, as `tessera predict --project` would not make).
+- The queue is in memory; which tasks it holds is also written to MODEL_DIR/.overflow (a file per project and
+  process, rewritten after each chunk), so that with `--workers` > 1 a retrieve reaching another process holds
+  them too. A file not rewritten for STALE_S (its process gone) is ignored. A restart loses the queue: its tasks
+  wait for the next "Retrieve predictions".
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from tessera.backend import lsclient
@@ -38,6 +43,7 @@ from tessera.backend.media import MediaResolver
 from tessera.backend.predict_project import predict_view
 from tessera.backend.predictions import ModelCache, predict_tasks
 from tessera.backend.settings import Settings
+from tessera.backend.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +52,13 @@ RECENT_S = 60.0     # a task written this recently is answered with no predictio
 REPLY_WAIT_S = 120.0  # most seconds the queue waits for Label Studio to store the reply (see `_await_reply`)
 CHUNKS = 4          # TESSERA_PREDICT_BATCH chunks per predict_tasks call: its downloads, passes and encoding overlap
 FAILED = object()   # a chunk whose prediction failed
+STALE_S = 300.0     # another process's file not rewritten for this long is ignored (a chunk takes seconds)
 
 
 @dataclass
 class _Project:
     """One project's queue: the tasks left, in order, and what they are predicted and written with."""
+    key: str
     version: str
     config: LabelConfig
     media: MediaResolver
@@ -69,6 +77,8 @@ class Overflow:
     def __init__(self, settings: Settings, cache: ModelCache,
                  connect: Callable[[str, str], Any] = lambda url, key: lsclient.connect(url, key, timeout=60)):
         self.settings, self.cache, self.connect = settings, cache, connect
+        self.dir = Store(settings.model_dir).overflow_dir
+        self.ident = str(os.getpid())      # this process's file: <project>-<ident>.json
         self._lock = threading.Condition()
         self._projects: dict[str, _Project] = {}
         self._thread: threading.Thread | None = None
@@ -77,12 +87,13 @@ class Overflow:
         """Those of `ids` whose prediction this process writes or wrote (queued, being written, or written in the
         last RECENT_S: a retrieve that chose its tasks before the write landed must not add a second one; after
         that a task Label Studio sends again lost its prediction, e.g. deleted, and is predicted again)."""
+        mine: set = set()
         with self._lock:
             p = self._projects.get(key)
-            if p is None:
-                return set()
-            _forget_old_writes(p)
-            return {i for i in ids if i in p.queued or i in p.busy or i in p.written}
+            if p is not None:
+                _forget_old_writes(p)
+                mine = {i for i in ids if i in p.queued or i in p.busy or i in p.written}
+        return mine | (self._others(key) & set(ids))
 
     def take(self, key: str, task_id: Any) -> bool:
         """Take a queued task out of the queue (the request predicts it); False when it is not queued."""
@@ -101,7 +112,7 @@ class Overflow:
             if p is None or p.version != version:
                 if p is not None:
                     self._drop(key, p, f"{version} is served now")
-                p = self._projects[key] = _Project(version, config, media, self.connect(*credentials))
+                p = self._projects[key] = _Project(key, version, config, media, self.connect(*credentials))
             if after_task is not None:
                 p.reply = (after_task, time.monotonic() + REPLY_WAIT_S)
             n = 0
@@ -109,6 +120,7 @@ class Overflow:
                 if view["id"] not in p.queued and view["id"] not in p.busy and view["id"] not in p.written:
                     p.queued[view["id"]] = view
                     n += 1
+            self._publish(p)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="tessera-overflow", daemon=True)
                 self._thread.start()
@@ -116,6 +128,39 @@ class Overflow:
         logger.info("project %s: %d tasks left past the deadline are predicted after the reply and written to "
                     "Label Studio (%d queued)", key, n, len(p.queued))
         return n
+
+    def _file(self, key: str) -> Path:
+        return self.dir / f"{key}-{self.ident}.json"
+
+    def _publish(self, p: _Project) -> None:
+        """Write which tasks this process holds for the project (called under the lock), for the others."""
+        now, wall = time.monotonic(), time.time()
+        ids = [*p.queued, *p.busy, *p.written]
+        written_at = [None] * (len(p.queued) + len(p.busy)) + [wall - (now - t) for t in p.written.values()]
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._file(p.key).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"at": wall, "ids": ids, "written_at": written_at}))
+            os.replace(tmp, self._file(p.key))
+        except OSError as e:        # a full or read-only disk: this process still holds its own
+            logger.warning("project %s: could not write %s: %s", p.key, self._file(p.key), e)
+
+    def _others(self, key: str) -> set:
+        """The task ids other processes of this MODEL_DIR hold for project `key` (their files, fresh ones)."""
+        out: set = set()
+        wall = time.time()
+        for f in self.dir.glob(f"{key}-*.json") if self.dir.is_dir() else ():
+            if f == self._file(key):
+                continue
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue            # being replaced, or gone
+            if wall - float(d.get("at") or 0) > STALE_S:
+                continue
+            out |= {i for i, t in zip(d.get("ids") or [], d.get("written_at") or [])
+                    if t is None or wall - t <= RECENT_S}
+        return out
 
     def status(self, key: str) -> dict | None:
         """{"version", "queued", "writing", "written", "failed", "dropped"} of project `key`, None if it never had a
@@ -133,6 +178,7 @@ class Overflow:
                         "them again", key, len(p.queued), why)
         p.counts["dropped"] += len(p.queued)
         p.queued.clear()
+        self._publish(p)
 
     def _next(self) -> tuple[str, _Project, list[dict]]:
         """The next chunk to predict (waits for one): the project with the oldest queue goes first."""
@@ -219,6 +265,7 @@ class Overflow:
                 if items is not None:       # None: dropped, counted as such
                     p.counts["failed"] += len(chunk) - sum(ok)
                 p.busy.difference_update(t["id"] for t in chunk)
+                self._publish(p)
 
 
 def _forget_old_writes(p: _Project) -> None:

@@ -125,6 +125,12 @@ class Store:
         return self.root / ".jobs"
 
     @property
+    def overflow_dir(self) -> Path:
+        """Which tasks each server process is writing predictions for after a /predict's deadline
+        (backend/overflow.py): one file per project and process, read by every process of this MODEL_DIR."""
+        return self.root / ".overflow"
+
+    @property
     def media_cache_dir(self) -> Path:
         return self.root / "cache" / "media"
 

@@ -61,3 +61,25 @@ def test_a_queue_is_dropped_when_another_version_is_served(tmp_path):
     st = _wait_idle(overflow, "7")
     assert st["dropped"] == 6 and st["written"] == st["failed"] == 0 and pred.calls == [], st
     assert st["version"] == "tessera-p7-v0000" != version
+
+
+def test_another_process_holds_what_this_one_queued_until_its_file_goes_stale(tmp_path, monkeypatch):
+    """With `tessera serve --workers 2` a second "Retrieve predictions" may reach the process that did not queue
+    the tasks: it reads the other's file in MODEL_DIR/.overflow and answers them with no prediction too."""
+    from tessera.backend import overflow as overflow_module
+
+    pred = SlowPredictor(0.5)
+    first, version = _overflow(tmp_path, pred)
+    second = Overflow(first.settings, first.cache)           # the same MODEL_DIR, another process's file
+    second.ident = "another-process"
+    tasks = [{"id": i, "data": {"image": "sq:1"}} for i in range(12)]
+    first.submit("7", tasks, parse_label_config(CONFIG_ALL), version, SquaresMedia(), (CLOSED, "key"))
+    assert second.held("7", list(range(14))) == set(range(12)) and second.held("8", [1]) == set()
+    assert second.status("7") is None                       # its own queue is empty
+    monkeypatch.setattr(overflow_module, "STALE_S", -1.0)   # the first process gone quiet: its file is ignored
+    assert second.held("7", list(range(14))) == set()
+    monkeypatch.setattr(overflow_module, "STALE_S", 300.0)
+    st = _wait_idle(first, "7")
+    assert st["failed"] == 12 and st["dropped"] == 0, st
+    # every write failed (nothing listens): nothing is held any more, here or there
+    assert first.held("7", list(range(12))) == set() and second.held("7", list(range(12))) == set()
