@@ -93,7 +93,7 @@ class Overflow:
             if p is not None:
                 _forget_old_writes(p)
                 mine = {i for i in ids if i in p.queued or i in p.busy or i in p.written}
-        return mine | (self._others(key) & set(ids))
+        return mine | (self.held_elsewhere(key) & set(ids))
 
     def take(self, key: str, task_id: Any) -> bool:
         """Take a queued task out of the queue (the request predicts it); False when it is not queued."""
@@ -145,8 +145,9 @@ class Overflow:
         except OSError as e:        # a full or read-only disk: this process still holds its own
             logger.warning("project %s: could not write %s: %s", p.key, self._file(p.key), e)
 
-    def _others(self, key: str) -> set:
-        """The task ids other processes of this MODEL_DIR hold for project `key` (their files, fresh ones)."""
+    def held_elsewhere(self, key: str) -> set:
+        """The task ids other processes of this MODEL_DIR hold for project `key` (their files, fresh ones): the
+        other workers of a server, or the server for `tessera predict --project`."""
         out: set = set()
         wall = time.time()
         for f in self.dir.glob(f"{key}-*.json") if self.dir.is_dir() else ():

@@ -36,6 +36,7 @@ def superseded(task: dict, key: str, served_version: str) -> list[int]:
 
 
 FIRST_CHUNK = 16    # tasks: the first chunk is small, so the first predictions (and the progress) come in seconds
+HELD_REFRESH_S = 5.0  # seconds between readings of which tasks a server is writing (backend/overflow.py)
 
 
 def predict_view(task: dict) -> dict:
@@ -98,7 +99,11 @@ def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: b
     project's size, and the first predictions are written while later pages are still being listed."""
     client = lsclient.from_settings(settings)
     config = parse_label_config(lsclient.project(client, key).label_config or "")
-    served = ModelCache(settings).served(key, config)
+    from tessera.backend.overflow import Overflow     # it imports predict_view from here
+
+    cache = ModelCache(settings)
+    served = cache.served(key, config)
+    server = Overflow(settings, cache)         # only read: the tasks a server of this MODEL_DIR is writing
     if served.predictor is None:
         return {"status": "skipped", "reason": "no trained model serves this project yet", "written": 0}
     media = MediaResolver(settings)
@@ -106,7 +111,8 @@ def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: b
     lock = threading.Lock()
     t0 = time.time()
     listing: dict = {}
-    listed = {"tasks": 0, "skipped_existing": 0}
+    listed = {"tasks": 0, "skipped_existing": 0, "held_by_server": 0}
+    held = {"ids": set(), "at": -1e9}
 
     def delete_superseded(task: dict) -> None:
         for pid in superseded(task, key, served.version):
@@ -138,6 +144,11 @@ def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: b
             view = predict_view(task)
             del task
             listed["tasks"] += 1
+            if time.monotonic() - held["at"] > HELD_REFRESH_S:
+                held.update(ids=server.held_elsewhere(key), at=time.monotonic())
+            if not overwrite and view["id"] in held["ids"]:    # the server writes its prediction
+                listed["held_by_server"] += 1
+                continue
             if overwrite or not any(p["model_version"] == served.version for p in view["predictions"]):
                 yield view
                 continue
@@ -161,7 +172,8 @@ def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: b
             pending = [writer.submit(write, task, item) for task, item in zip(chunk, items)]
             done += len(chunk)
             # to do: the listed tasks not predicted yet and every one not listed yet (some may turn out done)
-            left = listed["tasks"] - listed["skipped_existing"] - done + max(listing["total"] - listed["tasks"], 0)
+            left = (listed["tasks"] - listed["skipped_existing"] - listed["held_by_server"] - done
+                    + max(listing["total"] - listed["tasks"], 0))
             if progress is not None:     # the progress-dict protocol (the CLI's tqdm bar)
                 progress({"phase": "predict", "iter": done, "max_iters": done + left})
                 continue
@@ -177,4 +189,5 @@ def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: b
     except Exception as e:
         logger.warning("project %s: Label Studio connection not renamed to %s: %s", key, served.version, e)
     return {"status": "done", "model_version": served.version, "tasks": listed["tasks"],
-            "skipped_existing": listed["skipped_existing"], **counts, "seconds": round(time.time() - t0, 1)}
+            "skipped_existing": listed["skipped_existing"], "held_by_server": listed["held_by_server"], **counts,
+            "seconds": round(time.time() - t0, 1)}
