@@ -3,12 +3,14 @@ through the REST API.
 
 Label Studio sends "Retrieve predictions" on N selected tasks as ONE /predict and waits ML_TIMEOUT_PREDICT (100 s)
 for the reply; a later reply is dropped whole and nothing is stored (label_studio/ml/api_connector.py,
-data_manager/functions.py, 1.23.2). On a CPU without bf16 instructions 1,000 520x696 tasks take ~160 s, so
-/predict answers what it can before TESSERA_PREDICT_DEADLINE_S (`predict_tasks`' deadline, a prefix of the
-tasks) and gives each task left an empty list, which Label Studio reads as "no prediction" (not as an empty
-prediction of the served version, which would mark the task done). The tasks left are queued here, cut down to
-`predict_view`, and one thread per process predicts them in chunks and writes each prediction with
-POST /api/predictions, carrying the version it was made with.
+data_manager/functions.py, 1.23.2). It then stores the reply's predictions within the same request, which its
+Docker image ends after 120 s (uwsgi harakiri). On a CPU without bf16 instructions 1,000 520x696 tasks take
+~175 s, so /predict answers what it has done at TESSERA_PREDICT_DEADLINE_S or TESSERA_PREDICT_REPLY_MB
+(`predict_tasks`' deadline and cap: a prefix of the tasks) and gives each task left an empty list, which Label
+Studio reads as "no prediction" (not as an empty prediction of the served version, which would mark the task
+done). The tasks left are queued here, cut down to `predict_view`; one thread per process waits until Label
+Studio has stored the reply, predicts them in chunks and writes each prediction with POST /api/predictions,
+carrying the version it was made with.
 
 - Writes go to LABEL_STUDIO_URL only, with LABEL_STUDIO_API_KEY or the token a /setup from that same origin
   handed over. Without them nothing is queued: the tasks stay without a prediction and the next "Retrieve
@@ -20,9 +22,9 @@ POST /api/predictions, carrying the version it was made with.
 - A project's queue is dropped when another version is served (a promotion or a rollback): its predictions
   must carry the served version, and the next retrieve asks for them.
 - The queue is in memory; which tasks it holds is also written to MODEL_DIR/.overflow (a file per project and
-  process, rewritten after each chunk), so that with `--workers` > 1 a retrieve reaching another process holds
-  them too. A file not rewritten for STALE_S (its process gone) is ignored. A restart loses the queue: its tasks
-  wait for the next "Retrieve predictions".
+  process, rewritten as each chunk starts and ends), so that with `--workers` > 1 a retrieve reaching another
+  process holds them too, and `tessera predict --project` leaves them alone. A file not rewritten for STALE_S
+  (its process gone) is ignored. A restart loses the queue: its tasks wait for the next "Retrieve predictions".
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ RECENT_S = 60.0     # a task written this recently is answered with no predictio
 REPLY_WAIT_S = 120.0  # most seconds the queue waits for Label Studio to store the reply (see `_await_reply`)
 CHUNKS = 4          # TESSERA_PREDICT_BATCH chunks per predict_tasks call: its downloads, passes and encoding overlap
 FAILED = object()   # a chunk whose prediction failed
-STALE_S = 300.0     # another process's file not rewritten for this long is ignored (a chunk takes seconds)
+STALE_S = 600.0     # another process's file not rewritten for this long is ignored (its process is gone: a
+                    # chunk of 64 2048 px tasks takes ~2 minutes here, and the wait for the reply at most 2 more)
 
 
 @dataclass
@@ -190,6 +193,7 @@ class Overflow:
                         n = CHUNKS * max(1, self.settings.predict_batch)
                         chunk = [p.queued.popitem(last=False)[1] for _ in range(min(n, len(p.queued)))]
                         p.busy.update(t["id"] for t in chunk)
+                        self._publish(p)                                    # "at": this process is alive
                         self._projects[key] = self._projects.pop(key)      # round-robin between projects
                         return key, p, chunk
                 self._lock.wait()

@@ -5,8 +5,8 @@ Label Studio 1.23.2 sends the selected tasks as ONE /predict and waits ML_TIMEOU
 a later reply is dropped whole. A real Label Studio (tests/conftest_ls's server, its default timeout), one project
 per arm of --tasks 520x696 tasks of procedural nuclei (~116 objects, 8 distinct uploads), bench.speed's model,
 Tessera connected as the project's ML backend with LABEL_STUDIO_URL and a key. Arms, one after the other on the
-same model store: "before" with TESSERA_PREDICT_DEADLINE_S=0 (no deadline: the code path of every revision
-before it), "after" with the default deadline. Each: the action's wall time, the tasks with a prediction when it
+same model store: "before" with TESSERA_PREDICT_DEADLINE_S=0 and TESSERA_PREDICT_REPLY_MB=0 (no deadline, no
+cap: the code path of every revision before them), "after" with the defaults. Each: the action's wall time, the tasks with a prediction when it
 returns, the seconds until every task has one (polled every --poll s, up to --wait s), tasks with more than one,
 and a second "Retrieve predictions" clicked right after the first.
 
@@ -116,7 +116,8 @@ def main() -> None:
                "LABEL_STUDIO_API_KEY": server.token, "TESSERA_LOG_LEVEL": "INFO",
                "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
         for name in args.arms:
-            deadline = {"before": {"TESSERA_PREDICT_DEADLINE_S": "0"}, "after": {}}[name]
+            deadline = {"before": {"TESSERA_PREDICT_DEADLINE_S": "0", "TESSERA_PREDICT_REPLY_MB": "0"},
+                        "after": {}}[name]
             res[name] = arm(ls, server, work, name, {**env, **deadline}, pngs, args)
     finally:
         server.stop()
