@@ -234,6 +234,7 @@ def test_bulk_predict_leaves_the_tasks_a_server_is_writing_to_it(ls_server, ls_a
     left (MODEL_DIR/.overflow): it skips them, so no task gets two predictions of the served version."""
     import io
     import shutil
+    import threading
 
     from tessera.backend.label_config import parse_label_config
     from tessera.backend.media import MediaResolver
@@ -241,7 +242,7 @@ def test_bulk_predict_leaves_the_tasks_a_server_is_writing_to_it(ls_server, ls_a
     from tessera.backend.predict_project import predict_project
     from tessera.backend.predictions import ModelCache
     from tessera.backend.settings import Settings
-    from tests.test_predict_stream import SlowPredictor
+    from tests.conftest import ThresholdPredictor
 
     pid = create_project(ls_api, "tessera bulk beside a server", CONFIG_ALL).id
     task_ids = upload_nuclei(ls_api, pid, tmp_path, n=6)
@@ -249,14 +250,25 @@ def test_bulk_predict_leaves_the_tasks_a_server_is_writing_to_it(ls_server, ls_a
     shutil.copytree(trained_model_dir, models)
     settings = Settings(model_dir=models, label_studio_url=ls_server.url, label_studio_api_key=ls_server.token)
     config = parse_label_config(CONFIG_ALL)
-    # "the server": its queue of the first 4 tasks, held for ~20 s by 5 s passes; its writes refused (a wrong key)
-    slow = ModelCache(settings, loader=lambda path, device: SlowPredictor(5.0))
+    # "the server": its queue of the first 4 tasks, held until the end of the test by a pass that waits; its
+    # writes refused (a wrong key)
+    release = threading.Event()
+
+    class HeldPredictor(ThresholdPredictor):
+        def predict(self, images):
+            release.wait(120)
+            return super().predict(images)
+
+    slow = ModelCache(settings, loader=lambda path, device: HeldPredictor())
     server = Overflow(settings, slow)
     server.ident = "a-server-process"
     tasks = [t for t in lsclient.tasks(ls_api, pid) if t["id"] in task_ids[:4]]
     assert server.submit(str(pid), tasks, config, slow.version(str(pid), config), MediaResolver(settings),
                          (ls_server.url, "not-the-key")) == 4
-    result = predict_project(settings, str(pid), batch=8, out=io.StringIO())
+    try:
+        result = predict_project(settings, str(pid), batch=8, out=io.StringIO())
+    finally:
+        release.set()
     assert result["held_by_server"] == 4 and result["written"] == 2 and result["failed"] == 0, result
     assert [len(predictions(ls_api, t)) for t in task_ids] == [0, 0, 0, 0, 1, 1]
 
