@@ -116,8 +116,8 @@ FIRST_PAGE = 1              # tasks in a listing's first page, before their size
 
 
 def tasks(ls: LabelStudio, project: int | str, only_annotated: bool = False, page_size: int = 100,
-          query: str | None = None, page_bytes: int | None = None, listing: dict | None = None
-          ) -> Iterator[dict]:
+          query: str | None = None, page_bytes: int | None = None, listing: dict | None = None,
+          fields: str = "all") -> Iterator[dict]:
     """Every task of the project with annotations and predictions, as Label Studio sent them, page by page,
     stopping at the `total` the first page reports (see the module docstring). `query`: the Data Manager's
     JSON query (filters, ordering), as the SDK's `tasks.list` takes it. `only_annotated`: Label Studio is asked
@@ -131,7 +131,8 @@ def tasks(ls: LabelStudio, project: int | str, only_annotated: bool = False, pag
     most `page_size`, and a divisor of the tasks read so far (Label Studio's pages are numbered, so a page of
     k tasks starts at a multiple of k): pages of light tasks double up to `page_size` (1,000 tasks in 22
     requests instead of 10), and a run of heavy tasks after light ones costs one large page before they shrink.
-    `listing`, a dict, is filled with the "total" and the page "sizes"."""
+    `listing`, a dict, is filled with the "total" and the page "sizes". `fields="task_only"`: the tasks without
+    their annotations, predictions and drafts (their counters, e.g. total_predictions, stay)."""
     seen, total = 0, None
     page_bytes = PAGE_BYTES if page_bytes is None else page_bytes
     size = min(page_size, FIRST_PAGE) if page_bytes else page_size
@@ -140,7 +141,7 @@ def tasks(ls: LabelStudio, project: int | str, only_annotated: bool = False, pag
     if only_annotated:
         q = json.loads(query) if query else {}
         query = json.dumps({"filters": ANNOTATED, **q})
-    params = {"project": int(project), "fields": "all", **({"query": query} if query else {})}
+    params = {"project": int(project), "fields": fields, **({"query": query} if query else {})}
     while total is None or seen < total:
         response = _request(ls, "GET", "api/tasks/", params={**params, "page_size": size, "page": seen // size + 1})
         n_bytes, out = len(response.content), _json(response) or {}

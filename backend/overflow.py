@@ -42,7 +42,7 @@ from typing import Any, Callable
 from tessera.backend import lsclient
 from tessera.backend.label_config import LabelConfig
 from tessera.backend.media import MediaResolver
-from tessera.backend.predict_project import predict_view
+from tessera.backend.predict_project import predict_view, write_item
 from tessera.backend.predictions import ModelCache, predict_tasks
 from tessera.backend.settings import Settings
 from tessera.backend.store import Store
@@ -249,19 +249,10 @@ class Overflow:
         return predict_tasks(chunk, p.config, served, p.media, self.settings)
 
     def _write(self, p: _Project, chunk: list[dict], items, writers: ThreadPoolExecutor) -> None:
-        def write(task: dict, item: dict) -> bool:
-            try:
-                lsclient.create_prediction(p.client, task["id"], item["result"], item["score"],
-                                           item["model_version"], item.get("mislabeling"))
-                return True
-            except Exception as e:          # one task's write failing must not stop the others
-                logger.warning("task %s: prediction not written: %s", task["id"], e)
-                return False
-
         ok: list[bool] = []
         try:
             if isinstance(items, list):
-                ok = list(writers.map(write, chunk, items))
+                ok = list(writers.map(lambda task, item: write_item(p.client, task, item), chunk, items))
         finally:
             with self._lock:
                 _forget_old_writes(p)

@@ -52,6 +52,18 @@ def predict_view(task: dict) -> dict:
                        for p in task.get("predictions") or [] if isinstance(p, dict)])
 
 
+def write_item(client, task: dict, item: dict) -> bool:
+    """Write one prediction item of `task` to Label Studio; False (logged) when it fails: one task's write failing
+    must not stop the others (`tessera predict --project`, and the overflow after a /predict's deadline)."""
+    try:
+        lsclient.create_prediction(client, task["id"], item["result"], item["score"], item["model_version"],
+                                   item.get("mislabeling"))
+        return True
+    except Exception as e:
+        logger.warning("task %s: prediction not written: %s", task["id"], e)
+        return False
+
+
 def ahead(items: Iterable, n: int) -> Iterator:
     """`items`, read by a thread of its own up to n ahead of the consumer (the listing's next pages come while
     a chunk is predicted); an error the reading meets is raised where the consumer reaches it."""
@@ -125,13 +137,7 @@ def predict_project(settings: Settings, key: str, batch: int = 128, overwrite: b
                 counts["superseded_deleted"] += 1
 
     def write(task: dict, item: dict) -> None:
-        try:
-            lsclient.create_prediction(client, task["id"], item["result"], item["score"], item["model_version"],
-                                       item.get("mislabeling"))
-            ok = True
-        except Exception as e:           # one task's write failing must not stop the project
-            ok = False
-            logger.warning("task %s: prediction not written: %s", task["id"], e)
+        ok = write_item(client, task, item)
         with lock:
             counts["written" if ok else "failed"] += 1
         if ok and replace:               # only once the served version's prediction is there
