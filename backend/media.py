@@ -1,9 +1,11 @@
 """Resolve a task's image reference to pixels, treating every URL as hostile.
 
 Accepted: LS-relative paths (`/data/upload/...`, `/tasks/.../resolve/...`) fetched from Label Studio with
-its legacy token; http(s) URLs on allow-listed hosts (by default only Label Studio's own); `data:` URIs;
-LS local-files URLs and plain paths under TESSERA_MEDIA_ROOT. Caps on bytes and pixels; no redirects
-followed; no path escapes the media root; the token is only ever sent to the Label Studio host.
+its legacy token; cloud storage URIs (`s3://`, `gs://`, `azure-blob://`) through Label Studio's resolver for
+the task; http(s) URLs on allow-listed hosts (by default only Label Studio's own); `data:` URIs; LS
+local-files URLs and plain paths under TESSERA_MEDIA_ROOT. Caps on bytes and pixels; no path escapes the
+media root; the token is only ever sent to the Label Studio host. No redirect is followed but one: from
+Label Studio's storage resolver to the presigned URL it made (without the token).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
@@ -40,6 +43,10 @@ class MediaError(ValueError):
 
 
 _SCHEME_AUTH = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
+# Label Studio's storage resolver (label_studio/io_storages/urls.py, 1.23.2; `presign` is its older name): for a
+# task's cloud URI it answers with the file (a storage set to proxy) or a 303 to a presigned URL (the default)
+_RESOLVER = re.compile(r"/(?:tasks|projects)/[0-9]+/(?:resolve|presign)/?$")
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -261,18 +268,19 @@ class MediaResolver:
         return any(h == "*" or (h == origin.host and p in (None, origin.port)) for h, p in self.allowed)
 
     # ------------------------------------------------------------------------------------------- bytes
-    def fetch(self, ref: str) -> bytes:
-        """Image reference -> raw bytes, within the byte cap. Raises MediaError (and nothing else)."""
+    def fetch(self, ref: str, task_id: Any = None) -> bytes:
+        """Image reference -> raw bytes, within the byte cap. Raises MediaError (and nothing else). `task_id`:
+        the task the reference is from (a cloud storage URI is resolved by Label Studio for its task)."""
         if not isinstance(ref, str) or not ref.strip():
             raise MediaError("the task has no image reference (empty or not a string)")
         try:
-            return self._fetch(ref.strip())
+            return self._fetch(ref.strip(), task_id)
         except MediaError:
             raise
         except (ValueError, OSError, TypeError, UnicodeError) as e:   # NUL bytes, odd encodings, bad URLs
             raise MediaError(f"{_redact(ref)} cannot be read ({type(e).__name__})") from None
 
-    def _fetch(self, ref: str) -> bytes:
+    def _fetch(self, ref: str, task_id: Any = None) -> bytes:
         if ref.startswith("data:"):
             return self._data_uri(ref)
         parsed = urlsplit(ref)
@@ -281,9 +289,8 @@ class MediaResolver:
         scheme = parsed.scheme.lower()
         if scheme in ("http", "https"):
             return self._http(ref)
-        if scheme in ("s3", "gs", "azure-blob", "azure-spi"):
-            raise MediaError(f"{scheme}:// URLs are resolved by Label Studio's cloud storage; "
-                             "connect the storage in LS so tasks carry resolvable URLs")
+        if scheme in CLOUD_SCHEMES:
+            return self._cloud(ref, scheme, task_id)
         if scheme:
             raise MediaError(f"unsupported URL scheme {scheme!r} in {_redact(ref)}")
         if ref.startswith("/data/") or ref.startswith("/tasks/") or ref.startswith("/storage-data/"):
@@ -292,6 +299,24 @@ class MediaResolver:
                                  "set LABEL_STUDIO_URL (or connect the backend so /setup sends it)")
             return self._http(urljoin(self.ls_url + "/", ref.lstrip("/")))
         return self._local(ref)
+
+    def _cloud(self, ref: str, scheme: str, task_id: Any) -> bytes:
+        """A cloud storage URI as Label Studio's editor gets it: from LS's resolver for the task,
+        /tasks/<id>/resolve/?fileuri=<the URI in url-safe base64>, with the token. Label Studio 1.23.2 sends
+        tasks to ML backends with their storage URIs unresolved; it finds the project's storage for the URI
+        and answers with the file or a redirect to a presigned URL (`_download` follows that one)."""
+        if not self.ls_url:
+            raise MediaError(f"{_redact(ref)} is a cloud storage URI ({scheme}://), which Label Studio resolves, but "
+                             "the Label Studio URL is unknown: set LABEL_STUDIO_URL (or connect the backend so /setup "
+                             "sends it)")
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0:
+            raise MediaError(f"{_redact(ref)} is a cloud storage URI ({scheme}://): Label Studio resolves it for a "
+                             "task, and this one has no task id")
+        fileuri = base64.urlsafe_b64encode(ref.encode()).decode()
+        try:
+            return self._http(f"{self.ls_url}/tasks/{task_id}/resolve/?fileuri={fileuri}")
+        except MediaError as e:
+            raise MediaError(f"{_redact(ref)}: {e}") from None
 
     def _data_uri(self, ref: str) -> bytes:
         header, _, payload = ref.partition(",")
@@ -335,16 +360,21 @@ class MediaResolver:
         cached = self.cache.get(key) if self.cache is not None else None
         if cached is not None:
             return cached
-        # the token goes only to the origin it is bound to (Label Studio's), never to an allowed other host
-        headers = {"Authorization": f"Token {self.token}"} if self.token and origin == self.ls_origin else {}
-        data = self._download(url, headers)
+        data = self._download(url, origin)
         if self.cache is not None:
             self.cache.put(key, data)
         return data
 
-    def _download(self, url: str, headers: dict) -> bytes:
+    def _download(self, url: str, origin: Origin, redirected: bool = False) -> bytes:
         """GET within the byte cap and one deadline for the whole exchange (a host trickling its headers or
-        body cannot hold a request past TESSERA_FETCH_TIMEOUT_S); redirects are not followed."""
+        body cannot hold a request past TESSERA_FETCH_TIMEOUT_S). No redirect is followed but one from Label
+        Studio's storage resolver: to the presigned URL it made for a storage the project's admin connected
+        (what a task names cannot move it elsewhere: Label Studio answers 404 for a URI no storage of the
+        project holds), fetched without the token and within the same caps."""
+        # the token goes only to the origin it is bound to (Label Studio's), never to an allowed other host
+        headers = {"Authorization": f"Token {self.token}"} if self.token and origin == self.ls_origin else {}
+        resolver = origin == self.ls_origin and not redirected and _RESOLVER.search(urlsplit(url).path)
+        location = None
         cap, budget = self.settings.max_image_bytes, self.settings.fetch_timeout_s
         deadline = time.monotonic() + budget
         watch: dict = {}
@@ -355,16 +385,24 @@ class MediaResolver:
         try:
             with self.session.get(url, headers=headers, stream=True, timeout=(min(5.0, budget), budget),
                                   allow_redirects=False) as r:
-                if 300 <= r.status_code < 400:
-                    raise MediaError(f"{_redact(url)} redirects (HTTP {r.status_code}); redirects are not followed")
-                if r.status_code != 200:
+                if 300 <= r.status_code < 400 and resolver and r.headers.get("Location"):
+                    location = r.headers["Location"]
+                elif 300 <= r.status_code < 400:
+                    raise MediaError(f"{_redact(url)} redirects (HTTP {r.status_code}); only Label Studio's storage "
+                                     "resolver may redirect (once)")
+                elif r.status_code != 200:
                     raise MediaError(f"{_redact(url)} answered HTTP {r.status_code}"
                                      + (" (check LABEL_STUDIO_API_KEY / legacy tokens)" if r.status_code in (
-                                         401, 403) else ""))
-                if int(r.headers.get("Content-Length") or 0) > cap:
+                                         401, 403) else "")
+                                     + (" (Label Studio found no storage of the task's project for it: connect the "
+                                        "bucket as a source storage)" if resolver and r.status_code == 404 else ""))
+                elif int(r.headers.get("Content-Length") or 0) > cap:
                     raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
                 buf = bytearray()
-                while time.monotonic() < deadline:
+                while location is None:
+                    if time.monotonic() >= deadline:
+                        watch["cut"] = True
+                        break
                     # read1: what one socket read gives, so the deadline is checked between reads
                     chunk = r.raw.read1(64 * 1024, decode_content=True)
                     if not chunk:
@@ -372,8 +410,6 @@ class MediaResolver:
                     buf += chunk
                     if len(buf) > cap:
                         raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
-                else:
-                    watch["cut"] = True
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if not watch.get("cut"):
                 raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}") from None
@@ -382,16 +418,22 @@ class MediaResolver:
             _in_flight.watch = None
         if watch.get("cut"):
             raise MediaError(f"{_redact(url)} took longer than {budget:g} s to download (TESSERA_FETCH_TIMEOUT_S)")
+        if location is not None:
+            try:
+                target, target_url = parse_http_url(urljoin(url, location))
+            except UnsafeURL as e:
+                raise MediaError(f"Label Studio's resolver sent {_redact(url)} to a URL not accepted: {e}") from None
+            return self._download(target_url, target, redirected=True)
         return bytes(buf)
 
     # ------------------------------------------------------------------------------------------ pixels
-    def load_image(self, ref: str) -> np.ndarray:
+    def load_image(self, ref: str, task_id: Any = None) -> np.ndarray:
         """Image reference -> (H, W, 3) uint8 RGB at full size. Raises MediaError for anything unusable."""
-        return decode_image(self.fetch(ref), self.settings.max_pixels, _redact(ref))[0]
+        return decode_image(self.fetch(ref, task_id), self.settings.max_pixels, _redact(ref))[0]
 
-    def load_working(self, ref: str) -> tuple[np.ndarray, tuple[int, int]]:
+    def load_working(self, ref: str, task_id: Any = None) -> tuple[np.ndarray, tuple[int, int]]:
         """Image reference -> ((h, w, 3) uint8 RGB with max(h, w) <= TESSERA_MAX_SIDE, original (H, W))."""
-        return decode_image(self.fetch(ref), self.settings.max_pixels, _redact(ref), self.settings.max_side)
+        return decode_image(self.fetch(ref, task_id), self.settings.max_pixels, _redact(ref), self.settings.max_side)
 
 
 class _PixelBudget:

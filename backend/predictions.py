@@ -491,7 +491,8 @@ def task_image(task: Any, img: ImageObject, media: MediaResolver, working: bool 
         return MediaError(f"task data has no {img.data_key!r} field (the <Image value=\"${img.data_key}\">)")
     try:
         ref = data[img.data_key]
-        return media.load_working(ref) if working else media.load_image(ref)
+        tid = task.get("id")
+        return media.load_working(ref, tid) if working else media.load_image(ref, tid)
     except MediaError as e:
         return e
     except Exception as e:          # a bug on odd input must not fail the batch either; the traceback is logged
@@ -623,7 +624,7 @@ def warm_refine(task: dict, config: LabelConfig, served: Served, media: MediaRes
     def run():
         for ref in refs:
             try:
-                image, _ = media.load_working(ref)      # the pixels interactive() refines on
+                image, _ = media.load_working(ref, task.get("id"))      # the pixels interactive() refines on
             except MediaError:
                 continue
             t0 = time.perf_counter()
@@ -652,7 +653,7 @@ def interactive(task: dict, config: LabelConfig, served: Served, media: MediaRes
     if not controls:
         return _empty(served.version, "no control for the hinted image")
     try:        # as /predict and training see it: at most TESSERA_MAX_SIDE px, the scale the model learned at
-        image, size = media.load_working((task.get("data") or {}).get(img.data_key, ""))
+        image, size = media.load_working((task.get("data") or {}).get(img.data_key, ""), task.get("id"))
     except MediaError as e:
         return _empty(served.version, f"task {_task_id(task)}: {e}")
     hint, positive, negative, label = _hint_maps(hints, size, image.shape[:2])

@@ -22,7 +22,7 @@ class SquaresMedia:
     """'sq:<n>' -> an image with n separate bright squares, after a random short delay (downloads finish out
     of order); 'bad' raises MediaError."""
 
-    def load_working(self, ref):
+    def load_working(self, ref, task_id=None):
         time.sleep(random.random() * 0.01)
         if ref == "bad":
             raise MediaError("bad image reference")

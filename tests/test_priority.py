@@ -41,7 +41,7 @@ class Media:
     def __init__(self, images):
         self.images = images
 
-    def load_working(self, ref):
+    def load_working(self, ref, task_id=None):
         im = self.images[ref]
         return im, im.shape[:2]
 

@@ -17,7 +17,7 @@ class CountingMedia:
         self.loaded = 0
         self.lock = threading.Lock()
 
-    def load_image(self, ref):
+    def load_image(self, ref, task_id=None):
         if ref == "bad":
             raise MediaError("bad image reference")
         img = np.zeros((40, 50, 3), np.uint8)
@@ -26,7 +26,7 @@ class CountingMedia:
             self.loaded += 1
         return img
 
-    def load_working(self, ref):
+    def load_working(self, ref, task_id=None):
         img = self.load_image(ref)
         return img, img.shape[:2]
 
