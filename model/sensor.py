@@ -40,7 +40,6 @@ _BANK = 512  # side of the pre-drawn noise tile that grain fields are cut from
 def _field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Unit-variance Gaussian noise with correlation length sigma: a random crop (offset, rot90) of a tile
     drawn once per sigma, ~30x faster than drawing and blurring per image (generation speed)."""
-    tile = _tile(sigma)
     H, W = shape
     if H > _BANK or W > _BANK:  # larger than the tile: drawn afresh
         f = _blur(rng.standard_normal(shape, dtype=np.float32), sigma)
