@@ -46,7 +46,10 @@ FIRST_RUN_ITERS_FACTOR = 4   # a project's first version may train this many tim
 PLATEAU_EVALS = 4            # ... but stops when this many evaluations in a row did not improve it. Held-back
                              # box AP50 moves +-0.02 between evaluations: DSB native boxes, 2,400 iterations,
                              # seeds 0-3, patience 2 / 3 / 4 kept states scoring 0.716 / 0.738 / 0.742 AP50 on
-                             # validation (4: no early stop in any seed; bench.patience, patience_*.json)
+                             # validation (4: no early stop in any seed; bench.patience, patience_*.json).
+                             # A cap of 6x (3,600) did not pay on Pets heads (held-back score still rising at
+                             # 2,400 on 3 of 5 seeds): seeds 0 / 1 AP50 0.854 / 0.820 against 0.863 / 0.829
+                             # (stopped at 3,150 / 3,600; bench/HISTORY.md stop 49)
 
 
 def train_config(settings: Settings, iters: int | None = None, budget_s: float = 0.0, box_only: bool = False,
