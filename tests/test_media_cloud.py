@@ -79,6 +79,17 @@ def test_an_s3_image_comes_through_label_studios_resolver_and_its_presigned_url(
         "the presigned URL is fetched as it is, and never with Label Studio's token"
 
 
+def test_a_task_listed_through_the_api_names_the_resolver_itself(hosts, media):
+    """The tasks API (what `tessera predict --project` and training list) shows a cloud URI behind the resolver,
+    /tasks/<id>/resolve/?fileuri=...: the same redirect is followed."""
+    ls, bucket = hosts
+    PRESIGNED["s3://photos/g.png"] = bucket.url + "/photos/g.png?X-Amz-Signature=def"
+    BUCKET["/photos/g.png"] = ok(png_bytes(value=9))
+    ref = "/tasks/21/resolve/?fileuri=" + base64.urlsafe_b64encode(b"s3://photos/g.png").decode()
+    assert media.load_image(ref)[0, 0, 0] == 9
+    assert ls.seen[-1][1] == "Token secret-token" and bucket.seen[-1] == ("/photos/g.png?X-Amz-Signature=def", None)
+
+
 def test_a_storage_that_proxies_answers_with_the_file(media):
     PROXIED["gs://scans/b.png"] = png_bytes(value=5)
     assert media.load_image("gs://scans/b.png", task_id=3)[0, 0, 0] == 5
