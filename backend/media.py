@@ -1,11 +1,12 @@
 """Resolve a task's image reference to pixels, treating every URL as hostile.
 
 Accepted: LS-relative paths (`/data/upload/...`, `/tasks/.../resolve/...`) fetched from Label Studio with
-its legacy token; cloud storage URIs (`s3://`, `gs://`, `azure-blob://`) through Label Studio's resolver for
-the task; http(s) URLs on allow-listed hosts (by default only Label Studio's own); `data:` URIs; LS
-local-files URLs and plain paths under TESSERA_MEDIA_ROOT. Caps on bytes and pixels; no path escapes the
-media root; the token is only ever sent to the Label Studio host. No redirect is followed but one: from
-Label Studio's storage resolver to the presigned URL it made (without the token).
+its legacy token; local-files URLs (from Label Studio, or under TESSERA_MEDIA_ROOT when that is set); cloud
+storage URIs (`s3://`, `gs://`, `azure-blob://`) through Label Studio's resolver for the task; http(s) URLs
+on allow-listed hosts (by default only Label Studio's own); `data:` URIs; plain paths under
+TESSERA_MEDIA_ROOT. Caps on bytes and pixels; no path escapes the media root; the token is only ever sent
+to the Label Studio host. No redirect is followed but one: from Label Studio's storage resolver to the
+presigned URL it made (without the token).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -285,7 +286,7 @@ class MediaResolver:
             return self._data_uri(ref)
         parsed = urlsplit(ref)
         if parsed.path.startswith("/data/local-files") and "d" in parse_qs(parsed.query):
-            return self._local(parse_qs(parsed.query)["d"][0])
+            return self._local_files(parse_qs(parsed.query)["d"][0])
         scheme = parsed.scheme.lower()
         if scheme in ("http", "https"):
             return self._http(ref)
@@ -317,6 +318,22 @@ class MediaResolver:
             return self._http(f"{self.ls_url}/tasks/{task_id}/resolve/?fileuri={fileuri}")
         except MediaError as e:
             raise MediaError(f"{_redact(ref)}: {e}") from None
+
+    def _local_files(self, path: str) -> bytes:
+        """The file of a Label Studio local-files URL (/data/local-files/?d=PATH): read under TESSERA_MEDIA_ROOT
+        when that is set (the storage's directory mounted here), else from Label Studio with the key, which
+        serves it to whoever may see a project with a local storage holding it (LOCAL_FILES_SERVING_ENABLED;
+        label_studio/io_storages/localfiles/views.py, 1.23.2), as upstream backends get it."""
+        if self.settings.media_root is not None or not self.ls_url:
+            return self._local(path)
+        if "\0" in path:
+            raise MediaError(f"{_redact(path)} holds a NUL byte")
+        url = f"{self.ls_url}/data/local-files/?d={quote(path, safe='/')}"
+        try:
+            return self._http(url)
+        except MediaError as e:
+            raise MediaError(f"{e}; Label Studio serves local files with LOCAL_FILES_SERVING_ENABLED=true, or set "
+                             "TESSERA_MEDIA_ROOT to the storage's directory mounted here") from None
 
     def _data_uri(self, ref: str) -> bytes:
         header, _, payload = ref.partition(",")

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
         "TESSERA_ALLOWED_HOSTS", (), "Extra hosts media may be downloaded from, comma-separated host or host:port "
         "(the Label Studio host is always allowed; the token is never sent to these). `*` allows any host.")
     media_root: Path | None = env("TESSERA_MEDIA_ROOT", None, "Local directory that task paths (and LS "
-                                  "local-files URLs) may be read from.")
+                                  "local-files URLs) may be read from. Unset: LS local-files URLs come from Label "
+                                  "Studio (with LOCAL_FILES_SERVING_ENABLED there).")
     max_image_bytes: int = env("TESSERA_MAX_IMAGE_BYTES", 50 * 1024 * 1024, "Largest image download accepted, "
                                "in bytes (50 MB).", ge=1)
     max_pixels: int = env("TESSERA_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels "

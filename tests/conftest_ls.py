@@ -50,7 +50,10 @@ def ls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioS
         )
     try:
         template = build_template(venv, default_template_dir())
-        server = LabelStudioServer(venv, tmp_path_factory.mktemp("ls-data"), template=template)
+        # local-files storages (tests/test_e2e_storage.py): Label Studio serves files under this root to the key
+        files = tmp_path_factory.mktemp("ls-local-files")
+        server = LabelStudioServer(venv, tmp_path_factory.mktemp("ls-data"), template=template, env_extra={
+            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files)})
         server.start(timeout=float(os.environ.get("TESSERA_LS_START_TIMEOUT", "180")))
     except LabelStudioError as e:
         pytest.fail(f"could not start Label Studio: {e}", pytrace=False)

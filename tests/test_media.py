@@ -26,7 +26,7 @@ FILES: dict = {}      # path -> body the stand-in Label Studio serves
 def _answer(path: str):
     if path.startswith("/data/redirect"):
         return 302, {"Location": "http://example.com/x.png"}, b""
-    body = FILES.get(path.split("?")[0])
+    body = FILES.get(path, FILES.get(path.split("?")[0]))
     return (404, {}, b"") if body is None else ok(body)
 
 
@@ -120,6 +120,19 @@ def test_local_files_stay_under_the_media_root(settings, tmp_path):
     (settings.media_root / "link.png").symlink_to(secret)
     with pytest.raises(MediaError, match="outside"):
         r.fetch("link.png")
+
+
+def test_local_files_come_from_label_studio_without_a_media_root(http_server, server, tmp_path):
+    """Without TESSERA_MEDIA_ROOT (Tessera in its own container), a local-files URL's file comes from Label
+    Studio, which serves it to the key's user where a project's local storage holds it."""
+    _serve({"/data/local-files/?d=scans/a%20b.png": png_bytes(value=9)})
+    r = MediaResolver(Settings(model_dir=tmp_path), ls_url=http_server, token="secret-token")
+    assert r.load_image("/data/local-files/?d=scans/a%20b.png")[0, 0, 0] == 9
+    assert server.seen[-1] == ("/data/local-files/?d=scans/a%20b.png", "Token secret-token")
+    with pytest.raises(MediaError, match="LOCAL_FILES_SERVING_ENABLED"):
+        r.fetch("/data/local-files/?d=scans/missing.png")
+    with pytest.raises(MediaError, match="NUL"):
+        r.fetch("/data/local-files/?d=a%00.png")
 
 
 def test_no_media_root_no_local_files(tmp_path):

@@ -1,10 +1,16 @@
-"""End to end with cloud storage: a real Label Studio 1.23.2 whose project's images live in an S3 bucket, served
-by moto's S3 server (a real HTTP listener on loopback), connected as the project's source storage with pre-signed
-URLs on (Label Studio's default). Label Studio sends /predict the tasks' s3:// URIs unresolved; Tessera gets each
-image from Label Studio's resolver for its task, which answers with a 303 to a presigned URL on the bucket."""
+"""End to end with a project's images in its storages, as Label Studio 1.23.2 hands them over.
+
+- Cloud storage: an S3 bucket served by moto's S3 server (a real HTTP listener on loopback), connected as the
+  project's source storage with pre-signed URLs on (Label Studio's default). Label Studio sends /predict the
+  tasks' s3:// URIs unresolved; Tessera gets each image from Label Studio's resolver for its task, which
+  answers with a 303 to a presigned URL on the bucket.
+- Local storage: a directory under Label Studio's LOCAL_FILES_DOCUMENT_ROOT, Tessera without
+  TESSERA_MEDIA_ROOT (its own container, the directory not mounted): the files come from Label Studio.
+"""
 import base64
 import io
-from urllib.parse import parse_qs, urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -65,15 +71,41 @@ def test_a_projects_images_in_s3_are_predicted_through_presigned_urls(ls_api, te
     assert ls_api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
     retrieve_predictions(ls_api, pid)
 
-    for tid, uri in uris.items():
-        inst = truths[uri]
+    _masks_land_on_the_objects(ls_api, tessera, {tid: truths[uri] for tid, uri in uris.items()})
+
+
+def test_a_projects_images_in_a_local_storage_come_from_label_studio(ls_server, ls_api, tessera, tmp_path):
+    root = ls_server.env_extra["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"]
+    folder = Path(root) / "frames"
+    folder.mkdir(exist_ok=True)
+    truths = {}
+    for i in range(2):
+        sample = make_nuclei_mosaic(256, 384, tile=128, seed=70 + i)
+        Image.fromarray(sample.image).save(folder / f"frame {i}.png")      # a space: the URL is quoted
+        truths[f"frame {i}.png"] = sample.instances
+    pid = ls_api.projects.create(title="tessera local files", label_config=CONFIG_ALL).id
+    storage = ls_api.import_storage.local.create(project=pid, path=str(folder), use_blob_urls=True, title="frames")
+    ls_api.import_storage.local.sync(id=storage.id)
+    tasks = wait_for(lambda: [t for t in ls_api.tasks.list(project=pid)] if len(
+        list(ls_api.tasks.list(project=pid))) == 2 else None, what="the storage's two tasks")
+    refs = {t.id: next(iter(t.data.values())) for t in tasks}
+    assert all(ref.startswith("/data/local-files/?d=") for ref in refs.values()), refs
+    assert ls_api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
+    retrieve_predictions(ls_api, pid)
+    _masks_land_on_the_objects(ls_api, tessera, {tid: truths[unquote(ref).rsplit("/", 1)[-1]]
+                                                 for tid, ref in refs.items()})
+
+
+def _masks_land_on_the_objects(ls_api, tessera, truths: dict) -> None:
+    """Each task (id -> its image's instance map) has one prediction whose brush masks cover its objects."""
+    for tid, inst in truths.items():
         h, w = inst.shape
         preds = predictions(ls_api, tid)
-        assert len(preds) == 1, f"task {tid} ({uri}): {preds}\n{tessera.log_text()[-3000:]}"
+        assert len(preds) == 1, f"task {tid}: {preds}\n{tessera.log_text()[-3000:]}"
         brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
         assert brushes and all(r["original_width"] == w and r["original_height"] == h for r in brushes)
         pred_inst = np.zeros((h, w), np.int32)
         for k, r in enumerate(brushes, 1):
             pred_inst[region_to_mask(r, h, w) & (pred_inst == 0)] = k
         fg_iou = metrics.iou(pred_inst > 0, inst > 0)
-        assert fg_iou >= 0.6, f"{uri}: the brush masks cover the bucket image's objects with IoU {fg_iou:.3f}"
+        assert fg_iou >= 0.6, f"task {tid}: the brush masks cover the image's objects with IoU {fg_iou:.3f}"
