@@ -91,6 +91,19 @@ def upload_images(ls: LabelStudio, project: int, paths) -> list[int]:
     return lsclient.upload_images(ls, project, [(Path(p).name, Path(p).read_bytes()) for p in paths])
 
 
+def brush_instances(regions: list[dict], h: int, w: int):
+    """A prediction's brush regions decoded at the image's size (h, w) into one instance map (int32, 0 =
+    background; where regions overlap the first keeps the pixel)."""
+    import numpy as np
+
+    from tessera.backend.regions import region_to_mask
+
+    out = np.zeros((h, w), np.int32)
+    for k, r in enumerate(regions, 1):
+        out[region_to_mask(r, h, w) & (out == 0)] = k
+    return out
+
+
 def wait_for(fn, timeout: float = 30.0, what: str = "condition", every: float = 0.3):
     """Poll fn() until it returns something truthy (returned); AssertionError after `timeout` seconds."""
     deadline, value = time.time() + timeout, None

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tessera.backend.regions import region_to_mask
 from tessera.model import metrics
 from tessera.model.data import make_nuclei_mosaic
 from tessera.model.inference import Predictor
 from tests.conftest import CONFIG_ALL
-from tests.conftest_ls import predictions, retrieve_predictions, tessera_for, upload_images
+from tests.conftest_ls import brush_instances, predictions, retrieve_predictions, tessera_for, upload_images
 
 pytestmark = pytest.mark.e2e
 
@@ -45,17 +44,14 @@ def test_native_size_brush_masks_land_on_the_objects(ls_server, ls_api, tessera,
         assert len(preds) == 1, preds
         brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
         assert brushes and all(r["original_width"] == w and r["original_height"] == h for r in brushes)
-        masks = [region_to_mask(r, h, w) for r in brushes]       # decodes only at the image's own size
-        pred_inst = np.zeros((h, w), np.int32)
-        for k, m in enumerate(masks, 1):
-            pred_inst[m & (pred_inst == 0)] = k
+        pred_inst = brush_instances(brushes, h, w)                # decodes only at the image's own size
         fg_iou = metrics.iou(pred_inst > 0, inst > 0)
         match = metrics.instance_match(pred_inst, inst)
-        print(f"task {tid} {w}x{h}: {len(masks)} brush regions for {match['n_true']} objects, "
+        print(f"task {tid} {w}x{h}: {len(brushes)} brush regions for {match['n_true']} objects, "
               f"fg IoU {fg_iou:.3f}, recall@0.5 {match['recall']:.3f}")
         assert fg_iou >= 0.6, f"{w}x{h}: brush masks cover the objects with IoU {fg_iou:.3f}"
         assert match["recall"] >= 0.3, f"{w}x{h}: {match['recall']:.3f} of objects matched at IoU 0.5"
-        assert 0.4 * match["n_true"] <= len(masks) <= 2 * match["n_true"]
+        assert 0.4 * match["n_true"] <= len(brushes) <= 2 * match["n_true"]
     # the same weights squeezed into R x R (how every image was seen before the object scale) miss them
     image = np.asarray(Image.open(paths[0]).convert("RGB"))
     squeezed = Predictor(predictor.model, predictor.label_names, device="cpu", edge_weight=predictor.edge_weight)

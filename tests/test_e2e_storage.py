@@ -12,15 +12,13 @@ import io
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from tessera.backend.regions import region_to_mask
 from tessera.model import metrics
 from tessera.model.data import make_nuclei_mosaic
 from tests.conftest import CONFIG_ALL
-from tests.conftest_ls import predictions, retrieve_predictions, tessera_for, wait_for
+from tests.conftest_ls import brush_instances, predictions, retrieve_predictions, tessera_for, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -62,8 +60,7 @@ def test_a_projects_images_in_s3_are_predicted_through_presigned_urls(ls_api, te
                                               presign=True, presign_ttl=15, region_name="us-east-1",
                                               s3endpoint=bucket, title="cells", **KEYS)
     ls_api.import_storage.s3.sync(id=storage.id)
-    tasks = wait_for(lambda: [t for t in ls_api.tasks.list(project=pid)] if len(
-        list(ls_api.tasks.list(project=pid))) == 2 else None, what="the storage's two tasks")
+    tasks = _synced_tasks(ls_api, pid, 2)
     # the tasks API shows each URI behind the resolver (/tasks/<id>/resolve/?fileuri=...); /predict gets it raw
     uris = {t.id: base64.urlsafe_b64decode(parse_qs(urlsplit(next(iter(t.data.values()))).query)["fileuri"][0]
                                            ).decode() for t in tasks}
@@ -86,14 +83,21 @@ def test_a_projects_images_in_a_local_storage_come_from_label_studio(ls_server, 
     pid = ls_api.projects.create(title="tessera local files", label_config=CONFIG_ALL).id
     storage = ls_api.import_storage.local.create(project=pid, path=str(folder), use_blob_urls=True, title="frames")
     ls_api.import_storage.local.sync(id=storage.id)
-    tasks = wait_for(lambda: [t for t in ls_api.tasks.list(project=pid)] if len(
-        list(ls_api.tasks.list(project=pid))) == 2 else None, what="the storage's two tasks")
+    tasks = _synced_tasks(ls_api, pid, 2)
     refs = {t.id: next(iter(t.data.values())) for t in tasks}
     assert all(ref.startswith("/data/local-files/?d=") for ref in refs.values()), refs
     assert ls_api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
     retrieve_predictions(ls_api, pid)
     _masks_land_on_the_objects(ls_api, tessera, {tid: truths[unquote(ref).rsplit("/", 1)[-1]]
                                                  for tid, ref in refs.items()})
+
+
+def _synced_tasks(ls_api, pid: int, n: int) -> list:
+    """The project's tasks once its storage sync has made all n of them."""
+    def listed():
+        tasks = list(ls_api.tasks.list(project=pid))
+        return tasks if len(tasks) == n else None
+    return wait_for(listed, what=f"the storage's {n} tasks")
 
 
 def _masks_land_on_the_objects(ls_api, tessera, truths: dict) -> None:
@@ -104,8 +108,5 @@ def _masks_land_on_the_objects(ls_api, tessera, truths: dict) -> None:
         assert len(preds) == 1, f"task {tid}: {preds}\n{tessera.log_text()[-3000:]}"
         brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
         assert brushes and all(r["original_width"] == w and r["original_height"] == h for r in brushes)
-        pred_inst = np.zeros((h, w), np.int32)
-        for k, r in enumerate(brushes, 1):
-            pred_inst[region_to_mask(r, h, w) & (pred_inst == 0)] = k
-        fg_iou = metrics.iou(pred_inst > 0, inst > 0)
+        fg_iou = metrics.iou(brush_instances(brushes, h, w) > 0, inst > 0)
         assert fg_iou >= 0.6, f"task {tid}: the brush masks cover the image's objects with IoU {fg_iou:.3f}"
