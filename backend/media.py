@@ -30,7 +30,7 @@ import requests
 import requests.adapters
 import urllib3
 import urllib3.connection
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tessera.backend.settings import Settings
 from tessera.backend.urls import Origin, UnsafeURL, parse_host_entry, parse_http_url
@@ -483,6 +483,11 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image",
                  max_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes -> ((h, w, 3) uint8 RGB, original (H, W)), checking the pixel count from the header first.
 
+    The image comes upright as Label Studio shows it: browsers apply a photo's EXIF orientation, so a phone
+    photo stored sideways with orientation 6 is shown, annotated (percentages, original_width / height) and
+    must be predicted as the turned image (ImageOps.exif_transpose; upstream backends had the same defect,
+    label-studio-ml-backend#535).
+
     With `max_side`, the image is decoded straight to at most that many pixels on its longer side: JPEG in
     the DCT domain (`draft`), other formats by an integer box `reduce` then a bilinear resize, one full-size
     decode at a time per process."""
@@ -502,7 +507,10 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image",
             with _DECODE_BUDGET.take(im.size[0] * im.size[1]):
                 im.load()
                 out = im.resize(target, Image.BILINEAR, reducing_gap=2.0) if target else im
-            return image_to_rgb(out), (h, w)
+                # after load (a PNG may keep its EXIF after the pixels) and after the resize (less to turn)
+                turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)    # shown as h x w
+                ImageOps.exif_transpose(out, in_place=True)
+            return image_to_rgb(out), ((w, h) if turned else (h, w))
     except MediaError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +254,11 @@ def image_to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB (image_to_rgb)."""
+    """Read an image file as (H, W, 3) uint8 RGB (image_to_rgb), upright as a viewer shows it (its EXIF
+    orientation applied, as backend.media.decode_image does)."""
     with Image.open(path) as im:
         try:
+            ImageOps.exif_transpose(im, in_place=True)
             return image_to_rgb(im)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
@@ -268,6 +270,7 @@ def _read_map(path: Path) -> np.ndarray:
         if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
             raise ValueError(f"{path}: label maps must be single-channel (8/16-bit grey or palette), "
                              f"got mode {im.mode}; write the index map with PIL mode 'L' or 'I;16'")
+        ImageOps.exif_transpose(im, in_place=True)          # upright, as its image is read
         return np.asarray(im).astype(np.int32)
 
 

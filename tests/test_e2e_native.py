@@ -56,3 +56,27 @@ def test_native_size_brush_masks_land_on_the_objects(ls_server, ls_api, tessera,
     image = np.asarray(Image.open(paths[0]).convert("RGB"))
     squeezed = Predictor(predictor.model, predictor.label_names, device="cpu", edge_weight=predictor.edge_weight)
     assert metrics.iou(squeezed.predict([image])[0].classes > 0, truths[0] > 0) < 0.5
+
+
+def test_a_sideways_phone_photo_gets_masks_where_label_studio_shows_its_objects(ls_server, ls_api, tessera,
+                                                                                tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (as phones save portrait photos): the browser shows it
+    turned, so the masks must be of the turned image's size and on its objects (before: the stored image's
+    size, 520 wide and 696 high, and the objects of the unturned pixels)."""
+    sample = make_nuclei_mosaic(520, 696, tile=128, seed=42)
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(sample.image, 1)))     # turned back: 696 high
+    exif = stored.getexif()
+    exif[0x0112] = 6                                                            # "rotate 90 clockwise to show"
+    path = tmp_path / "portrait.jpg"
+    stored.save(path, "JPEG", quality=95, exif=exif)
+    pid = ls_api.projects.create(title="tessera exif", label_config=CONFIG_ALL).id
+    (tid,) = upload_images(ls_api, pid, [path])
+    assert ls_api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
+    retrieve_predictions(ls_api, pid)
+
+    (pred,) = predictions(ls_api, tid)
+    brushes = [r for r in pred["result"] if r["type"] == "brushlabels"]
+    assert brushes and all((r["original_width"], r["original_height"]) == (696, 520) for r in brushes)
+    fg_iou = metrics.iou(brush_instances(brushes, 520, 696) > 0, sample.instances > 0)
+    print(f"sideways JPEG: {len(brushes)} brush regions, fg IoU {fg_iou:.3f}")
+    assert fg_iou >= 0.6, f"brush masks cover the shown objects with IoU {fg_iou:.3f}"

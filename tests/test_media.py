@@ -237,3 +237,47 @@ def test_the_cache_counts_other_processes_writes(tmp_path):
     for i in range(MediaCache.RESCAN_EVERY):
         cache.put(f"k{i}", b"z")
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= 10_000
+
+
+# ------------------------------------------------------------------------------ EXIF orientation (phone photos)
+
+# What a viewer shows for each EXIF orientation, written from the EXIF standard in numpy (not from Pillow's table)
+SHOWN = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+         5: lambda a: np.rot90(np.fliplr(a), 1), 6: lambda a: np.rot90(a, -1),
+         7: lambda a: np.rot90(np.fliplr(a), -1), 8: lambda a: np.rot90(a, 1)}
+
+
+def _tagged(stored: np.ndarray, orientation: int, fmt: str, **kw) -> bytes:
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, fmt, exif=exif, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_images_come_upright_as_label_studio_shows_them(settings, tmp_path, orientation):
+    """A photo stored sideways with an EXIF orientation is shown turned by the browser, so Label Studio's
+    percentages and original_width / height are of the turned image: /predict, training and folder datasets
+    must all see that image, pixel for pixel."""
+    from tessera.model.data import read_image
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (30, 48, 3), dtype=np.uint8)
+    data = _tagged(stored, orientation, "PNG")
+    shown = SHOWN[orientation](stored)
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    image, size = MediaResolver(settings).load_working(uri)
+    assert size == shown.shape[:2] and np.array_equal(image, shown)
+    (tmp_path / "x.png").write_bytes(data)
+    assert np.array_equal(read_image(tmp_path / "x.png"), shown)
+
+
+def test_a_large_sideways_jpeg_is_reduced_and_turned(settings):
+    """The reduced decode (TESSERA_MAX_SIDE, JPEG draft) turns the image too, and reports the shown size."""
+    stored = np.zeros((600, 800, 3), np.uint8)
+    stored[:, :400] = 255                            # left half white: turned clockwise (6), the top half
+    uri = "data:image/jpeg;base64," + base64.b64encode(_tagged(stored, 6, "JPEG", quality=95)).decode()
+    image, size = MediaResolver(settings.replace(max_side=256)).load_working(uri)
+    assert size == (800, 600) and image.shape == (256, 192, 3)
+    assert image[:120].mean() > 240 and image[136:].mean() < 15
