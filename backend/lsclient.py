@@ -24,6 +24,7 @@ import math
 import threading
 import time
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import httpx
 from label_studio_sdk.client import LabelStudio
@@ -245,9 +246,10 @@ def upload_files(ls: LabelStudio, project_id: int | str, images: list[tuple[str,
     ids = out.get("file_upload_ids") or []
     uploads = _json(_request(ls, "GET", f"api/projects/{pid}/file-uploads", params={"ids": json.dumps(ids)})) or []
     by_name = {}
+    at = urlsplit(ls._client_wrapper.get_base_url()).path.rstrip("/")     # "/ls": LS served at a path, as LS names them
     for u in uploads:  # LS stores "upload/<project>/<random>-<name>": match on the (unique) name we sent
         path = str(u.get("file", ""))
-        by_name[path.rsplit("/", 1)[-1].split("-", 1)[-1]] = "/data/" + path.lstrip("/")
+        by_name[path.rsplit("/", 1)[-1].split("-", 1)[-1]] = f"{at}/data/" + path.lstrip("/")
     urls = [by_name.get(name) for name, _ in images]
     if len(ids) != len(images) or None in urls:
         raise LabelStudioUnavailable(f"uploaded {len(images)} images, Label Studio listed {len(by_name)} of them")

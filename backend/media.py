@@ -45,6 +45,8 @@ class MediaError(ValueError):
 
 _SCHEME_AUTH = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
+# Label Studio's own paths under a prefix that LABEL_STUDIO_URL does not have ("/ls/data/upload/1/x.png")
+_PREFIXED_LS_PATH = re.compile(r"(/[^?#]+?)/(?:data/upload|data/local-files|tasks/[0-9]+/resolve|storage-data)/")
 # Label Studio's storage resolver (label_studio/io_storages/urls.py, 1.23.2; `presign` is its older name): for a
 # task's cloud URI it answers with the file (a storage set to proxy) or a 303 to a presigned URL (the default)
 _RESOLVER = re.compile(r"/(?:tasks|projects)/[0-9]+/(?:resolve|presign)/?$")
@@ -257,6 +259,8 @@ class MediaResolver:
             self.token = token if self.ls_origin else ""
             if ls_url and self.ls_origin is None:
                 _warn_once(f"Label Studio host {_redact(ls_url)} from a request is not a usable URL; ignored")
+        # Label Studio served at a path behind a proxy (LABEL_STUDIO_HOST=https://host/ls) names uploads /ls/data/...
+        self.ls_prefix = urlsplit(self.ls_url).path.rstrip("/") if self.ls_url else ""
         self.allowed = [(h, None) if h == "*" else parse_host_entry(h) for h in settings.allowed_hosts]
         cache_bytes = settings.media_cache_mb * 2**20          # downloads kept under cache_dir (None: none)
         self.cache = MediaCache(cache_dir, cache_bytes) if cache_dir is not None and cache_bytes else None
@@ -284,6 +288,8 @@ class MediaResolver:
     def _fetch(self, ref: str, task_id: Any = None) -> bytes:
         if ref.startswith("data:"):
             return self._data_uri(ref)
+        if self.ls_prefix and ref.startswith(self.ls_prefix + "/"):      # a path on Label Studio at its prefix
+            ref = ref[len(self.ls_prefix):]
         parsed = urlsplit(ref)
         if parsed.path.startswith("/data/local-files") and "d" in parse_qs(parsed.query):
             return self._local_files(parse_qs(parsed.query)["d"][0])
@@ -299,6 +305,10 @@ class MediaResolver:
                 raise MediaError(f"{_redact(ref)} is a Label Studio path but the Label Studio URL is unknown: "
                                  "set LABEL_STUDIO_URL (or connect the backend so /setup sends it)")
             return self._http(urljoin(self.ls_url + "/", ref.lstrip("/")))
+        at = _PREFIXED_LS_PATH.match(ref)
+        if at and self.settings.media_root is None:
+            raise MediaError(f"{_redact(ref)} is a path on a Label Studio served under {at.group(1)!r}: set "
+                             f"LABEL_STUDIO_URL to its address with that path (https://<host>{at.group(1)})")
         return self._local(ref)
 
     def _cloud(self, ref: str, scheme: str, task_id: Any) -> bytes:

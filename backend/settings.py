@@ -36,8 +36,9 @@ class Settings(BaseSettings):
 
     # Label Studio and the model store
     label_studio_url: str = env("LABEL_STUDIO_URL", "", "Label Studio's URL as this backend reaches it (e.g. "
-                                "http://label-studio:8080). Needed for training, `tessera predict/generate` and "
-                                "media outside a request.")
+                                "http://label-studio:8080; with its path when it is served at one behind a proxy, "
+                                "https://host/ls). Needed for training, `tessera predict/generate` and media "
+                                "outside a request.")
     ls_api_key: SecretStr = env("LABEL_STUDIO_API_KEY", SecretStr(""), "Label Studio legacy API token (Account & "
                                 "Settings); upstream name LABEL_STUDIO_ACCESS_TOKEN is read too. Never printed.",
                                 "LABEL_STUDIO_ACCESS_TOKEN")

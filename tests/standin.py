@@ -72,3 +72,42 @@ def has_ipv6() -> bool:
         return True
     except OSError:
         return False
+
+
+class _PrefixProxy(BaseHTTPRequestHandler):
+    """Forwards every request under the server's `prefix` to `target` with the prefix removed, as a reverse proxy
+    in front of an app served at a path does (nginx: location /ls/ { proxy_pass http://app/; })."""
+
+    def _forward(self):
+        import httpx
+
+        prefix, target = self.server.answer
+        if not (self.path == prefix or self.path.startswith(prefix + "/")):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        r = httpx.request(self.command, target + (self.path[len(prefix):] or "/"), headers=headers, content=body,
+                          timeout=300)
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *a):
+        pass
+
+
+def start_prefix_proxy(prefix: str) -> StandIn:
+    """A reverse proxy on 127.0.0.1 serving an app under `prefix`; set `server.answer = (prefix, target)`
+    once the app's origin is known."""
+    srv = start(None, handler=_PrefixProxy)
+    srv.answer = (prefix, "")
+    return srv

@@ -135,6 +135,21 @@ def test_local_files_come_from_label_studio_without_a_media_root(http_server, se
         r.fetch("/data/local-files/?d=a%00.png")
 
 
+def test_label_studio_served_at_a_path(http_server, server, tmp_path):
+    """Label Studio behind a proxy at /ls (LABEL_STUDIO_HOST=https://host/ls) names its uploads /ls/data/...:
+    with LABEL_STUDIO_URL at that path they come from Label Studio with the key; without the path, the error
+    names the setting (before: "a local path; set TESSERA_MEDIA_ROOT")."""
+    _serve({"/ls/data/upload/1/a.png": png_bytes(value=7), "/ls/data/local-files/?d=s/b.png": png_bytes(value=8)})
+    r = MediaResolver(Settings(model_dir=tmp_path), ls_url=http_server + "/ls/", token="secret-token")
+    assert r.load_image("/ls/data/upload/1/a.png")[0, 0, 0] == 7
+    assert server.seen[-1] == ("/ls/data/upload/1/a.png", "Token secret-token")
+    assert r.load_image("/ls/data/local-files/?d=s/b.png")[0, 0, 0] == 8
+    assert r.load_image(http_server + "/ls/data/upload/1/a.png")[0, 0, 0] == 7
+    direct = MediaResolver(Settings(model_dir=tmp_path), ls_url=http_server, token="secret-token")
+    with pytest.raises(MediaError, match=r"served under '/ls': set LABEL_STUDIO_URL .*https://<host>/ls"):
+        direct.fetch("/ls/data/upload/1/a.png")
+
+
 def test_no_media_root_no_local_files(tmp_path):
     r = MediaResolver(Settings(model_dir=tmp_path))
     with pytest.raises(MediaError, match="TESSERA_MEDIA_ROOT"):

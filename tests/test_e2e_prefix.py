@@ -1,0 +1,69 @@
+"""End to end: Label Studio served at a path behind a reverse proxy (LABEL_STUDIO_HOST=https://host/ls, the way
+its docs put it behind nginx). Label Studio then names its uploads /ls/data/upload/..., and Tessera must fetch
+them from Label Studio (through the proxy, with the key) rather than take them for local paths."""
+
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tessera.backend import lsclient
+from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
+from tessera.model import metrics
+from tessera.model.data import make_nuclei_mosaic
+from tests.conftest import CONFIG_ALL
+from tests.conftest_ls import brush_instances, predictions, retrieve_predictions, tessera_for, upload_samples
+from tests.standin import start_prefix_proxy
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def ls_at_a_path(ls_server, tmp_path):
+    """A second real Label Studio whose public address is http://127.0.0.1:<proxy>/ls; yields (server, public
+    URL). `ls_server` first: the session's server built the data-dir template this one starts from."""
+    proxy = start_prefix_proxy("/ls")
+    public = f"{proxy.url}/ls"
+    server = LabelStudioServer(default_ls_venv(), tmp_path / "ls-data", env_extra={"LABEL_STUDIO_HOST": public},
+                               template=build_template(default_ls_venv(), default_template_dir()))
+    server.start()
+    proxy.answer = ("/ls", server.url)
+    try:
+        yield server, public
+    finally:
+        server.stop()
+        proxy.shutdown()
+
+
+def test_predictions_for_label_studio_served_at_a_path(ls_at_a_path, trained_model_dir, tmp_path):
+    server, public = ls_at_a_path
+    api = lsclient.connect(public, server.token)     # all through the proxy, as a browser goes
+    samples = [make_nuclei_mosaic(256, 320, tile=128, seed=60 + i) for i in range(2)]
+    pid = api.projects.create(title="tessera at /ls", label_config=CONFIG_ALL).id
+    task_ids = upload_samples(api, pid, [s.image for s in samples])
+    refs = [api.tasks.get(t).data["image"] for t in task_ids]
+    assert all(r.startswith("/ls/data/upload/") for r in refs), refs       # Label Studio's own naming
+    with tessera_for(server, trained_model_dir, tmp_path, LABEL_STUDIO_URL=public) as tessera:
+        assert api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
+        retrieve_predictions(api, pid)
+        log = tessera.log_text()
+    for tid, sample in zip(task_ids, samples):
+        preds = predictions(api, tid)
+        assert len(preds) == 1, (preds, log[-2000:])
+        brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
+        fg_iou = metrics.iou(brush_instances(brushes, 256, 320) > 0, sample.instances > 0)
+        assert fg_iou >= 0.6, f"task {tid}: fg IoU {fg_iou:.3f}"
+
+    # images Tessera uploads (synthetic tasks) are named as Label Studio names its own: a browser loads them
+    (url,) = lsclient.upload_files(api, pid, [("synthetic.png", b"\x89PNG not checked")])
+    assert url.startswith("/ls/data/upload/")
+    assert httpx.get(urlsplit(public)._replace(path=url).geturl(),
+                     headers={"Authorization": f"Token {server.token}"}).content == b"\x89PNG not checked"
+
+    # Tessera given Label Studio's address without the path: a clear error naming the setting, not a local path
+    with tessera_for(server, trained_model_dir, tmp_path / "direct", LABEL_STUDIO_URL=server.url) as tessera:
+        pid2 = api.projects.create(title="tessera direct", label_config=CONFIG_ALL).id
+        (tid,) = upload_samples(api, pid2, [samples[0].image])
+        assert api.ml.create(project=pid2, url=tessera.url, title="Tessera").state == "CO"
+        retrieve_predictions(api, pid2)
+        assert "set LABEL_STUDIO_URL to its address with that path (https://<host>/ls)" in tessera.log_text()
