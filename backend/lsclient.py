@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
@@ -62,7 +64,10 @@ class _Transport(httpx.HTTPTransport):
             return super().handle_request(request)
         except httpx.TransportError as e:
             origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
-            raise LabelStudioUnavailable(f"Label Studio at {origin} is unreachable: {type(e).__name__}") from e
+            why = type(e).__name__
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                why = "its TLS certificate is not trusted; give your CA as TESSERA_CA_BUNDLE (or SSL_CERT_FILE)"
+            raise LabelStudioUnavailable(f"Label Studio at {origin} is unreachable: {why}") from e
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -81,13 +86,14 @@ def _raise_for_status(response: httpx.Response) -> None:
                                  response.text)
 
 
-def connect(url: str, api_key: str, timeout: float = 60.0) -> LabelStudio:
+def connect(url: str, api_key: str, timeout: float = 60.0, ca_bundle: Path | None = None) -> LabelStudio:
     """The SDK client for Label Studio at `url` with `api_key` (a legacy token, or a personal access token,
-    which the SDK exchanges for access tokens at `url`)."""
+    which the SDK exchanges for access tokens at `url`); HTTPS trusts `ca_bundle` (Settings.ca_bundle)."""
     if not url or not api_key:
         raise LabelStudioUnavailable("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the access token from "
                                      "Account & Settings) so Tessera can read the project")
-    http = httpx.Client(timeout=timeout, follow_redirects=False, transport=_Transport(),
+    verify = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
+    http = httpx.Client(timeout=timeout, follow_redirects=False, transport=_Transport(verify=verify),
                         event_hooks={"response": [_raise_for_status]})
     return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=0,
                        httpx_client=http)
@@ -95,7 +101,7 @@ def connect(url: str, api_key: str, timeout: float = 60.0) -> LabelStudio:
 
 def from_settings(settings: Settings, timeout: float = 60.0) -> LabelStudio:
     """`connect` to LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY."""
-    return connect(settings.label_studio_url, settings.label_studio_api_key, timeout)
+    return connect(settings.label_studio_url, settings.label_studio_api_key, timeout, settings.ca_bundle)
 
 
 def _request(ls: LabelStudio, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -335,7 +341,7 @@ class VersionFollower:
     def _follow(self, project: str, version: str, url: str, api_key: str) -> None:
         time.sleep(self.DELAY_S)
         try:
-            ours = follow_version(connect(url, api_key, timeout=10), project, version)
+            ours = follow_version(connect(url, api_key, 10, self.settings.ca_bundle), project, version)
         except Exception as e:          # LS unreachable or refusing: log, retry after RETRY_S
             logger.warning("project %s: could not name the Label Studio connection %s: %s", project, version, e)
             return

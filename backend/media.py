@@ -265,6 +265,7 @@ class MediaResolver:
         cache_bytes = settings.media_cache_mb * 2**20          # downloads kept under cache_dir (None: none)
         self.cache = MediaCache(cache_dir, cache_bytes) if cache_dir is not None and cache_bytes else None
         self.session = session or deadline_session(max(10, settings.fetch_threads))
+        self.verify = str(settings.ca_bundle) if settings.ca_bundle else True      # per request: env can't override
 
     def is_allowed(self, origin: Origin) -> bool:
         """Media may come from Label Studio's origin and TESSERA_ALLOWED_HOSTS only."""
@@ -411,7 +412,7 @@ class MediaResolver:
         timer.start()
         try:
             with self.session.get(url, headers=headers, stream=True, timeout=(min(5.0, budget), budget),
-                                  allow_redirects=False) as r:
+                                  allow_redirects=False, verify=self.verify) as r:
                 if 300 <= r.status_code < 400 and resolver and r.headers.get("Location"):
                     location = r.headers["Location"]
                 elif 300 <= r.status_code < 400:
@@ -437,6 +438,9 @@ class MediaResolver:
                     buf += chunk
                     if len(buf) > cap:
                         raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
+        except requests.exceptions.SSLError:
+            raise MediaError(f"could not download {_redact(url)}: its TLS certificate is not trusted; give your CA "
+                             "as TESSERA_CA_BUNDLE (or SSL_CERT_FILE)") from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if not watch.get("cut"):
                 raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}") from None

@@ -77,9 +77,9 @@ class _Project:
 class Overflow:
     """The queues of one process and the thread that works them through (started with the first task)."""
 
-    def __init__(self, settings: Settings, cache: ModelCache,
-                 connect: Callable[[str, str], Any] = lambda url, key: lsclient.connect(url, key, timeout=60)):
-        self.settings, self.cache, self.connect = settings, cache, connect
+    def __init__(self, settings: Settings, cache: ModelCache, connect: Callable[[str, str], Any] | None = None):
+        self.settings, self.cache = settings, cache
+        self.connect = connect or (lambda url, key: lsclient.connect(url, key, 60, settings.ca_bundle))
         self.dir = Store(settings.model_dir).overflow_dir
         self.ident = str(os.getpid())      # this process's file: <project>-<ident>.json
         self._lock = threading.Condition()

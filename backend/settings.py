@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     media_root: Path | None = env("TESSERA_MEDIA_ROOT", None, "Local directory that task paths (and LS "
                                   "local-files URLs) may be read from. Unset: LS local-files URLs come from Label "
                                   "Studio (with LOCAL_FILES_SERVING_ENABLED there).")
+    ca_bundle: Path | None = env("TESSERA_CA_BUNDLE", None, "CA certificates (a PEM file) trusted for HTTPS to "
+                                 "Label Studio and media hosts, e.g. a Label Studio behind a company CA; also read "
+                                 "from SSL_CERT_FILE or REQUESTS_CA_BUNDLE, so one file serves every client. Unset: "
+                                 "the public CAs (certifi).", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
     max_image_bytes: int = env("TESSERA_MAX_IMAGE_BYTES", 50 * 1024 * 1024, "Largest image download accepted, "
                                "in bytes (50 MB).", ge=1)
     max_pixels: int = env("TESSERA_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels "
@@ -244,12 +248,14 @@ class Settings(BaseSettings):
                 out.append(entry)
         return tuple(out)
 
-    @field_validator("model_dir", "media_root", "ls_venv", "ls_template")
+    @field_validator("model_dir", "media_root", "ls_venv", "ls_template", "ca_bundle")
     @classmethod
     def _user_path(cls, value: Path | None, info) -> Path | None:
         if value is None:
             return None
         value = value.expanduser()
+        if info.field_name == "ca_bundle" and not value.is_file():
+            raise ValueError(f"no file at {value}: give a PEM file of CA certificates")
         return value.resolve() if info.field_name == "media_root" else value
 
     @field_validator("device", mode="before")
