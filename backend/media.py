@@ -14,6 +14,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -78,6 +79,25 @@ def _origin(url: str) -> Origin | None:
         return parse_http_url(url)[0]
     except UnsafeURL:
         return None
+
+
+def personal_token(token: str) -> bool:
+    """Whether `token` is a Label Studio personal access token: a JWT refresh token (what Label Studio 1.23 hands
+    out by default; legacy tokens are off for new organizations), not a legacy 40-hex key."""
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        return False
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        return claims.get("token_type") == "refresh"
+    except (ValueError, AttributeError):
+        return False
+
+
+# (LS URL, sha256 of the personal token) -> (access token, time.monotonic() it is renewed at): one exchange per
+# ~5 minutes per process, not one per image
+_access: dict[tuple[str, str], tuple[str, float]] = {}
+_access_lock = threading.Lock()
 
 
 # ------------------------------------------------------------------------------ download deadline
@@ -400,7 +420,7 @@ class MediaResolver:
         (what a task names cannot move it elsewhere: Label Studio answers 404 for a URI no storage of the
         project holds), fetched without the token and within the same caps."""
         # the token goes only to the origin it is bound to (Label Studio's), never to an allowed other host
-        headers = {"Authorization": f"Token {self.token}"} if self.token and origin == self.ls_origin else {}
+        headers = self._auth() if self.token and origin == self.ls_origin else {}
         resolver = origin == self.ls_origin and not redirected and _RESOLVER.search(urlsplit(url).path)
         location = None
         cap, budget = self.settings.max_image_bytes, self.settings.fetch_timeout_s
@@ -419,9 +439,11 @@ class MediaResolver:
                     raise MediaError(f"{_redact(url)} redirects (HTTP {r.status_code}); only Label Studio's storage "
                                      "resolver may redirect (once)")
                 elif r.status_code != 200:
+                    if r.status_code == 401 and headers.get("Authorization", "").startswith("Bearer "):
+                        self._forget_access()             # revoked or expired early: the next fetch exchanges again
                     raise MediaError(f"{_redact(url)} answered HTTP {r.status_code}"
-                                     + (" (check LABEL_STUDIO_API_KEY / legacy tokens)" if r.status_code in (
-                                         401, 403) else "")
+                                     + (" (check LABEL_STUDIO_API_KEY: a personal access token, or a legacy token "
+                                        "where the organization allows them)" if r.status_code in (401, 403) else "")
                                      + (" (Label Studio found no storage of the task's project for it: connect the "
                                         "bucket as a source storage)" if resolver and r.status_code == 404 else ""))
                 elif int(r.headers.get("Content-Length") or 0) > cap:
@@ -456,6 +478,49 @@ class MediaResolver:
                 raise MediaError(f"Label Studio's resolver sent {_redact(url)} to a URL not accepted: {e}") from None
             return self._download(target_url, target, redirected=True)
         return bytes(buf)
+
+    def _auth(self) -> dict:
+        """The Authorization header for Label Studio: `Token <key>` for a legacy key; for a personal access token
+        `Bearer <access token>`, exchanged at /api/token/refresh/ and renewed before it lapses, as label-studio-sdk
+        does for the API (Label Studio refuses the personal token itself, and a legacy key where the organization
+        turned legacy tokens off, its default)."""
+        if not personal_token(self.token):
+            return {"Authorization": f"Token {self.token}"}
+        key = (self.ls_url, hashlib.sha256(self.token.encode()).hexdigest())
+        with _access_lock:
+            access, renew_at = _access.get(key, ("", 0.0))
+            if not access or time.monotonic() >= renew_at:
+                access, lifetime = self._exchange()
+                _access[key] = access, time.monotonic() + max(10.0, 0.8 * lifetime)
+        return {"Authorization": f"Bearer {access}"}
+
+    def _exchange(self) -> tuple[str, float]:
+        """(access token, its lifetime in seconds) for the personal token."""
+        url = f"{self.ls_url}/api/token/refresh/"
+        try:
+            r = self.session.post(url, json={"refresh": self.token}, allow_redirects=False, verify=self.verify,
+                                  timeout=(5.0, self.settings.fetch_timeout_s))
+        except requests.RequestException as e:
+            raise MediaError(f"could not reach {_redact(url)} to exchange the personal access token: "
+                             f"{type(e).__name__}") from None
+        try:
+            access = r.json().get("access") if r.status_code == 200 else None
+        except (ValueError, AttributeError):
+            access = None
+        if not isinstance(access, str):
+            raise MediaError(f"Label Studio refused LABEL_STUDIO_API_KEY, a personal access token (HTTP "
+                             f"{r.status_code}): it was revoked or has expired, or personal access tokens are off "
+                             "for the organization")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(access.split(".")[1] + "=="))
+            lifetime = float(claims["exp"]) - float(claims["iat"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            lifetime = 60.0
+        return access, lifetime
+
+    def _forget_access(self) -> None:
+        with _access_lock:
+            _access.pop((self.ls_url, hashlib.sha256(self.token.encode()).hexdigest()), None)
 
     # ------------------------------------------------------------------------------------------ pixels
     def load_image(self, ref: str, task_id: Any = None) -> np.ndarray:

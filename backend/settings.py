@@ -39,9 +39,9 @@ class Settings(BaseSettings):
                                 "http://label-studio:8080; with its path when it is served at one behind a proxy, "
                                 "https://host/ls). Needed for training, `tessera predict/generate` and media "
                                 "outside a request.")
-    ls_api_key: SecretStr = env("LABEL_STUDIO_API_KEY", SecretStr(""), "Label Studio legacy API token (Account & "
-                                "Settings); upstream name LABEL_STUDIO_ACCESS_TOKEN is read too. Never printed.",
-                                "LABEL_STUDIO_ACCESS_TOKEN")
+    ls_api_key: SecretStr = env("LABEL_STUDIO_API_KEY", SecretStr(""), "Label Studio access token (Account & "
+                                "Settings): a personal access token or a legacy token; upstream name "
+                                "LABEL_STUDIO_ACCESS_TOKEN is read too. Never printed.", "LABEL_STUDIO_ACCESS_TOKEN")
     model_dir: Path = env("MODEL_DIR", Path("./models"), "Model store: versioned checkpoints per project, "
                           "`current` pointers.")
     redis_url: str = env("REDIS_URL", "", "If set, training runs go to an RQ queue on this Redis and `tessera "

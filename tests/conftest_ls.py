@@ -104,6 +104,32 @@ def brush_instances(regions: list[dict], h: int, w: int):
     return out
 
 
+@contextlib.contextmanager
+def another_label_studio(data_dir: Path, **env: str) -> Iterator[LabelStudioServer]:
+    """A second real Label Studio, with `env` (LABEL_STUDIO_HOST, ...), started from the data-dir template the
+    session's `ls_server` built (ask for that fixture first); stopped on leaving."""
+    server = LabelStudioServer(default_ls_venv(), data_dir, env_extra=env,
+                               template=build_template(default_ls_venv(), default_template_dir()))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def assert_masks_on_objects(ls: LabelStudio, task_ids: list[int], samples, log: str = "", min_iou: float = 0.6):
+    """Each task holds one prediction whose brush masks cover its sample's objects (foreground IoU)."""
+    from tessera.model import metrics
+
+    for tid, sample in zip(task_ids, samples):
+        preds = predictions(ls, tid)
+        assert len(preds) == 1, (preds, log[-2000:])
+        h, w = sample.instances.shape
+        brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
+        fg_iou = metrics.iou(brush_instances(brushes, h, w) > 0, sample.instances > 0)
+        assert fg_iou >= min_iou, f"task {tid}: fg IoU {fg_iou:.3f}; log: {log[-1500:]}"
+
+
 def wait_for(fn, timeout: float = 30.0, what: str = "condition", every: float = 0.3):
     """Poll fn() until it returns something truthy (returned); AssertionError after `timeout` seconds."""
     deadline, value = time.time() + timeout, None

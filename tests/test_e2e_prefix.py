@@ -8,11 +8,10 @@ import httpx
 import pytest
 
 from tessera.backend import lsclient
-from tessera.backend.lsserver import LabelStudioServer, build_template, default_ls_venv, default_template_dir
-from tessera.model import metrics
 from tessera.model.data import make_nuclei_mosaic
 from tests.conftest import CONFIG_ALL
-from tests.conftest_ls import brush_instances, predictions, retrieve_predictions, tessera_for, upload_samples
+from tests.conftest_ls import (another_label_studio, assert_masks_on_objects, retrieve_predictions, tessera_for,
+                               upload_samples)
 from tests.standin import start_prefix_proxy
 
 pytestmark = pytest.mark.e2e
@@ -21,17 +20,14 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def ls_at_a_path(ls_server, tmp_path):
     """A second real Label Studio whose public address is http://127.0.0.1:<proxy>/ls; yields (server, public
-    URL). `ls_server` first: the session's server built the data-dir template this one starts from."""
+    URL)."""
     proxy = start_prefix_proxy("/ls")
     public = f"{proxy.url}/ls"
-    server = LabelStudioServer(default_ls_venv(), tmp_path / "ls-data", env_extra={"LABEL_STUDIO_HOST": public},
-                               template=build_template(default_ls_venv(), default_template_dir()))
-    server.start()
-    proxy.answer = ("/ls", server.url)
     try:
-        yield server, public
+        with another_label_studio(tmp_path / "ls-data", LABEL_STUDIO_HOST=public) as server:
+            proxy.answer = ("/ls", server.url)
+            yield server, public
     finally:
-        server.stop()
         proxy.shutdown()
 
 
@@ -47,12 +43,7 @@ def test_predictions_for_label_studio_served_at_a_path(ls_at_a_path, trained_mod
         assert api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
         retrieve_predictions(api, pid)
         log = tessera.log_text()
-    for tid, sample in zip(task_ids, samples):
-        preds = predictions(api, tid)
-        assert len(preds) == 1, (preds, log[-2000:])
-        brushes = [r for r in preds[0]["result"] if r["type"] == "brushlabels"]
-        fg_iou = metrics.iou(brush_instances(brushes, 256, 320) > 0, sample.instances > 0)
-        assert fg_iou >= 0.6, f"task {tid}: fg IoU {fg_iou:.3f}"
+    assert_masks_on_objects(api, task_ids, samples, log)
 
     # images Tessera uploads (synthetic tasks) are named as Label Studio names its own: a browser loads them
     (url,) = lsclient.upload_files(api, pid, [("synthetic.png", b"\x89PNG not checked")])
