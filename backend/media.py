@@ -465,7 +465,11 @@ class MediaResolver:
                              "as TESSERA_CA_BUNDLE (or SSL_CERT_FILE)") from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if not watch.get("cut"):
-                raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}") from None
+                hint = ""
+                if origin == self.ls_origin and isinstance(e, requests.ConnectionError):
+                    hint = (f"; Tessera cannot reach Label Studio at {origin.authority}: set LABEL_STUDIO_URL to the "
+                            "address it is reached at from here (in Docker, the service's: http://label-studio:8080)")
+                raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}{hint}") from None
         finally:
             timer.cancel()
             _in_flight.watch = None

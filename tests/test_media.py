@@ -150,6 +150,17 @@ def test_label_studio_served_at_a_path(http_server, server, tmp_path):
         direct.fetch("/ls/data/upload/1/a.png")
 
 
+def test_an_unreachable_label_studio_is_named_with_the_setting(tmp_path):
+    """Label Studio hands over the address it knows itself by (`http://localhost:8080` in its container); from
+    Tessera's container that is nobody: the error says which setting gives the address that works."""
+    from tests.conftest import free_port
+
+    port = free_port()                                   # nothing listens there
+    r = MediaResolver(Settings(model_dir=tmp_path), ls_url=f"http://127.0.0.1:{port}", token="secret-token")
+    with pytest.raises(MediaError, match=f"cannot reach Label Studio at 127.0.0.1:{port}: set LABEL_STUDIO_URL"):
+        r.fetch("/data/upload/1/a.png")
+
+
 def test_no_media_root_no_local_files(tmp_path):
     r = MediaResolver(Settings(model_dir=tmp_path))
     with pytest.raises(MediaError, match="TESSERA_MEDIA_ROOT"):
