@@ -41,7 +41,16 @@ logger = logging.getLogger(__name__)
 
 
 class MediaError(ValueError):
-    """An image reference that cannot or may not be loaded; the message says why (never the token)."""
+    """An image reference that cannot or may not be loaded; the message says why (never the token).
+
+    `retry`: the failure is in the connection or a setting (Label Studio unreachable or slow, a refused key, a
+    CA, a storage not connected, a host not allowed), not in the task, so the same reference may load later.
+    /predict stores no prediction for such a task (it is asked again at the next "Retrieve predictions"),
+    where an empty one would stand for the served version and Label Studio would never ask again."""
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
 
 
 _SCHEME_AUTH = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
@@ -324,12 +333,13 @@ class MediaResolver:
         if ref.startswith("/data/") or ref.startswith("/tasks/") or ref.startswith("/storage-data/"):
             if not self.ls_url:
                 raise MediaError(f"{_redact(ref)} is a Label Studio path but the Label Studio URL is unknown: "
-                                 "set LABEL_STUDIO_URL (or connect the backend so /setup sends it)")
+                                 "set LABEL_STUDIO_URL (or connect the backend so /setup sends it)", retry=True)
             return self._http(urljoin(self.ls_url + "/", ref.lstrip("/")))
         at = _PREFIXED_LS_PATH.match(ref)
         if at and self.settings.media_root is None:
             raise MediaError(f"{_redact(ref)} is a path on a Label Studio served under {at.group(1)!r}: set "
-                             f"LABEL_STUDIO_URL to its address with that path (https://<host>{at.group(1)})")
+                             f"LABEL_STUDIO_URL to its address with that path (https://<host>{at.group(1)})",
+                             retry=True)
         return self._local(ref)
 
     def _cloud(self, ref: str, scheme: str, task_id: Any) -> bytes:
@@ -340,7 +350,7 @@ class MediaResolver:
         if not self.ls_url:
             raise MediaError(f"{_redact(ref)} is a cloud storage URI ({scheme}://), which Label Studio resolves, but "
                              "the Label Studio URL is unknown: set LABEL_STUDIO_URL (or connect the backend so /setup "
-                             "sends it)")
+                             "sends it)", retry=True)
         if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0:
             raise MediaError(f"{_redact(ref)} is a cloud storage URI ({scheme}://): Label Studio resolves it for a "
                              "task, and this one has no task id")
@@ -348,7 +358,7 @@ class MediaResolver:
         try:
             return self._http(f"{self.ls_url}/tasks/{task_id}/resolve/?fileuri={fileuri}")
         except MediaError as e:
-            raise MediaError(f"{_redact(ref)}: {e}") from None
+            raise MediaError(f"{_redact(ref)}: {e}", e.retry) from None
 
     def _local_files(self, path: str) -> bytes:
         """The file of a Label Studio local-files URL (/data/local-files/?d=PATH): read under TESSERA_MEDIA_ROOT
@@ -364,7 +374,7 @@ class MediaResolver:
             return self._http(url)
         except MediaError as e:
             raise MediaError(f"{e}; Label Studio serves local files with LOCAL_FILES_SERVING_ENABLED=true, or set "
-                             "TESSERA_MEDIA_ROOT to the storage's directory mounted here") from None
+                             "TESSERA_MEDIA_ROOT to the storage's directory mounted here", e.retry) from None
 
     def _data_uri(self, ref: str) -> bytes:
         header, _, payload = ref.partition(",")
@@ -381,7 +391,7 @@ class MediaResolver:
         root = self.settings.media_root
         if root is None:
             raise MediaError(f"{_redact(path)} is a local path; set TESSERA_MEDIA_ROOT to allow reading files "
-                             "under one directory")
+                             "under one directory", retry=True)
         path = unquote(path)
         if "\0" in path:
             raise MediaError(f"{_redact(path)} holds a NUL byte")
@@ -403,7 +413,7 @@ class MediaResolver:
             raise MediaError(f"{_redact(url)} is not accepted: {e}") from None
         if not self.is_allowed(origin):
             raise MediaError(f"host {origin.authority!r} is not allowed for media ({_redact(url)}); add it to "
-                             "TESSERA_ALLOWED_HOSTS if it is trusted")
+                             "TESSERA_ALLOWED_HOSTS if it is trusted", retry=True)
         key = hashlib.sha256(url.encode()).hexdigest()
         cached = self.cache.get(key) if self.cache is not None else None
         if cached is not None:
@@ -445,7 +455,9 @@ class MediaResolver:
                                      + (" (check LABEL_STUDIO_API_KEY: a personal access token, or a legacy token "
                                         "where the organization allows them)" if r.status_code in (401, 403) else "")
                                      + (" (Label Studio found no storage of the task's project for it: connect the "
-                                        "bucket as a source storage)" if resolver and r.status_code == 404 else ""))
+                                        "bucket as a source storage)" if resolver and r.status_code == 404 else ""),
+                                     retry=r.status_code in (401, 403, 408, 429) or r.status_code >= 500
+                                     or bool(resolver and r.status_code == 404))
                 elif int(r.headers.get("Content-Length") or 0) > cap:
                     raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
                 buf = bytearray()
@@ -462,19 +474,20 @@ class MediaResolver:
                         raise MediaError(f"{_redact(url)} is over the {cap} byte cap")
         except requests.exceptions.SSLError:
             raise MediaError(f"could not download {_redact(url)}: its TLS certificate is not trusted; give your CA "
-                             "as TESSERA_CA_BUNDLE (or SSL_CERT_FILE)") from None
+                             "as TESSERA_CA_BUNDLE (or SSL_CERT_FILE)", retry=True) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if not watch.get("cut"):
                 hint = ""
                 if origin == self.ls_origin and isinstance(e, requests.ConnectionError):
                     hint = (f"; Tessera cannot reach Label Studio at {origin.authority}: set LABEL_STUDIO_URL to the "
                             "address it is reached at from here (in Docker, the service's: http://label-studio:8080)")
-                raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}{hint}") from None
+                raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}{hint}", retry=True) from None
         finally:
             timer.cancel()
             _in_flight.watch = None
         if watch.get("cut"):
-            raise MediaError(f"{_redact(url)} took longer than {budget:g} s to download (TESSERA_FETCH_TIMEOUT_S)")
+            raise MediaError(f"{_redact(url)} took longer than {budget:g} s to download (TESSERA_FETCH_TIMEOUT_S)",
+                             retry=True)
         if location is not None:
             try:
                 target, target_url = parse_http_url(urljoin(url, location))
@@ -506,7 +519,7 @@ class MediaResolver:
                                   timeout=(5.0, self.settings.fetch_timeout_s))
         except requests.RequestException as e:
             raise MediaError(f"could not reach {_redact(url)} to exchange the personal access token: "
-                             f"{type(e).__name__}") from None
+                             f"{type(e).__name__}", retry=True) from None
         try:
             access = r.json().get("access") if r.status_code == 200 else None
         except (ValueError, AttributeError):
@@ -514,7 +527,7 @@ class MediaResolver:
         if not isinstance(access, str):
             raise MediaError(f"Label Studio refused LABEL_STUDIO_API_KEY, a personal access token (HTTP "
                              f"{r.status_code}): it was revoked or has expired, or personal access tokens are off "
-                             "for the organization")
+                             "for the organization", retry=True)
         try:
             claims = json.loads(base64.urlsafe_b64decode(access.split(".")[1] + "=="))
             lifetime = float(claims["exp"]) - float(claims["iat"])

@@ -468,7 +468,13 @@ def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, 
     for i, task in enumerate(tasks):
         idx = [j for j, (ti, _) in enumerate(jobs) if ti == i]
         if any(j not in preds for j in idx):
-            reason = next((str(images[j]) for j in idx if isinstance(images[j], MediaError)), "inference failed")
+            errors = [images[j] for j in idx if isinstance(images[j], MediaError)]
+            reason = str(errors[0]) if errors else "inference failed"
+            if errors and all(e.retry for e in errors):     # the connection or a setting: ask again, store nothing
+                logger.warning("task %s: no prediction this time (asked again at the next retrieve): %s",
+                               _task_id(task), reason)
+                results.append(list(LATER))
+                continue
             logger.warning("task %s: empty prediction: %s", _task_id(task), reason)
             results.append(_empty(served.version))
             continue

@@ -8,8 +8,8 @@ import pytest
 from tessera.backend import lsclient
 from tessera.model.data import make_nuclei_mosaic
 from tests.conftest import CONFIG_ALL
-from tests.conftest_ls import (another_label_studio, assert_masks_on_objects, retrieve_predictions, tessera_for,
-                               upload_samples)
+from tests.conftest_ls import (another_label_studio, assert_masks_on_objects, predictions, retrieve_predictions,
+                               tessera_for, upload_samples)
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +34,15 @@ def test_predictions_with_a_personal_access_token(ls_without_legacy_tokens, trai
     samples = [make_nuclei_mosaic(256, 320, tile=128, seed=70 + i) for i in range(2)]
     pid = api.projects.create(title="tessera tokens", label_config=CONFIG_ALL).id
     task_ids = upload_samples(api, pid, [s.image for s in samples])
+    # first with the legacy key (Label Studio refuses it now): every image a 401. No prediction may be stored, or
+    # it would stand for the served version and the retrieve below, once the key is right, would skip the task
+    with tessera_for(server, trained_model_dir, tmp_path / "legacy") as tessera:
+        ml = api.ml.create(project=pid, url=tessera.url, title="Tessera")
+        retrieve_predictions(api, pid)
+        refused = tessera.log_text()
+    assert all(predictions(api, t) == [] for t in task_ids)
+    assert "HTTP 401" in refused and "no prediction this time" in refused
+    api.ml.delete(ml.id)
     with tessera_for(server, trained_model_dir, tmp_path, LABEL_STUDIO_API_KEY=pat) as tessera:
         assert api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
         retrieve_predictions(api, pid)

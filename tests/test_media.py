@@ -157,8 +157,9 @@ def test_an_unreachable_label_studio_is_named_with_the_setting(tmp_path):
 
     port = free_port()                                   # nothing listens there
     r = MediaResolver(Settings(model_dir=tmp_path), ls_url=f"http://127.0.0.1:{port}", token="secret-token")
-    with pytest.raises(MediaError, match=f"cannot reach Label Studio at 127.0.0.1:{port}: set LABEL_STUDIO_URL"):
+    with pytest.raises(MediaError, match=f"cannot reach Label Studio at 127.0.0.1:{port}: set LABEL_STUDIO_URL") as e:
         r.fetch("/data/upload/1/a.png")
+    assert e.value.retry                                 # /predict stores no prediction for it: asked again later
 
 
 def test_no_media_root_no_local_files(tmp_path):
