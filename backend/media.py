@@ -478,7 +478,10 @@ class MediaResolver:
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if not watch.get("cut"):
                 hint = ""
-                if origin == self.ls_origin and isinstance(e, requests.ConnectionError):
+                if isinstance(e, requests.exceptions.ProxyError):
+                    hint = (f"; the proxy HTTP(S)_PROXY names failed for {origin.authority}: if that host is reached "
+                            "directly, add it to NO_PROXY")
+                elif origin == self.ls_origin and isinstance(e, requests.ConnectionError):
                     hint = (f"; Tessera cannot reach Label Studio at {origin.authority}: set LABEL_STUDIO_URL to the "
                             "address it is reached at from here (in Docker, the service's: http://label-studio:8080)")
                 raise MediaError(f"could not download {_redact(url)}: {type(e).__name__}{hint}", retry=True) from None

@@ -162,6 +162,19 @@ def test_an_unreachable_label_studio_is_named_with_the_setting(tmp_path):
     assert e.value.retry                                 # /predict stores no prediction for it: asked again later
 
 
+def test_a_proxy_in_the_way_is_named(tmp_path, monkeypatch):
+    """HTTP_PROXY set for the machine (a company proxy) and Label Studio on the internal network: the error says
+    NO_PROXY, not just "ProxyError"."""
+    from tests.conftest import free_port
+
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")          # a proxy that is not there
+    r = MediaResolver(Settings(model_dir=tmp_path), ls_url=f"http://127.0.0.1:{free_port()}", token="secret-token")
+    with pytest.raises(MediaError, match="ProxyError; the proxy HTTP.S._PROXY names failed .*add it to NO_PROXY"):
+        r.fetch("/data/upload/1/a.png")
+
+
 def test_no_media_root_no_local_files(tmp_path):
     r = MediaResolver(Settings(model_dir=tmp_path))
     with pytest.raises(MediaError, match="TESSERA_MEDIA_ROOT"):
