@@ -14,7 +14,6 @@ import base64
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
 
+import jwt
 import numpy as np
 import requests
 import requests.adapters
@@ -93,14 +93,16 @@ def _origin(url: str) -> Origin | None:
 def personal_token(token: str) -> bool:
     """Whether `token` is a Label Studio personal access token: a JWT refresh token (what Label Studio 1.23 hands
     out by default; legacy tokens are off for new organizations), not a legacy 40-hex key."""
-    parts = token.split(".") if isinstance(token, str) else []
-    if len(parts) != 3:
-        return False
+    return _claims(token).get("token_type") == "refresh"
+
+
+def _claims(token: str) -> dict:
+    """A JWT's claims, unverified (Label Studio verifies them); {} for anything else."""
     try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-        return claims.get("token_type") == "refresh"
-    except (ValueError, AttributeError):
-        return False
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, TypeError, ValueError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 # (LS URL, sha256 of the personal token) -> (access token, time.monotonic() it is renewed at): one exchange per
@@ -531,10 +533,10 @@ class MediaResolver:
             raise MediaError(f"Label Studio refused LABEL_STUDIO_API_KEY, a personal access token (HTTP "
                              f"{r.status_code}): it was revoked or has expired, or personal access tokens are off "
                              "for the organization", retry=True)
+        claims = _claims(access)
         try:
-            claims = json.loads(base64.urlsafe_b64decode(access.split(".")[1] + "=="))
             lifetime = float(claims["exp"]) - float(claims["iat"])
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (KeyError, TypeError, ValueError):
             lifetime = 60.0
         return access, lifetime
 
