@@ -313,11 +313,13 @@ def test_images_come_upright_as_label_studio_shows_them(settings, tmp_path, orie
     assert np.array_equal(read_image(tmp_path / "x.png"), shown)
 
 
-def test_a_large_sideways_jpeg_is_reduced_and_turned(settings):
-    """The reduced decode (TESSERA_MAX_SIDE, JPEG draft) turns the image too, and reports the shown size."""
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+def test_a_large_sideways_image_is_reduced_and_turned(settings, fmt):
+    """The reduced decode (TESSERA_MAX_SIDE: JPEG draft, a resize otherwise) turns the image too, and reports the
+    shown size (the orientation is read from the decoded file, whichever way its format keeps it)."""
     stored = np.zeros((600, 800, 3), np.uint8)
     stored[:, :400] = 255                            # left half white: turned clockwise (6), the top half
-    uri = "data:image/jpeg;base64," + base64.b64encode(_tagged(stored, 6, "JPEG", quality=95)).decode()
+    uri = "data:image/x;base64," + base64.b64encode(_tagged(stored, 6, fmt)).decode()
     image, size = MediaResolver(settings.replace(max_side=256)).load_working(uri)
     assert size == (800, 600) and image.shape == (256, 192, 3)
     assert image[:120].mean() > 240 and image[136:].mean() < 15
