@@ -57,9 +57,17 @@ class NotFound(LabelStudioUnavailable):
 
 
 class _Transport(httpx.HTTPTransport):
-    """Connection failures -> LabelStudioUnavailable naming Label Studio's URL."""
+    """Connection failures -> LabelStudioUnavailable naming Label Studio's URL. `prefix`: the path Label Studio
+    is served at ("/ls" behind a proxy); label-studio-sdk 2.1.2 posts a personal token's exchange to
+    urljoin(base_url, "api/token/refresh/"), which drops that path, so the request is put back under it here."""
+
+    def __init__(self, prefix: str = "", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.prefix = prefix
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.prefix and request.url.path == "/api/token/refresh/":
+            request.url = request.url.copy_with(path=self.prefix + request.url.path)
         try:
             return super().handle_request(request)
         except httpx.TransportError as e:
@@ -93,7 +101,8 @@ def connect(url: str, api_key: str, timeout: float = 60.0, ca_bundle: Path | Non
         raise LabelStudioUnavailable("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the access token from "
                                      "Account & Settings) so Tessera can read the project")
     verify = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
-    http = httpx.Client(timeout=timeout, follow_redirects=False, transport=_Transport(verify=verify),
+    transport = _Transport(prefix=urlsplit(url).path.rstrip("/"), verify=verify)
+    http = httpx.Client(timeout=timeout, follow_redirects=False, transport=transport,
                         event_hooks={"response": [_raise_for_status]})
     return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=0,
                        httpx_client=http)

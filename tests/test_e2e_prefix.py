@@ -51,6 +51,11 @@ def test_predictions_for_label_studio_served_at_a_path(ls_at_a_path, trained_mod
     assert httpx.get(urlsplit(public)._replace(path=url).geturl(),
                      headers={"Authorization": f"Token {server.token}"}).content == b"\x89PNG not checked"
 
+    # a personal access token through the proxy: label-studio-sdk 2.1.2 exchanges it at the host's root
+    # (urljoin drops the path), which the proxy does not serve; lsclient sends that exchange under the path
+    pat = httpx.post(f"{server.url}/api/token/", headers={"Authorization": f"Token {server.token}"}).json()["token"]
+    assert lsclient.project(lsclient.connect(public, pat), pid).title == "tessera at /ls"
+
     # Tessera given Label Studio's address without the path: a clear error naming the setting, not a local path
     with tessera_for(server, trained_model_dir, tmp_path / "direct", LABEL_STUDIO_URL=server.url) as tessera:
         pid2 = api.projects.create(title="tessera direct", label_config=CONFIG_ALL).id
