@@ -1,4 +1,4 @@
-"""`tessera` command line: serve, worker, train, predict, generate, versions, rollback, demo."""
+"""`tessera` command line: serve, worker, train, predict, check, generate, versions, rollback, demo."""
 from __future__ import annotations
 
 import argparse
@@ -202,6 +202,18 @@ def cmd_predict(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_check(args, settings: Settings) -> int:
+    """Try every step between Tessera and a project's images (Label Studio's URL, the key, the project, its label
+    config, the first tasks' images, the model, the connection) and say what to fix; needs LABEL_STUDIO_URL and
+    LABEL_STUDIO_API_KEY. Exit status 1 when a step fails."""
+    from tessera.backend.check import check_project
+
+    width = 22
+    steps = check_project(settings, args.project,
+                          say=lambda s: print(f"{'ok' if s.ok else 'FAIL':4}  {s.name:{width}} {s.detail}", flush=True))
+    return 0 if all(s.ok for s in steps) else 1
+
+
 def cmd_generate(args, settings: Settings) -> int:
     """Generate synthetic, pre-annotated tasks into a Label Studio project; needs LABEL_STUDIO_URL and
     LABEL_STUDIO_API_KEY, and MODEL_DIR with the project's label model (and generator, for --kind generated)."""
@@ -285,6 +297,10 @@ def _add_project_commands(sub) -> None:
     p.add_argument("--replace", action="store_true", help="delete Tessera's superseded predictions (older "
                                                            "label-model versions) of each task written")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("check", help=cmd_check.__doc__, description=cmd_check.__doc__)
+    _project_arg(p)
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     _project_arg(p)
