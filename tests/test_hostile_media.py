@@ -76,7 +76,7 @@ def _forms(ls_port: int, other: int, v6: int | None) -> list[str]:
         f"http://127.0.0.1:{other} /x.png",
         f"http://127.0.0.1:{other}\t/x.png",
         f"http://[::ffff:127.0.0.1]:{other}/x.png",                        # IPv4-mapped IPv6
-        f"http://[::1/x.png",
+        "http://[::1/x.png",
         f"HTTP://127.0.0.1:{other}/x.png",
         f"//127.0.0.1:{other}/x.png",
         f"/data/upload/../..//127.0.0.1:{other}/x.png",

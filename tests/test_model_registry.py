@@ -35,7 +35,7 @@ def test_add_promote_reject_rollback(tmp_path):
     v2 = reg.add(_ckpt(tmp_path, 2), {"iou": 0.4}, promote=False, reason="worse")
     assert v2.status == "rejected" and reg.current().version == "v0001"
     assert (reg.root / "current.json").read_bytes() == pointer, "a rejected version does not touch the pointer"
-    v3 = reg.add(_ckpt(tmp_path, 3), {"iou": 0.7}, promote=True)
+    reg.add(_ckpt(tmp_path, 3), {"iou": 0.7}, promote=True)
     assert reg.current().version == "v0003" and reg.current().metrics == {"iou": 0.7}
     assert [(v.version, v.status) for v in reg.versions()] == [
         ("v0003", "current"), ("v0002", "rejected"), ("v0001", "kept")]
