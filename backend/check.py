@@ -48,14 +48,14 @@ def check_project(settings: Settings, project: int, say: Callable[[Step], None] 
         return steps
     ls = lsclient.connect(url, key, timeout=30, ca_bundle=settings.ca_bundle)
     try:
-        health = lsclient._json(lsclient._request(ls, "GET", "health")) or {}
+        health = lsclient.health(ls)
         reached = step("Label Studio answers", health.get("status") == "UP", f"{url}/health: {health.get('status')}")
     except lsclient.LabelStudioUnavailable as e:
         reached = step("Label Studio answers", False, str(e))
     if not reached:
         return steps
     try:
-        user = lsclient._json(lsclient._request(ls, "GET", "api/current-user/whoami")) or {}
+        user = lsclient.whoami(ls)
         step("key accepted", True, f"as {user.get('email') or user.get('username') or 'user ' + str(user.get('id'))}")
     except lsclient.LabelStudioUnavailable as e:
         hint = ("revoked or expired, or personal access tokens are off for the organization" if personal_token(key)

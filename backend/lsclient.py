@@ -26,7 +26,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit
 
 import httpx
 from label_studio_sdk.client import LabelStudio
@@ -34,6 +33,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from tessera.backend.settings import Settings
 from tessera.backend.store import VERSION_PREFIX
+from tessera.backend.urls import path_prefix
 
 logger = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)    # else one INFO line per request in every log
@@ -101,7 +101,7 @@ def connect(url: str, api_key: str, timeout: float = 60.0, ca_bundle: Path | Non
         raise LabelStudioUnavailable("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the access token from "
                                      "Account & Settings) so Tessera can read the project")
     verify = ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
-    transport = _Transport(prefix=urlsplit(url).path.rstrip("/"), verify=verify)
+    transport = _Transport(prefix=path_prefix(url), verify=verify)
     http = httpx.Client(timeout=timeout, follow_redirects=False, transport=transport,
                         event_hooks={"response": [_raise_for_status]})
     return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=0,
@@ -177,6 +177,16 @@ def tasks(ls: LabelStudio, project: int | str, only_annotated: bool = False, pag
             if not only_annotated or task.get("annotations"):
                 yield task
             del task
+
+
+def health(ls: LabelStudio) -> dict:
+    """Label Studio's /health ({"status": "UP"}), no key needed."""
+    return _json(_request(ls, "GET", "health")) or {}
+
+
+def whoami(ls: LabelStudio) -> dict:
+    """The user the key belongs to; LabelStudioUnavailable (401) when Label Studio refuses the key."""
+    return _json(_request(ls, "GET", "api/current-user/whoami")) or {}
 
 
 def project(ls: LabelStudio, project_id: int | str) -> Any:
@@ -261,7 +271,7 @@ def upload_files(ls: LabelStudio, project_id: int | str, images: list[tuple[str,
     ids = out.get("file_upload_ids") or []
     uploads = _json(_request(ls, "GET", f"api/projects/{pid}/file-uploads", params={"ids": json.dumps(ids)})) or []
     by_name = {}
-    at = urlsplit(ls._client_wrapper.get_base_url()).path.rstrip("/")     # "/ls": LS served at a path, as LS names them
+    at = path_prefix(ls._client_wrapper.get_base_url())     # "/ls/data/upload/...", as LS names its own there
     for u in uploads:  # LS stores "upload/<project>/<random>-<name>": match on the (unique) name we sent
         path = str(u.get("file", ""))
         by_name[path.rsplit("/", 1)[-1].split("-", 1)[-1]] = f"{at}/data/" + path.lstrip("/")

@@ -34,7 +34,7 @@ import urllib3.connection
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tessera.backend.settings import Settings
-from tessera.backend.urls import Origin, UnsafeURL, parse_host_entry, parse_http_url
+from tessera.backend.urls import Origin, UnsafeURL, parse_host_entry, parse_http_url, path_prefix
 from tessera.model.data import image_to_rgb
 
 logger = logging.getLogger(__name__)
@@ -290,8 +290,7 @@ class MediaResolver:
             self.token = token if self.ls_origin else ""
             if ls_url and self.ls_origin is None:
                 _warn_once(f"Label Studio host {_redact(ls_url)} from a request is not a usable URL; ignored")
-        # Label Studio served at a path behind a proxy (LABEL_STUDIO_HOST=https://host/ls) names uploads /ls/data/...
-        self.ls_prefix = urlsplit(self.ls_url).path.rstrip("/") if self.ls_url else ""
+        self.ls_prefix = path_prefix(self.ls_url)                 # its uploads are <prefix>/data/upload/...
         self.allowed = [(h, None) if h == "*" else parse_host_entry(h) for h in settings.allowed_hosts]
         cache_bytes = settings.media_cache_mb * 2**20          # downloads kept under cache_dir (None: none)
         self.cache = MediaCache(cache_dir, cache_bytes) if cache_dir is not None and cache_bytes else None
@@ -508,12 +507,11 @@ class MediaResolver:
         turned legacy tokens off, its default)."""
         if not personal_token(self.token):
             return {"Authorization": f"Token {self.token}"}
-        key = (self.ls_url, hashlib.sha256(self.token.encode()).hexdigest())
         with _access_lock:
-            access, renew_at = _access.get(key, ("", 0.0))
+            access, renew_at = _access.get(self._access_key(), ("", 0.0))
             if not access or time.monotonic() >= renew_at:
                 access, lifetime = self._exchange()
-                _access[key] = access, time.monotonic() + max(10.0, 0.8 * lifetime)
+                _access[self._access_key()] = access, time.monotonic() + max(10.0, 0.8 * lifetime)
         return {"Authorization": f"Bearer {access}"}
 
     def _exchange(self) -> tuple[str, float]:
@@ -540,9 +538,12 @@ class MediaResolver:
             lifetime = 60.0
         return access, lifetime
 
+    def _access_key(self) -> tuple[str, str]:
+        return self.ls_url, hashlib.sha256(self.token.encode()).hexdigest()
+
     def _forget_access(self) -> None:
         with _access_lock:
-            _access.pop((self.ls_url, hashlib.sha256(self.token.encode()).hexdigest()), None)
+            _access.pop(self._access_key(), None)
 
     # ------------------------------------------------------------------------------------------ pixels
     def load_image(self, ref: str, task_id: Any = None) -> np.ndarray:

@@ -120,6 +120,12 @@ def parse_http_url(url: str) -> tuple[Origin, str]:
     return origin, canonical
 
 
+def path_prefix(url: str) -> str:
+    """The path a service is served at, without its trailing slash ("/ls" for https://host/ls/; "" at the root):
+    Label Studio behind a proxy at a path (LABEL_STUDIO_HOST=https://host/ls) names its own URLs under it."""
+    return urlsplit(url).path.rstrip("/") if url else ""
+
+
 def parse_host_entry(entry: str) -> tuple[str, int | None]:
     """A TESSERA_ALLOWED_HOSTS entry ('host', 'host:port', '[v6]:port' or a URL) -> (host, port or None)."""
     entry = entry.strip().lower()

@@ -3,13 +3,13 @@
 exchanges it at /api/token/refresh/ for a short-lived access token, sent as Bearer to Label Studio only.
 
 A loopback listener plays Label Studio's token refresh and uploads; another plays an allowed media host."""
-import base64
 import io
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
 
+import jwt
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,8 +21,7 @@ from tests.standin import ok, start
 
 
 def _jwt(claims: dict) -> str:
-    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")   # noqa: E731
-    return f"{enc({'alg': 'HS256', 'typ': 'JWT'})}.{enc(claims)}.c2lnbmF0dXJl"
+    return jwt.encode(claims, "a key only this stand-in Label Studio knows", algorithm="HS256")
 
 
 PAT = _jwt({"token_type": "refresh", "exp": 8103862750, "iat": 1796662750, "jti": "p1", "user_id": "1"})
