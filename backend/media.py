@@ -59,6 +59,7 @@ CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 _PREFIXED_LS_PATH = re.compile(r"(/[^?#]+?)/(?:data/upload|data/local-files|tasks/[0-9]+/resolve|storage-data)/")
 # Label Studio's storage resolver (label_studio/io_storages/urls.py, 1.23.2; `presign` is its older name): for a
 # task's cloud URI it answers with the file (a storage set to proxy) or a 303 to a presigned URL (the default)
+MAX_REDIRECTS = 5          # redirects one image download follows (requests' own default is 30)
 _RESOLVER = re.compile(r"/(?:tasks|projects)/[0-9]+/(?:resolve|presign)/?$")
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
@@ -424,31 +425,37 @@ class MediaResolver:
             self.cache.put(key, data)
         return data
 
-    def _download(self, url: str, origin: Origin, redirected: bool = False) -> bytes:
-        """GET within the byte cap and one deadline for the whole exchange (a host trickling its headers or
-        body cannot hold a request past TESSERA_FETCH_TIMEOUT_S). No redirect is followed but one from Label
-        Studio's storage resolver: to the presigned URL it made for a storage the project's admin connected
-        (what a task names cannot move it elsewhere: Label Studio answers 404 for a URI no storage of the
-        project holds), fetched without the token and within the same caps."""
-        # the token goes only to the origin it is bound to (Label Studio's), never to an allowed other host
-        headers = self._auth() if self.token and origin == self.ls_origin else {}
-        resolver = origin == self.ls_origin and not redirected and _RESOLVER.search(urlsplit(url).path)
+    def _download(self, url: str, origin: Origin, hops: int = 0, keyed: bool = True,
+                  deadline: float | None = None) -> bytes:
+        """GET within the byte cap and one deadline for the whole exchange, redirects included (a host trickling
+        its headers or body cannot hold a request past TESSERA_FETCH_TIMEOUT_S).
+
+        Redirects are followed, at most MAX_REDIRECTS, to hosts media may come from (Label Studio's and
+        TESSERA_ALLOWED_HOSTS: an image server's http -> https, a bucket's regional endpoint, a share link's
+        download host), each target read as strictly as a task's URL. Label Studio's storage resolver may send
+        its one to the presigned URL it made, on any host, for a storage the project's admin connected (what a
+        task names cannot move it elsewhere: Label Studio answers 404 for a URI no storage of the project holds).
+        The token goes to Label Studio's origin only, and after a redirect only where Label Studio itself sent
+        the request on to its own origin."""
+        # `keyed`: every hop so far was Label Studio's origin redirecting to itself (or none was made)
+        headers = self._auth() if self.token and keyed and origin == self.ls_origin else {}
+        resolver = origin == self.ls_origin and hops == 0 and _RESOLVER.search(urlsplit(url).path)
         location = None
         cap, budget = self.settings.max_image_bytes, self.settings.fetch_timeout_s
-        deadline = time.monotonic() + budget
+        deadline = deadline or time.monotonic() + budget
+        left = max(0.05, deadline - time.monotonic())
         watch: dict = {}
-        timer = threading.Timer(budget, _cut, args=(watch,))
+        timer = threading.Timer(left, _cut, args=(watch,))
         timer.daemon = True
         _in_flight.watch = watch
         timer.start()
         try:
-            with self.session.get(url, headers=headers, stream=True, timeout=(min(5.0, budget), budget),
+            with self.session.get(url, headers=headers, stream=True, timeout=(min(5.0, left), left),
                                   allow_redirects=False, verify=self.verify) as r:
-                if 300 <= r.status_code < 400 and resolver and r.headers.get("Location"):
+                if 300 <= r.status_code < 400 and r.headers.get("Location"):
                     location = r.headers["Location"]
                 elif 300 <= r.status_code < 400:
-                    raise MediaError(f"{_redact(url)} redirects (HTTP {r.status_code}); only Label Studio's storage "
-                                     "resolver may redirect (once)")
+                    raise MediaError(f"{_redact(url)} redirects (HTTP {r.status_code}) without saying where")
                 elif r.status_code != 200:
                     if r.status_code == 401 and headers.get("Authorization", "").startswith("Bearer "):
                         self._forget_access()             # revoked or expired early: the next fetch exchanges again
@@ -496,8 +503,14 @@ class MediaResolver:
             try:
                 target, target_url = parse_http_url(urljoin(url, location))
             except UnsafeURL as e:
-                raise MediaError(f"Label Studio's resolver sent {_redact(url)} to a URL not accepted: {e}") from None
-            return self._download(target_url, target, redirected=True)
+                raise MediaError(f"{_redact(url)} redirects to a URL not accepted: {e}") from None
+            if not resolver and not self.is_allowed(target):
+                raise MediaError(f"{_redact(url)} redirects to host {target.authority!r}, which is not allowed for "
+                                 "media; add it to TESSERA_ALLOWED_HOSTS if it is trusted", retry=True)
+            if hops >= MAX_REDIRECTS:
+                raise MediaError(f"{_redact(url)}: more than {MAX_REDIRECTS} redirects")
+            keyed = keyed and not resolver and origin == self.ls_origin and target == self.ls_origin
+            return self._download(target_url, target, hops + 1, keyed, deadline)
         return bytes(buf)
 
     def _auth(self) -> dict:

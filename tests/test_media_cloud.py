@@ -127,7 +127,9 @@ def test_a_resolver_redirect_to_an_odd_url_is_refused(media, location, error):
         media.fetch("s3://photos/d.png", task_id=1)
 
 
-def test_only_the_resolvers_one_redirect_is_followed(hosts, media, tmp_path):
+def test_only_the_resolver_may_redirect_to_a_host_not_allowed(hosts, media, tmp_path):
+    """The presigned URL's host is the resolver's to name; any other redirect must stay on the hosts media may
+    come from (tests/test_media_redirects.py)."""
     ls, bucket = hosts
     PRESIGNED["s3://photos/e.png"] = bucket.url + "/photos/e.png?sig=2"
     BUCKET["/photos/e.png"] = (302, {"Location": bucket.url + "/elsewhere.png"}, b"")
@@ -137,8 +139,10 @@ def test_only_the_resolvers_one_redirect_is_followed(hosts, media, tmp_path):
     with pytest.raises(MediaError, match="redirect"):
         media.fetch("/data/redirect")                                    # Label Studio, not its resolver
     assert all(path != "/elsewhere.png" for path, _ in bucket.seen)
-    # a resolver path on an allowed host that is not Label Studio: its redirect is not followed either
-    other = MediaResolver(Settings(model_dir=tmp_path, allowed_hosts=("127.0.0.1",)), ls_url=bucket.url, token="t")
+    # a resolver path on an allowed host that is not Label Studio: its redirect to the bucket is not followed
+    other = MediaResolver(Settings(model_dir=tmp_path, allowed_hosts=(f"127.0.0.1:{ls.port}",)),
+                          ls_url="http://127.0.0.1:9", token="t")
     PRESIGNED["s3://photos/f.png"] = bucket.url + "/photos/cats/a.png"
     with pytest.raises(MediaError, match="redirect"):
         other.fetch(ls.url + "/tasks/1/resolve/?fileuri=" + base64.urlsafe_b64encode(b"s3://photos/f.png").decode())
+    assert all(path != "/photos/cats/a.png" for path, _ in bucket.seen)
