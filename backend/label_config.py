@@ -10,9 +10,13 @@ from defusedxml.common import DefusedXmlException
 # control tag (lower case) -> result type Tessera writes
 SUPPORTED_CONTROLS = {
     "brushlabels": "brushlabels",
+    "bitmasklabels": "bitmasklabels",
     "polygonlabels": "polygonlabels",
     "rectanglelabels": "rectanglelabels",
 }
+# controls whose regions count the original image's pixels (a brush RLE, a bitmask PNG of the image's size),
+# not percentages: written from the instances at the original size, and drawn over coarser regions
+PIXEL_CONTROLS = frozenset({"brushlabels", "bitmasklabels"})
 OBJECT_TAGS = {"image", "text", "hypertext", "audio", "audioplus", "video", "timeseries", "paragraphs",
                "table", "pdf", "markdown", "html"}
 
@@ -24,7 +28,7 @@ class LabelConfigError(ValueError):
 @dataclass(frozen=True)
 class Control:
     """One region control: `<BrushLabels name=from_name toName=to_name>` with its label values."""
-    type: str                 # "brushlabels" | "polygonlabels" | "rectanglelabels"
+    type: str                 # a SUPPORTED_CONTROLS value: "brushlabels", "bitmasklabels", "polygonlabels", ...
     from_name: str
     to_name: str
     labels: tuple[str, ...]
@@ -100,7 +104,8 @@ def parse_label_config(xml: str) -> LabelConfig:
         kinds = sorted({f"<{t.capitalize()}>" for t in objects.values()}) or ["no object tag"]
         raise LabelConfigError(
             f"Tessera serves image projects: the config has no <Image> tag (found {', '.join(kinds)}). "
-            "Use an <Image name=... value=\"$image\"/> with BrushLabels, PolygonLabels or RectangleLabels.")
+            "Use an <Image name=... value=\"$image\"/> with BrushLabels, BitmaskLabels, PolygonLabels or "
+            "RectangleLabels.")
     controls: list[Control] = []
     for tag in raw_controls:
         from_name = tag.attrib.get("name", "")
@@ -121,7 +126,8 @@ def parse_label_config(xml: str) -> LabelConfig:
     if not controls:
         found = ", ".join(f"<{t}>" for t in unsupported) or "no labeling control"
         raise LabelConfigError(
-            f"Tessera predicts BrushLabels, PolygonLabels and RectangleLabels; this config has {found}. "
+            f"Tessera predicts BrushLabels, BitmaskLabels, PolygonLabels and RectangleLabels; this config has "
+            f"{found}. "
             "Add one of those controls pointing at the <Image>.")
     used = {c.to_name for c in controls}
     return LabelConfig(images=tuple(i for i in images if i.name in used), controls=tuple(controls))

@@ -21,10 +21,10 @@ import numpy as np
 
 import ujson
 
-from tessera.backend.label_config import Control, ImageObject, LabelConfig
+from tessera.backend.label_config import PIXEL_CONTROLS, Control, ImageObject, LabelConfig
 from tessera.backend.media import MediaError, MediaResolver
-from tessera.backend.regions import (boxes_to_results, instances_to_results, region_to_mask, region_value,
-                                     result_label, results_to_maps_at)
+from tessera.backend.regions import (PRECISION, boxes_to_results, instances_to_results, region_to_mask,
+                                     region_value, result_label, results_to_maps_at)
 from tessera.backend.settings import Settings
 from tessera.backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
 from tessera.model.postprocess import object_slices
@@ -531,8 +531,8 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
 def _regions_at_size(pred: Any, config: LabelConfig, image_name: str, labels: list[str],
                      size: tuple[int, int] | None) -> list[dict]:
     """Regions of a prediction made on a reduced image, at the image's original (H, W). Polygons and boxes
-    are percentages: made at the working size, labelled with the original size. A brush RLE is per pixel:
-    brush controls get the instances scaled up to the original size (one image at a time)."""
+    are percentages: made at the working size, labelled with the original size. A brush RLE and a bitmask PNG
+    are per pixel: those controls get the instances scaled up to the original size (one image at a time)."""
     if size is None or tuple(pred.instances.shape) == tuple(size):
         return prediction_to_results(pred, config, image_name, labels)
     h, w = size
@@ -542,13 +542,14 @@ def _regions_at_size(pred: Any, config: LabelConfig, image_name: str, labels: li
         if control.to_name != image_name:
             continue
         one = dataclasses.replace(config, controls=(control,))
-        if control.type == "brushlabels":
+        if control.type in PIXEL_CONTROLS:
             if full is None:
                 import cv2
 
                 big = cv2.resize(pred.instances.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
-                # (its object boxes, when the cut found them, stay at the working size: brush regions never use them)
-                full = dataclasses.replace(pred, instances=big)
+                # its object boxes are found again at this size where a bitmask needs them (the cut's are at the
+                # working size); brush regions never use them
+                full = dataclasses.replace(pred, instances=big, **({"slices": None} if hasattr(pred, "slices") else {}))
             out += prediction_to_results(full, one, image_name, labels)
             continue
         for item in prediction_to_results(pred, one, image_name, labels):
@@ -670,12 +671,12 @@ def interactive(task: dict, config: LabelConfig, served: Served, media: MediaRes
     if not mask.any():
         return _empty(served.version, "refinement found no object at the hint")
     (H, W), reduced = size, tuple(size) != tuple(image.shape[:2])
-    if reduced and control.type == "brushlabels":        # a brush RLE is per pixel of the original (_regions_at_size)
+    if reduced and control.type in PIXEL_CONTROLS:      # per pixel of the original (_regions_at_size)
         import cv2
 
         mask = cv2.resize(mask.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST) > 0
     results = instances_to_results(mask.astype(np.int32), {1: label}, {1: score}, control)[:1]
-    for item in results if reduced and control.type != "brushlabels" else []:   # percentages: only the size
+    for item in results if reduced and control.type not in PIXEL_CONTROLS else []:   # percentages: only the size
         item["original_width"], item["original_height"] = int(W), int(H)
     if not results:
         return _empty(served.version, f"the refined object can't be written as {control.type}")
@@ -718,5 +719,5 @@ def _hinted_control(hints: list[dict], controls: list[Control], label: str | Non
     own = [c for c in controls if c.from_name in names]
     if own:
         return own[0]
-    finest = sorted(controls, key=lambda c: ("brushlabels", "polygonlabels", "rectanglelabels").index(c.type))
+    finest = sorted(controls, key=lambda c: PRECISION[c.type])
     return next((c for c in finest if label in c.labels), finest[0])

@@ -2,7 +2,8 @@
 
 Coordinates: LS puts regions in percent of the original image, with (0, 0) the top-left corner of the
 top-left pixel. A pixel (row i, col j) is inside a polygon or box when its centre (j + 0.5, i + 0.5) is.
-Brush masks use LS's RLE (label_studio_sdk.converter.brush), RGBA, alpha = painted.
+Brush masks use LS's RLE (label_studio_sdk.converter.brush), RGBA, alpha = painted; bitmask masks a PNG data
+URL of the image's size, alpha = painted (backend/bitmask.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Iterable
 import cv2
 import numpy as np
 
-from tessera.backend.label_config import Control
+from tessera.backend import bitmask
+from tessera.backend.label_config import PIXEL_CONTROLS, Control
 from tessera.model.postprocess import object_slices
 
 
@@ -396,6 +398,11 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
     slices = object_slices(instances, ids) if slices is None else slices
     if control.type == "polygonlabels":
         return _polygon_results(instances, ids, labels, scores, control, id_prefix, polygon_epsilon, slices)
+    if control.type == "bitmasklabels":                 # a PNG of the image's size, made at the object's cost
+        return [_region(control, {"imageDataURL": bitmask.data_url(instances[sl] == k, (sl[0].start, sl[1].start),
+                                                                   height, width), "bitmasklabels": [labels[k]]},
+                        width, height, scores.get(k, 0.0), f"{id_prefix}{control.from_name}-{k}")
+                for k in ids if (sl := slices.get(k)) is not None]
     for k in ids:
         sl = slices.get(k)
         if sl is None:
@@ -562,6 +569,8 @@ def region_value(result: dict) -> tuple[str, dict]:
         if value.get("format", "rle") != "rle" or "rle" not in value:
             raise ValueError("brush result without value.rle")
         _check_rle(value["rle"])
+    elif kind in ("bitmasklabels", "bitmask"):
+        bitmask.check(value.get("imageDataURL"))
     elif kind in ("polygonlabels", "polygon"):
         points = value.get("points", [])
         if not isinstance(points, list) or len(points) > MAX_POINTS or \
@@ -593,6 +602,8 @@ def region_crop(result: dict, height: int, width: int) -> tuple[tuple[int, int, 
     kind, value = region_value(result)
     if kind in ("brushlabels", "brush"):
         return rle_crop(value["rle"], height, width)
+    if kind in ("bitmasklabels", "bitmask"):
+        return bitmask.crop(value["imageDataURL"], height, width)
     if kind in ("polygonlabels", "polygon"):
         pts = np.array([[p[0] * width / 100.0, p[1] * height / 100.0] for p in value.get("points", [])],
                        dtype=np.float64).reshape(-1, 2)
@@ -608,14 +619,14 @@ def result_label(result: dict) -> str | None:
     value = result.get("value") if isinstance(result, dict) else None
     if not isinstance(value, dict):
         return None
-    for key in ("brushlabels", "polygonlabels", "rectanglelabels", "labels"):
+    for key in ("brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels", "labels"):
         labels = value.get(key)
         if isinstance(labels, list) and labels and isinstance(labels[0], str):
             return labels[0]
     return None
 
 
-_PRECISION = {"brushlabels": 0, "polygonlabels": 1, "rectanglelabels": 2}   # finest first
+PRECISION = {"brushlabels": 0, "bitmasklabels": 0, "polygonlabels": 1, "rectanglelabels": 2}   # finest first
 DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 
 
@@ -633,8 +644,8 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
     classes = np.zeros((height, width), dtype=np.int32)
     instances = np.zeros((height, width), dtype=np.int32)
     regions = [r for r in results if isinstance(r, dict) and r.get("to_name") == to_name
-               and r.get("type") in _PRECISION and result_label(r) in label_index]
-    regions.sort(key=lambda r: _PRECISION[r["type"]])          # stable: drawing order kept within a type
+               and r.get("type") in PRECISION and result_label(r) in label_index]
+    regions.sort(key=lambda r: PRECISION[r["type"]])          # stable: drawing order kept within a type
     several_types = len({r["type"] for r in regions}) > 1
     kept = _Kept(len(regions))
     k = 0
@@ -648,9 +659,9 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
         if several_types:
             if _is_duplicate(r["type"], crop, box, kept):
                 continue
-            kept.add(_PRECISION[r["type"]], crop, box)
+            kept.add(PRECISION[r["type"]], crop, box)
         at = (slice(box[0], box[2]), slice(box[1], box[3]))
-        if r["type"] != "brushlabels":
+        if r["type"] not in PIXEL_CONTROLS:
             crop &= instances[at] == 0                # in place: the crop kept above is what was drawn
         k += 1
         classes[at][crop] = label_index[result_label(r)]
@@ -691,7 +702,7 @@ def _is_duplicate(kind: str, crop: np.ndarray, box: tuple[int, int, int, int], k
     """Whether a region (its mask crop at `box`) is a coarser copy of one of the finer regions `kept`."""
     n = len(kept.crops)
     kb = kept.boxes[:n]
-    finer_and_touching = np.flatnonzero((kept.precision[:n] < _PRECISION[kind]) & (kb[:, 0] < box[2]) &
+    finer_and_touching = np.flatnonzero((kept.precision[:n] < PRECISION[kind]) & (kb[:, 0] < box[2]) &
                                         (kb[:, 2] > box[0]) & (kb[:, 1] < box[3]) & (kb[:, 3] > box[1]))
     for i in finer_and_touching.tolist():
         kbox = tuple(kb[i].tolist())

@@ -444,11 +444,11 @@ def _full_canvas_mask(r, h, w):
 
 def _full_canvas_maps(results, h, w, index):
     """results_to_maps as it was written before crops (stop 43), on _full_canvas_mask."""
-    from tessera.backend.regions import _PRECISION, DUPLICATE_IOU, _bbox, _box_iou, _crop_iou
+    from tessera.backend.regions import PRECISION, DUPLICATE_IOU, _bbox, _box_iou, _crop_iou
 
     def _is_duplicate(kind, crop, box, kept):
         for precision, kcrop, kbox in kept:
-            if precision >= _PRECISION[kind] or _box_iou(box, kbox) == 0.0:
+            if precision >= PRECISION[kind] or _box_iou(box, kbox) == 0.0:
                 continue
             overlap = _box_iou(box, kbox) if kind == "rectanglelabels" else _crop_iou(crop, box, kcrop, kbox)
             if overlap >= DUPLICATE_IOU:
@@ -456,7 +456,7 @@ def _full_canvas_maps(results, h, w, index):
         return False
 
     classes, instances = np.zeros((h, w), np.int32), np.zeros((h, w), np.int32)
-    regions = sorted(results, key=lambda r: _PRECISION[r["type"]])
+    regions = sorted(results, key=lambda r: PRECISION[r["type"]])
     several = len({r["type"] for r in regions}) > 1
     kept, k = [], 0
     for r in regions:
@@ -468,7 +468,7 @@ def _full_canvas_maps(results, h, w, index):
             crop = mask[box[0]:box[2], box[1]:box[3]]
             if _is_duplicate(r["type"], crop, box, kept):
                 continue
-            kept.append((_PRECISION[r["type"]], crop, box))
+            kept.append((PRECISION[r["type"]], crop, box))
         if r["type"] != "brushlabels":
             mask &= instances == 0
         k += 1

@@ -1,0 +1,52 @@
+"""End to end with Label Studio 1.23's BitmaskLabels tool (pixel masks stored as PNG data URLs): a real Label
+Studio 1.23.2 takes the config and Tessera's predictions, "Retrieve predictions" gives one bitmask per object of
+the image's own size on the objects, and a prediction accepted as an annotation is read back pixel for pixel
+(what a training run reads)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tessera.backend.regions import region_to_mask, results_to_maps
+from tessera.model import metrics
+from tessera.model.data import make_nuclei_mosaic
+from tests.conftest_ls import predictions, retrieve_predictions, tessera_for, upload_images
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """<View>
+  <Image name="image" value="$image" smoothing="false"/>
+  <BitmaskLabels name="mask" toName="image"><Label value="Nucleus"/></BitmaskLabels>
+</View>"""
+
+
+def test_bitmask_predictions_land_on_the_objects_and_come_back_as_annotations(ls_server, ls_api, trained_model_dir,
+                                                                              tmp_path):
+    sample = make_nuclei_mosaic(260, 348, tile=128, seed=44)
+    path = tmp_path / "cells.png"
+    Image.fromarray(sample.image).save(path)
+    pid = ls_api.projects.create(title="tessera bitmask", label_config=CONFIG).id
+    (tid,) = upload_images(ls_api, pid, [path])
+    with tessera_for(ls_server, trained_model_dir, tmp_path) as tessera:
+        assert ls_api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
+        retrieve_predictions(ls_api, pid)
+        log = tessera.log_text()
+
+    (pred,) = predictions(ls_api, tid)
+    regions = pred["result"]
+    h, w = sample.instances.shape
+    assert regions and all(r["type"] == "bitmasklabels" and r["from_name"] == "mask" for r in regions), log
+    assert all((r["original_width"], r["original_height"]) == (w, h) for r in regions)
+    masks = [region_to_mask(r, h, w) for r in regions]
+    union = np.logical_or.reduce(masks)
+    fg_iou = metrics.iou(union, sample.instances > 0)
+    print(f"{len(regions)} bitmask regions for {len(np.unique(sample.instances)) - 1} objects, fg IoU {fg_iou:.3f}")
+    assert fg_iou >= 0.6
+    assert all(np.count_nonzero(a & b) == 0 for i, a in enumerate(masks) for b in masks[i + 1:]), \
+        "one region per object, none painted over another"
+
+    # the prediction accepted as it is: Label Studio stores the PNGs untouched, and they read as the same maps
+    ls_api.annotations.create(tid, result=regions, parent_prediction=pred["id"])
+    (ann,) = ls_api.tasks.get(tid).annotations
+    classes, instances = results_to_maps(ann["result"], "image", h, w, {"Nucleus": 1})
+    assert np.array_equal(classes > 0, union) and len(np.unique(instances)) - 1 == len(regions)
