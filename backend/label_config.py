@@ -92,6 +92,9 @@ def parse_label_config(xml: str) -> LabelConfig:
             objects[name] = kind
             if kind == "image":
                 value = tag.attrib.get("value", "")
+                if "valueList" in tag.attrib and not value:
+                    raise LabelConfigError(f'<Image name="{name}" valueList=...> (several images a task) is not '
+                                           'served: Tessera predicts one image per <Image value="$key"> tag')
                 if not value.startswith("$") or len(value) < 2:
                     raise LabelConfigError(f'<Image name="{name}"> needs value="$<task data key>", got "{value}"')
                 images.append(ImageObject(name=name, data_key=value[1:]))
@@ -113,6 +116,10 @@ def parse_label_config(xml: str) -> LabelConfig:
         if not from_name or not to_names:
             raise LabelConfigError(f"<{tag.tag}> needs both name= and toName= attributes")
         labels = _labels(tag)
+        if not labels and tag.attrib.get("value", "").startswith("$"):
+            raise LabelConfigError(f'<{tag.tag} name="{from_name}" value="{tag.attrib["value"]}"> takes its labels '
+                                   "from each task's data; Tessera learns a fixed set: list them as "
+                                   '<Label value="..."/> children')
         if not labels:
             raise LabelConfigError(f'<{tag.tag} name="{from_name}"> has no <Label value="..."/> children')
         for to_name in to_names:

@@ -31,6 +31,11 @@ BAD = [
     ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"></BrushLabels></View>', "no <Label"),
     ('<!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]><View><Image name="i" value="$image"/>'
      '<BrushLabels name="m" toName="i"><Label value="&e;"/></BrushLabels></View>', "forbidden XML"),
+    # Label Studio's own templates: "Multi-page document annotation" and "Inventory Tracking"
+    ('<View><RectangleLabels name="r" toName="pdf"><Label value="Title"/></RectangleLabels>'
+     '<Image valueList="$pages" name="pdf"/></View>', "valueList"),
+    ('<View><PolygonLabels name="objects" toName="image" value="$objects"/><Image name="image" value="$image"/>'
+     '</View>', "from each task's data"),
 ]
 
 
