@@ -14,6 +14,7 @@ from scipy import ndimage
 from tessera.backend import bitmask
 from tessera.backend.label_config import Control, LabelConfigError, parse_label_config
 from tessera.backend.regions import instances_to_results, region_to_mask, region_value, results_to_maps
+from tests.test_regions import random_instances
 
 BITMASK = Control("bitmasklabels", "mask", "image", ("A", "B"))
 BRUSH = Control("brushlabels", "brush", "image", ("A", "B"))
@@ -38,18 +39,6 @@ def editor_png(mask: np.ndarray) -> str:
     rgba = np.zeros(mask.shape + (4,), np.uint8)
     rgba[mask, 3] = 255
     return as_data_url(rgba)
-
-
-def random_instances(h, w, n, seed=0, max_r=12):
-    rng = np.random.default_rng(seed)
-    inst = np.zeros((h, w), np.int32)
-    for k in range(1, n + 1):
-        m = np.zeros((h, w), np.uint8)
-        cv2.ellipse(m, (int(rng.integers(0, w)), int(rng.integers(0, h))),
-                    (int(rng.integers(1, max_r)), int(rng.integers(1, max_r))), float(rng.integers(0, 180)),
-                    0, 360, 1, -1)
-        inst[m > 0] = k
-    return inst
 
 
 @pytest.mark.parametrize("h, w", [(1, 1), (7, 9), (97, 153), (520, 696), (1040, 1388), (3001, 4003)])
