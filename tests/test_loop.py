@@ -48,6 +48,32 @@ def test_a_brush_hint_gets_one_brush_region(client):
     assert region_to_mask(regions[0], 48, 64).sum() == 150     # the whole blob, not the stroke
 
 
+def test_a_bitmask_hint_gets_one_bitmask_region(client):
+    """BitmaskLabels' smart tool: the stroke comes as a PNG data URL (RGBA, as the editor saves it), the reply is
+    one bitmask region of the whole object, a PNG of the image's size."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[9:11, 8:14, 3] = 255
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    hint = {"type": "bitmasklabels", "from_name": "mask", "to_name": "image", "original_width": 64,
+            "original_height": 48, "value": {"imageDataURL": "data:image/png;base64,"
+                                             + base64.b64encode(buf.getvalue()).decode(), "bitmasklabels": ["Nucleus"]}}
+    config = ('<View><Image name="image" value="$image"/><BitmaskLabels name="mask" toName="image">'
+              '<Label value="Nucleus"/></BitmaskLabels><PolygonLabels name="poly" toName="image">'
+              '<Label value="Nucleus"/></PolygonLabels></View>')
+    task = {"id": 1, "data": {"image": data_uri(blobs_png())}}
+    body = {**predict_body([task], context={"result": [hint]}), "label_config": config}
+    regions = client.post("/predict", json=body).json["results"][0]["result"]
+    assert [(r["type"], r["from_name"]) for r in regions] == [("bitmasklabels", "mask")], regions
+    assert region_to_mask(regions[0], 48, 64).sum() == 150     # the whole blob, not the stroke
+
+
 @pytest.mark.parametrize("toggle, action, scheduled", [
     ({"min_annotations_to_start_training": 0}, "ANNOTATION_CREATED", False),    # what LS 1.23's webhook sends
     ({"min_annotations_to_start_training": 0}, "ANNOTATION_UPDATED", False),
