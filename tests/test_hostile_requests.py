@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 from PIL import Image
 
 from tessera.backend.app import ProjectState, create_app
+from tessera.backend.bitmask import data_url
 from tessera.backend.media import MediaError, MediaResolver, decode_image
 from tessera.backend.regions import mask_to_rle, region_to_mask
 from tessera.backend.predictions import ModelCache
@@ -73,6 +74,11 @@ numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(
 rle_good = mask_to_rle(np.pad(np.ones((4, 6), bool), ((2, 6), (2, 8))))
 rle = st.one_of(st.just(rle_good), st.just(rle_good[:7]), st.just(mask_to_rle(np.ones((3, 3), bool))),
                 st.just([255, 255, 255, 255, 0, 0]), st.lists(st.integers(-5, 300), max_size=12), junk)
+bitmask_good = data_url(np.pad(np.ones((4, 6), bool), ((2, 6), (2, 8))), (0, 0), 12, 16)
+image_data_url = st.one_of(st.just(bitmask_good), st.just(bitmask_good[:40]), st.just(bitmask_good.upper()),
+                           st.just("data:image/png;base64,"
+                                   + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(30)).decode()),
+                           st.text(max_size=20), junk)
 image_ref = st.one_of(
     st.just(GOOD), st.just(GOOD), st.just("/data/upload/1/good.png"), st.just("/data/upload/1/bad.png"),
     st.sampled_from(["http://[::1/x.png", "http://[::1]/x.png", "/data/upload/x\x00.png", "a\x00b.png", "a.png",
@@ -86,10 +92,12 @@ def region(kind=None):
     value = st.fixed_dictionaries({}, optional={
         "x": numbers, "y": numbers, "width": numbers, "height": numbers, "rotation": numbers,
         "points": st.one_of(st.lists(st.lists(numbers, max_size=3), max_size=5), junk), "rle": rle,
+        "imageDataURL": image_data_url, "bitmasklabels": st.one_of(st.just(["Nucleus"]), junk),
         "format": st.sampled_from(["rle", "png", 3]),
         "brushlabels": st.one_of(st.just(["Nucleus"]), junk), "polygonlabels": st.one_of(st.just(["Nucleus"]), junk),
         "rectanglelabels": st.one_of(st.just(["Nucleus"]), junk), "keypointlabels": st.just(["Nucleus"])})
-    types = st.sampled_from(["brushlabels", "polygonlabels", "rectanglelabels", "keypointlabels", "choices", ""])
+    types = st.sampled_from(["brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels", "keypointlabels",
+                             "choices", ""])
     return st.fixed_dictionaries({"type": kind or st.one_of(types, junk), "value": st.one_of(value, junk)},
                                  optional={"to_name": st.one_of(st.just("image"), junk), "is_positive": junk,
                                            "from_name": st.sampled_from(["mask", "poly", "bbox", "kp"]),
