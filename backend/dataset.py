@@ -18,7 +18,7 @@ import numpy as np
 from label_studio_sdk.client import LabelStudio
 
 from tessera.backend import lsclient
-from tessera.backend.label_config import Control, ImageObject, LabelConfig, parse_label_config
+from tessera.backend.label_config import Control, ImageObject, LabelConfig, parse_label_config, task_images
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.progress import Progress, noop, phase
 from tessera.backend.regions import results_to_boxes, results_to_maps_at
@@ -88,8 +88,20 @@ def held_back_samples(samples: list[Sample], tasks: list[dict], config: LabelCon
     val = [s for s in samples if task_of[s.id] in held]
     by_id = {str(t["id"]): t for t in tasks}
     index = {n: i + 1 for i, n in enumerate(config.label_names)}
-    judged = {s.id for s in val if person_made(by_id[task_of[s.id]], s, s.id.split(":", 1)[1], index)}
+    judged = {s.id for s in val if person_made(by_id[task_of[s.id]], s, sample_image(s.id, config), index)}
     return train, val, judged
+
+
+def sample_id(task: dict, img: ImageObject) -> str:
+    """`<task id>:<image tag>`, and `@<page>` for a page of a multi-image tag (sample_image reads it back)."""
+    return f"{task['id']}:{img.view_id}"
+
+
+def sample_image(sid: str, config: LabelConfig) -> ImageObject:
+    """The image (tag, and page) a sample id names."""
+    name, _, page = sid.split(":", 1)[1].partition("@")
+    img = next((i for i in config.images if i.name == name), None) or ImageObject(name, name)
+    return dataclasses.replace(img, page=int(page)) if page else img
 
 
 def evaluated_held_back(val: list[Sample], judged: set[str] | None, megapixels: float) -> list[Sample]:
@@ -134,13 +146,14 @@ def nothing_new(registry: Registry, fingerprint: str) -> VersionInfo | None:
     return latest if latest is not None and latest.metrics.get("data_fingerprint") == fingerprint else None
 
 
-def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[str, int]) -> bool:
+def person_made(task: dict, sample: Sample, img: ImageObject | str, label_index: dict[str, int]) -> bool:
     """Whether a task's training annotation on one image is a person's judgement rather than a Tessera
     label-model prediction accepted as it was. An accepted prediction's label map IS the served model's
     output, so a held-back set of them scores the served model ~1.0 and no candidate could ever win.
     Compared as label maps (boxes, polygons and masks of one object count once), so re-encoded RLE or
     regions re-saved by the editor still match; only predictions made before the annotation count (LS's
     ISO timestamps compare as strings)."""
+    img = ImageObject(img, img) if isinstance(img, str) else img      # an image tag's name: a one-image tag
     h, w = sample.classes.shape
     size = sample.size or (h, w)            # the original's: predictions' brush RLE counts its pixels
     started = str((latest_annotation(task) or {}).get("created_at") or "")
@@ -150,7 +163,8 @@ def person_made(task: dict, sample: Sample, image_name: str, label_index: dict[s
         if started and str(pred.get("created_at") or "") > started:
             continue        # predicted after the annotation existed (Tessera refines annotations): not its start
         try:
-            classes, instances = results_to_maps_at(result_of(pred) or [], image_name, size, (h, w), label_index)
+            classes, instances = results_to_maps_at(img.regions(result_of(pred) or []), img.name, size, (h, w),
+                                                    label_index)
         except (ValueError, KeyError, TypeError):
             continue
         same = (classes == sample.classes) & (sample.classes > 0)
@@ -244,7 +258,7 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
     store = Store(settings.model_dir)
     media = MediaResolver(settings, cache_dir=store.media_cache_dir)
     kept = SampleStore(store.samples_dir, settings.train_memory_mb * 2**20 or None)
-    jobs = [(task, img) for task in tasks for img in config.images]
+    jobs = [(task, img) for task in tasks for img in task_images(task, config)]
     box_only = is_box_only(config)
 
     def load(job: tuple[dict, ImageObject]) -> tuple[np.ndarray, tuple[int, int]] | MediaError:
@@ -252,13 +266,13 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
 
     def sample(task: dict, img: ImageObject, image: np.ndarray, size: tuple[int, int]) -> Sample:
         h, w = image.shape[:2]
-        sid, synthetic = f"{task['id']}:{img.name}", bool((task.get("meta") or {}).get("synthetic"))
+        sid, synthetic = sample_id(task, img), bool((task.get("meta") or {}).get("synthetic"))
         size = None if tuple(size) == (h, w) else tuple(size)
+        result = img.regions(result_of(latest_annotation(task)))        # a multi-image tag: this page's
         if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
-            boxes = results_to_boxes(result_of(latest_annotation(task)), img.name, h, w, index)  # percentages
+            boxes = results_to_boxes(result, img.name, h, w, index)   # percentages
             return dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size)
-        classes, instances = results_to_maps_at(result_of(latest_annotation(task)), img.name, size or (h, w),
-                                                (h, w), index)
+        classes, instances = results_to_maps_at(result, img.name, size or (h, w), (h, w), index)
         return Sample(image=image, classes=classes, instances=instances, id=sid, synthetic=synthetic, size=size)
 
     samples, used, failed = [], [], []

@@ -1,7 +1,8 @@
 """Parse a Label Studio labeling config into what Tessera can serve: image objects and region controls."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 from xml.etree.ElementTree import Element
 
 from defusedxml import ElementTree as SafeET
@@ -36,9 +37,54 @@ class Control:
 
 @dataclass(frozen=True)
 class ImageObject:
-    """An `<Image name=... value="$key">` tag; `data_key` is the task-data field that holds the URL."""
+    """An `<Image name=... value="$key">` tag; `data_key` is the task-data field that holds the URL.
+
+    `<Image valueList="$key">` (`many`, Label Studio's multi-image tag) holds a list of URLs, one image per
+    page, and its regions name their page as `item_index`. A task's pages of such a tag are views of it with
+    `page` set (task_images); each is predicted, trained on and checked as an image of its own."""
     name: str
     data_key: str
+    many: bool = False
+    page: int | None = None
+
+    @property
+    def view_id(self) -> str:
+        """This image's part of a sample id: the tag's name, and its page for a multi-image tag."""
+        return self.name if self.page is None else f"{self.name}@{self.page}"
+
+    def regions(self, result: Any) -> Any:
+        """The regions of an annotation's or prediction's result on this page (all of them for a one-image tag;
+        which image tag a region is on, `to_name`, is for the reader of the regions to check)."""
+        if not self.many or not isinstance(result, list):
+            return result
+        page = self.page or 0
+        return [r for r in result if isinstance(r, dict) and r.get("item_index", 0) == page]
+
+    def mark(self, regions: list[dict]) -> list[dict]:
+        """Regions made for this page, marked with it (item_index) and ids that no other page repeats."""
+        if self.many:
+            page = self.page or 0
+            for r in regions:
+                r["item_index"] = page
+                r["id"] = f"p{page}-{r['id']}"
+        return regions
+
+
+MAX_PAGES = 64      # the pages of one multi-image tag a task is predicted and trained on (the first ones)
+
+
+def task_images(task: Any, config: "LabelConfig") -> list[ImageObject]:
+    """The images of a task: one per image tag, and one per page of a multi-image tag's list (at most
+    MAX_PAGES). A multi-image tag whose field is not a list stays one view: loading it says why it fails."""
+    data = task.get("data") if isinstance(task, dict) else None
+    out: list[ImageObject] = []
+    for img in config.images:
+        refs = data.get(img.data_key) if img.many and isinstance(data, dict) else None
+        if isinstance(refs, list) and refs:
+            out += [replace(img, page=i) for i in range(min(len(refs), MAX_PAGES))]
+        else:
+            out.append(img)
+    return out
 
 
 @dataclass(frozen=True)
@@ -91,13 +137,12 @@ def parse_label_config(xml: str) -> LabelConfig:
         if kind in OBJECT_TAGS and name:
             objects[name] = kind
             if kind == "image":
-                value = tag.attrib.get("value", "")
-                if "valueList" in tag.attrib and not value:
-                    raise LabelConfigError(f'<Image name="{name}" valueList=...> (several images a task) is not '
-                                           'served: Tessera predicts one image per <Image value="$key"> tag')
+                many = "valueList" in tag.attrib
+                value = tag.attrib["valueList"] if many else tag.attrib.get("value", "")
                 if not value.startswith("$") or len(value) < 2:
-                    raise LabelConfigError(f'<Image name="{name}"> needs value="$<task data key>", got "{value}"')
-                images.append(ImageObject(name=name, data_key=value[1:]))
+                    attr = "valueList" if many else "value"
+                    raise LabelConfigError(f'<Image name="{name}"> needs {attr}="$<task data key>", got "{value}"')
+                images.append(ImageObject(name=name, data_key=value[1:], many=many))
         elif kind in SUPPORTED_CONTROLS:
             raw_controls.append(tag)
         elif "toName" in tag.attrib:

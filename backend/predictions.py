@@ -21,7 +21,7 @@ import numpy as np
 
 import ujson
 
-from tessera.backend.label_config import PIXEL_CONTROLS, Control, ImageObject, LabelConfig
+from tessera.backend.label_config import PIXEL_CONTROLS, Control, ImageObject, LabelConfig, task_images
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.regions import (PRECISION, boxes_to_results, instances_to_results, region_to_mask,
                                      region_value, result_label, results_to_maps_at)
@@ -234,12 +234,14 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             logger.info("interactive request on task %s ignored, it is malformed: %s", _task_id(tasks[0]), e)
             item = _empty(served.version)
         return _as_json([item] + [_empty(served.version) for _ in tasks[1:]], as_json)
-    bs = chunk_size(len(tasks), settings.predict_batch)
+    # a chunk holds about TESSERA_PREDICT_BATCH images: fewer tasks where a multi-image tag gives them pages
+    images = max((len(task_images(t, config)) for t in tasks), default=1)
+    bs = max(1, chunk_size(len(tasks), settings.predict_batch) // max(1, images // max(1, len(config.images))))
     starts = list(range(0, len(tasks), bs))
     ahead = 2                                      # chunks being fetched beyond the one being inferred
     results: list[dict] = []
     clock = StageClock()
-    workers = max(1, min(settings.fetch_threads, len(tasks) * len(config.images)))
+    workers = max(1, min(settings.fetch_threads, len(tasks) * images))
     t0, stopped = time.monotonic(), None
     n_bytes, n_done = 0, 0                         # JSON bytes of the chunks in `results`, and those chunks
     # Two stages: chunk k's predictions are finished (Predictor.predict_parts: upsampling, instance split) and
@@ -368,7 +370,7 @@ def _plain(value: Any):
 def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfig, media: MediaResolver,
                  clock: StageClock):
     """Start fetching + decoding every (task, image) of a chunk: (jobs, futures of arrays or MediaErrors)."""
-    jobs = [(i, img) for i, _ in enumerate(tasks) for img in config.images]
+    jobs = [(i, img) for i, task in enumerate(tasks) for img in task_images(task, config)]
 
     def load(job):
         i, img = job
@@ -493,10 +495,17 @@ def task_image(task: Any, img: ImageObject, media: MediaResolver, working: bool 
     a bad task must not fail a batch of predictions, nor a training run). `working=True`: (image decoded
     at most TESSERA_MAX_SIDE px, original (H, W)), as /predict uses it."""
     data = task.get("data") if isinstance(task, dict) else None
+    attr = "valueList" if img.many else "value"
     if not isinstance(data, dict) or img.data_key not in data:
-        return MediaError(f"task data has no {img.data_key!r} field (the <Image value=\"${img.data_key}\">)")
+        return MediaError(f"task data has no {img.data_key!r} field (the <Image {attr}=\"${img.data_key}\">)")
     try:
         ref = data[img.data_key]
+        if img.many:                    # <Image valueList>: the page's URL in the field's list
+            page = img.page or 0
+            if not isinstance(ref, list) or not 0 <= page < len(ref):
+                return MediaError(f"task data {img.data_key!r} holds no image {page} (the <Image valueList="
+                                  f"\"${img.data_key}\"> wants a list of image URLs)")
+            ref = ref[page]
         tid = task.get("id")
         return media.load_working(ref, tid) if working else media.load_image(ref, tid)
     except MediaError as e:
@@ -514,13 +523,13 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
     for img, image, size, pred, novelty in per_image:
         if ann is not None:
             try:
-                pred, m = _review(served.predictor, image, ann, config, img.name, size)
+                pred, m = _review(served.predictor, image, ann, config, img, size)
                 mislabel.append(m)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
                 logger.info("task %s: annotation not checked, it is malformed: %s", _task_id(task), e)
         if isinstance(pred, _Deferred):
             pred = pred()
-        regions += _regions_at_size(pred, config, img.name, labels, size)
+        regions += img.mark(_regions_at_size(pred, config, img.name, labels, size))
         scores.append(ranked_score(float(pred.score), novelty))
     item = {"result": regions, "score": round(min(scores), 4) if scores else 0.0, "model_version": served.version}
     if mislabel:
@@ -562,7 +571,7 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, dict) else None
 
 
-def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: LabelConfig, image_name: str,
+def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: LabelConfig, img: ImageObject,
            size: tuple[int, int] | None = None):
     h, w = size or image.shape[:2]          # annotations (brush RLE) are at the original size
     index = {n: c + 1 for c, n in enumerate(predictor.label_names)}
@@ -572,7 +581,7 @@ def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: Labe
     result = result_of(ann)                 # packed where tessera predict --project listed it (predict_view)
     if not isinstance(result, list):
         raise ValueError("annotation result is not a list")
-    classes, instances = results_to_maps_at(result, image_name, (h, w), image.shape[:2], index)
+    classes, instances = results_to_maps_at(img.regions(result), img.name, (h, w), image.shape[:2], index)
     return predictor.review(image, classes, instances)
 
 
@@ -626,20 +635,20 @@ def warm_refine(task: dict, config: LabelConfig, served: Served, media: MediaRes
     data = task.get("data") if isinstance(task, dict) else None
     if warm is None or not isinstance(data, dict):
         return None
-    refs = [data[img.data_key] for img in config.images[:2] if img.data_key in data]
+    views = [v for v in task_images(task, config) if v.data_key in data][:2]     # a multi-image tag's first pages
 
     def run():
-        for ref in refs:
-            try:
-                image, _ = media.load_working(ref, task.get("id"))      # the pixels interactive() refines on
-            except MediaError:
+        for img in views:
+            loaded = task_image(task, img, media, working=True)        # the pixels interactive() refines on
+            if isinstance(loaded, MediaError):
                 continue
+            image = loaded[0]
             t0 = time.perf_counter()
             warm(image)
             logger.info("task %s: smart tools ready (%dx%d image, %.0f ms)", _task_id(task), image.shape[1],
                         image.shape[0], 1000 * (time.perf_counter() - t0))
     try:
-        return _WARMER.submit(run) if refs else None
+        return _WARMER.submit(run) if views else None
     except RuntimeError:                # no thread to be had: /predict has answered, the hint will be cold
         logger.exception("could not start warming the smart tools' passes")
         return None
@@ -659,10 +668,15 @@ def interactive(task: dict, config: LabelConfig, served: Served, media: MediaRes
     controls = [c for c in config.controls if c.to_name == img.name]
     if not controls:
         return _empty(served.version, "no control for the hinted image")
-    try:        # as /predict and training see it: at most TESSERA_MAX_SIDE px, the scale the model learned at
-        image, size = media.load_working((task.get("data") or {}).get(img.data_key, ""), task.get("id"))
-    except MediaError as e:
-        return _empty(served.version, f"task {_task_id(task)}: {e}")
+    if img.many:                        # the page the hint was drawn on (Label Studio's item_index)
+        page = next((r.get("item_index") for r in hints if "item_index" in r), 0)
+        img = dataclasses.replace(img, page=page if isinstance(page, int) and not isinstance(page, bool) else 0)
+        hints = img.regions(hints)
+    # as /predict and training see it: at most TESSERA_MAX_SIDE px, the scale the model learned at
+    loaded = task_image(task, img, media, working=True)
+    if isinstance(loaded, MediaError):
+        return _empty(served.version, f"task {_task_id(task)}: {loaded}")
+    image, size = loaded
     hint, positive, negative, label = _hint_maps(hints, size, image.shape[:2])
     control = _hinted_control(hints, controls, label)
     label = label if label in control.labels else control.labels[0]
@@ -675,7 +689,7 @@ def interactive(task: dict, config: LabelConfig, served: Served, media: MediaRes
         import cv2
 
         mask = cv2.resize(mask.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST) > 0
-    results = instances_to_results(mask.astype(np.int32), {1: label}, {1: score}, control)[:1]
+    results = img.mark(instances_to_results(mask.astype(np.int32), {1: label}, {1: score}, control)[:1])
     for item in results if reduced and control.type not in PIXEL_CONTROLS else []:   # percentages: only the size
         item["original_width"], item["original_height"] = int(W), int(H)
     if not results:

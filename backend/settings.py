@@ -126,9 +126,10 @@ class Settings(BaseSettings):
         "thread that allocates gets an arena of its own up to that number, and each keeps its freed memory "
         "(TESSERA_MALLOC_KEEP_MB): with glibc's default a server's resident memory grew to ~3 GB over 20 requests "
         "of 16 520x696 tasks on 2 cores, with 2 it held ~1.4 GB from the sixth request to the twelfth, as fast.", ge=0)
-    predict_batch: int = env("TESSERA_PREDICT_BATCH", 16, "Tasks per chunk of /predict: a chunk's images download "
-                             "while the one before is inferred (a request of up to two chunks is cut in two); its "
-                             "network passes are bounded in input pixels, whatever this is.", ge=1)
+    predict_batch: int = env("TESSERA_PREDICT_BATCH", 16, "Tasks per chunk of /predict (images, where a "
+                             "multi-image tag gives tasks pages): a chunk's images download while the one before is "
+                             "inferred (a request of up to two chunks is cut in two); its network passes are "
+                             "bounded in input pixels, whatever this is.", ge=1)
     debounce_s: float = env("TESSERA_DEBOUNCE_S", 10.0, "Seconds a burst of annotation events must settle before "
                             "one training run.", ge=0.0)
     min_annotations: int = env("TESSERA_MIN_ANNOTATIONS", 5, "Annotated tasks a project needs before a training "

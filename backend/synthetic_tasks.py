@@ -131,7 +131,7 @@ def _results(item: Item, config: LabelConfig, names: list[str]) -> list[dict]:
         mapping = label_mapping(control, names)
         labels = {k: mapping[c] for k, c in cls.items() if c in mapping}
         result += instances_to_results(item.instances, labels, {k: item.score for k in ids}, control)
-    return result
+    return image.mark(result)                   # a multi-image tag: its one page
 
 
 def _upload(client: LabelStudio, key: str, items: list[Item], prefix: str) -> list[str]:
@@ -183,8 +183,8 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
         uploaded = pool.submit(_upload, client, key, items, f"{kind}_s{seed}")
         results = [_results(item, config, names) for item in items]
         urls = uploaded.result()
-    data_key = config.images[0].data_key
-    tasks = [{"data": {data_key: url},
+    data_key, many = config.images[0].data_key, config.images[0].many
+    tasks = [{"data": {data_key: [url] if many else url},
               "meta": {"synthetic": True, "seed": seed, **item.meta},
               "predictions": [{"result": result, "score": round(item.score, 4), "model_version": version}]}
              for url, item, result in zip(urls, items, results)]

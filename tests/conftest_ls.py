@@ -158,6 +158,16 @@ def tessera_for(ls_server: LabelStudioServer, model_store: Path, tmp_path: Path,
         proc.stop()
 
 
+def retrieve_with_tessera(ls_server: LabelStudioServer, ls: LabelStudio, model_store: Path, tmp_path: Path,
+                          project: int) -> str:
+    """`tessera serve` with a copy of `model_store` connected to `project`, then "Retrieve predictions" on all
+    its tasks; Tessera's log."""
+    with tessera_for(ls_server, model_store, tmp_path) as tessera:
+        assert ls.ml.create(project=project, url=tessera.url, title="Tessera").state == "CO"
+        retrieve_predictions(ls, project)
+        return tessera.log_text()
+
+
 def upload_samples(ls: LabelStudio, project: int, images, prefix: str = "img") -> list[int]:
     """Images (arrays, e.g. model.data samples' .image) uploaded as PNG tasks; their task ids in order."""
     from PIL import Image

@@ -10,7 +10,7 @@ from PIL import Image
 from tessera.backend.regions import region_to_mask, results_to_maps
 from tessera.model import metrics
 from tessera.model.data import make_nuclei_mosaic
-from tests.conftest_ls import predictions, retrieve_predictions, tessera_for, upload_images
+from tests.conftest_ls import predictions, retrieve_with_tessera, upload_images
 
 pytestmark = pytest.mark.e2e
 
@@ -27,10 +27,7 @@ def test_bitmask_predictions_land_on_the_objects_and_come_back_as_annotations(ls
     Image.fromarray(sample.image).save(path)
     pid = ls_api.projects.create(title="tessera bitmask", label_config=CONFIG).id
     (tid,) = upload_images(ls_api, pid, [path])
-    with tessera_for(ls_server, trained_model_dir, tmp_path) as tessera:
-        assert ls_api.ml.create(project=pid, url=tessera.url, title="Tessera").state == "CO"
-        retrieve_predictions(ls_api, pid)
-        log = tessera.log_text()
+    log = retrieve_with_tessera(ls_server, ls_api, trained_model_dir, tmp_path, pid)
 
     (pred,) = predictions(ls_api, tid)
     regions = pred["result"]

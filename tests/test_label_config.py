@@ -16,6 +16,9 @@ GOOD = [
      {("brushlabels", "ma"), ("polygonlabels", "pb")}, ["X", "Y"]),
     ('<View><Image name="i" value="$image"/><KeyPointLabels name="kp" toName="i"><Label value="P"/></KeyPointLabels>'
      '<BrushLabels name="m" toName="i"><Label value="P"/></BrushLabels></View>', {("brushlabels", "m")}, ["P"]),
+    # Label Studio's own template "Multi-page document annotation": <Image valueList>, one image per page
+    ('<View><RectangleLabels name="r" toName="pdf"><Label value="Title"/></RectangleLabels>'
+     '<Image valueList="$pages" name="pdf"/></View>', {("rectanglelabels", "r")}, ["Title"]),
 ]
 
 BAD = [
@@ -31,9 +34,9 @@ BAD = [
     ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="i"></BrushLabels></View>', "no <Label"),
     ('<!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]><View><Image name="i" value="$image"/>'
      '<BrushLabels name="m" toName="i"><Label value="&e;"/></BrushLabels></View>', "forbidden XML"),
-    # Label Studio's own templates: "Multi-page document annotation" and "Inventory Tracking"
-    ('<View><RectangleLabels name="r" toName="pdf"><Label value="Title"/></RectangleLabels>'
-     '<Image valueList="$pages" name="pdf"/></View>', "valueList"),
+    ('<View><Image name="i" valueList="pages"/><BrushLabels name="m" toName="i"><Label value="A"/></BrushLabels>'
+     '</View>', 'valueList="$'),
+    # Label Studio's own template "Inventory Tracking"
     ('<View><PolygonLabels name="objects" toName="image" value="$objects"/><Image name="image" value="$image"/>'
      '</View>', "from each task's data"),
 ]
