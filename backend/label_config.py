@@ -13,6 +13,7 @@ SUPPORTED_CONTROLS = {
     "brushlabels": "brushlabels",
     "bitmasklabels": "bitmasklabels",
     "polygonlabels": "polygonlabels",
+    "ellipselabels": "ellipselabels",
     "rectanglelabels": "rectanglelabels",
 }
 # controls whose regions count the original image's pixels (a brush RLE, a bitmask PNG of the image's size),
@@ -152,8 +153,8 @@ def parse_label_config(xml: str) -> LabelConfig:
         kinds = sorted({f"<{t.capitalize()}>" for t in objects.values()}) or ["no object tag"]
         raise LabelConfigError(
             f"Tessera serves image projects: the config has no <Image> tag (found {', '.join(kinds)}). "
-            "Use an <Image name=... value=\"$image\"/> with BrushLabels, BitmaskLabels, PolygonLabels or "
-            "RectangleLabels.")
+            "Use an <Image name=... value=\"$image\"/> with BrushLabels, BitmaskLabels, PolygonLabels, "
+            "EllipseLabels or RectangleLabels.")
     controls: list[Control] = []
     for tag in raw_controls:
         from_name = tag.attrib.get("name", "")
@@ -178,7 +179,8 @@ def parse_label_config(xml: str) -> LabelConfig:
     if not controls:
         found = ", ".join(f"<{t}>" for t in unsupported) or "no labeling control"
         raise LabelConfigError(
-            f"Tessera predicts BrushLabels, BitmaskLabels, PolygonLabels and RectangleLabels; this config has "
+            f"Tessera predicts BrushLabels, BitmaskLabels, PolygonLabels, EllipseLabels and RectangleLabels; this "
+            f"config has "
             f"{found}. "
             "Add one of those controls pointing at the <Image>.")
     used = {c.to_name for c in controls}

@@ -356,6 +356,39 @@ def box_crop(x: float, y: float, w: float, h: float, height: int, width: int, ro
                         height, width)
 
 
+def ellipse_crop(cx: float, cy: float, rx: float, ry: float, height: int, width: int, rotation: float = 0.0
+                 ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """An ellipse, centre (cx, cy) and semi-axes rx along its own x, ry along its own y in px, turned `rotation`
+    degrees about its centre (clockwise on screen, as Label Studio's editor draws it: Konva's rotation, the same
+    turn as a rectangle's) -> ((y0, x0, y1, x1), crop) of the pixels whose centres are inside; None when none."""
+    if not (rx > 1e-3 and ry > 1e-3):              # thinner than a thousandth of a pixel: no pixel centre in it
+        return None
+    a = math.radians(rotation)
+    ca, sa = math.cos(a), math.sin(a)
+    ex, ey = math.hypot(rx * ca, ry * sa), math.hypot(rx * sa, ry * ca)      # the turned ellipse's half extents
+    c0, c1 = max(0, math.floor(cx - ex)), min(width, math.ceil(cx + ex))
+    r0, r1 = max(0, math.floor(cy - ey)), min(height, math.ceil(cy + ey))
+    if r1 <= r0 or c1 <= c0:
+        return None
+    dx, dy = np.arange(c0, c1)[None, :] + 0.5 - cx, np.arange(r0, r1)[:, None] + 0.5 - cy
+    crop = ((dx * ca + dy * sa) / rx) ** 2 + ((dy * ca - dx * sa) / ry) ** 2 <= 1.0
+    return ((r0, c0, r1, c1), crop) if crop.any() else None
+
+
+def _ellipse_value(crop: np.ndarray, y0: int, x0: int) -> tuple[float, float, float, float, float]:
+    """The ellipse of an object's pixels with their area and second moments (centre, semi-axes, rotation in
+    degrees, [0, 180)): exact for an ellipse, the usual summary of a cell's or nucleus' outline (skimage's
+    regionprops), and a pass over the object's pixels only."""
+    ys, xs = np.nonzero(crop)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
+    sxx, syy, sxy = (dx * dx).mean() + 1 / 12, (dy * dy).mean() + 1 / 12, (dx * dy).mean()   # + a pixel's own
+    half, gap = (sxx + syy) / 2, math.hypot((sxx - syy) / 2, sxy)
+    theta = 0.5 * math.atan2(2 * sxy, sxx - syy)                      # the major axis, from x towards y
+    return (float(x0 + cx), float(y0 + cy), 2 * math.sqrt(half + gap), 2 * math.sqrt(max(half - gap, 1 / 12)),
+            math.degrees(theta) % 180)
+
+
 # ------------------------------------------------------------------------------------ LS result JSON
 
 def _pct(value: float, size: int) -> float:
@@ -414,6 +447,10 @@ def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: 
             bw, bh = sl[1].stop - ox, sl[0].stop - oy
             value = {"x": _pct(ox, width), "y": _pct(oy, height), "width": _pct(bw, width),
                      "height": _pct(bh, height), "rotation": 0, "rectanglelabels": [label]}
+        elif control.type == "ellipselabels":
+            cx, cy, rx, ry, rotation = _ellipse_value(instances[sl] == k, oy, ox)
+            value = {"x": _pct(cx, width), "y": _pct(cy, height), "radiusX": _pct(rx, width),
+                     "radiusY": _pct(ry, height), "rotation": round(rotation, 2), "ellipselabels": [label]}
         else:
             raise ValueError(f"unsupported control type {control.type}")
         results.append(_region(control, value, width, height, scores.get(k, 0.0), rid))
@@ -582,6 +619,10 @@ def region_value(result: dict) -> tuple[str, dict]:
         for key in ("x", "y", "width", "height"):
             _number(value.get(key), f"rectangle {key}")
         _number(value.get("rotation", 0) or 0, "rectangle rotation")
+    elif kind in ("ellipselabels", "ellipse"):
+        for key in ("x", "y", "radiusX", "radiusY"):
+            _number(value.get(key), f"ellipse {key}")
+        _number(value.get("rotation", 0) or 0, "ellipse rotation")
     elif kind in ("keypointlabels", "keypoint"):
         for key in ("x", "y"):
             if not 0 <= _number(value.get(key), f"keypoint {key}") <= 100:
@@ -608,6 +649,9 @@ def region_crop(result: dict, height: int, width: int) -> tuple[tuple[int, int, 
         pts = np.array([[p[0] * width / 100.0, p[1] * height / 100.0] for p in value.get("points", [])],
                        dtype=np.float64).reshape(-1, 2)
         return polygon_crop(pts, height, width)
+    if kind in ("ellipselabels", "ellipse"):
+        return ellipse_crop(value["x"] * width / 100.0, value["y"] * height / 100.0, value["radiusX"] * width / 100.0,
+                            value["radiusY"] * height / 100.0, height, width, float(value.get("rotation", 0) or 0))
     if kind in ("rectanglelabels", "rectangle"):
         return box_crop(value["x"] * width / 100.0, value["y"] * height / 100.0,
                         value["width"] * width / 100.0, value["height"] * height / 100.0,
@@ -619,14 +663,15 @@ def result_label(result: dict) -> str | None:
     value = result.get("value") if isinstance(result, dict) else None
     if not isinstance(value, dict):
         return None
-    for key in ("brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels", "labels"):
+    for key in ("brushlabels", "bitmasklabels", "polygonlabels", "ellipselabels", "rectanglelabels", "labels"):
         labels = value.get(key)
         if isinstance(labels, list) and labels and isinstance(labels[0], str):
             return labels[0]
     return None
 
 
-PRECISION = {"brushlabels": 0, "bitmasklabels": 0, "polygonlabels": 1, "rectanglelabels": 2}   # finest first
+PRECISION = {"brushlabels": 0, "bitmasklabels": 0, "polygonlabels": 1, "ellipselabels": 2,      # finest first
+             "rectanglelabels": 3}
 DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 
 

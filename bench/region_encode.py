@@ -1,5 +1,5 @@
 """What writing and reading a task's regions costs, per region type, at native sizes: brush RLE, bitmask PNG
-data URL (Label Studio 1.23's BitmaskLabels), polygons, boxes. The bitmask arm is also run with Pillow's PNG
+data URL (Label Studio 1.23's BitmaskLabels), polygons, ellipses, boxes. The bitmask arm is also run with Pillow's PNG
 encoder on the whole mask (what backend/bitmask.py's hand-made stream replaces), and its reading with Pillow's
 decoder (what bitmask._own_crop replaces).
 
@@ -60,7 +60,7 @@ def main() -> None:
     from tessera.model.postprocess import object_slices
 
     controls = {t: Control(t, t, "image", ("A",)) for t in
-                ("brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels")}
+                ("brushlabels", "bitmasklabels", "polygonlabels", "ellipselabels", "rectanglelabels")}
     out = {}
     for (h, w, n) in ((520, 696, 110), (2048, 2048, 500)):
         inst = instances(h, w, n, seed=h)

@@ -91,13 +91,14 @@ image_ref = st.one_of(
 def region(kind=None):
     value = st.fixed_dictionaries({}, optional={
         "x": numbers, "y": numbers, "width": numbers, "height": numbers, "rotation": numbers,
+        "radiusX": numbers, "radiusY": numbers, "ellipselabels": st.one_of(st.just(["Nucleus"]), junk),
         "points": st.one_of(st.lists(st.lists(numbers, max_size=3), max_size=5), junk), "rle": rle,
         "imageDataURL": image_data_url, "bitmasklabels": st.one_of(st.just(["Nucleus"]), junk),
         "format": st.sampled_from(["rle", "png", 3]),
         "brushlabels": st.one_of(st.just(["Nucleus"]), junk), "polygonlabels": st.one_of(st.just(["Nucleus"]), junk),
         "rectanglelabels": st.one_of(st.just(["Nucleus"]), junk), "keypointlabels": st.just(["Nucleus"])})
-    types = st.sampled_from(["brushlabels", "bitmasklabels", "polygonlabels", "rectanglelabels", "keypointlabels",
-                             "choices", ""])
+    types = st.sampled_from(["brushlabels", "bitmasklabels", "polygonlabels", "ellipselabels", "rectanglelabels",
+                             "keypointlabels", "choices", ""])
     return st.fixed_dictionaries({"type": kind or st.one_of(types, junk), "value": st.one_of(value, junk)},
                                  optional={"to_name": st.one_of(st.just("image"), junk), "is_positive": junk,
                                            "from_name": st.sampled_from(["mask", "poly", "bbox", "kp"]),

@@ -16,6 +16,9 @@ GOOD = [
      {("brushlabels", "ma"), ("polygonlabels", "pb")}, ["X", "Y"]),
     ('<View><Image name="i" value="$image"/><KeyPointLabels name="kp" toName="i"><Label value="P"/></KeyPointLabels>'
      '<BrushLabels name="m" toName="i"><Label value="P"/></BrushLabels></View>', {("brushlabels", "m")}, ["P"]),
+    ('<View><Image name="i" value="$image"/><EllipseLabels name="e" toName="i"><Label value="Cell"/>'
+     '</EllipseLabels><BitmaskLabels name="b" toName="i"><Label value="Cell"/></BitmaskLabels></View>',
+     {("ellipselabels", "e"), ("bitmasklabels", "b")}, ["Cell"]),
     # Label Studio's own template "Multi-page document annotation": <Image valueList>, one image per page
     ('<View><RectangleLabels name="r" toName="pdf"><Label value="Title"/></RectangleLabels>'
      '<Image valueList="$pages" name="pdf"/></View>', {("rectanglelabels", "r")}, ["Title"]),

@@ -504,3 +504,47 @@ def test_maps_from_crops_equal_maps_from_whole_canvases():
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
         for r in results:
             assert np.array_equal(region_to_mask(r, h, w), _full_canvas_mask(r, h, w))
+
+
+ELLIPSE = Control("ellipselabels", "ellipse", "image", ("A", "B"))
+
+
+@pytest.mark.parametrize("cx, cy, a, b, angle", [(100, 80, 40, 15, 30), (250, 200, 60, 25, 130), (60, 150, 8, 3, 100),
+                                                 (200, 150, 20, 20, 0), (300, 100, 30, 10, 90)])
+def test_an_object_comes_back_as_its_ellipse(cx, cy, a, b, angle):
+    """EllipseLabels: the ellipse of the object's area and second moments, turned as Label Studio turns it."""
+    truth = np.zeros((300, 400), np.uint8)
+    cv2.ellipse(truth, (cx, cy), (a, b), angle, 0, 360, 1, -1)
+    (r,) = instances_to_results(truth.astype(np.int32), {1: "A"}, {1: 0.9}, ELLIPSE)
+    assert r["type"] == "ellipselabels" and r["value"]["ellipselabels"] == ["A"]
+    back = region_to_mask(r, 300, 400)
+    assert (back & (truth > 0)).sum() / (back | (truth > 0)).sum() > 0.97
+    assert abs(r["value"]["radiusX"] * 4 - a) < 1.5 and abs(r["value"]["radiusY"] * 3 - b) < 1.5   # px: % of 400, 300
+    if a != b:
+        assert min(abs(r["value"]["rotation"] - angle % 180), 180 - abs(r["value"]["rotation"] - angle % 180)) < 2
+
+
+def test_an_ellipse_turns_clockwise_on_screen_like_a_rectangle():
+    """Label Studio's editor (Konva) turns an ellipse about its centre by `rotation` degrees clockwise on screen,
+    the turn a rectangle's `rotation` makes about its corner: at 90 degrees the long axis is vertical."""
+    value = {"x": 50, "y": 50, "radiusX": 20, "radiusY": 5, "ellipselabels": ["A"]}
+    flat = region_to_mask({"type": "ellipselabels", "value": value}, 100, 100)
+    tall = region_to_mask({"type": "ellipselabels", "value": {**value, "rotation": 90}}, 100, 100)
+    assert flat[50, 30] and not flat[30, 50] and tall[30, 50] and not tall[50, 30]
+    slanted = region_to_mask({"type": "ellipselabels", "value": {**value, "rotation": 45}}, 100, 100)
+    assert slanted[62, 62] and not slanted[38, 62]             # down-right on screen: y grows downwards
+    box = region_to_mask({"type": "rectanglelabels", "value": {"x": 50, "y": 50, "width": 20, "height": 2,
+                                                              "rotation": 45, "rectanglelabels": ["A"]}}, 100, 100)
+    assert box[58, 58] and not box[42, 58]
+
+
+@pytest.mark.parametrize("value, error", [({"x": 1, "y": 2, "radiusX": "a", "radiusY": 3}, "radiusX"),
+                                          ({"x": 1, "y": 2, "radiusX": 1, "radiusY": float("nan")}, "radiusY")])
+def test_a_broken_ellipse_is_a_value_error(value, error):
+    with pytest.raises(ValueError, match=error):
+        region_to_mask({"type": "ellipselabels", "value": value}, 10, 10)
+
+
+def test_an_ellipse_of_no_pixel_is_no_region():
+    assert not region_to_mask({"type": "ellipselabels", "value": {"x": 50, "y": 50, "radiusX": 0, "radiusY": 5,
+                                                                  "ellipselabels": ["A"]}}, 10, 10).any()
