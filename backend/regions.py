@@ -663,15 +663,16 @@ def result_label(result: dict) -> str | None:
     value = result.get("value") if isinstance(result, dict) else None
     if not isinstance(value, dict):
         return None
-    for key in ("brushlabels", "bitmasklabels", "polygonlabels", "ellipselabels", "rectanglelabels", "labels"):
+    for key in (*PRECISION, "labels"):              # each region type's own label key, then the plain one
         labels = value.get(key)
         if isinstance(labels, list) and labels and isinstance(labels[0], str):
             return labels[0]
     return None
 
 
-PRECISION = {"brushlabels": 0, "bitmasklabels": 0, "polygonlabels": 1, "ellipselabels": 2,      # finest first
-             "rectanglelabels": 3}
+# every region type Tessera reads and writes (label_config.SUPPORTED_CONTROLS), finest first: the order an object
+# drawn several ways is drawn in (results_to_maps), and a smart tool's reply control (predictions)
+PRECISION = {"brushlabels": 0, "bitmasklabels": 0, "polygonlabels": 1, "ellipselabels": 2, "rectanglelabels": 3}
 DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 
 
@@ -681,8 +682,8 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
 
     Every region becomes one instance with class `label_index[label]` (regions whose label is not in it
     are skipped). An object is often drawn several ways (a prediction accepted as is has a brush mask,
-    a polygon and a box per object), so finer regions are drawn first (brush, polygon, box), and a
-    polygon or box whose IoU with a finer region already drawn (its bounding box, for a box) is
+    a polygon and a box per object), so finer regions are drawn first (PRECISION: brush and bitmask, polygon,
+    ellipse, box), and a coarser region whose IoU with a finer region already drawn (its bounding box, for a box) is
     >= DUPLICATE_IOU is the same object again: skipped. Drawn one over the other, the box would win and
     the map would hold rectangles. A coarser region never paints over a finer one.
     """

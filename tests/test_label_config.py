@@ -59,3 +59,18 @@ def test_bad_configs_name_the_problem(xml, needle):
     with pytest.raises(LabelConfigError) as e:
         parse_label_config(xml)
     assert needle in str(e.value)
+
+
+def test_every_control_served_is_read_and_written():
+    """One list of controls (SUPPORTED_CONTROLS): each has a place in the drawing order and round-trips a region."""
+    import numpy as np
+
+    from tessera.backend.label_config import Control, SUPPORTED_CONTROLS
+    from tessera.backend.regions import PRECISION, instances_to_results, region_to_mask
+
+    assert set(PRECISION) == set(SUPPORTED_CONTROLS.values())
+    inst = np.zeros((40, 50), np.int32)
+    inst[10:20, 5:25] = 1
+    for kind in SUPPORTED_CONTROLS.values():
+        (r,) = instances_to_results(inst, {1: "A"}, {1: 0.9}, Control(kind, "c", "image", ("A",)))
+        assert r["type"] == kind and (region_to_mask(r, 40, 50) & (inst == 1)).sum() / (inst == 1).sum() > 0.9
