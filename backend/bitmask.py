@@ -112,7 +112,7 @@ def crop(url: str, height: int, width: int) -> tuple[tuple[int, int, int, int], 
         return own
     try:
         im = Image.open(io.BytesIO(data), formats=("PNG",))
-        w, h = im.size
+        w, h = im.size          # again: a file whose IHDR is not its first chunk was not checked above
         if w * h > 4 * max(1, height * width) + 1_000_000:
             raise ValueError(f"bitmask PNG of {w}x{h} px for an image of {width}x{height}")
         im = im.crop((0, 0, min(w, width), min(h, height)))

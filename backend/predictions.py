@@ -235,8 +235,9 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
             item = _empty(served.version)
         return _as_json([item] + [_empty(served.version) for _ in tasks[1:]], as_json)
     # a chunk holds about TESSERA_PREDICT_BATCH images: fewer tasks where a multi-image tag gives them pages
-    images = max((len(task_images(t, config)) for t in tasks), default=1)
-    bs = max(1, chunk_size(len(tasks), settings.predict_batch) // max(1, images // max(1, len(config.images))))
+    images = max((len(task_images(t, config)) for t in tasks), default=1)      # the most images a task has
+    pages = max(1, images // max(1, len(config.images)))                        # 1 without a multi-image tag
+    bs = max(1, chunk_size(len(tasks), settings.predict_batch) // pages)
     starts = list(range(0, len(tasks), bs))
     ahead = 2                                      # chunks being fetched beyond the one being inferred
     results: list[dict] = []
