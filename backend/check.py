@@ -75,7 +75,9 @@ def check_project(settings: Settings, project: int, say: Callable[[Step], None] 
     except LabelConfigError as e:
         step("label config", False, str(e))
         return steps
-    step("label config", True, ", ".join(f"{c.type} {c.from_name!r} -> {c.to_name!r}" for c in config.controls))
+    step("label config", True, ", ".join(
+        f"{c.type} {c.from_name!r}{f' (labels of {c.labels_from!r})' if c.labels_from else ''} -> {c.to_name!r}"
+        for c in config.controls))
 
     from tessera.backend.predictions import task_image
 

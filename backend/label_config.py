@@ -16,6 +16,17 @@ SUPPORTED_CONTROLS = {
     "ellipselabels": "ellipselabels",
     "rectanglelabels": "rectanglelabels",
 }
+# a drawing tool used with a separate <Labels> control (Label Studio's "Labels + tool" form, e.g. its OCR template:
+# <Labels name="label"> + <Rectangle name="bbox">) -> the region type Tessera handles it as. The editor stores such a
+# region as two results of one id: the tool's shape (type "rectangle") and the labels (type "labels", its value the
+# same shape with `labels`; Result.serialize, 1.23.2); regions.labelled and regions.as_stored convert.
+TOOL_CONTROLS = {
+    "brush": "brushlabels",
+    "bitmask": "bitmasklabels",
+    "polygon": "polygonlabels",
+    "ellipse": "ellipselabels",
+    "rectangle": "rectanglelabels",
+}
 # controls whose regions count the original image's pixels (a brush RLE, a bitmask PNG of the image's size),
 # not percentages: written from the instances at the original size, and drawn over coarser regions
 PIXEL_CONTROLS = frozenset({"brushlabels", "bitmasklabels"})
@@ -29,11 +40,13 @@ class LabelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Control:
-    """One region control: `<BrushLabels name=from_name toName=to_name>` with its label values."""
+    """One region control: `<BrushLabels name=from_name toName=to_name>` with its label values, or a drawing tool
+    (`<Brush name=from_name>`, TOOL_CONTROLS) with the labels of the `<Labels name=labels_from>` beside it."""
     type: str                 # a SUPPORTED_CONTROLS value: "brushlabels", "bitmasklabels", "polygonlabels", ...
     from_name: str
     to_name: str
     labels: tuple[str, ...]
+    labels_from: str = ""     # a tool's <Labels> control; "" for a *Labels control, which holds its labels itself
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,37 @@ def _labels(tag: Element) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _to_names(tag: Element) -> list[str]:
+    return [t.strip() for t in tag.attrib.get("toName", "").split(",") if t.strip()]
+
+
+def _tool_controls(tools: list[Element], label_sets: list[Element], objects: dict[str, str]) -> list[Control]:
+    """The controls of drawing tools that take their labels from a <Labels> on the same image: one per tool and
+    <Labels> pair (a region's labels name the <Labels> they came from). A tool with no <Labels> on its image
+    draws regions without a label, nothing to learn or write: not a control. A <Labels> of dynamic labels
+    (value="$...") is refused as for a *Labels control."""
+    out: list[Control] = []
+    for tag in tools:
+        from_name = tag.attrib.get("name", "")
+        if not from_name:
+            continue
+        for to_name in _to_names(tag):
+            if objects.get(to_name) != "image":
+                continue
+            for labels_tag in label_sets:
+                labels_name = labels_tag.attrib.get("name", "")
+                if not labels_name or to_name not in _to_names(labels_tag):
+                    continue
+                labels = _labels(labels_tag)
+                if not labels and labels_tag.attrib.get("value", "").startswith("$"):
+                    raise LabelConfigError(f'<Labels name="{labels_name}" value="{labels_tag.attrib["value"]}"> '
+                                           "takes its labels from each task's data; Tessera learns a fixed set: "
+                                           'list them as <Label value="..."/> children')
+                if labels:
+                    out.append(Control(TOOL_CONTROLS[tag.tag.lower()], from_name, to_name, labels, labels_name))
+    return out
+
+
 def parse_label_config(xml: str) -> LabelConfig:
     """Parse `xml` and check that Tessera can serve it; raises LabelConfigError naming the tag otherwise."""
     if not isinstance(xml, str) or not xml.strip():
@@ -131,6 +175,8 @@ def parse_label_config(xml: str) -> LabelConfig:
     objects: dict[str, str] = {}      # name -> tag (lower)
     images: list[ImageObject] = []
     raw_controls: list[Element] = []
+    tools: list[Element] = []
+    label_sets: list[Element] = []
     unsupported: list[str] = []
     for tag in root.iter():
         kind = tag.tag.lower()
@@ -148,6 +194,10 @@ def parse_label_config(xml: str) -> LabelConfig:
             raw_controls.append(tag)
         elif "toName" in tag.attrib:
             unsupported.append(tag.tag)
+            if kind in TOOL_CONTROLS:
+                tools.append(tag)
+            elif kind == "labels":
+                label_sets.append(tag)
 
     if not images:
         kinds = sorted({f"<{t.capitalize()}>" for t in objects.values()}) or ["no object tag"]
@@ -158,7 +208,7 @@ def parse_label_config(xml: str) -> LabelConfig:
     controls: list[Control] = []
     for tag in raw_controls:
         from_name = tag.attrib.get("name", "")
-        to_names = [t.strip() for t in tag.attrib.get("toName", "").split(",") if t.strip()]
+        to_names = _to_names(tag)
         if not from_name or not to_names:
             raise LabelConfigError(f"<{tag.tag}> needs both name= and toName= attributes")
         labels = _labels(tag)
@@ -176,12 +226,13 @@ def parse_label_config(xml: str) -> LabelConfig:
                 raise LabelConfigError(f'<{tag.tag} name="{from_name}"> labels <{objects[to_name]}> '
                                        f'"{to_name}"; Tessera only labels <Image> tags')
             controls.append(Control(SUPPORTED_CONTROLS[tag.tag.lower()], from_name, to_name, labels))
+    controls += _tool_controls(tools, label_sets, objects)
     if not controls:
         found = ", ".join(f"<{t}>" for t in unsupported) or "no labeling control"
         raise LabelConfigError(
-            f"Tessera predicts BrushLabels, BitmaskLabels, PolygonLabels, EllipseLabels and RectangleLabels; this "
-            f"config has "
-            f"{found}. "
+            f"Tessera predicts BrushLabels, BitmaskLabels, PolygonLabels, EllipseLabels and RectangleLabels (or a "
+            f"<Brush>, <Bitmask>, <Polygon>, <Ellipse> or <Rectangle> tool with a <Labels> on the same image); this "
+            f"config has {found}. "
             "Add one of those controls pointing at the <Image>.")
     used = {c.to_name for c in controls}
     return LabelConfig(images=tuple(i for i in images if i.name in used), controls=tuple(controls))

@@ -23,7 +23,7 @@ import ujson
 
 from tessera.backend.label_config import PIXEL_CONTROLS, Control, ImageObject, LabelConfig, task_images
 from tessera.backend.media import MediaError, MediaResolver
-from tessera.backend.regions import (PRECISION, boxes_to_results, instances_to_results, region_to_mask,
+from tessera.backend.regions import (PRECISION, boxes_to_results, instances_to_results, labelled, region_to_mask,
                                      region_value, result_label, results_to_maps_at)
 from tessera.backend.settings import Settings
 from tessera.backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
@@ -690,7 +690,9 @@ def interactive(task: dict, config: LabelConfig, served: Served, media: MediaRes
         import cv2
 
         mask = cv2.resize(mask.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST) > 0
-    results = img.mark(instances_to_results(mask.astype(np.int32), {1: label}, {1: score}, control)[:1])
+    written = instances_to_results(mask.astype(np.int32), {1: label}, {1: score}, control)
+    # one region: its results (a tool with a separate <Labels> stores two of one id, regions.as_stored)
+    results = img.mark([r for r in written if r["id"] == written[0]["id"]] if written else [])
     for item in results if reduced and control.type not in PIXEL_CONTROLS else []:   # percentages: only the size
         item["original_width"], item["original_height"] = int(W), int(H)
     if not results:
@@ -707,7 +709,7 @@ def _hint_maps(hints: list[dict], size: tuple[int, int], shape: tuple[int, int]
     hint = np.zeros((H, W), dtype=bool)
     positive, negative = [], []
     label = None
-    for r in hints:
+    for r in labelled(hints):            # a tool's shape and its <Labels> result: one hint
         label = label or result_label(r)
         if r.get("type") in ("keypointlabels", "keypoint"):
             _, value = region_value(r)                    # finite, within 0-100
@@ -732,7 +734,7 @@ def _hinted_control(hints: list[dict], controls: list[Control], label: str | Non
     that has the hint's label, else the finest one."""
     names = {r.get("from_name") for r in hints}
     own = [c for c in controls if c.from_name in names]
-    if own:
-        return own[0]
+    if own:             # a tool beside several <Labels> is a control per <Labels>: the one with the hint's label
+        return next((c for c in own if label in c.labels), own[0])
     finest = sorted(controls, key=lambda c: PRECISION[c.type])
     return next((c for c in finest if label in c.labels), finest[0])

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from tessera.backend import bitmask
-from tessera.backend.label_config import PIXEL_CONTROLS, Control
+from tessera.backend.label_config import PIXEL_CONTROLS, TOOL_CONTROLS, Control
 from tessera.model.postprocess import object_slices
 
 
@@ -412,12 +412,20 @@ def _region(control: Control, kind_value: dict, width: int, height: int, score: 
 def instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: dict[int, float],
                          control: Control, id_prefix: str = "", polygon_epsilon: float = 0.7,
                          slices: dict[int, tuple[slice, slice]] | None = None) -> list[dict]:
-    """An instance map -> one LS region per instance for one control.
+    """An instance map -> one LS region per instance for one control (as_stored: two results of one id for a
+    tool with a separate <Labels>).
 
     `labels` maps instance id -> the control's label value (instances not in it are skipped, e.g. a
     class this control does not have); `scores` maps instance id -> confidence. `slices`: the objects'
     bounding boxes (object_slices of this map for at least these ids), when the caller already has them.
     """
+    return as_stored(control, _instances_to_results(instances, labels, scores, control, id_prefix, polygon_epsilon,
+                                                    slices))
+
+
+def _instances_to_results(instances: np.ndarray, labels: dict[int, str], scores: dict[int, float],
+                          control: Control, id_prefix: str, polygon_epsilon: float,
+                          slices: dict[int, tuple[slice, slice]] | None) -> list[dict]:
     height, width = instances.shape
     results = []
     ids = sorted(int(i) for i in labels if int(i) > 0)
@@ -538,7 +546,56 @@ def boxes_to_results(boxes: dict[int, tuple[float, float, float, float]], labels
                  "height": _pct(y1 - y0, height), "rotation": 0, "rectanglelabels": [labels[k]]}
         rid = f"{id_prefix}{control.from_name}-{k}"
         results.append(_region(control, value, width, height, scores.get(k, 0.0), rid))
-    return results
+    return as_stored(control, results)
+
+
+def as_stored(control: Control, results: list[dict]) -> list[dict]:
+    """Regions written for `control` (each one result of its *labels type) as Label Studio stores them: as they
+    are for a *Labels control; for a drawing tool with a separate <Labels> (Control.labels_from), each region as
+    the editor serializes one (Result.serialize, 1.23.2): two results of one id, the tool's shape (type
+    "rectangle", from the tool) and its labels (type "labels", from the <Labels>, its value the shape again with
+    `labels`). Label Studio joins results of one id into one region."""
+    if not control.labels_from:
+        return results
+    tool = next(t for t, kind in TOOL_CONTROLS.items() if kind == control.type)
+    out = []
+    for r in results:
+        shape = {k: v for k, v in r["value"].items() if k != control.type}
+        out.append({**r, "type": tool, "value": shape})
+        out.append({**r, "from_name": control.labels_from, "type": "labels",
+                    "value": {**shape, "labels": r["value"][control.type]}})
+    return out
+
+
+# a tool's shape and the <Labels> result of the same id read as one region of this type (labelled); a keypoint
+# is read as a hint, never written
+_LABELLED = {**TOOL_CONTROLS, "keypoint": "keypointlabels"}
+
+
+def labelled(results: list) -> list:
+    """Results as Tessera reads them: each region of a drawing tool with a separate <Labels> (two results of one
+    id: the shape, type "rectangle" from the tool, and its labels, type "labels") as one result of its *labels
+    type ("rectanglelabels", named by the tool, the labels under its own key), as a *Labels control's region is.
+    Other results as they are; a "labels" result that no shape of its id pairs with is dropped (nothing to draw
+    for Tessera's region types), a shape without labels kept as it is (a hint, or unlabelled: read as nothing)."""
+    if not any(isinstance(r, dict) and r.get("type") == "labels" for r in results):
+        return results
+    labels = {}
+    for r in results:
+        if isinstance(r, dict) and r.get("type") == "labels" and isinstance(r.get("value"), dict):
+            labels.setdefault((str(r.get("id")), r.get("to_name")), r["value"].get("labels"))
+    out = []
+    for r in results:
+        if not isinstance(r, dict):
+            out.append(r)
+            continue
+        kind = _LABELLED.get(r.get("type"))
+        found = labels.get((str(r.get("id")), r.get("to_name"))) if kind else None
+        if kind and isinstance(found, list) and isinstance(r.get("value"), dict):
+            out.append({**r, "type": kind, "value": {**r["value"], kind: found}})
+        elif r.get("type") != "labels":
+            out.append(r)
+    return out
 
 
 def results_to_boxes(results: Iterable[dict], to_name: str, height: int, width: int,
@@ -546,7 +603,7 @@ def results_to_boxes(results: Iterable[dict], to_name: str, height: int, width: 
     """Rectangle results of image `to_name` -> (N, 5) rows (x0, y0, x1, y1 px edges, class), every box kept
     even where boxes overlap (a rotated box becomes its axis-aligned bounding box)."""
     rows = []
-    for r in results:
+    for r in labelled(results if isinstance(results, list) else list(results)):
         if not isinstance(r, dict) or r.get("to_name") != to_name \
                 or r.get("type") not in ("rectanglelabels", "rectangle"):
             continue
@@ -602,6 +659,14 @@ def region_value(result: dict) -> tuple[str, dict]:
     kind, value = result.get("type", ""), result.get("value")
     if not isinstance(value, dict):
         raise ValueError("a result item needs a 'value' object")
+    if kind == "labels":        # a <Labels> result: its region's shape again (as_stored) and the labels
+        labels = value.get("labels")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValueError("labels value.labels must be a list of label names")
+        shape = _shape_of(value)
+        if shape:
+            region_value({"type": shape, "value": value})
+        return kind, value
     if kind in ("brushlabels", "brush"):
         if value.get("format", "rle") != "rle" or "rle" not in value:
             raise ValueError("brush result without value.rle")
@@ -630,6 +695,16 @@ def region_value(result: dict) -> tuple[str, dict]:
     else:
         raise ValueError(f"unsupported result type {str(kind)[:40]!r}")
     return kind, value
+
+
+def _shape_of(value: dict) -> str:
+    """The tool whose shape a <Labels> result's value repeats (Label Studio's region value keys; a keypoint has x, y
+    and a width, a rectangle a height too), "" for none."""
+    for key, tool in (("rle", "brush"), ("imageDataURL", "bitmask"), ("points", "polygon"), ("radiusX", "ellipse"),
+                      ("height", "rectangle"), ("x", "keypoint")):
+        if key in value:
+            return tool
+    return ""
 
 
 def region_to_mask(result: dict, height: int, width: int) -> np.ndarray:
@@ -689,8 +764,9 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
     """
     classes = np.zeros((height, width), dtype=np.int32)
     instances = np.zeros((height, width), dtype=np.int32)
-    regions = [r for r in results if isinstance(r, dict) and r.get("to_name") == to_name
-               and r.get("type") in PRECISION and result_label(r) in label_index]
+    regions = [r for r in labelled(results if isinstance(results, list) else list(results))
+               if isinstance(r, dict) and r.get("to_name") == to_name and r.get("type") in PRECISION
+               and result_label(r) in label_index]
     regions.sort(key=lambda r: PRECISION[r["type"]])          # stable: drawing order kept within a type
     several_types = len({r["type"] for r in regions}) > 1
     kept = _Kept(len(regions))

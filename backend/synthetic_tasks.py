@@ -189,7 +189,8 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
               "predictions": [{"result": result, "score": round(item.score, 4), "model_version": version}]}
              for url, item, result in zip(urls, items, results)]
     ids = lsclient.import_tasks(client, key, tasks)
-    created = [{"task": tid, "score": round(item.score, 4), "regions": len(task["predictions"][0]["result"]),
+    created = [{"task": tid, "score": round(item.score, 4),
+                "regions": len({r["id"] for r in task["predictions"][0]["result"]}),     # a region's results share it
                 **{k: v for k, v in item.meta.items() if k in ("source_task", "layout_source")}}
                for tid, item, task in zip(ids, items, tasks)]
     dt = time.time() - t0

@@ -168,6 +168,26 @@ def retrieve_with_tessera(ls_server: LabelStudioServer, ls: LabelStudio, model_s
         return tessera.log_text()
 
 
+def predicted_mosaic(ls_server: LabelStudioServer, ls: LabelStudio, model_store: Path, tmp_path: Path, title: str,
+                     label_config: str, seed: int):
+    """A project of `label_config` with one task, a 348x260 nuclei mosaic (model.data), predicted by "Retrieve
+    predictions" with `tessera serve` of `model_store`: (the mosaic's Sample, task id, its one prediction, Tessera's
+    log)."""
+    from PIL import Image
+
+    from tessera.model.data import make_nuclei_mosaic
+
+    sample = make_nuclei_mosaic(260, 348, tile=128, seed=seed)
+    path = tmp_path / "cells.png"
+    Image.fromarray(sample.image).save(path)
+    pid = ls.projects.create(title=title, label_config=label_config).id
+    (tid,) = upload_images(ls, pid, [path])
+    log = retrieve_with_tessera(ls_server, ls, model_store, tmp_path, pid)
+    found = predictions(ls, tid)
+    assert len(found) == 1, log
+    return sample, tid, found[0], log
+
+
 def upload_samples(ls: LabelStudio, project: int, images, prefix: str = "img") -> list[int]:
     """Images (arrays, e.g. model.data samples' .image) uploaded as PNG tasks; their task ids in order."""
     from PIL import Image

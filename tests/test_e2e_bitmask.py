@@ -5,12 +5,10 @@ accepted as an annotation is read back pixel for pixel (what a training run read
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tessera.backend.regions import region_to_mask, results_to_maps
 from tessera.model import metrics
-from tessera.model.data import make_nuclei_mosaic
-from tests.conftest_ls import predictions, retrieve_with_tessera, upload_images
+from tests.conftest_ls import predicted_mosaic
 
 pytestmark = pytest.mark.e2e
 
@@ -23,14 +21,8 @@ CONFIG = """<View>
 
 def test_bitmask_predictions_land_on_the_objects_and_come_back_as_annotations(ls_server, ls_api, trained_model_dir,
                                                                               tmp_path):
-    sample = make_nuclei_mosaic(260, 348, tile=128, seed=44)
-    path = tmp_path / "cells.png"
-    Image.fromarray(sample.image).save(path)
-    pid = ls_api.projects.create(title="tessera bitmask", label_config=CONFIG).id
-    (tid,) = upload_images(ls_api, pid, [path])
-    log = retrieve_with_tessera(ls_server, ls_api, trained_model_dir, tmp_path, pid)
-
-    (pred,) = predictions(ls_api, tid)
+    sample, tid, pred, log = predicted_mosaic(ls_server, ls_api, trained_model_dir, tmp_path, "tessera bitmask",
+                                              CONFIG, seed=44)
     regions = [r for r in pred["result"] if r["type"] == "bitmasklabels"]
     ellipses = [r for r in pred["result"] if r["type"] == "ellipselabels"]
     h, w = sample.instances.shape
