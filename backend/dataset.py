@@ -22,7 +22,7 @@ from tessera.backend.label_config import Control, ImageObject, LabelConfig, pars
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.progress import Progress, noop, phase
 from tessera.backend.regions import results_to_boxes, results_to_maps_at
-from tessera.backend.predictions import PackedResult, latest_annotation, result_of, task_image, wants_boxes
+from tessera.backend.predictions import PackedResult, training_annotation, result_of, task_image, wants_boxes
 from tessera.backend.settings import Settings
 from tessera.backend.store import Store, is_label_version
 from tessera.model.data import Sample, split_ids
@@ -129,7 +129,7 @@ def data_fingerprint(tasks: list[dict]) -> str:
     nothing new to learn from."""
     rows = []
     for task in {str(t["id"]): t for t in tasks}.values():
-        ann = latest_annotation(task)
+        ann = training_annotation(task)
         if ann is None:
             continue
         result = ann.get("result")
@@ -156,7 +156,7 @@ def person_made(task: dict, sample: Sample, img: ImageObject | str, label_index:
     img = ImageObject(img, img) if isinstance(img, str) else img      # an image tag's name: a one-image tag
     h, w = sample.classes.shape
     size = sample.size or (h, w)            # the original's: predictions' brush RLE counts its pixels
-    started = str((latest_annotation(task) or {}).get("created_at") or "")
+    started = str((training_annotation(task) or {}).get("created_at") or "")
     for pred in task.get("predictions") or []:
         if not is_label_version((pred or {}).get("model_version")):
             continue        # not a label model's output (a GAN layout, an edited image's masks, someone else's)
@@ -201,7 +201,7 @@ def annotated_tasks(settings: Settings, client: LabelStudio, key: str) -> tuple[
     tasks = []
     # a page is parsed whole before its tasks are packed (training_view): pages are sized by their bytes
     for task in lsclient.tasks(client, key, only_annotated=True):
-        ann = latest_annotation(task)
+        ann = training_annotation(task)
         if ann is None or settings.exclude_synthetic and (task.get("meta") or {}).get("synthetic"):
             continue
         tasks.append(training_view(task, ann))
@@ -220,14 +220,14 @@ def light_task(task: dict, annotations: list, predictions: list) -> dict:
 
 
 def training_view(task: dict, ann: dict | None = None) -> dict:
-    """The task as a training run reads it: its training annotation (latest_annotation) and the label-model
+    """The task as a training run reads it: its training annotation (training_annotation) and the label-model
     predictions made before it, which it may have started from (person_made; only the one it names as its
     parent_prediction where it names one), without every other annotation, prediction and draft Label
     Studio sends. Each is as large as its regions, and a run holds its tasks from the listing to its end:
     a 2048 px task's brush masks are ~5 MB as Python objects, and a task Tessera predicted on after each of
     five versions holds five sets of brush, polygon and box regions. The results it keeps are packed
     (predictions.PackedResult: ~30x smaller than parsed), unpacked where read (predictions.result_of)."""
-    ann = latest_annotation(task) if ann is None else ann       # the caller's, where it has it already
+    ann = training_annotation(task) if ann is None else ann       # the caller's, where it has it already
     started = str(ann.get("created_at") or "")
     preds = [p for p in task.get("predictions") or []
              if isinstance(p, dict) and is_label_version(p.get("model_version"))
@@ -268,7 +268,7 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
         h, w = image.shape[:2]
         sid, synthetic = sample_id(task, img), bool((task.get("meta") or {}).get("synthetic"))
         size = None if tuple(size) == (h, w) else tuple(size)
-        result = img.regions(result_of(latest_annotation(task)))        # a multi-image tag: this page's
+        result = img.regions(result_of(training_annotation(task)))        # a multi-image tag: this page's
         if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
             boxes = results_to_boxes(result, img.name, h, w, index)   # percentages
             return dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size)

@@ -17,7 +17,7 @@ from tessera.backend.label_config import parse_label_config
 from tessera.backend import lsclient
 from tessera.backend.media import MediaResolver
 from tessera.backend.dataset import light_task
-from tessera.backend.predictions import ModelCache, PackedResult, latest_annotation, predict_tasks
+from tessera.backend.predictions import ModelCache, PackedResult, training_annotation, predict_tasks
 from tessera.backend.settings import Settings
 from tessera.backend.store import is_label_version
 
@@ -41,12 +41,12 @@ HELD_REFRESH_S = 5.0  # seconds between readings of which tasks a server is writ
 
 def predict_view(task: dict) -> dict:
     """What `predict_project` keeps of a listed task until its prediction is written: the task without its
-    annotations but the one that counts (latest_annotation: /predict's label check reads it, packed), and its
+    annotations but the one that counts (training_annotation: /predict's label check reads it, packed), and its
     predictions' ids and versions alone (which are the served version's, which are superseded). Label Studio
     lists every annotation, draft and prediction with their regions: a 2048 px task with three versions'
     brush, polygon and box predictions is ~20 MB parsed; this is a few hundred bytes and the annotation's packed
     regions."""
-    ann = latest_annotation(task)
+    ann = training_annotation(task)
     return light_task(task, [] if ann is None else [{**ann, "result": PackedResult(ann["result"], digest=False)}],
                       [{"id": p.get("id"), "model_version": p.get("model_version")}
                        for p in task.get("predictions") or [] if isinstance(p, dict)])

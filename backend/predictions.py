@@ -194,13 +194,16 @@ def result_of(item: dict) -> Any:
     return result.unpack() if isinstance(result, PackedResult) else result
 
 
-def latest_annotation(task: dict) -> dict | None:
-    """The annotation that counts for a task, in training and in /predict's mislabeling score: its latest
-    submitted, non-cancelled one. An empty result counts: someone looked and found no object, which is
-    an all-background sample to train on and an answer a confident model can disagree with."""
+def training_annotation(task: dict) -> dict | None:
+    """The annotation that counts for a task, in training and in /predict's mislabeling score: the one a reviewer
+    starred as ground truth (Label Studio's star on an annotation, at most one a task), else its latest submitted
+    one; cancelled ones (skips) never. A task labelled by several people (overlap) trains on the answer the
+    reviewer chose, not on whoever saved last. An empty result counts: someone looked and found no object, which
+    is an all-background sample to train on and an answer a confident model can disagree with."""
     anns = task.get("annotations")
     anns = [a for a in anns if isinstance(a, dict) and not a.get("was_cancelled")
             and isinstance(a.get("result"), (list, PackedResult))] if isinstance(anns, list) else []
+    anns = [a for a in anns if a.get("ground_truth") is True] or anns
     return max(anns, key=lambda a: (str(a.get("updated_at") or ""),
                                     a["id"] if isinstance(a.get("id"), int) else 0)) if anns else None
 
@@ -271,7 +274,7 @@ def predict_tasks(tasks: list[dict], config: LabelConfig, served: Served, media:
                     images = [f.result() for f in futures]
                 with clock("inference"):
                     later = {j for j, (i, _) in enumerate(jobs) if isinstance(tasks[start + i], dict)
-                             and latest_annotation(tasks[start + i]) is not None}
+                             and training_annotation(tasks[start + i]) is not None}
                     preds = _infer_chunk(images, served, wants_boxes(config), later)
                 with clock("novelty"):
                     novelty = _novelty(images, preds, served)
@@ -520,7 +523,7 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
     """One task's prediction item from its images' (image tag, working image, original size, Prediction,
     novelty or None). Its score is the lowest of its images' (ranked_score)."""
     regions, scores, mislabel = [], [], []
-    ann = latest_annotation(task) if isinstance(task, dict) else None
+    ann = training_annotation(task) if isinstance(task, dict) else None
     for img, image, size, pred, novelty in per_image:
         if ann is not None:
             try:

@@ -35,8 +35,8 @@ def after_promotion(settings: Settings, client: LabelStudio, key: str, config: L
 
 def write_mislabeling(settings: Settings, client: LabelStudio, key: str, config: LabelConfig, tasks: list[dict],
                       samples: list[Sample], budget_s: float | None = None) -> int:
-    """Score annotated tasks' latest annotations under the served model and store the score on the task as
-    `meta.tessera_mislabeling` (with TESSERA_MISLABELING_COLUMN also as the data column
+    """Score annotated tasks' training annotations (ground truth, else latest) under the served model and store
+    the score on the task as `meta.tessera_mislabeling` (with TESSERA_MISLABELING_COLUMN also as the data column
     `tessera_mislabeling`, sortable and filterable in the Data Manager of LS Community, but then part of
     the user's data and exports); returns how many tasks were written.
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from tessera.backend.app import create_app
 from tessera.backend.regions import region_to_mask, results_to_maps
-from tessera.backend.predictions import ModelCache, latest_annotation
+from tessera.backend.predictions import ModelCache, training_annotation
 from tessera.backend.settings import Settings
 from tests.conftest import CONFIG_ALL, RecordingRunner, register_stub
 
@@ -221,7 +221,7 @@ def test_predict_scores_the_annotation_that_training_uses(client, stub_predictor
         {"id": 1, "result": exact, "updated_at": "2024-01-01T00:00:00"},
         {"id": 3, "result": [], "updated_at": "2024-01-02T00:00:00"}]}
     item = client.post("/predict", json=predict_body([task])).json["results"][0]
-    ann = latest_annotation(task)                     # the one training trains with
+    ann = training_annotation(task)                     # the one training trains with
     assert ann["id"] == 3
     classes, instances = results_to_maps(ann["result"], "image", 48, 64, {"Nucleus": 1})
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

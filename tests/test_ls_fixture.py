@@ -159,3 +159,37 @@ def test_listing_annotated_tasks_asks_label_studio_for_those_alone(ls_server, ls
     assert [t["id"] for t in lsclient.tasks(ls_api, pid, only_annotated=True, listing=listing)] == [drawn, ids[6]]
     assert listing["total"] == 2, listing                 # filtered by Label Studio, not after the transfer
     assert len(list(lsclient.tasks(ls_api, pid))) == 7
+
+
+def test_training_lists_the_annotation_a_reviewer_starred_as_ground_truth(ls_server, ls_api, settings):
+    """A task two people labelled: the star on the older annotation (Label Studio's ground truth, set in the editor
+    by PATCHing the annotation) makes it the one a training run trains on, and moving the star moves it."""
+    from tessera.backend.dataset import annotated_tasks, data_fingerprint
+    from tessera.backend.predictions import result_of
+
+    pid = ls_api.projects.create(title="ground truth", label_config=LABEL_CONFIG).id
+    (tid,) = ls_api.projects.import_tasks(pid, request=[{"data": {"image": "/x/a.png"}}],
+                                          return_task_ids=True).task_ids
+
+    def box(label):
+        return [{"id": "r1", "from_name": "bbox", "to_name": "image", "type": "rectanglelabels", "original_width": 24,
+                 "original_height": 16, "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0,
+                                                  "rectanglelabels": [label]}}]
+
+    first = ls_api.annotations.create(tid, result=box("Cat")).id
+    second = ls_api.annotations.create(tid, result=box("Dog")).id
+
+    def trained_on():
+        _, tasks = annotated_tasks(settings, ls_api, str(pid))
+        (task,) = tasks
+        (ann,) = task["annotations"]
+        return ann["id"], result_of(ann)[0]["value"]["rectanglelabels"], data_fingerprint(tasks)
+
+    latest = trained_on()
+    assert latest[:2] == (second, ["Dog"])
+    ls_api.annotations.update(first, ground_truth=True)
+    starred = trained_on()
+    assert starred[:2] == (first, ["Cat"]) and starred[2] != latest[2]
+    ls_api.annotations.update(second, ground_truth=True)    # Label Studio keeps one star a task
+    assert trained_on()[:2] == (second, ["Dog"])
+    assert [a["ground_truth"] for a in ls_api.tasks.get(tid).annotations] in ([False, True], [True, False])

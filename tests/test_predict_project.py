@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tessera.backend.predict_project import ahead, predict_view, superseded
-from tessera.backend.predictions import latest_annotation, result_of
+from tessera.backend.predictions import training_annotation, result_of
 
 
 def test_a_listed_task_is_kept_as_what_predicting_it_reads():
@@ -23,7 +23,7 @@ def test_a_listed_task_is_kept_as_what_predicting_it_reads():
     assert view["id"] == 7 and view["data"] == task["data"] and view["meta"] == task["meta"]
     assert "drafts" not in view and "annotations_results" not in view and "predictions_results" not in view
     assert view["predictions"] == [{"id": 11, "model_version": "tessera-p1-v0001"}, {"id": 12, "model_version": "yolo"}]
-    ann = latest_annotation(view)
+    ann = training_annotation(view)
     assert ann["id"] == 2 and result_of(ann) == [region]                  # the one that counts, packed
     assert len(ann["result"].blob) < len(str(region)) / 10
     assert superseded(view, "1", "tessera-p1-v0002") == [11]

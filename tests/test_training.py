@@ -11,7 +11,7 @@ from tessera.backend import dataset, gan_runs, training, workdir
 from tessera.backend.jobs import ThreadJobRunner, _holder_dead, _token, pid_alive
 from tessera.backend.label_config import parse_label_config
 from tessera.backend.regions import instances_to_results, results_to_maps
-from tessera.backend.predictions import ModelCache, PackedResult, latest_annotation, result_of
+from tessera.backend.predictions import ModelCache, PackedResult, training_annotation, result_of
 from tessera.backend.store import DEFAULT_KEY
 from tests.conftest import CONFIG_ALL, register_stub
 
@@ -57,9 +57,23 @@ def test_the_annotation_that_counts_skips_cancelled_and_keeps_empty():
         {"id": 1, "result": [{"x": 1}], "was_cancelled": False, "updated_at": "2024-01-01T00:00:00"},
         {"id": 2, "result": [{"x": 2}], "was_cancelled": True, "updated_at": "2024-01-03T00:00:00"},
         {"id": 3, "result": [], "was_cancelled": False, "updated_at": "2024-01-02T00:00:00"}]}
-    assert latest_annotation(task)["id"] == 3          # "no object here" is an answer too
-    assert latest_annotation({"annotations": [task["annotations"][1]]}) is None
-    assert latest_annotation({}) is None
+    assert training_annotation(task)["id"] == 3          # "no object here" is an answer too
+    assert training_annotation({"annotations": [task["annotations"][1]]}) is None
+    assert training_annotation({}) is None
+
+
+def test_the_annotation_starred_as_ground_truth_counts_over_a_later_one():
+    """Several people labelled the task (overlap): the answer a reviewer starred counts, not whoever saved last;
+    a skip stays no answer even where it carries the star."""
+    starred = {"id": 1, "result": [{"x": 1}], "ground_truth": True, "updated_at": "2024-01-01T00:00:00"}
+    later = {"id": 2, "result": [{"x": 2}], "ground_truth": False, "updated_at": "2024-01-03T00:00:00"}
+    assert training_annotation({"annotations": [starred, later]})["id"] == 1
+    assert training_annotation({"annotations": [{**starred, "ground_truth": False}, later]})["id"] == 2
+    assert training_annotation({"annotations": [{**starred, "was_cancelled": True}, later]})["id"] == 2
+    # the fingerprint a run compares follows the star: moving it is something new to train on
+    assert dataset.data_fingerprint([{"id": 9, "annotations": [starred, later]}]) != \
+        dataset.data_fingerprint([{"id": 9, "annotations": [{**starred, "ground_truth": False},
+                                                           {**later, "ground_truth": True}]}])
 
 
 def test_split_is_by_task_id_and_stable_as_the_project_grows():
@@ -283,7 +297,7 @@ def test_a_run_keeps_of_each_task_only_what_training_reads():
                             pred(13, "tessera-p7-gan-v0001", "2026-11-30T09:00:00Z", full),
                             pred(14, "tessera-p7-v0003", "2026-11-30T11:00:00Z", full)]}
     view = dataset.training_view(task)
-    assert [a["id"] for a in view["annotations"]] == [2] and latest_annotation(view)["id"] == 2
+    assert [a["id"] for a in view["annotations"]] == [2] and training_annotation(view)["id"] == 2
     assert [p["id"] for p in view["predictions"]] == [12]              # the one it started from
     # kept packed (PackedResult), read back as they were
     assert isinstance(view["annotations"][0]["result"], PackedResult) and result_of(view["annotations"][0]) == brush
