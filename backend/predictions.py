@@ -473,24 +473,34 @@ def _encode_chunk(tasks: list[dict], jobs: list, loaded: list, preds: dict[int, 
     results = []
     for i, task in enumerate(tasks):
         idx = [j for j, (ti, _) in enumerate(jobs) if ti == i]
-        if any(j not in preds for j in idx):
-            errors = [images[j] for j in idx if isinstance(images[j], MediaError)]
-            reason = str(errors[0]) if errors else "inference failed"
-            if errors and all(e.retry for e in errors):     # the connection or a setting: ask again, store nothing
+        missing = [j for j in idx if j not in preds]
+        if missing:
+            errors = [images[j] for j in missing if isinstance(images[j], MediaError)]
+            reason = "; ".join(f"{jobs[j][1].view_id}: {_failure(images[j])}" for j in missing[:3])
+            if any(e.retry for e in errors):    # the connection or a setting: ask again, store nothing (a prediction
+                # of its other images would be this version's, and the task never asked again)
                 logger.warning("task %s: no prediction this time (asked again at the next retrieve): %s",
                                _task_id(task), reason)
                 results.append(list(LATER))
                 continue
-            logger.warning("task %s: empty prediction: %s", _task_id(task), reason)
-            results.append(_empty(served.version))
-            continue
+            if len(missing) == len(idx):
+                logger.warning("task %s: empty prediction: %s", _task_id(task), reason)
+                results.append(_empty(served.version))
+                continue
+            # a page that can never load (gone, not an image) costs its own regions, not the task's other pages
+            logger.warning("task %s: predicted without %d of its %d images: %s", _task_id(task), len(missing),
+                           len(idx), reason)
         try:
             results.append(_task_item(task, [(jobs[j][1], images[j], sizes[j], preds[j], novelty.get(j))
-                                             for j in idx], config, served, labels))
+                                             for j in idx if j in preds], config, served, labels))
         except Exception:               # a malformed task or annotation never fails the batch
             logger.exception("task %s: building its prediction failed", _task_id(task))
             results.append(_empty(served.version))
     return results
+
+
+def _failure(loaded: Any) -> str:
+    return str(loaded) if isinstance(loaded, MediaError) else "inference failed"
 
 
 def task_image(task: Any, img: ImageObject, media: MediaResolver, working: bool = False

@@ -46,6 +46,30 @@ def test_each_page_is_predicted_and_its_regions_name_it(client):
         assert np.array_equal(union, truth(layout)), f"page {page}: its own objects"
 
 
+def test_a_page_that_can_never_load_costs_its_own_regions_alone(client, caplog):
+    """One page gone or not an image: the task's other pages are predicted (all its pages got an empty prediction
+    before). One that may load later (a host not allowed yet, Label Studio busy): nothing is stored and the task is
+    asked again, as for a one-image task."""
+    import base64
+
+    from tests.conftest import free_port
+
+    caplog.set_level("WARNING")
+    task = pages_task(tid=8)
+    task["data"]["pages"][1] = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    (item,) = client.post("/predict", json=body([task])).json["results"]
+    assert {r["item_index"] for r in item["result"]} == {0, 2} and item["score"] > 0
+    for page in (0, 2):
+        brushes = [r for r in item["result"] if r["item_index"] == page and r["type"] == "brushlabels"]
+        assert np.array_equal(np.logical_or.reduce([region_to_mask(r, 48, 64) for r in brushes]), truth(BOXES[page]))
+    assert "task 8: predicted without 1 of its 3 images: page@1:" in caplog.text
+    task["data"]["pages"][1] = f"http://127.0.0.1:{free_port()}/page.png"
+    assert client.post("/predict", json=body([task])).json["results"] == [[]]
+    task["data"]["pages"] = [task["data"]["pages"][0].replace("data:image/png;base64,", "data:image/png;base64,AA")]
+    (item,) = client.post("/predict", json=body([task])).json["results"]
+    assert item["result"] == [] and item["score"] == 0
+
+
 def test_a_hint_on_a_page_refines_that_page(client):
     hint = {"type": "keypointlabels", "from_name": "kp", "to_name": "page", "item_index": 2, "original_width": 64,
             "original_height": 48, "value": {"x": 10 / 64 * 100, "y": 37 / 48 * 100, "keypointlabels": ["Nucleus"]}}
