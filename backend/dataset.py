@@ -21,12 +21,13 @@ from tessera.backend import lsclient
 from tessera.backend.label_config import Control, ImageObject, LabelConfig, parse_label_config, task_images
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.progress import Progress, noop, phase
-from tessera.backend.regions import results_to_boxes, results_to_maps_at
+from tessera.backend.regions import results_to_boxes, results_to_maps_at, results_to_points
 from tessera.backend.predictions import PackedResult, training_annotation, result_of, task_image, wants_boxes
 from tessera.backend.settings import Settings
 from tessera.backend.store import Store, is_label_version
 from tessera.model.data import Sample, split_ids
-from tessera.model.postprocess import box_sample
+from tessera.model.metrics import box_iou
+from tessera.model.postprocess import box_sample, point_box_size, points_to_boxes
 from tessera.model.sample_store import SampleStore
 from tessera.model.registry import Registry, VersionInfo
 
@@ -38,9 +39,17 @@ BOX_SHRINK = 0.6             # box-only projects learn each box's centre region,
 
 
 def is_box_only(config: LabelConfig) -> bool:
-    """A project whose only spatial control is RectangleLabels: it learns boxes as boxes."""
+    """A project whose only spatial control is RectangleLabels: it learns boxes as boxes. A counting project
+    (KeyPointLabels alone) is one too: its points are learned as boxes around them (is_point_only)."""
     types = {c.type for c in config.controls}
-    return types == {"rectanglelabels"}
+    return types == {"rectanglelabels"} or is_point_only(config)
+
+
+def is_point_only(config: LabelConfig) -> bool:
+    """A counting project: KeyPointLabels its only control (label_config: beside other controls keypoints are
+    hints). Its points are learned as boxes of one size (postprocess.point_box_size) and predicted as the boxes'
+    centres."""
+    return {c.type for c in config.controls} == {"keypointlabels"}
 
 
 def has_rectangles(config: LabelConfig) -> bool:
@@ -150,9 +159,11 @@ def person_made(task: dict, sample: Sample, img: ImageObject | str, label_index:
     """Whether a task's training annotation on one image is a person's judgement rather than a Tessera
     label-model prediction accepted as it was. An accepted prediction's label map IS the served model's
     output, so a held-back set of them scores the served model ~1.0 and no candidate could ever win.
-    Compared as label maps (boxes, polygons and masks of one object count once), so re-encoded RLE or
-    regions re-saved by the editor still match; only predictions made before the annotation count (LS's
-    ISO timestamps compare as strings)."""
+    Compared as label maps (boxes, polygons and masks of one object count once), so re-encoded RLE or regions
+    re-saved by the editor still match; a box or counting project's sample as its boxes (its label map holds the
+    boxes' centres, which a prediction's whole rectangles never equal: an accepted box prediction counted as a
+    person's before). Only predictions made before the annotation count (LS's ISO timestamps compare as
+    strings)."""
     img = ImageObject(img, img) if isinstance(img, str) else img      # an image tag's name: a one-image tag
     h, w = sample.classes.shape
     size = sample.size or (h, w)            # the original's: predictions' brush RLE counts its pixels
@@ -163,8 +174,12 @@ def person_made(task: dict, sample: Sample, img: ImageObject | str, label_index:
         if started and str(pred.get("created_at") or "") > started:
             continue        # predicted after the annotation existed (Tessera refines annotations): not its start
         try:
-            classes, instances = results_to_maps_at(img.regions(result_of(pred) or []), img.name, size, (h, w),
-                                                    label_index)
+            result = img.regions(result_of(pred) or [])
+            if sample.boxes is not None:        # a box or counting project's sample: its boxes, as they were made
+                if _same_boxes(sample.boxes, _boxes_like(sample.boxes, result, img.name, h, w, label_index)):
+                    return False
+                continue
+            classes, instances = results_to_maps_at(result, img.name, size, (h, w), label_index)
         except (ValueError, KeyError, TypeError):
             continue
         same = (classes == sample.classes) & (sample.classes > 0)
@@ -173,6 +188,27 @@ def person_made(task: dict, sample: Sample, img: ImageObject | str, label_index:
         if agreement >= ECHO_IOU and len(np.unique(instances)) == len(np.unique(sample.instances)):
             return False
     return True
+
+
+def _boxes_like(boxes: np.ndarray, result: list, name: str, h: int, w: int, index: dict[str, int]) -> np.ndarray:
+    """A prediction's boxes made as a box sample's `boxes` were (load_samples): its rectangles, or its points as
+    boxes of the sample's one side where the sample's boxes all have it (a counting project)."""
+    points = results_to_points(result, name, h, w, index)
+    sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]]) if len(boxes) else np.zeros(0)
+    if len(points) and len(sides) and np.ptp(sides) < 1e-6:
+        return points_to_boxes(points, float(sides[0]))
+    return results_to_boxes(result, name, h, w, index)
+
+
+def _same_boxes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two sets of (x0, y0, x1, y1, class) boxes are the same boxes (each of `a` has one of `b` of its
+    class at IoU >= ECHO_IOU, as many of each)."""
+    if len(a) != len(b):
+        return False
+    if not len(a):
+        return True
+    iou = box_iou(a[:, :4], b[:, :4]) * (a[:, None, 4] == b[None, :, 4])
+    return bool((iou.max(1) >= ECHO_IOU).all() and (iou.max(0) >= ECHO_IOU).all())
 
 
 def working_size(sample: Sample, max_side: int) -> Sample:
@@ -260,6 +296,7 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
     kept = SampleStore(store.samples_dir, settings.train_memory_mb * 2**20 or None)
     jobs = [(task, img) for task in tasks for img in task_images(task, config)]
     box_only = is_box_only(config)
+    side = point_side(tasks, config, settings.max_side) if is_point_only(config) else 0.0
 
     def load(job: tuple[dict, ImageObject]) -> tuple[np.ndarray, tuple[int, int]] | MediaError:
         return task_image(*job, media, working=True)    # as /predict sees it: at most TESSERA_MAX_SIDE px
@@ -269,6 +306,9 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
         sid, synthetic = sample_id(task, img), bool((task.get("meta") or {}).get("synthetic"))
         size = None if tuple(size) == (h, w) else tuple(size)
         result = img.regions(result_of(training_annotation(task)))        # a multi-image tag: this page's
+        if side:        # a counting project: each point as a box of one size
+            boxes = points_to_boxes(results_to_points(result, img.name, h, w, index), side)
+            return dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size)
         if box_only:    # boxes as boxes: overlapping boxes all kept (not the label-map de-duplication)
             boxes = results_to_boxes(result, img.name, h, w, index)   # percentages
             return dataclasses.replace(box_sample(image, boxes, BOX_SHRINK, sid, synthetic), size=size)
@@ -299,6 +339,25 @@ def load_samples(settings: Settings, config: LabelConfig, tasks: list[dict], pro
     if kept.n_mapped:
         logger.info("training samples: %s (TESSERA_TRAIN_MEMORY_MB %d)", kept.summary(), settings.train_memory_mb)
     return samples, used
+
+
+def point_side(tasks: list[dict], config: LabelConfig, max_side: int) -> float:
+    """The box side (px of the working images, at most `max_side` px a side) a counting project's points are
+    learned as: postprocess.point_box_size over its annotations' points, placed by the image size Label Studio
+    writes in each region (original_width / original_height), before any image is fetched."""
+    index = {n: i + 1 for i, n in enumerate(config.label_names)}
+    found = []
+    for task in tasks:
+        for img in task_images(task, config):
+            result = img.regions(result_of(training_annotation(task) or {}) or [])
+            sized = next((r for r in result if isinstance(r, dict) and r.get("original_width")), None)
+            try:
+                w, h = int(sized["original_width"]), int(sized["original_height"])
+                f = min(1.0, max_side / max(w, h, 1))
+                found.append(results_to_points(result, img.name, h * f, w * f, index))
+            except (TypeError, KeyError, ValueError):
+                continue        # no size written, or a malformed region: read (or refused) with its image
+    return point_box_size(found)
 
 
 def bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):

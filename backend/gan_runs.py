@@ -36,6 +36,11 @@ def train_gan(settings: Settings, key: str, samples: list[Sample], label_names: 
     real = [s for s in samples if not s.synthetic]       # a GAN must not learn from its own output
     if not real:
         return {"status": "skipped", "reason": "no annotated real (non-synthetic) images"}
+    if all(s.boxes is not None for s in real):
+        # a box or counting project's label maps hold the boxes' centre squares (box_sample): a GAN would paint
+        # objects of any extent around them, and its tasks' rectangles would be the squares'
+        return {"status": "skipped", "reason": "the project's labels are boxes or points: the GAN makes images "
+                                               "from masks (brush, bitmask, polygon or ellipse regions)"}
     registry = Store(settings.model_dir).registry(key)
     cur = registry.current("gan")
     init_from = registry.path(cur.version) if cur is not None else None

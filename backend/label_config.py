@@ -15,7 +15,12 @@ SUPPORTED_CONTROLS = {
     "polygonlabels": "polygonlabels",
     "ellipselabels": "ellipselabels",
     "rectanglelabels": "rectanglelabels",
+    "keypointlabels": "keypointlabels",
 }
+# a KeyPointLabels control is a project's own output only where it is its image's one kind of control (counting:
+# one point an object, learned from points); beside masks, polygons or boxes it is the smart tool's hint (LS's
+# click), as is one marked smartOnly, and nothing is written for it
+POINT_CONTROLS = frozenset({"keypointlabels"})
 # a drawing tool used with a separate <Labels> control (Label Studio's "Labels + tool" form, e.g. its OCR template:
 # <Labels name="label"> + <Rectangle name="bbox">) -> the region type Tessera handles it as. The editor stores such a
 # region as two results of one id: the tool's shape (type "rectangle") and the labels (type "labels", its value the
@@ -26,6 +31,7 @@ TOOL_CONTROLS = {
     "polygon": "polygonlabels",
     "ellipse": "ellipselabels",
     "rectangle": "rectanglelabels",
+    "keypoint": "keypointlabels",
 }
 # controls whose regions count the original image's pixels (a brush RLE, a bitmask PNG of the image's size),
 # not percentages: written from the instances at the original size, and drawn over coarser regions
@@ -161,6 +167,15 @@ def _tool_controls(tools: list[Element], label_sets: list[Element], objects: dic
     return out
 
 
+def _without_hint_points(controls: list[Control], tags: list[Element]) -> list[Control]:
+    """The controls Tessera writes: a keypoint control only on an image with no other kind of control (a counting
+    project) and not marked smartOnly; elsewhere keypoints are the smart tool's hints (POINT_CONTROLS)."""
+    smart_only = {t.attrib.get("name") for t in tags if t.attrib.get("smartOnly", "").lower() == "true"}
+    areas = {c.to_name for c in controls if c.type not in POINT_CONTROLS}
+    return [c for c in controls if c.type not in POINT_CONTROLS
+            or (c.to_name not in areas and c.from_name not in smart_only)]
+
+
 def parse_label_config(xml: str) -> LabelConfig:
     """Parse `xml` and check that Tessera can serve it; raises LabelConfigError naming the tag otherwise."""
     if not isinstance(xml, str) or not xml.strip():
@@ -204,7 +219,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise LabelConfigError(
             f"Tessera serves image projects: the config has no <Image> tag (found {', '.join(kinds)}). "
             "Use an <Image name=... value=\"$image\"/> with BrushLabels, BitmaskLabels, PolygonLabels, "
-            "EllipseLabels or RectangleLabels.")
+            "EllipseLabels, RectangleLabels or KeyPointLabels.")
     controls: list[Control] = []
     for tag in raw_controls:
         from_name = tag.attrib.get("name", "")
@@ -227,12 +242,15 @@ def parse_label_config(xml: str) -> LabelConfig:
                                        f'"{to_name}"; Tessera only labels <Image> tags')
             controls.append(Control(SUPPORTED_CONTROLS[tag.tag.lower()], from_name, to_name, labels))
     controls += _tool_controls(tools, label_sets, objects)
+    controls = _without_hint_points(controls, [*raw_controls, *tools])
     if not controls:
-        found = ", ".join(f"<{t}>" for t in unsupported) or "no labeling control"
+        hints = [f'<{t.tag} smartOnly="true"> (a smart tool\'s hints)' for t in raw_controls
+                 if t.attrib.get("smartOnly", "").lower() == "true"]
+        found = ", ".join([f"<{t}>" for t in unsupported] + hints) or "no labeling control"
         raise LabelConfigError(
-            f"Tessera predicts BrushLabels, BitmaskLabels, PolygonLabels, EllipseLabels and RectangleLabels (or a "
-            f"<Brush>, <Bitmask>, <Polygon>, <Ellipse> or <Rectangle> tool with a <Labels> on the same image); this "
-            f"config has {found}. "
+            f"Tessera predicts BrushLabels, BitmaskLabels, PolygonLabels, EllipseLabels, RectangleLabels and "
+            f"KeyPointLabels not marked smartOnly (or a <Brush>, <Bitmask>, <Polygon>, <Ellipse>, <Rectangle> or "
+            f"<KeyPoint> tool with a <Labels> on the same image); this config has {found}. "
             "Add one of those controls pointing at the <Image>.")
     used = {c.to_name for c in controls}
     return LabelConfig(images=tuple(i for i in images if i.name in used), controls=tuple(controls))

@@ -21,7 +21,7 @@ import numpy as np
 
 import ujson
 
-from tessera.backend.label_config import PIXEL_CONTROLS, Control, ImageObject, LabelConfig, task_images
+from tessera.backend.label_config import PIXEL_CONTROLS, POINT_CONTROLS, Control, ImageObject, LabelConfig, task_images
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.regions import (PRECISION, boxes_to_results, instances_to_results, labelled, region_to_mask,
                                      region_value, result_label, results_to_maps_at)
@@ -153,12 +153,12 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
         mapping = label_mapping(control, model_labels)
         labels = {k: mapping[c] for k, c in pred.instance_label.items() if c in mapping}
         boxes, head = getattr(pred, "boxes", None), getattr(pred, "head", None)
-        if head is not None and control.type == "rectanglelabels":      # a mask model's detection head
+        if head is not None and control.type in BOX_CONTROLS:           # a mask model's detection head
             head_labels = {k: mapping[c] for k, c in head.instance_label.items() if c in mapping}
             out += boxes_to_results(head.boxes, head_labels, head.instance_score, control, *pred.instances.shape,
                                     f"{id_prefix}head-")
             continue
-        if boxes is not None and control.type == "rectanglelabels":     # a box model: boxes may overlap
+        if boxes is not None and control.type in BOX_CONTROLS:          # a box model: boxes may overlap
             out += boxes_to_results(boxes, labels, pred.instance_score, control, *pred.instances.shape, id_prefix)
             continue
         if slices is None and control.type != "brushlabels" and pred.instance_label:
@@ -389,9 +389,13 @@ def _pixels(loaded: list) -> list:
     return [x[0] if isinstance(x, tuple) else x for x in loaded]
 
 
+BOX_CONTROLS = ("rectanglelabels", "keypointlabels")     # written from a model's boxes where it has them
+
+
 def wants_boxes(config: LabelConfig) -> bool:
-    """Whether a config's predictions need a mask model's head boxes: it has a RectangleLabels control."""
-    return any(c.type == "rectanglelabels" for c in config.controls)
+    """Whether a config's predictions need a mask model's head boxes: it has a RectangleLabels control (or a
+    counting project's KeyPointLabels, whose points are the boxes' centres)."""
+    return any(c.type in BOX_CONTROLS for c in config.controls)
 
 
 def _infer_chunk(loaded: list, served: Served, boxes: bool = True, later: set[int] = frozenset()
@@ -534,8 +538,9 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
     novelty or None). Its score is the lowest of its images' (ranked_score)."""
     regions, scores, mislabel = [], [], []
     ann = training_annotation(task) if isinstance(task, dict) else None
+    checked = any(c.type not in POINT_CONTROLS for c in config.controls)     # points have no area to compare
     for img, image, size, pred, novelty in per_image:
-        if ann is not None:
+        if ann is not None and checked:
             try:
                 pred, m = _review(served.predictor, image, ann, config, img, size)
                 mislabel.append(m)

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from tessera.backend import bitmask
-from tessera.backend.label_config import PIXEL_CONTROLS, TOOL_CONTROLS, Control
+from tessera.backend.label_config import PIXEL_CONTROLS, POINT_CONTROLS, TOOL_CONTROLS, Control
 from tessera.model.postprocess import object_slices
 
 
@@ -391,6 +391,24 @@ def _ellipse_value(crop: np.ndarray, y0: int, x0: int) -> tuple[float, float, fl
 
 # ------------------------------------------------------------------------------------ LS result JSON
 
+def inner_point(crop: np.ndarray) -> tuple[float, float]:
+    """(x, y) of an object's point (px edges, within its crop): its centroid where that lies on the object, else
+    the centre of its pixel nearest the centroid (a crescent's centroid is outside it)."""
+    ys, xs = np.nonzero(crop)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    if crop[int(cy), int(cx)]:
+        return float(cx), float(cy)
+    i = int(np.argmin((xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2))
+    return float(xs[i] + 0.5), float(ys[i] + 0.5)
+
+
+def _point_value(x: float, y: float, width: int, height: int, label: str) -> dict:
+    """A keypoint at (x, y) px; its `width`, the size the editor draws it at (percent of the image's width, as
+    the KeyPoint tool stores its strokeWidth), 3 px of the image but at least 0.3% of it."""
+    return {"x": _pct(x, width), "y": _pct(y, height), "width": _pct(max(3.0, 0.003 * width), width),
+            "keypointlabels": [label]}
+
+
 def _pct(value: float, size: int) -> float:
     return round(value / size * 100.0, 4)
 
@@ -459,6 +477,9 @@ def _instances_to_results(instances: np.ndarray, labels: dict[int, str], scores:
             cx, cy, rx, ry, rotation = _ellipse_value(instances[sl] == k, oy, ox)
             value = {"x": _pct(cx, width), "y": _pct(cy, height), "radiusX": _pct(rx, width),
                      "radiusY": _pct(ry, height), "rotation": round(rotation, 2), "ellipselabels": [label]}
+        elif control.type == "keypointlabels":
+            cx, cy = inner_point(instances[sl] == k)
+            value = _point_value(ox + cx, oy + cy, width, height, label)
         else:
             raise ValueError(f"unsupported control type {control.type}")
         results.append(_region(control, value, width, height, scores.get(k, 0.0), rid))
@@ -533,8 +554,8 @@ def _polygon_results(instances: np.ndarray, ids: list[int], labels: dict[int, st
 def boxes_to_results(boxes: dict[int, tuple[float, float, float, float]], labels: dict[int, str],
                      scores: dict[int, float], control: Control, height: int, width: int,
                      id_prefix: str = "") -> list[dict]:
-    """Boxes (id -> (x0, y0, x1, y1) in pixel edges, e.g. a box model's) -> one LS rectangle per box.
-    Unlike instances_to_results, boxes may overlap."""
+    """Boxes (id -> (x0, y0, x1, y1) in pixel edges, e.g. a box model's) -> one LS rectangle per box (a keypoint
+    at its centre for a KeyPointLabels control). Unlike instances_to_results, boxes may overlap."""
     results = []
     for k in sorted(boxes):
         if k not in labels:
@@ -542,8 +563,11 @@ def boxes_to_results(boxes: dict[int, tuple[float, float, float, float]], labels
         x0, y0, x1, y1 = (float(v) for v in boxes[k])
         if x1 <= x0 or y1 <= y0:
             continue
-        value = {"x": _pct(x0, width), "y": _pct(y0, height), "width": _pct(x1 - x0, width),
-                 "height": _pct(y1 - y0, height), "rotation": 0, "rectanglelabels": [labels[k]]}
+        if control.type == "keypointlabels":       # a counting project: the box model's object centres
+            value = _point_value((x0 + x1) / 2, (y0 + y1) / 2, width, height, labels[k])
+        else:
+            value = {"x": _pct(x0, width), "y": _pct(y0, height), "width": _pct(x1 - x0, width),
+                     "height": _pct(y1 - y0, height), "rotation": 0, "rectanglelabels": [labels[k]]}
         rid = f"{id_prefix}{control.from_name}-{k}"
         results.append(_region(control, value, width, height, scores.get(k, 0.0), rid))
     return as_stored(control, results)
@@ -621,6 +645,20 @@ def results_to_boxes(results: Iterable[dict], to_name: str, height: int, width: 
         if x1 - x0 >= 1 and y1 - y0 >= 1:
             rows.append((x0, y0, x1, y1, label_index[label]))
     return np.array(rows, np.float64).reshape(-1, 5)
+
+
+def results_to_points(results: Iterable[dict], to_name: str, height: int, width: int,
+                      label_index: dict[str, int]) -> np.ndarray:
+    """Keypoint results of image `to_name` -> (N, 3) rows (x, y px, class): a counting project's objects."""
+    rows = []
+    for r in labelled(results if isinstance(results, list) else list(results)):
+        if not isinstance(r, dict) or r.get("to_name") != to_name or r.get("type") != "keypointlabels":
+            continue
+        label = result_label(r)
+        if label in label_index:
+            _, v = region_value(r)
+            rows.append((float(v["x"]) * width / 100.0, float(v["y"]) * height / 100.0, label_index[label]))
+    return np.array(rows, np.float64).reshape(-1, 3)
 
 
 # ------------------------------------------------------------------------------- validating input
@@ -747,7 +785,8 @@ def result_label(result: dict) -> str | None:
 
 # every region type Tessera reads and writes (label_config.SUPPORTED_CONTROLS), finest first: the order an object
 # drawn several ways is drawn in (results_to_maps), and a smart tool's reply control (predictions)
-PRECISION = {"brushlabels": 0, "bitmasklabels": 0, "polygonlabels": 1, "ellipselabels": 2, "rectanglelabels": 3}
+PRECISION = {"brushlabels": 0, "bitmasklabels": 0, "polygonlabels": 1, "ellipselabels": 2, "rectanglelabels": 3,
+             "keypointlabels": 4}           # a point: no area, never drawn into a label map
 DUPLICATE_IOU = 0.6          # a coarser region this close to a finer one is the same object drawn twice
 
 
@@ -766,7 +805,7 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
     instances = np.zeros((height, width), dtype=np.int32)
     regions = [r for r in labelled(results if isinstance(results, list) else list(results))
                if isinstance(r, dict) and r.get("to_name") == to_name and r.get("type") in PRECISION
-               and result_label(r) in label_index]
+               and r["type"] not in POINT_CONTROLS and result_label(r) in label_index]
     regions.sort(key=lambda r: PRECISION[r["type"]])          # stable: drawing order kept within a type
     several_types = len({r["type"] for r in regions}) > 1
     kept = _Kept(len(regions))

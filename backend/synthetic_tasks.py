@@ -151,13 +151,16 @@ def generate_into_project(settings: Settings, key: str, count: int = 8, label: s
                           share: float = 0.3, seed: int = 0, client: LabelStudio | None = None,
                           kind: str = "edited", progress=None) -> dict:
     """Make `count` synthetic tasks of `kind` in project `key`; returns what was created and what failed."""
-    from tessera.backend.dataset import annotated_tasks, load_samples
+    from tessera.backend.dataset import annotated_tasks, is_box_only, load_samples
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     t0 = time.time()
     client = client or lsclient.from_settings(settings)
     config, tasks = annotated_tasks(settings, client, key)  # the project read once: its config and annotated tasks
+    if is_box_only(config):         # its samples' label maps hold the boxes' centre squares (box_sample)
+        raise ValueError(f"project {key} labels boxes or points only: synthetic tasks are made from the masks of "
+                         "brush, bitmask, polygon or ellipse regions (pasted objects, generated layouts)")
     names = config.label_names
     cache = ModelCache(settings)
     with ThreadPoolExecutor(max_workers=1) as pool:     # the label model loads while the images are fetched

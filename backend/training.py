@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 
 from tessera.backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, evaluated_held_back,
-                                     folder_config, has_rectangles, held_back_samples, is_box_only, load_samples,
-                                     nothing_new, working_size)
+                                     folder_config, has_rectangles, held_back_samples, is_box_only, is_point_only,
+                                     load_samples, nothing_new, working_size)
 from tessera.backend.gan_runs import gan_part
 from tessera.backend.label_config import LabelConfig
 from tessera.backend.lsclient import LabelStudioUnavailable, from_settings
@@ -99,8 +99,10 @@ def val_score(metrics: dict, n_labels: int, box_only: bool = False, rectangles: 
     return 0.5 * (score + float(ap)) if rectangles and ap is not None else score
 
 
-def metric_name(box_only: bool, rectangles: bool) -> str:
+def metric_name(box_only: bool, rectangles: bool, points: bool = False) -> str:
     """What val_score measures, in words (a version's "metric")."""
+    if points:
+        return "box AP50 of the points' boxes (each point a box of one size: a point within about a third of it)"
     if box_only:
         return "box AP50"
     return "((mask IoU + instance F1) / 2 + box AP50) / 2" if rectangles else "(mask IoU + instance F1) / 2"
@@ -219,7 +221,7 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
         judged_figures = metrics.pop("judged", None)    # the person-made ones' own figures, for judge() alone
         metrics.update({"label_names": label_names, "n_train": len(train), "n_val": len(val),
                         "warm_start": base_name, "val_task_ids": sorted({s.id.split(":", 1)[0] for s in val}),
-                        "metric": metric_name(box_only, rectangles),
+                        "metric": metric_name(box_only, rectangles, is_point_only(config)),
                         "train_budget_s": budget_s, "train_max_iters": cfg.max_iters, "train_threads": cfg.threads,
                         **(record or {})})
         served = None if base is None else (init_from, base_name)

@@ -3,7 +3,10 @@
     .venv/bin/python -m bench.regions --task dsb_boxes [--budget 180 | --iters 300] [--max-val 40] [--name N]
         [--methods head centres] [--seeds 0 1 2] [--curve] [--set box_max_scale=2 ...]
         [--reuse NAME] [--box-flip off on] [--box-scales learn|off] [--init NAME]
-    tasks: dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
+    tasks: dsb_points, dsb_native_points (DSB 2018 as a counting project, KeyPointLabels: one point an object,
+           learned as boxes of one side around the points as the product learns them; a point counts where it
+           lies on an object no better point took),
+           dsb_boxes (DSB 2018 trained from boxes only: boxes from the instance maps, masks withheld; images
            downsampled to 256 px on their long side, a harder stand-in),
            dsb_native_boxes (the same at the images' own size, 256x256 to 1388x1040, as a user's photos come),
            dsb_masks (DSB 2018 instance masks: the brush / polygon region types; a mask model's head boxes, what
@@ -75,9 +78,66 @@ def pets_heads() -> tuple[list[Sample], list[str]]:
     return out, names
 
 
+TRUE_INSTANCES: dict[str, np.ndarray] = {}      # a point task's true objects by sample id: what its points count
+
+
+def dsb_points(native: bool = False) -> tuple[list[Sample], list[str]]:
+    """DSB 2018 as a counting project: one point an object (its centroid, the pixel nearest it where the centroid
+    is off the object), learned as the product learns a KeyPointLabels project (each point a box of one side,
+    postprocess.point_box_size over the training images' points); the instance maps kept to count hits."""
+    from tessera.backend.regions import inner_point
+    from tessera.model.postprocess import object_slices, point_box_size, points_to_boxes
+
+    samples, names = load_folder(dataset("dsb2018_native" if native else "dsb2018"))
+    points = {}
+    for s in samples:
+        ids = [int(k) for k in np.unique(s.instances) if k]
+        found = object_slices(s.instances, ids)
+        rows = []
+        for k, sl in sorted(found.items()):
+            cx, cy = inner_point(s.instances[sl] == k)
+            rows.append((sl[1].start + cx, sl[0].start + cy, 1.0))
+        points[s.id] = np.array(rows, np.float64).reshape(-1, 3)
+        TRUE_INSTANCES[s.id] = s.instances
+    train_ids, _ = split_ids([s.id for s in samples], 0.2)
+    side = point_box_size([points[i] for i in train_ids])
+    print(f"points learned as boxes of {side:.1f} px", flush=True)
+    return [box_sample(s.image, points_to_boxes(points[s.id], side), BOX_SHRINK, s.id) for s in samples], names
+
+
+def point_metrics(raws: list, cut: RegionCut, val: list[Sample]) -> dict:
+    """A counting project's figures after the cut: each predicted point (the centre of a kept box, best score
+    first) is a hit where it lies on a true object no earlier point counted; precision, recall, F1 and the
+    predicted / true count per image."""
+    from tessera.model.inference import cut_regions
+    hits = n_pred = n_true = 0
+    ratios = []
+    for raw, s in zip(raws, val):
+        p = cut_regions(raw, cut)
+        inst = TRUE_INSTANCES[s.id]
+        h, w = inst.shape
+        taken = set()
+        for k in sorted(p.instance_label, key=lambda k: -p.instance_score.get(k, 0.0)):
+            x0, y0, x1, y1 = p.boxes[k]
+            x, y = min(w - 1, max(0, int((x0 + x1) / 2))), min(h - 1, max(0, int((y0 + y1) / 2)))
+            if inst[y, x] and int(inst[y, x]) not in taken:
+                taken.add(int(inst[y, x]))
+        true = len(np.unique(inst)) - 1
+        hits, n_pred, n_true = hits + len(taken), n_pred + len(p.instance_label), n_true + true
+        ratios.append(len(p.instance_label) / max(true, 1))
+    precision, recall = hits / max(n_pred, 1), hits / max(n_true, 1)
+    return {"point_precision": round(precision, 4), "point_recall": round(recall, 4),
+            "point_f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4),
+            "points_per_image": round(n_pred / max(len(val), 1), 2),
+            "true_per_image": round(n_true / max(len(val), 1), 2),
+            "count_ratio_median": round(float(np.median(ratios)), 3) if ratios else None}
+
+
 TASKS = {"dsb_boxes": lambda: dsb(True), "dsb_native_boxes": lambda: dsb(True, native=True),
          "dsb_masks": lambda: dsb(False), "dsb_native_masks": lambda: dsb(False, native=True),
-         "pets_heads": lambda: pets_heads()}
+         "pets_heads": lambda: pets_heads(), "dsb_points": lambda: dsb_points(),
+         "dsb_native_points": lambda: dsb_points(native=True)}
+POINT_TASKS = ("dsb_points", "dsb_native_points")
 MASK_TASKS = ("dsb_masks", "dsb_native_masks")
 
 
@@ -146,6 +206,9 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     if pred.head_beside_masks or "head_box_ap50" in after:   # a mask model's head: what rectangles get
         row["rectangles"] = payload.get("box_cut", {}).get("rectangles")
         row["head_after_cut"] = {k[5:]: after[k] for k in after if k.startswith("head_")}
+    if task in POINT_TASKS:
+        row["region_type"] = "keypointlabels"
+        row["points"] = point_metrics(raws, learned, val)
     row["held_back_history"] = held_history
     row["recall_by_size"] = recall_by_size(raws, learned, val)
     if all(r.head is not None for r in raws):       # the head's boxes beside the masks, after their own cut

@@ -405,6 +405,29 @@ def box_sample(image: np.ndarray, boxes: np.ndarray, shrink: float, id: str = ""
     return Sample(image=image, classes=classes, instances=instances, id=id, synthetic=synthetic, boxes=b)
 
 
+POINT_BOX_PX = (6.0, 48.0, 16.0)      # a point's box: at least, at most, and where no image has two points
+
+
+def point_box_size(points: list[np.ndarray]) -> float:
+    """The side (px) of the box a counting project's points are learned as (points_to_boxes): half the median
+    distance from a point to the nearest other point of its image, within POINT_BOX_PX. Objects are seldom closer
+    together than they are wide, so the box's centre region (box_shrink) lies inside its object and clear of the
+    next one's; a point has no size of its own. `points`: each image's (N, 2+) x, y rows."""
+    from scipy.spatial import cKDTree
+
+    gaps = [cKDTree(p[:, :2]).query(p[:, :2], k=2)[0][:, 1] for p in points if len(p) >= 2]
+    lo, hi, default = POINT_BOX_PX
+    return float(np.clip(0.5 * np.median(np.concatenate(gaps)), lo, hi)) if gaps else default
+
+
+def points_to_boxes(points: np.ndarray, side: float) -> np.ndarray:
+    """(N, 3) x, y, class rows -> (N, 5) boxes (x0, y0, x1, y1, class) of `side` px centred on the points: what a
+    box model learns a point as (its centre, where the detection head finds the object)."""
+    p = np.asarray(points, np.float64).reshape(-1, 3)
+    h = side / 2.0
+    return np.stack([p[:, 0] - h, p[:, 1] - h, p[:, 0] + h, p[:, 1] + h, p[:, 2]], 1)
+
+
 def true_objects(sample) -> tuple[np.ndarray, np.ndarray]:
     """(boxes (T, 4), classes (T,)) of a sample's true objects: its boxes, else its instances'."""
     if sample.boxes is not None:

@@ -158,8 +158,8 @@ def test_a_bitmask_config_is_served():
     assert (control.type, control.from_name, control.to_name, control.labels) == \
         ("bitmasklabels", "mask", "image", ("Cell", "Debris"))
     with pytest.raises(LabelConfigError, match="BitmaskLabels"):
-        parse_label_config('<View><Image name="image" value="$image"/><KeyPointLabels name="k" toName="image">'
-                           '<Label value="A"/></KeyPointLabels></View>')
+        parse_label_config('<View><Image name="image" value="$image"/><Choices name="k" toName="image">'
+                           '<Choice value="A"/></Choices></View>')
 
 
 def test_a_prediction_on_a_capped_image_comes_back_at_the_original_size():

@@ -13,7 +13,7 @@ from tessera.backend.dataset import load_samples
 from tessera.backend.label_config import SUPPORTED_CONTROLS, TOOL_CONTROLS, Control, LabelConfigError, \
     parse_label_config
 from tessera.backend.regions import (instances_to_results, labelled, region_to_mask, region_value, results_to_boxes,
-                                     results_to_maps)
+                                     results_to_maps, results_to_points)
 
 TOOLS = """<View>
   <Image name="image" value="$image"/>
@@ -91,6 +91,11 @@ def test_regions_are_written_as_the_editor_stores_them_and_read_back_the_same(ki
         assert shape["value"] == {k: v for k, v in one["value"].items() if k != kind}
         region_value(shape), region_value(lab)
     index = {"Cell": 1, "Debris": 2}
+    if kind == "keypointlabels":            # a counting project's points
+        points = results_to_points(paired, "image", 60, 80, index)
+        assert np.array_equal(points, results_to_points(plain, "image", 60, 80, index))
+        assert [inst[int(y), int(x)] for x, y, _ in points] == [1, 2, 3] and points[:, 2].tolist() == [1, 2, 1]
+        return
     for a, b in zip(results_to_maps(paired, "image", 60, 80, index), results_to_maps(plain, "image", 60, 80, index)):
         assert np.array_equal(a, b)
     assert results_to_maps(paired, "image", 60, 80, index)[0].max() == 2

@@ -62,8 +62,11 @@ def box_results(boxes: np.ndarray) -> list[dict]:
 
 
 
-def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server, ls_api, tmp_path):
-    rng = np.random.default_rng(15)
+def trained_project(ls_server, ls_api, tmp_path, title: str, config: str, results, seed: int, **env):
+    """`tessera serve` (returned, to stop), a project of `config` with N_ANNOTATED + N_NEW make_scene images, the
+    first N_ANNOTATED annotated with `results(boxes)` before connecting, and "Start training" done:
+    (process, project id, task ids, scenes, the finished run's /status)."""
+    rng = np.random.default_rng(seed)
     scenes = [make_scene(rng) for _ in range(N_ANNOTATED + N_NEW)]
     paths = []
     for i, (image, _) in enumerate(scenes):
@@ -72,21 +75,32 @@ def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server,
     env = {"MODEL_DIR": str(tmp_path / "models"), "LABEL_STUDIO_URL": ls_server.url,
            "LABEL_STUDIO_API_KEY": ls_server.token, "TESSERA_DEBOUNCE_S": "1", "TESSERA_MIN_ANNOTATIONS": "5",
            "TESSERA_TRAIN_ITERS": "160", "TESSERA_TRAIN_BUDGET_S": "0", "TESSERA_FIRST_TRAIN_BUDGET_S": "0",
-           "TESSERA_GAN_MIN_ANNOTATIONS": "100000", "TESSERA_DEVICE": "cpu", "TESSERA_LOG_LEVEL": "INFO"}
+           "TESSERA_GAN_MIN_ANNOTATIONS": "100000", "TESSERA_DEVICE": "cpu", "TESSERA_LOG_LEVEL": "INFO", **env}
     proc = TesseraProcess(env, tmp_path / "tessera.log").wait_up()
     try:
-        pid = ls_api.projects.create(title="tessera boxes", label_config=CONFIG_BOXES).id
+        pid = ls_api.projects.create(title=title, label_config=config).id
         tasks = upload_images(ls_api, pid, paths)
         for tid, (_, boxes) in zip(tasks[:N_ANNOTATED], scenes):   # annotated before connecting: one run
-            ls_api.annotations.create(tid, result=box_results(boxes))
+            ls_api.annotations.create(tid, result=results(boxes))
         ml = ls_api.ml.create(project=pid, url=proc.url, title="Tessera", is_interactive=False)
+        assert ml.state == "CO", ml
         ls_api.ml.train(ml.id)                             # "Start training"
 
         def done():
             st = httpx.get(f"{proc.url}/status", params={"project": pid}, timeout=10).json()
             assert st["job"]["state"] != "failed", st
             return st if st["job"]["state"] == "done" and st["job"]["last_result"] else None
-        st = wait_for(done, 900, "the training run", every=0.5)       # 160 iterations, not timed: same model on any load
+        # 160 iterations, not timed: the same model on any load
+        return proc, pid, tasks, scenes, wait_for(done, 900, "the training run", every=0.5)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server, ls_api, tmp_path):
+    proc, pid, tasks, scenes, st = trained_project(ls_server, ls_api, tmp_path, "tessera boxes", CONFIG_BOXES,
+                                                   box_results, seed=15)
+    try:
         result = st["job"]["last_result"]
         assert result["status"] == "promoted", result
         m = result["metrics"]

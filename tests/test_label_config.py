@@ -19,6 +19,9 @@ GOOD = [
     ('<View><Image name="i" value="$image"/><EllipseLabels name="e" toName="i"><Label value="Cell"/>'
      '</EllipseLabels><BitmaskLabels name="b" toName="i"><Label value="Cell"/></BitmaskLabels></View>',
      {("ellipselabels", "e"), ("bitmasklabels", "b")}, ["Cell"]),
+    # a counting project: keypoints alone are its output (beside other controls they are hints, above)
+    ('<View><Image name="i" value="$image"/><KeyPointLabels name="kp" toName="i"><Label value="P"/>'
+     '</KeyPointLabels></View>', {("keypointlabels", "kp")}, ["P"]),
     # Label Studio's own template "Multi-page document annotation": <Image valueList>, one image per page
     ('<View><RectangleLabels name="r" toName="pdf"><Label value="Title"/></RectangleLabels>'
      '<Image valueList="$pages" name="pdf"/></View>', {("rectanglelabels", "r")}, ["Title"]),
@@ -28,8 +31,9 @@ BAD = [
     ("", "empty"),
     ("<View><Image", "not valid XML"),
     ('<View><Text name="t" value="$text"/><Labels name="l" toName="t"><Label value="A"/></Labels></View>', "<Text>"),
-    ('<View><Image name="i" value="$image"/><KeyPointLabels name="kp" toName="i"><Label value="P"/>'
-     '</KeyPointLabels></View>', "<KeyPointLabels>"),
+    # a smart tool's hint alone: nothing to write
+    ('<View><Image name="i" value="$image"/><KeyPointLabels name="kp" toName="i" smartOnly="true"><Label value="P"/>'
+     '</KeyPointLabels></View>', '<KeyPointLabels smartOnly="true"> (a smart tool\'s hints)'),
     ('<View><Image name="i" value="$image"/><BrushLabels name="m" toName="nope"><Label value="A"/></BrushLabels>'
      '</View>', 'toName="nope"'),
     ('<View><Image name="i" value="image"/><BrushLabels name="m" toName="i"><Label value="A"/></BrushLabels></View>',
@@ -65,7 +69,7 @@ def test_every_control_served_is_read_and_written():
     """One list of controls (SUPPORTED_CONTROLS): each has a place in the drawing order and round-trips a region."""
     import numpy as np
 
-    from tessera.backend.label_config import Control, SUPPORTED_CONTROLS
+    from tessera.backend.label_config import POINT_CONTROLS, SUPPORTED_CONTROLS, Control
     from tessera.backend.regions import PRECISION, instances_to_results, region_to_mask
 
     assert set(PRECISION) == set(SUPPORTED_CONTROLS.values())
@@ -73,4 +77,7 @@ def test_every_control_served_is_read_and_written():
     inst[10:20, 5:25] = 1
     for kind in SUPPORTED_CONTROLS.values():
         (r,) = instances_to_results(inst, {1: "A"}, {1: 0.9}, Control(kind, "c", "image", ("A",)))
+        if kind in POINT_CONTROLS:          # a point has no area: it lies on its object
+            assert r["type"] == kind and inst[int(r["value"]["y"] * 0.4), int(r["value"]["x"] * 0.5)] == 1
+            continue
         assert r["type"] == kind and (region_to_mask(r, 40, 50) & (inst == 1)).sum() / (inst == 1).sum() > 0.9
