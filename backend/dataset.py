@@ -194,10 +194,11 @@ def _boxes_like(boxes: np.ndarray, result: list, name: str, h: int, w: int, inde
     """A prediction's boxes made as a box sample's `boxes` were (load_samples): its rectangles, or its points as
     boxes of the sample's one side where the sample's boxes all have it (a counting project)."""
     points = results_to_points(result, name, h, w, index)
-    sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]]) if len(boxes) else np.zeros(0)
-    if len(points) and len(sides) and np.ptp(sides) < 1e-6:
-        return points_to_boxes(points, float(sides[0]))
-    return results_to_boxes(result, name, h, w, index)
+    if not len(points):
+        return results_to_boxes(result, name, h, w, index)
+    sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    # a sample without a point (someone removed every predicted one) has no side: any side, the counts differ
+    return points_to_boxes(points, float(sides[0]) if len(sides) and np.ptp(sides) < 1e-6 else 1.0)
 
 
 def _same_boxes(a: np.ndarray, b: np.ndarray) -> bool:

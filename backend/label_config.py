@@ -115,6 +115,13 @@ class LabelConfig:
     def image(self, name: str) -> ImageObject:
         return next(i for i in self.images if i.name == name)
 
+    def id_prefix(self, control: Control) -> str:
+        """What the ids of `control`'s regions start with: "" but for a tool beside two <Labels>, which is two
+        controls of one name (the <Labels>' name then, so that no two regions of a task share an id: Label
+        Studio would join them into one)."""
+        shared = sum(c.from_name == control.from_name and c.to_name == control.to_name for c in self.controls) > 1
+        return f"{control.labels_from}-" if shared and control.labels_from else ""
+
     @property
     def label_names(self) -> list[str]:
         """All label values over all controls, in config order, without duplicates."""

@@ -150,22 +150,23 @@ def prediction_to_results(pred: Any, config: LabelConfig, image_name: str, model
     for control in config.controls:
         if control.to_name != image_name:
             continue
+        start = id_prefix + config.id_prefix(control)       # what its regions' ids start with
         mapping = label_mapping(control, model_labels)
         labels = {k: mapping[c] for k, c in pred.instance_label.items() if c in mapping}
         boxes, head = getattr(pred, "boxes", None), getattr(pred, "head", None)
         if head is not None and control.type in BOX_CONTROLS:           # a mask model's detection head
             head_labels = {k: mapping[c] for k, c in head.instance_label.items() if c in mapping}
             out += boxes_to_results(head.boxes, head_labels, head.instance_score, control, *pred.instances.shape,
-                                    f"{id_prefix}head-")
+                                    f"{start}head-")
             continue
         if boxes is not None and control.type in BOX_CONTROLS:          # a box model: boxes may overlap
-            out += boxes_to_results(boxes, labels, pred.instance_score, control, *pred.instances.shape, id_prefix)
+            out += boxes_to_results(boxes, labels, pred.instance_score, control, *pred.instances.shape, start)
             continue
         if slices is None and control.type != "brushlabels" and pred.instance_label:
             # one pass over the map for every control's bounding boxes (polygons and rectangles both need them),
             # none when the region cut already found them
             slices = getattr(pred, "slices", None) or object_slices(pred.instances, sorted(pred.instance_label))
-        out += instances_to_results(pred.instances, labels, pred.instance_score, control, id_prefix, slices=slices)
+        out += instances_to_results(pred.instances, labels, pred.instance_score, control, start, slices=slices)
     return out
 
 
@@ -569,7 +570,7 @@ def _regions_at_size(pred: Any, config: LabelConfig, image_name: str, labels: li
     for control in config.controls:
         if control.to_name != image_name:
             continue
-        one = dataclasses.replace(config, controls=(control,))
+        one, start = dataclasses.replace(config, controls=(control,)), config.id_prefix(control)
         if control.type in PIXEL_CONTROLS:
             if full is None:
                 import cv2
@@ -578,9 +579,9 @@ def _regions_at_size(pred: Any, config: LabelConfig, image_name: str, labels: li
                 # its object boxes are found again at this size where a bitmask needs them (the cut's are at the
                 # working size); brush regions never use them
                 full = dataclasses.replace(pred, instances=big, **({"slices": None} if hasattr(pred, "slices") else {}))
-            out += prediction_to_results(full, one, image_name, labels)
+            out += prediction_to_results(full, one, image_name, labels, start)
             continue
-        for item in prediction_to_results(pred, one, image_name, labels):
+        for item in prediction_to_results(pred, one, image_name, labels, start):
             item["original_width"], item["original_height"] = int(w), int(h)
             out.append(item)
     return out

@@ -130,7 +130,8 @@ def _results(item: Item, config: LabelConfig, names: list[str]) -> list[dict]:
             continue
         mapping = label_mapping(control, names)
         labels = {k: mapping[c] for k, c in cls.items() if c in mapping}
-        result += instances_to_results(item.instances, labels, {k: item.score for k in ids}, control)
+        result += instances_to_results(item.instances, labels, {k: item.score for k in ids}, control,
+                                       config.id_prefix(control))
     return image.mark(result)                   # a multi-image tag: its one page
 
 

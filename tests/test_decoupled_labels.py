@@ -172,3 +172,19 @@ def test_a_smart_tools_hint_with_its_labels_gets_one_region_back(client):
     assert shape["id"] == labels["id"] and (shape["type"], labels["type"]) == ("brush", "labels")
     assert labels["value"]["labels"] == ["Nucleus"] and labels["from_name"] == "label"
     assert region_to_mask(shape, 48, 64).sum() == 150 and region_to_mask(shape, 48, 64)[10, 10]
+
+
+def test_a_tool_beside_two_labels_sets_writes_regions_of_unique_ids(client):
+    """Two <Labels> on one image make the tool two controls of one name; a label in both gives each object a region
+    of each, never two regions of one id (Label Studio would join them into one)."""
+    config = ('<View><Image name="image" value="$image"/><Brush name="brush" toName="image"/>'
+              '<Labels name="cells" toName="image"><Label value="Nucleus"/></Labels>'
+              '<Labels name="again" toName="image"><Label value="Nucleus"/></Labels></View>')
+    inst = np.zeros((48, 64), np.int32)
+    inst[5:15, 5:20], inst[25:40, 30:50] = 1, 2
+    body = {"tasks": [{"id": 1, "data": {"image": png_uri(inst)}}], "project": "7.1700000000", "label_config": config,
+            "params": {"context": None}}
+    (item,) = client.post("/predict", json=body).json["results"]
+    shapes = [r for r in item["result"] if r["type"] == "brush"]
+    assert len(shapes) == 4 and len({r["id"] for r in shapes}) == 4
+    assert sorted(r["from_name"] for r in item["result"] if r["type"] == "labels") == ["again"] * 2 + ["cells"] * 2

@@ -33,6 +33,9 @@ def test_counting_project_trains_on_points_and_predicts_a_point_on_each_object(l
         print(f"counting project: held-back AP50 of the points' boxes {result['metrics'].get('box_ap50')}; "
               f"served: {st['served']}")
         assert st["served"]["metric"].startswith("box AP50 of the points' boxes"), st["served"]
+        # points have no area to check an annotation against: no mislabeling score is written
+        assert result.get("mislabeling_written", 0) == 0, result
+        assert not any("tessera_mislabeling" in (ls_api.tasks.get(t).meta or {}) for t in tasks[:N_ANNOTATED])
 
         retrieve_predictions(ls_api, pid)
         hits = n_pred = n_true = wrong_label = 0

@@ -120,10 +120,11 @@ def test_an_accepted_box_or_point_prediction_is_not_a_persons_judgement(settings
                 "predictions": [{**made, "result": result}]}
         (sample,), _ = load_samples(settings, config, [task])
         assert not person_made(task, sample, "image", {"Cell": 1, "Debris": 2}), control.type
-        moved = [{**r, "value": {**r["value"], "x": r["value"]["x"] + 5}} for r in result]
-        task["annotations"][0]["result"] = moved
-        (sample,), _ = load_samples(settings, config, [task])
-        assert person_made(task, sample, "image", {"Cell": 1, "Debris": 2}), control.type
+        for changed in ([{**r, "value": {**r["value"], "x": r["value"]["x"] + 5}} for r in result],   # moved
+                        result[:1], []):                                   # one removed, every one removed
+            task["annotations"][0]["result"] = changed
+            (sample,), _ = load_samples(settings, config, [task])
+            assert person_made(task, sample, "image", {"Cell": 1, "Debris": 2}), (control.type, len(changed))
 
 
 def test_a_box_or_counting_projects_run_trains_no_gan(settings):
