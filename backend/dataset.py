@@ -361,6 +361,12 @@ def point_side(tasks: list[dict], config: LabelConfig, max_side: int) -> float:
     return point_box_size(found)
 
 
+def samples_point_side(samples: list[Sample]) -> float:
+    """The side a counting project's samples' points were learned as (point_side): their boxes' (0: none)."""
+    b = next((s.boxes for s in samples if s.boxes is not None and len(s.boxes)), None)
+    return 0.0 if b is None else float(b[0, 2] - b[0, 0])
+
+
 def bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
     """pool.map(fn, items) that runs at most `ahead` calls ahead of the consumer (Executor.map submits them
     all at once, so its results pile up in memory when the consumer is the slower side)."""

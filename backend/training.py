@@ -23,7 +23,7 @@ import numpy as np
 
 from tessera.backend.dataset import (BOX_SHRINK, VAL_FRACTION, annotated_tasks, data_fingerprint, evaluated_held_back,
                                      folder_config, has_rectangles, held_back_samples, is_box_only, is_point_only,
-                                     load_samples, nothing_new, working_size)
+                                     load_samples, nothing_new, samples_point_side, working_size)
 from tessera.backend.gan_runs import gan_part
 from tessera.backend.label_config import LabelConfig
 from tessera.backend.lsclient import LabelStudioUnavailable, from_settings
@@ -53,13 +53,13 @@ PLATEAU_EVALS = 4            # ... but stops when this many evaluations in a row
 
 
 def train_config(settings: Settings, iters: int | None = None, budget_s: float = 0.0, box_only: bool = False,
-                 until_plateau: bool = False, all_cores: bool = False):
+                 until_plateau: bool = False, all_cores: bool = False, point_side: float = 0.0):
     """The TrainConfig of a run: TESSERA_TRAIN_ITERS (or `iters`) iterations, stopped after `budget_s`
     seconds when > 0 (the lr schedule then follows the clock), on half the CPU cores: the other half
     keeps answering /predict, and two torch threads fighting for two busy cores ran ~7x slower than one
     here (bench/learning_latency.py). `all_cores`: on every core (nothing is served, so /predict has no
     network pass to run). TESSERA_TRAIN_THREADS overrides both. A box-only project learns box centres
-    (BOX_SHRINK); the region cut aims at TESSERA_PRECISION_TARGET. `until_plateau` (a project's first
+    (BOX_SHRINK), a counting project its points as boxes of `point_side` px; the region cut aims at TESSERA_PRECISION_TARGET. `until_plateau` (a project's first
     version): up to FIRST_RUN_ITERS_FACTOR x the iterations, stopping PLATEAU_EVALS evaluations after the
     held-back score last improved."""
     from tessera.model.train_vqvae import TrainConfig
@@ -73,7 +73,7 @@ def train_config(settings: Settings, iters: int | None = None, budget_s: float =
                        eval_interval=max(50, (n // FIRST_RUN_ITERS_FACTOR if until_plateau else n) // 4),
                        time_budget_s=budget_s, threads=threads, box_shrink=BOX_SHRINK if box_only else 1.0,
                        precision_target=float(getattr(settings, "precision_target", 0.0) or 0.0),
-                       patience=PLATEAU_EVALS if until_plateau else 0)
+                       patience=PLATEAU_EVALS if until_plateau else 0, point_side=point_side)
 
 
 def run_budget_s(settings: Settings) -> float:
@@ -212,7 +212,8 @@ def _train_and_register(settings: Settings, key: str, train: list[Sample], val: 
         # 1,525 (AP50 0.748 vs 0.722), Pets heads 2,400 in 272 s against 1,683 (0.738 vs 0.700)
         # (bench.regions --budget 300, regions_*_first300_t*.json)
         cfg = train_config(settings, iters, budget_s, box_only=box_only, until_plateau=first,
-                           all_cores=first and not cache.store.serves_any())
+                           all_cores=first and not cache.store.serves_any(),
+                           point_side=samples_point_side(train) if is_point_only(config) else 0.0)
         ckpt = train_vqvae(cfg, train, val, label_names, tmp / "model.pt", init_from=init_from,
                            progress=_model_progress(progress), judged=judged)
         timings["train_s"] = time.time() - t0

@@ -79,6 +79,7 @@ def pets_heads() -> tuple[list[Sample], list[str]]:
 
 
 TRUE_INSTANCES: dict[str, np.ndarray] = {}      # a point task's true objects by sample id: what its points count
+POINT_SIDE: dict[str, float] = {}                # a point task's box side (TrainConfig.point_side), by task
 
 
 def dsb_points(native: bool = False) -> tuple[list[Sample], list[str]]:
@@ -101,6 +102,7 @@ def dsb_points(native: bool = False) -> tuple[list[Sample], list[str]]:
         TRUE_INSTANCES[s.id] = s.instances
     train_ids, _ = split_ids([s.id for s in samples], 0.2)
     side = point_box_size([points[i] for i in train_ids])
+    POINT_SIDE["dsb_native_points" if native else "dsb_points"] = side
     print(f"points learned as boxes of {side:.1f} px", flush=True)
     return [box_sample(s.image, points_to_boxes(points[s.id], side), BOX_SHRINK, s.id) for s in samples], names
 
@@ -155,7 +157,8 @@ def run(task: str, budget_s: float, precision_target: float, work: Path, iters: 
     cfg = TrainConfig(**{**dict(max_iters=iters or 100_000, time_budget_s=0.0 if iters else budget_s,
                                 eval_interval=(25 if curve else max(50, iters // 4)) if iters else 150, device="cpu",
                                 box_shrink=BOX_SHRINK if box else 1.0, precision_target=precision_target,
-                                box_head=method == "head", seed=seed, box_select=box_select),
+                                box_head=method == "head", seed=seed, box_select=box_select,
+                                point_side=POINT_SIDE.get(task, 0.0)),
                          **(overrides or {})})     # --set may override any of these (the product's first run)
     points = []
     t0 = time.time()

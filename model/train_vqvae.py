@@ -148,6 +148,8 @@ class TrainConfig:
                                      # so the code predictor learns against fixed codes
     # regions kept (model/postprocess.py)
     box_shrink: float = 1.0          # < 1: samples are box-labelled, their label maps hold box centres this size
+    point_side: float = 0.0          # > 0: a counting project's samples, each point a box of this side (image px,
+                                     # postprocess.points_to_boxes); the model's boxes are judged and cut at it
     box_head: bool = True            # box-labelled (box_shrink < 1): also learn a detection head whose boxes
                                      # are the predictions (model/boxhead.py); False: centres grown into boxes
     mask_box_head: bool = True       # mask-labelled runs also learn the detection head, on boxes taken from the
@@ -845,7 +847,7 @@ def _box_ap50(run: Run) -> float:
     """Box AP50 of the model as it is now on the held-back samples, through the inference path (a
     BatchNorm-folded copy, so the training model is untouched); AP ranks every region, so no cut is needed."""
     predictor = Predictor(run.model, run.label_names, device=str(run.device), edge_weight=run.cfg.boundary_weight,
-                          scale=run.scale, box_shrink=run.cfg.box_shrink)
+                          scale=run.scale, box_shrink=run.cfg.box_shrink, point_side=run.cfg.point_side)
     raws = raw_predictions(predictor, run.select_samples, run.cfg.batch_size)
     run.model.train()
     return float(detection_metrics(raws, RegionCut(), run.select_samples, len(run.label_names))["box_ap50"])
@@ -920,7 +922,7 @@ def _finish(run: Run, train, val, label_names, out: Path, judged: set[str] | Non
     result = {"iter_num": run.iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": run.scale}
     region_cut = box_cut = scales = None
     predictor = Predictor(model, label_names, device=str(run.device), edge_weight=cfg.boundary_weight,
-                          scale=run.scale, box_shrink=cfg.box_shrink)
+                          scale=run.scale, box_shrink=cfg.box_shrink, point_side=cfg.point_side)
     # what the served version ranks tasks against (model/acquisition.py): the people-labelled images
     labelled = acquisition.reference(predictor, [s.image for s in train + val if not s.synthetic])
     edges = None

@@ -139,3 +139,27 @@ def test_a_box_or_counting_projects_run_trains_no_gan(settings):
                           str(i)) for i in range(6)]
     out = gan_part(settings, "7", samples, ["Cell"], "test", 20, noop)
     assert out["status"] == "skipped" and "boxes or points" in out["reason"], out
+
+
+def test_a_counting_models_boxes_have_the_side_its_points_were_learned_at(tmp_path):
+    """A point has no size: a counting project's model (TrainConfig.point_side) gives every box that side about the
+    centre the head found, in training's held-back choices and when served from its checkpoint alike."""
+    from tessera.model.data import make_nuclei
+    from tessera.model.inference import Predictor
+    from tessera.model.postprocess import RegionCut, box_sample
+    from tessera.model.train_vqvae import TrainConfig, train
+
+    side = 7.0
+    samples = []
+    for s in make_nuclei(8, size=64, seed=5):
+        ids = [int(k) for k in np.unique(s.instances) if k]
+        pts = np.array([(np.nonzero(s.instances == k)[1].mean() + 0.5, np.nonzero(s.instances == k)[0].mean() + 0.5,
+                         1) for k in ids]).reshape(-1, 3)
+        samples.append(box_sample(s.image, points_to_boxes(pts, side), BOX_SHRINK, s.id))
+    cfg = TrainConfig(max_iters=80, eval_interval=40, log_interval=1000, resolution=64, crop=48, batch_size=4,
+                      device="cpu", box_shrink=BOX_SHRINK, box_head=True, threads=1, seed=0, point_side=side)
+    pred = Predictor.from_checkpoint(train(cfg, samples[:6], samples[6:], ["Cell"], tmp_path / "m.pt"), device="cpu")
+    assert pred.point_side == side
+    pred.cut = RegionCut(min_score=0.0, source="none")
+    boxes = [b for p in pred.predict([s.image for s in samples]) for b in (p.boxes or {}).values()]
+    assert boxes and all(abs((x1 - x0) - side) < 1e-6 and abs((y1 - y0) - side) < 1e-6 for x0, y0, x1, y1 in boxes)
