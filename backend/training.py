@@ -59,9 +59,9 @@ def train_config(settings: Settings, iters: int | None = None, budget_s: float =
     keeps answering /predict, and two torch threads fighting for two busy cores ran ~7x slower than one
     here (bench/learning_latency.py). `all_cores`: on every core (nothing is served, so /predict has no
     network pass to run). TESSERA_TRAIN_THREADS overrides both. A box-only project learns box centres
-    (BOX_SHRINK), a counting project its points as boxes of `point_side` px; the region cut aims at TESSERA_PRECISION_TARGET. `until_plateau` (a project's first
-    version): up to FIRST_RUN_ITERS_FACTOR x the iterations, stopping PLATEAU_EVALS evaluations after the
-    held-back score last improved."""
+    (BOX_SHRINK), a counting project its points as boxes of `point_side` px; the region cut aims at
+    TESSERA_PRECISION_TARGET. `until_plateau` (a project's first version): up to FIRST_RUN_ITERS_FACTOR x the
+    iterations, stopping PLATEAU_EVALS evaluations after the held-back score last improved."""
     from tessera.model.train_vqvae import TrainConfig
 
     n = iters or settings.train_iters
