@@ -196,9 +196,16 @@ def _boxes_like(boxes: np.ndarray, result: list, name: str, h: int, w: int, inde
     points = results_to_points(result, name, h, w, index)
     if not len(points):
         return results_to_boxes(result, name, h, w, index)
-    sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
     # a sample without a point (someone removed every predicted one) has no side: any side, the counts differ
-    return points_to_boxes(points, float(sides[0]) if len(sides) and np.ptp(sides) < 1e-6 else 1.0)
+    return points_to_boxes(points, _point_side_of(boxes) or 1.0)
+
+
+def _point_side_of(boxes: np.ndarray | None) -> float:
+    """The one side of a counting sample's boxes (points_to_boxes), 0 where they have none or several sizes."""
+    if boxes is None or not len(boxes):
+        return 0.0
+    sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    return float(sides[0]) if np.ptp(sides) < 1e-6 else 0.0
 
 
 def _same_boxes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -363,8 +370,7 @@ def point_side(tasks: list[dict], config: LabelConfig, max_side: int) -> float:
 
 def samples_point_side(samples: list[Sample]) -> float:
     """The side a counting project's samples' points were learned as (point_side): their boxes' (0: none)."""
-    b = next((s.boxes for s in samples if s.boxes is not None and len(s.boxes)), None)
-    return 0.0 if b is None else float(b[0, 2] - b[0, 0])
+    return next((side for s in samples if (side := _point_side_of(s.boxes))), 0.0)
 
 
 def bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):

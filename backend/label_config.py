@@ -21,6 +21,9 @@ SUPPORTED_CONTROLS = {
 # one point an object, learned from points); beside masks, polygons or boxes it is the smart tool's hint (LS's
 # click), as is one marked smartOnly, and nothing is written for it
 POINT_CONTROLS = frozenset({"keypointlabels"})
+# controls written from a model's boxes where it has them (a box model's, a mask model's detection head): rectangles,
+# and a counting project's points at the boxes' centres
+BOX_CONTROLS = frozenset({"rectanglelabels", "keypointlabels"})
 # a drawing tool used with a separate <Labels> control (Label Studio's "Labels + tool" form, e.g. its OCR template:
 # <Labels name="label"> + <Rectangle name="bbox">) -> the region type Tessera handles it as. The editor stores such a
 # region as two results of one id: the tool's shape (type "rectangle") and the labels (type "labels", its value the

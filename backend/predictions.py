@@ -21,7 +21,8 @@ import numpy as np
 
 import ujson
 
-from tessera.backend.label_config import PIXEL_CONTROLS, POINT_CONTROLS, Control, ImageObject, LabelConfig, task_images
+from tessera.backend.label_config import (BOX_CONTROLS, PIXEL_CONTROLS, POINT_CONTROLS, Control, ImageObject,
+                                          LabelConfig, task_images)
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.regions import (PRECISION, boxes_to_results, instances_to_results, labelled, region_to_mask,
                                      region_value, result_label, results_to_maps_at)
@@ -388,9 +389,6 @@ def _fetch_chunk(pool: ThreadPoolExecutor, tasks: list[dict], config: LabelConfi
 def _pixels(loaded: list) -> list:
     """The arrays (or MediaErrors) of a chunk's loaded images, without their original sizes."""
     return [x[0] if isinstance(x, tuple) else x for x in loaded]
-
-
-BOX_CONTROLS = ("rectanglelabels", "keypointlabels")     # written from a model's boxes where it has them
 
 
 def wants_boxes(config: LabelConfig) -> bool:

@@ -596,12 +596,13 @@ def as_stored(control: Control, results: list[dict]) -> list[dict]:
 _LABELLED = {**TOOL_CONTROLS, "keypoint": "keypointlabels"}
 
 
-def labelled(results: list) -> list:
+def labelled(results: Iterable) -> list:
     """Results as Tessera reads them: each region of a drawing tool with a separate <Labels> (two results of one
     id: the shape, type "rectangle" from the tool, and its labels, type "labels") as one result of its *labels
     type ("rectanglelabels", named by the tool, the labels under its own key), as a *Labels control's region is.
     Other results as they are; a "labels" result that no shape of its id pairs with is dropped (nothing to draw
     for Tessera's region types), a shape without labels kept as it is (a hint, or unlabelled: read as nothing)."""
+    results = results if isinstance(results, list) else list(results)
     if not any(isinstance(r, dict) and r.get("type") == "labels" for r in results):
         return results
     labels = {}
@@ -627,7 +628,7 @@ def results_to_boxes(results: Iterable[dict], to_name: str, height: int, width: 
     """Rectangle results of image `to_name` -> (N, 5) rows (x0, y0, x1, y1 px edges, class), every box kept
     even where boxes overlap (a rotated box becomes its axis-aligned bounding box)."""
     rows = []
-    for r in labelled(results if isinstance(results, list) else list(results)):
+    for r in labelled(results):
         if not isinstance(r, dict) or r.get("to_name") != to_name \
                 or r.get("type") not in ("rectanglelabels", "rectangle"):
             continue
@@ -651,7 +652,7 @@ def results_to_points(results: Iterable[dict], to_name: str, height: int, width:
                       label_index: dict[str, int]) -> np.ndarray:
     """Keypoint results of image `to_name` -> (N, 3) rows (x, y px, class): a counting project's objects."""
     rows = []
-    for r in labelled(results if isinstance(results, list) else list(results)):
+    for r in labelled(results):
         if not isinstance(r, dict) or r.get("to_name") != to_name or r.get("type") != "keypointlabels":
             continue
         label = result_label(r)
@@ -803,7 +804,7 @@ def results_to_maps(results: Iterable[dict], to_name: str, height: int, width: i
     """
     classes = np.zeros((height, width), dtype=np.int32)
     instances = np.zeros((height, width), dtype=np.int32)
-    regions = [r for r in labelled(results if isinstance(results, list) else list(results))
+    regions = [r for r in labelled(results)
                if isinstance(r, dict) and r.get("to_name") == to_name and r.get("type") in PRECISION
                and r["type"] not in POINT_CONTROLS and result_label(r) in label_index]
     regions.sort(key=lambda r: PRECISION[r["type"]])          # stable: drawing order kept within a type
