@@ -25,10 +25,10 @@ from tessera.backend.label_config import (BOX_CONTROLS, PIXEL_CONTROLS, POINT_CO
                                           LabelConfig, task_images)
 from tessera.backend.media import MediaError, MediaResolver
 from tessera.backend.regions import (PRECISION, boxes_to_results, instances_to_results, labelled, region_to_mask,
-                                     region_value, result_label, results_to_maps_at)
+                                     region_value, result_label, results_to_boxes, results_to_maps_at)
 from tessera.backend.settings import Settings
 from tessera.backend.store import DEFAULT_KEY, UNTRAINED, Store, store_key, version_string
-from tessera.model.postprocess import object_slices
+from tessera.model.postprocess import box_sample, object_slices
 from tessera.model.registry import Registry, VersionInfo
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class PredictorLike(Protocol):
     def predict(self, images: list[np.ndarray]) -> list[Any]: ...
     def refine(self, image: np.ndarray, hint: np.ndarray | None, positive: list, negative: list,
                label: int) -> tuple[np.ndarray, float]: ...
-    def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Any, float]: ...
+    def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray, boxes: np.ndarray | None = None
+               ) -> tuple[Any, float]: ...
 
 
 @dataclass
@@ -599,6 +600,10 @@ def _review(predictor: PredictorLike, image: np.ndarray, ann: dict, config: Labe
     result = result_of(ann)                 # packed where tessera predict --project listed it (predict_view)
     if not isinstance(result, list):
         raise ValueError("annotation result is not a list")
+    if getattr(predictor, "box_shrink", 1.0) < 1.0:        # a box model: the annotation as it learns boxes
+        s = box_sample(image, results_to_boxes(img.regions(result), img.name, *image.shape[:2], index),
+                       predictor.box_shrink)
+        return predictor.review(image, s.classes, s.instances, s.boxes)
     classes, instances = results_to_maps_at(img.regions(result), img.name, (h, w), image.shape[:2], index)
     return predictor.review(image, classes, instances)
 

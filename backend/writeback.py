@@ -63,7 +63,7 @@ def write_mislabeling(settings: Settings, client: LabelStudio, key: str, config:
                         key, written, len(todo) - written)
             break
         tid = str(task["id"])
-        value = round(max(float(served.predictor.review(s.image, s.classes, s.instances)[1])
+        value = round(max(float(served.predictor.review(s.image, s.classes, s.instances, s.boxes)[1])
                           for s in by_task[tid]), 4)
         meta = dict(task.get("meta") or {})
         meta.update({"tessera_mislabeling": value, "tessera_model_version": served.version})

@@ -1141,8 +1141,14 @@ class Predictor:
         chosen -= {int(inst[y, x]) for y, x in neg}
         return np.isin(inst, list(chosen)) if chosen else np.zeros(inst.shape, bool)
 
-    def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray) -> tuple[Prediction, float]:
-        """Refined annotation (model wins where it is confident) + mislabeling in [0, 1] (1 = very unlikely)."""
+    def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray, boxes: np.ndarray | None = None
+               ) -> tuple[Prediction, float]:
+        """Refined annotation (model wins where it is confident) + mislabeling in [0, 1] (1 = very unlikely).
+
+        A box model (box_shrink < 1) learned boxes as their centre regions, so it checks an annotation painted the
+        same way (postprocess.box_sample at its box_shrink; a full box's rim is background to it). `boxes`: that
+        annotation's (N, 4+) px boxes, instance i + 1 the region of boxes[i]; an object the refined annotation
+        keeps keeps its box, and one the model adds gets its centre grown back, as in predict()."""
         H, W = image.shape[:2]
         if classes.shape != (H, W) or instances.shape != (H, W):
             raise ValueError(f"classes {classes.shape} / instances {instances.shape} must match the image {(H, W)}")
@@ -1170,15 +1176,28 @@ class Predictor:
         offset = int(instances.max())
         inst[new] = np.where(model_inst[new] > 0, model_inst[new] + offset, 0)
         refined[(refined > 0) & (inst == 0)] = 0
-        inst = relabel(inst)
+        origin, inst = inst.ravel(), relabel(inst)
         ids, first = np.unique(inst.ravel(), return_index=True)
         flat_cls, p_fg = refined.ravel(), (1 - post[0]).ravel()
         area = np.bincount(inst.ravel(), minlength=ids.max() + 1)
         fg_mass = np.bincount(inst.ravel(), p_fg, minlength=ids.max() + 1)
         labels = {int(i): int(flat_cls[f]) for i, f in zip(ids, first) if i > 0}
         scores = {int(i): float(fg_mass[i] / area[i]) for i in ids if i > 0}
-        pred = Prediction(refined, inst, labels, scores, task_score(1 - post[0], inst > 0))
+        kept = None
+        if self.box_shrink < 1.0:
+            kept = self._kept_boxes(inst, {int(i): int(origin[f]) for i, f in zip(ids, first) if i > 0}, boxes)
+        pred = Prediction(refined, inst, labels, scores, task_score(1 - post[0], inst > 0), kept)
         return pred, float(np.clip(mislabeling, 0.0, 1.0))
+
+    def _kept_boxes(self, inst: np.ndarray, origin: dict[int, int], boxes: np.ndarray | None) -> dict:
+        """A box model's refined boxes ({id: (x0, y0, x1, y1)}): an object of the annotation (`origin`: id -> its
+        id in the annotation, whose objects 1..N are `boxes`' rows) keeps its own box; an object the model added
+        (or any, without `boxes`) gets its centre region's box grown back."""
+        ids = sorted(origin)
+        grown = grow_boxes(instance_boxes(inst, ids), 1.0 / self.box_grow, *inst.shape)
+        n = 0 if boxes is None else len(boxes)
+        return {k: tuple(float(v) for v in (boxes[origin[k] - 1, :4] if 1 <= origin[k] <= n else g))
+                for k, g in zip(ids, grown)}
 
     # --- layout codes (for model/layouts.py's VQ recombination) ----------------------------------
 

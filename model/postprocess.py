@@ -187,13 +187,13 @@ def grow_boxes(core_boxes: np.ndarray, shrink: float, height: int, width: int) -
 def paint_box_cores(boxes: np.ndarray, labels: np.ndarray, height: int, width: int, shrink: float
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (N, 4) (x0, y0, x1, y1, pixel edges) with classes (N,) -> (classes, instances) (H, W) int32
-    of their centre regions. Larger boxes are painted first, so where cores still overlap the smaller
-    object stays visible; every core keeps at least one pixel."""
+    of their centre regions, instance i + 1 the core of boxes[i]. Larger boxes are painted first, so where cores
+    still overlap the smaller object stays visible; every core keeps at least one pixel."""
     classes = np.zeros((height, width), np.int32)
     instances = np.zeros((height, width), np.int32)
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     order = np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")
-    for k, i in enumerate(order, 1):
+    for i in order:
         x0, y0, x1, y1 = b[i]
         cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * shrink / 2, (y1 - y0) * shrink / 2
         c0, c1 = int(round(cx - hw)), int(round(cx + hw))
@@ -201,7 +201,7 @@ def paint_box_cores(boxes: np.ndarray, labels: np.ndarray, height: int, width: i
         c0, r0 = min(max(c0, 0), width - 1), min(max(r0, 0), height - 1)
         c1, r1 = min(max(c1, c0 + 1), width), min(max(r1, r0 + 1), height)
         classes[r0:r1, c0:c1] = int(labels[i])
-        instances[r0:r1, c0:c1] = k
+        instances[r0:r1, c0:c1] = i + 1
     return classes, instances
 
 
@@ -395,7 +395,7 @@ def resolve_cut(stored: dict | None, precision_target: float = 0.0, min_score: f
 
 
 def box_sample(image: np.ndarray, boxes: np.ndarray, shrink: float, id: str = "", synthetic: bool = False):
-    """A box-labelled image -> a Sample whose label map holds the boxes' centre regions.
+    """A box-labelled image -> a Sample whose label map holds the boxes' centre regions (instance i + 1: boxes[i]).
 
     boxes: (N, 5) rows (x0, y0, x1, y1, class 1..C) in pixel edges."""
     from .data import Sample

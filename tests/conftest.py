@@ -63,7 +63,7 @@ class ThresholdPredictor:
         keep -= {int(inst[int(y), int(x)]) for x, y in negative} | {0}
         return np.isin(inst, list(keep)), 0.8
 
-    def review(self, image, classes, instances):
+    def review(self, image, classes, instances, boxes=None):
         pred = self.predict([image])[0]
         agree = ((pred.classes > 0) == (classes > 0)).mean()
         return pred, float(1.0 - agree)

@@ -113,6 +113,9 @@ def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server,
         # the version chose its extra test-time scales on its held-back tasks and says which
         assert served["box_scales"] in ([], [0.7], [0.7, 1.4]), served
 
+        wrong = scenes[0][1].copy()
+        wrong[1, 4] = 3 - wrong[1, 4]                       # one box of the other class, and one left out
+        ls_api.annotations.create(tasks[0], result=box_results(wrong[1:]))
         retrieve_predictions(ls_api, pid)
         tp = n_pred = n_true = overlapping = 0
         for tid, (_, boxes) in zip(tasks[N_ANNOTATED:], scenes[N_ANNOTATED:]):
@@ -133,5 +136,37 @@ def test_box_project_trains_and_predicts_boxes_that_match_the_objects(ls_server,
         assert 0.8 * n_true <= n_pred <= 1.2 * n_true, (n_pred, n_true)
         assert precision >= 0.8 and recall >= 0.8, (precision, recall)
         assert overlapping >= 3, "overlapping objects should come back as overlapping boxes"   # 11 true pairs
+        _check_annotated(ls_server, ls_api, tmp_path, pid, tasks[:N_ANNOTATED],
+                         [boxes for _, boxes in scenes[:N_ANNOTATED]], wrong[1:])
     finally:
         proc.stop()
+
+
+def _check_annotated(ls_server, ls_api, tmp_path, pid: int, tasks: list[int], boxes: list[np.ndarray],
+                     wrong: np.ndarray) -> None:
+    """An annotated task's prediction is its annotation checked by the box model, which learned boxes as their
+    centre regions: "Retrieve predictions" gives the annotated boxes back as they are, and the mislabeling score
+    (which Label Studio's retrieve drops; `tessera predict --project` stores it) does not flag an annotation
+    that matches the objects, and flags the one made wrong (tasks[0], now annotated `wrong`) more than any."""
+    import io
+
+    from tessera.backend.predict_project import predict_project
+    from tessera.backend.settings import Settings
+
+    ious = []
+    for tid, true in zip(tasks, boxes):
+        preds = predictions(ls_api, tid)
+        assert len(preds) == 1, preds
+        got = np.array([[r["value"]["x"], r["value"]["y"], r["value"]["x"] + r["value"]["width"],
+                         r["value"]["y"] + r["value"]["height"]] for r in preds[0]["result"]]).reshape(-1, 4)
+        ious += list(metrics.box_iou((wrong if tid == tasks[0] else true)[:, :4], got * SIZE / 100).max(1, initial=0))
+    settings = Settings(model_dir=tmp_path / "models", label_studio_url=ls_server.url,
+                        label_studio_api_key=ls_server.token)
+    predict_project(settings, str(pid), batch=8, overwrite=True, out=io.StringIO())   # again, scores kept
+    flags = {tid: max(predictions(ls_api, tid), key=lambda p: p["id"])["mislabeling"] for tid in tasks}
+    right = [f for tid, f in flags.items() if tid != tasks[0]]
+    print(f"annotated tasks: boxes found again at IoU {np.median(ious):.3f} (median); mislabeling "
+          f"{np.median(right):.3f} (median of the right ones), {flags[tasks[0]]:.3f} (the wrong one)")
+    assert np.median(ious) >= 0.95, ious      # was 0.63: boxes came back shrunk towards the centres the model learned
+    assert np.median(right) <= 0.2, flags     # was 0.66: the rim of every box read as a disagreement
+    assert flags[tasks[0]] > max(right), flags

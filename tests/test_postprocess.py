@@ -42,6 +42,9 @@ def test_paint_box_cores_keeps_overlapping_boxes_apart_and_grows_back():
     boxes = np.array([[10, 10, 50, 50], [30, 30, 70, 70]], float)    # IoU 0.14, heavily overlapping
     classes, inst = paint_box_cores(boxes, np.array([1, 2]), 80, 80, 0.5)
     assert set(np.unique(inst)) == {0, 1, 2} and set(np.unique(classes)) == {0, 1, 2}
+    small_first = paint_box_cores(np.array([[10, 10, 40, 40], [20, 20, 100, 100]], float), np.array([1, 1]),
+                                  120, 120, 0.5)[1]          # painted large first; instance i + 1 is boxes[i]'s
+    assert small_first[25, 25] == 1 and small_first[60, 60] == 2
     from tessera.model.postprocess import instance_boxes
     core = instance_boxes(inst, [1, 2])
     grown = grow_boxes(core, 0.5, 80, 80)
