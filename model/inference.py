@@ -42,11 +42,12 @@ logger = logging.getLogger(__name__)
 
 CONFIDENT = 0.9  # pixel probability above which review()'s mislabeling score trusts the model over the annotation
 # review()'s refined annotation changes a pixel where the mean of two readings is this sure: the model's own
-# (predict()'s) and the model's read through the annotation's codes (_combined). The latter alone, at 0.9, kept
-# most of a stray blob (its codes say "object") and the former alone moved right boundaries; bench.label_model's
-# edits (127 DSB validation images, six corruption kinds, stop 53): the combined reading at 0.9 +15.2 IoU points,
-# 4.7% of images made worse (100 s model), +16.7 / 5.6% (2,400 iterations); the mean at 0.9 +16.9 / 4.7%,
-# +18.4 / 5.2%; the mean at 0.95 +13.1 / 3.5%, +15.3 / 4.9% (the target: +8, < 5% worse).
+# (predict()'s) and the model's read through the annotation's codes (_combined). The images the latter alone
+# made worse (at 0.9) were mostly right outlines moved by a pixel or two; the former alone moved more of them.
+# bench.label_model's edits (127 DSB validation images, six corruption kinds, stop 53): the combined reading at
+# 0.9 +15.2 IoU points, 4.7% of images made worse (100 s model), +16.7 / 5.6% (2,400 iterations); the model's
+# own at 0.9 +20.2 / 7.3% (100 s); the mean at 0.9 +16.9 / 4.7%, +18.4 / 5.2%; the mean at 0.95 +13.1 / 3.5%,
+# +15.3 / 4.9% (the target: +8, < 5% worse). A stray blob is still mostly kept (its codes say "object").
 EDIT_CONFIDENT = 0.95
 REFINE_ZOOM = 1.0  # refine()'s view of the image, this much closer than the whole: 1 = the scale the model
                    # was trained at (2x tried: clump clicks fell from 0.65 to 0.48 IoU, bench/interactive.py)
@@ -1150,7 +1151,8 @@ class Predictor:
 
     def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray, boxes: np.ndarray | None = None
                ) -> tuple[Prediction, float]:
-        """Refined annotation (model wins where it is confident) + mislabeling in [0, 1] (1 = very unlikely).
+        """Refined annotation (the model wins where it is sure: EDIT_CONFIDENT) + mislabeling in [0, 1] (1 = very
+        unlikely).
 
         A box model (box_shrink < 1) learned boxes as their centre regions, so it checks an annotation painted the
         same way (postprocess.box_sample at its box_shrink; a full box's rim is background to it). `boxes`: that
