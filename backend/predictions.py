@@ -392,6 +392,12 @@ def _pixels(loaded: list) -> list:
     return [x[0] if isinstance(x, tuple) else x for x in loaded]
 
 
+def checks_annotations(config: LabelConfig) -> bool:
+    """Whether a config's annotations get a mislabeling score (in /predict and the training run's write-back):
+    not a counting project's, whose points have no area to compare."""
+    return any(c.type not in POINT_CONTROLS for c in config.controls)
+
+
 def wants_boxes(config: LabelConfig) -> bool:
     """Whether a config's predictions need a mask model's head boxes: it has a RectangleLabels control (or a
     counting project's KeyPointLabels, whose points are the boxes' centres)."""
@@ -538,7 +544,7 @@ def _task_item(task: Any, per_image: list, config: LabelConfig, served: Served, 
     novelty or None). Its score is the lowest of its images' (ranked_score)."""
     regions, scores, mislabel = [], [], []
     ann = training_annotation(task) if isinstance(task, dict) else None
-    checked = any(c.type not in POINT_CONTROLS for c in config.controls)     # points have no area to compare
+    checked = checks_annotations(config)
     for img, image, size, pred, novelty in per_image:
         if ann is not None and checked:
             try:

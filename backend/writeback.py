@@ -7,9 +7,9 @@ import time
 from label_studio_sdk.client import LabelStudio
 
 from tessera.backend import lsclient
-from tessera.backend.label_config import POINT_CONTROLS, LabelConfig
+from tessera.backend.label_config import LabelConfig
 from tessera.backend.progress import Progress, phase
-from tessera.backend.predictions import ModelCache
+from tessera.backend.predictions import ModelCache, checks_annotations
 from tessera.backend.settings import Settings
 from tessera.model.data import Sample
 
@@ -43,8 +43,8 @@ def write_mislabeling(settings: Settings, client: LabelStudio, key: str, config:
     Tasks with no score yet go first, then those scored by the oldest version; work stops after
     `budget_s` seconds (100 tasks took ~90 s on 2 busy cores, holding up the next run), so later runs
     finish the rest."""
-    if all(c.type in POINT_CONTROLS for c in config.controls):
-        return 0            # a counting project's points have no area to check (as in /predict)
+    if not checks_annotations(config):
+        return 0
     served = ModelCache(settings).served(key, config)
     if served.predictor is None:
         return 0
