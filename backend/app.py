@@ -316,7 +316,7 @@ def _utf8(value: str | None) -> bytes:
 
 SERVED_FIGURES = ("val_iou", "val_score", "mask_iou", "metric", "box_ap50", "precision", "recall", "f1", "class_recall",
                   "class_ap50", "missed_classes", "regions_per_image", "true_per_image", "region_cut", "n_val",
-                  "n_held_back_tasks",
+                  "n_held_back_tasks", "edit_confident",
                   "follow_edges", "box_scales", "rectangles", "head_box_ap50", "head_precision", "head_recall",
                   "head_f1", "head_class_recall", "head_class_ap50", "head_missed_classes", "head_regions_per_image",
                   "head_region_cut")
@@ -334,4 +334,7 @@ def served_figures(cache: ModelCache, key: str) -> dict | None:
     if out.get("missed_classes"):
         out["warning"] = (f"this version finds no object of class {', '.join(out['missed_classes'])} on its "
                           f"held-back tasks; annotate more of it or train longer")
+    if "edit_confident" in out and out["edit_confident"] is None:     # (model/train_vqvae.choose_edit_confident)
+        out["label_edits"] = ("off: the pixels this version is sure of are wrong too often on its held-back tasks, "
+                              "so an annotated task's prediction is its annotation as drawn")
     return out

@@ -68,6 +68,9 @@ def cmd_versions(args, settings: Settings) -> int:
               f"{_evidence(m) if v.kind == 'label' else '':44s} {_figures(m) if v.kind == 'label' else ''} {v.reason}")
         if len(m.get("class_recall") or {}) > 1:   # one label can lose what another gains: show each
             print(f"{'':32s} recall per label: " + ", ".join(f"{n} {r:.2f}" for n, r in m["class_recall"].items()))
+        if v.kind == "label" and "edit_confident" in m and m["edit_confident"] is None:
+            print(f"{'':32s} no label-edit suggestions: the pixels it is sure of are wrong too often on its "
+                  f"held-back tasks (annotations come back as drawn)")
         if m.get("missed_classes"):
             print(f"{'':32s} MISSES CLASS {', '.join(m['missed_classes'])}: no object of it found on the "
                   f"held-back tasks")

@@ -49,6 +49,10 @@ CONFIDENT = 0.9  # pixel probability above which review()'s mislabeling score tr
 # own at 0.9 +20.2 / 7.3% (100 s); the mean at 0.9 +16.9 / 4.7%, +18.4 / 5.2%; the mean at 0.95 +13.1 / 3.5%,
 # +15.3 / 4.9% (the target: +8, < 5% worse). A stray blob is still mostly kept (its codes say "object").
 EDIT_CONFIDENT = 0.95
+# ... or more: a version takes the lowest of these that its held-back pixels bear out, or makes no edit at all
+# (train_vqvae.choose_edit_confident). A model sure of pixels it gets wrong (Pets at 100 s: 6% of the pixels it is
+# 0.95 sure of) moved right outlines: 23.5% of its images made worse for +0.1 points.
+EDIT_THRESHOLDS = (EDIT_CONFIDENT, 0.97, 0.98, 0.99, 0.995)
 REFINE_ZOOM = 1.0  # refine()'s view of the image, this much closer than the whole: 1 = the scale the model
                    # was trained at (2x tried: clump clicks fell from 0.65 to 0.48 IoU, bench/interactive.py)
 # A crop around the hint instead of the whole view was tried (64 / 96 / 128 model px of context at the learned
@@ -591,6 +595,9 @@ class Predictor:
         # version learned on its held-back tasks that its own outlines are better (from_checkpoint); box
         # models' regions are their boxes, so they skip it
         self.follow_edges = box_shrink >= 1.0
+        # review()'s edits change a pixel where the model is this sure (EDIT_THRESHOLDS); None: no edit, the
+        # annotation comes back as it is (with its mislabeling score). Learned per version (from_checkpoint).
+        self.edit_confident: float | None = EDIT_CONFIDENT
         # (M, D) image embeddings of the images this version learned from (model/acquisition.py), which
         # rank tasks by what labelling them would add; None: the plain confidence ranks them
         self.reference: np.ndarray | None = None
@@ -632,6 +639,9 @@ class Predictor:
         edges = ckpt.get("follow_edges")                 # learned per version (train_vqvae.choose_follow_edges);
         if edges is not None:                            # absent before stop 31 and without held-back tasks: on
             predictor.follow_edges = predictor.follow_edges and bool(edges.get("on", True))
+        edits = ckpt.get("edit_check")                   # learned per version (train_vqvae.choose_edit_confident);
+        if edits is not None:                            # absent before stop 54 and without held-back tasks
+            predictor.edit_confident = edits.get("confident")
         ref = ckpt.get("labelled_embeddings")            # absent in checkpoints from before stop 25
         if isinstance(ref, torch.Tensor) and ref.ndim == 2 and len(ref):
             predictor.reference = ref.float().numpy()
@@ -1151,8 +1161,8 @@ class Predictor:
 
     def review(self, image: np.ndarray, classes: np.ndarray, instances: np.ndarray, boxes: np.ndarray | None = None
                ) -> tuple[Prediction, float]:
-        """Refined annotation (the model wins where it is sure: EDIT_CONFIDENT) + mislabeling in [0, 1] (1 = very
-        unlikely).
+        """Refined annotation (the model wins where it is sure: edit_confident, none where that is None) +
+        mislabeling in [0, 1] (1 = very unlikely).
 
         A box model (box_shrink < 1) learned boxes as their centre regions, so it checks an annotation painted the
         same way (postprocess.box_sample at its box_shrink; a full box's rim is background to it). `boxes`: that
@@ -1176,7 +1186,8 @@ class Predictor:
         # codes weighted by the predictor's, decoded with the image), averaged (EDIT_CONFIDENT)
         lg, _ = self._combined(self._onehot(classes, instances, sizes[0]), feats, code_logits)
         post = (self._unletterbox(lg[0], sizes[0], (H, W)) + probs) / 2
-        sure_post = np.maximum(post[0], 1 - post[0]) >= EDIT_CONFIDENT
+        sure_post = (np.maximum(post[0], 1 - post[0]) >= self.edit_confident if self.edit_confident is not None
+                     else np.zeros((H, W), bool))
         post_cls = np.where(post[0] >= 0.5, 0, post[1:self.n_classes + 1].argmax(0) + 1)
         refined = np.where(sure_post, post_cls, classes).astype(np.int32)
         # keep the annotation's objects; pixels the model adds get the model's own instances
@@ -1198,6 +1209,13 @@ class Predictor:
             kept = self._kept_boxes(inst, {int(i): int(origin[f]) for i, f in zip(ids, first) if i > 0}, boxes)
         pred = Prediction(refined, inst, labels, scores, task_score(1 - post[0], inst > 0), kept)
         return pred, float(np.clip(mislabeling, 0.0, 1.0))
+
+    @torch.inference_mode()
+    def own_probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """The model's own label probabilities (L, H, W) per image as review() reads them: at the image's size,
+        not made to follow its edges."""
+        _, _, _, logits, sizes = self._run(images)
+        return [self._unletterbox(lg, size, im.shape[:2]) for lg, size, im in zip(logits, sizes, images)]
 
     def _kept_boxes(self, inst: np.ndarray, origin: dict[int, int], boxes: np.ndarray | None) -> dict:
         """A box model's refined boxes ({id: (x0, y0, x1, y1)}): an object of the annotation (`origin`: id -> its

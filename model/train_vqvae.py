@@ -33,9 +33,9 @@ from . import acquisition, metrics
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_args
 from .data import Sample
-from .inference import (Predictor, bf16_supported, boxes_prediction, cut_regions, fit_size, image_stats,
-                        letterbox_floor, normalize_image, pad_target, pad_to, resize, resolve_device, scale_for_size,
-                        scaled_size, soft_target, typical_object_size, vqvae_from_checkpoint)
+from .inference import (EDIT_THRESHOLDS, Predictor, bf16_supported, boxes_prediction, cut_regions, fit_size,
+                        image_stats, letterbox_floor, normalize_image, pad_target, pad_to, resize, resolve_device,
+                        scale_for_size, scaled_size, soft_target, typical_object_size, vqvae_from_checkpoint)
 from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, fuse_boxes,
                           image_record, scale_boxes, spread_subset, true_objects)
 from .boxhead import box_losses, encode_boxes
@@ -546,6 +546,50 @@ def choose_box_scales(predictor: Predictor, samples: list[Sample], batch_size: i
             "ap50": {",".join(map(str, f)) or "none": v for f, v in ap.items()}}
 
 
+# pixels, in millions, of the held-back images a version checks its label-edit suggestions' confidence on
+# (choose_edit_confident): the first images up to it, at least one (a 2048 px image is 4.2)
+EDIT_CHECK_MEGAPIXELS = 8.0
+
+
+def choose_edit_confident(predictor: Predictor, samples: list[Sample],
+                          megapixels: float = EDIT_CHECK_MEGAPIXELS) -> dict | None:
+    """How sure this version must be to change a pixel of a person's annotation (Predictor.review's edits),
+    decided on held-back samples: the lowest of EDIT_THRESHOLDS t at which the pixels its own reading is that
+    sure of are wrong (fg vs bg against the held-back labels) at most a quarter as often as its confidence
+    allows, (1 - t) / 4; None, no edits, where none is. The quarter was chosen on bench.label_model's two
+    datasets (two folds of their validation images, stop 54, bench/HISTORY.md): DSB's nuclei are wrong on
+    0.3-0.6% of the pixels they are 0.95 sure of (edits at 0.95: +13 to +15 IoU points, < 5% of images made
+    worse); Pets' animals on 3-10% at 0.95 and 0.5-13% at 0.995 (edits at 0.95 made 22-24% of the images worse
+    for +0.1 points): none or 0.99. Review's edits also need its reading through the annotation to agree (the
+    two are averaged). Sets predictor.edit_confident and returns what the checkpoint keeps; None (the default
+    stays) for a box model, whose annotations are checked as their boxes' centres, or without samples."""
+    if predictor.box_shrink < 1.0 or not samples:
+        return None
+    taken, pixels = [], 0.0
+    for s in samples:
+        if taken and pixels + s.image.shape[0] * s.image.shape[1] / 1e6 > megapixels:
+            break
+        taken.append(s)
+        pixels += s.image.shape[0] * s.image.shape[1] / 1e6
+    sure = np.zeros(len(EDIT_THRESHOLDS))
+    wrong = np.zeros(len(EDIT_THRESHOLDS))
+    for s in taken:             # one image a pass, as review() sees it (a batch pads its images to one shape)
+        bg = predictor.own_probabilities([s.image])[0][0]
+        conf, miss = np.maximum(bg, 1 - bg), (bg < 0.5) != (s.classes > 0)
+        for j, t in enumerate(EDIT_THRESHOLDS):
+            at = conf >= t
+            sure[j] += at.sum()
+            wrong[j] += (at & miss).sum()
+    rates = wrong / np.maximum(sure, 1)
+    chosen = next((t for j, t in enumerate(EDIT_THRESHOLDS)          # no pixel that sure: no evidence
+                   if sure[j] > 0 and rates[j] <= (1 - t) / 4), None)
+    predictor.edit_confident = chosen
+    total = max(sum(s.image.shape[0] * s.image.shape[1] for s in taken), 1)
+    return {"confident": chosen, "n_images": len(taken),
+            "wrong": {str(t): float(r) for t, r in zip(EDIT_THRESHOLDS, rates)},
+            "sure": {str(t): float(n / total) for t, n in zip(EDIT_THRESHOLDS, sure)}}
+
+
 def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size: int = 8,
                         keep: list | None = None) -> dict | None:
     """Whether this version's masks follow the image's edges (Predictor.follow_edges), decided on held-back
@@ -920,7 +964,7 @@ def _finish(run: Run, train, val, label_names, out: Path, judged: set[str] | Non
     model.eval()
     train_s = time.time() - run.t_start
     result = {"iter_num": run.iter0 + it, "train_s": train_s, "label_names": list(label_names), "scale": run.scale}
-    region_cut = box_cut = scales = None
+    region_cut = box_cut = scales = edit_check = None
     predictor = Predictor(model, label_names, device=str(run.device), edge_weight=cfg.boundary_weight,
                           scale=run.scale, box_shrink=cfg.box_shrink, point_side=cfg.point_side)
     # what the served version ranks tasks against (model/acquisition.py): the people-labelled images
@@ -933,6 +977,7 @@ def _finish(run: Run, train, val, label_names, out: Path, judged: set[str] | Non
         passes = [] if len(chosen_on) == len(val) and all(a is b for a, b in zip(chosen_on, val)) else None
         edges = choose_follow_edges(predictor, chosen_on, cfg.batch_size, keep=passes)
         scales = choose_box_scales(predictor, chosen_on, cfg.batch_size)
+        edit_check = choose_edit_confident(predictor, chosen_on)
         # the choice's passes finished as chosen: every held-back image went through the network once, not twice
         # (~4 s a 2048 px image on 2 cores); a choice of extra box scales changes the passes
         raws = ([f() for f in passes] if passes and scales is None and len(passes) == len(val)
@@ -955,6 +1000,8 @@ def _finish(run: Run, train, val, label_names, out: Path, judged: set[str] | Non
             result.update({"follow_edges": edges["on"], "follow_edges_images": edges["n_images"]})
         if scales is not None:
             result.update({"box_scales": scales["factors"], "box_scales_images": scales["n_images"]})
+        if edit_check is not None:
+            result.update({"edit_confident": edit_check["confident"], "edit_check_images": edit_check["n_images"]})
     logger.info("trained %d iters in %.0fs; %s", it, train_s,
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     path = out if out.suffix == ".pt" else out / f"ckpt_{run.iter0 + it:07d}.pt"
@@ -963,7 +1010,7 @@ def _finish(run: Run, train, val, label_names, out: Path, judged: set[str] | Non
                "best_val_loss": min((h["val_loss"] for h in run.history), default=None),
                "label_names": list(label_names), "metrics": result, "scale": run.scale,
                "history": run.history, "region_cut": region_cut, "box_cut": box_cut, "follow_edges": edges,
-               "box_scales": scales,
+               "box_scales": scales, "edit_check": edit_check,
                "labelled_embeddings": torch.from_numpy(labelled)}
     save_checkpoint(payload, path)
     if run.progress:

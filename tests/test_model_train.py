@@ -331,6 +331,51 @@ def test_review_puts_back_objects_the_annotation_left_out(trained, data):
     assert np.mean(gained) > 0.5 and np.mean(kept) > 0.8
 
 
+def test_a_version_edits_annotations_only_where_its_held_back_pixels_bear_out_its_confidence(trained, data,
+                                                                                               tmp_path):
+    """How sure a version must be to change a person's annotation (Predictor.edit_confident) is chosen on its
+    held-back tasks and kept in its checkpoint: where the pixels it is sure of are as the held-back labels have
+    them, it edits at EDIT_CONFIDENT; where they are wrong, it makes no edit at all and an annotation comes back as
+    drawn (with its mislabeling score still); checkpoints from before the choice edit at EDIT_CONFIDENT."""
+    from tessera.model.checkpoint import load_checkpoint, save_checkpoint
+    from tessera.model.inference import EDIT_CONFIDENT
+    from tessera.model.train_vqvae import choose_edit_confident
+
+    path, served, _ = trained
+    c = load_checkpoint(path, "vqvae")
+    check = c["edit_check"]
+    assert check["n_images"] == len(data[1]) and served.edit_confident == check["confident"] == EDIT_CONFIDENT
+    assert c["metrics"]["edit_confident"] == EDIT_CONFIDENT
+    assert check["wrong"][str(EDIT_CONFIDENT)] <= (1 - EDIT_CONFIDENT) / 4
+    pred = Predictor.from_checkpoint(path, device="cpu")
+    images = [s.image for s in data[1]]
+    own = [(p[0] < 0.5).astype(np.int32) for p in pred.own_probabilities(images)]
+    as_seen = [Sample(im, o, o, id=str(i)) for i, (im, o) in enumerate(zip(images, own))]
+    wrong = [Sample(im, 1 - o, 1 - o, id=str(i)) for i, (im, o) in enumerate(zip(images, own))]
+    assert choose_edit_confident(pred, as_seen)["confident"] == EDIT_CONFIDENT == pred.edit_confident
+    got = choose_edit_confident(pred, wrong)
+    assert got["confident"] is None and pred.edit_confident is None and got["wrong"][str(EDIT_CONFIDENT)] > 0.9
+    assert choose_edit_confident(pred, as_seen[:3], megapixels=0.03)["n_images"] == 1      # at least one image
+    pred.box_shrink = 0.6               # a box model checks its annotations as box centres: no choice to make
+    assert choose_edit_confident(pred, wrong) is None and pred.edit_confident == EDIT_CONFIDENT
+
+    s = data[1][0]
+    eroded = cv2.erode((s.instances > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    classes, instances = np.where(eroded, s.classes, 0), np.where(eroded, s.instances, 0)
+    for confident in (EDIT_CONFIDENT, None, "absent"):
+        c["edit_check"] = None if confident == "absent" else {**check, "confident": confident}
+        save_checkpoint(c, tmp_path / "m.pt")
+        p = Predictor.from_checkpoint(tmp_path / "m.pt", device="cpu")
+        refined, mislabeling = p.review(s.image, classes, instances)
+        changed = (refined.classes != classes).mean()
+        if confident is None:
+            assert p.edit_confident is None and changed == 0 and mislabeling > 0
+            assert np.array_equal(refined.instances > 0, instances > 0)
+        else:
+            assert p.edit_confident == EDIT_CONFIDENT and changed > 0.01
+            assert metrics.iou(refined.classes > 0, s.classes > 0) > metrics.iou(classes > 0, s.classes > 0)
+
+
 def test_layout_codes_round_trip(trained, data):
     """Predictor.encode / decode_codes, the interface model/layouts.py recombines code maps with."""
     _, predictor, _ = trained

@@ -91,13 +91,15 @@ def test_status_and_versions_say_plainly_when_a_class_is_missed(settings, capsys
     metrics = {"label_names": ["Cell", "Platelet"], "val_iou": 0.6, "box_ap50": 0.41, "precision": 0.73,
                "recall": 0.65, "class_recall": {"Cell": 0.9, "Platelet": 0.0}, "missed_classes": ["Platelet"],
                "region_cut": {"min_score": 0.8, "min_area": 12.0, "nms_iou": 0.5, "source": "learned f1"},
-               "follow_edges": False}
+               "follow_edges": False, "edit_confident": None}
     ModelCache(settings).registry("7").add(f, metrics, promote=True, kind="label")
     app = create_app(settings, runner=RecordingRunner(), cache=ModelCache(settings, loader=lambda p, d: None))
     served = app.test_client().get("/status?project=7").json["served"]
     assert served["precision"] == 0.73 and served["recall"] == 0.65 and served["val_iou"] == 0.6
     assert served["missed_classes"] == ["Platelet"] and "Platelet" in served["warning"]
     assert served["region_cut"]["min_score"] == 0.8 and served["follow_edges"] is False
+    assert "edit_confident" in served and served["edit_confident"] is None      # it suggests no label edits
+    assert served["label_edits"].startswith("off: ")
 
     class Args:
         project, json = "7", False
@@ -105,6 +107,7 @@ def test_status_and_versions_say_plainly_when_a_class_is_missed(settings, capsys
     out = capsys.readouterr().out
     assert "box_ap50=0.410" in out and "precision=0.730" in out and "MISSES CLASS Platelet" in out
     assert "recall per label: Cell 0.90, Platelet 0.00" in out
+    assert "no label-edit suggestions" in out
 
 
 def test_a_first_version_trains_until_its_plateau_within_a_stated_cap():
