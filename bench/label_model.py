@@ -298,20 +298,34 @@ def ranks_above(bad: list[float], good: list[float]) -> float:
     return float(((b > g) + 0.5 * (b == g)).mean()) if b.size and g.size else float("nan")
 
 
-def run_edits(pred: Predictor, val: list[Sample], seed: int = 0) -> dict:
+def run_edits(pred: Predictor, val: list[Sample], seed: int = 0, check: bool = True) -> dict:
     """Each corruption kind applied to every validation annotation and repaired by Predictor.review: IoU with
     the true labels before and after, the share made worse, and how well the mislabeling score tells the
-    corrupted annotations from the right ones (ranks_above)."""
+    corrupted annotations from the right ones (ranks_above). `check`: how sure the model must be to edit is
+    chosen as a version chooses it on its held-back tasks (train_vqvae.choose_edit_confident), here on the other
+    half of the validation images (two folds: no image is edited at a threshold chosen on itself); without it,
+    the predictor's own (EDIT_CONFIDENT for a checkpoint trained without held-back tasks, as the bench's are)."""
+    from tessera.model.train_vqvae import choose_edit_confident
+
     rng = np.random.default_rng(seed)
     right = [pred.review(s.image, s.classes, s.instances)[1] for s in val if (s.classes > 0).any()]
     out = {"right": {"mean_mislabeling": float(np.mean(right)), "n": len(right)}}
+    threshold, checks = {}, []                       # validation index -> the edit threshold its image gets
+    if check:
+        own = pred.edit_confident
+        for fold in (0, 1):
+            checks.append(choose_edit_confident(pred, val[1 - fold::2]))
+            threshold.update({i: pred.edit_confident for i in range(fold, len(val), 2)})
+            pred.edit_confident = own
     for kind in ("erode", "dilate", "jitter", "missing_part", "spurious_blob", "box", "missing_objects"):
         before, after, mis = [], [], []
-        for s in val:
+        for k, s in enumerate(val):
             if not (s.classes > 0).any():
                 continue
             c, i = corrupt(s, kind, rng)
+            kept, pred.edit_confident = pred.edit_confident, threshold.get(k, pred.edit_confident)
             refined, m = pred.review(s.image, c, i)
+            pred.edit_confident = kept
             before.append(metrics.iou(c > 0, s.classes > 0))
             after.append(metrics.iou(refined.classes > 0, s.classes > 0))
             mis.append(m)
@@ -325,6 +339,8 @@ def run_edits(pred: Predictor, val: list[Sample], seed: int = 0) -> dict:
                    "share_worse": float(np.mean([v["share_worse"] for v in six])),
                    "mislabeling_ranks_above_right": float(np.mean([v["mislabeling_ranks_above_right"]
                                                                    for k, v in out.items() if k != "right"]))}
+    if check:
+        out["edit_check"] = checks
     return out
 
 
@@ -341,6 +357,8 @@ def main() -> None:
                     help="native-size mode: Tessera at its learned object scale beside Tessera letterboxed to R "
                          "(the model before scales were learned) and the MONAI UNet at the same object scale")
     ap.add_argument("--no-edits", action="store_true", help="skip the edit-suggestion part")
+    ap.add_argument("--no-edit-check", action="store_true", help="edit suggestions at the checkpoint's own edit "
+                    "threshold, not one chosen on the other half of the validation images (two folds)")
     ap.add_argument("--no-letterbox", action="store_true", help="native mode without the letterboxed Tessera arm")
     ap.add_argument("--seed", type=int, default=0, help="training seed of every arm")
     ap.add_argument("--object-px", type=float, default=None, help="Tessera's object_px (default: TrainConfig's)")
@@ -398,7 +416,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             rows.append(row)
             if size == args.sizes[-1] and not args.no_edits:
-                edits[name] = run_edits(pred, val)
+                edits[name] = run_edits(pred, val, check=not args.no_edit_check)
                 print(name, "edits", json.dumps(edits[name]["mean"]), flush=True)
     summary = {}
     for r in rows:
