@@ -50,7 +50,7 @@ CONFIDENT = 0.9  # pixel probability above which review()'s mislabeling score tr
 # +15.3 / 4.9% (the target: +8, < 5% worse). A stray blob is still mostly kept (its codes say "object").
 EDIT_CONFIDENT = 0.95
 # ... or more: a version takes the lowest of these that its held-back pixels bear out, or makes no edit at all
-# (train_vqvae.choose_edit_confident). A model sure of pixels it gets wrong (Pets at 100 s: 6% of the pixels it is
+# (train_vqvae.choose_edit_confident). A model sure of pixels it gets wrong (Pets at 100 s: 6-9% of the pixels it is
 # 0.95 sure of) moved right outlines: 23.5% of its images made worse for +0.1 points.
 EDIT_THRESHOLDS = (EDIT_CONFIDENT, 0.97, 0.98, 0.99, 0.995)
 REFINE_ZOOM = 1.0  # refine()'s view of the image, this much closer than the whole: 1 = the scale the model

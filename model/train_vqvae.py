@@ -558,11 +558,12 @@ def choose_edit_confident(predictor: Predictor, samples: list[Sample],
     sure of are wrong (fg vs bg against the held-back labels) at most a quarter as often as its confidence
     allows, (1 - t) / 4; None, no edits, where none is. The quarter was chosen on bench.label_model's two
     datasets (two folds of their validation images, stop 54, bench/HISTORY.md): DSB's nuclei are wrong on
-    0.3-0.6% of the pixels they are 0.95 sure of (edits at 0.95: +13 to +15 IoU points, < 5% of images made
-    worse); Pets' animals on 3-10% at 0.95 and 0.5-13% at 0.995 (edits at 0.95 made 22-24% of the images worse
-    for +0.1 points): none or 0.99. Review's edits also need its reading through the annotation to agree (the
-    two are averaged). Sets predictor.edit_confident and returns what the checkpoint keeps; None (the default
-    stays) for a box model, whose annotations are checked as their boxes' centres, or without samples."""
+    0.25-0.6% of the pixels they are 0.95 sure of (edits at 0.95: +13 to +15 IoU points, < 5% of images made
+    worse); Pets' animals on 3-9% at 0.95 and 0.2-13% at 0.995 (edits at 0.95 made 22-24% of the images worse
+    for +0.1 points): none, or 0.99 on one fold. Review's edits also need its reading through the annotation
+    to agree (the two are averaged). One pass per image: 8 megapixels cost ~0.6 s on 2 cores. Sets
+    predictor.edit_confident and returns what the checkpoint keeps; None (the default stays) for a box model,
+    whose annotations are checked as their boxes' centres, or without samples."""
     if predictor.box_shrink < 1.0 or not samples:
         return None
     taken, pixels = [], 0.0
