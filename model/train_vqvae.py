@@ -37,7 +37,7 @@ from .inference import (EDIT_THRESHOLDS, Predictor, bf16_supported, boxes_predic
                         image_stats, letterbox_floor, normalize_image, pad_target, pad_to, resize, resolve_device,
                         scale_for_size, scaled_size, soft_target, typical_object_size, vqvae_from_checkpoint)
 from .postprocess import (RegionCut, choose_cut, cut_grid, detection_metrics, fit_box_scale, fuse_boxes,
-                          image_record, scale_boxes, spread_subset, true_objects)
+                          image_record, object_slices, scale_boxes, spread_subset, true_objects)
 from .boxhead import box_losses, encode_boxes
 from .vqvae import VQVAE, VQVAEConfig
 
@@ -551,6 +551,19 @@ def choose_box_scales(predictor: Predictor, samples: list[Sample], batch_size: i
 EDIT_CHECK_MEGAPIXELS = 8.0
 
 
+def drawn_rectangles(instances: np.ndarray, min_area: int = 16) -> np.ndarray:
+    """Pixels of the objects whose mask is exactly their bounding rectangle: in a project with masks and
+    RectangleLabels both, a rectangle a person drew (painted whole into the label map, as training reads it),
+    which says where an object is, not its outline; a brush or polygon outline is almost never one. (H, W) bool."""
+    ids = [int(k) for k in np.unique(instances) if k]
+    out = np.zeros(instances.shape, bool)
+    for k, (ys, xs) in object_slices(instances, ids).items():
+        whole = instances[ys, xs] == k
+        if whole.size >= min_area and whole.all():
+            out[ys, xs] = True
+    return out
+
+
 def choose_edit_confident(predictor: Predictor, samples: list[Sample],
                           megapixels: float = EDIT_CHECK_MEGAPIXELS) -> dict | None:
     """How sure this version must be to change a pixel of a person's annotation (Predictor.review's edits),
@@ -561,7 +574,8 @@ def choose_edit_confident(predictor: Predictor, samples: list[Sample],
     0.25-0.6% of the pixels they are 0.95 sure of (edits at 0.95: +13 to +15 IoU points, < 5% of images made
     worse); Pets' animals on 3-9% at 0.95 and 0.2-13% at 0.995 (edits at 0.95 made 22-24% of the images worse
     for +0.1 points): none, or 0.99 on one fold. Review's edits also need its reading through the annotation
-    to agree (the two are averaged). One pass per image: 8 megapixels cost ~0.6 s on 2 cores. Sets
+    to agree (the two are averaged). Drawn rectangles' pixels are not counted (drawn_rectangles: their
+    corners are not the object's). One pass per image: 8 megapixels cost ~0.6 s on 2 cores. Sets
     predictor.edit_confident and returns what the checkpoint keeps; None (the default stays) for a box model,
     whose annotations are checked as their boxes' centres, or without samples."""
     if predictor.box_shrink < 1.0 or not samples:
@@ -577,8 +591,9 @@ def choose_edit_confident(predictor: Predictor, samples: list[Sample],
     for s in taken:             # one image a pass, as review() sees it (a batch pads its images to one shape)
         bg = predictor.own_probabilities([s.image])[0][0]
         conf, miss = np.maximum(bg, 1 - bg), (bg < 0.5) != (s.classes > 0)
+        counted = ~drawn_rectangles(s.instances)
         for j, t in enumerate(EDIT_THRESHOLDS):
-            at = conf >= t
+            at = (conf >= t) & counted
             sure[j] += at.sum()
             wrong[j] += (at & miss).sum()
     rates = wrong / np.maximum(sure, 1)

@@ -339,7 +339,7 @@ def test_a_version_edits_annotations_only_where_its_held_back_pixels_bear_out_it
     drawn (with its mislabeling score still); checkpoints from before the choice edit at EDIT_CONFIDENT."""
     from tessera.model.checkpoint import load_checkpoint, save_checkpoint
     from tessera.model.inference import EDIT_CONFIDENT
-    from tessera.model.train_vqvae import choose_edit_confident
+    from tessera.model.train_vqvae import choose_edit_confident, drawn_rectangles
 
     path, served, _ = trained
     c = load_checkpoint(path, "vqvae")
@@ -356,6 +356,15 @@ def test_a_version_edits_annotations_only_where_its_held_back_pixels_bear_out_it
     got = choose_edit_confident(pred, wrong)
     assert got["confident"] is None and pred.edit_confident is None and got["wrong"][str(EDIT_CONFIDENT)] > 0.9
     assert choose_edit_confident(pred, as_seen[:3], megapixels=0.03)["n_images"] == 1      # at least one image
+    # a project with masks and rectangles both: a drawn rectangle's corners are not counted against the model
+    boxed = []
+    for t in as_seen:
+        cls, ins = t.classes.copy(), t.instances.copy()
+        cls[20:80, 30:100], ins[20:80, 30:100] = 1, ins.max() + 1
+        boxed.append(Sample(t.image, cls, ins, id=t.id))
+    assert drawn_rectangles(boxed[0].instances)[20:80, 30:100].all() and drawn_rectangles(boxed[0].instances).sum() \
+        == 60 * 70 and not drawn_rectangles(as_seen[0].instances).any()
+    assert choose_edit_confident(pred, boxed)["confident"] == EDIT_CONFIDENT
     pred.box_shrink = 0.6               # a box model checks its annotations as box centres: no choice to make
     assert choose_edit_confident(pred, wrong) is None and pred.edit_confident == EDIT_CONFIDENT
 
