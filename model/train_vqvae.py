@@ -580,12 +580,8 @@ def choose_edit_confident(predictor: Predictor, samples: list[Sample],
     whose annotations are checked as their boxes' centres, or without samples."""
     if predictor.box_shrink < 1.0 or not samples:
         return None
-    taken, pixels = [], 0.0
-    for s in samples:
-        if taken and pixels + s.image.shape[0] * s.image.shape[1] / 1e6 > megapixels:
-            break
-        taken.append(s)
-        pixels += s.image.shape[0] * s.image.shape[1] / 1e6
+    pixels = np.cumsum([s.image.shape[0] * s.image.shape[1] for s in samples])       # the first images, >= 1
+    taken = samples[:max(1, int(np.searchsorted(pixels, megapixels * 1e6, side="right")))]
     sure = np.zeros(len(EDIT_THRESHOLDS))
     wrong = np.zeros(len(EDIT_THRESHOLDS))
     for s in taken:             # one image a pass, as review() sees it (a batch pads its images to one shape)
@@ -600,10 +596,9 @@ def choose_edit_confident(predictor: Predictor, samples: list[Sample],
     chosen = next((t for j, t in enumerate(EDIT_THRESHOLDS)          # no pixel that sure: no evidence
                    if sure[j] > 0 and rates[j] <= (1 - t) / 4), None)
     predictor.edit_confident = chosen
-    total = max(sum(s.image.shape[0] * s.image.shape[1] for s in taken), 1)
     return {"confident": chosen, "n_images": len(taken),
             "wrong": {str(t): float(r) for t, r in zip(EDIT_THRESHOLDS, rates)},
-            "sure": {str(t): float(n / total) for t, n in zip(EDIT_THRESHOLDS, sure)}}
+            "sure": {str(t): float(n / pixels[len(taken) - 1]) for t, n in zip(EDIT_THRESHOLDS, sure)}}
 
 
 def choose_follow_edges(predictor: Predictor, samples: list[Sample], batch_size: int = 8,
